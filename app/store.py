@@ -1,0 +1,132 @@
+"""Storage: one small connection type over sqlite3 and PyMySQL, and the notes queries.
+
+SQL is written once with `?` placeholders; the MySQL side translates them. Connections run in
+autocommit mode and open a transaction only where one is wanted (migrations), so both engines
+behave the same way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import pymysql
+
+from config import DatabaseUrl
+
+# What a failing database raises, whichever engine; callers catch this, never engine types.
+DatabaseErrors: tuple[type[Exception], ...] = (sqlite3.Error, pymysql.err.Error)
+
+# MySQL client errors that mean "not reachable (yet)": can't connect, lost connection, too many
+# connections, server shutting down. Worth a retry at start; anything else is not.
+_MYSQL_TRANSIENT = {1040, 1053, 2002, 2003, 2006, 2013}
+
+
+class Connection:
+    def __init__(self, raw: Any, dialect: str):
+        self.raw = raw
+        self.dialect = dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self.dialect == "mysql":
+            sql = sql.replace("?", "%s")
+        cursor = self.raw.cursor()
+        cursor.execute(sql, tuple(params))
+        return cursor
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        except DatabaseErrors:
+            pass
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Database:
+    def __init__(self, url: DatabaseUrl, timeout: float = 5.0):
+        self.url = url
+        self.timeout = timeout
+
+    @property
+    def dialect(self) -> str:
+        return self.url.dialect
+
+    def connect(self, timeout: float | None = None) -> Connection:
+        """Opens a connection; `timeout` bounds the connect and each query (and sqlite's wait
+        for a lock)."""
+        timeout = self.timeout if timeout is None else timeout
+        u = self.url
+        if u.dialect == "sqlite":
+            raw = sqlite3.connect(u.path, timeout=timeout, isolation_level=None)
+            return Connection(raw, "sqlite")
+        raw = pymysql.connect(
+            host=u.host,
+            port=u.port,
+            user=u.user,
+            password=u.password,
+            database=u.database,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=max(1, round(timeout)),
+            read_timeout=max(1, round(timeout)),
+            write_timeout=max(1, round(timeout)),
+            ssl={"ca": u.ssl_ca} if u.ssl_ca else None,
+        )
+        return Connection(raw, "mysql")
+
+    def wait_until_reachable(self, deadline: float) -> None:
+        """Retries connecting, with backoff, while the server is not reachable, until the
+        monotonic `deadline`; then raises the last error. Other errors are raised at once."""
+        delay = 0.2
+        while True:
+            try:
+                self.connect().close()
+                return
+            except pymysql.err.OperationalError as err:
+                code = err.args[0] if err.args else None
+                if code not in _MYSQL_TRANSIENT or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+NOTE_COLUMNS = "id, body, created_at, release_tag"
+
+
+def add_note(conn: Connection, body: str, release_tag: str) -> dict[str, Any]:
+    cursor = conn.execute(
+        "INSERT INTO notes (body, created_at, release_tag) VALUES (?, ?, ?)",
+        (body, _now(), release_tag),
+    )
+    note = get_note(conn, int(cursor.lastrowid))
+    assert note is not None
+    return note
+
+
+def get_note(conn: Connection, note_id: int) -> dict[str, Any] | None:
+    rows = conn.query(f"SELECT {NOTE_COLUMNS} FROM notes WHERE id = ?", (note_id,))
+    return rows[0] if rows else None
+
+
+def list_notes(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    return conn.query(f"SELECT {NOTE_COLUMNS} FROM notes ORDER BY id DESC LIMIT ?", (limit,))

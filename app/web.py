@@ -1,0 +1,130 @@
+"""The web app: notes as JSON and as a page, and a health check that asks the database.
+
+Routes:
+  GET  /              page with the release this process runs and the latest notes
+  GET  /notes         {"notes": [...]}, newest first; ?limit=1..500 (default 50)
+  POST /notes         JSON {"body": "..."} -> 201 and the note; a form post -> 303 to /
+  GET  /notes/<id>    one note, or 404
+  GET  /health        200 {"status": "ok", ...} when the database answers and its schema is
+                      current; 503 {"status": "unavailable", ...} otherwise
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from flask import Flask, g, jsonify, redirect, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from config import Config
+from migrations import LATEST, migrate, schema_version
+from store import Connection, Database, DatabaseErrors, add_note, get_note, list_notes
+
+log = logging.getLogger("app.web")
+
+MAX_BODY = 2000
+MAX_LIMIT = 500
+
+
+class BadRequest(Exception):
+    pass
+
+
+def create_app(config: Config | None = None, *, run_migrations: bool = True) -> Flask:
+    """Builds the app. Unless told otherwise, first brings the schema up to date, waiting for the
+    database at most `config.migrate_timeout` seconds; raises if that fails."""
+    config = config or Config.from_env()
+    db = Database(config.database, timeout=config.db_timeout)
+    if run_migrations:
+        applied = migrate(db, timeout=config.migrate_timeout)
+        log.info(
+            "database %s at schema version %d (applied now: %s)",
+            config.database.redacted(), LATEST, applied or "none",
+        )
+    release = config.release
+    hostname = socket.gethostname()
+    app = Flask(__name__)
+
+    def conn() -> Connection:
+        if "db" not in g:
+            g.db = db.connect()
+        return g.db
+
+    @app.teardown_appcontext
+    def close_connection(_exc: BaseException | None) -> None:
+        c = g.pop("db", None)
+        if c is not None:
+            c.close()
+
+    @app.get("/")
+    def index() -> Any:
+        return render_template(
+            "index.html", notes=list_notes(conn(), 50), release=release, hostname=hostname
+        )
+
+    @app.get("/notes")
+    def notes_list() -> Any:
+        raw = request.args.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be a number from 1 to {MAX_LIMIT}")
+        return jsonify(notes=list_notes(conn(), int(raw)))
+
+    @app.post("/notes")
+    def notes_create() -> Any:
+        from_form = not request.is_json
+        if from_form:
+            body = request.form.get("body")
+        else:
+            data = request.get_json(silent=True)
+            body = data.get("body") if isinstance(data, dict) else None
+        if not isinstance(body, str) or not body.strip():
+            raise BadRequest('expected a non-empty "body" (JSON {"body": "..."} or a form field)')
+        if len(body) > MAX_BODY:
+            raise BadRequest(f"body is longer than {MAX_BODY} characters")
+        note = add_note(conn(), body.strip(), release.tag)
+        if from_form:
+            return redirect("/", code=303)
+        return jsonify(note), 201, {"Location": f"/notes/{note['id']}"}
+
+    @app.get("/notes/<int:note_id>")
+    def notes_get(note_id: int) -> Any:
+        note = get_note(conn(), note_id)
+        if note is None:
+            return jsonify(error="not found", detail=f"no note {note_id}"), 404
+        return jsonify(note)
+
+    @app.get("/health")
+    def health() -> Any:
+        # Its own short-lived connection: the check must not depend on a request's state.
+        status = {"release": release.as_dict(), "hostname": hostname}
+        try:
+            with db.connect() as c:
+                version = schema_version(c)
+        except DatabaseErrors as err:
+            return jsonify(status="unavailable", database=f"error: {err}", **status), 503
+        if version is None or version < LATEST:
+            return jsonify(
+                status="unavailable",
+                database=f"schema at version {version}, this release needs {LATEST}",
+                **status,
+            ), 503
+        return jsonify(status="ok", database="ok", schema_version=version, **status)
+
+    @app.errorhandler(BadRequest)
+    def bad_request(err: BadRequest) -> Any:
+        return jsonify(error="bad request", detail=str(err)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException) -> Any:
+        return jsonify(error=(err.name or "error").lower(), detail=err.description), err.code
+
+    for kind in DatabaseErrors:
+
+        @app.errorhandler(kind)
+        def database_error(err: Exception) -> Any:
+            log.error("database error on %s %s: %s", request.method, request.path, err)
+            return jsonify(error="database unavailable"), 503
+
+    return app
