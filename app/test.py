@@ -1,0 +1,318 @@
+"""The app's tests (stdlib unittest): configuration, migrations (also several migrators at once,
+in threads and in processes), the endpoints and the health check.
+
+Runs against sqlite files in a temporary directory, or against MySQL/MariaDB when
+TEST_DATABASE_URL=mysql://... is set. That database is emptied before every test, so its name
+must contain "test"; DATABASE_URL is never read here, so a real one in the environment is safe.
+
+    python3 test.py [-v] [-k pattern]      # last line: "<backend>: N passed, N failed, N skipped"
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from config import Config, ConfigError, DatabaseUrl  # noqa: E402
+from migrations import LATEST, Migration, MigrationLockTimeout, migrate, schema_version  # noqa: E402
+from store import Database, DatabaseErrors  # noqa: E402
+from web import create_app  # noqa: E402
+
+TEST_URL = os.environ.get("TEST_DATABASE_URL", "")
+BACKEND = DatabaseUrl.parse(TEST_URL).dialect if TEST_URL else "sqlite"
+DIGEST = "sha256:" + "ab" * 32
+
+
+def closed_port() -> int:
+    """A loopback port that refuses connections: bound by this process, never listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed_port.keep.append(s)  # type: ignore[attr-defined]
+    return s.getsockname()[1]
+
+
+closed_port.keep = []  # type: ignore[attr-defined]
+
+
+class DatabaseTest(unittest.TestCase):
+    """Each test gets an empty database: a new sqlite file, or the MySQL test database emptied."""
+
+    def setUp(self) -> None:
+        if BACKEND == "sqlite":
+            tmp = tempfile.mkdtemp(prefix="skiff-app-test-")
+            self.addCleanup(shutil.rmtree, tmp, True)
+            self.url = f"sqlite:///{tmp}/app.db"
+        else:
+            self.url = TEST_URL
+            empty_mysql_database(DatabaseUrl.parse(TEST_URL))
+        self.db = Database(DatabaseUrl.parse(self.url))
+
+    def applied_versions(self) -> list[int]:
+        with self.db.connect() as c:
+            return [r["version"] for r in c.query("SELECT version FROM schema_migrations ORDER BY version")]
+
+    def count(self, table: str) -> int:
+        with self.db.connect() as c:
+            return c.scalar(f"SELECT COUNT(*) FROM {table}")
+
+
+def empty_mysql_database(url: DatabaseUrl) -> None:
+    if "test" not in url.database:
+        raise SystemExit(f"refusing to empty database {url.database!r}: its name lacks 'test'")
+    with Database(url).connect() as c:
+        tables = [r[0] for r in c.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+        ).fetchall()]
+        for t in tables:
+            c.execute(f"DROP TABLE `{t}`")
+
+
+# Migrations for the concurrency tests: the insert would run twice if two migrators both saw
+# version 2 as pending, and the CREATE TABLE would fail if two both saw version 1.
+COUNTER = [
+    Migration(1, "create counter", sqlite=["CREATE TABLE counter (n INTEGER)"],
+              mysql=["CREATE TABLE counter (n INTEGER)"]),
+    Migration(2, "count once", sqlite=["INSERT INTO counter VALUES (1)"],
+              mysql=["INSERT INTO counter VALUES (1)"]),
+]
+
+
+def _migrate_in_process(url: str, start: float, results) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        results.put(("ok", migrate(Database(DatabaseUrl.parse(url)), timeout=30,
+                                   after_read=lambda: time.sleep(0.3))))
+    except Exception as err:  # reported to the parent, which fails the test
+        results.put(("error", repr(err)))
+
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults(self):
+        c = Config.from_env({})
+        self.assertEqual(c.database, DatabaseUrl("sqlite", path="/tmp/skiff-app.db"))
+        self.assertEqual((c.release.tag, c.release.digest), ("unknown", ""))
+        self.assertEqual((c.migrate_timeout, c.db_timeout), (60.0, 5.0))
+
+    def test_release_from_agent_then_app_release(self):
+        c = Config.from_env({"SKIFF_RELEASE_TAG": "v7", "SKIFF_RELEASE_DIGEST": DIGEST, "APP_RELEASE": "x"})
+        self.assertEqual(c.release.as_dict(), {"tag": "v7", "digest": DIGEST})
+        self.assertEqual(Config.from_env({"APP_RELEASE": "v6"}).release.tag, "v6")
+
+    def test_mysql_url(self):
+        u = DatabaseUrl.parse("mysql://app%40x:p%3A%2Fss@db.internal:3307/notes?ssl_ca=/etc/rds.pem")
+        self.assertEqual(
+            (u.dialect, u.user, u.password, u.host, u.port, u.database, u.ssl_ca),
+            ("mysql", "app@x", "p:/ss", "db.internal", 3307, "notes", "/etc/rds.pem"),
+        )
+        self.assertNotIn("p:/ss", u.redacted())
+        self.assertEqual(DatabaseUrl.parse("mysql+pymysql://u@h/d").port, 3306)
+
+    def test_sqlite_url(self):
+        self.assertEqual(DatabaseUrl.parse("sqlite:////var/lib/app/app.db").path, "/var/lib/app/app.db")
+        self.assertEqual(DatabaseUrl.parse("sqlite:///data/app.db").path, "data/app.db")
+
+    def test_every_problem_reported_at_once(self):
+        with self.assertRaises(ConfigError) as ctx:
+            Config.from_env({"DATABASE_URL": "postgres://h/db", "PORT": "http", "MIGRATE_TIMEOUT": "-1"})
+        self.assertEqual(len(ctx.exception.problems), 3, ctx.exception.problems)
+        for bad in ("sqlite:///:memory:", "sqlite://", "mysql://h", "mysql://h:port/db", "mysql://h/db?x=1"):
+            with self.subTest(bad), self.assertRaises(ConfigError):
+                Config.from_env({"DATABASE_URL": bad})
+
+
+class MigrationTests(DatabaseTest):
+    def test_fresh_database_gets_every_migration_once(self):
+        self.assertEqual(migrate(self.db), [1, 2])
+        self.assertEqual(migrate(self.db), [])
+        self.assertEqual(self.applied_versions(), [1, 2])
+        with self.db.connect() as c:
+            self.assertEqual(schema_version(c), LATEST)
+
+    def test_newer_schema_from_a_later_release_is_accepted(self):
+        migrate(self.db)
+        with self.db.connect() as c:
+            c.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 'x')")
+        self.assertEqual(migrate(self.db), [])
+        resp = create_app(Config.from_env({"DATABASE_URL": self.url})).test_client().get("/health")
+        self.assertEqual(resp.status_code, 200)
+
+    def test_concurrent_migrators_in_threads(self):
+        n = 4
+        barrier, results, errors = threading.Barrier(n), [], []
+
+        def run():
+            barrier.wait()
+            try:
+                results.append(migrate(self.db, timeout=30, migrations=COUNTER,
+                                       after_read=lambda: time.sleep(0.3)))
+            except Exception as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=run) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(results, key=len), [[]] * (n - 1) + [[1, 2]])
+        self.assertEqual(self.count("counter"), 1)
+        self.assertEqual(self.applied_versions(), [1, 2])
+
+    def test_concurrent_migrators_in_processes(self):
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        start = time.time() + 0.5  # all start together, as instances of one deployment would
+        procs = [ctx.Process(target=_migrate_in_process, args=(self.url, start, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        self.assertTrue(all(kind == "ok" for kind, _ in outcomes), outcomes)
+        self.assertEqual(sorted((v for _, v in outcomes), key=len), [[], [], [1, 2]])
+        self.assertEqual(self.applied_versions(), [1, 2])
+
+    def test_lock_wait_is_bounded(self):
+        if BACKEND == "sqlite":
+            holder = self.db.connect()
+            holder.execute("BEGIN EXCLUSIVE")
+        else:
+            holder = self.db.connect()
+            name = f"skiff-app-migrate:{DatabaseUrl.parse(self.url).database}"[:64]
+            self.assertEqual(holder.scalar("SELECT GET_LOCK(?, 0)", (name,)), 1)
+        self.addCleanup(holder.close)
+        started = time.monotonic()
+        with self.assertRaises(MigrationLockTimeout):
+            migrate(self.db, timeout=1)
+        self.assertLess(time.monotonic() - started, 5)
+        holder.close()
+        self.assertEqual(migrate(self.db, timeout=5), [1, 2])
+
+    def test_failed_migration_is_not_recorded_and_a_rerun_completes(self):
+        broken = [COUNTER[0], Migration(2, "broken", sqlite=["INSERT INTO nowhere VALUES (1)"],
+                                        mysql=["INSERT INTO nowhere VALUES (1)"])]
+        with self.assertRaises(DatabaseErrors):
+            migrate(self.db, migrations=broken)
+        # sqlite rolls the whole run back; MySQL keeps version 1, which it committed.
+        self.assertEqual(migrate(self.db, migrations=COUNTER), [1, 2] if BACKEND == "sqlite" else [2])
+        self.assertEqual(self.applied_versions(), [1, 2])
+        self.assertEqual(self.count("counter"), 1)
+
+
+class WebTests(DatabaseTest):
+    def setUp(self) -> None:
+        super().setUp()
+        env = {"DATABASE_URL": self.url, "SKIFF_RELEASE_TAG": "v1.2.3", "SKIFF_RELEASE_DIGEST": DIGEST}
+        self.client = create_app(Config.from_env(env)).test_client()
+
+    def post(self, body):
+        return self.client.post("/notes", json={"body": body})
+
+    def test_create_and_read_a_note(self):
+        resp = self.post("  buy milk  ")
+        self.assertEqual(resp.status_code, 201)
+        note = resp.get_json()
+        self.assertEqual((note["body"], note["release_tag"]), ("buy milk", "v1.2.3"))
+        self.assertEqual(resp.headers["Location"], f"/notes/{note['id']}")
+        self.assertEqual(self.client.get(f"/notes/{note['id']}").get_json(), note)
+
+    def test_list_is_newest_first_and_limited(self):
+        for i in range(3):
+            self.post(f"note {i}")
+        bodies = [n["body"] for n in self.client.get("/notes").get_json()["notes"]]
+        self.assertEqual(bodies, ["note 2", "note 1", "note 0"])
+        self.assertEqual(len(self.client.get("/notes?limit=2").get_json()["notes"]), 2)
+        for bad in ("0", "501", "two", "-1"):
+            with self.subTest(limit=bad):
+                self.assertEqual(self.client.get(f"/notes?limit={bad}").status_code, 400)
+
+    def test_invalid_notes_are_refused_and_not_stored(self):
+        cases = [
+            self.client.post("/notes", json={}),
+            self.client.post("/notes", json=["body"]),
+            self.client.post("/notes", json={"body": 5}),
+            self.post("   "),
+            self.post("x" * 2001),
+            self.client.post("/notes", data="{not json", content_type="application/json"),
+        ]
+        for resp in cases:
+            self.assertEqual(resp.status_code, 400, resp.get_data(as_text=True))
+            self.assertEqual(resp.get_json()["error"], "bad request")
+        self.assertEqual(self.client.get("/notes").get_json(), {"notes": []})
+
+    def test_unknown_note_route_and_method(self):
+        self.assertEqual(self.client.get("/notes/424242").status_code, 404)
+        self.assertEqual(self.client.get("/nowhere").get_json()["error"], "not found")
+        self.assertEqual(self.client.delete("/notes").status_code, 405)
+
+    def test_page_shows_release_and_escaped_notes(self):
+        resp = self.client.post("/notes", data={"body": "<script>alert(1)</script>"})
+        self.assertEqual((resp.status_code, resp.headers["Location"]), (303, "/"))
+        page = self.client.get("/").get_data(as_text=True)
+        self.assertIn("v1.2.3", page)
+        self.assertIn(DIGEST, page)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
+        self.assertNotIn("<script>", page)
+
+    def test_health_ok(self):
+        resp = self.client.get("/health")
+        self.assertEqual(resp.status_code, 200)
+        body = resp.get_json()
+        self.assertEqual((body["status"], body["schema_version"]), ("ok", LATEST))
+        self.assertEqual(body["release"], {"tag": "v1.2.3", "digest": DIGEST})
+
+
+class UnmigratedTests(DatabaseTest):
+    def test_health_503_and_requests_503_before_the_schema_exists(self):
+        client = create_app(Config.from_env({"DATABASE_URL": self.url}), run_migrations=False).test_client()
+        resp = client.get("/health")
+        self.assertEqual((resp.status_code, resp.get_json()["status"]), (503, "unavailable"))
+        with self.assertLogs("app.web", "ERROR"):
+            resp = client.get("/notes")
+        self.assertEqual((resp.status_code, resp.get_json()), (503, {"error": "database unavailable"}))
+
+    def test_health_503_while_the_schema_is_behind(self):
+        migrate(self.db, migrations=[m for m in COUNTER if m.version == 1])
+        client = create_app(Config.from_env({"DATABASE_URL": self.url}), run_migrations=False).test_client()
+        resp = client.get("/health")
+        self.assertEqual(resp.status_code, 503)
+        self.assertIn(f"needs {LATEST}", resp.get_json()["database"])
+
+
+class UnreachableDatabaseTests(unittest.TestCase):
+    """Needs no server: a refused port and a missing directory."""
+
+    def test_health_503_without_a_database(self):
+        for url in (f"mysql://u:secret-pw@127.0.0.1:{closed_port()}/db", "sqlite:////nonexistent-dir/app.db"):
+            with self.subTest(url=url):
+                config = Config.from_env({"DATABASE_URL": url, "DB_TIMEOUT": "1"})
+                resp = create_app(config, run_migrations=False).test_client().get("/health")
+                self.assertEqual(resp.status_code, 503)
+                self.assertNotIn("secret-pw", resp.get_data(as_text=True))
+
+    def test_start_gives_up_after_the_migrate_timeout(self):
+        config = Config.from_env({
+            "DATABASE_URL": f"mysql://u:p@127.0.0.1:{closed_port()}/db",
+            "MIGRATE_TIMEOUT": "1.5", "DB_TIMEOUT": "1",
+        })
+        started = time.monotonic()
+        with self.assertRaises(DatabaseErrors):
+            create_app(config)
+        self.assertLess(time.monotonic() - started, 6)
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False).result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    print(f"{BACKEND}: {result.testsRun - failed - skipped} passed, {failed} failed, {skipped} skipped")
+    sys.exit(1 if failed or not result.testsRun else 0)
