@@ -9,6 +9,8 @@ import logging
 import sys
 
 from config import Config, ConfigError
+from migrations import MigrationError
+from store import DatabaseErrors
 from web import create_app
 
 # Same shape as gunicorn's own log lines.
@@ -24,4 +26,10 @@ except ConfigError as err:
     print(err, file=sys.stderr)
     raise SystemExit(3) from None
 
-app = create_app(config)
+try:
+    app = create_app(config)
+except (MigrationError, *DatabaseErrors) as err:
+    logging.getLogger("app").error(
+        "cannot bring the schema of %s up to date: %s", config.database.redacted(), err
+    )
+    raise SystemExit(3) from None
