@@ -1,1 +1,208 @@
-fn main() {}
+//! `agent`: the skiff host agent.
+//!
+//! Reads the release (an image tag, optionally pinned to a digest) from an SSM parameter or, in
+//! local development, a file; runs that image from the configured repository as this host's one
+//! container with host networking; serves `/healthz` (for the load balancer) and `/status` on
+//! `health.listen`; keeps the app running (restarts with backoff, in-place updates with drain and
+//! rollback) and fails static when AWS, the registry or Docker are away.
+//!
+//! Configuration: one TOML file, `--config` (default `/etc/skiff/agent.toml`); see README.md.
+//! Logs: JSON lines when stderr is not a terminal, text when it is; `RUST_LOG` filters.
+//!
+//! Exit codes: 0 stopped by SIGTERM/SIGINT (the app keeps running); 64 invalid configuration
+//! (every problem is printed); 69 a required service could not be set up (health port taken,
+//! Docker socket unusable); 1 any other error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use skiff_agent::config::{self, Config, ConfigError, SourceConfig};
+use skiff_agent::docker::DockerRuntime;
+use skiff_agent::health;
+use skiff_agent::source::FileSource;
+use skiff_agent::ssm::SsmSource;
+use skiff_agent::supervise::{NoFleet, Supervisor};
+use tokio_util::sync::CancellationToken;
+
+const EX_CONFIG: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agent",
+    version,
+    about = "skiff agent: run the released image as this host's one container, health-gated",
+    after_help = "Examples:\n  agent run --config /etc/skiff/agent.toml\n  agent check-config --config ./agent.toml\n  RUST_LOG=debug agent run --config dev/agent.toml\n\nExit codes: 0 stopped by a signal (the app keeps running), 64 invalid config, 69 a service could not be set up, 1 other errors."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Validate the config and print every problem at once (exit 0 or 64).
+    CheckConfig {
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unavailable(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => run(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(ConfigError::Invalid { .. } | ConfigError::Read { .. }) =
+                e.downcast_ref::<ConfigError>()
+            {
+                eprintln!("agent: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+            eprintln!("agent: error: {e:#}");
+            if e.downcast_ref::<Unavailable>().is_some() {
+                ExitCode::from(EX_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    Config::load(path)?;
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    }
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    // All configuration is read and checked before anything is bound or started.
+    let cfg = Arc::new(Config::load(path)?);
+    init_logging();
+    // One thread is plenty for one container and a health endpoint, and keeps memory small.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.health.listen)
+        .await
+        .map_err(|e| {
+            Unavailable(format!(
+                "cannot listen on health.listen {}: {e}",
+                cfg.health.listen
+            ))
+        })?;
+    let connected = DockerRuntime::connect().map_err(|e| Unavailable(e.to_string()))?;
+    let runtime = match connected.clone().negotiate().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not negotiate the Docker API version now; using the client default");
+            connected
+        }
+    };
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    match &cfg.release.source {
+        SourceConfig::File { path } => {
+            tracing::info!(source = %path.display(), "local mode: file source, no AWS");
+            let source = FileSource::new(path.clone());
+            supervise(cfg.clone(), runtime, source, NoFleet, listener, cancel).await
+        }
+        SourceConfig::Ssm { parameter } => {
+            let sdk = skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await;
+            let source = SsmSource::new(aws_sdk_ssm::Client::new(&sdk), parameter.clone());
+            supervise(cfg.clone(), runtime, source, NoFleet, listener, cancel).await
+        }
+    }
+}
+
+async fn supervise<S, F>(
+    cfg: Arc<Config>,
+    runtime: DockerRuntime,
+    source: S,
+    fleet: F,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()>
+where
+    S: skiff_agent::source::ReleaseSource,
+    F: skiff_agent::supervise::Fleet,
+{
+    let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet);
+    // Adopt before answering health checks, so a running app is healthy from the first answer.
+    supervisor.adopt().await;
+    let state = supervisor.state();
+    tracing::info!(listen = %cfg.health.listen, app = %cfg.app.name, image = %cfg.app.image, "agent started");
+    let server = tokio::spawn(health::serve(listener, state.subscribe(), cancel.clone()));
+    let prober = tokio::spawn(health::run_prober(
+        state,
+        std::net::SocketAddr::from(([127, 0, 0, 1], cfg.app.port)),
+        cfg.app.health_path.clone(),
+        cfg.health.interval,
+        cancel.clone(),
+    ));
+    supervisor.run(cancel.clone()).await;
+    cancel.cancel();
+    let _ = prober.await;
+    server
+        .await
+        .context("health server task")?
+        .context("health server")?;
+    Ok(())
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        cancel.cancel();
+    });
+}

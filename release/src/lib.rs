@@ -266,7 +266,9 @@ pub fn validate_repository(repo: &str) -> Result<(), String> {
         ));
     }
     let ok = repo.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
     });
     if !ok {
         return Err(format!(
@@ -366,9 +368,19 @@ mod tests {
         let hostile = format!("x y{}", "z".repeat(10_000));
         let msg = Release::parse(&hostile).expect_err("hostile").to_string();
         assert!(msg.contains("\"x yzzz"), "{msg}");
-        assert!(msg.len() < 400, "message not truncated: {} chars", msg.len());
-        let msg = "bad\u{1b}[31m".parse::<Tag>().expect_err("escape").to_string();
-        assert!(msg.contains("\\u{1b}"), "control characters are escaped: {msg}");
+        assert!(
+            msg.len() < 400,
+            "message not truncated: {} chars",
+            msg.len()
+        );
+        let msg = "bad\u{1b}[31m"
+            .parse::<Tag>()
+            .expect_err("escape")
+            .to_string();
+        assert!(
+            msg.contains("\\u{1b}"),
+            "control characters are escaped: {msg}"
+        );
     }
 
     #[test]
@@ -385,7 +397,10 @@ mod tests {
     fn image_refs_and_versions() {
         let pinned = Release::new("v1".parse().expect("tag"), Some(D.parse().expect("digest")));
         let loose = Release::new("v1".parse().expect("tag"), None);
-        assert_eq!(pinned.image_ref("reg:5000/app"), format!("reg:5000/app@{D}"));
+        assert_eq!(
+            pinned.image_ref("reg:5000/app"),
+            format!("reg:5000/app@{D}")
+        );
         assert_eq!(loose.image_ref("reg:5000/app"), "reg:5000/app:v1");
         assert!(pinned.same_version(&loose));
         let other = Release::new("v2".parse().expect("tag"), None);

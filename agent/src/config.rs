@@ -1,0 +1,617 @@
+//! The agent's configuration: a TOML file read once at start, validated as a whole so that every
+//! problem is reported at once (unknown keys are errors; durations are written like `30s`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::{Table, Value};
+
+/// Where the config lives when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/skiff/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} has {} problem(s):\n  - {}", .problems.len(), .problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub app: AppConfig,
+    pub release: ReleaseConfig,
+    pub health: HealthConfig,
+    pub registry: Option<RegistryConfig>,
+    pub aws: AwsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    /// Name of the managed app: prefix of container names and value of the `skiff.app` label.
+    pub name: String,
+    /// Image repository; the release picks the tag or digest.
+    pub image: String,
+    /// The app's port on the host (host networking).
+    pub port: u16,
+    pub health_path: String,
+    pub start_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub env: BTreeMap<String, String>,
+    /// SSM path whose parameters become environment variables.
+    pub env_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    Ssm { parameter: String },
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateMode {
+    /// Apply the release at start only; fleets roll by instance replacement.
+    Boot,
+    /// Apply changed releases while running, draining first.
+    InPlace,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseConfig {
+    pub source: SourceConfig,
+    pub poll_interval: Duration,
+    pub update: UpdateMode,
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub listen: SocketAddr,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    pub username: String,
+    /// SSM SecureString holding the password.
+    pub password_parameter: Option<String>,
+    /// Local file holding the password (local development).
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AwsConfig {
+    /// Region; default from the environment, the profile, or the instance metadata.
+    pub region: Option<String>,
+    /// Auto Scaling launch lifecycle hook the agent completes; none means skip.
+    pub lifecycle_hook: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// Parse and validate; on failure return every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        let root: Table = toml::from_str(text).map_err(|e| vec![format!("not valid TOML: {e}")])?;
+        let mut problems = Vec::new();
+        let mut root = Section::root(root, &mut problems);
+        let app = root.table("app", true);
+        let release = root.table("release", true);
+        let health = root.table("health", false);
+        let registry = root.table("registry", false);
+        let aws = root.table("aws", false);
+        root.finish();
+
+        let app = app.map(|t| read_app(Section::new("app", t, &mut problems)));
+        let release = release.map(|t| read_release(Section::new("release", t, &mut problems)));
+        let health = read_health(Section::new(
+            "health",
+            health.unwrap_or_default(),
+            &mut problems,
+        ));
+        let registry = registry.map(|t| read_registry(Section::new("registry", t, &mut problems)));
+        let aws = read_aws(Section::new("aws", aws.unwrap_or_default(), &mut problems));
+
+        let (Some(Some(app)), Some(Some(release)), Some(health), Some(aws)) =
+            (app, release, health, aws)
+        else {
+            return Err(problems);
+        };
+        let registry = match registry {
+            Some(None) => return Err(problems),
+            Some(Some(r)) => Some(r),
+            None => None,
+        };
+        let config = Config {
+            app,
+            release,
+            health,
+            registry,
+            aws,
+        };
+        config.cross_check(&mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn cross_check(&self, problems: &mut Vec<String>) {
+        if self.health.listen.port() == self.app.port {
+            problems.push(format!(
+                "health.listen port {} is the app's port: with host networking they must differ",
+                self.app.port
+            ));
+        }
+        let file_source = matches!(self.release.source, SourceConfig::File { .. });
+        if file_source && self.app.env_path.is_some() {
+            problems.push(
+                "app.env_path reads SSM, but release.source is \"file\": remove env_path or use source = \"ssm\""
+                    .into(),
+            );
+        }
+        if let Some(reg) = &self.registry
+            && file_source
+            && reg.password_parameter.is_some()
+        {
+            problems.push(
+                "registry.password_parameter reads SSM, but release.source is \"file\": use registry.password_file"
+                    .into(),
+            );
+        }
+    }
+
+    /// Local mode: no AWS at all (file source, no SSM reads).
+    pub fn is_local(&self) -> bool {
+        matches!(self.release.source, SourceConfig::File { .. })
+    }
+}
+
+fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
+    let name: Option<String> = s.required("name");
+    let image: Option<String> = s.required("image");
+    let port: Option<u16> = s.required("port");
+    let health_path: String = s
+        .optional("health_path")
+        .unwrap_or_else(|| "/health".into());
+    let start_timeout = s.duration("start_timeout", Duration::from_secs(60));
+    let stop_timeout = s.duration("stop_timeout", Duration::from_secs(30));
+    let env: BTreeMap<String, String> = s.optional("env").unwrap_or_default();
+    let env_path: Option<String> = s.optional("env_path");
+
+    if let Some(n) = &name
+        && !valid_container_name(n)
+    {
+        s.problem(format!(
+            "app.name {} must be 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit",
+            skiff_release::quote(n)
+        ));
+    }
+    if let Some(i) = &image
+        && let Err(e) = skiff_release::validate_repository(i)
+    {
+        s.problem(format!("app.image: {e}"));
+    }
+    if port == Some(0) {
+        s.problem("app.port must be 1-65535".into());
+    }
+    if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
+        s.problem(format!(
+            "app.health_path {} must start with '/' and contain no whitespace",
+            skiff_release::quote(&health_path)
+        ));
+    }
+    for key in env.keys() {
+        if !valid_env_name(key) {
+            s.problem(format!(
+                "app.env key {} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                skiff_release::quote(key)
+            ));
+        } else if key.starts_with("SKIFF_") || key == "PORT" {
+            s.problem(format!(
+                "app.env key {key} is set by the agent itself; choose another name"
+            ));
+        }
+    }
+    if let Some(p) = &env_path
+        && !(p.starts_with('/') && p.ends_with('/'))
+    {
+        s.problem(format!(
+            "app.env_path {} must start and end with '/' (an SSM path such as /app/prod/env/)",
+            skiff_release::quote(p)
+        ));
+    }
+    s.finish_with(|| {
+        Some(AppConfig {
+            name: name?,
+            image: image?,
+            port: port?,
+            health_path,
+            start_timeout: start_timeout?,
+            stop_timeout: stop_timeout?,
+            env,
+            env_path,
+        })
+    })
+}
+
+fn read_release(mut s: Section<'_>) -> Option<ReleaseConfig> {
+    let kind: Option<String> = s.required("source");
+    let parameter: Option<String> = s.optional("parameter");
+    let file: Option<PathBuf> = s.optional("file");
+    let poll_interval = s.duration("poll_interval", Duration::from_secs(60));
+    let update: String = s.optional("update").unwrap_or_else(|| "boot".into());
+    let drain = s.duration("drain", Duration::from_secs(15));
+
+    let source = match kind.as_deref() {
+        Some("ssm") => match parameter {
+            Some(p) if !p.is_empty() => Some(SourceConfig::Ssm { parameter: p }),
+            _ => {
+                s.problem("release.parameter is required when release.source = \"ssm\"".into());
+                None
+            }
+        },
+        Some("file") => Some(SourceConfig::File {
+            path: file.unwrap_or_else(|| PathBuf::from("/var/lib/skiff/release")),
+        }),
+        Some(other) => {
+            s.problem(format!(
+                "release.source {} must be \"ssm\" or \"file\"",
+                skiff_release::quote(other)
+            ));
+            None
+        }
+        None => None,
+    };
+    let update = match update.as_str() {
+        "boot" => Some(UpdateMode::Boot),
+        "in-place" => Some(UpdateMode::InPlace),
+        other => {
+            s.problem(format!(
+                "release.update {} must be \"boot\" or \"in-place\"",
+                skiff_release::quote(other)
+            ));
+            None
+        }
+    };
+    s.finish_with(|| {
+        Some(ReleaseConfig {
+            source: source?,
+            poll_interval: poll_interval?,
+            update: update?,
+            drain: drain?,
+        })
+    })
+}
+
+fn read_health(mut s: Section<'_>) -> Option<HealthConfig> {
+    let listen: String = s
+        .optional("listen")
+        .unwrap_or_else(|| "0.0.0.0:8081".into());
+    let interval = s.duration("interval", Duration::from_secs(2));
+    let listen = match listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            s.problem(format!(
+                "health.listen {} is not an address like 0.0.0.0:8081",
+                skiff_release::quote(&listen)
+            ));
+            None
+        }
+    };
+    s.finish_with(|| {
+        Some(HealthConfig {
+            listen: listen?,
+            interval: interval?,
+        })
+    })
+}
+
+fn read_registry(mut s: Section<'_>) -> Option<RegistryConfig> {
+    let username: Option<String> = s.required("username");
+    let password_parameter: Option<String> = s.optional("password_parameter");
+    let password_file: Option<PathBuf> = s.optional("password_file");
+    if password_parameter.is_some() == password_file.is_some() {
+        s.problem(
+            "registry needs exactly one of password_parameter (SSM SecureString) or password_file"
+                .into(),
+        );
+    }
+    s.finish_with(|| {
+        Some(RegistryConfig {
+            username: username?,
+            password_parameter,
+            password_file,
+        })
+    })
+}
+
+fn read_aws(mut s: Section<'_>) -> Option<AwsConfig> {
+    let region = s.optional("region");
+    let lifecycle_hook = s.optional("lifecycle_hook");
+    s.finish_with(|| {
+        Some(AwsConfig {
+            region,
+            lifecycle_hook,
+        })
+    })
+}
+
+fn valid_container_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+pub fn valid_env_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// One table of the file being read: takes its keys one by one, records a problem for each bad
+/// value, and at the end one for each key nobody asked for.
+struct Section<'a> {
+    name: &'static str,
+    table: Table,
+    problems: &'a mut Vec<String>,
+    failed: bool,
+}
+
+impl<'a> Section<'a> {
+    fn new(name: &'static str, table: Table, problems: &'a mut Vec<String>) -> Self {
+        Section {
+            name,
+            table,
+            problems,
+            failed: false,
+        }
+    }
+
+    fn root(table: Table, problems: &'a mut Vec<String>) -> Self {
+        Section::new("", table, problems)
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.name.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.name)
+        }
+    }
+
+    fn problem(&mut self, p: String) {
+        self.failed = true;
+        self.problems.push(p);
+    }
+
+    fn take<T: DeserializeOwned>(&mut self, key: &str, required: bool) -> Option<T> {
+        match self.table.remove(key) {
+            None => {
+                if required {
+                    let k = self.key(key);
+                    self.problem(format!("{k} is required"));
+                }
+                None
+            }
+            Some(v) => match v.try_into::<T>() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let k = self.key(key);
+                    self.problem(format!("{k}: {}", e.to_string().trim()));
+                    None
+                }
+            },
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        self.take(key, true)
+    }
+
+    fn optional<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        self.take(key, false)
+    }
+
+    fn table(&mut self, key: &str, required: bool) -> Option<Table> {
+        self.take::<Table>(key, required)
+    }
+
+    /// A duration such as `30s`, `1m30s`, `500ms`; must be above zero.
+    fn duration(&mut self, key: &str, default: Duration) -> Option<Duration> {
+        let raw: Option<Value> = self.optional(key);
+        let Some(raw) = raw else {
+            return Some(default);
+        };
+        let k = self.key(key);
+        let parsed = match &raw {
+            Value::String(s) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+            other => Err(format!("expected a string like \"30s\", found {other}")),
+        };
+        match parsed {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.problem(format!("{k} must be above zero"));
+                None
+            }
+            Err(e) => {
+                self.problem(format!(
+                    "{k} {raw}: {e} (write durations like \"30s\" or \"2m\")"
+                ));
+                None
+            }
+        }
+    }
+
+    /// Report unknown keys, then build the value if nothing in this section failed.
+    fn finish_with<T>(mut self, build: impl FnOnce() -> Option<T>) -> Option<T> {
+        self.finish();
+        if self.failed { None } else { build() }
+    }
+
+    fn finish(&mut self) {
+        let unknown: Vec<String> = self.table.keys().map(|k| self.key(k)).collect();
+        for k in unknown {
+            self.problem(format!("unknown key {k}"));
+        }
+        self.table.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[app]
+name = "app"
+image = "127.0.0.1:5000/team/app"
+port = 8080
+[release]
+source = "file"
+file = "/tmp/release"
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.app.health_path, "/health");
+        assert_eq!(c.app.start_timeout, Duration::from_secs(60));
+        assert_eq!(c.app.stop_timeout, Duration::from_secs(30));
+        assert_eq!(c.release.poll_interval, Duration::from_secs(60));
+        assert_eq!(c.release.update, UpdateMode::Boot);
+        assert_eq!(c.release.drain, Duration::from_secs(15));
+        assert_eq!(c.health.listen, "0.0.0.0:8081".parse().expect("addr"));
+        assert_eq!(c.health.interval, Duration::from_secs(2));
+        assert!(c.is_local());
+    }
+
+    #[test]
+    fn full_config() {
+        let c = Config::parse(
+            r#"
+[app]
+name = "app"
+image = "docker.io/myrepo/app"
+port = 8080
+health_path = "/health"
+start_timeout = "90s"
+stop_timeout = "10s"
+env = { LOG_LEVEL = "info" }
+env_path = "/app/prod/env/"
+[release]
+source = "ssm"
+parameter = "/app/prod/release"
+poll_interval = "30s"
+update = "in-place"
+drain = "5s"
+[health]
+listen = "127.0.0.1:9000"
+interval = "500ms"
+[registry]
+username = "ci"
+password_parameter = "/app/prod/registry-password"
+[aws]
+region = "eu-west-1"
+lifecycle_hook = "skiff-launch"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.release.source,
+            SourceConfig::Ssm {
+                parameter: "/app/prod/release".into()
+            }
+        );
+        assert_eq!(c.release.update, UpdateMode::InPlace);
+        assert_eq!(c.health.interval, Duration::from_millis(500));
+        assert_eq!(c.app.env.get("LOG_LEVEL").map(String::as_str), Some("info"));
+        assert_eq!(c.aws.lifecycle_hook.as_deref(), Some("skiff-launch"));
+        assert!(!c.is_local());
+    }
+
+    /// Each broken input must be reported with a message naming the key.
+    #[test]
+    fn every_problem_is_reported() {
+        let table: &[(&str, &[&str])] = &[
+            ("not toml = = =", &["not valid TOML"]),
+            ("", &["app is required", "release is required"]),
+            (
+                "[app]\nname='-x'\nimage='Repo:tag'\nport=0\nhealth_path='health'\nstart_timeout='soon'\nstop_timeout=5\nextra=1\n[release]\nsource='s3'\nupdate='rolling'\n[health]\nlisten='nowhere'\ninterval='0s'\n[bogus]\n",
+                &[
+                    "app.name",
+                    "app.image",
+                    "app.port",
+                    "app.health_path",
+                    "app.start_timeout",
+                    "app.stop_timeout",
+                    "unknown key app.extra",
+                    "release.source",
+                    "release.update",
+                    "health.listen",
+                    "health.interval must be above zero",
+                    "unknown key bogus",
+                ],
+            ),
+            (
+                "[app]\nname='a'\nimage='r/a'\nport=8081\nenv={ 'BAD-NAME'='x', SKIFF_TAG='y' }\nenv_path='/x/env'\n[release]\nsource='ssm'\n",
+                &[
+                    "app.env key \"BAD-NAME\"",
+                    "app.env key SKIFF_TAG",
+                    "app.env_path",
+                    "release.parameter is required",
+                ],
+            ),
+            (
+                "[app]\nname='a'\nimage='r/a'\nport=8081\nenv_path='/x/env/'\n[release]\nsource='file'\n[registry]\nusername='u'\npassword_parameter='/p'\n",
+                &[
+                    "health.listen port 8081",
+                    "app.env_path reads SSM",
+                    "registry.password_parameter reads SSM",
+                ],
+            ),
+            (
+                "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\n[registry]\nusername='u'\n",
+                &["registry needs exactly one"],
+            ),
+        ];
+        for (input, expected) in table {
+            let problems = Config::parse(input).expect_err("must be rejected");
+            for e in *expected {
+                assert!(
+                    problems.iter().any(|p| p.contains(e)),
+                    "input {input:?}: no problem mentions {e:?}; got {problems:#?}"
+                );
+            }
+            assert_eq!(
+                problems.len(),
+                expected.len(),
+                "input {input:?}: {problems:#?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! `DockerRuntime`: the container runtime seam over the Docker Engine API (bollard). Bollard's
+//! types and errors stay in this module.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
+use futures_util::StreamExt;
+use skiff_release::Release;
+
+use crate::runtime::{
+    ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LocalImage, RegistryAuth,
+    RuntimeError, release_from_labels, verify_digest,
+};
+
+/// Bound on any single Engine API call except pulls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on one image pull.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+impl DockerRuntime {
+    /// Connect through `DOCKER_HOST` or the local socket. No request is made yet.
+    pub fn connect() -> Result<Self, RuntimeError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| unreachable("connect", &e))?
+            .with_timeout(PULL_TIMEOUT);
+        Ok(DockerRuntime { docker })
+    }
+
+    /// Agree on the API version with the daemon (the client may be newer than the engine).
+    pub async fn negotiate(self) -> Result<Self, RuntimeError> {
+        let docker = bounded("negotiate the API version", self.docker.negotiate_version())
+            .await?
+            .map_err(|e| unreachable("negotiate the API version", &e))?;
+        Ok(DockerRuntime { docker })
+    }
+
+    async fn pull(&self, reference: &str, auth: Option<&RegistryAuth>) -> Result<(), RuntimeError> {
+        let (from_image, tag) = split_reference(reference);
+        let options = CreateImageOptions {
+            from_image: Some(from_image.to_owned()),
+            tag: tag.map(str::to_owned),
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.clone()),
+            serveraddress: Some(registry_host(reference).to_owned()),
+            ..Default::default()
+        });
+        let fail = |detail: String| RuntimeError::PullImage {
+            image: reference.to_owned(),
+            detail,
+        };
+        let pull = async {
+            let mut stream = self.docker.create_image(Some(options), None, credentials);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(info) => {
+                        if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                            return Err(fail(e));
+                        }
+                    }
+                    Err(e) if is_connection_error(&e) => {
+                        return Err(unreachable("pull an image", &e));
+                    }
+                    Err(e) => return Err(fail(e.to_string())),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(PULL_TIMEOUT, pull)
+            .await
+            .map_err(|_| fail(format!("no result within {}s", PULL_TIMEOUT.as_secs())))?
+    }
+
+    /// Repo digests of a local image, or `None` when it is not on the host.
+    async fn local_digests(&self, reference: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        match bounded("inspect an image", self.docker.inspect_image(reference)).await? {
+            Ok(img) => Ok(Some(img.repo_digests.unwrap_or_default())),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(op_error("inspect image", reference, &e)),
+        }
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn ensure_image(
+        &self,
+        repository: &str,
+        release: &Release,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<LocalImage, RuntimeError> {
+        let reference = release.image_ref(repository);
+        if let Some(digest) = &release.digest {
+            // Content addressed: an image already on the host is the same image.
+            let digests = match self.local_digests(&reference).await? {
+                Some(d) => d,
+                None => {
+                    self.pull(&reference, auth).await?;
+                    self.local_digests(&reference).await?.unwrap_or_default()
+                }
+            };
+            verify_digest(repository, digest, &digests)?;
+            return Ok(LocalImage {
+                reference,
+                digest: Some(digest.clone()),
+                from_cache: false,
+            });
+        }
+        // A tag can move: ask the registry, but fall back to the local copy when it is away.
+        let pulled = self.pull(&reference, auth).await;
+        let digests = self.local_digests(&reference).await?;
+        let (digests, from_cache) = match (pulled, digests) {
+            (Ok(()), Some(d)) => (d, false),
+            (Err(e), Some(d)) => {
+                tracing::warn!(image = %reference, error = %e, "registry unavailable; using the image already on this host");
+                (d, true)
+            }
+            (Err(e), None) => return Err(e),
+            (Ok(()), None) => {
+                return Err(RuntimeError::PullImage {
+                    image: reference,
+                    detail: "the pull finished but the image is not on the host".into(),
+                });
+            }
+        };
+        let digest = digests
+            .iter()
+            .filter_map(|rd| rd.rsplit_once('@'))
+            .find_map(|(_, d)| d.parse().ok());
+        Ok(LocalImage {
+            reference,
+            digest,
+            from_cache,
+        })
+    }
+
+    async fn list(&self, app: &str) -> Result<Vec<ContainerState>, RuntimeError> {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_owned(), vec![format!("{LABEL_APP}={app}")]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let summaries = bounded(
+            "list containers",
+            self.docker.list_containers(Some(options)),
+        )
+        .await?
+        .map_err(|e| op_error("list", app, &e))?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|s| {
+                let labels = s.labels.unwrap_or_default();
+                // A container whose labels were tampered with is not ours to manage.
+                let release = release_from_labels(&labels)?;
+                Some(ContainerState {
+                    id: s.id?,
+                    name: s
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    release,
+                    running: s.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    created: s.created.unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn is_running(&self, id: &str) -> Result<Option<bool>, RuntimeError> {
+        match bounded(
+            "inspect a container",
+            self.docker.inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            ),
+        )
+        .await?
+        {
+            Ok(c) => Ok(Some(c.state.and_then(|s| s.running).unwrap_or(false))),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(op_error("inspect", id, &e)),
+        }
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone()),
+            stop_timeout: Some(spec.stop_timeout.as_secs().try_into().unwrap_or(i64::MAX)),
+            host_config: Some(HostConfig {
+                network_mode: Some("host".into()),
+                // The agent restarts the app itself, with backoff and a record of it.
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        let created = bounded(
+            "create a container",
+            self.docker.create_container(Some(options), body),
+        )
+        .await?
+        .map_err(|e| op_error("create", &spec.name, &e))?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let opts: Option<bollard::query_parameters::StartContainerOptions> = None;
+        match bounded("start a container", self.docker.start_container(id, opts)).await? {
+            Ok(()) => Ok(()),
+            // 304: already running.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(op_error("start", id, &e)),
+        }
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let options = StopContainerOptions {
+            t: Some(grace.as_secs().try_into().unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        let call = self.docker.stop_container(id, Some(options));
+        match tokio::time::timeout(grace + CALL_TIMEOUT, call).await {
+            Err(_) => Err(RuntimeError::Container {
+                op: "stop",
+                target: id.to_owned(),
+                detail: "the engine did not answer in time".into(),
+            }),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(DockerError::DockerResponseServerError {
+                status_code: 304 | 404,
+                ..
+            })) => Ok(()),
+            Ok(Err(e)) => Err(op_error("stop", id, &e)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match bounded(
+            "remove a container",
+            self.docker.remove_container(id, Some(options)),
+        )
+        .await?
+        {
+            Ok(())
+            | Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(op_error("remove", id, &e)),
+        }
+    }
+}
+
+async fn bounded<T>(op: &'static str, fut: impl Future<Output = T>) -> Result<T, RuntimeError> {
+    tokio::time::timeout(CALL_TIMEOUT, fut)
+        .await
+        .map_err(|_| RuntimeError::Unreachable {
+            op,
+            detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+        })
+}
+
+fn is_connection_error(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::HyperResponseError { .. }
+            | DockerError::IOError { .. }
+            | DockerError::RequestTimeoutError
+            | DockerError::SocketNotFoundError(_)
+    )
+}
+
+fn unreachable(op: &'static str, e: &DockerError) -> RuntimeError {
+    RuntimeError::Unreachable {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+fn op_error(op: &'static str, target: &str, e: &DockerError) -> RuntimeError {
+    if is_connection_error(e) {
+        return unreachable(op, e);
+    }
+    RuntimeError::Container {
+        op,
+        target: target.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Split `repo:tag` / `repo@digest` into the Engine API's fromImage and tag.
+fn split_reference(reference: &str) -> (&str, Option<&str>) {
+    if let Some((repo, digest)) = reference.split_once('@') {
+        return (repo, Some(digest));
+    }
+    match reference.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+        _ => (reference, None),
+    }
+}
+
+/// The registry host of a reference (`docker.io` when the first part is not a host).
+fn registry_host(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let table = [
+            ("127.0.0.1:5000/app:v1", ("127.0.0.1:5000/app", Some("v1"))),
+            (
+                "127.0.0.1:5000/app@sha256:ab",
+                ("127.0.0.1:5000/app", Some("sha256:ab")),
+            ),
+            ("127.0.0.1:5000/app", ("127.0.0.1:5000/app", None)),
+            ("team/app:3f2c", ("team/app", Some("3f2c"))),
+        ];
+        for (input, want) in table {
+            assert_eq!(split_reference(input), want, "{input}");
+        }
+        assert_eq!(registry_host("127.0.0.1:5000/app:v1"), "127.0.0.1:5000");
+        assert_eq!(registry_host("ghcr.io/team/app:v1"), "ghcr.io");
+        assert_eq!(registry_host("team/app:v1"), "docker.io");
+        assert_eq!(registry_host("localhost/app"), "localhost");
+    }
+}

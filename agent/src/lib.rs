@@ -1,0 +1,12 @@
+//! skiff agent: runs the release named in a parameter as the host's one container.
+//! The binary (`main.rs`) wires these modules together.
+
+pub mod aws;
+pub mod config;
+pub mod docker;
+pub mod health;
+pub mod reconcile;
+pub mod runtime;
+pub mod source;
+pub mod ssm;
+pub mod supervise;

@@ -1,0 +1,226 @@
+//! The container runtime seam: what the agent needs from a container engine, in its own words.
+//! `DockerRuntime` (in `docker`) implements it against the Docker Engine API.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use skiff_release::{Digest, Release};
+
+/// Labels that mark a container as managed by skiff, and with what.
+pub const LABEL_APP: &str = "skiff.app";
+pub const LABEL_TAG: &str = "skiff.tag";
+pub const LABEL_DIGEST: &str = "skiff.digest";
+
+/// A managed container as the engine reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerState {
+    pub id: String,
+    pub name: String,
+    pub release: Release,
+    pub running: bool,
+    /// Creation time, seconds since the epoch: newer containers are newer releases.
+    pub created: i64,
+}
+
+/// The image a release resolved to on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalImage {
+    /// The reference the container is created from (`repo@digest` or `repo:tag`).
+    pub reference: String,
+    pub digest: Option<Digest>,
+    /// The registry could not be reached and an image already on the host was used.
+    pub from_cache: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub env: Vec<(String, String)>,
+    pub labels: HashMap<String, String>,
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "the container engine is unreachable while trying to {op}: {detail} (is dockerd running and is its socket readable?)"
+    )]
+    Unreachable { op: &'static str, detail: String },
+    #[error("pulling image {image} failed: {detail}")]
+    PullImage { image: String, detail: String },
+    #[error("image {image} does not carry digest {expected} (it has: {found}); refusing to run it")]
+    DigestMismatch {
+        image: String,
+        expected: String,
+        found: String,
+    },
+    #[error("could not {op} container {target}: {detail}")]
+    Container {
+        op: &'static str,
+        target: String,
+        detail: String,
+    },
+}
+
+impl RuntimeError {
+    /// Network trouble and registry hiccups are worth retrying; a digest mismatch is not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, RuntimeError::DigestMismatch { .. })
+    }
+}
+
+/// What the agent needs from a container engine.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Make the release's image present locally (pulling it if needed) and check its digest.
+    fn ensure_image(
+        &self,
+        repository: &str,
+        release: &Release,
+        auth: Option<&RegistryAuth>,
+    ) -> impl Future<Output = Result<LocalImage, RuntimeError>> + Send;
+
+    /// Every container managed for `app`, running or not.
+    fn list(
+        &self,
+        app: &str,
+    ) -> impl Future<Output = Result<Vec<ContainerState>, RuntimeError>> + Send;
+
+    /// Whether the container runs; `None` when it no longer exists.
+    fn is_running(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<bool>, RuntimeError>> + Send;
+
+    /// Create (not start) a container with host networking; returns its id.
+    fn create(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
+
+/// Labels for a container running `release` of `app`.
+pub fn labels_for(app: &str, release: &Release) -> HashMap<String, String> {
+    let mut labels = HashMap::new();
+    labels.insert(LABEL_APP.to_owned(), app.to_owned());
+    labels.insert(LABEL_TAG.to_owned(), release.tag.to_string());
+    if let Some(d) = &release.digest {
+        labels.insert(LABEL_DIGEST.to_owned(), d.to_string());
+    }
+    labels
+}
+
+/// Read the release back from a container's labels; `None` when they are missing or invalid.
+pub fn release_from_labels(labels: &HashMap<String, String>) -> Option<Release> {
+    let tag = labels.get(LABEL_TAG)?.parse().ok()?;
+    let digest = match labels.get(LABEL_DIGEST) {
+        Some(d) => Some(d.parse().ok()?),
+        None => None,
+    };
+    Some(Release::new(tag, digest))
+}
+
+/// Check that an image's repo digests include `expected` for `repository`. Docker shortens
+/// Docker Hub names (`docker.io/library/x` -> `x`), so both sides are normalised first.
+pub fn verify_digest(
+    repository: &str,
+    expected: &Digest,
+    repo_digests: &[String],
+) -> Result<(), RuntimeError> {
+    let want_repo = normalise_repo(repository);
+    let ok = repo_digests.iter().any(|rd| {
+        rd.rsplit_once('@')
+            .is_some_and(|(repo, d)| d == expected.as_str() && normalise_repo(repo) == want_repo)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::DigestMismatch {
+            image: repository.to_owned(),
+            expected: expected.to_string(),
+            found: if repo_digests.is_empty() {
+                "no digests".into()
+            } else {
+                repo_digests.join(", ")
+            },
+        })
+    }
+}
+
+fn normalise_repo(repo: &str) -> &str {
+    let r = repo.strip_prefix("docker.io/").unwrap_or(repo);
+    r.strip_prefix("library/").unwrap_or(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn digest_verification() {
+        let d1: Digest = D1.parse().expect("digest");
+        let table: &[(&str, &[String], bool)] = &[
+            (
+                "127.0.0.1:5000/app",
+                &[format!("127.0.0.1:5000/app@{D1}")],
+                true,
+            ),
+            (
+                "127.0.0.1:5000/app",
+                &[
+                    format!("127.0.0.1:5000/other@{D1}"),
+                    format!("127.0.0.1:5000/app@{D2}"),
+                ],
+                false,
+            ),
+            ("docker.io/library/python", &[format!("python@{D1}")], true),
+            ("docker.io/team/app", &[format!("team/app@{D1}")], true),
+            ("127.0.0.1:5000/app", &[], false),
+        ];
+        for (repo, digests, ok) in table {
+            assert_eq!(
+                verify_digest(repo, &d1, digests).is_ok(),
+                *ok,
+                "{repo} {digests:?}"
+            );
+        }
+        let err = verify_digest("r/app", &d1, &[format!("r/app@{D2}")]).expect_err("mismatch");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains(D2));
+    }
+
+    #[test]
+    fn labels_round_trip() {
+        let r = Release::new(
+            "v1".parse().expect("tag"),
+            Some(D1.parse().expect("digest")),
+        );
+        let labels = labels_for("app", &r);
+        assert_eq!(labels.get(LABEL_APP).map(String::as_str), Some("app"));
+        assert_eq!(release_from_labels(&labels), Some(r));
+        let mut broken = labels_for("app", &Release::new("v1".parse().expect("tag"), None));
+        broken.insert(LABEL_TAG.into(), "bad tag".into());
+        assert_eq!(release_from_labels(&broken), None);
+    }
+}

@@ -1,0 +1,691 @@
+//! The agent loop: reads the desired release, observes the managed container, asks
+//! [`reconcile::decide`](crate::reconcile::decide) what to do, and does it. Every wait is bounded
+//! and every wait selects on cancellation; failures of the outside world are recorded and retried
+//! with backoff, and never stop a container that works.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skiff_release::Release;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::{self, Running, Snapshot};
+use crate::reconcile::{self, Action, Current, Situation, restart_delay};
+use crate::runtime::{
+    ContainerRuntime, ContainerSpec, ContainerState, RegistryAuth, RuntimeError, labels_for,
+};
+use crate::source::{ReleaseSource, SourceError};
+
+/// How often the container's state is checked.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
+/// Probe period while waiting for a new container to become healthy.
+const START_PROBE_EVERY: Duration = Duration::from_millis(10);
+/// A container healthy for this long has its restart backoff reset.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Longest wait between retries of a failed deploy.
+const DEPLOY_RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// What the fleet is told about this host (instance tag, lifecycle hook). Local mode uses
+/// [`NoFleet`].
+pub trait Fleet: Send + Sync + 'static {
+    /// The release is running and healthy on this host.
+    fn release_healthy(&self, release: &Release) -> impl Future<Output = ()> + Send;
+    /// The release could not be started on this host and nothing else serves.
+    fn release_failed(&self, release: &Release) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFleet;
+
+impl Fleet for NoFleet {
+    async fn release_healthy(&self, _release: &Release) {}
+    async fn release_failed(&self, _release: &Release) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DeployError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot read registry password file {path}: {detail}")]
+    PasswordFile { path: String, detail: String },
+}
+
+#[derive(Debug)]
+pub struct Supervisor<R, S, F> {
+    cfg: Arc<Config>,
+    runtime: R,
+    source: S,
+    fleet: F,
+    state: Arc<watch::Sender<Snapshot>>,
+    app_addr: SocketAddr,
+    desired: Option<Release>,
+    last_bad_value: Option<String>,
+    current: Option<ContainerState>,
+    previous: Option<ContainerState>,
+    failed: Option<Release>,
+    at_start: bool,
+    adopted: bool,
+    restart_attempts: u32,
+    next_restart: Instant,
+    healthy_since: Option<Instant>,
+    poll_failures: u32,
+    next_poll: Instant,
+    deploy_failures: u32,
+    next_deploy: Instant,
+}
+
+impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
+    pub fn new(cfg: Arc<Config>, runtime: R, source: S, fleet: F) -> Self {
+        let snapshot = Snapshot::new(source.describe(), cfg.release.update);
+        let now = Instant::now();
+        Supervisor {
+            app_addr: SocketAddr::from(([127, 0, 0, 1], cfg.app.port)),
+            cfg,
+            runtime,
+            source,
+            fleet,
+            state: Arc::new(watch::channel(snapshot).0),
+            desired: None,
+            last_bad_value: None,
+            current: None,
+            previous: None,
+            failed: None,
+            at_start: true,
+            adopted: false,
+            restart_attempts: 0,
+            next_restart: now,
+            healthy_since: None,
+            poll_failures: 0,
+            next_poll: now,
+            deploy_failures: 0,
+            next_deploy: now,
+        }
+    }
+
+    /// The published state, for the health server and the prober.
+    pub fn state(&self) -> Arc<watch::Sender<Snapshot>> {
+        self.state.clone()
+    }
+
+    /// Find the containers managed for this app and take them over without restarting them.
+    /// Returns whether the engine answered.
+    pub async fn adopt(&mut self) -> bool {
+        let mut found = match self.runtime.list(&self.cfg.app.name).await {
+            Ok(list) => list,
+            Err(e) => {
+                self.record_error(e.to_string());
+                return false;
+            }
+        };
+        self.adopted = true;
+        // Newest first; a running container wins over any stopped one.
+        found.sort_by_key(|c| (std::cmp::Reverse(c.running), std::cmp::Reverse(c.created)));
+        let mut found = found.into_iter();
+        self.current = found.next();
+        self.previous = found.next();
+        if let Some(c) = &self.current {
+            // One probe now, so a running app is reported healthy from the first request.
+            let ok = c.running
+                && health::probe(
+                    self.app_addr,
+                    &self.cfg.app.health_path,
+                    Duration::from_secs(2),
+                )
+                .await
+                .is_ok_and(health::is_success);
+            tracing::info!(tag = %c.release.tag, digest = ?c.release.digest, container = %c.id, running = c.running, healthy = ok, "adopted managed container");
+            if ok {
+                self.healthy_since = Some(Instant::now());
+            }
+            let running = running_of(c);
+            self.publish(|s| {
+                s.running = Some(running);
+                s.app.ok = ok;
+            });
+        }
+        if let Some(p) = &self.previous {
+            let release = p.release.clone();
+            self.publish(|s| s.previous = Some(release));
+        }
+        true
+    }
+
+    /// Run until cancelled. The managed container is left running.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut adopt_failures = 0;
+        while !self.adopted {
+            if self.adopt().await {
+                break;
+            }
+            adopt_failures += 1;
+            let wait = jitter(restart_delay(adopt_failures));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = sleep(wait) => {}
+            }
+        }
+        loop {
+            if Instant::now() >= self.next_poll {
+                self.poll().await;
+            }
+            self.observe().await;
+            let action = self.decide();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.execute(action) => {}
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = sleep(OBSERVE_EVERY) => {}
+            }
+        }
+        tracing::info!("agent stopping; the app container keeps running");
+    }
+
+    fn decide(&mut self) -> Action {
+        let current = self.current.as_ref().map(|c| Current {
+            release: c.release.clone(),
+            running: c.running,
+        });
+        let action = reconcile::decide(&Situation {
+            desired: self.desired.as_ref(),
+            current: current.as_ref(),
+            mode: self.cfg.release.update,
+            at_start: self.at_start,
+            failed: self.failed.as_ref(),
+        });
+        if self.desired.is_some() {
+            self.at_start = false;
+        }
+        action
+    }
+
+    async fn poll(&mut self) {
+        let interval = self.cfg.release.poll_interval;
+        match self.source.read_release().await {
+            Ok(raw) => {
+                self.poll_failures = 0;
+                self.next_poll = Instant::now() + jitter(interval);
+                match Release::parse(&raw) {
+                    Ok(release) => {
+                        if self.desired.as_ref() != Some(&release) {
+                            tracing::info!(tag = %release.tag, digest = ?release.digest, "desired release");
+                            let r = release.clone();
+                            self.publish(|s| s.desired = Some(r));
+                            self.desired = Some(release);
+                        }
+                        self.last_bad_value = None;
+                    }
+                    Err(e) => {
+                        let msg =
+                            format!("rejected the release value, keeping the current release: {e}");
+                        if self.last_bad_value.as_deref() != Some(raw.as_str()) {
+                            tracing::error!("{msg}");
+                            self.last_bad_value = Some(raw);
+                        }
+                        self.publish(|s| s.last_error = Some(msg));
+                    }
+                }
+            }
+            Err(e) => {
+                self.poll_failures += 1;
+                let backoff = restart_delay(self.poll_failures).min(interval);
+                self.next_poll = Instant::now() + jitter(backoff);
+                if self.poll_failures == 1 {
+                    tracing::warn!(error = %e, retryable = e.is_retryable(), "cannot read the release; retrying with backoff");
+                }
+                let msg = e.to_string();
+                self.publish(|s| s.last_error = Some(msg));
+            }
+        }
+    }
+
+    async fn observe(&mut self) {
+        let Some(cur) = &self.current else { return };
+        let id = cur.id.clone();
+        match self.runtime.is_running(&id).await {
+            Ok(Some(running)) => {
+                if running != cur.running {
+                    if running {
+                        tracing::info!(container = %id, "container is running");
+                    } else {
+                        tracing::warn!(tag = %cur.release.tag, container = %id, "container exited");
+                        self.healthy_since = None;
+                    }
+                }
+                if let Some(c) = self.current.as_mut() {
+                    c.running = running;
+                }
+                self.publish(|s| {
+                    if let Some(r) = s.running.as_mut() {
+                        r.container_running = running;
+                    }
+                    if !running {
+                        s.app.ok = false;
+                    }
+                });
+            }
+            Ok(None) => {
+                tracing::warn!(container = %id, "managed container was removed from outside");
+                self.current = None;
+                self.healthy_since = None;
+                self.publish(|s| {
+                    s.running = None;
+                    s.app.ok = false;
+                });
+            }
+            // Fail static: the engine being away says nothing about the app.
+            Err(e) => self.record_error(e.to_string()),
+        }
+        let stable = self
+            .healthy_since
+            .is_some_and(|t| t.elapsed() >= STABLE_AFTER);
+        if stable && self.state.borrow().app.ok {
+            self.restart_attempts = 0;
+        }
+        if self.current.as_ref().is_some_and(|c| c.running)
+            && self.healthy_since.is_none()
+            && self.state.borrow().app.ok
+        {
+            self.healthy_since = Some(Instant::now());
+        }
+    }
+
+    async fn execute(&mut self, action: Action) {
+        let stale = action == Action::Stale;
+        if stale != self.state.borrow().stale {
+            if stale {
+                tracing::info!(desired = ?self.desired.as_ref().map(|d| d.to_string()), "desired release differs from the running one; update = \"boot\" applies it on the next instance");
+            }
+            self.publish(|s| s.stale = stale);
+        }
+        match action {
+            Action::Keep | Action::Stale => {}
+            Action::Restart => self.restart().await,
+            Action::Deploy(release) => {
+                if Instant::now() >= self.next_deploy {
+                    self.deploy(release).await;
+                }
+            }
+            Action::Replace(release) => {
+                if Instant::now() >= self.next_deploy {
+                    self.replace(release).await;
+                }
+            }
+        }
+    }
+
+    async fn restart(&mut self) {
+        if Instant::now() < self.next_restart {
+            return;
+        }
+        let Some(cur) = self.current.clone() else {
+            return;
+        };
+        self.restart_attempts += 1;
+        self.next_restart = Instant::now() + restart_delay(self.restart_attempts);
+        match self.runtime.start(&cur.id).await {
+            Ok(()) => {
+                tracing::warn!(tag = %cur.release.tag, container = %cur.id, attempt = self.restart_attempts, "restarted exited container");
+                if let Some(c) = self.current.as_mut() {
+                    c.running = true;
+                }
+                self.publish(|s| {
+                    s.restart_count += 1;
+                    if let Some(r) = s.running.as_mut() {
+                        r.container_running = true;
+                    }
+                });
+            }
+            Err(e) => self.record_error(e.to_string()),
+        }
+    }
+
+    /// Nothing serves: bring up `release` directly.
+    async fn deploy(&mut self, release: Release) {
+        self.publish(|s| {
+            s.starting = true;
+            s.failed = false;
+        });
+        let new = match self.prepare(&release).await {
+            Ok(c) => c,
+            Err(e) => return self.deploy_failed_to_prepare(&release, e),
+        };
+        let old = self.current.take();
+        if let Some(o) = &old {
+            // A stopped container of another release: keep it as the rollback target.
+            let _ = self.runtime.stop(&o.id, self.cfg.app.stop_timeout).await;
+        }
+        match self.start_and_wait(&new).await {
+            Ok(elapsed) => self.promote(new, old, elapsed).await,
+            Err(why) => {
+                let fallback = old.or_else(|| self.previous.take());
+                self.roll_back(&release, new, fallback, why).await;
+            }
+        }
+    }
+
+    /// A container serves another release: prepare the new one, drain, swap, check, roll back.
+    async fn replace(&mut self, release: Release) {
+        let new = match self.prepare(&release).await {
+            Ok(c) => c,
+            Err(e) => return self.deploy_failed_to_prepare(&release, e),
+        };
+        let Some(old) = self.current.take() else {
+            return;
+        };
+        let drain = self.cfg.release.drain;
+        tracing::info!(from = %old.release, to = %release, drain_ms = drain.as_millis() as u64, "draining before the update");
+        self.publish(|s| s.draining = true);
+        sleep(drain).await;
+        if let Err(e) = self.runtime.stop(&old.id, self.cfg.app.stop_timeout).await {
+            self.record_error(e.to_string());
+        }
+        self.healthy_since = None;
+        let result = self.start_and_wait(&new).await;
+        match result {
+            Ok(elapsed) => {
+                self.promote(new, Some(old), elapsed).await;
+                self.publish(|s| s.draining = false);
+            }
+            Err(why) => {
+                self.roll_back(&release, new, Some(old), why).await;
+                self.publish(|s| s.draining = false);
+            }
+        }
+    }
+
+    fn deploy_failed_to_prepare(&mut self, release: &Release, e: DeployError) {
+        self.deploy_failures += 1;
+        let retryable = match &e {
+            DeployError::Runtime(r) => r.is_retryable(),
+            DeployError::Source(s) => s.is_retryable(),
+            DeployError::PasswordFile { .. } => false,
+        };
+        let wait = restart_delay(self.deploy_failures).min(DEPLOY_RETRY_CAP);
+        self.next_deploy = Instant::now() + jitter(wait);
+        tracing::error!(tag = %release.tag, digest = ?release.digest, error = %e, retryable, retry_in_ms = wait.as_millis() as u64, "cannot prepare the release; the current container keeps running");
+        if !retryable {
+            // A digest mismatch or a bad password will not heal by itself: do not hammer.
+            self.failed = Some(release.clone());
+            let r = release.clone();
+            self.publish(|s| s.failed_release = Some(r));
+        }
+        let msg = format!("release {release}: {e}");
+        self.publish(|s| s.last_error = Some(msg));
+    }
+
+    /// Pull the image, gather the environment and create (not start) the container.
+    async fn prepare(&mut self, release: &Release) -> Result<ContainerState, DeployError> {
+        let auth = self.registry_auth().await?;
+        let started = Instant::now();
+        let image = self
+            .runtime
+            .ensure_image(&self.cfg.app.image, release, auth.as_ref())
+            .await?;
+        let pull_ms = started.elapsed().as_millis() as u64;
+        self.publish(|s| s.timings.pull_ms = Some(pull_ms));
+        let running = Release::new(
+            release.tag.clone(),
+            release.digest.clone().or(image.digest.clone()),
+        );
+        let env = self.container_env(&running).await?;
+        let name = container_name(&self.cfg.app.name, &running);
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: image.reference.clone(),
+            env,
+            labels: labels_for(&self.cfg.app.name, &running),
+            stop_timeout: self.cfg.app.stop_timeout,
+        };
+        let id = self.runtime.create(&spec).await?;
+        self.deploy_failures = 0;
+        Ok(ContainerState {
+            id,
+            name,
+            release: running,
+            running: false,
+            created: 0,
+        })
+    }
+
+    async fn registry_auth(&self) -> Result<Option<RegistryAuth>, DeployError> {
+        let Some(reg) = &self.cfg.registry else {
+            return Ok(None);
+        };
+        let password = if let Some(path) = &reg.password_file {
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| DeployError::PasswordFile {
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
+                })?
+                .trim_end()
+                .to_owned()
+        } else if let Some(param) = &reg.password_parameter {
+            self.source.read_secret(param).await?
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(RegistryAuth {
+            username: reg.username.clone(),
+            password,
+        }))
+    }
+
+    /// Static env, then the SSM path (which may override it), then what the agent sets itself.
+    async fn container_env(&self, release: &Release) -> Result<Vec<(String, String)>, DeployError> {
+        let mut env: Vec<(String, String)> = self
+            .cfg
+            .app
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(path) = &self.cfg.app.env_path {
+            for (k, v) in self.source.read_env(path).await? {
+                env.retain(|(existing, _)| *existing != k);
+                env.push((k, v));
+            }
+        }
+        env.push(("PORT".into(), self.cfg.app.port.to_string()));
+        env.push(("SKIFF_APP".into(), self.cfg.app.name.clone()));
+        env.push(("SKIFF_RELEASE_TAG".into(), release.tag.to_string()));
+        if let Some(d) = &release.digest {
+            env.push(("SKIFF_RELEASE_DIGEST".into(), d.to_string()));
+        }
+        Ok(env)
+    }
+
+    /// Start `new` and wait (probing fast) until the app is healthy or `start_timeout` passes.
+    async fn start_and_wait(&mut self, new: &ContainerState) -> Result<Duration, String> {
+        let started = Instant::now();
+        self.runtime
+            .start(&new.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.wait_healthy(&new.id, started).await
+    }
+
+    async fn wait_healthy(&self, id: &str, started: Instant) -> Result<Duration, String> {
+        let timeout = self.cfg.app.start_timeout;
+        let deadline = started + timeout;
+        let mut last;
+        let mut probes: u32 = 0;
+        loop {
+            match health::probe(
+                self.app_addr,
+                &self.cfg.app.health_path,
+                Duration::from_secs(1),
+            )
+            .await
+            {
+                Ok(code) if health::is_success(code) => return Ok(started.elapsed()),
+                Ok(code) => last = format!("HTTP {code}"),
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not healthy within {} (last probe of {}: {last})",
+                    humantime::format_duration(timeout),
+                    self.cfg.app.health_path
+                ));
+            }
+            probes += 1;
+            if probes.is_multiple_of(50)
+                && matches!(self.runtime.is_running(id).await, Ok(Some(false) | None))
+            {
+                return Err(format!(
+                    "the container exited while starting (last probe: {last})"
+                ));
+            }
+            sleep(START_PROBE_EVERY).await;
+        }
+    }
+
+    /// `new` is healthy: it becomes current, `old` is kept stopped for rollback, older ones go.
+    async fn promote(
+        &mut self,
+        mut new: ContainerState,
+        old: Option<ContainerState>,
+        elapsed: Duration,
+    ) {
+        new.running = true;
+        let ms = elapsed.as_millis() as u64;
+        tracing::info!(tag = %new.release.tag, digest = ?new.release.digest, container = %new.id, start_to_healthy_ms = ms, "release is healthy");
+        let keep: Vec<String> = [Some(&new), old.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|c| c.id.clone())
+            .collect();
+        if let Ok(all) = self.runtime.list(&self.cfg.app.name).await {
+            for stale in all.iter().filter(|c| !keep.contains(&c.id)) {
+                if let Err(e) = self.runtime.remove(&stale.id).await {
+                    tracing::warn!(container = %stale.id, error = %e, "could not remove an old container");
+                }
+            }
+        }
+        let running = running_of(&new);
+        let previous = old.as_ref().map(|o| o.release.clone());
+        self.publish(|s| {
+            s.running = Some(running);
+            s.previous = previous.or(s.previous.take());
+            s.app.ok = true;
+            s.starting = false;
+            s.failed = false;
+            s.timings.start_to_healthy_ms = Some(ms);
+        });
+        self.healthy_since = Some(Instant::now());
+        self.restart_attempts = 0;
+        self.fleet.release_healthy(&new.release).await;
+        if old.is_some() {
+            self.previous = old;
+        }
+        self.current = Some(new);
+    }
+
+    /// `new` did not become healthy: remove it, bring back `fallback` if there is one.
+    async fn roll_back(
+        &mut self,
+        release: &Release,
+        new: ContainerState,
+        fallback: Option<ContainerState>,
+        why: String,
+    ) {
+        tracing::error!(tag = %release.tag, digest = ?release.digest, container = %new.id, reason = %why, "release failed to become healthy");
+        if let Err(e) = self.runtime.stop(&new.id, self.cfg.app.stop_timeout).await {
+            tracing::warn!(error = %e, "could not stop the failed container");
+        }
+        if let Err(e) = self.runtime.remove(&new.id).await {
+            tracing::warn!(error = %e, "could not remove the failed container");
+        }
+        self.failed = Some(release.clone());
+        let failed_release = release.clone();
+        let Some(old) = fallback else {
+            self.fleet.release_failed(release).await;
+            let msg = format!("release {release} failed: {why}; nothing else to run on this host");
+            self.publish(|s| {
+                s.failed_release = Some(failed_release);
+                s.failed = true;
+                s.starting = false;
+                s.running = None;
+                s.app.ok = false;
+                s.last_error = Some(msg);
+            });
+            return;
+        };
+        let started = Instant::now();
+        let back = match self.runtime.start(&old.id).await {
+            Ok(()) => self.wait_healthy(&old.id, started).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let msg = match &back {
+            Ok(_) => {
+                tracing::warn!(tag = %old.release.tag, container = %old.id, "rolled back to the previous release");
+                format!(
+                    "release {release} failed: {why}; rolled back to {}",
+                    old.release
+                )
+            }
+            Err(e) => {
+                tracing::error!(tag = %old.release.tag, error = %e, "the previous release did not come back either");
+                format!(
+                    "release {release} failed: {why}; rollback to {} failed too: {e}",
+                    old.release
+                )
+            }
+        };
+        let ok = back.is_ok();
+        let mut old = old;
+        old.running = ok;
+        let running = running_of(&old);
+        self.publish(|s| {
+            s.failed_release = Some(failed_release);
+            s.running = Some(running);
+            s.app.ok = ok;
+            s.starting = false;
+            s.last_error = Some(msg);
+        });
+        if ok {
+            self.healthy_since = Some(Instant::now());
+        }
+        self.current = Some(old);
+    }
+
+    fn record_error(&self, msg: String) {
+        if self.state.borrow().last_error.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(error = %msg, "will retry");
+        }
+        self.publish(|s| s.last_error = Some(msg));
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.state.send_modify(f);
+    }
+}
+
+fn running_of(c: &ContainerState) -> Running {
+    Running {
+        release: c.release.clone(),
+        container_id: c.id.clone(),
+        container_running: c.running,
+    }
+}
+
+/// `app-<tag>-<nonce>`: unique per deploy, readable in `docker ps`.
+fn container_name(app: &str, release: &Release) -> String {
+    let tag: String = release.tag.as_str().chars().take(40).collect();
+    format!("{app}-{tag}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// Spread retries and polls of a fleet over +-10 %.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.9..1.1))
+}
