@@ -164,11 +164,37 @@ def run_user_data(user_data_b64):
         proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"user data failed ({proc.returncode}): {proc.stderr}")
-        with open(os.path.join(etc, "agent.toml"), "rb") as f:
+        toml_path = os.path.join(etc, "agent.toml")
+        with open(toml_path, "rb") as f:
             config = tomllib.load(f)
-        mode = os.stat(os.path.join(etc, "agent.toml")).st_mode & 0o777
+        mode = os.stat(toml_path).st_mode & 0o777
+        agent_check(toml_path)
         with open(calls) as f:
             return config, [line.strip() for line in f], mode
+
+
+def agent_binary():
+    """The agent to validate generated configs with: $AGENT_BIN, else the workspace's build."""
+    if os.environ.get("AGENT_BIN"):
+        return os.environ["AGENT_BIN"]
+    target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
+    for profile in ("release", "debug"):
+        path = os.path.join(target, profile, "agent")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def agent_check(toml_path):
+    """`agent check-config` on a generated config, when an agent binary is there to ask."""
+    agent = agent_binary()
+    if agent is None:
+        print("skip agent check-config: no agent binary (set AGENT_BIN or build the workspace)")
+        return
+    proc = subprocess.run([agent, "check-config", "--config", toml_path],
+                          capture_output=True, text=True)
+    check(f"agent check-config accepts the generated config ({agent})", proc.returncode == 0,
+          f"exit {proc.returncode}: {proc.stdout}{proc.stderr}")
 
 
 def latest_user_data(launch_template_id):
