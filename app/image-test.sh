@@ -20,6 +20,7 @@ name="skiff-app-test-$run_id"
 release="image-test-$run_id"
 digest="sha256:$(printf %s "$run_id" | sha256sum | cut -d' ' -f1)"
 work=$(mktemp -d)
+# shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
   # Containers and images of this build only, intermediate ones of a failed build included.
   docker rm -f -v "$name" >/dev/null 2>&1 || true
@@ -39,8 +40,8 @@ finish() {
     docker logs "$name" 2>&1 | tail -n 40 || true
   fi
   echo "image-test: $passed passed, $failed failed"
-  ((failed == 0))
-  exit
+  if ((failed)); then exit 1; fi
+  exit 0
 }
 
 started=$SECONDS

@@ -13,6 +13,7 @@ still works against the newer schema, which is why versions newer than this code
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -112,8 +113,9 @@ def _migrate_mysql(conn: Connection, migrations, after_read, deadline: float) ->
     # One lock per database, so apps sharing a server do not wait for each other. Max 64 chars.
     name = f"skiff-app-migrate:{conn.scalar('SELECT DATABASE()')}"[:64]
     while True:
-        # Short waits keep each call well inside the connection's read timeout.
-        wait = max(0, min(2, int(deadline - time.monotonic())))
+        # Whole seconds (what every server version takes), short enough to stay well inside the
+        # connection's read timeout; the last wait may overrun the deadline by under a second.
+        wait = max(1, min(2, math.ceil(deadline - time.monotonic())))
         got = conn.scalar("SELECT GET_LOCK(?, ?)", (name, wait))
         if got == 1:
             break

@@ -32,15 +32,15 @@ BACKEND = DatabaseUrl.parse(TEST_URL).dialect if TEST_URL else "sqlite"
 DIGEST = "sha256:" + "ab" * 32
 
 
+_bound: list[socket.socket] = []
+
+
 def closed_port() -> int:
     """A loopback port that refuses connections: bound by this process, never listening."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    closed_port.keep.append(s)  # type: ignore[attr-defined]
+    _bound.append(s)  # held until the tests end, so no one else can take the port
     return s.getsockname()[1]
-
-
-closed_port.keep = []  # type: ignore[attr-defined]
 
 
 class DatabaseTest(unittest.TestCase):
