@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Proves the AMI definition without AWS:
+#   * packer fmt / validate of skiff.pkr.hcl with this machine's Packer (Debian's 1.6.6, which
+#     bundles the Amazon builder; plugins.pkr.hcl, for Packer >= 1.7, is only format-checked);
+#   * test/docker.pkr.hcl runs the same uploads and scripts as skiff.pkr.hcl (compared here)
+#     with the docker builder on the local Debian image, commits it, and the image is checked:
+#     the agent runs, the unit passes `systemd-analyze verify`, Docker and the agent are enabled
+#     at boot, the agent's user is in the docker group;
+#   * the unit's sandbox still reaches the Docker socket: a read-only /run and an unprivileged
+#     uid in the docker group, as ProtectSystem=strict and User=/SupplementaryGroups= give it.
+#
+# The agent binary comes from AGENT_BIN (default $CARGO_TARGET_DIR/release/agent, with
+# CARGO_TARGET_DIR defaulting to /root/.cache/skiff-target). Needs docker and the base image from
+# .ci/setup.sh (run when missing) and Debian's package mirror for apt in the image.
+# Closes with 'packer: N passed, N failed'; exits 1 on any failure. Removes what it creates.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+target=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
+agent=${AGENT_BIN:-$target/release/agent}
+base=${SKIFF_PACKER_BASE:-skiff-ci/python:3.11-bookworm}
+run_id="$(date +%s)-$$"
+repo=skiff-packer-test
+image="$repo:$run_id"
+
+say() { printf '[packer] %s\n' "$*"; }
+if [ ! -f "$agent" ] || [ ! -x "$agent" ]; then
+  say "no agent binary at $agent"
+  say "build it first (cargo build --release -p skiff-agent) or point AGENT_BIN at one"
+  echo "packer: 0 passed, 1 failed"
+  exit 1
+fi
+case "$(head -c4 "$agent" | od -An -c | tr -d ' ')" in
+  177ELF) ;;
+  *) say "$agent is not an ELF binary"; echo "packer: 0 passed, 1 failed"; exit 1 ;;
+esac
+
+# Tools: packer and docker come with .ci/setup.sh, shellcheck is this script's own need.
+if ! command -v packer >/dev/null || ! docker version >/dev/null 2>&1 ||
+  ! docker image inspect "$base" >/dev/null 2>&1; then
+  say "packer, docker or $base missing: running .ci/setup.sh"
+  bash "$root/.ci/setup.sh" >&2 || { say "setup failed"; echo "packer: 0 passed, 1 failed"; exit 1; }
+fi
+if ! command -v shellcheck >/dev/null; then
+  say "installing shellcheck"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null; }
+fi
+
+work=$(mktemp -d)
+cleanup() {
+  docker image rm -f "$image" >/dev/null 2>&1 || true
+  # A build that failed after committing leaves an untagged image carrying the run's label.
+  docker image ls -q --filter "label=skiff-test=$run_id" | xargs -r docker image rm -f >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+passed=0
+failed=0
+step() { # name, command... (output kept in $work/step.log, shown on failure)
+  local name=$1 start=$SECONDS
+  shift
+  if "$@" >"$work/step.log" 2>&1; then
+    passed=$((passed + 1)); say "ok   $name ($((SECONDS - start)) s)"
+  else
+    failed=$((failed + 1)); say "FAIL $name ($((SECONDS - start)) s)"; sed 's/^/    /' "$work/step.log"
+  fi
+}
+in_image() { docker run --rm --entrypoint "" "$image" "$@"; }
+
+say "agent: $agent ($("$agent" --version 2>&1 | head -n1))"
+say "packer $(packer version | head -n1), base image $base, run $run_id"
+
+step "packer fmt: templates are canonical" packer fmt -check -diff "$here" "$here/test"
+# Packer 1.6 reads one file when given one: skiff.pkr.hcl without plugins.pkr.hcl.
+step "packer validate skiff.pkr.hcl" packer validate -var "agent_bin=$agent" "$here/skiff.pkr.hcl"
+step "packer validate test/docker.pkr.hcl" packer validate -var "agent_bin=$agent" \
+  -var "repository=$repo" -var "tag=$run_id" -var "packer_dir=$here" "$here/test/docker.pkr.hcl"
+
+# The test double must run what the AMI runs: same uploads, same scripts, same order.
+steps_of() { grep -oE '(destination *= *"[^"]+"|scripts/[0-9A-Za-z_.-]+\.sh)' "$1"; }
+same_steps() {
+  steps_of "$here/skiff.pkr.hcl" >"$work/ami.steps"
+  steps_of "$here/test/docker.pkr.hcl" >"$work/test.steps"
+  cat "$work/ami.steps"
+  [ -s "$work/ami.steps" ] && diff "$work/ami.steps" "$work/test.steps"
+}
+step "docker test template runs the AMI's steps" same_steps
+step "shellcheck scripts" shellcheck "$here"/scripts/*.sh "$here/test.sh"
+
+build() {
+  (cd "$work" && PACKER_NO_COLOR=1 packer build -color=false -var "agent_bin=$agent" \
+    -var "base_image=$base" -var "repository=$repo" -var "tag=$run_id" -var "packer_dir=$here" \
+    "$here/test/docker.pkr.hcl")
+}
+step "packer build (docker builder, $base, no pull)" build
+if ! docker image inspect "$image" >/dev/null 2>&1; then
+  say "no image $image: skipping the image checks"
+  failed=$((failed + 1))
+else
+  agent_version() { in_image /usr/local/bin/agent --version; }
+  step "image: agent --version runs" agent_version
+  step "image: agent binary is root-owned 0755" \
+    in_image sh -c '[ "$(stat -c %U:%a /usr/local/bin/agent)" = root:755 ]'
+  verify_unit() {
+    in_image systemd-analyze verify /etc/systemd/system/skiff-agent.service >"$work/verify.out" 2>&1
+    local rc=$?
+    cat "$work/verify.out"
+    # verify exits 0 on some warnings; any output about the unit is a problem too.
+    [ "$rc" = 0 ] && ! grep -q 'skiff-agent' "$work/verify.out"
+  }
+  step "image: systemd-analyze verify skiff-agent.service" verify_unit
+  step "image: docker enabled at boot (multi-user.target.wants)" \
+    in_image test -L /etc/systemd/system/multi-user.target.wants/docker.service
+  step "image: agent enabled at boot (multi-user.target.wants)" \
+    in_image test -L /etc/systemd/system/multi-user.target.wants/skiff-agent.service
+  step "image: systemctl is-enabled docker skiff-agent" \
+    in_image systemctl is-enabled docker.service skiff-agent.service
+  step "image: skiff-agent user is in the docker group" \
+    in_image sh -c 'id -nG skiff-agent | tr " " "\n" | grep -qx docker'
+  step "image: /etc/skiff exists, no config baked in" \
+    in_image sh -c '[ "$(stat -c %a /etc/skiff)" = 755 ] && [ ! -e /etc/skiff/agent.toml ]'
+  step "image: the unit's ExecStart is the agent's run command" \
+    in_image grep -qx 'ExecStart=/usr/local/bin/agent run --config /etc/skiff/agent.toml' \
+    /etc/systemd/system/skiff-agent.service
+  exposure() {
+    in_image systemd-analyze security --offline=true --threshold=30 \
+      /etc/systemd/system/skiff-agent.service >"$work/security.out" 2>&1
+    local rc=$?
+    tail -n1 "$work/security.out"
+    return "$rc"
+  }
+  # A number, not a lint: lower is tighter (0-10). 3.0 allows the docker group and the network.
+  step "image: systemd-analyze security exposure <= 3.0" exposure
+  grep -o 'Overall exposure level.*' "$work/security.out" | sed 's/^/[packer]      /'
+fi
+
+# ProtectSystem=strict makes /run read-only for the agent, and it runs as an unprivileged user in
+# the docker group: check that connecting to the Docker socket still works like that (on this
+# host's dockerd, as the unit would on the instance's).
+sandbox_socket() {
+  local sock
+  sock=$(readlink -f /var/run/docker.sock)
+  unshare --mount sh -ec "
+    mount --bind /run /run && mount -o remount,bind,ro /run
+    if touch /run/skiff-sandbox-probe 2>/dev/null; then echo '/run still writable'; exit 1; fi
+    setpriv --reuid=65534 --regid=65534 --groups=\$(getent group docker | cut -d: -f3) \
+      --inh-caps=-all --bounding-set=-all --no-new-privs \
+      curl -fsS --unix-socket '$sock' http://docker/_ping
+  "
+}
+if getent group docker >/dev/null && [ -S /var/run/docker.sock ]; then
+  step "sandbox: read-only /run, uid nobody + docker group, no caps: docker socket answers" sandbox_socket
+  no_group() {
+    ! unshare --mount sh -ec "mount --bind /run /run && mount -o remount,bind,ro /run
+      setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
+        curl -fsS --unix-socket /var/run/docker.sock http://docker/_ping"
+  }
+  step "sandbox: the same without the docker group is refused" no_group
+fi
+
+echo "packer: $passed passed, $failed failed"
+[ "$failed" = 0 ]
