@@ -30,7 +30,7 @@ run_tests() { # label, env assignments...
   local label=$1 out="$tmp/$1.out" rc line; shift
   echo "== test.py against $label"
   set +e
-  env "$@" "$python" "$here/test.py" "${test_args[@]}" 2>&1 | tee "$out"
+  env -u TEST_DATABASE_URL "$@" "$python" "$here/test.py" "${test_args[@]}" 2>&1 | tee "$out"
   rc=${PIPESTATUS[0]}
   set -e
   line=$(grep -E '^[a-z]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$out" | tail -n 1 || true)
