@@ -1,0 +1,485 @@
+//! Test fixtures for the agent's integration tests: versioned test images built offline and
+//! pushed to the real local registry, the real `agent` binary with a config of the test's own,
+//! and HTTP helpers. Every name is unique per test run, and everything a test made is removed
+//! when its fixture drops, so leftovers of earlier runs can neither interfere nor accumulate.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const REGISTRY: &str = "127.0.0.1:5000";
+pub const MOTO: &str = "http://127.0.0.1:5055";
+pub const BASE_IMAGE: &str = "skiff-ci/busybox:1";
+
+/// A name no earlier or concurrent run uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!(
+        "skiff-it-{prefix}-{}-{:x}",
+        std::process::id(),
+        nanos & 0xffff_ffff
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Run a command, panic with its output when it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn docker(args: &[&str]) -> String {
+    sh(Command::new("docker").args(args))
+}
+
+/// Check the services the tests need, with a message that says how to get them.
+pub fn require_services() {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", BASE_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "docker engine or image {BASE_IMAGE} missing: run `bash .ci/setup.sh` (or `make test`) first"
+    );
+    assert!(
+        http_get(REGISTRY, "/v2/").is_some(),
+        "no registry on {REGISTRY}: run `bash .ci/setup.sh` first"
+    );
+}
+
+/// One test's world: an app name, an image repository with versioned images, ports, a workdir.
+pub struct Fixture {
+    pub id: String,
+    pub repo: String,
+    pub app_port: u16,
+    pub health_port: u16,
+    pub dir: tempfile::TempDir,
+    images: Vec<String>,
+}
+
+impl Fixture {
+    pub fn new(prefix: &str) -> Fixture {
+        require_services();
+        let id = unique(prefix);
+        let repo = format!("{REGISTRY}/{id}/app");
+        Fixture {
+            repo,
+            app_port: free_port(),
+            health_port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            images: Vec::new(),
+            id,
+        }
+    }
+
+    /// Build `repo:tag` (healthy unless `healthy` is false: no /health page then), push it,
+    /// and return its registry digest.
+    pub fn image(&mut self, tag: &str, healthy: bool) -> String {
+        self.image_in(&self.repo.clone(), tag, healthy)
+    }
+
+    pub fn image_in(&mut self, repo: &str, tag: &str, healthy: bool) -> String {
+        let ctx = self.dir.path().join(format!("ctx-{tag}"));
+        std::fs::create_dir_all(&ctx).expect("ctx");
+        let health = if healthy {
+            format!("echo ok-{tag} > /www/health && ")
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            format!(
+                "FROM {BASE_IMAGE}\n\
+                 RUN mkdir -p /www && {health}echo release-{tag} > /www/index.html\n\
+                 CMD [\"/bin/sh\", \"-c\", \"exec httpd -f -p $PORT -h /www\"]\n"
+            ),
+        )
+        .expect("dockerfile");
+        let reference = format!("{repo}:{tag}");
+        sh(Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", &reference])
+            .arg(&ctx));
+        self.images.push(reference.clone());
+        let out = docker(&["push", &reference]);
+        let digest = out
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no digest in push output: {out}"));
+        digest
+    }
+
+    pub fn release_file(&self) -> PathBuf {
+        self.dir.path().join("release")
+    }
+
+    pub fn set_release(&self, value: &str) {
+        // Write then rename, as an operator's editor would, so the agent never reads half a value.
+        let tmp = self.dir.path().join("release.tmp");
+        std::fs::write(&tmp, value).expect("write release");
+        std::fs::rename(&tmp, self.release_file()).expect("rename release");
+    }
+
+    /// A config for the file source with fast test timings; `extra` is appended to [release].
+    pub fn file_config(&self, update: &str, extra_app: &str) -> String {
+        format!(
+            r#"[app]
+name = "{id}"
+image = "{repo}"
+port = {app_port}
+health_path = "/health"
+start_timeout = "5s"
+stop_timeout = "2s"
+env = {{ GREETING = "hello" }}
+{extra_app}
+[release]
+source = "file"
+file = "{file}"
+poll_interval = "200ms"
+update = "{update}"
+drain = "1s"
+[health]
+listen = "127.0.0.1:{health_port}"
+interval = "200ms"
+"#,
+            id = self.id,
+            repo = self.repo,
+            app_port = self.app_port,
+            file = self.release_file().display(),
+            health_port = self.health_port,
+        )
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let p = self.dir.path().join("agent.toml");
+        std::fs::write(&p, text).expect("config");
+        p
+    }
+
+    pub fn health_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.health_port)
+    }
+
+    pub fn healthz(&self) -> Option<(u16, serde_json::Value)> {
+        http_get(&self.health_addr(), "/healthz")
+            .map(|(code, body)| (code, serde_json::from_str(&body).unwrap_or_default()))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (_, body) = http_get(&self.health_addr(), "/status").expect("status reachable");
+        serde_json::from_str(&body).expect("status json")
+    }
+
+    /// Wait until `/healthz` is 200 for `tag`.
+    pub fn wait_healthy(&self, tag: &str, within: Duration) {
+        wait_for(
+            within,
+            &format!("healthy on {tag}"),
+            || matches!(self.healthz(), Some((200, ref b)) if b["tag"] == tag),
+            || format!("{:#}", self.status_or_null()),
+        );
+    }
+
+    pub fn status_or_null(&self) -> serde_json::Value {
+        http_get(&self.health_addr(), "/status")
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Managed containers of this test: (id, running).
+    pub fn containers(&self) -> Vec<(String, bool)> {
+        let out = docker(&[
+            "ps",
+            "-a",
+            "--no-trunc",
+            "--filter",
+            &format!("label=skiff.app={}", self.id),
+            "--format",
+            "{{.ID}} {{.State}}",
+        ]);
+        out.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(id, state)| (id.to_owned(), state == "running"))
+            .collect()
+    }
+
+    pub fn running_container(&self) -> String {
+        let running: Vec<_> = self.containers().into_iter().filter(|(_, r)| *r).collect();
+        assert_eq!(
+            running.len(),
+            1,
+            "exactly one running container: {running:?}"
+        );
+        running[0].0.clone()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=skiff.app={}", self.id),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+        for img in &self.images {
+            let _ = Command::new("docker").args(["rmi", "-f", img]).output();
+        }
+        // Pulled-by-digest copies carry no tag: remove them by repository.
+        let left = Command::new("docker")
+            .args(["images", "-q", "--no-trunc", &self.repo])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for img in left.split_whitespace() {
+            let _ = Command::new("docker").args(["rmi", "-f", img]).output();
+        }
+    }
+}
+
+/// The real agent binary, its stderr kept in a file for inspection.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> Agent {
+        let log = config.with_file_name(format!(
+            "agent-{}.log",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["run", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn agent");
+        Agent { child, log }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        sh(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `check` until it holds; on timeout panic with `context()`.
+pub fn wait_for(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "timed out after {within:?} waiting for {what}; state:\n{}",
+        context()
+    );
+}
+
+/// A blocking HTTP/1.0 GET: (status, body), or None when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// A TCP forwarder that can be cut: while down, connections are accepted and dropped at once,
+/// which is how an unreachable service looks from the client's side.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        let target = target.to_owned();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut c2, mut s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let (mut c1, mut s1) = (client, server);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut c1, &mut s1);
+                    let _ = s1.shutdown(std::net::Shutdown::Write);
+                });
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port, up }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+}
+
+/// SSM in the moto emulator, through the real AWS SDK.
+pub struct Moto {
+    rt: tokio::runtime::Runtime,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+pub const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+impl Moto {
+    pub fn connect() -> Moto {
+        assert!(
+            http_get("127.0.0.1:5055", "/moto-api/").is_some(),
+            "no moto server on {MOTO}: run `bash .ci/setup.sh` first"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let conf = rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(MOTO)
+                .region(aws_config::Region::new("us-east-1"))
+                .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                    "testing", "testing", None, None, "test",
+                ))
+                .load(),
+        );
+        Moto {
+            ssm: aws_sdk_ssm::Client::new(&conf),
+            rt,
+        }
+    }
+
+    pub fn put(&self, name: &str, value: &str, secure: bool) {
+        let kind = if secure {
+            aws_sdk_ssm::types::ParameterType::SecureString
+        } else {
+            aws_sdk_ssm::types::ParameterType::String
+        };
+        self.rt
+            .block_on(
+                self.ssm
+                    .put_parameter()
+                    .name(name)
+                    .value(value)
+                    .r#type(kind)
+                    .overwrite(true)
+                    .send(),
+            )
+            .expect("put parameter");
+    }
+
+    pub fn delete_path(&self, path: &str) {
+        let out = self.rt.block_on(
+            self.ssm
+                .get_parameters_by_path()
+                .path(path)
+                .recursive(true)
+                .send(),
+        );
+        if let Ok(out) = out {
+            for p in out.parameters.unwrap_or_default() {
+                if let Some(n) = p.name {
+                    let _ = self.rt.block_on(self.ssm.delete_parameter().name(n).send());
+                }
+            }
+        }
+    }
+}
