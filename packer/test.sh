@@ -72,7 +72,9 @@ in_image() { docker run --rm --entrypoint "" "$image" "$@"; }
 say "agent: $agent ($("$agent" --version 2>&1 | head -n1))"
 say "packer $(packer version | head -n1), base image $base, run $run_id"
 
-step "packer fmt: templates are canonical" packer fmt -check -diff "$here" "$here/test"
+# Packer 1.6's fmt takes one folder at a time.
+step "packer fmt: templates are canonical" packer fmt -check -diff "$here"
+step "packer fmt: test template is canonical" packer fmt -check -diff "$here/test"
 # Packer 1.6 reads one file when given one: skiff.pkr.hcl without plugins.pkr.hcl.
 step "packer validate skiff.pkr.hcl" packer validate -var "agent_bin=$agent" "$here/skiff.pkr.hcl"
 step "packer validate test/docker.pkr.hcl" packer validate -var "agent_bin=$agent" \
@@ -101,6 +103,7 @@ if ! docker image inspect "$image" >/dev/null 2>&1; then
 else
   agent_version() { in_image /usr/local/bin/agent --version; }
   step "image: agent --version runs" agent_version
+  # shellcheck disable=SC2016 # expanded in the image, not here
   step "image: agent binary is root-owned 0755" \
     in_image sh -c '[ "$(stat -c %U:%a /usr/local/bin/agent)" = root:755 ]'
   verify_unit() {
@@ -111,6 +114,12 @@ else
     [ "$rc" = 0 ] && ! grep -q 'skiff-agent' "$work/verify.out"
   }
   step "image: systemd-analyze verify skiff-agent.service" verify_unit
+  # ... and the same verify does catch a broken copy (a missing ExecStart binary).
+  # shellcheck disable=SC2016 # expanded in the image, not here
+  step "image: systemd-analyze verify rejects a broken copy" in_image sh -c '
+    sed "s#^ExecStart=.*#ExecStart=/usr/local/bin/no-such-agent run#" \
+      /etc/systemd/system/skiff-agent.service >/etc/systemd/system/broken-agent.service
+    ! systemd-analyze verify /etc/systemd/system/broken-agent.service'
   step "image: docker enabled at boot (multi-user.target.wants)" \
     in_image test -L /etc/systemd/system/multi-user.target.wants/docker.service
   step "image: agent enabled at boot (multi-user.target.wants)" \
@@ -119,6 +128,7 @@ else
     in_image systemctl is-enabled docker.service skiff-agent.service
   step "image: skiff-agent user is in the docker group" \
     in_image sh -c 'id -nG skiff-agent | tr " " "\n" | grep -qx docker'
+  # shellcheck disable=SC2016 # expanded in the image, not here
   step "image: /etc/skiff exists, no config baked in" \
     in_image sh -c '[ "$(stat -c %a /etc/skiff)" = 755 ] && [ ! -e /etc/skiff/agent.toml ]'
   step "image: the unit's ExecStart is the agent's run command" \
