@@ -53,6 +53,7 @@ MAX_SIZE ?=
 INSTANCE_TYPE ?=
 
 export AWS_REGION := $(REGION)
+export AWS_DEFAULT_REGION := $(REGION)
 
 say = printf '[make] %s\n'
 
@@ -157,7 +158,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	  for v in VPC_ID=$(VPC_ID) PUBLIC_SUBNETS=$(PUBLIC_SUBNETS) PRIVATE_SUBNETS=$(PRIVATE_SUBNETS) \
 	           CERTIFICATE_ARN=$(CERTIFICATE_ARN) AMI_ID=$(AMI_ID); do \
 	    [ -n "$${v#*=}" ] || missing+=("$${v%%=*}"); done; \
-	  if ((${#missing[@]})); then \
+	  if (($${#missing[@]})); then \
 	    $(say) "stack $(STACK) does not exist; to create it set: $${missing[*]}" >&2; exit 1; fi; \
 	  $(say) "creating stack $(STACK); its first release is $(HASH)"; \
 	  overrides+=(InitialTag=$(HASH)); \
