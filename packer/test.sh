@@ -49,6 +49,7 @@ fi
 
 work=$(mktemp -d)
 cleanup() {
+  docker container ls -aq --filter "label=skiff-test=$run_id" | xargs -r docker container rm -f >/dev/null 2>&1 || true
   docker image rm -f "$image" >/dev/null 2>&1 || true
   # A build that failed after committing leaves an untagged image carrying the run's label.
   docker image ls -q --filter "label=skiff-test=$run_id" | xargs -r docker image rm -f >/dev/null 2>&1 || true

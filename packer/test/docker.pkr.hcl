@@ -31,6 +31,8 @@ source "docker" "skiff" {
   image  = var.base_image
   pull   = false
   commit = true
+  # Labelled so that packer/test.sh can remove the container even if packer could not.
+  run_command = ["-d", "-i", "-t", "--label", "skiff-test=${var.tag}", "--entrypoint=/bin/sh", "--", "{{.Image}}"]
   changes = [
     "LABEL skiff-test=${var.tag}",
   ]
