@@ -183,7 +183,13 @@ update-stack: ## release TAG to this branch's fleet: ctl release --tag $(TAG) (S
 	@if [ ! -x "$(CTL)" ] && ! command -v "$(CTL)" >/dev/null 2>&1; then \
 	  $(say) "no ctl at $(CTL): build it (cargo build --release -p skiff-ctl) or pass CTL=<path>" >&2; exit 1; fi
 	@$(need_aws)
-	@$(say) "SKIFF_STACK=$(STACK) $(CTL) release --tag $(TAG)"
+	@# ctl resolves the tag in ECR, which takes a token as password (kept out of the output).
+	@if [ -z "$${SKIFF_REGISTRY_PASSWORD:-}" ] && command -v $(AWS) >/dev/null 2>&1; then \
+	  SKIFF_REGISTRY_PASSWORD=$$($(AWS) ecr get-login-password --region $(REGION)) || { \
+	    $(say) "could not get an ECR token (aws ecr get-login-password)" >&2; exit 1; }; \
+	  export SKIFF_REGISTRY_USER=AWS SKIFF_REGISTRY_PASSWORD; \
+	fi; \
+	$(say) "SKIFF_STACK=$(STACK) $(CTL) release --tag $(TAG)"; \
 	SKIFF_STACK=$(STACK) $(CTL) release --tag $(TAG)
 
 .PHONY: ami
