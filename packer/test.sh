@@ -35,17 +35,19 @@ case "$(head -c4 "$agent" | od -An -c | tr -d ' ')" in
   *) say "$agent is not an ELF binary"; echo "packer: 0 passed, 1 failed"; exit 1 ;;
 esac
 
-# Tools: packer and docker come with .ci/setup.sh, shellcheck is this script's own need.
+# Tools: packer and docker come with .ci/setup.sh.
 if ! command -v packer >/dev/null || ! docker version >/dev/null 2>&1 ||
   ! docker image inspect "$base" >/dev/null 2>&1; then
   say "packer, docker or $base missing: running .ci/setup.sh"
   bash "$root/.ci/setup.sh" >&2 || { say "setup failed"; echo "packer: 0 passed, 1 failed"; exit 1; }
 fi
-if ! command -v shellcheck >/dev/null; then
-  say "installing shellcheck"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null; }
-fi
+# Its own needs: the shellcheck and objdump (binutils) commands.
+for tool in shellcheck:shellcheck objdump:binutils; do
+  command -v "${tool%%:*}" >/dev/null && continue
+  say "installing ${tool#*:}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool#*:}" >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tool#*:}" >/dev/null; }
+done
 
 work=$(mktemp -d)
 cleanup() {
@@ -74,6 +76,15 @@ say "agent: $agent ($("$agent" --version 2>&1 | head -n1))"
 say "packer $(packer version | head -n1), base image $base, run $run_id"
 
 # Packer 1.6's fmt takes one folder at a time.
+# The AMI is Amazon Linux 2023, whose glibc is 2.34: a binary built here (Debian 12, glibc 2.36)
+# runs there only if it needs no newer symbol. (A static build needs none.)
+glibc_fits_al2023() {
+  local need
+  need=$(objdump -T "$agent" 2>/dev/null | grep -oE 'GLIBC_[0-9]+\.[0-9]+' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+  echo "highest glibc symbol version the agent needs: ${need:-none}"
+  [ -z "$need" ] || [ "$(printf '%s\n2.34\n' "$need" | sort -V | tail -n1)" = 2.34 ]
+}
+step "agent binary needs glibc <= 2.34 (Amazon Linux 2023)" glibc_fits_al2023
 step "packer fmt: templates are canonical" packer fmt -check -diff "$here"
 step "packer fmt: test template is canonical" packer fmt -check -diff "$here/test"
 # Packer 1.6 reads one file when given one: skiff.pkr.hcl without plugins.pkr.hcl.
