@@ -4,7 +4,9 @@
 # registry on 127.0.0.1:5000 (and one with basic auth on :5001), the moto AWS emulator on
 # 127.0.0.1:5055, and the offline base images the tests build on.
 # Safe to run again: each step checks before it acts. Prints what it does.
+# SKIFF_SETUP=dev installs only what `make dev` needs (Docker, the registry, the base images).
 set -euo pipefail
+mode=${SKIFF_SETUP:-all}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SKIFF_CI_HOME=${SKIFF_CI_HOME:-/var/lib/skiff-ci}
 mkdir -p "$SKIFF_CI_HOME"
@@ -18,8 +20,8 @@ need_root() {
 }
 
 # --- Debian packages -------------------------------------------------------------------------
-pkgs=(docker.io busybox-static docker-registry haproxy wrk debootstrap mariadb-server
-      apache2-utils jq curl packer python3-venv procps iproute2 systemd)
+pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps)
+[ "$mode" = dev ] || pkgs+=(haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,9 +45,11 @@ venv() { # name, packages...
     touch "$stamp"
   fi
 }
-venv moto 'moto[server]==5.*' 'boto3'
-venv lint 'cfn-lint==1.*' 'checkov==3.*'
-venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*'
+if [ "$mode" != dev ]; then
+  venv moto 'moto[server]==5.*' 'boto3'
+  venv lint 'cfn-lint==1.*' 'checkov==3.*'
+  venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*'
+fi
 
 # --- Docker engine --------------------------------------------------------------------------
 if ! docker version >/dev/null 2>&1; then
@@ -94,10 +98,10 @@ YML
   echo "setup: registry on :$port did not start; see $dir/log" >&2; exit 1
 }
 start_registry 5000 no
-start_registry 5001 yes
+[ "$mode" = dev ] || start_registry 5001 yes
 
 # --- moto (AWS API emulator) ---------------------------------------------------------------
-if ! curl -fs -o /dev/null -m 2 http://127.0.0.1:5055/moto-api/; then
+if [ "$mode" != dev ] && ! curl -fs -o /dev/null -m 2 http://127.0.0.1:5055/moto-api/; then
   say "starting moto server on 127.0.0.1:5055"
   nohup "$SKIFF_CI_HOME/venv-moto/bin/moto_server" -H 127.0.0.1 -p 5055 >"$SKIFF_CI_HOME/moto.log" 2>&1 &
   for _ in $(seq 1 60); do curl -fs -o /dev/null -m 1 http://127.0.0.1:5055/moto-api/ && break; sleep 0.5; done
@@ -108,4 +112,4 @@ fi
 for script in "$here"/images/*.sh; do
   [ -e "$script" ] && bash "$script"
 done
-say "ready: docker $(docker version -f '{{.Server.Version}}'), registry :5000 and :5001, moto :5055"
+say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ' and :5001, moto :5055')"

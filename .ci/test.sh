@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole test suite: `make test` runs this, `.ci/run` runs `make test`.
+# Installs and starts what the tests need (.ci/setup.sh, idempotent), then:
+#   Rust: fmt check, clippy -D warnings, unit + integration tests (real Docker engine,
+#         real local registry, moto for AWS, HAProxy for the drain protocol);
+#   app/: unit tests on sqlite and a throwaway MariaDB, and the image built and run;
+#   templates/: cfn-lint, checkov, create/update/delete in moto;
+#   packer/: validate, and the provisioning run with the docker builder;
+#   Jenkinsfile: parsed by Groovy.
+# Ends with one line "tests: N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
+export CARGO_TERM_COLOR=never
+
+bash .ci/setup.sh || { echo "tests: 0 passed, 1 failed (setup)"; exit 1; }
+
+# Leftovers of interrupted earlier runs: test containers are named and labelled skiff-it-*.
+leftovers=$(docker ps -aq --filter name=skiff-it- 2>/dev/null || true)
+[ -n "$leftovers" ] && docker rm -f $leftovers >/dev/null 2>&1 || true
+
+passed=0; failed=0; failures=()
+step() { # name, command...
+  local name=$1; shift
+  local start=$SECONDS
+  printf '\n=== %s\n' "$name"
+  if "$@"; then
+    passed=$((passed + 1)); printf '=== %s: ok (%ss)\n' "$name" $((SECONDS - start))
+  else
+    failed=$((failed + 1)); failures+=("$name"); printf '=== %s: FAILED (%ss)\n' "$name" $((SECONDS - start))
+  fi
+}
+
+step "cargo fmt --check" cargo fmt --all --check
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo test" cargo test --workspace --locked --no-fail-fast
+step "agent release build" cargo build --release --locked -p skiff-agent -p skiff-ctl
+step "app unit tests (sqlite + MariaDB)" bash app/test.sh
+step "app image" bash app/image-test.sh
+step "templates" bash templates/test.sh
+step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
+step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
+
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
+  echo "the tree is not clean after the tests:"; git status --short
+  failed=$((failed + 1)); failures+=("clean tree")
+else
+  passed=$((passed + 1))
+fi
+
+((failed)) && printf 'failed: %s\n' "${failures[*]}"
+echo "tests: $passed passed, $failed failed"
+((failed == 0))
