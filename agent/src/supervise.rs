@@ -177,9 +177,11 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             }
             self.observe().await;
             let action = self.decide();
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = self.execute(action) => {}
+            // Not raced with cancellation: a swap interrupted between stopping the old container
+            // and starting the new one would leave the host with no app. Each step is bounded.
+            self.execute(action).await;
+            if cancel.is_cancelled() {
+                break;
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
