@@ -1,0 +1,506 @@
+//! Instance refreshes of the Auto Scaling Group: start, observe, cancel, and the pure decision
+//! of what a refresh's state means for a release in progress. A running refresh is also the
+//! deploy lock: it ends by itself, so the lock cannot go stale.
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_sdk_autoscaling::Client;
+use aws_sdk_autoscaling::types::{
+    AlarmSpecification, InstanceRefresh, InstanceRefreshStatus, RefreshPreferences, RefreshStrategy,
+};
+use tokio::time::{Instant, sleep};
+
+use crate::aws;
+
+/// The state of one refresh, in our words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RefreshState {
+    Pending,
+    InProgress,
+    Cancelling,
+    Baking,
+    RollbackInProgress,
+    Successful,
+    Failed,
+    Cancelled,
+    RollbackSuccessful,
+    RollbackFailed,
+    Unknown,
+}
+
+impl RefreshState {
+    /// Whether the refresh still holds the group (and so the deploy lock).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            RefreshState::Pending
+                | RefreshState::InProgress
+                | RefreshState::Cancelling
+                | RefreshState::Baking
+                | RefreshState::RollbackInProgress
+        )
+    }
+
+    fn from_sdk(s: Option<&InstanceRefreshStatus>) -> Self {
+        match s {
+            Some(InstanceRefreshStatus::Pending) => RefreshState::Pending,
+            Some(InstanceRefreshStatus::InProgress) => RefreshState::InProgress,
+            Some(InstanceRefreshStatus::Cancelling) => RefreshState::Cancelling,
+            Some(InstanceRefreshStatus::Baking) => RefreshState::Baking,
+            Some(InstanceRefreshStatus::RollbackInProgress) => RefreshState::RollbackInProgress,
+            Some(InstanceRefreshStatus::Successful) => RefreshState::Successful,
+            Some(InstanceRefreshStatus::Failed) => RefreshState::Failed,
+            Some(InstanceRefreshStatus::Cancelled) => RefreshState::Cancelled,
+            Some(InstanceRefreshStatus::RollbackSuccessful) => RefreshState::RollbackSuccessful,
+            Some(InstanceRefreshStatus::RollbackFailed) => RefreshState::RollbackFailed,
+            _ => RefreshState::Unknown,
+        }
+    }
+}
+
+/// One refresh as observed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RefreshInfo {
+    pub id: String,
+    pub state: RefreshState,
+    pub percent: Option<i32>,
+    pub reason: Option<String>,
+    pub instances_to_update: Option<i32>,
+}
+
+impl RefreshInfo {
+    fn from_sdk(r: &InstanceRefresh) -> Self {
+        RefreshInfo {
+            id: r.instance_refresh_id().unwrap_or_default().to_owned(),
+            state: RefreshState::from_sdk(r.status()),
+            percent: r.percentage_complete(),
+            reason: r.status_reason().map(str::to_owned),
+            instances_to_update: r.instances_to_update(),
+        }
+    }
+}
+
+/// How the refresh replaces the fleet. The defaults are fast and safe: a new instance comes up
+/// before an old one goes (100 % / 200 %), every instance is replaced although the launch
+/// template did not change, and the warmup is short because the agent's lifecycle hook gates
+/// real readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshPlan {
+    pub min_healthy: i32,
+    pub max_healthy: i32,
+    pub warmup: Duration,
+    pub checkpoints: Vec<i32>,
+    pub checkpoint_delay: Option<Duration>,
+    pub alarms: Vec<String>,
+}
+
+impl Default for RefreshPlan {
+    fn default() -> Self {
+        RefreshPlan {
+            min_healthy: 100,
+            max_healthy: 200,
+            warmup: Duration::from_secs(30),
+            checkpoints: Vec::new(),
+            checkpoint_delay: None,
+            alarms: Vec::new(),
+        }
+    }
+}
+
+/// Rolls the group's instances.
+pub trait InstanceRefresher {
+    /// The newest refresh of the group, if any.
+    fn latest(&self) -> impl Future<Output = Result<Option<RefreshInfo>, RefreshError>> + Send;
+    /// Start a refresh; returns its id.
+    fn start(
+        &self,
+        plan: &RefreshPlan,
+    ) -> impl Future<Output = Result<String, RefreshError>> + Send;
+    fn describe(&self, id: &str) -> impl Future<Output = Result<RefreshInfo, RefreshError>> + Send;
+    fn cancel(&self) -> impl Future<Output = Result<(), RefreshError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error(
+        "an instance refresh is already running on group {asg}; wait for it (`ctl status`) and retry"
+    )]
+    InProgress { asg: String },
+    #[error("cannot start an instance refresh on group {asg} ({detail})")]
+    Start { asg: String, detail: String },
+    #[error("cannot describe the instance refreshes of group {asg} ({detail})")]
+    Describe { asg: String, detail: String },
+    #[error("instance refresh {id} of group {asg} is not known to Auto Scaling")]
+    Missing { asg: String, id: String },
+    #[error("cannot cancel the instance refresh of group {asg} ({detail})")]
+    Cancel { asg: String, detail: String },
+}
+
+/// [`InstanceRefresher`] over the Auto Scaling API.
+#[derive(Debug, Clone)]
+pub struct AsgRefresher {
+    client: Client,
+    asg: String,
+}
+
+impl AsgRefresher {
+    pub fn new(client: Client, asg: impl Into<String>) -> Self {
+        AsgRefresher {
+            client,
+            asg: asg.into(),
+        }
+    }
+}
+
+impl InstanceRefresher for AsgRefresher {
+    async fn latest(&self) -> Result<Option<RefreshInfo>, RefreshError> {
+        let out = self
+            .client
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&self.asg)
+            .max_records(1)
+            .send()
+            .await
+            .map_err(|e| RefreshError::Describe {
+                asg: self.asg.clone(),
+                detail: aws::describe(&e),
+            })?;
+        Ok(out.instance_refreshes().first().map(RefreshInfo::from_sdk))
+    }
+
+    async fn start(&self, plan: &RefreshPlan) -> Result<String, RefreshError> {
+        let mut prefs = RefreshPreferences::builder()
+            .skip_matching(false)
+            .min_healthy_percentage(plan.min_healthy)
+            .max_healthy_percentage(plan.max_healthy)
+            .instance_warmup(secs(plan.warmup));
+        if !plan.checkpoints.is_empty() {
+            prefs = prefs.set_checkpoint_percentages(Some(plan.checkpoints.clone()));
+        }
+        if let Some(d) = plan.checkpoint_delay {
+            prefs = prefs.checkpoint_delay(secs(d));
+        }
+        if !plan.alarms.is_empty() {
+            prefs = prefs.alarm_specification(
+                AlarmSpecification::builder()
+                    .set_alarms(Some(plan.alarms.clone()))
+                    .build(),
+            );
+        }
+        let out = self
+            .client
+            .start_instance_refresh()
+            .auto_scaling_group_name(&self.asg)
+            .strategy(RefreshStrategy::Rolling)
+            .preferences(prefs.build())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_instance_refresh_in_progress_fault())
+                {
+                    RefreshError::InProgress {
+                        asg: self.asg.clone(),
+                    }
+                } else {
+                    RefreshError::Start {
+                        asg: self.asg.clone(),
+                        detail: aws::describe(&e),
+                    }
+                }
+            })?;
+        out.instance_refresh_id.ok_or_else(|| RefreshError::Start {
+            asg: self.asg.clone(),
+            detail: "the answer carried no refresh id".into(),
+        })
+    }
+
+    async fn describe(&self, id: &str) -> Result<RefreshInfo, RefreshError> {
+        let out = self
+            .client
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&self.asg)
+            .instance_refresh_ids(id)
+            .send()
+            .await
+            .map_err(|e| RefreshError::Describe {
+                asg: self.asg.clone(),
+                detail: aws::describe(&e),
+            })?;
+        out.instance_refreshes()
+            .iter()
+            .find(|r| r.instance_refresh_id() == Some(id))
+            .map(RefreshInfo::from_sdk)
+            .ok_or_else(|| RefreshError::Missing {
+                asg: self.asg.clone(),
+                id: id.to_owned(),
+            })
+    }
+
+    async fn cancel(&self) -> Result<(), RefreshError> {
+        match self
+            .client
+            .cancel_instance_refresh()
+            .auto_scaling_group_name(&self.asg)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already over: nothing to cancel.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_active_instance_refresh_not_found_fault()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(RefreshError::Cancel {
+                asg: self.asg.clone(),
+                detail: aws::describe(&e),
+            }),
+        }
+    }
+}
+
+fn secs(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// What following a refresh should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+/// The follow decision: a refresh's state and how long it has run against the timeout. Pure.
+pub fn judge(state: RefreshState, elapsed: Duration, timeout: Duration) -> Verdict {
+    match state {
+        RefreshState::Successful => Verdict::Succeeded,
+        RefreshState::Failed
+        | RefreshState::Cancelled
+        | RefreshState::RollbackSuccessful
+        | RefreshState::RollbackFailed => Verdict::Failed,
+        RefreshState::Pending
+        | RefreshState::InProgress
+        | RefreshState::Cancelling
+        | RefreshState::Baking
+        | RefreshState::RollbackInProgress
+        | RefreshState::Unknown => {
+            if elapsed >= timeout {
+                Verdict::TimedOut
+            } else {
+                Verdict::Continue
+            }
+        }
+    }
+}
+
+/// How a followed refresh ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FollowEnd {
+    Succeeded(RefreshInfo),
+    Failed(RefreshInfo),
+    TimedOut(RefreshInfo),
+}
+
+/// Consecutive failed observations tolerated before the state counts as unknown.
+const DESCRIBE_ATTEMPTS: u32 = 5;
+
+/// Observe refresh `id` every `poll` until it ends or `timeout` passes, reporting each
+/// observation. Transient describe failures are retried; after several in a row the error is
+/// returned (the state is then unknown).
+pub async fn follow<R: InstanceRefresher>(
+    refresher: &R,
+    id: &str,
+    timeout: Duration,
+    poll: Duration,
+    mut observe: impl FnMut(&RefreshInfo),
+) -> Result<FollowEnd, RefreshError> {
+    let started = Instant::now();
+    let mut failures = 0;
+    loop {
+        let info = match refresher.describe(id).await {
+            Ok(info) => {
+                failures = 0;
+                info
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= DESCRIBE_ATTEMPTS || started.elapsed() >= timeout {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "retrying");
+                sleep(poll).await;
+                continue;
+            }
+        };
+        observe(&info);
+        match judge(info.state, started.elapsed(), timeout) {
+            Verdict::Continue => {}
+            Verdict::Succeeded => return Ok(FollowEnd::Succeeded(info)),
+            Verdict::Failed => return Ok(FollowEnd::Failed(info)),
+            Verdict::TimedOut => return Ok(FollowEnd::TimedOut(info)),
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        sleep(poll.min(left)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn judge_table() {
+        use RefreshState::*;
+        let t = Duration::from_secs(1800);
+        let early = Duration::from_secs(10);
+        let late = Duration::from_secs(1800);
+        let table = [
+            (Pending, early, Verdict::Continue),
+            (InProgress, early, Verdict::Continue),
+            (Baking, early, Verdict::Continue),
+            (Cancelling, early, Verdict::Continue),
+            (RollbackInProgress, early, Verdict::Continue),
+            (Unknown, early, Verdict::Continue),
+            (InProgress, late, Verdict::TimedOut),
+            (Pending, late, Verdict::TimedOut),
+            (Successful, early, Verdict::Succeeded),
+            (Successful, late, Verdict::Succeeded),
+            (Failed, early, Verdict::Failed),
+            (Cancelled, early, Verdict::Failed),
+            (RollbackSuccessful, early, Verdict::Failed),
+            (RollbackFailed, late, Verdict::Failed),
+        ];
+        for (state, elapsed, want) in table {
+            assert_eq!(
+                judge(state, elapsed, t),
+                want,
+                "{state:?} after {elapsed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn active_states_hold_the_lock() {
+        use RefreshState::*;
+        for s in [Pending, InProgress, Cancelling, Baking, RollbackInProgress] {
+            assert!(s.is_active(), "{s:?}");
+        }
+        for s in [
+            Successful,
+            Failed,
+            Cancelled,
+            RollbackSuccessful,
+            RollbackFailed,
+            Unknown,
+        ] {
+            assert!(!s.is_active(), "{s:?}");
+        }
+    }
+
+    /// Answers describe calls from a script, repeating the last answer.
+    struct FakeRefresher {
+        script: Mutex<Vec<Result<RefreshState, ()>>>,
+    }
+
+    impl FakeRefresher {
+        fn new(mut script: Vec<Result<RefreshState, ()>>) -> Self {
+            script.reverse();
+            FakeRefresher {
+                script: Mutex::new(script),
+            }
+        }
+    }
+
+    impl InstanceRefresher for FakeRefresher {
+        async fn latest(&self) -> Result<Option<RefreshInfo>, RefreshError> {
+            Ok(None)
+        }
+        async fn start(&self, _plan: &RefreshPlan) -> Result<String, RefreshError> {
+            Ok("r-1".into())
+        }
+        async fn describe(&self, id: &str) -> Result<RefreshInfo, RefreshError> {
+            let mut s = self.script.lock().expect("lock");
+            let next = if s.len() > 1 {
+                s.pop()
+            } else {
+                s.last().cloned()
+            };
+            match next.expect("script") {
+                Ok(state) => Ok(RefreshInfo {
+                    id: id.into(),
+                    state,
+                    percent: None,
+                    reason: None,
+                    instances_to_update: None,
+                }),
+                Err(()) => Err(RefreshError::Describe {
+                    asg: "g".into(),
+                    detail: "Throttling".into(),
+                }),
+            }
+        }
+        async fn cancel(&self) -> Result<(), RefreshError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_ends_on_success_after_transient_errors() {
+        let f = FakeRefresher::new(vec![
+            Ok(RefreshState::Pending),
+            Err(()),
+            Ok(RefreshState::InProgress),
+            Ok(RefreshState::Successful),
+        ]);
+        let mut seen = 0;
+        let end = follow(
+            &f,
+            "r-1",
+            Duration::from_secs(1800),
+            Duration::from_secs(15),
+            |_| seen += 1,
+        )
+        .await
+        .expect("follow");
+        assert!(matches!(end, FollowEnd::Succeeded(_)), "{end:?}");
+        assert_eq!(seen, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_times_out_at_the_timeout() {
+        let f = FakeRefresher::new(vec![Ok(RefreshState::InProgress)]);
+        let start = Instant::now();
+        let end = follow(
+            &f,
+            "r-1",
+            Duration::from_secs(1800),
+            Duration::from_secs(15),
+            |_| {},
+        )
+        .await
+        .expect("follow");
+        assert!(matches!(end, FollowEnd::TimedOut(_)), "{end:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(1800));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_gives_up_after_repeated_errors() {
+        let f = FakeRefresher::new(vec![Err(())]);
+        let err = follow(
+            &f,
+            "r-1",
+            Duration::from_secs(1800),
+            Duration::from_secs(15),
+            |_| {},
+        )
+        .await
+        .expect_err("unknown");
+        assert!(err.to_string().contains("Throttling"), "{err}");
+    }
+}
