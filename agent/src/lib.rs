@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod config;
 pub mod docker;
+pub mod fleet;
 pub mod health;
 pub mod reconcile;
 pub mod runtime;

@@ -149,7 +149,13 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         SourceConfig::Ssm { parameter } => {
             let sdk = skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await;
             let source = SsmSource::new(aws_sdk_ssm::Client::new(&sdk), parameter.clone());
-            supervise(cfg.clone(), runtime, source, NoFleet, listener, cancel).await
+            let fleet = skiff_agent::fleet::AwsFleet::discover(
+                &skiff_agent::fleet::imds_client(),
+                &sdk,
+                cfg.aws.lifecycle_hook.clone(),
+            )
+            .await;
+            supervise(cfg.clone(), runtime, source, fleet, listener, cancel).await
         }
     }
 }

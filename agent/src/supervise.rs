@@ -691,3 +691,243 @@ fn container_name(app: &str, release: &Release) -> String {
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::random_range(0.9..1.1))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop with fakes and paused time: orchestration only; the adapters are tested against
+    //! the real engine, registry and emulator in `tests/`.
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::runtime::LocalImage;
+
+    #[derive(Debug, Default)]
+    struct World {
+        containers: Vec<ContainerState>,
+        /// Instants at which `start` was called.
+        starts: Vec<Instant>,
+        stops: u32,
+        removes: u32,
+        /// Started containers exit at once.
+        crash_on_start: bool,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct FakeRuntime(Arc<Mutex<World>>);
+
+    impl FakeRuntime {
+        fn world(&self) -> std::sync::MutexGuard<'_, World> {
+            self.0.lock().expect("lock")
+        }
+    }
+
+    impl ContainerRuntime for FakeRuntime {
+        async fn ensure_image(
+            &self,
+            repository: &str,
+            release: &Release,
+            _auth: Option<&RegistryAuth>,
+        ) -> Result<LocalImage, RuntimeError> {
+            Ok(LocalImage {
+                reference: release.image_ref(repository),
+                digest: None,
+                from_cache: false,
+            })
+        }
+        async fn list(&self, _app: &str) -> Result<Vec<ContainerState>, RuntimeError> {
+            Ok(self.world().containers.clone())
+        }
+        async fn is_running(&self, id: &str) -> Result<Option<bool>, RuntimeError> {
+            Ok(self
+                .world()
+                .containers
+                .iter()
+                .find(|c| c.id == id)
+                .map(|c| c.running))
+        }
+        async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+            let mut w = self.world();
+            let id = format!("c{}", w.containers.len());
+            let release = crate::runtime::release_from_labels(&spec.labels).expect("labels");
+            w.containers.push(ContainerState {
+                id: id.clone(),
+                name: spec.name.clone(),
+                release,
+                running: false,
+                created: 0,
+            });
+            Ok(id)
+        }
+        async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+            let mut w = self.world();
+            w.starts.push(Instant::now());
+            let crash = w.crash_on_start;
+            if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
+                c.running = !crash;
+            }
+            Ok(())
+        }
+        async fn stop(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+            let mut w = self.world();
+            w.stops += 1;
+            if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
+                c.running = false;
+            }
+            Ok(())
+        }
+        async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+            let mut w = self.world();
+            w.removes += 1;
+            w.containers.retain(|c| c.id != id);
+            Ok(())
+        }
+    }
+
+    /// Answers the first read with `first`, then with `rest` forever.
+    #[derive(Debug)]
+    struct FakeSource {
+        first: Result<String, SourceError>,
+        rest: Result<String, SourceError>,
+        reads: Mutex<u32>,
+    }
+
+    impl ReleaseSource for FakeSource {
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+        async fn read_release(&self) -> Result<String, SourceError> {
+            let mut n = self.reads.lock().expect("lock");
+            *n += 1;
+            if *n == 1 {
+                self.first.clone()
+            } else {
+                self.rest.clone()
+            }
+        }
+        async fn read_env(&self, _path: &str) -> Result<Vec<(String, String)>, SourceError> {
+            Ok(Vec::new())
+        }
+        async fn read_secret(&self, _name: &str) -> Result<String, SourceError> {
+            Ok(String::new())
+        }
+    }
+
+    fn config(update: &str) -> Arc<Config> {
+        Arc::new(
+            Config::parse(&format!(
+                "[app]\nname='t'\nimage='r/app'\nport=1\nstart_timeout='2s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='{update}'\n[health]\nlisten='127.0.0.1:2'\n"
+            ))
+            .expect("config"),
+        )
+    }
+
+    fn running(tag: &str) -> ContainerState {
+        ContainerState {
+            id: "adopted".into(),
+            name: format!("t-{tag}"),
+            release: Release::new(tag.parse().expect("tag"), None),
+            running: true,
+            created: 1,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_source_never_stops_the_running_container() {
+        let runtime = FakeRuntime::default();
+        runtime.world().containers.push(running("v1"));
+        let unreachable = SourceError::Unreachable {
+            what: "parameter".into(),
+            detail: "connection refused".into(),
+        };
+        let source = FakeSource {
+            first: Ok("v1".into()),
+            rest: Err(unreachable),
+            reads: Mutex::new(0),
+        };
+        let sup = Supervisor::new(config("in-place"), runtime.clone(), source, NoFleet);
+        let state = sup.state();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(600)).await;
+        cancel.cancel();
+        task.await.expect("join");
+
+        let w = runtime.world();
+        assert_eq!((w.stops, w.removes, w.starts.len()), (0, 0, 0), "{w:?}");
+        let snap = state.borrow();
+        assert_eq!(snap.desired.as_ref().map(|d| d.tag.as_str()), Some("v1"));
+        assert!(
+            snap.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("unreachable"))
+        );
+        assert_eq!(
+            snap.running.as_ref().map(|r| r.container_id.as_str()),
+            Some("adopted")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_value_keeps_the_current_release_and_boot_mode_only_reports_stale() {
+        let runtime = FakeRuntime::default();
+        runtime.world().containers.push(running("v1"));
+        let source = FakeSource {
+            first: Ok("v2".into()),
+            rest: Ok("not a tag!".into()),
+            reads: Mutex::new(0),
+        };
+        let sup = Supervisor::new(config("boot"), runtime.clone(), source, NoFleet);
+        let state = sup.state();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(60)).await;
+        cancel.cancel();
+        task.await.expect("join");
+
+        let w = runtime.world();
+        assert_eq!((w.stops, w.starts.len()), (0, 0), "{w:?}");
+        let snap = state.borrow();
+        assert!(snap.stale, "v2 desired, v1 running, boot mode");
+        assert_eq!(snap.desired.as_ref().map(|d| d.tag.as_str()), Some("v2"));
+        assert!(
+            snap.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("rejected") && e.contains("not a tag!"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashing_container_is_restarted_with_capped_exponential_backoff() {
+        let runtime = FakeRuntime::default();
+        {
+            let mut w = runtime.world();
+            let mut c = running("v1");
+            c.running = false;
+            w.containers.push(c);
+            w.crash_on_start = true;
+        }
+        let source = FakeSource {
+            first: Ok("v1".into()),
+            rest: Ok("v1".into()),
+            reads: Mutex::new(0),
+        };
+        let sup = Supervisor::new(config("boot"), runtime.clone(), source, NoFleet);
+        let state = sup.state();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(400)).await;
+        cancel.cancel();
+        task.await.expect("join");
+
+        let starts = runtime.world().starts.clone();
+        let gaps: Vec<u64> = starts.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        // The loop observes once a second, so each gap is the backoff rounded up to a tick.
+        let want = [1, 2, 4, 8, 16, 32, 60, 60];
+        assert!(gaps.len() >= want.len(), "gaps {gaps:?}");
+        for (got, min) in gaps.iter().zip(want) {
+            assert!(*got >= min && *got <= min + 2, "gaps {gaps:?}");
+        }
+        assert_eq!(state.borrow().restart_count as usize, starts.len());
+    }
+}
