@@ -149,12 +149,10 @@ impl Fixture {
             .arg(&ctx));
         self.images.push(reference.clone());
         let out = docker(&["push", &reference]);
-        let digest = out
-            .split_whitespace()
+        out.split_whitespace()
             .find(|w| w.starts_with("sha256:"))
             .map(str::to_owned)
-            .unwrap_or_else(|| panic!("no digest in push output: {out}"));
-        digest
+            .unwrap_or_else(|| panic!("no digest in push output: {out}"))
     }
 
     pub fn release_file(&self) -> PathBuf {
