@@ -56,7 +56,7 @@ async fn fake_imds(instance_id: String) -> (String, Arc<Mutex<Vec<String>>>) {
                 log.lock().expect("lock").push(line.clone());
                 let has_token = req
                     .lines()
-                    .any(|l| l.to_ascii_lowercase() == "x-aws-ec2-metadata-token: tok-123");
+                    .any(|l| l.eq_ignore_ascii_case("x-aws-ec2-metadata-token: tok-123"));
                 let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
                     ["PUT", "/latest/api/token"] => ("200 OK", "tok-123".to_owned()),
                     ["GET", _] if !has_token => ("401 Unauthorized", String::new()),
