@@ -476,6 +476,9 @@ impl Printer {
                 eprintln!("started instance refresh {id} ({purpose:?})")
             }
             Event::Cancelling { id } => eprintln!("cancelling instance refresh {id}"),
+            Event::LockUnknown { detail } => {
+                eprintln!("warning: cannot tell whether a refresh is running: {detail}")
+            }
             Event::RollingBack { reason, to } => {
                 eprintln!("failed: {reason}\nrolling back to {to}")
             }

@@ -73,6 +73,9 @@ pub enum Event {
     Cancelling {
         id: String,
     },
+    LockUnknown {
+        detail: String,
+    },
     RollingBack {
         reason: String,
         to: String,
@@ -171,7 +174,18 @@ where
         .insert("released_by".into(), Value::String(req.released_by.clone()));
 
     // The running refresh is the lock.
-    if let Some(r) = fleet.refresher.latest().await.map_err(ShipError::Lock)?
+    let latest = match fleet.refresher.latest().await {
+        Ok(latest) => latest,
+        // A dry run still shows the plan; it says the lock could not be checked.
+        Err(e) if req.dry_run => {
+            emit(Event::LockUnknown {
+                detail: e.to_string(),
+            });
+            None
+        }
+        Err(e) => return Err(ShipError::Lock(e)),
+    };
+    if let Some(r) = latest
         && r.state.is_active()
     {
         return Err(ShipError::Busy {

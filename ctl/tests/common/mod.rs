@@ -1,0 +1,95 @@
+//! Shared set-up for ctl's integration tests: moto clients, unique names, mocked clients.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client};
+
+pub const MOTO: &str = "http://127.0.0.1:5055";
+
+pub async fn moto_sdk() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(MOTO)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await
+}
+
+/// A name no earlier run used.
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// Run the real `ctl` binary against moto.
+pub fn ctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ctl"))
+        .args(args)
+        .env("AWS_ENDPOINT_URL", MOTO)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("SKIFF_STACK")
+        .env_remove("SKIFF_PARAMETER")
+        .env_remove("SKIFF_ASG")
+        .env_remove("SKIFF_IMAGE")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run ctl")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn docker(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The SDK in use predates `mock_client!`'s test defaults, so mocked clients are assembled here.
+pub fn interceptor(rules: &[&Rule]) -> MockResponseInterceptor {
+    rules.iter().fold(
+        MockResponseInterceptor::new().rule_mode(RuleMode::MatchAny),
+        |i, r| i.with_rule(r),
+    )
+}
+
+pub fn mocked_autoscaling(rules: &[&Rule]) -> aws_sdk_autoscaling::Client {
+    aws_sdk_autoscaling::Client::from_conf(
+        aws_sdk_autoscaling::Config::builder()
+            .with_test_defaults()
+            .http_client(create_mock_http_client())
+            .interceptor(interceptor(rules))
+            .build(),
+    )
+}
+
+pub async fn read_param(ssm: &aws_sdk_ssm::Client, name: &str) -> Option<String> {
+    ssm.get_parameter()
+        .name(name)
+        .send()
+        .await
+        .ok()
+        .and_then(|o| o.parameter)
+        .and_then(|p| p.value)
+}
+
+pub async fn delete_param(ssm: &aws_sdk_ssm::Client, name: &str) {
+    let _ = ssm.delete_parameter().name(name).send().await;
+}
