@@ -74,6 +74,7 @@ pub fn mocked_autoscaling(rules: &[&Rule]) -> aws_sdk_autoscaling::Client {
     aws_sdk_autoscaling::Client::from_conf(
         aws_sdk_autoscaling::Config::builder()
             .with_test_defaults()
+            .region(aws_config::Region::new("us-east-1"))
             .http_client(create_mock_http_client())
             .interceptor(interceptor(rules))
             .build(),

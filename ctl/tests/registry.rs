@@ -1,0 +1,100 @@
+//! Digest resolution against the real local registries: anonymous (:5000) and basic auth
+//! (:5001). Each test pushes its own uniquely named image and removes the local tags.
+
+mod common;
+
+use std::process::Command;
+
+use common::{docker, unique};
+use skiff_ctl::registry::{Credentials, DigestResolver, HttpRegistry, RegistryError};
+use skiff_release::Tag;
+
+/// Push the offline busybox as `<registry>/<unique>/app:v1`; returns the repository and the
+/// digest docker reports.
+fn push(registry: &str) -> (String, String) {
+    let repo = format!("{registry}/{}/app", unique("skiff-ctl-reg"));
+    let image = format!("{repo}:v1");
+    assert!(docker(&["tag", "skiff-ci/busybox:1", &image]), "docker tag");
+    let pushed = docker(&["push", &image]);
+    let digest = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{range .RepoDigests}}{{.}}\n{{end}}",
+            &image,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    docker(&["rmi", &image]);
+    assert!(pushed, "docker push {image}");
+    let digest = digest
+        .lines()
+        .find(|l| l.starts_with(&repo))
+        .and_then(|l| l.split_once('@'))
+        .map(|(_, d)| d.to_owned())
+        .expect("repo digest");
+    (repo, digest)
+}
+
+fn tag(s: &str) -> Tag {
+    s.parse().expect("tag")
+}
+
+#[tokio::test]
+async fn anonymous_registry_resolves_and_reports_unknown_tags() {
+    let (repo, digest) = push("127.0.0.1:5000");
+    let r = HttpRegistry::new(None).expect("client");
+    let got = r.resolve(&repo, &tag("v1")).await.expect("resolve");
+    assert_eq!(got.as_str(), digest);
+    let err = r.resolve(&repo, &tag("v2")).await.expect_err("unknown");
+    assert!(matches!(err, RegistryError::UnknownTag { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn basic_auth_registry_needs_the_credentials() {
+    assert!(
+        docker(&[
+            "login",
+            "127.0.0.1:5001",
+            "-u",
+            "skiff",
+            "-p",
+            "skiff-secret"
+        ]),
+        "docker login"
+    );
+    let (repo, digest) = push("127.0.0.1:5001");
+    let with = HttpRegistry::new(Some(Credentials {
+        user: "skiff".into(),
+        password: "skiff-secret".into(),
+    }))
+    .expect("client");
+    let got = with.resolve(&repo, &tag("v1")).await.expect("resolve");
+    assert_eq!(got.as_str(), digest);
+
+    let without = HttpRegistry::new(None).expect("client");
+    let err = without
+        .resolve(&repo, &tag("v1"))
+        .await
+        .expect_err("denied");
+    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+    let wrong = HttpRegistry::new(Some(Credentials {
+        user: "skiff".into(),
+        password: "wrong".into(),
+    }))
+    .expect("client");
+    let err = wrong.resolve(&repo, &tag("v1")).await.expect_err("denied");
+    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_is_unreachable() {
+    let r = HttpRegistry::new(None).expect("client");
+    let err = r
+        .resolve("127.0.0.1:1/x/app", &tag("v1"))
+        .await
+        .expect_err("down");
+    assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+}
