@@ -34,7 +34,7 @@ step() { # name, command...
 step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test" cargo test --workspace --locked --no-fail-fast
-step "agent release build" cargo build --release --locked -p skiff-agent -p skiff-ctl
+step "agent release build" cargo build --release --locked -p skiff-agent
 step "app unit tests (sqlite + MariaDB)" bash app/test.sh
 step "app image" bash app/image-test.sh
 step "templates" bash templates/test.sh
