@@ -95,6 +95,8 @@ pub struct AwsConfig {
     pub region: Option<String>,
     /// Auto Scaling launch lifecycle hook the agent completes; none means skip.
     pub lifecycle_hook: Option<String>,
+    /// Auto Scaling terminate lifecycle hook the agent completes after draining; none means skip.
+    pub terminate_hook: Option<String>,
 }
 
 impl Config {
@@ -349,10 +351,12 @@ fn read_registry(mut s: Section<'_>) -> Option<RegistryConfig> {
 fn read_aws(mut s: Section<'_>) -> Option<AwsConfig> {
     let region = s.optional("region");
     let lifecycle_hook = s.optional("lifecycle_hook");
+    let terminate_hook = s.optional("terminate_hook");
     s.finish_with(|| {
         Some(AwsConfig {
             region,
             lifecycle_hook,
+            terminate_hook,
         })
     })
 }
@@ -538,6 +542,7 @@ password_parameter = "/app/prod/registry-password"
 [aws]
 region = "eu-west-1"
 lifecycle_hook = "skiff-launch"
+terminate_hook = "skiff-terminate"
 "#,
         )
         .expect("valid");
@@ -551,6 +556,7 @@ lifecycle_hook = "skiff-launch"
         assert_eq!(c.health.interval, Duration::from_millis(500));
         assert_eq!(c.app.env.get("LOG_LEVEL").map(String::as_str), Some("info"));
         assert_eq!(c.aws.lifecycle_hook.as_deref(), Some("skiff-launch"));
+        assert_eq!(c.aws.terminate_hook.as_deref(), Some("skiff-terminate"));
         assert!(!c.is_local());
     }
 

@@ -47,11 +47,15 @@ pub enum FleetError {
 struct OnEc2 {
     instance_id: String,
     hook: Option<String>,
+    terminate_hook: Option<String>,
+    /// For the target lifecycle state; `None` in tests that give the identity directly.
+    imds: Option<imds::Client>,
     ec2: aws_sdk_ec2::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     group: Mutex<Option<String>>,
     tagged: Mutex<Option<Tag>>,
     hook_done: AtomicBool,
+    terminate_done: AtomicBool,
 }
 
 /// [`Fleet`] over EC2 and Auto Scaling.
@@ -77,7 +81,12 @@ impl AwsFleet {
 
     /// Ask IMDSv2 who this host is; on failure log once and return a disabled fleet.
     /// `sdk` supplies credentials and endpoints; the region from IMDS applies when it has none.
-    pub async fn discover(imds: &imds::Client, sdk: &SdkConfig, hook: Option<String>) -> Self {
+    pub async fn discover(
+        imds: &imds::Client,
+        sdk: &SdkConfig,
+        hook: Option<String>,
+        terminate_hook: Option<String>,
+    ) -> Self {
         match Self::identify(imds).await {
             Ok((instance_id, region)) => {
                 tracing::info!(instance = %instance_id, %region, "on EC2: fleet duties enabled");
@@ -95,7 +104,12 @@ impl AwsFleet {
                         .region(region)
                         .build(),
                 );
-                Self::with_clients(instance_id, ec2, autoscaling, hook)
+                let mut fleet = Self::with_clients(instance_id, ec2, autoscaling, hook);
+                if let Some(on) = fleet.on_ec2.as_mut() {
+                    on.terminate_hook = terminate_hook;
+                    on.imds = Some(imds.clone());
+                }
+                fleet
             }
             Err(e) => {
                 tracing::warn!(error = %e, "not on EC2 (or metadata disabled): no instance tag, no lifecycle hook");
@@ -115,13 +129,26 @@ impl AwsFleet {
             on_ec2: Some(OnEc2 {
                 instance_id,
                 hook,
+                terminate_hook: None,
+                imds: None,
                 ec2,
                 autoscaling,
                 group: Mutex::new(None),
                 tagged: Mutex::new(None),
                 hook_done: AtomicBool::new(false),
+                terminate_done: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Also complete `hook` (a terminate lifecycle hook) once drained for termination, and
+    /// read the target lifecycle state from `imds`.
+    pub fn with_termination(mut self, hook: Option<String>, imds: imds::Client) -> Self {
+        if let Some(on) = self.on_ec2.as_mut() {
+            on.terminate_hook = hook;
+            on.imds = Some(imds);
+        }
+        self
     }
 
     pub fn instance_id(&self) -> Option<&str> {
@@ -265,12 +292,17 @@ impl OnEc2 {
         Ok(name)
     }
 
-    /// Complete the launch hook once per boot.
-    async fn complete(&self, result: &'static str) -> Result<(), FleetError> {
-        let Some(hook) = &self.hook else {
+    /// Complete `hook` once per boot (`done` remembers).
+    async fn complete(
+        &self,
+        hook: Option<&String>,
+        done: &AtomicBool,
+        result: &'static str,
+    ) -> Result<(), FleetError> {
+        let Some(hook) = hook else {
             return Ok(());
         };
-        if self.hook_done.swap(true, Ordering::SeqCst) {
+        if done.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         let group = self.group().await?;
@@ -318,7 +350,10 @@ impl Fleet for AwsFleet {
         if let Err(e) = on.tag(&release.tag).await {
             tracing::warn!(error = %e, tag = %release.tag, "could not tag the instance; ctl status will not show its release");
         }
-        if let Err(e) = on.complete("CONTINUE").await {
+        if let Err(e) = on
+            .complete(on.hook.as_ref(), &on.hook_done, "CONTINUE")
+            .await
+        {
             tracing::error!(error = %e, "could not complete the launch lifecycle hook; Auto Scaling decides at the hook timeout");
         }
     }
@@ -326,8 +361,39 @@ impl Fleet for AwsFleet {
     async fn release_failed(&self, release: &Release) {
         let Some(on) = &self.on_ec2 else { return };
         tracing::warn!(tag = %release.tag, "release cannot start here: abandoning the launch");
-        if let Err(e) = on.complete("ABANDON").await {
+        if let Err(e) = on
+            .complete(on.hook.as_ref(), &on.hook_done, "ABANDON")
+            .await
+        {
             tracing::error!(error = %e, "could not complete the launch lifecycle hook with ABANDON");
+        }
+    }
+
+    /// Auto Scaling sets the target lifecycle state to `Terminated` when it terminates the
+    /// instance (a terminate hook then holds it in Terminating:Wait until the agent is drained).
+    async fn termination_pending(&self) -> bool {
+        let Some(imds) = self.on_ec2.as_ref().and_then(|o| o.imds.as_ref()) else {
+            return false;
+        };
+        match imds
+            .get("/latest/meta-data/autoscaling/target-lifecycle-state")
+            .await
+        {
+            Ok(state) => state.as_ref().trim() == "Terminated",
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the target lifecycle state");
+                false
+            }
+        }
+    }
+
+    async fn drained(&self) {
+        let Some(on) = &self.on_ec2 else { return };
+        if let Err(e) = on
+            .complete(on.terminate_hook.as_ref(), &on.terminate_done, "CONTINUE")
+            .await
+        {
+            tracing::error!(error = %e, "could not complete the terminate lifecycle hook; Auto Scaling goes on at the hook timeout");
         }
     }
 }

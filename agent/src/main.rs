@@ -153,6 +153,7 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 &skiff_agent::fleet::imds_client(),
                 &sdk,
                 cfg.aws.lifecycle_hook.clone(),
+                cfg.aws.terminate_hook.clone(),
             )
             .await;
             supervise(cfg.clone(), runtime, source, fleet, listener, cancel).await

@@ -29,6 +29,8 @@ const START_PROBE_EVERY: Duration = Duration::from_millis(10);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Longest wait between retries of a failed deploy.
 const DEPLOY_RETRY_CAP: Duration = Duration::from_secs(60);
+/// How often the fleet is asked whether this host is being terminated.
+const TERMINATION_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// What the fleet is told about this host (instance tag, lifecycle hook). Local mode uses
 /// [`NoFleet`].
@@ -37,6 +39,10 @@ pub trait Fleet: Send + Sync + 'static {
     fn release_healthy(&self, release: &Release) -> impl Future<Output = ()> + Send;
     /// The release could not be started on this host and nothing else serves.
     fn release_failed(&self, release: &Release) -> impl Future<Output = ()> + Send;
+    /// The fleet is terminating this host (e.g. a scale-in or an instance refresh).
+    fn termination_pending(&self) -> impl Future<Output = bool> + Send;
+    /// The host has drained for termination: let the termination proceed.
+    fn drained(&self) -> impl Future<Output = ()> + Send;
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,6 +51,10 @@ pub struct NoFleet;
 impl Fleet for NoFleet {
     async fn release_healthy(&self, _release: &Release) {}
     async fn release_failed(&self, _release: &Release) {}
+    async fn termination_pending(&self) -> bool {
+        false
+    }
+    async fn drained(&self) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +89,9 @@ pub struct Supervisor<R, S, F> {
     next_poll: Instant,
     deploy_failures: u32,
     next_deploy: Instant,
+    /// Drained for termination: the host serves no new release and reports draining.
+    terminating: bool,
+    next_termination_check: Instant,
 }
 
 impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
@@ -106,6 +119,8 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             next_poll: now,
             deploy_failures: 0,
             next_deploy: now,
+            terminating: false,
+            next_termination_check: now,
         }
     }
 
@@ -176,7 +191,19 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 self.poll().await;
             }
             self.observe().await;
+            if !self.terminating && Instant::now() >= self.next_termination_check {
+                self.next_termination_check = Instant::now() + TERMINATION_CHECK_EVERY;
+                if self.fleet.termination_pending().await {
+                    self.drain_for_termination().await;
+                }
+            }
             let action = self.decide();
+            // A host on its way out keeps its app running (restarts included) but takes no
+            // new release.
+            let action = match action {
+                Action::Deploy(_) | Action::Replace(_) if self.terminating => Action::Keep,
+                other => other,
+            };
             // Not raced with cancellation: a swap interrupted between stopping the old container
             // and starting the new one would leave the host with no app. Each step is bounded.
             self.execute(action).await;
@@ -188,7 +215,25 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 _ = sleep(OBSERVE_EVERY) => {}
             }
         }
+        // SIGTERM while the fleet terminates the host: drain first, so the load balancer stops
+        // sending before the app goes away with the instance.
+        if !self.terminating && self.fleet.termination_pending().await {
+            self.drain_for_termination().await;
+        }
         tracing::info!("agent stopping; the app container keeps running");
+    }
+
+    async fn drain_for_termination(&mut self) {
+        let drain = self.cfg.release.drain;
+        tracing::info!(
+            drain_ms = drain.as_millis() as u64,
+            "this host is being terminated: draining"
+        );
+        self.publish(|s| s.draining = true);
+        sleep(drain).await;
+        self.terminating = true;
+        self.fleet.drained().await;
+        tracing::info!("drained for termination");
     }
 
     fn decide(&mut self) -> Action {
@@ -929,5 +974,96 @@ mod tests {
             assert!(*got >= min && *got <= min + 2, "gaps {gaps:?}");
         }
         assert_eq!(state.borrow().restart_count as usize, starts.len());
+    }
+
+    /// Reports termination from `pending_after` on; records when `drained` was called.
+    #[derive(Debug)]
+    struct FakeFleet {
+        pending_after: Instant,
+        drained_at: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl Fleet for FakeFleet {
+        async fn release_healthy(&self, _release: &Release) {}
+        async fn release_failed(&self, _release: &Release) {}
+        async fn termination_pending(&self) -> bool {
+            Instant::now() >= self.pending_after
+        }
+        async fn drained(&self) {
+            self.drained_at.lock().expect("lock").push(Instant::now());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn termination_drains_once_keeps_the_app_and_takes_no_new_release() {
+        let runtime = FakeRuntime::default();
+        runtime.world().containers.push(running("v1"));
+        let source = FakeSource {
+            first: Ok("v1".into()),
+            rest: Ok("v2".into()),
+            reads: Mutex::new(0),
+        };
+        let start = Instant::now();
+        let drained_at = Arc::new(Mutex::new(Vec::new()));
+        let fleet = FakeFleet {
+            pending_after: start + Duration::from_secs(5),
+            drained_at: drained_at.clone(),
+        };
+        let sup = Supervisor::new(config("in-place"), runtime.clone(), source, fleet);
+        let state = sup.state();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(120)).await;
+        assert!(state.borrow().draining, "draining for termination");
+        cancel.cancel();
+        task.await.expect("join");
+
+        let drained = drained_at.lock().expect("lock").clone();
+        assert_eq!(drained.len(), 1, "drained once: {drained:?}");
+        // checked every 5 s, then the 15 s default drain
+        assert!(
+            drained[0] - start >= Duration::from_secs(20),
+            "{:?}",
+            drained[0] - start
+        );
+        let w = runtime.world();
+        assert_eq!(
+            (w.stops, w.starts.len()),
+            (0, 0),
+            "v2 is not deployed, v1 not stopped: {w:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigterm_while_terminating_drains_before_stopping() {
+        let runtime = FakeRuntime::default();
+        runtime.world().containers.push(running("v1"));
+        let source = FakeSource {
+            first: Ok("v1".into()),
+            rest: Ok("v1".into()),
+            reads: Mutex::new(0),
+        };
+        let drained_at = Arc::new(Mutex::new(Vec::new()));
+        // Pending only from 2 s on: the periodic check at start saw nothing.
+        let fleet = FakeFleet {
+            pending_after: Instant::now() + Duration::from_secs(2),
+            drained_at: drained_at.clone(),
+        };
+        let sup = Supervisor::new(config("boot"), runtime.clone(), source, fleet);
+        let state = sup.state();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(3)).await;
+        let signalled = Instant::now();
+        cancel.cancel();
+        task.await.expect("join");
+        let drained = drained_at.lock().expect("lock").clone();
+        assert_eq!(drained.len(), 1);
+        assert!(
+            drained[0] - signalled >= Duration::from_secs(15),
+            "drained for the full drain time"
+        );
+        assert!(state.borrow().draining);
+        assert_eq!(runtime.world().stops, 0, "the app keeps running");
     }
 }

@@ -29,6 +29,14 @@ async fn moto_sdk() -> aws_config::SdkConfig {
 /// A tiny IMDSv2: answers the token PUT, and GETs only with that token. Returns its URL and
 /// the request lines it saw.
 async fn fake_imds(instance_id: String) -> (String, Arc<Mutex<Vec<String>>>) {
+    fake_imds_in(instance_id, Arc::new(Mutex::new("InService".into()))).await
+}
+
+/// As [`fake_imds`], also serving the target lifecycle state held in `lifecycle`.
+async fn fake_imds_in(
+    instance_id: String,
+    lifecycle: Arc<Mutex<String>>,
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -42,6 +50,7 @@ async fn fake_imds(instance_id: String) -> (String, Arc<Mutex<Vec<String>>>) {
             };
             let id = instance_id.clone();
             let log = log.clone();
+            let state = lifecycle.lock().expect("lock").clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut n = 0;
@@ -64,6 +73,10 @@ async fn fake_imds(instance_id: String) -> (String, Arc<Mutex<Vec<String>>>) {
                     ["GET", "/latest/meta-data/placement/region"] => {
                         ("200 OK", "us-east-1".to_owned())
                     }
+                    [
+                        "GET",
+                        "/latest/meta-data/autoscaling/target-lifecycle-state",
+                    ] => ("200 OK", state),
                     _ => ("404 Not Found", String::new()),
                 };
                 let resp = format!(
@@ -110,7 +123,7 @@ async fn tags_its_own_instance_in_moto_ec2() {
         .endpoint(&url)
         .expect("endpoint")
         .build();
-    let fleet = AwsFleet::discover(&imds, &sdk, None).await;
+    let fleet = AwsFleet::discover(&imds, &sdk, None, None).await;
     assert_eq!(fleet.instance_id(), Some(id.as_str()));
     assert!(
         seen.lock().expect("lock")[0].starts_with("PUT /latest/api/token"),
@@ -153,7 +166,7 @@ async fn no_imds_means_no_fleet_duties() {
         .expect("endpoint")
         .max_attempts(1)
         .build();
-    let fleet = AwsFleet::discover(&imds, &moto_sdk().await, Some("hook".into())).await;
+    let fleet = AwsFleet::discover(&imds, &moto_sdk().await, Some("hook".into()), None).await;
     assert_eq!(fleet.instance_id(), None);
     fleet.release_healthy(&release("v1")).await;
     fleet.release_failed(&release("v1")).await;
@@ -195,15 +208,14 @@ fn mocked_fleet(results: Arc<Mutex<Vec<String>>>) -> (AwsFleet, Rule) {
         });
     let complete = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
         .match_requests(|r| {
-            r.auto_scaling_group_name() == Some("app-asg")
-                && r.lifecycle_hook_name() == Some("skiff-launch")
-                && r.instance_id() == Some("i-1")
+            r.auto_scaling_group_name() == Some("app-asg") && r.instance_id() == Some("i-1")
         })
         .then_compute_output(move |r| {
-            results
-                .lock()
-                .expect("lock")
-                .push(r.lifecycle_action_result().unwrap_or_default().to_owned());
+            results.lock().expect("lock").push(format!(
+                "{}:{}",
+                r.lifecycle_hook_name().unwrap_or_default(),
+                r.lifecycle_action_result().unwrap_or_default()
+            ));
             CompleteLifecycleActionOutput::builder().build()
         });
     let autoscaling = aws_sdk_autoscaling::Client::from_conf(
@@ -224,7 +236,10 @@ async fn healthy_completes_the_launch_hook_once_with_continue() {
     fleet.release_healthy(&release("v1")).await;
     fleet.release_healthy(&release("v2")).await;
     fleet.release_failed(&release("v3")).await;
-    assert_eq!(*results.lock().expect("lock"), vec!["CONTINUE".to_owned()]);
+    assert_eq!(
+        *results.lock().expect("lock"),
+        vec!["skiff-launch:CONTINUE".to_owned()]
+    );
     assert_eq!(complete.num_calls(), 1);
 }
 
@@ -234,5 +249,31 @@ async fn a_release_that_cannot_start_abandons_the_launch() {
     let (fleet, _complete) = mocked_fleet(results.clone());
     fleet.release_failed(&release("v1")).await;
     fleet.release_failed(&release("v1")).await;
-    assert_eq!(*results.lock().expect("lock"), vec!["ABANDON".to_owned()]);
+    assert_eq!(
+        *results.lock().expect("lock"),
+        vec!["skiff-launch:ABANDON".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn termination_is_read_from_imds_and_the_terminate_hook_completed_once_drained() {
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let (fleet, _complete) = mocked_fleet(results.clone());
+    let lifecycle = Arc::new(Mutex::new("InService".to_owned()));
+    let (url, _seen) = fake_imds_in("i-1".into(), lifecycle.clone()).await;
+    let imds = aws_config::imds::Client::builder()
+        .endpoint(&url)
+        .expect("endpoint")
+        .build();
+    let fleet = fleet.with_termination(Some("skiff-terminate".into()), imds);
+
+    assert!(!fleet.termination_pending().await, "in service");
+    *lifecycle.lock().expect("lock") = "Terminated".into();
+    assert!(fleet.termination_pending().await, "being terminated");
+    fleet.drained().await;
+    fleet.drained().await;
+    assert_eq!(
+        *results.lock().expect("lock"),
+        vec!["skiff-terminate:CONTINUE".to_owned()]
+    );
 }
