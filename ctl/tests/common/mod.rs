@@ -1,6 +1,8 @@
 //! Shared set-up for ctl's integration tests: moto clients, unique names, mocked clients.
 #![allow(dead_code)]
 
+pub mod fake_autoscaling;
+
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,8 +32,15 @@ pub fn unique(prefix: &str) -> String {
 
 /// Run the real `ctl` binary against moto.
 pub fn ctl(args: &[&str]) -> Output {
+    ctl_env(args, &[])
+}
+
+/// Run the real `ctl` binary against moto with extra environment, e.g.
+/// `AWS_ENDPOINT_URL_AUTO_SCALING` to send Auto Scaling to a fake.
+pub fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ctl"))
         .args(args)
+        .envs(env.iter().copied())
         .env("AWS_ENDPOINT_URL", MOTO)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")

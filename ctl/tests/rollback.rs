@@ -1,0 +1,199 @@
+//! `ctl rollback` through the real binary and the same path as `ctl release`: the parameter
+//! and its history in moto's SSM, Auto Scaling scripted by the fake (moto has no instance
+//! refreshes). Each case checks the exit code and the parameter afterwards.
+
+mod common;
+
+use common::fake_autoscaling::{FakeAutoScaling, Script};
+use common::*;
+use skiff_release::Release;
+
+/// A release record whose digest is `c` repeated.
+fn record(tag: &str, c: char) -> String {
+    format!(
+        r#"{{"tag":"{tag}","digest":"sha256:{}","released_by":"ci"}}"#,
+        c.to_string().repeat(64)
+    )
+}
+
+/// A fresh parameter whose history is `values`, oldest first.
+async fn seed(values: &[String]) -> (aws_sdk_ssm::Client, String) {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("rollback"));
+    for v in values {
+        ssm.put_parameter()
+            .name(&param)
+            .value(v)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .expect("seed");
+    }
+    (ssm, param)
+}
+
+/// `ctl rollback EXTRA...` with Auto Scaling answered by `fake`. The image is unreachable on
+/// purpose: a rollback pins a recorded digest and must not need the registry.
+fn rollback(fake: &FakeAutoScaling, param: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--parameter",
+        param,
+        "--asg",
+        "app-asg",
+        "--image",
+        "127.0.0.1:1/none/app",
+        "rollback",
+        "--released-by",
+        "rollback-test",
+        "--poll",
+        "10ms",
+        "--timeout",
+        "30s",
+    ];
+    args.extend_from_slice(extra);
+    ctl_env(&args, &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)])
+}
+
+#[tokio::test]
+async fn rollback_releases_the_chosen_record_from_the_history() {
+    let cases: &[(&str, Vec<String>, &[&str], String)] = &[
+        (
+            "previous release",
+            vec![record("v1", 'a'), record("v2", 'b'), record("v3", 'c')],
+            &[],
+            record("v2", 'b'),
+        ),
+        (
+            "re-releases of the current tag are skipped",
+            vec![record("v1", 'a'), record("v2", 'b'), record("v2", 'c')],
+            &[],
+            record("v1", 'a'),
+        ),
+        (
+            "--to picks the newest record with that tag",
+            vec![
+                record("v1", 'a'),
+                record("v2", 'b'),
+                record("v1", 'd'),
+                "not a release {".into(),
+                record("v3", 'c'),
+            ],
+            &["--to", "v1"],
+            record("v1", 'd'),
+        ),
+    ];
+    for (name, history, extra, want) in cases {
+        let (ssm, param) = seed(history).await;
+        let fake = FakeAutoScaling::start(Script {
+            before: Some("Successful"),
+            refreshes: vec![vec!["Pending", "InProgress", "Successful"]],
+            ..Script::default()
+        });
+        let out = rollback(&fake, &param, extra);
+        let value = read_param(&ssm, &param).await.expect("value");
+        delete_param(&ssm, &param).await;
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}: {t}");
+        let now = Release::parse(&value).expect("record");
+        let want = Release::parse(want).expect("want");
+        assert_eq!(now.tag, want.tag, "{name}: {t}");
+        assert_eq!(
+            now.digest, want.digest,
+            "{name}: the recorded digest is pinned again"
+        );
+        assert_eq!(now.meta_str("released_by"), Some("rollback-test"), "{name}");
+        assert!(now.meta_str("released_at").is_some(), "{name}");
+        let seen = fake.seen();
+        assert_eq!(seen.starts.len(), 1, "{name}: {:?}", seen.actions);
+        assert_eq!(
+            seen.starts[0]
+                .get("Preferences.SkipMatching")
+                .map(String::as_str),
+            Some("false"),
+            "{name}: every instance is replaced"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failed_rollback_refresh_puts_the_current_record_back_and_exits_1() {
+    let before = record("v2", 'b');
+    let (ssm, param) = seed(&[record("v1", 'a'), before.clone()]).await;
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["InProgress", "Failed"], vec!["Successful"]],
+        ..Script::default()
+    });
+    let out = rollback(&fake, &param, &[]);
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("rolled back"), "{t}");
+    assert_eq!(
+        Release::parse(&value).expect("record"),
+        Release::parse(&before).expect("before"),
+        "the record from before the rollback is back: {t}"
+    );
+    assert_eq!(fake.seen().starts.len(), 2, "{t}");
+}
+
+struct Refusal {
+    name: &'static str,
+    history: Vec<String>,
+    args: &'static [&'static str],
+    /// State of the group's newest refresh.
+    before: Option<&'static str>,
+    code: i32,
+    needle: &'static str,
+}
+
+#[tokio::test]
+async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
+    let cases = [
+        Refusal {
+            name: "unknown --to tag",
+            history: vec![record("v1", 'a'), record("v2", 'b')],
+            args: &["--to", "v9"],
+            before: None,
+            code: 2,
+            needle: "not in the release history",
+        },
+        Refusal {
+            name: "no earlier release",
+            history: vec![record("v1", 'a'), record("v1", 'b')],
+            args: &[],
+            before: None,
+            code: 2,
+            needle: "no earlier release",
+        },
+        Refusal {
+            name: "a refresh is running",
+            history: vec![record("v1", 'a'), record("v2", 'b')],
+            args: &[],
+            before: Some("InProgress"),
+            code: 4,
+            needle: "another release is in progress",
+        },
+    ];
+    for c in &cases {
+        let (ssm, param) = seed(&c.history).await;
+        let fake = FakeAutoScaling::start(Script {
+            before: c.before,
+            refreshes: vec![vec!["Successful"]],
+            ..Script::default()
+        });
+        let out = rollback(&fake, &param, c.args);
+        let value = read_param(&ssm, &param).await;
+        delete_param(&ssm, &param).await;
+        let (name, t) = (c.name, text(&out));
+        assert_eq!(out.status.code(), Some(c.code), "{name}: {t}");
+        assert!(t.contains(c.needle), "{name}: {t}");
+        assert_eq!(
+            value.as_ref(),
+            c.history.last(),
+            "{name}: parameter changed"
+        );
+        assert_eq!(fake.seen().starts.len(), 0, "{name}");
+    }
+}
