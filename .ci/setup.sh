@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts, idempotently, everything skiff's tests need on a fresh Debian 12 machine:
 # Debian packages, the Python tools (in venvs under $SKIFF_CI_HOME), a Docker engine, a local
-# registry on 127.0.0.1:5000 (and one with basic auth on :5001), the moto AWS emulator on
-# 127.0.0.1:5055, and the offline base images the tests build on.
+# registry on 127.0.0.1:5000 (one with basic auth on :5001, one with token auth on :5002), the
+# moto AWS emulator on 127.0.0.1:5055, and the offline base images the tests build on.
 # Safe to run again: each step checks before it acts. Prints what it does.
 # SKIFF_SETUP=dev installs only what `make dev` needs (Docker, the registry, the base images).
 set -euo pipefail
@@ -21,7 +21,7 @@ need_root() {
 
 # --- Debian packages -------------------------------------------------------------------------
 pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps)
-[ "$mode" = dev ] || pkgs+=(haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
+[ "$mode" = dev ] || pkgs+=(openssl haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,12 +61,12 @@ if ! docker version >/dev/null 2>&1; then
 fi
 
 # --- Local registries ----------------------------------------------------------------------
-start_registry() { # port, auth(yes/no)
-  local port=$1 auth=$2 dir="$SKIFF_CI_HOME/registry-$1"
+start_registry() { # port, auth(no/yes/token), port whose storage to serve (default: its own)
+  local port=$1 auth=$2 dir="$SKIFF_CI_HOME/registry-$1" data="$SKIFF_CI_HOME/registry-${3:-$1}/data"
   if curl -fs -o /dev/null -m 2 "http://127.0.0.1:$port/v2/" || curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" | grep -q 401; then
     return
   fi
-  mkdir -p "$dir/data"
+  mkdir -p "$dir" "$data"
   local authcfg=""
   if [ "$auth" = yes ]; then
     htpasswd -Bbn skiff skiff-secret >"$dir/htpasswd"
@@ -75,13 +75,27 @@ start_registry() { # port, auth(yes/no)
     realm: skiff-test
     path: $dir/htpasswd"
   fi
+  if [ "$auth" = token ]; then
+    # No token service runs here: ctl's registry test serves the realm on :5003 while it runs
+    # and signs its tokens with this key, whose certificate the registry trusts.
+    if [ ! -s "$dir/token.crt" ] || [ ! -s "$dir/token.key" ]; then
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=skiff-test-token \
+        -keyout "$dir/token.key" -out "$dir/token.crt" 2>/dev/null
+    fi
+    authcfg="auth:
+  token:
+    realm: http://127.0.0.1:5003/token
+    service: skiff-registry
+    issuer: skiff-test-token
+    rootcertbundle: $dir/token.crt"
+  fi
   cat >"$dir/config.yml" <<YML
 version: 0.1
 log:
   level: warn
 storage:
   filesystem:
-    rootdirectory: $dir/data
+    rootdirectory: $data
   delete:
     enabled: true
 http:
@@ -99,6 +113,8 @@ YML
 }
 start_registry 5000 no
 [ "$mode" = dev ] || start_registry 5001 yes
+# Token auth in front of :5000's storage: images pushed there anonymously are served here.
+[ "$mode" = dev ] || start_registry 5002 token 5000
 
 # --- moto (AWS API emulator) ---------------------------------------------------------------
 if [ "$mode" != dev ] && ! curl -fs -o /dev/null -m 2 http://127.0.0.1:5055/moto-api/; then
@@ -112,4 +128,4 @@ fi
 for script in "$here"/images/*.sh; do
   [ -e "$script" ] && bash "$script"
 done
-say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ' and :5001, moto :5055')"
+say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ', :5001, :5002, moto :5055')"

@@ -5,6 +5,7 @@ mod common;
 
 use std::process::Command;
 
+use common::token_service::{SERVICE, TokenService};
 use common::{docker, unique};
 use skiff_ctl::registry::{Credentials, DigestResolver, HttpRegistry, RegistryError};
 use skiff_release::Tag;
@@ -97,4 +98,52 @@ async fn a_registry_that_is_down_is_unreachable() {
         .await
         .expect_err("down");
     assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn bearer_token_registry_resolves_through_the_challenge_flow() {
+    let tokens = TokenService::start();
+    // :5002 serves :5000's storage behind token auth (see .ci/setup.sh).
+    let (pushed, digest) = push("127.0.0.1:5000");
+    let repo = pushed.replacen("127.0.0.1:5000", "127.0.0.1:5002", 1);
+    let path = repo.split_once('/').map(|(_, p)| p).expect("path");
+
+    let with = HttpRegistry::new(Some(Credentials {
+        user: "skiff".into(),
+        password: "skiff-secret".into(),
+    }))
+    .expect("client");
+    let got = with.resolve(&repo, &tag("v1")).await.expect("resolve");
+    assert_eq!(got.as_str(), digest);
+    let err = with.resolve(&repo, &tag("v2")).await.expect_err("unknown");
+    assert!(matches!(err, RegistryError::UnknownTag { .. }), "{err}");
+
+    let without = HttpRegistry::new(None).expect("client");
+    let err = without
+        .resolve(&repo, &tag("v1"))
+        .await
+        .expect_err("denied");
+    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+    let wrong = HttpRegistry::new(Some(Credentials {
+        user: "skiff".into(),
+        password: "wrong".into(),
+    }))
+    .expect("client");
+    let err = wrong.resolve(&repo, &tag("v1")).await.expect_err("denied");
+    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+
+    let seen = tokens.seen();
+    assert_eq!(
+        seen.iter().map(|r| r.granted).collect::<Vec<_>>(),
+        [true, true, false, false],
+        "{seen:?}"
+    );
+    for r in &seen {
+        assert_eq!(r.query.get("service").map(String::as_str), Some(SERVICE));
+        assert_eq!(
+            r.query.get("scope"),
+            Some(&format!("repository:{path}:pull")),
+            "{seen:?}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_autoscaling;
+pub mod token_service;
 
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
