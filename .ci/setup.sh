@@ -48,7 +48,7 @@ venv() { # name, packages...
 if [ "$mode" != dev ]; then
   venv moto 'moto[server]==5.*' 'boto3'
   venv lint 'cfn-lint==1.*' 'checkov==3.*'
-  venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*'
+  venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*' 'boto3==1.*'
 fi
 
 # --- Docker engine --------------------------------------------------------------------------

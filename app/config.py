@@ -7,11 +7,15 @@ Each key and its default is documented in README.md.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
-DEFAULT_DATABASE_URL = "sqlite:////tmp/skiff-app.db"
+DEFAULT_SQLITE_PATH = "/tmp/skiff-app.db"
+
+# arn:<partition>:secretsmanager:<region>:<account>:secret:<name>
+_SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:secretsmanager:([a-z0-9-]+):[0-9]{12}:secret:\S+$")
 
 
 class ConfigError(ValueError):
@@ -21,8 +25,19 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SecretRef:
+    """A Secrets Manager secret holding the MySQL user and password as JSON
+    {"username": ..., "password": ...}: what RDS keeps for its master user and rotates."""
+
+    arn: str
+    region: str
+    endpoint_url: str = ""  # AWS_ENDPOINT_URL: an emulator in tests; empty for AWS itself
+
+
+@dataclass(frozen=True)
 class DatabaseUrl:
-    """Where the data lives. `dialect` is "sqlite" (uses `path`) or "mysql" (the rest)."""
+    """Where the data lives. `dialect` is "sqlite" (uses `path`) or "mysql" (the rest). A MySQL
+    database with a `secret` takes its user and password from that secret, not from here."""
 
     dialect: str
     path: str = ""
@@ -32,6 +47,7 @@ class DatabaseUrl:
     password: str = ""
     database: str = ""
     ssl_ca: str = ""
+    secret: SecretRef | None = None
 
     @classmethod
     def parse(cls, url: str) -> DatabaseUrl:
@@ -70,6 +86,8 @@ class DatabaseUrl:
         """The URL without its password, for logs and error messages."""
         if self.dialect == "sqlite":
             return f"sqlite:///{self.path}"
+        if self.secret:
+            return f"mysql://{self.host}:{self.port}/{self.database} (login from secret {self.secret.arn})"
         return f"mysql://{self.user}@{self.host}:{self.port}/{self.database}"
 
 
@@ -110,10 +128,17 @@ class Config:
             return value
 
         database = DatabaseUrl("sqlite", path="/dev/null")
-        try:
-            database = DatabaseUrl.parse(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
-        except ValueError as err:
-            problems.append(f"DATABASE_URL: {err}")
+        if env.get("DATABASE_URL"):
+            try:
+                database = DatabaseUrl.parse(env["DATABASE_URL"])
+            except ValueError as err:
+                problems.append(f"DATABASE_URL: {err}")
+        elif env.get("DATABASE_HOST") or env.get("DATABASE_SECRET_ARN"):
+            database = _database_from_secret_env(env, problems) or database
+        else:
+            database = DatabaseUrl("sqlite", path=env.get("SQLITE_PATH") or DEFAULT_SQLITE_PATH)
+            if not os.path.isabs(database.path):
+                problems.append(f"SQLITE_PATH={database.path!r}: expected an absolute path")
         # PORT and HOST are read by gunicorn.conf.py; checked here too so all errors come at once.
         port = env.get("PORT", "")
         if port and not (port.isdigit() and 0 < int(port) < 65536):
@@ -131,3 +156,31 @@ class Config:
         if problems:
             raise ConfigError(problems)
         return config
+
+
+def _database_from_secret_env(env: Mapping[str, str], problems: list[str]) -> DatabaseUrl | None:
+    """MySQL as the skiff stack describes it (DATABASE_HOST, DATABASE_PORT, DATABASE_NAME,
+    DATABASE_SECRET_ARN); appends what is wrong to `problems` and then returns None."""
+    found: list[str] = []
+    host = env.get("DATABASE_HOST", "")
+    if not host:
+        found.append("DATABASE_SECRET_ARN is set but DATABASE_HOST is not")
+    raw_port = env.get("DATABASE_PORT") or "3306"
+    port = int(raw_port) if raw_port.isdigit() and 0 < int(raw_port) < 65536 else 0
+    if not port:
+        found.append(f"DATABASE_PORT={raw_port!r}: expected a TCP port number")
+    name = env.get("DATABASE_NAME", "")
+    if not name:
+        found.append("DATABASE_NAME: needed with DATABASE_HOST (the database stack's DatabaseName)")
+    arn = env.get("DATABASE_SECRET_ARN", "")
+    match = _SECRET_ARN.match(arn)
+    if not arn:
+        found.append("DATABASE_SECRET_ARN: needed with DATABASE_HOST (the database stack's SecretArn)")
+    elif not match:
+        found.append(f"DATABASE_SECRET_ARN={arn!r}: expected arn:aws:secretsmanager:<region>:<account>:secret:<name>")
+    problems.extend(found)
+    if found or not match:
+        return None
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or match.group(1)
+    secret = SecretRef(arn=arn, region=region, endpoint_url=env.get("AWS_ENDPOINT_URL", ""))
+    return DatabaseUrl("mysql", host=host, port=port, database=name, secret=secret)

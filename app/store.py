@@ -7,6 +7,7 @@ behave the same way.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -15,9 +16,16 @@ from typing import Any, Sequence
 import pymysql
 
 from config import DatabaseUrl
+from credentials import Credentials, CredentialsError, FixedCredentials, SecretsManagerCredentials
 
-# What a failing database raises, whichever engine; callers catch this, never engine types.
-DatabaseErrors: tuple[type[Exception], ...] = (sqlite3.Error, pymysql.err.Error)
+log = logging.getLogger("app.store")
+
+# What a failing database raises, whichever engine, and a login that cannot be read; callers
+# catch this, never engine types.
+DatabaseErrors: tuple[type[Exception], ...] = (sqlite3.Error, pymysql.err.Error, CredentialsError)
+
+# "Access denied for user": a wrong password, e.g. the secret was rotated since it was read.
+_MYSQL_LOGIN_REJECTED = 1045
 
 # MySQL client errors that mean "not reachable (yet)": can't connect, lost connection, too many
 # connections, server shutting down. Worth a retry at start; anything else is not.
@@ -58,10 +66,19 @@ class Connection:
         self.close()
 
 
+def _mysql_code(err: Exception) -> object:
+    return err.args[0] if err.args else None
+
+
 class Database:
-    def __init__(self, url: DatabaseUrl, timeout: float = 5.0):
+    def __init__(self, url: DatabaseUrl, timeout: float = 5.0,
+                 credentials: FixedCredentials | SecretsManagerCredentials | None = None):
         self.url = url
         self.timeout = timeout
+        if credentials is None:
+            credentials = (SecretsManagerCredentials(url.secret, timeout=timeout) if url.secret
+                           else FixedCredentials(url.user, url.password))
+        self.credentials = credentials
 
     @property
     def dialect(self) -> str:
@@ -75,11 +92,27 @@ class Database:
         if u.dialect == "sqlite":
             raw = sqlite3.connect(u.path, timeout=timeout, isolation_level=None)
             return Connection(raw, "sqlite")
-        raw = pymysql.connect(
+        login = self.credentials.current()
+        try:
+            raw = self._connect_mysql(login, timeout)
+        except pymysql.err.OperationalError as err:
+            if _mysql_code(err) != _MYSQL_LOGIN_REJECTED:
+                raise
+            fresh = self.credentials.reread(login)
+            if fresh is None:
+                raise
+            log.warning("MySQL rejected the login; retrying once with the one re-read from %s",
+                        self.credentials.source)
+            raw = self._connect_mysql(fresh, timeout)
+        return Connection(raw, "mysql")
+
+    def _connect_mysql(self, login: Credentials, timeout: float) -> Any:
+        u = self.url
+        return pymysql.connect(
             host=u.host,
             port=u.port,
-            user=u.user,
-            password=u.password,
+            user=login.user,
+            password=login.password,
             database=u.database,
             charset="utf8mb4",
             autocommit=True,
@@ -88,19 +121,20 @@ class Database:
             write_timeout=max(1, round(timeout)),
             ssl={"ca": u.ssl_ca} if u.ssl_ca else None,
         )
-        return Connection(raw, "mysql")
 
     def wait_until_reachable(self, deadline: float) -> None:
-        """Retries connecting, with backoff, while the server is not reachable, until the
-        monotonic `deadline`; then raises the last error. Other errors are raised at once."""
+        """Retries connecting, with backoff, while the server (or Secrets Manager) is not
+        reachable, until the monotonic `deadline`; then raises the last error. Other errors are
+        raised at once."""
         delay = 0.2
         while True:
             try:
                 self.connect().close()
                 return
-            except pymysql.err.OperationalError as err:
-                code = err.args[0] if err.args else None
-                if code not in _MYSQL_TRANSIENT or time.monotonic() + delay > deadline:
+            except (pymysql.err.OperationalError, CredentialsError) as err:
+                transient = (err.retryable if isinstance(err, CredentialsError)
+                             else _mysql_code(err) in _MYSQL_TRANSIENT)
+                if not transient or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -4,30 +4,40 @@ in threads and in processes), the endpoints and the health check.
 Runs against sqlite files in a temporary directory, or against MySQL/MariaDB when
 TEST_DATABASE_URL=mysql://... is set. That database is emptied before every test, so its name
 must contain "test"; DATABASE_URL is never read here, so a real one in the environment is safe.
+The login-from-a-secret tests also need TEST_AWS_ENDPOINT_URL (a moto server) and, for MySQL, a
+TEST_DATABASE_URL user that may create users and grant on its database; without them they skip.
 
     python3 test.py [-v] [-k pattern]      # last line: "<backend>: N passed, N failed, N skipped"
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import uuid
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from config import Config, ConfigError, DatabaseUrl  # noqa: E402
+from config import Config, ConfigError, DatabaseUrl, SecretRef  # noqa: E402
+from credentials import Credentials, CredentialsError, SecretsManagerCredentials  # noqa: E402
 from migrations import LATEST, Migration, MigrationLockTimeout, migrate, schema_version  # noqa: E402
 from store import Database, DatabaseErrors  # noqa: E402
 from web import create_app  # noqa: E402
 
 TEST_URL = os.environ.get("TEST_DATABASE_URL", "")
+AWS_ENDPOINT = os.environ.get("TEST_AWS_ENDPOINT_URL", "")
 BACKEND = DatabaseUrl.parse(TEST_URL).dialect if TEST_URL else "sqlite"
 DIGEST = "sha256:" + "ab" * 32
 
@@ -119,6 +129,38 @@ class ConfigTests(unittest.TestCase):
     def test_sqlite_url(self):
         self.assertEqual(DatabaseUrl.parse("sqlite:////var/lib/app/app.db").path, "/var/lib/app/app.db")
         self.assertEqual(DatabaseUrl.parse("sqlite:///data/app.db").path, "data/app.db")
+
+    def test_sqlite_path_is_the_default_when_no_database_is_set(self):
+        c = Config.from_env({"SQLITE_PATH": "/data/app.db"})
+        self.assertEqual(c.database, DatabaseUrl("sqlite", path="/data/app.db"))
+        with self.assertRaises(ConfigError):
+            Config.from_env({"SQLITE_PATH": "app.db"})
+
+    def test_mysql_from_the_stack_with_the_login_in_a_secret(self):
+        arn = "arn:aws:secretsmanager:eu-central-1:123456789012:secret:rds!db-1a2b-Xy12Ab"
+        env = {"DATABASE_HOST": "db.internal", "DATABASE_PORT": "3307", "DATABASE_NAME": "app",
+               "DATABASE_SECRET_ARN": arn}
+        u = Config.from_env(env).database
+        self.assertEqual((u.dialect, u.host, u.port, u.database, u.user, u.password),
+                         ("mysql", "db.internal", 3307, "app", "", ""))
+        self.assertEqual(u.secret, SecretRef(arn=arn, region="eu-central-1"))
+        self.assertIn(arn, u.redacted())
+        self.assertEqual(Config.from_env({**env, "DATABASE_PORT": ""}).database.port, 3306)
+        # The region: AWS_REGION, then AWS_DEFAULT_REGION, then the ARN's.
+        self.assertEqual(Config.from_env({**env, "AWS_DEFAULT_REGION": "us-west-2"}).database.secret.region, "us-west-2")
+        s = Config.from_env({**env, "AWS_REGION": "us-east-2", "AWS_DEFAULT_REGION": "us-west-2",
+                             "AWS_ENDPOINT_URL": "http://127.0.0.1:5055"}).database.secret
+        self.assertEqual((s.region, s.endpoint_url), ("us-east-2", "http://127.0.0.1:5055"))
+        # An explicit DATABASE_URL wins over what the stack passes.
+        self.assertEqual(Config.from_env({**env, "DATABASE_URL": "mysql://u:p@h/d"}).database.secret, None)
+
+    def test_stack_database_problems_reported_at_once(self):
+        with self.assertRaises(ConfigError) as ctx:
+            Config.from_env({"DATABASE_HOST": "db", "DATABASE_PORT": "x"})
+        self.assertEqual(len(ctx.exception.problems), 3, ctx.exception.problems)  # port, name, secret
+        with self.assertRaises(ConfigError) as ctx:
+            Config.from_env({"DATABASE_SECRET_ARN": "rds!db", "DATABASE_NAME": "app"})
+        self.assertEqual(len(ctx.exception.problems), 2, ctx.exception.problems)  # host, ARN
 
     def test_every_problem_reported_at_once(self):
         with self.assertRaises(ConfigError) as ctx:
@@ -308,6 +350,231 @@ class UnreachableDatabaseTests(unittest.TestCase):
         with self.assertRaises(DatabaseErrors):
             create_app(config)
         self.assertLess(time.monotonic() - started, 6)
+
+
+class FakeSecretsManager:
+    """Stands in for the boto3 client: hands out `value` and counts the reads."""
+
+    def __init__(self, value: str):
+        self.value = value
+        self.reads = 0
+
+    def get_secret_value(self, SecretId: str) -> dict:
+        self.reads += 1
+        return {"ARN": SecretId, "SecretString": self.value}
+
+
+class SecretCredentialsTests(unittest.TestCase):
+    """The re-read rules, with a fake client and a fake clock."""
+
+    ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:rds!x-AbCdEf"
+
+    def setUp(self) -> None:
+        self.fake = FakeSecretsManager('{"username": "app", "password": "old-pw"}')
+        self.now = 100.0
+        self.creds = SecretsManagerCredentials(
+            SecretRef(self.ARN, "us-east-1"), min_reread_interval=5,
+            client_factory=lambda: self.fake, clock=lambda: self.now)
+
+    def test_read_once_and_kept(self):
+        self.assertEqual(self.creds.current(), Credentials("app", "old-pw"))
+        self.creds.current()
+        self.assertEqual(self.fake.reads, 1)
+        self.assertNotIn("old-pw", repr(self.creds.current()))
+
+    def test_reread_after_a_rejection_returns_only_a_change_and_is_spaced(self):
+        rejected = self.creds.current()
+        self.assertIsNone(self.creds.reread(rejected))  # unchanged: nothing new to try
+        self.fake.value = '{"username": "app", "password": "new-pw"}'
+        self.now += 1
+        self.assertIsNone(self.creds.reread(rejected))  # too soon after the last re-read
+        self.assertEqual(self.fake.reads, 2)
+        self.now += 5
+        self.assertEqual(self.creds.reread(rejected), Credentials("app", "new-pw"))
+        self.assertEqual(self.creds.current(), Credentials("app", "new-pw"))
+        # Another caller rejected with the old login: it gets the new one without a read.
+        self.assertEqual(self.creds.reread(rejected), Credentials("app", "new-pw"))
+        self.assertEqual(self.fake.reads, 3)
+
+    def test_malformed_secrets_are_fatal_and_never_quoted(self):
+        for text in ('{"username": "app"}', "not json hunter2", '["hunter2"]', '{"username": 1, "password": "hunter2"}'):
+            with self.subTest(text=text):
+                self.fake.value = text
+                creds = SecretsManagerCredentials(SecretRef(self.ARN, "us-east-1"),
+                                                  client_factory=lambda: self.fake)
+                with self.assertRaises(CredentialsError) as ctx:
+                    creds.current()
+                self.assertFalse(ctx.exception.retryable)
+                self.assertIn(self.ARN, str(ctx.exception))
+                self.assertNotIn("hunter2", str(ctx.exception))
+
+
+@unittest.skipUnless(AWS_ENDPOINT, "needs TEST_AWS_ENDPOINT_URL (a moto server)")
+class SecretTests(DatabaseTest):
+    """The login read from a Secrets Manager secret in moto, as the skiff stack passes it:
+    DATABASE_HOST, DATABASE_PORT, DATABASE_NAME, DATABASE_SECRET_ARN."""
+
+    def setUp(self) -> None:
+        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_REGION": "us-east-1"}
+        patcher = mock.patch.dict(os.environ, aws)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        import boto3
+
+        self.sm = boto3.client("secretsmanager", endpoint_url=AWS_ENDPOINT, region_name="us-east-1")
+        self.run_id = uuid.uuid4().hex[:10]
+        if BACKEND == "mysql":
+            super().setUp()
+
+    def capture_logs(self) -> CapturedLogs:
+        """From now on, every log record, at every level; the test's own AWS calls excepted."""
+        logs = CapturedLogs()
+        self.addCleanup(logs.close)
+        return logs
+
+    def make_secret(self, value: dict) -> str:
+        arn = self.sm.create_secret(Name=f"rds!skiff-app-test-{self.run_id}",
+                                    SecretString=json.dumps(value))["ARN"]
+        self.addCleanup(self.sm.delete_secret, SecretId=arn, ForceDeleteWithoutRecovery=True)
+        return arn
+
+    def stack_env(self, arn: str, host: str = "127.0.0.1", port: int = 3306, name: str = "app") -> dict:
+        return {"DATABASE_HOST": host, "DATABASE_PORT": str(port), "DATABASE_NAME": name,
+                "DATABASE_SECRET_ARN": arn, "AWS_ENDPOINT_URL": AWS_ENDPOINT,
+                "SKIFF_RELEASE_TAG": "v-secret", "MIGRATE_TIMEOUT": "10", "DB_TIMEOUT": "2"}
+
+    def make_mysql_user(self) -> tuple[str, str]:
+        """A user of this test's own, on the test database; dropped at the end."""
+        admin = DatabaseUrl.parse(TEST_URL)
+        user, password = f"skiff_{self.run_id}", f"first-{uuid.uuid4().hex}"
+        with Database(admin).connect() as c:
+            c.execute(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY ?", (password,))
+            c.execute(f"GRANT ALL ON `{admin.database}`.* TO '{user}'@'127.0.0.1'")
+        self.addCleanup(self.drop_mysql_user, user)
+        return user, password
+
+    def drop_mysql_user(self, user: str) -> None:
+        with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+            c.execute(f"DROP USER IF EXISTS '{user}'@'127.0.0.1'")
+
+    def mysql_env(self, arn: str) -> dict:
+        admin = DatabaseUrl.parse(TEST_URL)
+        return self.stack_env(arn, host=admin.host, port=admin.port, name=admin.database)
+
+    def test_app_logs_in_with_the_secret(self):
+        if BACKEND != "mysql":
+            self.skipTest("needs TEST_DATABASE_URL=mysql://...")
+        user, password = self.make_mysql_user()
+        arn = self.make_secret({"username": user, "password": password, "engine": "mysql"})
+        logs = self.capture_logs()
+        client = create_app(Config.from_env(self.mysql_env(arn))).test_client()
+        self.assertEqual(client.post("/notes", json={"body": "from the secret"}).status_code, 201)
+        self.assertEqual(client.get("/health").status_code, 200)
+        with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+            self.assertEqual(c.scalar("SELECT body FROM notes"), "from the secret")
+        logs.assert_clean(self, password)
+
+    def test_rotated_password_is_picked_up_after_a_login_failure(self):
+        if BACKEND != "mysql":
+            self.skipTest("needs TEST_DATABASE_URL=mysql://...")
+        user, old = self.make_mysql_user()
+        arn = self.make_secret({"username": user, "password": old})
+        logs = self.capture_logs()
+        client = create_app(Config.from_env(self.mysql_env(arn))).test_client()
+        self.assertEqual(client.post("/notes", json={"body": "before"}).status_code, 201)
+
+        # What RDS rotation does: a new password in the database and in the secret.
+        new = f"second-{uuid.uuid4().hex}"
+        with logs.paused():
+            with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+                c.execute(f"ALTER USER '{user}'@'127.0.0.1' IDENTIFIED BY ?", (new,))
+            self.sm.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": user, "password": new}))
+
+        with self.assertLogs("app.store", "WARNING") as warned:
+            resp = client.post("/notes", json={"body": "after"})
+        self.assertEqual(resp.status_code, 201, resp.get_data(as_text=True))
+        self.assertIn("re-read from secret", warned.output[0])
+        bodies = [n["body"] for n in client.get("/notes").get_json()["notes"]]
+        self.assertEqual(bodies, ["after", "before"])
+        self.assertEqual(client.get("/health").status_code, 200)
+        logs.assert_clean(self, old, new)
+
+    def test_a_stale_secret_gives_503_without_the_password(self):
+        if BACKEND != "mysql":
+            self.skipTest("needs TEST_DATABASE_URL=mysql://...")
+        user, password = self.make_mysql_user()
+        arn = self.make_secret({"username": user, "password": "not-" + password})
+        logs = self.capture_logs()
+        config = Config.from_env(self.mysql_env(arn))
+        with self.assertRaises(DatabaseErrors) as ctx:
+            create_app(config)
+        self.assertIn("Access denied", str(ctx.exception))
+        resp = create_app(config, run_migrations=False).test_client().get("/health")
+        self.assertEqual(resp.status_code, 503)
+        self.assertNotIn(password, resp.get_data(as_text=True))
+        logs.assert_clean(self, password)
+
+    def test_missing_secret_is_a_clear_error(self):
+        arn = f"arn:aws:secretsmanager:us-east-1:123456789012:secret:rds!missing-{self.run_id}-AbCdEf"
+        config = Config.from_env(self.stack_env(arn, port=closed_port()))
+        started = time.monotonic()
+        with self.assertRaises(CredentialsError) as ctx:
+            create_app(config)
+        self.assertLess(time.monotonic() - started, 5)  # not retried until MIGRATE_TIMEOUT
+        self.assertFalse(ctx.exception.retryable)
+        self.assertIn("ResourceNotFoundException", str(ctx.exception))
+        self.assertIn(arn, str(ctx.exception))
+        resp = create_app(config, run_migrations=False).test_client().get("/health")
+        self.assertEqual(resp.status_code, 503)
+        self.assertIn("ResourceNotFoundException", resp.get_json()["database"])
+
+    def test_missing_secret_stops_gunicorn_start_with_exit_3(self):
+        arn = f"arn:aws:secretsmanager:us-east-1:123456789012:secret:rds!missing-{self.run_id}-AbCdEf"
+        env = {**os.environ, **self.stack_env(arn, port=closed_port())}
+        env.pop("DATABASE_URL", None)
+        here = os.path.dirname(os.path.abspath(__file__))
+        proc = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=here, env=env,
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        self.assertIn("ResourceNotFoundException", proc.stderr)
+        self.assertIn(arn, proc.stderr)
+
+
+class CapturedLogs(logging.Handler):
+    """Every log record of every logger, at every level, while a test runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._paused = False
+        root = logging.getLogger()
+        self._level = root.level
+        root.addHandler(self)
+        root.setLevel(logging.DEBUG)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._paused:
+            self.lines.append(record.getMessage())
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
+        super().close()
+
+    def assert_clean(self, test: unittest.TestCase, *secrets: str) -> None:
+        test.assertTrue(self.lines, "no log lines captured at all")
+        for s in secrets:
+            test.assertFalse([line for line in self.lines if s in line], "a password was logged")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs app/test.py twice: against sqlite, then against a throwaway MariaDB server that this script
 # starts on a free loopback port with its own fresh datadir and socket, and stops again on exit.
-# Needs .ci/setup.sh (mariadb-server, the venv-app with flask/gunicorn/pymysql).
+# The secret tests also use the moto server (TEST_AWS_ENDPOINT_URL, default http://127.0.0.1:5055).
+# Needs .ci/setup.sh (mariadb-server, the venv-app with flask/gunicorn/pymysql/boto3, moto).
 # Exits non-zero on any failure; the last line is "app: N passed, N failed, N skipped".
 # Env: SKIFF_CI_HOME (/var/lib/skiff-ci), PYTHON ($SKIFF_CI_HOME/venv-app/bin/python);
 # arguments go to test.py (e.g. -v, -k health).
@@ -12,6 +13,9 @@ python=${PYTHON:-$home/venv-app/bin/python}
 for tool in "$python" mariadb-install-db mariadbd mariadb; do
   command -v "$tool" >/dev/null || { echo "test.sh: $tool not found; run .ci/setup.sh first" >&2; exit 1; }
 done
+export TEST_AWS_ENDPOINT_URL=${TEST_AWS_ENDPOINT_URL:-http://127.0.0.1:5055}
+curl -fs -o /dev/null -m 2 "$TEST_AWS_ENDPOINT_URL/moto-api/" ||
+  { echo "test.sh: no moto server at $TEST_AWS_ENDPOINT_URL; run .ci/setup.sh first" >&2; exit 1; }
 
 mkdir -p "$home"
 tmp=$(mktemp -d "$home/mariadb-test.XXXXXX")  # not /tmp: InnoDB's O_DIRECT fails on tmpfs
@@ -69,7 +73,9 @@ password="pw-$RANDOM$RANDOM"
 mariadb --no-defaults --socket="$sock" -uroot <<SQL
 CREATE DATABASE skiff_test CHARACTER SET utf8mb4;
 CREATE USER 'skiff'@'127.0.0.1' IDENTIFIED BY '$password';
-GRANT ALL ON skiff_test.* TO 'skiff'@'127.0.0.1';
+GRANT ALL ON skiff_test.* TO 'skiff'@'127.0.0.1' WITH GRANT OPTION;
+-- The secret tests make a user of their own for each test, and change its password.
+GRANT CREATE USER ON *.* TO 'skiff'@'127.0.0.1';
 SQL
 
 run_tests mariadb "TEST_DATABASE_URL=mysql://skiff:$password@127.0.0.1:$port/skiff_test"
