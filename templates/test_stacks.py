@@ -481,7 +481,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     db_body = strip_output(db_text, "SecretArn")
     db_params = {"Environment": env, "VpcId": vpc, "SubnetIds": ",".join(private),
                  "ClientSecurityGroupId": out["InstanceSecurityGroup"],
-                 "MultiAZ": "false", "DeletionProtection": "false"}
+                 "MultiAZ": "false", "DeletionProtection": "false", "DatabaseName": f"notes_{RUN}"}
     cfn.create_stack(StackName=db_stack, TemplateBody=db_body, Parameters=params(db_params),
                      Capabilities=["CAPABILITY_IAM"])
     cleanup.append(lambda: cfn.delete_stack(StackName=db_stack))
@@ -495,6 +495,8 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     inst = rds.describe_db_instances(DBInstanceIdentifier=dids["Database"])["DBInstances"][0]
     equal("db create: Endpoint and Port outputs", (dout.get("Endpoint"), dout.get("Port")),
           (inst["Endpoint"]["Address"], str(inst["Endpoint"]["Port"])))
+    equal("db create: DatabaseName output is the instance's database",
+          (dout.get("DatabaseName"), inst.get("DBName")), (f"notes_{RUN}", f"notes_{RUN}"))
     equal("db create: mysql, encrypted, 7-day backups, private",
           (inst["Engine"], inst["StorageEncrypted"], inst["BackupRetentionPeriod"], inst["PubliclyAccessible"]),
           ("mysql", True, 7, False))
@@ -523,7 +525,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     secret = sm.create_secret(Name=f"rds!skiff-test-{RUN}", SecretString='{"username":"skiff"}')["ARN"]
     cleanup.append(lambda: sm.delete_secret(SecretId=secret, ForceDeleteWithoutRecovery=True))
     app_params.update(DatabaseHost=dout["Endpoint"], DatabasePort=dout["Port"],
-                      DatabaseSecretArn=secret, MaxSize=6)
+                      DatabaseName=dout["DatabaseName"], DatabaseSecretArn=secret, MaxSize=6)
     cfn.update_stack(StackName=app_stack, TemplateBody=app_text, Parameters=params(app_params),
                      Capabilities=["CAPABILITY_IAM"])
     stack = wait_stack(app_stack, "UPDATE_COMPLETE")
@@ -545,7 +547,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app update: agent config now has the database",
           config, expected_agent_config(env, account, {
               "DATABASE_HOST": dout["Endpoint"], "DATABASE_PORT": dout["Port"],
-              "DATABASE_SECRET_ARN": secret}))
+              "DATABASE_NAME": f"notes_{RUN}", "DATABASE_SECRET_ARN": secret}))
     stmts = role_statements(ids2["InstanceRole"])
     check("app update: role may read exactly that secret",
           any(s.get("Action") == "secretsmanager:GetSecretValue" and s.get("Resource") == secret
