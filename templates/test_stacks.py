@@ -253,9 +253,10 @@ def app_template_checks(t):
     equal("app: instance maintenance policy 100/200", g["InstanceMaintenancePolicy"],
           {"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200})
     hooks = g["LifecycleHookSpecificationList"]
-    equal("app: one launch hook named skiff-launch, default ABANDON",
+    equal("app: launch hook skiff-launch (default ABANDON), terminate hook skiff-terminate (default CONTINUE)",
           [(h["LifecycleHookName"], h["LifecycleTransition"], h["DefaultResult"]) for h in hooks],
-          [("skiff-launch", "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON")])
+          [("skiff-launch", "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON"),
+           ("skiff-terminate", "autoscaling:EC2_INSTANCE_TERMINATING", "CONTINUE")])
     check("app: hook heartbeat covers the start timeout",
           p["LaunchHookTimeoutSeconds"]["Default"] > p["StartTimeoutSeconds"]["Default"])
 
@@ -368,7 +369,7 @@ def expected_agent_config(env, account, env_table, drain="15s"):
             "drain": drain,
         },
         "health": {"listen": "0.0.0.0:8081", "interval": "2s"},
-        "aws": {"lifecycle_hook": "skiff-launch"},
+        "aws": {"lifecycle_hook": "skiff-launch", "terminate_hook": "skiff-terminate"},
     }
 
 
