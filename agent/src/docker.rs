@@ -33,7 +33,7 @@ pub struct DockerRuntime {
 impl DockerRuntime {
     /// Connect through `DOCKER_HOST` or the local socket. No request is made yet.
     pub fn connect() -> Result<Self, RuntimeError> {
-        let docker = Docker::connect_with_local_defaults()
+        let docker = Docker::connect_with_defaults()
             .map_err(|e| unreachable("connect", &e))?
             .with_timeout(PULL_TIMEOUT);
         Ok(DockerRuntime { docker })
@@ -296,6 +296,8 @@ fn is_connection_error(e: &DockerError) -> bool {
     matches!(
         e,
         DockerError::HyperResponseError { .. }
+            | DockerError::HyperLegacyError { .. }
+            | DockerError::HttpClientError { .. }
             | DockerError::IOError { .. }
             | DockerError::RequestTimeoutError
             | DockerError::SocketNotFoundError(_)

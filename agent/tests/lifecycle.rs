@@ -300,3 +300,87 @@ fn check_config_reports_every_problem_with_exit_64() {
         .expect("run");
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn an_unreachable_docker_engine_never_turns_a_healthy_host_unhealthy() {
+    let mut fx = Fixture::new("engine");
+    fx.image("v1", true);
+    fx.image("v2", true);
+    fx.set_release("v1");
+    let engine = support::Proxy::start("unix:/var/run/docker.sock");
+    let docker_host = format!("tcp://127.0.0.1:{}", engine.port);
+    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let agent = Agent::start(&config, &[("DOCKER_HOST", docker_host.as_str())]);
+    fx.wait_healthy("v1", LONG);
+    let id = fx.running_container();
+
+    engine.set_up(false);
+    wait_for(
+        LONG,
+        "engine error reported",
+        || {
+            fx.status()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("engine"))
+        },
+        || format!("{}\n{}", fx.status(), agent.logs()),
+    );
+    // A new release cannot be applied without the engine; the host stays healthy on v1.
+    fx.set_release("v2");
+    for _ in 0..30 {
+        let (code, body) = fx.healthz().expect("healthz");
+        assert_eq!(
+            (code, body["tag"].as_str()),
+            (200, Some("v1")),
+            "{}",
+            fx.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fx.running_container(), id);
+
+    engine.set_up(true);
+    fx.wait_healthy("v2", LONG);
+}
+
+#[test]
+fn a_private_registry_is_pulled_from_with_the_configured_credentials() {
+    let mut fx = Fixture::new("private");
+    let repo = format!("127.0.0.1:5001/{}/app", fx.id);
+    support::sh(std::process::Command::new("docker").args([
+        "login",
+        "127.0.0.1:5001",
+        "-u",
+        "skiff",
+        "-p",
+        "skiff-secret",
+    ]));
+    fx.image_in(&repo, "v1", true);
+    support::sh(std::process::Command::new("docker").args(["logout", "127.0.0.1:5001"]));
+    // Only the registry has it now: the agent must log in to pull.
+    docker(&["rmi", &format!("{repo}:v1")]);
+    let password = fx.dir.path().join("registry-password");
+    std::fs::write(&password, "wrong\n").expect("password");
+    fx.set_release("v1");
+    let config = fx.file_config("boot", "").replace(&fx.repo, &repo)
+        + &format!(
+            "[registry]\nusername = \"skiff\"\npassword_file = \"{}\"\n",
+            password.display()
+        );
+    let config = fx.write_config(&config);
+    let agent = Agent::start(&config, &[]);
+    wait_for(
+        LONG,
+        "a refused login reported",
+        || {
+            fx.status_or_null()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("pulling image"))
+        },
+        || format!("{}\n{}", fx.status_or_null(), agent.logs()),
+    );
+    assert_eq!(fx.healthz().expect("healthz").0, 503);
+
+    std::fs::write(&password, "skiff-secret\n").expect("password");
+    fx.wait_healthy("v1", Duration::from_secs(90));
+}

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write as _};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -382,11 +382,58 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body.to_owned()))
 }
 
-/// A TCP forwarder that can be cut: while down, connections are accepted and dropped at once,
-/// which is how an unreachable service looks from the client's side.
+/// A TCP forwarder that can be cut: while down, open connections are shut and new ones are
+/// accepted and dropped at once, which is how an unreachable service looks from the client's
+/// side. The target is `host:port`, or `unix:/path` for a Unix socket (the Docker engine).
 pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    open: Closers,
+}
+
+/// What shuts each open connection of a proxy.
+type Closers = Arc<Mutex<Vec<Box<dyn Fn() + Send>>>>;
+
+/// A byte stream the proxy can splice: TCP or Unix.
+trait Duplex: Read + Write + Send + Sized + 'static {
+    fn dup(&self) -> Self;
+    fn close(&self, how: std::net::Shutdown);
+}
+
+impl Duplex for TcpStream {
+    fn dup(&self) -> Self {
+        self.try_clone().expect("clone")
+    }
+    fn close(&self, how: std::net::Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+impl Duplex for std::os::unix::net::UnixStream {
+    fn dup(&self) -> Self {
+        self.try_clone().expect("clone")
+    }
+    fn close(&self, how: std::net::Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+fn splice<B: Duplex>(client: TcpStream, server: B, open: &Closers) {
+    let (c_kill, s_kill) = (client.dup(), server.dup());
+    open.lock().expect("lock").push(Box::new(move || {
+        c_kill.close(std::net::Shutdown::Both);
+        s_kill.close(std::net::Shutdown::Both);
+    }));
+    let (mut c2, mut s2) = (client.dup(), server.dup());
+    let (mut c1, mut s1) = (client, server);
+    thread::spawn(move || {
+        let _ = std::io::copy(&mut c1, &mut s1);
+        s1.close(std::net::Shutdown::Write);
+    });
+    thread::spawn(move || {
+        let _ = std::io::copy(&mut s2, &mut c2);
+        c2.close(std::net::Shutdown::Write);
+    });
 }
 
 impl Proxy {
@@ -394,7 +441,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let up = Arc::new(AtomicBool::new(true));
-        let flag = up.clone();
+        let open: Closers = Arc::new(Mutex::new(Vec::new()));
+        let (flag, conns) = (up.clone(), open.clone());
         let target = target.to_owned();
         thread::spawn(move || {
             for conn in listener.incoming() {
@@ -403,29 +451,25 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                let (mut c2, mut s2) = (
-                    client.try_clone().expect("clone"),
-                    server.try_clone().expect("clone"),
-                );
-                let (mut c1, mut s1) = (client, server);
-                thread::spawn(move || {
-                    let _ = std::io::copy(&mut c1, &mut s1);
-                    let _ = s1.shutdown(std::net::Shutdown::Write);
-                });
-                thread::spawn(move || {
-                    let _ = std::io::copy(&mut s2, &mut c2);
-                    let _ = c2.shutdown(std::net::Shutdown::Write);
-                });
+                if let Some(path) = target.strip_prefix("unix:") {
+                    if let Ok(server) = std::os::unix::net::UnixStream::connect(path) {
+                        splice(client, server, &conns);
+                    }
+                } else if let Ok(server) = TcpStream::connect(&target) {
+                    splice(client, server, &conns);
+                }
             }
         });
-        Proxy { port, up }
+        Proxy { port, up, open }
     }
 
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for close in self.open.lock().expect("lock").drain(..) {
+                close();
+            }
+        }
     }
 }
 
