@@ -14,7 +14,9 @@ pub const DEFAULT_PATH: &str = "/etc/skiff/agent.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error(
+        "cannot read config file {path}: {source} (pass --config PATH, or write it: every key is in the README)"
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
