@@ -15,6 +15,9 @@
 #   ALLOW_DIRTY  1 to build from a modified app/   empty: refuse (the hash tag would lie)
 #   TAG          release to ship (update-stack)    required, e.g. TAG=$$(git rev-parse --short HEAD)
 #   CTL          the ctl binary                    ctl on PATH, else $(CARGO_TARGET_DIR)/release/ctl
+#   CTL_FLAGS    more `ctl release` options        empty; e.g. CTL_FLAGS=--dry-run, CTL_FLAGS='--no-wait --json'
+#   SKIFF_PARAMETER SKIFF_ASG SKIFF_IMAGE (environment): when all three are set, update-stack passes
+#                no stack to ctl, which then uses these instead of STACK's outputs
 #   AGENT_BIN    agent binary baked into the AMI   $(CARGO_TARGET_DIR)/release/agent
 #   CARGO_TARGET_DIR                               /root/.cache/skiff-target
 #   AWS          the AWS CLI                       aws
@@ -41,6 +44,7 @@ ALLOW_DIRTY ?=
 TAG ?=
 CARGO_TARGET_DIR ?= /root/.cache/skiff-target
 CTL ?= $(or $(shell command -v ctl 2>/dev/null),$(CARGO_TARGET_DIR)/release/ctl)
+CTL_FLAGS ?=
 AGENT_BIN ?= $(CARGO_TARGET_DIR)/release/agent
 AWS ?= aws
 VPC_ID ?=
@@ -142,7 +146,7 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	packer fmt -check packer/test
 	packer validate -var agent_bin=/bin/true packer/skiff.pkr.hcl
 	@$(say) "shellcheck"
-	shellcheck packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh
+	shellcheck packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh .ci/make-check.sh
 	@$(say) "Jenkinsfile syntax"
 	bash .ci/jenkinsfile-check.sh
 
@@ -176,7 +180,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	  --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text
 
 .PHONY: update-stack
-update-stack: ## release TAG to this branch's fleet: ctl release --tag $(TAG) (SKIFF_STACK=$(STACK))
+update-stack: ## release TAG to this branch's fleet: ctl --stack $(STACK) release --tag $(TAG) $(CTL_FLAGS)
 	@$(need_branch)
 	@if [ -z "$(TAG)" ]; then \
 	  $(say) "which release? pass TAG=<image tag>, e.g. TAG=$(HASH) make update-stack" >&2; exit 1; fi
@@ -184,13 +188,17 @@ update-stack: ## release TAG to this branch's fleet: ctl release --tag $(TAG) (S
 	  $(say) "no ctl at $(CTL): build it (cargo build --release -p skiff-ctl) or pass CTL=<path>" >&2; exit 1; fi
 	@$(need_aws)
 	@# ctl resolves the tag in ECR, which takes a token as password (kept out of the output).
+	@# ctl reads a named stack even when the three direct values override all its outputs.
 	@if [ -z "$${SKIFF_REGISTRY_PASSWORD:-}" ] && command -v $(AWS) >/dev/null 2>&1; then \
 	  SKIFF_REGISTRY_PASSWORD=$$($(AWS) ecr get-login-password --region $(REGION)) || { \
 	    $(say) "could not get an ECR token (aws ecr get-login-password)" >&2; exit 1; }; \
 	  export SKIFF_REGISTRY_USER=AWS SKIFF_REGISTRY_PASSWORD; \
 	fi; \
-	$(say) "SKIFF_STACK=$(STACK) $(CTL) release --tag $(TAG)"; \
-	SKIFF_STACK=$(STACK) $(CTL) release --tag $(TAG)
+	stack=(--stack $(STACK)); \
+	if [ -n "$${SKIFF_PARAMETER:-}" ] && [ -n "$${SKIFF_ASG:-}" ] && [ -n "$${SKIFF_IMAGE:-}" ]; then \
+	  stack=(); $(say) "SKIFF_PARAMETER, SKIFF_ASG and SKIFF_IMAGE are set: not reading stack $(STACK)"; fi; \
+	$(say) "$(CTL) $${stack[*]} release --tag $(TAG) $(CTL_FLAGS)"; \
+	$(CTL) "$${stack[@]}" release --tag $(TAG) $(CTL_FLAGS)
 
 .PHONY: ami
 ami: ## build the AMI with packer (packer/skiff.pkr.hcl, agent from AGENT_BIN)

@@ -49,6 +49,7 @@ if [ "$mode" != dev ]; then
   venv moto 'moto[server]==5.*' 'boto3'
   venv lint 'cfn-lint==1.*' 'checkov==3.*'
   venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*' 'boto3==1.*'
+  venv awscli 'awscli==1.*'
 fi
 
 # --- Docker engine --------------------------------------------------------------------------

@@ -40,6 +40,7 @@ step "app image" bash app/image-test.sh
 step "templates" bash templates/test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
 step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
+step "Makefile" bash .ci/make-check.sh
 
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
   echo "the tree is not clean after the tests:"; git status --short
