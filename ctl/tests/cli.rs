@@ -11,22 +11,11 @@ use skiff_release::Release;
 
 const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","released_by":"ci"}"#;
 
-async fn put(ssm: &aws_sdk_ssm::Client, name: &str, value: &str) {
-    ssm.put_parameter()
-        .name(name)
-        .value(value)
-        .r#type(aws_sdk_ssm::types::ParameterType::String)
-        .overwrite(true)
-        .send()
-        .await
-        .expect("put parameter");
-}
-
 #[tokio::test]
 async fn no_wait_returns_0_once_the_refresh_started_with_the_parameter_written() {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("no-wait"));
-    put(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, V1).await;
     // The refresh never ends: only --no-wait can return 0 here.
     let fake = FakeAutoScaling::start(Script {
         refreshes: vec![vec!["InProgress"]],
@@ -100,7 +89,7 @@ fn completions_name_every_subcommand() {
 async fn status_json_has_the_release_the_refresh_the_instances_and_drift() {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("status-json"));
-    put(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, V1).await;
     // Instance ids moto does not know: no skiff:release tag, so both drift.
     let fake = FakeAutoScaling::start(Script {
         before: Some("Successful"),
@@ -163,8 +152,8 @@ async fn status_json_has_the_release_the_refresh_the_instances_and_drift() {
 async fn history_json_entries_carry_version_value_and_who_and_when() {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("history-json"));
-    put(&ssm, &param, V1).await;
-    put(&ssm, &param, r#"{"tag":"v2","released_by":"jenkins"}"#).await;
+    put_parameter(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, r#"{"tag":"v2","released_by":"jenkins"}"#).await;
     let out = ctl(&[
         "--parameter",
         &param,

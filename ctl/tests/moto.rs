@@ -7,22 +7,11 @@ use common::*;
 
 const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"}"#;
 
-async fn put(ssm: &aws_sdk_ssm::Client, name: &str, value: &str) {
-    ssm.put_parameter()
-        .name(name)
-        .value(value)
-        .r#type(aws_sdk_ssm::types::ParameterType::String)
-        .overwrite(true)
-        .send()
-        .await
-        .expect("put parameter");
-}
-
 #[tokio::test]
 async fn refusals_leave_the_parameter_untouched() {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("refuse"));
-    put(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, V1).await;
     let image_ok = "127.0.0.1:5000/skiff-ctl-refuse/app";
     let cases: &[(&[&str], &str, &str)] = &[
         (
@@ -120,9 +109,9 @@ async fn stack_outputs_name_the_deployment_and_dry_run_changes_nothing() {
 async fn history_lists_releases_newest_first() {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("history"));
-    put(&ssm, &param, V1).await;
-    put(&ssm, &param, r#"{"tag":"v2","released_by":"jenkins"}"#).await;
-    put(&ssm, &param, "v3").await;
+    put_parameter(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, r#"{"tag":"v2","released_by":"jenkins"}"#).await;
+    put_parameter(&ssm, &param, "v3").await;
     let out = ctl(&[
         "--parameter",
         &param,
@@ -157,7 +146,7 @@ async fn status_shows_instances_of_a_real_group_and_their_drift() {
     let asg = aws_sdk_autoscaling::Client::new(&sdk);
     let name = unique("skiff-status");
     let param = format!("/{name}/release");
-    put(&ssm, &param, V1).await;
+    put_parameter(&ssm, &param, V1).await;
     let ami = ec2.describe_images().send().await.expect("images").images()[0]
         .image_id()
         .expect("ami")

@@ -21,14 +21,7 @@ async fn seed(values: &[String]) -> (aws_sdk_ssm::Client, String) {
     let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
     let param = format!("/{}/release", unique("rollback"));
     for v in values {
-        ssm.put_parameter()
-            .name(&param)
-            .value(v)
-            .r#type(aws_sdk_ssm::types::ParameterType::String)
-            .overwrite(true)
-            .send()
-            .await
-            .expect("seed");
+        put_parameter(&ssm, &param, v).await;
     }
     (ssm, param)
 }

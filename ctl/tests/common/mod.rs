@@ -104,3 +104,37 @@ pub async fn read_param(ssm: &aws_sdk_ssm::Client, name: &str) -> Option<String>
 pub async fn delete_param(ssm: &aws_sdk_ssm::Client, name: &str) {
     let _ = ssm.delete_parameter().name(name).send().await;
 }
+
+/// Write a String parameter in moto (overwriting: each write is a new version in its history).
+pub async fn put_parameter(ssm: &aws_sdk_ssm::Client, name: &str, value: &str) {
+    ssm.put_parameter()
+        .name(name)
+        .value(value)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .overwrite(true)
+        .send()
+        .await
+        .expect("put parameter");
+}
+
+/// Decode one `application/x-www-form-urlencoded` component (`+` and `%XX`).
+pub fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

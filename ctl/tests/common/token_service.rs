@@ -180,7 +180,7 @@ fn serve(conn: TcpStream, signer: &Signer, seen: &Mutex<Vec<TokenRequest>>) {
         .unwrap_or_default()
         .split('&')
         .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
+        .map(|(k, v)| (super::form_decode(k), super::form_decode(v)))
         .collect();
     let expected = format!("Basic {}", b64(b"skiff:skiff-secret", STD, true));
     let granted = authorization.as_deref() == Some(expected.as_str());
@@ -215,27 +215,6 @@ fn serve(conn: TcpStream, signer: &Signer, seen: &Mutex<Vec<TokenRequest>>) {
         body.len()
     );
     let _ = conn.flush();
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
-                    i += 2;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
