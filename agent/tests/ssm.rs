@@ -156,3 +156,46 @@ fn ssm_and_registry_unreachable_keep_the_current_release_serving() {
     assert_eq!(fx.status()["previous"]["tag"], "v1");
     moto.delete_path(&base);
 }
+
+#[test]
+fn registry_password_from_a_secure_string_parameter() {
+    let moto = Moto::connect();
+    let mut fx = Fixture::new("regpw");
+    let repo = format!("127.0.0.1:5001/{}/app", fx.id);
+    support::sh(std::process::Command::new("docker").args([
+        "login",
+        "127.0.0.1:5001",
+        "-u",
+        "skiff",
+        "-p",
+        "skiff-secret",
+    ]));
+    fx.image_in(&repo, "v1", true);
+    support::sh(std::process::Command::new("docker").args(["logout", "127.0.0.1:5001"]));
+    docker(&["rmi", &format!("{repo}:v1")]);
+    let base = format!("/{}", fx.id);
+    moto.put(&format!("{base}/release"), "v1", false);
+    moto.put(&format!("{base}/env/X"), "1", false);
+    moto.put(&format!("{base}/registry-password"), "skiff-secret", true);
+
+    let config = ssm_config(
+        &fx,
+        &repo,
+        &format!("{base}/release"),
+        &format!("{base}/env/"),
+        "boot",
+    ) + &format!(
+        "[registry]\nusername = \"skiff\"\npassword_parameter = \"{base}/registry-password\"\n"
+    );
+    let config = fx.write_config(&config);
+    let mut env = AWS_ENV.to_vec();
+    env.push(("AWS_ENDPOINT_URL", MOTO));
+    let mut agent = Agent::start(&config, &env);
+    fx.wait_healthy("v1", LONG);
+    agent.sigterm();
+    assert!(
+        !agent.logs().contains("skiff-secret"),
+        "the password is never logged"
+    );
+    moto.delete_path(&base);
+}
