@@ -346,19 +346,7 @@ fn an_unreachable_docker_engine_never_turns_a_healthy_host_unhealthy() {
 #[test]
 fn a_private_registry_is_pulled_from_with_the_configured_credentials() {
     let mut fx = Fixture::new("private");
-    let repo = format!("127.0.0.1:5001/{}/app", fx.id);
-    support::sh(std::process::Command::new("docker").args([
-        "login",
-        "127.0.0.1:5001",
-        "-u",
-        "skiff",
-        "-p",
-        "skiff-secret",
-    ]));
-    fx.image_in(&repo, "v1", true);
-    support::sh(std::process::Command::new("docker").args(["logout", "127.0.0.1:5001"]));
-    // Only the registry has it now: the agent must log in to pull.
-    docker(&["rmi", &format!("{repo}:v1")]);
+    let repo = fx.private_image("v1");
     let password = fx.dir.path().join("registry-password");
     std::fs::write(&password, "wrong\n").expect("password");
     fx.set_release("v1");
@@ -381,6 +369,6 @@ fn a_private_registry_is_pulled_from_with_the_configured_credentials() {
     );
     assert_eq!(fx.healthz().expect("healthz").0, 503);
 
-    std::fs::write(&password, "skiff-secret\n").expect("password");
+    std::fs::write(&password, format!("{}\n", support::PRIVATE_PASSWORD)).expect("password");
     fx.wait_healthy("v1", Duration::from_secs(90));
 }

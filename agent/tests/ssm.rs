@@ -90,9 +90,7 @@ fn ssm_and_registry_unreachable_keep_the_current_release_serving() {
     let reg_proxy = Proxy::start(REGISTRY);
     let repo = format!("127.0.0.1:{}/{}/app", reg_proxy.port, fx.id);
     fx.image_in(&repo, "v1", true);
-    fx.image_in(&repo, "v2", true);
-    // Only the registry has v2: the agent must pull it.
-    docker(&["rmi", &format!("{repo}:v2")]);
+    fx.registry_only(&repo, "v2");
     let base = format!("/{}", fx.id);
     let parameter = format!("{base}/release");
     moto.put(&parameter, "v1", false);
@@ -161,22 +159,15 @@ fn ssm_and_registry_unreachable_keep_the_current_release_serving() {
 fn registry_password_from_a_secure_string_parameter() {
     let moto = Moto::connect();
     let mut fx = Fixture::new("regpw");
-    let repo = format!("127.0.0.1:5001/{}/app", fx.id);
-    support::sh(std::process::Command::new("docker").args([
-        "login",
-        "127.0.0.1:5001",
-        "-u",
-        "skiff",
-        "-p",
-        "skiff-secret",
-    ]));
-    fx.image_in(&repo, "v1", true);
-    support::sh(std::process::Command::new("docker").args(["logout", "127.0.0.1:5001"]));
-    docker(&["rmi", &format!("{repo}:v1")]);
+    let repo = fx.private_image("v1");
     let base = format!("/{}", fx.id);
     moto.put(&format!("{base}/release"), "v1", false);
     moto.put(&format!("{base}/env/X"), "1", false);
-    moto.put(&format!("{base}/registry-password"), "skiff-secret", true);
+    moto.put(
+        &format!("{base}/registry-password"),
+        support::PRIVATE_PASSWORD,
+        true,
+    );
 
     let config = ssm_config(
         &fx,
@@ -194,7 +185,7 @@ fn registry_password_from_a_secure_string_parameter() {
     fx.wait_healthy("v1", LONG);
     agent.sigterm();
     assert!(
-        !agent.logs().contains("skiff-secret"),
+        !agent.logs().contains(support::PRIVATE_PASSWORD),
         "the password is never logged"
     );
     moto.delete_path(&base);

@@ -15,6 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const REGISTRY: &str = "127.0.0.1:5000";
+/// The registry with basic auth, and its password for user `skiff` (see .ci/setup.sh).
+pub const PRIVATE_REGISTRY: &str = "127.0.0.1:5001";
+pub const PRIVATE_PASSWORD: &str = "skiff-secret";
 pub const MOTO: &str = "http://127.0.0.1:5055";
 pub const BASE_IMAGE: &str = "skiff-ci/busybox:1";
 
@@ -153,6 +156,32 @@ impl Fixture {
             .find(|w| w.starts_with("sha256:"))
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("no digest in push output: {out}"))
+    }
+
+    /// Push `repo:tag` and remove the host's copy: only the registry has it, so the agent must
+    /// pull it.
+    pub fn registry_only(&mut self, repo: &str, tag: &str) -> String {
+        let digest = self.image_in(repo, tag, true);
+        docker(&["rmi", &format!("{repo}:{tag}")]);
+        digest
+    }
+
+    /// `tag` in this test's repository on the basic-auth registry (:5001), only there; returns
+    /// the repository. The docker client's login is undone at once.
+    pub fn private_image(&mut self, tag: &str) -> String {
+        let repo = format!("{PRIVATE_REGISTRY}/{}/app", self.id);
+        docker(&[
+            "login",
+            PRIVATE_REGISTRY,
+            "-u",
+            "skiff",
+            "-p",
+            PRIVATE_PASSWORD,
+        ]);
+        self.image_in(&repo, tag, true);
+        docker(&["logout", PRIVATE_REGISTRY]);
+        docker(&["rmi", &format!("{repo}:{tag}")]);
+        repo
     }
 
     pub fn release_file(&self) -> PathBuf {
