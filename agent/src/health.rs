@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::Serialize;
 use skiff_release::Release;
@@ -116,7 +116,7 @@ struct StatusBody<'a> {
     snapshot: &'a Snapshot,
 }
 
-async fn healthz(State(state): State<watch::Receiver<Snapshot>>) -> impl IntoResponse {
+async fn healthz(State(state): State<watch::Receiver<Snapshot>>) -> Response {
     let snap = state.borrow();
     let status = snap.status();
     let release = snap
@@ -134,16 +134,17 @@ async fn healthz(State(state): State<watch::Receiver<Snapshot>>) -> impl IntoRes
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(serde_json::to_value(&body).unwrap_or_default()))
+    // Serialised once, straight from the snapshot, while the borrow is held.
+    (code, Json(body)).into_response()
 }
 
-async fn status(State(state): State<watch::Receiver<Snapshot>>) -> impl IntoResponse {
+async fn status(State(state): State<watch::Receiver<Snapshot>>) -> Response {
     let snap = state.borrow();
-    let body = StatusBody {
+    Json(StatusBody {
         status: snap.status(),
         snapshot: &snap,
-    };
-    Json(serde_json::to_value(&body).unwrap_or_default())
+    })
+    .into_response()
 }
 
 pub fn router(state: watch::Receiver<Snapshot>) -> Router {
