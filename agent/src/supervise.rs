@@ -421,6 +421,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
 
     /// A container serves another release: prepare the new one, drain, swap, check, roll back.
     async fn replace(&mut self, release: Release) {
+        if self.current.is_none() {
+            return;
+        }
         let new = match self.prepare(&release).await {
             Ok(c) => c,
             Err(e) => return self.deploy_failed_to_prepare(&release, e),
@@ -454,13 +457,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let retryable = match &e {
             DeployError::Runtime(r) => r.is_retryable(),
             DeployError::Source(s) => s.is_retryable(),
-            DeployError::PasswordFile { .. } => false,
+            // The operator may write the file any time: retried with the capped backoff.
+            DeployError::PasswordFile { .. } => true,
         };
         let wait = restart_delay(self.deploy_failures).min(DEPLOY_RETRY_CAP);
         self.next_deploy = Instant::now() + jitter(wait);
         tracing::error!(tag = %release.tag, digest = ?release.digest, error = %e, retryable, retry_in_ms = wait.as_millis() as u64, "cannot prepare the release; the current container keeps running");
         if !retryable {
-            // A digest mismatch or a bad password will not heal by itself: do not hammer.
+            // A digest mismatch or denied access will not heal by itself: do not hammer.
             self.failed = Some(release.clone());
             let r = release.clone();
             self.publish(|s| s.failed_release = Some(r));
