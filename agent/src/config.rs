@@ -167,7 +167,7 @@ impl Config {
                 self.app.port
             ));
         }
-        let file_source = matches!(self.release.source, SourceConfig::File { .. });
+        let file_source = self.is_local();
         if file_source && self.app.env_path.is_some() {
             problems.push(
                 "app.env_path reads SSM, but release.source is \"file\": remove env_path or use source = \"ssm\""

@@ -104,12 +104,8 @@ impl AwsFleet {
                         .region(region)
                         .build(),
                 );
-                let mut fleet = Self::with_clients(instance_id, ec2, autoscaling, hook);
-                if let Some(on) = fleet.on_ec2.as_mut() {
-                    on.terminate_hook = terminate_hook;
-                    on.imds = Some(imds.clone());
-                }
-                fleet
+                Self::with_clients(instance_id, ec2, autoscaling, hook)
+                    .with_termination(terminate_hook, imds.clone())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "not on EC2 (or metadata disabled): no instance tag, no lifecycle hook");
