@@ -75,19 +75,7 @@ async fn basic_auth_registry_needs_the_credentials() {
     let got = with.resolve(&repo, &tag("v1")).await.expect("resolve");
     assert_eq!(got.as_str(), digest);
 
-    let without = HttpRegistry::new(None).expect("client");
-    let err = without
-        .resolve(&repo, &tag("v1"))
-        .await
-        .expect_err("denied");
-    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
-    let wrong = HttpRegistry::new(Some(Credentials {
-        user: "skiff".into(),
-        password: "wrong".into(),
-    }))
-    .expect("client");
-    let err = wrong.resolve(&repo, &tag("v1")).await.expect_err("denied");
-    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+    assert_denied_without_the_right_credentials(&repo).await;
 }
 
 #[tokio::test]
@@ -118,19 +106,7 @@ async fn bearer_token_registry_resolves_through_the_challenge_flow() {
     let err = with.resolve(&repo, &tag("v2")).await.expect_err("unknown");
     assert!(matches!(err, RegistryError::UnknownTag { .. }), "{err}");
 
-    let without = HttpRegistry::new(None).expect("client");
-    let err = without
-        .resolve(&repo, &tag("v1"))
-        .await
-        .expect_err("denied");
-    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
-    let wrong = HttpRegistry::new(Some(Credentials {
-        user: "skiff".into(),
-        password: "wrong".into(),
-    }))
-    .expect("client");
-    let err = wrong.resolve(&repo, &tag("v1")).await.expect_err("denied");
-    assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
+    assert_denied_without_the_right_credentials(&repo).await;
 
     let seen = tokens.seen();
     assert_eq!(
@@ -145,5 +121,18 @@ async fn bearer_token_registry_resolves_through_the_challenge_flow() {
             Some(&format!("repository:{path}:pull")),
             "{seen:?}"
         );
+    }
+}
+
+/// No credentials, and a wrong password, are both refused as `Denied` for `repo:v1`.
+async fn assert_denied_without_the_right_credentials(repo: &str) {
+    let wrong = Credentials {
+        user: "skiff".into(),
+        password: "wrong".into(),
+    };
+    for creds in [None, Some(wrong)] {
+        let client = HttpRegistry::new(creds).expect("client");
+        let err = client.resolve(repo, &tag("v1")).await.expect_err("denied");
+        assert!(matches!(err, RegistryError::Denied { .. }), "{err}");
     }
 }
