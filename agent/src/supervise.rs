@@ -439,12 +439,8 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.record_error(e.to_string());
         }
         self.healthy_since = None;
-        let result = self.start_and_wait(&new).await;
-        match result {
-            Ok(elapsed) => {
-                self.promote(new, Some(old), elapsed).await;
-                self.publish(|s| s.draining = false);
-            }
+        match self.start_and_wait(&new).await {
+            Ok(elapsed) => self.promote(new, Some(old), elapsed).await,
             Err(why) => {
                 self.roll_back(&release, new, Some(old), why).await;
                 self.publish(|s| s.draining = false);
@@ -611,6 +607,18 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         new.running = true;
         let ms = elapsed.as_millis() as u64;
         tracing::info!(tag = %new.release.tag, digest = ?new.release.digest, container = %new.id, start_to_healthy_ms = ms, "release is healthy");
+        // Healthy is reported first: cleanup and fleet calls must not delay the host's answer.
+        let running = running_of(&new);
+        let previous = old.as_ref().map(|o| o.release.clone());
+        self.publish(|s| {
+            s.running = Some(running);
+            s.previous = previous.or(s.previous.take());
+            s.app.ok = true;
+            s.starting = false;
+            s.failed = false;
+            s.draining = false;
+            s.timings.start_to_healthy_ms = Some(ms);
+        });
         let keep: Vec<String> = [Some(&new), old.as_ref()]
             .into_iter()
             .flatten()
@@ -623,16 +631,6 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 }
             }
         }
-        let running = running_of(&new);
-        let previous = old.as_ref().map(|o| o.release.clone());
-        self.publish(|s| {
-            s.running = Some(running);
-            s.previous = previous.or(s.previous.take());
-            s.app.ok = true;
-            s.starting = false;
-            s.failed = false;
-            s.timings.start_to_healthy_ms = Some(ms);
-        });
         self.healthy_since = Some(Instant::now());
         self.restart_attempts = 0;
         self.fleet.release_healthy(&new.release).await;
