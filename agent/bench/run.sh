@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Agent benchmark: prints numbers, asserts nothing. Run after `bash .ci/setup.sh`:
-#   bash agent/bench/run.sh            (ROUNDS=7 by default)
+#   bash agent/bench/run.sh            (ROUNDS=15 by default)
 # Measures, side by side in one run:
 #   1. start-to-healthy with the image present: the agent (process start -> /healthz 200, release
 #      pinned by digest so nothing is pulled) vs a bare `docker run -d --network host` followed
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
-rounds=${ROUNDS:-7}
+rounds=${ROUNDS:-15}
 cargo build -q --release -p skiff-agent
 agent="$CARGO_TARGET_DIR/release/agent"
 id="skiff-bench-$$"
