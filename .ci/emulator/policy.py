@@ -1,0 +1,229 @@
+"""Identity-based IAM policy evaluation as AWS documents it, for one request (pure: no moto).
+
+A request is a list of checks; each check is (action, resource ARN, condition context). The
+request is allowed only when every check is allowed. One check:
+
+  * an explicit Deny that applies (action, resource and every condition match) denies;
+  * otherwise an Allow that applies allows;
+  * otherwise it is denied implicitly.
+
+  https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_evaluation-logic.html
+
+"Applies" includes the conditions: an Allow whose condition does not hold simply does not apply
+(moto 5 returns DENIED for it, which makes a least-privilege policy with a condition deny
+everything). Resource-based policies, permission boundaries, SCPs and session policies are not
+modelled: skiff uses none of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+
+@dataclass
+class Check:
+    action: str  # "service:Action"
+    resource: str  # an ARN, or "*" for actions without resource-level permissions
+    context: dict[str, list[str]] = field(default_factory=dict)  # condition keys, any case
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    denied_by: Check | None = None  # the first check that failed
+    explicit: bool = False  # denied by an explicit Deny statement
+
+
+def parse_document(doc: Any) -> dict:
+    """A policy document as moto stores it: JSON text, URL-encoded JSON, a Python repr (what
+    moto keeps for CloudFormation inline policies) or a dict already."""
+    if isinstance(doc, dict):
+        return doc
+    text = str(doc)
+    for candidate in (text, urllib.parse.unquote(text)):
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError:
+            pass
+    return ast.literal_eval(urllib.parse.unquote(text))
+
+
+def statements(documents: Iterable[Any]) -> list[dict]:
+    out = []
+    for doc in documents:
+        parsed = parse_document(doc)
+        stmts = parsed.get("Statement", [])
+        if isinstance(stmts, dict):
+            stmts = [stmts]
+        # An Fn::If that chose AWS::NoValue stays a null in moto; CloudFormation drops it.
+        out.extend(s for s in stmts if s)
+    return out
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _wildcard(pattern: str, value: str, ignore_case: bool) -> bool:
+    """IAM's wildcards: * any run of characters (also across ':' and '/'), ? one character.
+    https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_resource.html"""
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, value, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL) is not None
+
+
+def action_matches(stmt: dict, action: str) -> bool:
+    # Action names are case-insensitive.
+    # https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_action.html
+    if "NotAction" in stmt:
+        return not any(_wildcard(p, action, True) for p in _as_list(stmt["NotAction"]))
+    return any(_wildcard(p, action, True) for p in _as_list(stmt.get("Action")))
+
+
+def resource_matches(stmt: dict, resource: str) -> bool:
+    # ARNs are case-sensitive; "*" in a statement matches any resource, including "*".
+    if "NotResource" in stmt:
+        return not any(_wildcard(p, resource, False) for p in _as_list(stmt["NotResource"]))
+    patterns = _as_list(stmt.get("Resource"))
+    if resource == "*":
+        # An action without resource-level permissions is only allowed by Resource "*".
+        # https://docs.aws.amazon.com/service-authorization/latest/reference/reference_policies_actions-resources-contextkeys.html
+        return "*" in patterns
+    return any(_wildcard(p, resource, False) for p in patterns)
+
+
+# --- conditions ------------------------------------------------------------------------------
+# https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_condition_operators.html
+# https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_condition-single-vs-multi-valued-context-keys.html
+
+def _str_eq(v, p):
+    return v == p
+
+
+def _str_eq_ic(v, p):
+    return v.lower() == p.lower()
+
+
+def _str_like(v, p):
+    return _wildcard(p, v, False)
+
+
+def _bool(v, p):
+    return v.lower() == str(p).lower()
+
+
+def _num(op):
+    def f(v, p):
+        try:
+            return op(float(v), float(p))
+        except ValueError:
+            return False
+    return f
+
+
+# operator -> (value matcher, negated)
+OPERATORS = {
+    "StringEquals": (_str_eq, False),
+    "StringNotEquals": (_str_eq, True),
+    "StringEqualsIgnoreCase": (_str_eq_ic, False),
+    "StringNotEqualsIgnoreCase": (_str_eq_ic, True),
+    "StringLike": (_str_like, False),
+    "StringNotLike": (_str_like, True),
+    "ArnEquals": (_str_like, False),
+    "ArnLike": (_str_like, False),
+    "ArnNotEquals": (_str_like, True),
+    "ArnNotLike": (_str_like, True),
+    "Bool": (_bool, False),
+    "NumericEquals": (_num(lambda a, b: a == b), False),
+    "NumericNotEquals": (_num(lambda a, b: a == b), True),
+    "NumericLessThan": (_num(lambda a, b: a < b), False),
+    "NumericLessThanEquals": (_num(lambda a, b: a <= b), False),
+    "NumericGreaterThan": (_num(lambda a, b: a > b), False),
+    "NumericGreaterThanEquals": (_num(lambda a, b: a >= b), False),
+}
+
+
+class UnsupportedCondition(ValueError):
+    pass
+
+
+def _lookup(context: dict[str, list[str]], key: str) -> list[str] | None:
+    # Condition key names are case-insensitive.
+    # https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_condition.html
+    lowered = key.lower()
+    for k, v in context.items():
+        if k.lower() == lowered:
+            return v
+    return None
+
+
+def condition_holds(operator: str, key: str, wanted: Any, context: dict[str, list[str]]) -> bool:
+    qualifier = None
+    op = operator
+    if ":" in op:
+        qualifier, op = op.split(":", 1)
+        if qualifier not in ("ForAllValues", "ForAnyValue"):
+            raise UnsupportedCondition(f"condition qualifier {qualifier!r}")
+    if_exists = op.endswith("IfExists")
+    if if_exists:
+        op = op[: -len("IfExists")]
+    present = _lookup(context, key)
+    policy_values = [str(v) if not isinstance(v, bool) else str(v).lower() for v in _as_list(wanted)]
+
+    if op == "Null":
+        # "true": the key must be absent; "false": it must be present.
+        want_absent = any(v.lower() == "true" for v in policy_values)
+        return (present is None or present == []) == want_absent
+    if op not in OPERATORS:
+        raise UnsupportedCondition(f"condition operator {operator!r}")
+    match, negated = OPERATORS[op]
+    values = present or []
+
+    def ok(v: str) -> bool:
+        hit = any(match(v, p) for p in policy_values)
+        return not hit if negated else hit
+
+    if qualifier == "ForAllValues":
+        # True when every value in the request matches, also when there is none.
+        return all(ok(v) for v in values)
+    if qualifier == "ForAnyValue":
+        return any(ok(v) for v in values)
+    if not values:
+        # Absent key: no match, so false; true for a negated operator, and with ...IfExists.
+        return if_exists or negated
+    if negated:
+        return all(ok(v) for v in values)
+    return any(ok(v) for v in values)
+
+
+def conditions_hold(stmt: dict, context: dict[str, list[str]]) -> bool:
+    block = stmt.get("Condition") or {}
+    for operator, keys in block.items():
+        for key, wanted in keys.items():
+            if not condition_holds(operator, key, wanted, context):
+                return False
+    return True
+
+
+def applies(stmt: dict, check: Check) -> bool:
+    return (
+        action_matches(stmt, check.action)
+        and resource_matches(stmt, check.resource)
+        and conditions_hold(stmt, check.context)
+    )
+
+
+def evaluate(stmts: list[dict], checks: list[Check]) -> Decision:
+    for check in checks:
+        relevant = [s for s in stmts if "Principal" not in s and "NotPrincipal" not in s]
+        if any(s.get("Effect") == "Deny" and applies(s, check) for s in relevant):
+            return Decision(False, check, explicit=True)
+        if not any(s.get("Effect") == "Allow" and applies(s, check) for s in relevant):
+            return Decision(False, check)
+    return Decision(True)

@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""Permissions proven by running: the agent and ctl under the policies the stack itself creates.
+
+Runs against skiff's IAM-enforcing emulator (.ci/emulator, 127.0.0.1:5056; setup.sh starts it)
+with the real Docker engine and the real agent and ctl binaries. As the emulator's administrator
+it creates two app stacks from templates/app.yaml (environments A and B), then:
+
+  * scope: stack A's instance role (credentials as EC2 hands them out) reads its own release,
+    but not stack B's release or env parameters, nor anything outside /skiff/<A>/;
+  * agent: the real agent runs with those credentials served through a fake IMDSv2 and the
+    config rendered from A's launch-template user data: release read, env path read, ECR token
+    and pull, instance tagged skiff:release, launch hook completed, and after the test asks
+    Auto Scaling to terminate the instance, terminate hook completed after draining. Any
+    AccessDenied in its log fails the check and names the action;
+  * ctl: an IAM user with the stack's DeployerPolicy (output DeployerPolicyArn) runs
+    `ctl release`, `status`, `history`, `rollback` against stack A; the test stands in for the
+    agents of the replacement instances (it completes their lifecycle hooks as administrator).
+
+Prints one line per check and 'N passed, N failed'; exits 1 on any failure. Everything it
+creates carries a fresh run id and is removed at the end (containers and images skiff-it-*).
+Environment: EMULATOR_IAM_ENDPOINT (default http://127.0.0.1:5056), SKIFF_CI_HOME,
+AGENT_BIN / CTL_BIN (default $CARGO_TARGET_DIR/debug/{agent,ctl}), ECR_REGISTRY (default
+123456789012.dkr.ecr.us-east-1.amazonaws.com).
+"""
+
+import base64
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+import uuid
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "templates"))
+from test_stacks import load_template, outputs, params  # noqa: E402  (pure helpers)
+
+ENDPOINT = os.environ.get("EMULATOR_IAM_ENDPOINT", "http://127.0.0.1:5056")
+CI_HOME = os.environ.get("SKIFF_CI_HOME", "/var/lib/skiff-ci")
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
+AGENT = os.environ.get("AGENT_BIN", os.path.join(TARGET, "debug", "agent"))
+CTL = os.environ.get("CTL_BIN", os.path.join(TARGET, "debug", "ctl"))
+REGION = "us-east-1"
+ECR = os.environ.get("ECR_REGISTRY", f"123456789012.dkr.ecr.{REGION}.amazonaws.com")
+RUN = uuid.uuid4().hex[:8]
+NO_RETRY = botocore.config.Config(retries={"max_attempts": 1})
+
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {name}", flush=True)
+    else:
+        failed += 1
+        print(f"FAIL {name}" + (f": {detail}" if detail else ""), flush=True)
+    return ok
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, fn, timeout, every=0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def session(key, secret, token=None):
+    return boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
+                                 aws_session_token=token, region_name=REGION)
+
+
+def denied(call):
+    """The AWS error code of `call`, or None when it succeeded."""
+    try:
+        call()
+        return None
+    except botocore.exceptions.ClientError as e:
+        return e.response["Error"]["Code"]
+
+
+def access_denials(text):
+    """(action, resource) of every AccessDenied the emulator reported in a log."""
+    return sorted(set(re.findall(r"not authorized to perform: ([\w:-]+)(?: on resource: ([^\s\"\\]+))?", text)))
+
+
+# --- the administrator and the stacks -------------------------------------------------------
+
+def admin_session():
+    path = os.path.join(CI_HOME, "emulator-iam-admin.json")
+    with open(path) as f:
+        a = json.load(f)
+    return session(a["access_key_id"], a["secret_access_key"])
+
+
+def emulator_credentials(role_arn, instance_id):
+    req = urllib.request.Request(
+        f"{ENDPOINT}/skiff-emulator/instance-credentials", method="POST",
+        data=json.dumps({"role_arn": role_arn, "instance_id": instance_id, "region": REGION}).encode())
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+class World:
+    def __init__(self, admin):
+        self.s = admin
+        c = lambda svc: admin.client(svc, endpoint_url=ENDPOINT)  # noqa: E731
+        self.cfn, self.ec2, self.acm, self.ssm, self.asg, self.iam, self.sm, self.ecr = (
+            c(x) for x in ("cloudformation", "ec2", "acm", "ssm", "autoscaling", "iam",
+                           "secretsmanager", "ecr"))
+        self.cleanup = []
+
+    def network(self):
+        vpc = self.ec2.create_vpc(CidrBlock="10.88.0.0/16")["Vpc"]["VpcId"]
+        self.cleanup.append(lambda: self.ec2.delete_vpc(VpcId=vpc))
+        subnets = []
+        for i, zone in enumerate("abab"):
+            sid = self.ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.88.{i}.0/24",
+                                         AvailabilityZone=REGION + zone)["Subnet"]["SubnetId"]
+            subnets.append(sid)
+            self.cleanup.append(lambda sid=sid: self.ec2.delete_subnet(SubnetId=sid))
+        cert = self.acm.request_certificate(DomainName=f"p{RUN}.skiff.example.com")["CertificateArn"]
+        self.cleanup.append(lambda: self.acm.delete_certificate(CertificateArn=cert))
+        ami = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        return vpc, subnets[:2], subnets[2:], cert, ami
+
+    def stack(self, env, text, t, net, tag, app_port, agent_port):
+        vpc, public, private, cert, ami = net
+        declared = t["Parameters"]
+        p = {"Environment": env, "VpcId": vpc, "PublicSubnetIds": ",".join(public),
+             "PrivateSubnetIds": ",".join(private), "CertificateArn": cert, "AmiId": ami,
+             "InitialTag": tag, "AppPort": app_port, "AgentPort": agent_port, "DrainSeconds": 2,
+             "MinSize": 1, "MaxSize": 2, "StopTimeoutSeconds": 5}
+        if "DatabaseHost" in declared:
+            # An existing database (no RDS instance in the emulator); its secret is real.
+            secret = self.sm.create_secret(Name=f"skiff-it-{env}-db",
+                                           SecretString='{"username":"skiff"}')["ARN"]
+            self.cleanup.append(lambda: self.sm.delete_secret(SecretId=secret,
+                                                              ForceDeleteWithoutRecovery=True))
+            p.update(DatabaseHost="db.example.internal", DatabaseSecretArn=secret)
+        p = {k: v for k, v in p.items() if k in declared}
+        release = f"/skiff/{env}/release"
+        if "ReleaseParameter" not in t["Resources"]:
+            # Created once before the stack (make create-stack), owned by ctl afterwards.
+            self.ssm.put_parameter(Name=release, Value=tag, Type="String")
+            self.cleanup.append(lambda: self.ssm.delete_parameter(Name=release))
+        name = f"skiff-it-perm-{env}"
+        self.cfn.create_stack(StackName=name, TemplateBody=text, Parameters=params(p),
+                              Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"])
+        self.cleanup.append(lambda: self.cfn.delete_stack(StackName=name))
+        stack = wait_until("stack", lambda: (lambda s: s if not s["StackStatus"].endswith("_IN_PROGRESS") else None)(
+            self.cfn.describe_stacks(StackName=name)["Stacks"][0]), 120)
+        return name, stack
+
+    def physical_ids(self, stack_name):
+        return {r["LogicalResourceId"]: r.get("PhysicalResourceId") for r in
+                self.cfn.describe_stack_resources(StackName=stack_name)["StackResources"]
+                if "LogicalResourceId" in r}
+
+    def group_instances(self, group):
+        g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
+        return {i["InstanceId"]: i["LifecycleState"] for i in (g[0]["Instances"] if g else [])}
+
+
+# --- a fake IMDSv2 serving the instance's identity, role credentials and lifecycle state -----
+
+class Imds:
+    def __init__(self, world, instance_id, group, role_name, role_arn):
+        self.world, self.instance_id, self.group = world, instance_id, group
+        self.role_name, self.role_arn = role_name, role_arn
+        self.token = uuid.uuid4().hex
+        self.seen = []
+        self.creds = emulator_credentials(role_arn, instance_id)
+        imds = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def reply(self, code, body, ctype="text/plain"):
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self):
+                imds.seen.append(f"PUT {self.path}")
+                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self.reply(200, imds.token)
+                return self.reply(400, "bad token request")
+
+            def do_GET(self):
+                imds.seen.append(f"GET {self.path}")
+                # IMDSv2 only (HttpTokens: required): no token, 401.
+                if self.headers.get("X-aws-ec2-metadata-token") != imds.token:
+                    return self.reply(401, "")
+                body = imds.answer(self.path)
+                if body is None:
+                    return self.reply(404, "")
+                return self.reply(200, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path):
+        md = "/latest/meta-data/"
+        if path == md + "instance-id":
+            return self.instance_id
+        if path == md + "placement/region":
+            return REGION
+        if path == md + "placement/availability-zone":
+            return REGION + "a"
+        if path in (md + "iam/security-credentials/", md + "iam/security-credentials"):
+            return self.role_name
+        if path == md + f"iam/security-credentials/{self.role_name}":
+            return json.dumps(dict(self.creds, Code="Success", Type="AWS-HMAC",
+                                   LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        if path == md + "tags/instance/aws:autoscaling:groupName":
+            return self.group
+        if path == md + "tags/instance":
+            return "aws:autoscaling:groupName"
+        if path == md + "autoscaling/target-lifecycle-state":
+            state = self.world.group_instances(self.group).get(self.instance_id)
+            # Auto Scaling sets the target state to Terminated when it terminates the instance.
+            # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
+            return "Terminated" if state is None or state.startswith("Terminating") else "InService"
+        return None
+
+    def close(self):
+        self.server.shutdown()
+
+
+def render_config(user_data_b64, tmp, app_name):
+    """Run the launch template's user data with /etc/skiff and systemctl redirected (as
+    templates/test_stacks.py does); the container name gets this run's skiff-it- prefix."""
+    script = base64.b64decode(user_data_b64).decode()
+    etc, bindir = os.path.join(tmp, "etc-skiff"), os.path.join(tmp, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    with open(os.path.join(bindir, "systemctl"), "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(bindir, "systemctl"), 0o755)
+    script = script.replace("/etc/skiff", etc)
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True,
+                   env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"))
+    path = os.path.join(etc, "agent.toml")
+    with open(path) as f:
+        text = f.read()
+    text = re.sub(r'(?m)^name = "[^"]*"', f'name = "{app_name}"', text, count=1)
+    with open(path, "w") as f:
+        f.write(text)
+    return path, text
+
+
+def docker(*args, check_rc=True):
+    p = subprocess.run(["docker", *args], capture_output=True, text=True)
+    if check_rc and p.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)}: {p.stderr.strip()}")
+    return p
+
+
+def push_app_image(world, repo, tag, tmp):
+    """A tiny app (busybox httpd, /health 200) pushed to the ECR-shaped registry as repo:tag,
+    logged in with the token moto's ECR hands out; removed from the host afterwards."""
+    token = world.ecr.get_authorization_token()["authorizationData"][0]["authorizationToken"]
+    user, password = base64.b64decode(token).decode().split(":", 1)
+    ctx = os.path.join(tmp, "image")
+    os.makedirs(ctx, exist_ok=True)
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write("FROM skiff-ci/busybox:1\nRUN mkdir -p /www && echo ok > /www/health\n"
+                'CMD ["/bin/sh", "-c", "exec httpd -f -p $PORT -h /www"]\n')
+    ref = f"{ECR}/{repo}:{tag}"
+    config = os.path.join(tmp, "docker-config")
+    os.makedirs(config, exist_ok=True)
+    env = dict(os.environ, DOCKER_CONFIG=config, DOCKER_BUILDKIT="0")
+    subprocess.run(["docker", "build", "-q", "-t", ref, ctx], check=True, capture_output=True, env=env)
+    login = subprocess.run(["docker", "login", "-u", user, "--password-stdin", ECR], input=password,
+                           capture_output=True, text=True, env=env)
+    if login.returncode != 0:
+        raise RuntimeError(f"docker login {ECR}: {login.stderr.strip()}")
+    push = subprocess.run(["docker", "push", ref], capture_output=True, text=True, env=env)
+    if push.returncode != 0:
+        raise RuntimeError(f"docker push {ref}: {push.stderr.strip()}")
+    docker("rmi", ref, check_rc=False)
+    return ref
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+def scope_checks(world, role_session, env_a, env_b):
+    ssm = role_session.client("ssm", endpoint_url=ENDPOINT, config=NO_RETRY)
+    put = world.ssm.put_parameter
+    put(Name=f"/skiff/{env_b}/env/SECRET", Value="b-secret", Type="SecureString")
+    world.cleanup.append(lambda: world.ssm.delete_parameter(Name=f"/skiff/{env_b}/env/SECRET"))
+    put(Name=f"/skiff-it/{RUN}/outside", Value="x", Type="String")
+    world.cleanup.append(lambda: world.ssm.delete_parameter(Name=f"/skiff-it/{RUN}/outside"))
+    check("scope: A's role reads A's release",
+          denied(lambda: ssm.get_parameter(Name=f"/skiff/{env_a}/release")) is None)
+    for what, call in [
+        ("B's release", lambda: ssm.get_parameter(Name=f"/skiff/{env_b}/release")),
+        ("B's env parameter", lambda: ssm.get_parameter(Name=f"/skiff/{env_b}/env/SECRET", WithDecryption=True)),
+        ("B's env path", lambda: ssm.get_parameters_by_path(Path=f"/skiff/{env_b}/env/", WithDecryption=True)),
+        ("B's release among A's (GetParameters)",
+         lambda: ssm.get_parameters(Names=[f"/skiff/{env_a}/release", f"/skiff/{env_b}/release"])),
+        ("a parameter outside /skiff/<env>/", lambda: ssm.get_parameter(Name=f"/skiff-it/{RUN}/outside")),
+        ("the whole /skiff/ tree", lambda: ssm.get_parameters_by_path(Path="/skiff/", Recursive=True)),
+    ]:
+        code = denied(call)
+        check(f"scope: A's role cannot read {what}", code in ("AccessDenied", "AccessDeniedException"),
+              f"got {code or 'success'}")
+
+
+def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
+    out = outputs(stack_a)
+    group = out["AutoScalingGroup"]
+    instances = world.group_instances(group)
+    check("agent: the group's first instance waits in Pending:Wait for the launch hook",
+          list(instances.values()) == ["Pending:Wait"], str(instances))
+    instance_id = next(iter(instances))
+    ids = world.physical_ids(stack_a["StackName"])
+    lt = world.ec2.describe_launch_template_versions(LaunchTemplateId=ids["LaunchTemplate"])
+    user_data = max(lt["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])["LaunchTemplateData"]["UserData"]
+    app_name = f"skiff-it-perm-{RUN}"
+    config, text = render_config(user_data, tmp, app_name)
+    image = re.search(r'(?m)^image = "([^"]+)"', text).group(1)
+    repo = image.split("/", 1)[1]
+
+    world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/GREETING", Value="hello", Type="String")
+    world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/TOKEN", Value="s3cret", Type="SecureString")
+    for n in ("GREETING", "TOKEN"):
+        world.cleanup.append(lambda n=n: world.ssm.delete_parameter(Name=f"/skiff/{env_a}/env/{n}"))
+    try:
+        push_app_image(world, repo, tag, tmp)
+    except Exception as e:
+        check(f"agent: app image pushed to the ECR-shaped registry {ECR}", False,
+              f"{e} (setup.sh's ECR registry block missing?)")
+        return
+    world.cleanup.append(lambda: docker("rmi", "-f", f"{image}:{tag}", check_rc=False))
+
+    imds = Imds(world, instance_id, group, role_name, role_arn)
+    env = {"PATH": os.environ["PATH"], "HOME": tmp, "AWS_ENDPOINT_URL": ENDPOINT,
+           "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url, "RUST_LOG": "info,skiff_agent=debug",
+           "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
+    if os.environ.get("DOCKER_HOST"):
+        env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
+    log_path = os.path.join(tmp, "agent.log")
+    log = open(log_path, "w")
+    agent = subprocess.Popen([AGENT, "run", "--config", config], env=env, stdout=log, stderr=log)
+    world.cleanup.append(lambda: [c and docker("rm", "-f", c, check_rc=False) for c in
+                                  docker("ps", "-aq", "--filter", f"name={app_name}").stdout.split()])
+    try:
+        in_service = wait_until("launch hook", lambda: world.group_instances(group).get(instance_id) == "InService", 90)
+        check("agent: launch hook completed under the instance role (instance InService)", in_service,
+              f"state {world.group_instances(group).get(instance_id)}")
+        tags = world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]},
+                                                {"Name": "key", "Values": ["skiff:release"]}])["Tags"]
+        check("agent: instance tagged skiff:release=<tag>", [t["Value"] for t in tags] == [tag], str(tags))
+        running = docker("ps", "--filter", f"name={app_name}", "--format", "{{.Names}}").stdout.split()
+        check("agent: the release's container runs", len(running) == 1, str(running))
+        if running:
+            env_out = docker("exec", running[0], "env").stdout
+            check("agent: env path read (GREETING and decrypted TOKEN in the container)",
+                  "GREETING=hello" in env_out and "TOKEN=s3cret" in env_out)
+        world.asg.terminate_instance_in_auto_scaling_group(InstanceId=instance_id,
+                                                           ShouldDecrementDesiredCapacity=True)
+        check("agent: termination waits in Terminating:Wait for the terminate hook",
+              (world.group_instances(group).get(instance_id) or "").startswith("Terminating"),
+              str(world.group_instances(group)))
+        gone = wait_until("terminate hook", lambda: instance_id not in world.group_instances(group), 60)
+        check("agent: terminate hook completed after draining (instance left the group)", gone,
+              str(world.group_instances(group)))
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        log.close()
+        imds.close()
+    with open(log_path) as f:
+        text = f.read()
+    denials = access_denials(text)
+    check("agent: no AccessDenied in the agent's log", not denials,
+          "; ".join(f"{a} on {r or '?'}" for a, r in denials))
+    check("agent: credentials came from IMDSv2 (token first, then the role)",
+          imds.seen[:1] == ["PUT /latest/api/token"]
+          and any(s.endswith(f"security-credentials/{role_name}") for s in imds.seen), str(imds.seen[:6]))
+    if failed:
+        print("--- agent log (last 40 lines)\n" + "\n".join(text.splitlines()[-40:]) + "\n---")
+
+
+class HookAnswerer:
+    """Stands in for the agents of instances ctl's refresh launches and terminates."""
+
+    def __init__(self, world, group):
+        self.world, self.group, self.stop = world, group, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.wait(0.5):
+            try:
+                for iid, state in self.world.group_instances(self.group).items():
+                    hook = {"Pending:Wait": "skiff-launch", "Terminating:Wait": "skiff-terminate"}.get(state)
+                    if hook:
+                        self.world.asg.complete_lifecycle_action(
+                            AutoScalingGroupName=self.group, LifecycleHookName=hook,
+                            InstanceId=iid, LifecycleActionResult="CONTINUE")
+            except botocore.exceptions.ClientError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+
+
+def ctl_checks(world, stack_a, tags, tmp):
+    out = outputs(stack_a)
+    arn = out.get("DeployerPolicyArn")
+    if not check("ctl: the stack outputs DeployerPolicyArn", bool(arn), f"outputs: {sorted(out)}"):
+        return
+    user = f"skiff-it-deployer-{RUN}"
+    world.iam.create_user(UserName=user)
+    world.iam.attach_user_policy(UserName=user, PolicyArn=arn)
+    key = world.iam.create_access_key(UserName=user)["AccessKey"]
+
+    def cleanup_user():
+        world.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
+        world.iam.detach_user_policy(UserName=user, PolicyArn=arn)
+        world.iam.delete_user(UserName=user)
+    world.cleanup.append(cleanup_user)
+    env = {"PATH": os.environ["PATH"], "HOME": tmp, "AWS_ENDPOINT_URL": ENDPOINT,
+           "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+           "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "BUILD_USER": "permissions-test",
+           "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
+    stack = stack_a["StackName"]
+    answerer = HookAnswerer(world, out["AutoScalingGroup"])
+    try:
+        for name, args in [
+            # --skip-verify: digest resolution is the registry's (not AWS's) business; the image
+            # for these tags is not in the ECR-shaped registry.
+            ("release", ["release", "--tag", tags[1], "--skip-verify", "--warmup", "1s", "--timeout", "90s"]),
+            ("status", ["status"]),
+            ("history", ["history"]),
+            ("rollback", ["rollback", "--skip-verify", "--warmup", "1s", "--timeout", "90s"]),
+        ]:
+            p = subprocess.run([CTL, "--stack", stack, *args], env=env, capture_output=True, text=True,
+                               timeout=180)
+            text = p.stdout + p.stderr
+            denials = access_denials(text)
+            check(f"ctl {name} under the deployer policy (exit {p.returncode})",
+                  p.returncode == 0 and not denials,
+                  ("denied: " + "; ".join(f"{a} on {r or '?'}" for a, r in denials) + " | " if denials else "")
+                  + text.strip()[-600:])
+            if name in ("release", "rollback"):
+                want = tags[1] if name == "release" else tags[0]
+                value = world.ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"]
+                check(f"ctl {name}: the parameter names {want}", want in value, value)
+                latest = world.asg.describe_instance_refreshes(
+                    AutoScalingGroupName=out["AutoScalingGroup"])["InstanceRefreshes"][:1]
+                check(f"ctl {name}: its instance refresh ran to Successful",
+                      [r["Status"] for r in latest] == ["Successful"], str(latest))
+    finally:
+        answerer.close()
+
+
+def main():
+    override = os.environ.get("SKIFF_APP_TEMPLATE")  # e.g. an older app.yaml, to see it fail
+    if override:
+        import yaml
+        from test_stacks import CfnLoader
+        with open(override) as f:
+            text = f.read()
+        t = yaml.load(text, Loader=CfnLoader)
+    else:
+        text, t = load_template("app.yaml")
+    try:
+        admin = admin_session()
+    except OSError as e:
+        check("emulator administrator keys readable", False, f"{e}: run .ci/setup.sh")
+        print(f"{passed} passed, {failed} failed")
+        return 1
+    world = World(admin)
+    env_a, env_b = f"pa{RUN}", f"pb{RUN}"
+    tag = f"rel{RUN}"
+    tmp = tempfile.mkdtemp(prefix="skiff-perm-")
+    try:
+        for b in (AGENT, CTL):
+            if not os.access(b, os.X_OK):
+                raise RuntimeError(f"{b} missing: cargo build -p skiff-agent -p skiff-ctl")
+        net = world.network()
+        stack_a = stack_b = None
+        name_a, stack_a = world.stack(env_a, text, t, net, tag, free_port(), free_port())
+        name_b, stack_b = world.stack(env_b, text, t, net, tag, free_port(), free_port())
+        for env, s in ((env_a, stack_a), (env_b, stack_b)):
+            check(f"stack {env} created as administrator", s["StackStatus"] == "CREATE_COMPLETE",
+                  f"{s['StackStatus']}: {s.get('StackStatusReason')}")
+        if stack_a["StackStatus"] != "CREATE_COMPLETE" or stack_b["StackStatus"] != "CREATE_COMPLETE":
+            raise RuntimeError("no stacks")
+        role_name = world.physical_ids(name_a)["InstanceRole"]
+        role_arn = world.iam.get_role(RoleName=role_name)["Role"]["Arn"]
+        group = outputs(stack_a)["AutoScalingGroup"]
+        first = next(iter(world.group_instances(group)))
+        c = emulator_credentials(role_arn, first)
+        role_session = session(c["AccessKeyId"], c["SecretAccessKey"], c["Token"])
+        scope_checks(world, role_session, env_a, env_b)
+        agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp)
+        ctl_checks(world, stack_a, [tag, f"next{RUN}"], tmp)
+    except Exception:
+        check("permission checks ran to the end", False, traceback.format_exc())
+    finally:
+        for undo in reversed(world.cleanup):
+            try:
+                undo()
+            except Exception:
+                pass
+        subprocess.run(["rm", "-rf", tmp])
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
