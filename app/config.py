@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, replace
 from typing import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_SQLITE_PATH = "/tmp/skiff-app.db"
+
+# The RDS CA bundle (all regions) that the Dockerfile copies from certs/rds-global-bundle.pem.
+# RDS server certificates chain to these roots; see
+# https://docs.aws.amazon.com/AmazonRDS/latest/UserGuide/UsingWithRDS.SSL.html
+DEFAULT_RDS_CA_BUNDLE = "/etc/ssl/certs/rds-global-bundle.pem"
 
 # arn:<partition>:secretsmanager:<region>:<account>:secret:<name>
 _SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:secretsmanager:([a-z0-9-]+):[0-9]{12}:secret:\S+$")
@@ -46,7 +52,7 @@ class DatabaseUrl:
     user: str = ""
     password: str = ""
     database: str = ""
-    ssl_ca: str = ""
+    ssl_ca: str = ""  # MySQL only: TLS required, the server's chain and host name verified
     secret: SecretRef | None = None
 
     @classmethod
@@ -86,9 +92,10 @@ class DatabaseUrl:
         """The URL without its password, for logs and error messages."""
         if self.dialect == "sqlite":
             return f"sqlite:///{self.path}"
+        tls = f", TLS verified against {self.ssl_ca}" if self.ssl_ca else ", no verified TLS"
         if self.secret:
-            return f"mysql://{self.host}:{self.port}/{self.database} (login from secret {self.secret.arn})"
-        return f"mysql://{self.user}@{self.host}:{self.port}/{self.database}"
+            return f"mysql://{self.host}:{self.port}/{self.database} (login from secret {self.secret.arn}{tls})"
+        return f"mysql://{self.user}@{self.host}:{self.port}/{self.database} ({tls[2:]})"
 
 
 @dataclass(frozen=True)
@@ -128,13 +135,24 @@ class Config:
             return value
 
         database = DatabaseUrl("sqlite", path="/dev/null")
+        ca_env = env.get("DATABASE_SSL_CA", "")
         if env.get("DATABASE_URL"):
             try:
                 database = DatabaseUrl.parse(env["DATABASE_URL"])
             except ValueError as err:
                 problems.append(f"DATABASE_URL: {err}")
+            if database.dialect == "mysql" and database.ssl_ca:
+                _check_ca_bundle(database.ssl_ca, "DATABASE_URL's ssl_ca", problems)
+            elif database.dialect == "mysql" and ca_env:
+                if _check_ca_bundle(ca_env, "DATABASE_SSL_CA", problems):
+                    database = replace(database, ssl_ca=ca_env)
         elif env.get("DATABASE_HOST") or env.get("DATABASE_SECRET_ARN"):
             database = _database_from_secret_env(env, problems) or database
+            # Production: always TLS, verified against the RDS bundle unless told otherwise.
+            ca = ca_env or DEFAULT_RDS_CA_BUNDLE
+            if _check_ca_bundle(ca, "DATABASE_SSL_CA" if ca_env else
+                                f"DATABASE_SSL_CA (default {DEFAULT_RDS_CA_BUNDLE})", problems):
+                database = replace(database, ssl_ca=ca)
         else:
             database = DatabaseUrl("sqlite", path=env.get("SQLITE_PATH") or DEFAULT_SQLITE_PATH)
             if not os.path.isabs(database.path):
@@ -156,6 +174,29 @@ class Config:
         if problems:
             raise ConfigError(problems)
         return config
+
+
+def _check_ca_bundle(path: str, what: str, problems: list[str]) -> bool:
+    """Whether `path` is a readable PEM file with at least one CA certificate; if not, says
+    what to do in `problems`."""
+    if not os.path.isabs(path):
+        problems.append(f"{what}={path!r}: expected an absolute path to a PEM CA bundle")
+        return False
+    try:
+        ctx = ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        problems.append(
+            f"{what}: {path} does not exist; set DATABASE_SSL_CA to the PEM bundle of the CAs that"
+            " sign the MySQL server's certificate (for RDS: app/certs/rds-global-bundle.pem,"
+            f" which the image has at {DEFAULT_RDS_CA_BUNDLE})")
+        return False
+    except (OSError, ssl.SSLError) as err:
+        problems.append(f"{what}: cannot load {path} as a PEM CA bundle: {err}")
+        return False
+    if not ctx.get_ca_certs():
+        problems.append(f"{what}: {path} holds no CA certificate (expected PEM, BEGIN CERTIFICATE)")
+        return False
+    return True
 
 
 def _database_from_secret_env(env: Mapping[str, str], problems: list[str]) -> DatabaseUrl | None:

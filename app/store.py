@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 import time
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -20,9 +21,25 @@ from credentials import Credentials, CredentialsError, FixedCredentials, Secrets
 
 log = logging.getLogger("app.store")
 
+
+
+class TlsError(Exception):
+    """The MySQL server's TLS could not be verified (wrong CA, wrong host name, no TLS at all).
+    Not transient: someone has to fix the CA bundle or the host name."""
+
+
 # What a failing database raises, whichever engine, and a login that cannot be read; callers
 # catch this, never engine types.
-DatabaseErrors: tuple[type[Exception], ...] = (sqlite3.Error, pymysql.err.Error, CredentialsError)
+DatabaseErrors: tuple[type[Exception], ...] = (
+    sqlite3.Error, pymysql.err.Error, CredentialsError, TlsError,
+)
+
+# A handshake cut short (a server restarting, a connection reset): worth another try, unlike a
+# certificate that does not verify.
+_TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+# "SSL connection error": PyMySQL's refusal when TLS is required and the server offers none.
+_MYSQL_SSL_CONNECTION_ERROR = 2026
 
 # "Access denied for user": a wrong password, e.g. the secret was rotated since it was read.
 _MYSQL_LOGIN_REJECTED = 1045
@@ -79,6 +96,7 @@ class Database:
             credentials = (SecretsManagerCredentials(url.secret, timeout=timeout) if url.secret
                            else FixedCredentials(url.user, url.password))
         self.credentials = credentials
+        self._tls = tls_context(url.ssl_ca) if url.dialect == "mysql" and url.ssl_ca else None
 
     @property
     def dialect(self) -> str:
@@ -108,18 +126,49 @@ class Database:
 
     def _connect_mysql(self, login: Credentials, timeout: float) -> Any:
         u = self.url
-        return pymysql.connect(
-            host=u.host,
-            port=u.port,
-            user=login.user,
-            password=login.password,
-            database=u.database,
-            charset="utf8mb4",
-            autocommit=True,
-            connect_timeout=max(1, round(timeout)),
-            read_timeout=max(1, round(timeout)),
-            write_timeout=max(1, round(timeout)),
-            ssl={"ca": u.ssl_ca} if u.ssl_ca else None,
+        try:
+            return pymysql.connect(
+                host=u.host,
+                port=u.port,
+                user=login.user,
+                password=login.password,
+                database=u.database,
+                charset="utf8mb4",
+                autocommit=True,
+                connect_timeout=max(1, round(timeout)),
+                read_timeout=max(1, round(timeout)),
+                write_timeout=max(1, round(timeout)),
+                ssl=self._tls,
+            )
+        except ssl.SSLError as err:
+            if isinstance(err, _TLS_CUT):
+                raise
+            raise self._tls_failed(err) from None
+        except pymysql.err.OperationalError as err:
+            # PyMySQL wraps every OSError of the handshake, ssl.SSLError included, as "can't
+            # connect" (2003), which would pass for transient; the original tells them apart.
+            original = getattr(err, "original_exception", None)
+            if isinstance(original, ssl.SSLError) and not isinstance(original, _TLS_CUT):
+                raise self._tls_failed(original) from None
+            if self._tls is not None and _mysql_code(err) == _MYSQL_SSL_CONNECTION_ERROR:
+                raise TlsError(
+                    f"MySQL at {u.host}:{u.port} offers no TLS, and this app requires it"
+                    f" ({err.args[1] if len(err.args) > 1 else err}); enable TLS on the server"
+                ) from None
+            raise
+
+    def _tls_failed(self, err: ssl.SSLError) -> TlsError:
+        # The handshake fails before any credential is sent.
+        u = self.url
+        if isinstance(err, ssl.SSLCertVerificationError):
+            why = f"certificate verify failed: {err.verify_message}"
+        else:
+            why = getattr(err, "reason", "") or str(err)
+        return TlsError(
+            f"TLS to MySQL at {u.host}:{u.port} failed: {why} (CA bundle {u.ssl_ca}). Check that"
+            " DATABASE_SSL_CA holds the CA that signed the server's certificate and that the host"
+            " name is one the certificate names (for RDS: the endpoint address, not an IP"
+            " address or a CNAME)"
         )
 
     def wait_until_reachable(self, deadline: float) -> None:
@@ -138,6 +187,16 @@ class Database:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def tls_context(ca_bundle: str) -> ssl.SSLContext:
+    """TLS that verifies the server's chain against `ca_bundle` and its host name; TLS 1.2 or
+    newer. Built once per Database: loading a bundle of a hundred certificates costs time."""
+    ctx = ssl.create_default_context(cafile=ca_bundle)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _now() -> str:

@@ -1,11 +1,13 @@
 """The app's tests (stdlib unittest): configuration, migrations (also several migrators at once,
-in threads and in processes), the endpoints and the health check.
+in threads and in processes), the endpoints, liveness and readiness, and TLS to MySQL.
 
 Runs against sqlite files in a temporary directory, or against MySQL/MariaDB when
 TEST_DATABASE_URL=mysql://... is set. That database is emptied before every test, so its name
 must contain "test"; DATABASE_URL is never read here, so a real one in the environment is safe.
-The login-from-a-secret tests also need TEST_AWS_ENDPOINT_URL (a moto server) and, for MySQL, a
-TEST_DATABASE_URL user that may create users and grant on its database; without them they skip.
+The login-from-a-secret tests also need TEST_AWS_ENDPOINT_URL (a moto server) and, for MySQL,
+TEST_TLS_DATABASE_URL: a MySQL server with TLS whose certificate, for the host name in that URL,
+TEST_TLS_CA signed (TEST_TLS_OTHER_CA: another CA), and whose user may create users and grant on
+its database. The TLS tests need the same. Without them they skip. test.sh provides all of it.
 
     python3 test.py [-v] [-k pattern]      # last line: "<backend>: N passed, N failed, N skipped"
 """
@@ -26,17 +28,23 @@ import threading
 import time
 import unittest
 import uuid
+from dataclasses import replace
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from config import Config, ConfigError, DatabaseUrl, SecretRef  # noqa: E402
+from config import DEFAULT_RDS_CA_BUNDLE, Config, ConfigError, DatabaseUrl, SecretRef  # noqa: E402
 from credentials import Credentials, CredentialsError, SecretsManagerCredentials  # noqa: E402
 from migrations import LATEST, Migration, MigrationLockTimeout, migrate, schema_version  # noqa: E402
-from store import Database, DatabaseErrors  # noqa: E402
+from store import Database, DatabaseErrors, TlsError  # noqa: E402
 from web import create_app  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+RDS_BUNDLE = os.path.join(HERE, "certs", "rds-global-bundle.pem")
 TEST_URL = os.environ.get("TEST_DATABASE_URL", "")
+TLS_URL = os.environ.get("TEST_TLS_DATABASE_URL", "")
+TLS_CA = os.environ.get("TEST_TLS_CA", "")
+TLS_OTHER_CA = os.environ.get("TEST_TLS_OTHER_CA", "")
 AWS_ENDPOINT = os.environ.get("TEST_AWS_ENDPOINT_URL", "")
 BACKEND = DatabaseUrl.parse(TEST_URL).dialect if TEST_URL else "sqlite"
 DIGEST = "sha256:" + "ab" * 32
@@ -139,10 +147,10 @@ class ConfigTests(unittest.TestCase):
     def test_mysql_from_the_stack_with_the_login_in_a_secret(self):
         arn = "arn:aws:secretsmanager:eu-central-1:123456789012:secret:rds!db-1a2b-Xy12Ab"
         env = {"DATABASE_HOST": "db.internal", "DATABASE_PORT": "3307", "DATABASE_NAME": "app",
-               "DATABASE_SECRET_ARN": arn}
+               "DATABASE_SECRET_ARN": arn, "DATABASE_SSL_CA": RDS_BUNDLE}
         u = Config.from_env(env).database
-        self.assertEqual((u.dialect, u.host, u.port, u.database, u.user, u.password),
-                         ("mysql", "db.internal", 3307, "app", "", ""))
+        self.assertEqual((u.dialect, u.host, u.port, u.database, u.user, u.password, u.ssl_ca),
+                         ("mysql", "db.internal", 3307, "app", "", "", RDS_BUNDLE))
         self.assertEqual(u.secret, SecretRef(arn=arn, region="eu-central-1"))
         self.assertIn(arn, u.redacted())
         self.assertEqual(Config.from_env({**env, "DATABASE_PORT": ""}).database.port, 3306)
@@ -156,11 +164,53 @@ class ConfigTests(unittest.TestCase):
 
     def test_stack_database_problems_reported_at_once(self):
         with self.assertRaises(ConfigError) as ctx:
-            Config.from_env({"DATABASE_HOST": "db", "DATABASE_PORT": "x"})
+            Config.from_env({"DATABASE_HOST": "db", "DATABASE_PORT": "x", "DATABASE_SSL_CA": RDS_BUNDLE})
         self.assertEqual(len(ctx.exception.problems), 3, ctx.exception.problems)  # port, name, secret
         with self.assertRaises(ConfigError) as ctx:
-            Config.from_env({"DATABASE_SECRET_ARN": "rds!db", "DATABASE_NAME": "app"})
+            Config.from_env({"DATABASE_SECRET_ARN": "rds!db", "DATABASE_NAME": "app",
+                             "DATABASE_SSL_CA": RDS_BUNDLE})
         self.assertEqual(len(ctx.exception.problems), 2, ctx.exception.problems)  # host, ARN
+
+    def test_the_stack_database_is_always_tls_verified_against_a_ca_bundle(self):
+        arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:rds!db-1a2b-Xy12Ab"
+        env = {"DATABASE_HOST": "db.internal", "DATABASE_NAME": "app", "DATABASE_SECRET_ARN": arn}
+        if os.path.exists(DEFAULT_RDS_CA_BUNDLE):  # as in the image
+            self.assertEqual(Config.from_env(env).database.ssl_ca, DEFAULT_RDS_CA_BUNDLE)
+        else:  # here: the default is missing, and the error says what to set
+            with self.assertRaises(ConfigError) as ctx:
+                Config.from_env(env)
+            self.assertIn("DATABASE_SSL_CA", str(ctx.exception))
+            self.assertIn(DEFAULT_RDS_CA_BUNDLE, str(ctx.exception))
+        self.assertIn(f"TLS verified against {RDS_BUNDLE}",
+                      Config.from_env({**env, "DATABASE_SSL_CA": RDS_BUNDLE}).database.redacted())
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
+            not_pem.write("hello\n")
+            not_pem.flush()
+            for bad in ("/nonexistent/ca.pem", "relative/ca.pem", not_pem.name):
+                with self.subTest(ca=bad), self.assertRaises(ConfigError) as ctx:
+                    Config.from_env({**env, "DATABASE_SSL_CA": bad, "PORT": "x"})
+                self.assertEqual(len(ctx.exception.problems), 2, ctx.exception.problems)
+                self.assertIn(bad, ctx.exception.problems[0])
+
+    def test_the_rds_bundle_shipped_in_the_repository(self):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=RDS_BUNDLE)
+        names = {dict(x[0] for x in c["subject"])["commonName"] for c in ctx.get_ca_certs()}
+        # The roots RDS certificates chain to now, for the regions a stack is likely in.
+        for region in ("eu-west-1", "eu-central-1", "us-east-1", "us-west-2"):
+            for kind in ("RSA2048", "RSA4096", "ECC384"):
+                self.assertIn(f"Amazon RDS {region} Root CA {kind} G1", names)
+
+    def test_database_url_tls_from_its_ssl_ca_or_database_ssl_ca(self):
+        url = "mysql://u:p@db.internal/app"
+        self.assertEqual(Config.from_env({"DATABASE_URL": url}).database.ssl_ca, "")
+        self.assertEqual(Config.from_env({"DATABASE_URL": url, "DATABASE_SSL_CA": RDS_BUNDLE}).database.ssl_ca,
+                         RDS_BUNDLE)
+        self.assertEqual(Config.from_env({"DATABASE_URL": f"{url}?ssl_ca={RDS_BUNDLE}"}).database.ssl_ca,
+                         RDS_BUNDLE)
+        with self.assertRaises(ConfigError):
+            Config.from_env({"DATABASE_URL": f"{url}?ssl_ca=/nonexistent/ca.pem"})
 
     def test_every_problem_reported_at_once(self):
         with self.assertRaises(ConfigError) as ctx:
@@ -184,7 +234,7 @@ class MigrationTests(DatabaseTest):
         with self.db.connect() as c:
             c.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 'x')")
         self.assertEqual(migrate(self.db), [])
-        resp = create_app(Config.from_env({"DATABASE_URL": self.url})).test_client().get("/health")
+        resp = create_app(Config.from_env({"DATABASE_URL": self.url})).test_client().get("/ready")
         self.assertEqual(resp.status_code, 200)
 
     def test_concurrent_migrators_in_threads(self):
@@ -305,41 +355,89 @@ class WebTests(DatabaseTest):
         self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
         self.assertNotIn("<script>", page)
 
-    def test_health_ok(self):
+    def test_health_and_ready_ok(self):
         resp = self.client.get("/health")
         self.assertEqual(resp.status_code, 200)
+        self.assertEqual(resp.get_json()["status"], "ok")
+        self.assertEqual(resp.get_json()["release"], {"tag": "v1.2.3", "digest": DIGEST})
+        resp = self.client.get("/ready")
+        self.assertEqual(resp.status_code, 200)
         body = resp.get_json()
-        self.assertEqual((body["status"], body["schema_version"]), ("ok", LATEST))
+        self.assertEqual((body["status"], body["database"], body["schema_version"]), ("ready", "ok", LATEST))
         self.assertEqual(body["release"], {"tag": "v1.2.3", "digest": DIGEST})
 
 
 class UnmigratedTests(DatabaseTest):
-    def test_health_503_and_requests_503_before_the_schema_exists(self):
+    def test_ready_503_and_requests_503_before_the_schema_exists_health_200(self):
         client = create_app(Config.from_env({"DATABASE_URL": self.url}), run_migrations=False).test_client()
-        resp = client.get("/health")
+        resp = client.get("/ready")
         self.assertEqual((resp.status_code, resp.get_json()["status"]), (503, "unavailable"))
+        self.assertEqual(client.get("/health").status_code, 200)
         with self.assertLogs("app.web", "ERROR"):
             resp = client.get("/notes")
-        self.assertEqual((resp.status_code, resp.get_json()), (503, {"error": "database unavailable"}))
+        self.assertEqual((resp.status_code, resp.get_json()["error"]), (503, "database unavailable"))
 
-    def test_health_503_while_the_schema_is_behind(self):
+    def test_ready_503_while_the_schema_is_behind(self):
         migrate(self.db, migrations=[m for m in COUNTER if m.version == 1])
         client = create_app(Config.from_env({"DATABASE_URL": self.url}), run_migrations=False).test_client()
-        resp = client.get("/health")
+        resp = client.get("/ready")
         self.assertEqual(resp.status_code, 503)
         self.assertIn(f"needs {LATEST}", resp.get_json()["database"])
+        self.assertEqual(client.get("/health").status_code, 200)
+
+
+def assert_database_503(test: unittest.TestCase, client) -> None:
+    """While the database is away: /health 200, /ready 503 with the reason, the API 503 in JSON
+    and the page (also a form post) 503 as a readable page; all with Retry-After."""
+    test.assertEqual(client.get("/health").status_code, 200)
+    resp = client.get("/ready")
+    test.assertEqual((resp.status_code, resp.get_json()["status"]), (503, "unavailable"))
+    test.assertTrue(resp.get_json()["database"].startswith("error: "), resp.get_json())
+    with test.assertLogs("app.web", "ERROR"):
+        api = [client.get("/notes"), client.post("/notes", json={"body": "lost"}), client.get("/notes/1")]
+        pages = [client.get("/"), client.post("/notes", data={"body": "lost"}),
+                 client.get("/notes", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})]
+    for resp in api:
+        test.assertEqual((resp.status_code, resp.mimetype), (503, "application/json"))
+        test.assertEqual(resp.get_json()["error"], "database unavailable")
+        test.assertEqual(resp.headers["Retry-After"], "5")
+    for resp in pages:
+        test.assertEqual((resp.status_code, resp.mimetype), (503, "text/html"))
+        test.assertIn("Notes are unavailable for a moment", resp.get_data(as_text=True))
+        test.assertEqual(resp.headers["Retry-After"], "5")
+
+
+class DatabaseOutageTests(unittest.TestCase):
+    """sqlite only: its file's folder moved away and back is the outage. Against MariaDB,
+    image-test.sh stops and starts the server under the app the agent runs."""
+
+    def test_database_gone_then_back_without_a_restart(self):
+        root = tempfile.mkdtemp(prefix="skiff-app-test-")
+        self.addCleanup(shutil.rmtree, root, True)
+        folder, away = os.path.join(root, "db"), os.path.join(root, "away")
+        os.mkdir(folder)
+        client = create_app(Config.from_env({"DATABASE_URL": f"sqlite:///{folder}/app.db",
+                                             "SKIFF_RELEASE_TAG": "v-outage"})).test_client()
+        self.assertEqual(client.post("/notes", json={"body": "before"}).status_code, 201)
+        os.rename(folder, away)
+        assert_database_503(self, client)
+        os.rename(away, folder)
+        self.assertEqual(client.get("/ready").status_code, 200)
+        self.assertEqual([n["body"] for n in client.get("/notes").get_json()["notes"]], ["before"])
+        self.assertIn("before", client.get("/").get_data(as_text=True))
+        self.assertEqual(client.post("/notes", data={"body": "after"}).status_code, 303)
 
 
 class UnreachableDatabaseTests(unittest.TestCase):
     """Needs no server: a refused port and a missing directory."""
 
-    def test_health_503_without_a_database(self):
+    def test_health_200_ready_and_requests_503_without_a_database(self):
         for url in (f"mysql://u:secret-pw@127.0.0.1:{closed_port()}/db", "sqlite:////nonexistent-dir/app.db"):
             with self.subTest(url=url):
                 config = Config.from_env({"DATABASE_URL": url, "DB_TIMEOUT": "1"})
-                resp = create_app(config, run_migrations=False).test_client().get("/health")
-                self.assertEqual(resp.status_code, 503)
-                self.assertNotIn("secret-pw", resp.get_data(as_text=True))
+                client = create_app(config, run_migrations=False).test_client()
+                assert_database_503(self, client)
+                self.assertNotIn("secret-pw", client.get("/ready").get_data(as_text=True))
 
     def test_start_gives_up_after_the_migrate_timeout(self):
         config = Config.from_env({
@@ -410,9 +508,10 @@ class SecretCredentialsTests(unittest.TestCase):
 
 
 @unittest.skipUnless(AWS_ENDPOINT, "needs TEST_AWS_ENDPOINT_URL (a moto server)")
-class SecretTests(DatabaseTest):
+class SecretTests(unittest.TestCase):
     """The login read from a Secrets Manager secret in moto, as the skiff stack passes it:
-    DATABASE_HOST, DATABASE_PORT, DATABASE_NAME, DATABASE_SECRET_ARN."""
+    DATABASE_HOST, DATABASE_PORT, DATABASE_NAME, DATABASE_SECRET_ARN; as in production, over
+    TLS verified against DATABASE_SSL_CA (the MySQL server is the TLS one, TEST_TLS_*)."""
 
     def setUp(self) -> None:
         aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -425,7 +524,10 @@ class SecretTests(DatabaseTest):
         self.sm = boto3.client("secretsmanager", endpoint_url=AWS_ENDPOINT, region_name="us-east-1")
         self.run_id = uuid.uuid4().hex[:10]
         if BACKEND == "mysql":
-            super().setUp()
+            if not TLS_URL:
+                self.skipTest("needs TEST_TLS_DATABASE_URL and TEST_TLS_CA (test.sh)")
+            self.admin = DatabaseUrl.parse(TLS_URL)
+            empty_mysql_database(self.admin)
 
     def capture_logs(self) -> CapturedLogs:
         """From now on, every log record, at every level; the test's own AWS calls excepted."""
@@ -442,11 +544,12 @@ class SecretTests(DatabaseTest):
     def stack_env(self, arn: str, host: str = "127.0.0.1", port: int = 3306, name: str = "app") -> dict:
         return {"DATABASE_HOST": host, "DATABASE_PORT": str(port), "DATABASE_NAME": name,
                 "DATABASE_SECRET_ARN": arn, "AWS_ENDPOINT_URL": AWS_ENDPOINT,
+                "DATABASE_SSL_CA": TLS_CA or RDS_BUNDLE,
                 "SKIFF_RELEASE_TAG": "v-secret", "MIGRATE_TIMEOUT": "10", "DB_TIMEOUT": "2"}
 
     def make_mysql_user(self) -> tuple[str, str]:
         """A user of this test's own, on the test database; dropped at the end."""
-        admin = DatabaseUrl.parse(TEST_URL)
+        admin = self.admin
         user, password = f"skiff_{self.run_id}", f"first-{uuid.uuid4().hex}"
         with Database(admin).connect() as c:
             c.execute(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY ?", (password,))
@@ -455,12 +558,11 @@ class SecretTests(DatabaseTest):
         return user, password
 
     def drop_mysql_user(self, user: str) -> None:
-        with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+        with Database(self.admin).connect() as c:
             c.execute(f"DROP USER IF EXISTS '{user}'@'127.0.0.1'")
 
     def mysql_env(self, arn: str) -> dict:
-        admin = DatabaseUrl.parse(TEST_URL)
-        return self.stack_env(arn, host=admin.host, port=admin.port, name=admin.database)
+        return self.stack_env(arn, host=self.admin.host, port=self.admin.port, name=self.admin.database)
 
     def test_app_logs_in_with_the_secret(self):
         if BACKEND != "mysql":
@@ -468,10 +570,13 @@ class SecretTests(DatabaseTest):
         user, password = self.make_mysql_user()
         arn = self.make_secret({"username": user, "password": password, "engine": "mysql"})
         logs = self.capture_logs()
-        client = create_app(Config.from_env(self.mysql_env(arn))).test_client()
+        config = Config.from_env(self.mysql_env(arn))
+        client = create_app(config).test_client()
         self.assertEqual(client.post("/notes", json={"body": "from the secret"}).status_code, 201)
-        self.assertEqual(client.get("/health").status_code, 200)
-        with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+        with Database(config.database).connect() as c:
+            self.assertTrue(c.query("SHOW SESSION STATUS LIKE 'Ssl_cipher'")[0]["Value"], "not TLS")
+        self.assertEqual(client.get("/ready").status_code, 200)
+        with Database(self.admin).connect() as c:
             self.assertEqual(c.scalar("SELECT body FROM notes"), "from the secret")
         logs.assert_clean(self, password)
 
@@ -487,7 +592,7 @@ class SecretTests(DatabaseTest):
         # What RDS rotation does: a new password in the database and in the secret.
         new = f"second-{uuid.uuid4().hex}"
         with logs.paused():
-            with Database(DatabaseUrl.parse(TEST_URL)).connect() as c:
+            with Database(self.admin).connect() as c:
                 c.execute(f"ALTER USER '{user}'@'127.0.0.1' IDENTIFIED BY ?", (new,))
             self.sm.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": user, "password": new}))
 
@@ -497,7 +602,7 @@ class SecretTests(DatabaseTest):
         self.assertIn("re-read from secret", warned.output[0])
         bodies = [n["body"] for n in client.get("/notes").get_json()["notes"]]
         self.assertEqual(bodies, ["after", "before"])
-        self.assertEqual(client.get("/health").status_code, 200)
+        self.assertEqual(client.get("/ready").status_code, 200)
         logs.assert_clean(self, old, new)
 
     def test_a_stale_secret_gives_503_without_the_password(self):
@@ -510,7 +615,7 @@ class SecretTests(DatabaseTest):
         with self.assertRaises(DatabaseErrors) as ctx:
             create_app(config)
         self.assertIn("Access denied", str(ctx.exception))
-        resp = create_app(config, run_migrations=False).test_client().get("/health")
+        resp = create_app(config, run_migrations=False).test_client().get("/ready")
         self.assertEqual(resp.status_code, 503)
         self.assertNotIn(password, resp.get_data(as_text=True))
         logs.assert_clean(self, password)
@@ -525,9 +630,11 @@ class SecretTests(DatabaseTest):
         self.assertFalse(ctx.exception.retryable)
         self.assertIn("ResourceNotFoundException", str(ctx.exception))
         self.assertIn(arn, str(ctx.exception))
-        resp = create_app(config, run_migrations=False).test_client().get("/health")
+        client = create_app(config, run_migrations=False).test_client()
+        resp = client.get("/ready")
         self.assertEqual(resp.status_code, 503)
         self.assertIn("ResourceNotFoundException", resp.get_json()["database"])
+        self.assertEqual(client.get("/health").status_code, 200)
 
     def test_missing_secret_stops_gunicorn_start_with_exit_3(self):
         arn = f"arn:aws:secretsmanager:us-east-1:123456789012:secret:rds!missing-{self.run_id}-AbCdEf"
@@ -539,6 +646,66 @@ class SecretTests(DatabaseTest):
         self.assertEqual(proc.returncode, 3, proc.stderr)
         self.assertIn("ResourceNotFoundException", proc.stderr)
         self.assertIn(arn, proc.stderr)
+
+
+@unittest.skipUnless(TLS_URL and TLS_CA and TLS_OTHER_CA,
+                     "needs TEST_TLS_DATABASE_URL, TEST_TLS_CA and TEST_TLS_OTHER_CA (test.sh)")
+class TlsTests(unittest.TestCase):
+    """MySQL over TLS with the server's chain and host name verified, against a MariaDB whose
+    certificate the test CA signed for the name "localhost" only."""
+
+    def url(self, ca: str = TLS_CA, host: str = "") -> DatabaseUrl:
+        u = DatabaseUrl.parse(TLS_URL)
+        return replace(u, ssl_ca=ca, host=host or u.host)
+
+    def test_connects_encrypted_with_the_ca_that_signed_the_server_certificate(self):
+        self.assertEqual(self.url().host, "localhost")
+        with Database(self.url()).connect() as c:
+            status = {r["Variable_name"]: r["Value"] for r in c.query("SHOW SESSION STATUS WHERE Variable_name IN ('Ssl_cipher', 'Ssl_version')")}
+        self.assertTrue(status["Ssl_cipher"], "the session is not encrypted")
+        self.assertIn(status["Ssl_version"], ("TLSv1.2", "TLSv1.3"))
+
+    def test_refuses_a_certificate_that_another_ca_signed(self):
+        for ca in (TLS_OTHER_CA, RDS_BUNDLE):
+            with self.subTest(ca=ca):
+                started = time.monotonic()
+                with self.assertRaises(TlsError) as ctx:
+                    Database(self.url(ca=ca)).wait_until_reachable(time.monotonic() + 20)
+                self.assertLess(time.monotonic() - started, 5)  # not retried as if transient
+                self.assertIn("certificate verify failed", str(ctx.exception))
+                self.assertIn(ca, str(ctx.exception))
+                self.assertIn("DATABASE_SSL_CA", str(ctx.exception))
+
+    def test_refuses_a_host_name_the_certificate_does_not_name(self):
+        # The same server, reached by its address: its certificate names only "localhost".
+        with self.assertRaises(TlsError) as ctx:
+            Database(self.url(host="127.0.0.1")).connect()
+        self.assertIn("mismatch", str(ctx.exception))
+        self.assertIn("127.0.0.1", str(ctx.exception))
+
+    def test_refuses_a_server_without_tls_before_sending_the_login(self):
+        if not TEST_URL:
+            self.skipTest("needs TEST_DATABASE_URL (a server without TLS)")
+        with self.assertRaises(TlsError) as ctx:
+            Database(replace(DatabaseUrl.parse(TEST_URL), ssl_ca=TLS_CA)).connect()
+        self.assertIn("offers no TLS", str(ctx.exception))
+
+    def test_pages_answer_503_with_the_reason_in_ready(self):
+        config = Config.from_env({"DATABASE_URL": f"{TLS_URL}?ssl_ca={TLS_OTHER_CA}"})
+        client = create_app(config, run_migrations=False).test_client()
+        assert_database_503(self, client)
+        self.assertIn("certificate verify failed", client.get("/ready").get_json()["database"])
+
+    def test_start_fails_at_once_with_exit_3_and_says_why(self):
+        env = {**os.environ, "DATABASE_URL": f"{TLS_URL}?ssl_ca={TLS_OTHER_CA}", "MIGRATE_TIMEOUT": "30"}
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=HERE, env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertIn("certificate verify failed", proc.stderr)
+        self.assertIn(TLS_OTHER_CA, proc.stderr)
+        self.assertNotIn(DatabaseUrl.parse(TLS_URL).password, proc.stderr)
 
 
 class CapturedLogs(logging.Handler):

@@ -1,12 +1,19 @@
-"""The web app: notes as JSON and as a page, and a health check that asks the database.
+"""The web app: notes as JSON and as a page; a liveness check and a readiness check.
 
 Routes:
   GET  /              page with the release this process runs and the latest notes
   GET  /notes         {"notes": [...]}, newest first; ?limit=1..500 (default 50)
   POST /notes         JSON {"body": "..."} -> 201 and the note; a form post -> 303 to /
   GET  /notes/<id>    one note, or 404
-  GET  /health        200 {"status": "ok", ...} when the database answers and its schema is
-                      current; 503 {"status": "unavailable", ...} otherwise
+  GET  /health        liveness: 200 {"status": "ok", ...} whenever this process serves requests.
+                      It never asks the database: the skiff agent probes it, and the load
+                      balancer follows the agent, so a database outage must not fail it (the
+                      group would replace every instance, and the new ones would not help).
+  GET  /ready         readiness/detail: 200 {"status": "ready", ...} when the database answers
+                      and its schema is current; 503 {"status": "unavailable", "database":
+                      "<why>"} otherwise. For people, dashboards and the agent's /status.
+While the database is away, pages answer 503 with a readable page and the API 503 with JSON;
+each request opens its own connection, so the first request after it is back succeeds.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ log = logging.getLogger("app.web")
 
 MAX_BODY = 2000
 MAX_LIMIT = 500
+# Seconds /ready waits for the database: it is fetched every few seconds and must answer fast.
+READY_TIMEOUT = 2.0
+# What a 503 while the database is away suggests to clients and browsers.
+RETRY_AFTER_SECONDS = 5
 
 
 class BadRequest(Exception):
@@ -97,10 +108,14 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
 
     @app.get("/health")
     def health() -> Any:
+        return jsonify(status="ok", release=release.as_dict(), hostname=hostname)
+
+    @app.get("/ready")
+    def ready() -> Any:
         # Its own short-lived connection: the check must not depend on a request's state.
-        status = {"release": release.as_dict(), "hostname": hostname}
+        status = {"release": release.as_dict(), "hostname": hostname, "schema_needed": LATEST}
         try:
-            with db.connect() as c:
+            with db.connect(timeout=min(READY_TIMEOUT, config.db_timeout)) as c:
                 version = schema_version(c)
         except DatabaseErrors as err:
             return jsonify(status="unavailable", database=f"error: {err}", **status), 503
@@ -108,9 +123,10 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
             return jsonify(
                 status="unavailable",
                 database=f"schema at version {version}, this release needs {LATEST}",
+                schema_version=version,
                 **status,
             ), 503
-        return jsonify(status="ok", database="ok", schema_version=version, **status)
+        return jsonify(status="ready", database="ok", schema_version=version, **status)
 
     @app.errorhandler(BadRequest)
     def bad_request(err: BadRequest) -> Any:
@@ -120,11 +136,27 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
     def http_error(err: HTTPException) -> Any:
         return jsonify(error=(err.name or "error").lower(), detail=err.description), err.code
 
+    def wants_page() -> bool:
+        """A person with a browser (the page, a form post, or an Accept that prefers HTML)
+        rather than an API client."""
+        if request.endpoint == "index" or (request.endpoint == "notes_create" and not request.is_json):
+            return True
+        best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+        return best == "text/html"
+
     for kind in DatabaseErrors:
 
         @app.errorhandler(kind)
         def database_error(err: Exception) -> Any:
             log.error("database error on %s %s: %s", request.method, request.path, err)
-            return jsonify(error="database unavailable"), 503
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            if wants_page():
+                page = render_template("unavailable.html", release=release, hostname=hostname,
+                                       retry_after=RETRY_AFTER_SECONDS)
+                return page, 503, headers
+            return jsonify(
+                error="database unavailable",
+                detail="the notes database does not answer; try again in a few seconds",
+            ), 503, headers
 
     return app
