@@ -24,6 +24,10 @@
 #   create-stack only (needed when the stack does not exist yet; kept from before otherwise):
 #   VPC_ID PUBLIC_SUBNETS PRIVATE_SUBNETS (comma-separated) CERTIFICATE_ARN AMI_ID
 #   MIN_SIZE MAX_SIZE INSTANCE_TYPE (optional)
+#   Database (optional; default: the stack creates its own RDS MySQL instance):
+#   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_SECURITY_GROUP
+#                an existing database instead (templates/README.md, "Sharing a database")
+#   DATABASE_MULTI_AZ DATABASE_DELETION_PROTECTION ("true"/"false") the own database's settings
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -55,6 +59,13 @@ AMI_ID ?=
 MIN_SIZE ?=
 MAX_SIZE ?=
 INSTANCE_TYPE ?=
+DATABASE_HOST ?=
+DATABASE_PORT ?=
+DATABASE_NAME ?=
+DATABASE_SECRET_ARN ?=
+DATABASE_SECURITY_GROUP ?=
+DATABASE_MULTI_AZ ?=
+DATABASE_DELETION_PROTECTION ?=
 
 export AWS_REGION := $(REGION)
 export AWS_DEFAULT_REGION := $(REGION)
@@ -150,8 +161,10 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	@$(say) "Jenkinsfile syntax"
 	bash .ci/jenkinsfile-check.sh
 
+# The release parameter is not the stack's (a stack update would write an old tag over ctl's):
+# created here once, before the stack, without --overwrite; from then on only ctl release writes it.
 .PHONY: create-stack
-create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml
+create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
 	@$(need_branch)
 	@$(need_aws)
 	@overrides=(Environment=$(ENV)); \
@@ -164,12 +177,25 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	    [ -n "$${v#*=}" ] || missing+=("$${v%%=*}"); done; \
 	  if (($${#missing[@]})); then \
 	    $(say) "stack $(STACK) does not exist; to create it set: $${missing[*]}" >&2; exit 1; fi; \
-	  $(say) "creating stack $(STACK); its first release is $(HASH)"; \
-	  overrides+=(InitialTag=$(HASH)); \
+	  $(say) "creating stack $(STACK)"; \
+	fi; \
+	if [ -z "$(HASH)" ]; then $(say) "no git commit to name the first release with" >&2; exit 1; fi; \
+	parameter=/skiff/$(ENV)/release; \
+	if err=$$($(AWS) ssm put-parameter --region $(REGION) --name "$$parameter" --type String \
+	      --value $(HASH) --description "skiff release of $(ENV), written by ctl release" 2>&1 >/dev/null); then \
+	  $(say) "created the release parameter $$parameter = $(HASH) (the agents wait until that image exists)"; \
+	elif grep -q ParameterAlreadyExists <<<"$$err"; then \
+	  current=$$($(AWS) ssm get-parameter --region $(REGION) --name "$$parameter" --query Parameter.Value --output text); \
+	  $(say) "the release parameter $$parameter exists: kept its value $$current (only ctl release changes it)"; \
+	else \
+	  $(say) "could not create the release parameter $$parameter:" >&2; printf '  %s\n' "$$err" >&2; exit 1; \
 	fi; \
 	for v in VpcId=$(VPC_ID) PublicSubnetIds=$(PUBLIC_SUBNETS) PrivateSubnetIds=$(PRIVATE_SUBNETS) \
 	         CertificateArn=$(CERTIFICATE_ARN) AmiId=$(AMI_ID) MinSize=$(MIN_SIZE) MaxSize=$(MAX_SIZE) \
-	         InstanceType=$(INSTANCE_TYPE) ImageRepositoryName=$(REPOSITORY); do \
+	         InstanceType=$(INSTANCE_TYPE) ImageRepositoryName=$(REPOSITORY) \
+	         DatabaseHost=$(DATABASE_HOST) DatabasePort=$(DATABASE_PORT) DatabaseName=$(DATABASE_NAME) \
+	         DatabaseSecretArn=$(DATABASE_SECRET_ARN) DatabaseSecurityGroupId=$(DATABASE_SECURITY_GROUP) \
+	         DatabaseMultiAZ=$(DATABASE_MULTI_AZ) DatabaseDeletionProtection=$(DATABASE_DELETION_PROTECTION); do \
 	  [ -z "$${v#*=}" ] || overrides+=("$$v"); done; \
 	$(say) "aws cloudformation deploy --stack-name $(STACK) --parameter-overrides $${overrides[*]}"; \
 	$(AWS) cloudformation deploy --region $(REGION) --stack-name $(STACK) \

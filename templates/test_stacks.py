@@ -6,33 +6,57 @@ moto server at $MOTO_ENDPOINT (default http://127.0.0.1:5055) with dummy credent
 us-east-1. Every name carries a fresh run id, so runs never see each other's leftovers, and
 everything the run creates is deleted at the end, also after a failure.
 
-Two kinds of checks:
+The generated agent configs are validated with the real agent: $AGENT_BIN (templates/test.sh
+builds the workspace's debug agent and sets it). Without one, those checks FAIL; nothing is
+skipped.
+
+Three kinds of checks:
   * template checks read the YAML itself, for what moto does not model (lifecycle hooks, the
-    instance maintenance policy, target group attributes, deletion policies, IAM conditions);
-  * stack checks deploy to moto and read back what it built.
+    instance maintenance policy, target group attributes, deletion policies, IAM resources and
+    conditions, Rules);
+  * the policy-resource check: every Resource of every IAM policy in both templates names this
+    stack's own ARNs, and every other one (a wildcard) is justified by a `# wildcard:` comment
+    inside its statement. moto's IAM enforcement checks actions only, so this is the guard for
+    resources;
+  * stack checks deploy to moto and read back what it built, including the user data's agent
+    config at the parameters' boundaries, run through `agent check-config`.
 
 What moto (5.2) does not do, and how each is handled here:
-  * AWS::EC2::SecurityGroupEgress is not implemented: moto skips the resource with a warning.
-    database.yaml's ClientEgressToDatabase is the only one; the test asserts exactly that set.
-  * Fn::GetAtt Database.MasterUserSecret.SecretArn is not implemented and fails the stack, so
-    the copy of database.yaml sent to moto lacks that one output (the template check proves it
-    is there and what it reads). ManageMasterUserPassword itself is ignored by moto's
-    CloudFormation, so the app stack update uses a secret the test creates.
-  * Outputs use the long form Fn::GetAtt: [Database, Endpoint.Address]; moto's YAML loader
-    splits the short form at every dot.
+  * AWS::EC2::SecurityGroupEgress is not implemented: moto skips the resource with a warning
+    (database.yaml's ClientEgressToDatabase, app.yaml's InstanceEgressTo*); the test asserts
+    exactly which are missing.
+  * Fn::GetAtt Database.MasterUserSecret.SecretArn is not implemented and fails the stack.
+    database.yaml: the copy sent to moto lacks that one output. app.yaml (own database): the
+    copy sent to moto has each such GetAtt (counted) replaced by a stand-in ARN naming the
+    database, `...:secret:rds!<db id>`; the template check proves what the real one reads.
+    ManageMasterUserPassword itself is ignored by moto's CloudFormation (no secret is made).
+  * Outputs and values use the long form Fn::GetAtt: [Database, Endpoint.Address]; moto's YAML
+    loader splits the short form at every dot and mangles `!GetAtt [a, b]`.
   * TargetGroup and RDS DBInstance have no update handler: an update touching them drops them
     from moto's stack. The update steps therefore change only parameters of resources moto can
-    update (launch template, role, group, security groups).
+    update (launch template, group), and switching a stack between its own and an existing
+    database is not tried in moto.
+  * Rules are ignored: the test evaluates the template's Rules itself (Fn::Equals/Not/And/Or
+    over the parameters, as CloudFormation does) for the parameter sets it deploys and for the
+    ones the Rules must refuse.
+  * AWS::EC2::SecurityGroupIngress has no delete: a deleted stack's rule in another stack's
+    group (SharedDatabaseIngress) stays in moto, so its removal is not checked.
+  * Fn::And over a !Condition is evaluated wrongly (always false); app.yaml avoids the form.
+  * Parameter MinValue/MaxValue are not enforced; the boundary stacks use exactly those values.
+  * IAM resources and conditions are not evaluated (see the policy-resource check).
   * LifecycleHookSpecificationList, InstanceMaintenancePolicy, DefaultInstanceWarmup,
-    TargetGroupAttributes, a role's ManagedPolicyArns, VPCSecurityGroups on the DB and
-    DeletionPolicy: Snapshot are ignored; all are template checks.
+    TargetGroupAttributes, a role's ManagedPolicyArns, VPCSecurityGroups, DeletionProtection
+    and MonitoringRoleArn on the DB, and DeletionPolicy: Snapshot are ignored; all are template
+    checks.
 Prints one line per check and closes with 'N passed, N failed'; exits 1 on any failure.
 """
 
 import ast
 import base64
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -146,57 +170,6 @@ def physical_ids(stack_name):
     return found
 
 
-def run_user_data(user_data_b64):
-    """Run the launch template's user data with /etc/skiff and systemctl redirected; return the
-    parsed agent.toml and the systemctl calls it made."""
-    script = base64.b64decode(user_data_b64).decode()
-    with tempfile.TemporaryDirectory(prefix="skiff-userdata-") as tmp:
-        etc = os.path.join(tmp, "etc-skiff")
-        bindir = os.path.join(tmp, "bin")
-        os.mkdir(bindir)
-        calls = os.path.join(tmp, "systemctl.calls")
-        with open(os.path.join(bindir, "systemctl"), "w") as f:
-            f.write(f'#!/bin/sh\necho "$*" >>{calls}\n')
-        os.chmod(os.path.join(bindir, "systemctl"), 0o755)
-        assert "/etc/skiff" in script
-        script = script.replace("/etc/skiff", etc)
-        env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
-        proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"user data failed ({proc.returncode}): {proc.stderr}")
-        toml_path = os.path.join(etc, "agent.toml")
-        with open(toml_path, "rb") as f:
-            config = tomllib.load(f)
-        mode = os.stat(toml_path).st_mode & 0o777
-        agent_check(toml_path)
-        with open(calls) as f:
-            return config, [line.strip() for line in f], mode
-
-
-def agent_binary():
-    """The agent to validate generated configs with: $AGENT_BIN, else the workspace's build."""
-    if os.environ.get("AGENT_BIN"):
-        return os.environ["AGENT_BIN"]
-    target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
-    for profile in ("release", "debug"):
-        path = os.path.join(target, profile, "agent")
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def agent_check(toml_path):
-    """`agent check-config` on a generated config, when an agent binary is there to ask."""
-    agent = agent_binary()
-    if agent is None:
-        print("skip agent check-config: no agent binary (set AGENT_BIN or build the workspace)")
-        return
-    proc = subprocess.run([agent, "check-config", "--config", toml_path],
-                          capture_output=True, text=True)
-    check(f"agent check-config accepts the generated config ({agent})", proc.returncode == 0,
-          f"exit {proc.returncode}: {proc.stdout}{proc.stderr}")
-
-
 def latest_user_data(launch_template_id):
     versions = ec2.describe_launch_template_versions(LaunchTemplateId=launch_template_id)
     latest = max(versions["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])
@@ -227,10 +200,276 @@ def actions_of(statements):
     return found
 
 
+
+
+# --- the agent ------------------------------------------------------------------------------
+
+
+def agent_binary():
+    """The agent that validates generated configs: $AGENT_BIN (templates/test.sh sets it to a
+    fresh debug build), else a build in $CARGO_TARGET_DIR. None when there is none: the checks
+    that need it then fail, they are not skipped."""
+    if os.environ.get("AGENT_BIN"):
+        path = os.environ["AGENT_BIN"]
+        return path if os.access(path, os.X_OK) else None
+    target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
+    for profile in ("debug", "release"):
+        path = os.path.join(target, profile, "agent")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def agent_check_config(toml_text):
+    """Run `agent check-config` on a config; returns (exit code, output). Exit 127 without an
+    agent binary."""
+    agent = agent_binary()
+    if agent is None:
+        return 127, "no agent binary: set AGENT_BIN or build it (cargo build -p skiff-agent)"
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="skiff-agent-") as f:
+        f.write(toml_text)
+        f.flush()
+        proc = subprocess.run([agent, "check-config", "--config", f.name],
+                              capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_user_data(user_data_b64):
+    """Run the launch template's user data with /etc/skiff and systemctl redirected; return the
+    agent.toml text, its parsed form, the systemctl calls it made and the file's mode."""
+    script = base64.b64decode(user_data_b64).decode()
+    with tempfile.TemporaryDirectory(prefix="skiff-userdata-") as tmp:
+        etc = os.path.join(tmp, "etc-skiff")
+        bindir = os.path.join(tmp, "bin")
+        os.mkdir(bindir)
+        calls = os.path.join(tmp, "systemctl.calls")
+        with open(os.path.join(bindir, "systemctl"), "w") as f:
+            f.write(f'#!/bin/sh\necho "$*" >>{calls}\n')
+        os.chmod(os.path.join(bindir, "systemctl"), 0o755)
+        assert "/etc/skiff" in script
+        script = script.replace("/etc/skiff", etc)
+        env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+        proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"user data failed ({proc.returncode}): {proc.stderr}")
+        toml_path = os.path.join(etc, "agent.toml")
+        with open(toml_path) as f:
+            text = f.read()
+        mode = os.stat(toml_path).st_mode & 0o777
+        with open(calls) as f:
+            return text, tomllib.loads(text), [line.strip() for line in f], mode
+
+
+def check_agent_accepts(name, toml_text):
+    rc, out = agent_check_config(toml_text)
+    return check(f"{name}: agent check-config accepts the generated config", rc == 0,
+                 f"exit {rc}: {out}\n{toml_text}")
+
+
+# --- CloudFormation Rules, evaluated as CloudFormation does (moto ignores them) ---------------
+
+
+def rule_value(v, values):
+    if isinstance(v, dict):
+        ((fn, arg),) = v.items()
+        if fn == "Ref":
+            return str(values[arg])
+        if fn == "Fn::Equals":
+            return rule_value(arg[0], values) == rule_value(arg[1], values)
+        if fn == "Fn::Not":
+            return not rule_value(arg[0], values)
+        if fn == "Fn::And":
+            return all(rule_value(a, values) for a in arg)
+        if fn == "Fn::Or":
+            return any(rule_value(a, values) for a in arg)
+        raise ValueError(f"rule function {fn} not handled by this test")
+    return str(v)
+
+
+def rules_refuse(t, given):
+    """The AssertDescriptions of the template's Rules that the parameter values break."""
+    values = {k: p.get("Default", "") for k, p in t["Parameters"].items()}
+    values.update(given)
+    broken = []
+    for rule in t.get("Rules", {}).values():
+        if "RuleCondition" in rule and not rule_value(rule["RuleCondition"], values):
+            continue
+        broken += [a["AssertDescription"] for a in rule["Assertions"]
+                   if not rule_value(a["Assert"], values)]
+    return broken
+
+
+# --- IAM policies: resources -------------------------------------------------------------------
+
+# What "this stack's own" resource looks like, per service; ${Environment}, ${AWS::StackName}
+# and ${ImageRepositoryName} are the stack's, the partition/region/account placeholders fixed.
+_ARN = r"^arn:\$\{AWS::Partition\}:%s:\$\{AWS::Region\}:\$\{AWS::AccountId\}:"
+OWN_ARNS = [
+    re.compile(_ARN % "ssm" + r"parameter/skiff/\$\{Environment\}/[a-z-]+(/\*)?$"),
+    re.compile(_ARN % "autoscaling"
+               + r"autoScalingGroup:\*:autoScalingGroupName/skiff-\$\{Environment\}$"),
+    re.compile(_ARN % "ecr" + r"repository/\$\{ImageRepositoryName\}$"),
+    re.compile(_ARN % "cloudformation" + r"stack/\$\{AWS::StackName\}/\*$"),
+]
+OWN_REFS = [{"Ref": "DatabaseSecretArn"},
+            {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}]
+SSM_PARAMETER_OWN = OWN_ARNS[0]
+# AWS managed policies a role may carry, and why (the instance role may carry none).
+MANAGED_POLICY_ALLOWED = {
+    "AmazonRDSEnhancedMonitoringRole":
+        "RDS's own enhanced-monitoring service role, assumable only by monitoring.rds.amazonaws.com",
+}
+
+
+def resource_values(value):
+    """Every value a statement's Resource can take: each list item, both branches of an Fn::If."""
+    if isinstance(value, list):
+        for v in value:
+            yield from resource_values(v)
+    elif isinstance(value, dict) and "Fn::If" in value:
+        yield from resource_values(value["Fn::If"][1])
+        yield from resource_values(value["Fn::If"][2])
+    else:
+        yield value
+
+
+def is_own(resource):
+    if resource in OWN_REFS:
+        return True
+    sub = resource.get("Fn::Sub") if isinstance(resource, dict) else None
+    return isinstance(sub, str) and any(p.match(sub) for p in OWN_ARNS)
+
+
+def statement_texts(text, logical_id):
+    """Sid -> the template text of that statement of resource `logical_id` (comments included)."""
+    lines = text.splitlines()
+    start = lines.index(f"  {logical_id}:")
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"^  \S", lines[i])), len(lines))
+    found, sid, indent, buf = {}, None, None, []
+    for line in lines[start + 1:end]:
+        m = re.match(r"^(\s*)- Sid: (\S+)", line)
+        if m:
+            if sid:
+                found[sid] = "\n".join(buf)
+            sid, indent, buf = m.group(2), len(m.group(1)), [line]
+        elif sid is not None:
+            stripped = len(line) - len(line.lstrip())
+            if line.strip() and stripped <= indent and not line.lstrip().startswith("#"):
+                found[sid] = "\n".join(buf)
+                sid = None
+            else:
+                buf.append(line)
+    if sid:
+        found[sid] = "\n".join(buf)
+    return found
+
+
+def wildcard_reason(statement_text):
+    """The text of the `# wildcard:` comment in a statement (with its continuation lines)."""
+    lines = statement_text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("# wildcard:"):
+            reason = [line.strip()[len("# wildcard:"):]]
+            for more in lines[i + 1:]:
+                if not more.strip().startswith("#") or more.strip().startswith("# http"):
+                    break
+                reason.append(more.strip().lstrip("#"))
+            return " ".join(r.strip() for r in reason).strip()
+    return ""
+
+
+def policy_problems(text, t):
+    """Every IAM statement whose Resource is not this stack's own and not justified in place; every
+    SSM read outside /skiff/<Environment>/; every managed policy not allowed."""
+    problems = []
+    for logical_id, res in t["Resources"].items():
+        props = res.get("Properties", {})
+        if res["Type"] == "AWS::IAM::Role":
+            for arn in props.get("ManagedPolicyArns", []):
+                name = str(arn).rsplit("/", 1)[-1].rstrip("'}\"")
+                if name not in MANAGED_POLICY_ALLOWED:
+                    problems.append(f"{logical_id}: managed policy {arn} (not allowed)")
+            if props.get("Policies"):
+                problems.append(f"{logical_id}: inline Policies; use an AWS::IAM::Policy resource")
+            continue
+        if res["Type"] not in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+            continue
+        texts = statement_texts(text, logical_id)
+        for st in props["PolicyDocument"]["Statement"]:
+            sid = st.get("Sid")
+            where = f"{logical_id}.{sid}"
+            if not sid or sid not in texts:
+                problems.append(f"{logical_id}: a statement without a Sid ({st})")
+                continue
+            if st.get("Effect") != "Allow" or "NotResource" in st or "NotAction" in st:
+                problems.append(f"{where}: only Allow with Action and Resource is checked here")
+                continue
+            actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+            values = list(resource_values(st["Resource"]))
+            foreign = [v for v in values if not is_own(v)]
+            if foreign and len(wildcard_reason(texts[sid])) < 30:
+                problems.append(f"{where}: resource {foreign} is not this stack's own and has no "
+                                f"'# wildcard:' reason in its statement")
+            reads_ssm = [a for a in actions if a == "*" or a.startswith("ssm:")
+                         and re.match(r"ssm:(\*|Get.*)", a)]
+            if reads_ssm:
+                outside = [v for v in values
+                           if not (isinstance(v, dict)
+                                   and SSM_PARAMETER_OWN.match(str(v.get("Fn::Sub", ""))))]
+                if outside:
+                    problems.append(f"{where}: {reads_ssm} on {outside}, outside /skiff/<Environment>/")
+    return problems
+
+
+def policy_checks(name, text, t):
+    problems = policy_problems(text, t)
+    check(f"{name}: every IAM resource is this stack's own or a justified wildcard; SSM reads only "
+          f"under /skiff/<Environment>/", not problems, "\n  ".join([""] + problems))
+
+
+def policy_check_self_test(app_text, app_t):
+    """The policy check itself fails on what it is there to catch."""
+    t = copy.deepcopy(app_t)
+    stmts = t["Resources"]["AgentPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    by_sid = {s["Sid"]: s for s in stmts}
+    # 1. a parameter path of every environment (the AmazonSSMManagedInstanceCore mistake)
+    by_sid["ReadOwnRelease"]["Resource"] = {
+        "Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter/skiff/*"}
+    # 2. "*" on a pull, with no reason
+    by_sid["PullOwnImage"]["Resource"] = "*"
+    # 3. another group's hook
+    by_sid["AnswerOwnLifecycleHooks"]["Resource"] = {"Fn::Sub": (
+        "arn:${AWS::Partition}:autoscaling:${AWS::Region}:${AWS::AccountId}:"
+        "autoScalingGroup:*:autoScalingGroupName/skiff-*")}
+    # 4. the managed policy back on the instance role
+    t["Resources"]["InstanceRole"]["Properties"]["ManagedPolicyArns"] = [
+        {"Fn::Sub": "arn:${AWS::Partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"}]
+    problems = policy_problems(app_text, t)
+    caught = {w for w in ("ReadOwnRelease", "PullOwnImage", "AnswerOwnLifecycleHooks",
+                          "AmazonSSMManagedInstanceCore") if any(w in p for p in problems)}
+    equal("policy check: catches an all-environments parameter, an unjustified '*', another "
+          "group's hook and AmazonSSMManagedInstanceCore", caught,
+          {"ReadOwnRelease", "PullOwnImage", "AnswerOwnLifecycleHooks",
+           "AmazonSSMManagedInstanceCore"})
+    # 5. a ssm read on "*" is refused even with a wildcard reason
+    t = copy.deepcopy(app_t)
+    sm = t["Resources"]["SessionManagerPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    sm["Action"] = sm["Action"] + ["ssm:GetParameter"]
+    check("policy check: an SSM read on '*' is refused even with a '# wildcard:' reason",
+          any("outside /skiff/<Environment>/" in p for p in policy_problems(app_text, t)))
+
+
 # --- template checks ------------------------------------------------------------------------
 
+# Parameters that end up in the agent's config, with the config key they become.
+CONFIG_NUMBERS = {"AppPort": ("app", "port"), "AgentPort": ("health", "listen"),
+                  "StartTimeoutSeconds": ("app", "start_timeout"),
+                  "StopTimeoutSeconds": ("app", "stop_timeout"),
+                  "DrainSeconds": ("release", "drain")}
+HOOK_MARGIN = 60
 
-def app_template_checks(t):
+
+def app_template_checks(text, t):
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
     tg = r["TargetGroup"]["Properties"]
     equal("app: health check goes to the agent port", tg["HealthCheckPort"], {"Ref": "AgentPort"})
@@ -257,41 +496,81 @@ def app_template_checks(t):
           [(h["LifecycleHookName"], h["LifecycleTransition"], h["DefaultResult"]) for h in hooks],
           [("skiff-launch", "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON"),
            ("skiff-terminate", "autoscaling:EC2_INSTANCE_TERMINATING", "CONTINUE")])
-    check("app: hook heartbeat covers the start timeout",
+    check("app: launch hook heartbeat covers the start timeout (defaults)",
           p["LaunchHookTimeoutSeconds"]["Default"] > p["StartTimeoutSeconds"]["Default"])
 
+
+
+def app_bounds_checks(text, t):
+    """Finding 6: every value the parameters allow is one the agent accepts."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    # --- finding 6: every value the parameters allow is one the agent accepts
+    missing_bounds = [k for k in CONFIG_NUMBERS
+                      if "MinValue" not in p[k] or "MaxValue" not in p[k]]
+    check("app: every number in the agent config has MinValue and MaxValue", not missing_bounds,
+          str(missing_bounds))
+    check("app: DrainSeconds MinValue >= 1 (the agent refuses a zero drain)",
+          p["DrainSeconds"].get("MinValue", 0) >= 1, str(p["DrainSeconds"]))
+    check("app: durations' MinValue >= 1 (the agent refuses zero durations)",
+          all(p[k].get("MinValue", 0) >= 1 for k in CONFIG_NUMBERS if k.endswith("Seconds")))
+    check("app: ports within 1-65535",
+          all(1 <= p[k]["MinValue"] and p[k]["MaxValue"] <= 65535 for k in ("AppPort", "AgentPort")))
+    terminate = {h["LifecycleHookName"]: h
+                 for h in g["LifecycleHookSpecificationList"]}["skiff-terminate"]["HeartbeatTimeout"]
+    need = p["DrainSeconds"]["MaxValue"] + p["StopTimeoutSeconds"]["MaxValue"] + HOOK_MARGIN
+    check(f"app: terminate heartbeat {terminate} s >= max drain + max stop timeout + "
+          f"{HOOK_MARGIN} s = {need} s", isinstance(terminate, int) and terminate >= need)
+    check("app: Rules refuse AppPort == AgentPort",
+          any("AppPort" in d for d in rules_refuse(t, {"AppPort": 9000, "AgentPort": 9000})))
+    equal("app: Rules accept the defaults", rules_refuse(t, {}), [])
+    check("app: Rules refuse DatabaseHost without DatabaseSecretArn",
+          bool(rules_refuse(t, {"DatabaseHost": "db.example.com"})))
+    check("app: Rules refuse DatabaseSecretArn or DatabaseSecurityGroupId without DatabaseHost",
+          bool(rules_refuse(t, {"DatabaseSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:x"}))
+          and bool(rules_refuse(t, {"DatabaseSecurityGroupId": "sg-0123456789abcdef0"})))
+
+
+
+def app_instance_checks(text, t):
+    """The launch template and the network."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     md = lt["MetadataOptions"]
-    check("app: IMDSv2 required with a hop limit",
-          md["HttpTokens"] == "required" and 1 <= md["HttpPutResponseHopLimit"] <= 2, str(md))
+    check("app: IMDSv2 required with a hop limit, instance tags in the metadata",
+          md["HttpTokens"] == "required" and 1 <= md["HttpPutResponseHopLimit"] <= 2
+          and md.get("InstanceMetadataTags") == "enabled", str(md))
     check("app: no SSH key, no public address",
           "KeyName" not in lt and "NetworkInterfaces" not in lt)
     check("app: root volume encrypted",
           all(b["Ebs"]["Encrypted"] is True for b in lt["BlockDeviceMappings"]))
 
+
+
+def app_secret_scope_checks(text, t):
+    """Finding 3 (secret scope), the hooks (finding 2) and the deployer policy."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    # --- finding 3: secret scope
     role = r["InstanceRole"]["Properties"]
-    check("app: Session Manager through AmazonSSMManagedInstanceCore",
-          any("AmazonSSMManagedInstanceCore" in str(a) for a in role["ManagedPolicyArns"]))
+    check("app: the instance role carries no managed policy (AmazonSSMManagedInstanceCore reads "
+          "every parameter)", not role.get("ManagedPolicyArns"), str(role.get("ManagedPolicyArns")))
+    sm = r["SessionManagerPolicy"]["Properties"]
+    equal("app: Session Manager through the documented minimal statement, on the instance role",
+          (sm["Roles"], sorted(actions_of(sm["PolicyDocument"]["Statement"]))),
+          ([{"Ref": "InstanceRole"}],
+           sorted(["ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel",
+                   "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+                   "ssmmessages:OpenDataChannel"])))
     agent_policy = r["AgentPolicy"]["Properties"]
     equal("app: agent policy is the instance role's", agent_policy["Roles"], [{"Ref": "InstanceRole"}])
-    check("app: no instance boots before the agent policy exists",
-          "AgentPolicy" in str(r["AutoScalingGroup"].get("DependsOn")))
-    stmts = agent_policy["PolicyDocument"]["Statement"]
-    secret_policy = r["DatabaseSecretPolicy"]
-    equal("app: database secret policy only with a secret, on that secret",
-          (secret_policy["Condition"], secret_policy["Properties"]["PolicyDocument"]["Statement"][0]["Resource"]),
-          ("HasDatabaseSecret", {"Ref": "DatabaseSecretArn"}))
-    stmts = stmts + secret_policy["Properties"]["PolicyDocument"]["Statement"]
-    equal("app: instance role actions are exactly the agent's", actions_of(stmts), {
-        "ssm:GetParameter", "ssm:GetParameters", "ssm:GetParameterHistory",
-        "ssm:GetParametersByPath", "kms:Decrypt", "ec2:CreateTags",
-        "autoscaling:CompleteLifecycleAction", "ecr:GetAuthorizationToken",
-        "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability",
-        "secretsmanager:GetSecretValue",
-    })
-    wildcard = [s["Sid"] for s in stmts if s["Resource"] == "*"]
-    equal("app: only the ECR login has Resource '*'", wildcard, ["EcrLogin"])
-    by_sid = {s["Sid"]: s for s in stmts}
+    check("app: no instance boots before the agent's and the secret's policies exist",
+          {"AgentPolicy", "DatabaseSecretPolicy"} <= set(r["AutoScalingGroup"].get("DependsOn", [])))
+    by_sid = {s["Sid"]: s for s in agent_policy["PolicyDocument"]["Statement"]}
     check("app: kms:Decrypt only through SSM",
           "kms:ViaService" in str(by_sid["DecryptSecureStringsThroughSsm"].get("Condition")))
     tag_cond = by_sid["TagOwnInstanceWithRelease"].get("Condition", {})
@@ -299,15 +578,50 @@ def app_template_checks(t):
           "aws:ResourceTag/aws:autoscaling:groupName" in tag_cond.get("StringEquals", {})
           and tag_cond.get("ForAllValues:StringEquals", {}).get("aws:TagKeys") == ["skiff:release"],
           str(tag_cond))
-    check("app: CompleteLifecycleAction on its own group only",
-          "autoScalingGroupName/skiff-${Environment}"
-          in str(by_sid["AnswerOwnLaunchHook"]["Resource"]))
+    hook = by_sid["AnswerOwnLifecycleHooks"]
+    check("app: both hook calls (complete, heartbeat) on its own group only",
+          set(hook["Action"]) == {"autoscaling:CompleteLifecycleAction",
+                                  "autoscaling:RecordLifecycleActionHeartbeat"}
+          and str(hook["Resource"]).endswith("autoScalingGroupName/skiff-${Environment}'}"),
+          str(hook))
+    secret = r["DatabaseSecretPolicy"]["Properties"]
+    equal("app: database secret policy on the own database's managed secret, or the one given",
+          (secret["Roles"], secret["PolicyDocument"]["Statement"][0]["Resource"]),
+          ([{"Ref": "InstanceRole"}],
+           {"Fn::If": ["CreateDatabase",
+                       {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]},
+                       {"Ref": "DatabaseSecretArn"}]}))
 
+    # --- the deployer policy
+    deployer = r["DeployerPolicy"]
+    equal("app: deployer policy is a managed policy, output DeployerPolicyArn",
+          (deployer["Type"], o.get("DeployerPolicyArn", {}).get("Value")),
+          ("AWS::IAM::ManagedPolicy", {"Ref": "DeployerPolicy"}))
+    check("app: the deployer policy is attached to nobody by the stack",
+          not any(k in deployer["Properties"] for k in ("Roles", "Users", "Groups")))
+    d_by_sid = {s["Sid"]: s for s in deployer["Properties"]["PolicyDocument"]["Statement"]}
+    check("app: deployer may write the release and the release lock, of this environment only",
+          "ssm:PutParameter" in d_by_sid["WriteOwnRelease"]["Action"]
+          and str(d_by_sid["WriteOwnRelease"]["Resource"]).endswith("/skiff/${Environment}/release'}")
+          and "ssm:DeleteParameter" in d_by_sid["HoldOwnReleaseLock"]["Action"]
+          and str(d_by_sid["HoldOwnReleaseLock"]["Resource"]).endswith("/skiff/${Environment}/release-lock'}"))
+
+    policy_checks("app", text, t)
+
+
+
+def app_network_checks(text, t):
+    """Who reaches the instances."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     inst_sg = r["InstanceSecurityGroup"]["Properties"]
     check("app: instances have no inline ingress", "SecurityGroupIngress" not in inst_sg)
-    ingress = [v["Properties"] for v in r.values() if v["Type"] == "AWS::EC2::SecurityGroupIngress"]
+    ingress = [(k, v["Properties"]) for k, v in r.items()
+               if v["Type"] == "AWS::EC2::SecurityGroupIngress"]
     equal("app: instance ingress only from the load balancer, on app and agent ports",
-          sorted((str(i["FromPort"]), str(i["SourceSecurityGroupId"])) for i in ingress),
+          sorted((str(i["FromPort"]), str(i["SourceSecurityGroupId"])) for _, i in ingress
+                 if i["GroupId"] == {"Fn::GetAtt": ["InstanceSecurityGroup", "GroupId"]}),
           sorted([(str({"Ref": "AgentPort"}),
                    str({"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]})),
                   (str({"Ref": "AppPort"}),
@@ -317,48 +631,134 @@ def app_template_checks(t):
     http = r["HttpListener"]["Properties"]["DefaultActions"][0]
     check("app: HTTP redirects to HTTPS",
           http["Type"] == "redirect" and http["RedirectConfig"]["Protocol"] == "HTTPS")
-    check("app: release parameter path", r["ReleaseParameter"]["Properties"]["Name"]
-          == {"Fn::Sub": "/skiff/${Environment}/release"})
+
+
+
+def app_release_checks(text, t):
+    """Finding 5: the stack does not own the release value."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    # --- finding 5: the stack does not own the release value
+    ssm_params = [k for k, v in r.items() if v["Type"] == "AWS::SSM::Parameter"]
+    equal("app: no AWS::SSM::Parameter resource (the release value is ctl's, not the stack's)",
+          ssm_params, [])
+    check("app: no InitialTag parameter", "InitialTag" not in p)
+    equal("app: ReleaseParameter output is the name /skiff/<Environment>/release",
+          o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
     missing = {"ReleaseParameter", "AutoScalingGroup", "ImageRepository", "LoadBalancerDNS",
-               "LifecycleHook"} - set(o)
-    check("app: outputs ctl reads are declared", not missing, f"missing {missing}")
+               "LifecycleHook", "DeployerPolicyArn"} - set(o)
+    check("app: outputs ctl and Jenkins read are declared", not missing, f"missing {missing}")
 
 
-def db_template_checks(t):
-    r = t["Resources"]
+
+def app_database_checks(text, t):
+    """Finding 7: a database by default."""
+    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    g = r["AutoScalingGroup"]["Properties"]
+    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    # --- finding 7: a database by default
     db = r["Database"]
+    equal("app: own database unless an existing one is named",
+          (db.get("Condition"), t["Conditions"]["CreateDatabase"]),
+          ("CreateDatabase", {"Fn::Equals": [{"Ref": "DatabaseSecretArn"}, ""]}))
+    check("app: no 'no database' mode (DatabaseHost empty means the stack's own)",
+          p["DatabaseHost"]["Default"] == "" and p["DatabaseSecretArn"]["Default"] == "")
+    env_line = [line for line in text.splitlines() if line.strip().startswith("env = ")]
+    equal("app: the agent env always carries the database",
+          [line.strip() for line in env_line],
+          ['env = { DATABASE_HOST = "${DatabaseHost}", DATABASE_PORT = "${DatabasePort}", '
+           'DATABASE_NAME = "${DatabaseName}", DATABASE_SECRET_ARN = "${DatabaseSecretArn}" }'])
+    sub_vars = lt["UserData"]["Fn::Base64"]["Fn::Sub"][1]
+    equal("app: the user data's database values: the own database's, or the parameters",
+          {k: sub_vars[k] for k in ("DatabaseHost", "DatabasePort", "DatabaseSecretArn")},
+          {"DatabaseHost": {"Fn::If": ["CreateDatabase",
+                                       {"Fn::GetAtt": ["Database", "Endpoint.Address"]},
+                                       {"Ref": "DatabaseHost"}]},
+           "DatabasePort": {"Fn::If": ["CreateDatabase",
+                                       {"Fn::GetAtt": ["Database", "Endpoint.Port"]},
+                                       {"Ref": "DatabasePort"}]},
+           "DatabaseSecretArn": {"Fn::If": ["CreateDatabase",
+                                            {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]},
+                                            {"Ref": "DatabaseSecretArn"}]}})
+    db_sg_in = r["DatabaseSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    equal("app: own database reachable only from the instances on 3306",
+          [(i["FromPort"], i.get("SourceSecurityGroupId"), i.get("CidrIp")) for i in db_sg_in],
+          [(3306, {"Fn::GetAtt": ["InstanceSecurityGroup", "GroupId"]}, None)])
+    equal("app: own database's VPC security group is that group",
+          db["Properties"]["VPCSecurityGroups"], [{"Fn::GetAtt": ["DatabaseSecurityGroup", "GroupId"]}])
+
+
+def database_settings_checks(name, t, logical_id):
+    """database.yaml's Database and app.yaml's own Database share these settings."""
+    db = t["Resources"][logical_id]
     props = db["Properties"]
-    equal("db: DeletionPolicy and UpdateReplacePolicy are Snapshot",
+    equal(f"{name}: DeletionPolicy and UpdateReplacePolicy are Snapshot",
           (db.get("DeletionPolicy"), db.get("UpdateReplacePolicy")), ("Snapshot", "Snapshot"))
-    check("db: storage encrypted", props.get("StorageEncrypted") is True)
-    check("db: password managed by RDS, none in the template",
+    check(f"{name}: mysql, storage encrypted", props.get("Engine") == "mysql"
+          and props.get("StorageEncrypted") is True)
+    check(f"{name}: password managed by RDS, none in the template",
           props.get("ManageMasterUserPassword") is True and "MasterUserPassword" not in props
           and not any(v.get("NoEcho") for v in t["Parameters"].values()))
-    check("db: backups kept at least 7 days",
-          props.get("BackupRetentionPeriod") == {"Ref": "BackupRetentionDays"}
-          and t["Parameters"]["BackupRetentionDays"]["Default"] >= 7)
-    check("db: not publicly accessible", props.get("PubliclyAccessible") is False)
+    backups = props.get("BackupRetentionPeriod", {}).get("Ref")
+    check(f"{name}: backups kept at least 7 days by default",
+          backups in t["Parameters"] and t["Parameters"][backups]["Default"] >= 7
+          and t["Parameters"][backups]["MinValue"] >= 1)
+    check(f"{name}: not publicly accessible", props.get("PubliclyAccessible") is False)
+    return props
+
+
+def db_template_checks(text, t):
+    r = t["Resources"]
+    database_settings_checks("db", t, "Database")
     ingress = r["DatabaseSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     equal("db: reachable only from the client security group on 3306",
           [(i["FromPort"], i.get("SourceSecurityGroupId"), i.get("CidrIp")) for i in ingress],
           [(3306, {"Ref": "ClientSecurityGroupId"}, None)])
     equal("db: SecretArn output reads the managed secret",
           t["Outputs"]["SecretArn"]["Value"], {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]})
+    policy_checks("db", text, t)
+
+
+def same_database_settings(app_t, db_t):
+    """app.yaml's own database is database.yaml's: same properties, fixed values equal."""
+    a = app_t["Resources"]["Database"]["Properties"]
+    d = db_t["Resources"]["Database"]["Properties"]
+    differ = [k for k in sorted(set(a) | set(d))
+              if k not in a or k not in d
+              or (not isinstance(d[k], (dict, list)) and a[k] != d[k])]
+    equal("app: own database has database.yaml's properties and fixed values", differ, [])
+    equal("app: own database keeps a snapshot on delete and replace, like database.yaml",
+          tuple(app_t["Resources"]["Database"].get(k) for k in ("DeletionPolicy", "UpdateReplacePolicy")),
+          ("Snapshot", "Snapshot"))
 
 
 # --- stack checks ---------------------------------------------------------------------------
 
+SECRET_GETATT = '{ "Fn::GetAtt": [Database, MasterUserSecret.SecretArn] }'
+SECRET_STAND_IN = ('{ "Fn::Sub": "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:'
+                   '${AWS::AccountId}:secret:rds!${Database}" }')
 
-def expected_agent_config(env, account, env_table, drain="15s"):
+
+def moto_app_body(app_text):
+    """app.yaml as moto can take it (see the module doc): each managed-secret GetAtt replaced by a
+    stand-in ARN naming the database. Returns (body, how many were replaced)."""
+    return app_text.replace(SECRET_GETATT, SECRET_STAND_IN), app_text.count(SECRET_GETATT)
+
+
+def expected_agent_config(env, account, database, **over):
+    v = {"AppPort": 8080, "AgentPort": 8081, "StartTimeoutSeconds": 60,
+         "StopTimeoutSeconds": 30, "DrainSeconds": 15}
+    v.update(over)
     return {
         "app": {
             "name": "app",
             "image": f"{account}.dkr.ecr.{REGION}.amazonaws.com/skiff-app",
-            "port": 8080,
+            "port": v["AppPort"],
             "health_path": "/health",
-            "start_timeout": "60s",
-            "stop_timeout": "30s",
-            "env": env_table,
+            "start_timeout": f"{v['StartTimeoutSeconds']}s",
+            "stop_timeout": f"{v['StopTimeoutSeconds']}s",
+            "env": database,
             "env_path": f"/skiff/{env}/env/",
         },
         "release": {
@@ -366,24 +766,40 @@ def expected_agent_config(env, account, env_table, drain="15s"):
             "parameter": f"/skiff/{env}/release",
             "poll_interval": "60s",
             "update": "boot",
-            "drain": drain,
+            "drain": f"{v['DrainSeconds']}s",
         },
-        "health": {"listen": "0.0.0.0:8081", "interval": "2s"},
+        "health": {"listen": f"0.0.0.0:{v['AgentPort']}", "interval": "2s"},
         "aws": {"lifecycle_hook": "skiff-launch", "terminate_hook": "skiff-terminate"},
     }
 
 
-def skipped_by_moto(stack_name, template):
-    built = set(physical_ids(stack_name))
-    return set(template["Resources"]) - built
+def not_built(stack_name, template):
+    """Template resources the stack did not build (by condition, or skipped by moto)."""
+    return set(template["Resources"]) - set(physical_ids(stack_name))
 
 
-def stack_tests(app_text, app_t, db_text, db_t, cleanup):
-    account = sts.get_caller_identity()["Account"]
-    env = f"t{RUN}"
-    app_stack, db_stack = f"skiff-test-app-{RUN}", f"skiff-test-db-{RUN}"
+def create(name, body, values, cleanup):
+    cfn.create_stack(StackName=name, TemplateBody=body, Parameters=params(values),
+                     Capabilities=["CAPABILITY_IAM"])
+    cleanup.append(lambda: cfn.delete_stack(StackName=name))
+    return wait_stack(name, "CREATE_COMPLETE")
 
-    # What the stacks presuppose: a VPC with public and private subnets in two zones, a cert.
+
+def release_value(name):
+    return ssm.get_parameter(Name=name)["Parameter"]["Value"]
+
+
+def put_release_once(name, value):
+    """What `make create-stack` does before creating the stack: create the release parameter
+    without overwriting; an existing value is kept. Returns the value now there."""
+    try:
+        ssm.put_parameter(Name=name, Value=value, Type="String", Overwrite=False)
+    except ssm.exceptions.ParameterAlreadyExists:
+        pass
+    return release_value(name)
+
+
+def network(cleanup):
     vpc = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
     cleanup.append(lambda: ec2.delete_vpc(VpcId=vpc))
     subnets = []
@@ -392,35 +808,52 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
                                 AvailabilityZone=REGION + zone)["Subnet"]["SubnetId"]
         subnets.append(sid)
         cleanup.append(lambda sid=sid: ec2.delete_subnet(SubnetId=sid))
-    public, private = subnets[:2], subnets[2:]
-    cert = acm.request_certificate(DomainName=f"{env}.skiff.example.com")["CertificateArn"]
+    cert = acm.request_certificate(DomainName=f"t{RUN}.skiff.example.com")["CertificateArn"]
     cleanup.append(lambda: acm.delete_certificate(CertificateArn=cert))
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return vpc, subnets[:2], subnets[2:], cert, ami
 
-    # --- app stack: create
+
+def stack_tests(app_text, app_t, db_text, db_t, cleanup):
+    account = sts.get_caller_identity()["Account"]
+    env = f"t{RUN}"
+    app_stack, db_stack = f"skiff-test-app-{RUN}", f"skiff-test-db-{RUN}"
+    vpc, public, private, cert, ami = network(cleanup)
+    body, replaced = moto_app_body(app_text)
+    equal("moto copy: the managed-secret GetAtt replaced where app.yaml uses it (policy, user data)",
+          replaced, 2)
+
+    # --- the release parameter, as `make create-stack` makes it before the stack
+    release = f"/skiff/{env}/release"
+    cleanup.append(lambda: ssm.delete_parameter(Name=release))
+    equal("release: created once, before the stack", put_release_once(release, f"init{RUN}"), f"init{RUN}")
+    equal("release: a second create-stack keeps the value", put_release_once(release, f"other{RUN}"),
+          f"init{RUN}")
+
+    # --- app stack with its own database: create
     app_params = {
-        "Environment": env, "InitialTag": f"init{RUN}", "VpcId": vpc,
+        "Environment": env, "VpcId": vpc,
         "PublicSubnetIds": ",".join(public), "PrivateSubnetIds": ",".join(private),
-        "CertificateArn": cert, "AmiId": ami,
+        "CertificateArn": cert, "AmiId": ami, "DatabaseName": f"notes_{RUN}",
+        "DatabaseMultiAZ": "false", "DatabaseDeletionProtection": "false",
     }
-    cfn.create_stack(StackName=app_stack, TemplateBody=app_text, Parameters=params(app_params),
-                     Capabilities=["CAPABILITY_IAM"])
-    cleanup.append(lambda: cfn.delete_stack(StackName=app_stack))
-    stack = wait_stack(app_stack, "CREATE_COMPLETE")
+    equal("app create: the Rules accept the parameters", rules_refuse(app_t, app_params), [])
+    stack = create(app_stack, body, app_params, cleanup)
     if not equal("app create: status", stack["StackStatus"], "CREATE_COMPLETE"):
+        print(stack.get("StackStatusReason"))
         return
     out = outputs(stack)
-    equal("app create: ReleaseParameter output", out.get("ReleaseParameter"), f"/skiff/{env}/release")
+    app_stack_id = stack["StackId"]
+    equal("app create: ReleaseParameter output", out.get("ReleaseParameter"), release)
     equal("app create: AutoScalingGroup output", out.get("AutoScalingGroup"), f"skiff-{env}")
     equal("app create: ImageRepository output", out.get("ImageRepository"),
           f"{account}.dkr.ecr.{REGION}.amazonaws.com/skiff-app")
     equal("app create: LifecycleHook output", out.get("LifecycleHook"), "skiff-launch")
-    equal("app create: every resource built but the secret policy (no database yet)",
-          skipped_by_moto(app_stack, app_t), {"DatabaseSecretPolicy"})
+    equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition)",
+          not_built(app_stack, app_t),
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"})
+    equal("app create: the stack did not touch the release value", release_value(release), f"init{RUN}")
     ids = physical_ids(app_stack)
-
-    equal("app create: release parameter holds the initial tag",
-          ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"], f"init{RUN}")
 
     lb = elb.describe_load_balancers(LoadBalancerArns=[ids["LoadBalancer"]])["LoadBalancers"][0]
     equal("app create: LoadBalancerDNS output is the load balancer's", out.get("LoadBalancerDNS"),
@@ -447,65 +880,121 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: group launches from the stack's template",
           group["LaunchTemplate"]["LaunchTemplateId"], ids["LaunchTemplate"])
 
+    # --- its database
+    inst = rds.describe_db_instances(DBInstanceIdentifier=ids["Database"])["DBInstances"][0]
+    equal("app create: own database: mysql, encrypted, 7-day backups, private, its name",
+          (inst["Engine"], inst["StorageEncrypted"], inst["BackupRetentionPeriod"],
+           inst["PubliclyAccessible"], inst.get("DBName")),
+          ("mysql", True, 7, False, f"notes_{RUN}"))
+    equal("app create: DatabaseEndpoint output is the database's", out.get("DatabaseEndpoint"),
+          inst["Endpoint"]["Address"])
+    inst_sg = out["InstanceSecurityGroup"]
+    dsg = ec2.describe_security_groups(GroupIds=[ids["DatabaseSecurityGroup"]])["SecurityGroups"][0]
+    equal("app create: own database ingress only from the instances on 3306",
+          [(p["FromPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"])
+           for p in dsg["IpPermissions"]],
+          [(3306, [inst_sg], [])])
+    stand_in = f"arn:aws:secretsmanager:{REGION}:{account}:secret:rds!{ids['Database']}"
+
     lt_data = ec2.describe_launch_template_versions(LaunchTemplateId=ids["LaunchTemplate"])[
         "LaunchTemplateVersions"][0]["LaunchTemplateData"]
     equal("app create: launch template metadata options",
           {k: lt_data["MetadataOptions"].get(k) for k in ("HttpTokens", "HttpPutResponseHopLimit")},
           {"HttpTokens": "required", "HttpPutResponseHopLimit": 1})
     equal("app create: launch template uses the AMI parameter", lt_data["ImageId"], ami)
-    config, calls, mode = run_user_data(lt_data["UserData"])
-    equal("app create: user data writes the agent config", config,
-          expected_agent_config(env, account, {}))
+    toml_text, config, calls, mode = run_user_data(lt_data["UserData"])
+    own_db_env = {"DATABASE_HOST": inst["Endpoint"]["Address"],
+                  "DATABASE_PORT": str(inst["Endpoint"]["Port"]),
+                  "DATABASE_NAME": f"notes_{RUN}", "DATABASE_SECRET_ARN": stand_in}
+    equal("app create: user data writes the agent config, with the own database",
+          config, expected_agent_config(env, account, own_db_env))
+    check_agent_accepts("app create (defaults)", toml_text)
     equal("app create: agent config is world-readable, not writable", oct(mode), oct(0o644))
     equal("app create: user data enables docker and the agent and restarts the agent", calls,
           ["enable docker.service skiff-agent.service", "restart skiff-agent.service"])
 
-    role = ids["InstanceRole"]
-    stmts = role_statements(role)
-    check("app create: role can read its release parameter and nothing wider",
+    stmts = role_statements(ids["InstanceRole"])
+    check("app create: role reads its release parameter",
           any("ssm:GetParameter" in actions_of([s])
               and s["Resource"].endswith(f":parameter/skiff/{env}/release") for s in stmts))
-    check("app create: role has no database secret access yet",
-          "secretsmanager:GetSecretValue" not in actions_of(stmts))
+    check("app create: role may read exactly the own database's secret",
+          any(s.get("Action") == "secretsmanager:GetSecretValue" and s.get("Resource") == stand_in
+              for s in stmts), str(stmts))
+    check("app create: role has Session Manager's channels",
+          "ssmmessages:OpenDataChannel" in actions_of(stmts))
+    equal("app create: role has no managed policy",
+          iam.list_attached_role_policies(RoleName=ids["InstanceRole"])["AttachedPolicies"], [])
+    deployer_arn = out.get("DeployerPolicyArn", "")
+    doc = {}
+    try:
+        pol = iam.get_policy(PolicyArn=deployer_arn)["Policy"]
+        doc = iam.get_policy_version(PolicyArn=deployer_arn,
+                                     VersionId=pol["DefaultVersionId"])["PolicyVersion"]["Document"]
+        if isinstance(doc, str):
+            doc = json.loads(urllib.parse.unquote(doc))
+    except botocore.exceptions.ClientError as e:
+        check("app create: DeployerPolicyArn names a policy", False, str(e))
+    resources = {str(s["Resource"]) for s in doc.get("Statement", [])}
+    check("app create: deployer policy names this stack, its release, its lock and its group",
+          any(r.endswith(f":stack/{app_stack}/*") for r in resources)
+          and any(r.endswith(f":parameter/skiff/{env}/release") for r in resources)
+          and any(r.endswith(f":parameter/skiff/{env}/release-lock") for r in resources)
+          and any(r.endswith(f":autoScalingGroupName/skiff-{env}") for r in resources), str(resources))
 
-    sgs = ec2.describe_security_groups(GroupIds=[out["InstanceSecurityGroup"]])["SecurityGroups"][0]
+    sgs = ec2.describe_security_groups(GroupIds=[inst_sg])["SecurityGroups"][0]
     alb_sg = lb["SecurityGroups"][0]
     equal("app create: instance ingress only from the load balancer on 8080 and 8081",
           sorted((p["FromPort"], tuple(g["GroupId"] for g in p["UserIdGroupPairs"]),
                   tuple(x["CidrIp"] for x in p["IpRanges"])) for p in sgs["IpPermissions"]),
           [(8080, (alb_sg,), ()), (8081, (alb_sg,), ())])
 
-    # --- what `ctl release` does: write the parameter. A later stack update must not undo it.
-    ssm.put_parameter(Name=out["ReleaseParameter"], Value=f"rel{RUN}", Type="String", Overwrite=True)
-
-    # --- database stack: create
-    db_body = strip_output(db_text, "SecretArn")
-    db_params = {"Environment": env, "VpcId": vpc, "SubnetIds": ",".join(private),
-                 "ClientSecurityGroupId": out["InstanceSecurityGroup"],
-                 "MultiAZ": "false", "DeletionProtection": "false", "DatabaseName": f"notes_{RUN}"}
-    cfn.create_stack(StackName=db_stack, TemplateBody=db_body, Parameters=params(db_params),
+    # --- finding 5: what `ctl release` writes survives a stack update
+    ssm.put_parameter(Name=release, Value=f"rel{RUN}", Type="String", Overwrite=True)
+    app_params.update(StopTimeoutSeconds=45, MaxSize=6)
+    cfn.update_stack(StackName=app_stack, TemplateBody=body, Parameters=params(app_params),
                      Capabilities=["CAPABILITY_IAM"])
-    cleanup.append(lambda: cfn.delete_stack(StackName=db_stack))
-    dstack = wait_stack(db_stack, "CREATE_COMPLETE")
+    stack = wait_stack(app_stack, "UPDATE_COMPLETE")
+    equal("app update: status", stack["StackStatus"], "UPDATE_COMPLETE")
+    equal("app update: the release ctl wrote survives the update", release_value(release), f"rel{RUN}")
+    out2 = outputs(stack)
+    equal("app update: outputs unchanged", out2, out)
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
+    equal("app update: group max size", group["MaxSize"], 6)
+    equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"})
+    ids2 = physical_ids(app_stack)
+    equal("app update: same database", ids2.get("Database"), ids["Database"])
+    toml_text, config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
+    equal("app update: agent config has the new stop timeout",
+          config, expected_agent_config(env, account, own_db_env, StopTimeoutSeconds=45))
+
+    # --- database stack: create (a database to share)
+    db_body = strip_output(db_text, "SecretArn")
+    db_params = {"Environment": f"{env}-shared", "VpcId": vpc, "SubnetIds": ",".join(private),
+                 "ClientSecurityGroupId": inst_sg,
+                 "MultiAZ": "false", "DeletionProtection": "false", "DatabaseName": f"shared_{RUN}"}
+    dstack = create(db_stack, db_body, db_params, cleanup)
     if not equal("db create: status", dstack["StackStatus"], "CREATE_COMPLETE"):
         return
     dout = outputs(dstack)
     equal("db create: moto skipped only the egress rule it does not implement",
-          skipped_by_moto(db_stack, db_t), {"ClientEgressToDatabase"})
+          not_built(db_stack, db_t), {"ClientEgressToDatabase"})
     dids = physical_ids(db_stack)
-    inst = rds.describe_db_instances(DBInstanceIdentifier=dids["Database"])["DBInstances"][0]
+    dinst = rds.describe_db_instances(DBInstanceIdentifier=dids["Database"])["DBInstances"][0]
     equal("db create: Endpoint and Port outputs", (dout.get("Endpoint"), dout.get("Port")),
-          (inst["Endpoint"]["Address"], str(inst["Endpoint"]["Port"])))
+          (dinst["Endpoint"]["Address"], str(dinst["Endpoint"]["Port"])))
     equal("db create: DatabaseName output is the instance's database",
-          (dout.get("DatabaseName"), inst.get("DBName")), (f"notes_{RUN}", f"notes_{RUN}"))
+          (dout.get("DatabaseName"), dinst.get("DBName")), (f"shared_{RUN}", f"shared_{RUN}"))
     equal("db create: mysql, encrypted, 7-day backups, private",
-          (inst["Engine"], inst["StorageEncrypted"], inst["BackupRetentionPeriod"], inst["PubliclyAccessible"]),
+          (dinst["Engine"], dinst["StorageEncrypted"], dinst["BackupRetentionPeriod"], dinst["PubliclyAccessible"]),
           ("mysql", True, 7, False))
-    dsg = ec2.describe_security_groups(GroupIds=[dout["SecurityGroup"]])["SecurityGroups"][0]
-    equal("db create: database ingress only from the instances' group on 3306",
-          [(p["FromPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"])
-           for p in dsg["IpPermissions"]],
-          [(3306, [out["InstanceSecurityGroup"]], [])])
+    db_sg = {"id": dout["SecurityGroup"]}
+
+    def db_ingress():
+        sg = ec2.describe_security_groups(GroupIds=[db_sg["id"]])["SecurityGroups"][0]
+        return sorted(g["GroupId"] for p in sg["IpPermissions"] for g in p["UserIdGroupPairs"])
+
+    equal("db create: database ingress only from the client group", db_ingress(), [inst_sg])
 
     # --- database stack: update (a new client group, as after replacing the app's instances)
     other_sg = ec2.create_security_group(GroupName=f"skiff-test-client-{RUN}", Description="test client",
@@ -517,44 +1006,51 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     dstack = wait_stack(db_stack, "UPDATE_COMPLETE")
     equal("db update: status", dstack["StackStatus"], "UPDATE_COMPLETE")
     dout2 = outputs(dstack)
-    dsg = ec2.describe_security_groups(GroupIds=[dout2["SecurityGroup"]])["SecurityGroups"][0]
-    equal("db update: database ingress follows the new client group",
-          [[g["GroupId"] for g in p["UserIdGroupPairs"]] for p in dsg["IpPermissions"]], [[other_sg]])
+    db_sg["id"] = dout2["SecurityGroup"]
+    equal("db update: database ingress follows the new client group", db_ingress(), [other_sg])
     equal("db update: same database endpoint", dout2.get("Endpoint"), dout["Endpoint"])
 
-    # --- app stack: update with the database wired in and a larger group
+    # --- a second branch's stack sharing that database
     secret = sm.create_secret(Name=f"rds!skiff-test-{RUN}", SecretString='{"username":"skiff"}')["ARN"]
     cleanup.append(lambda: sm.delete_secret(SecretId=secret, ForceDeleteWithoutRecovery=True))
-    app_params.update(DatabaseHost=dout["Endpoint"], DatabasePort=dout["Port"],
-                      DatabaseName=dout["DatabaseName"], DatabaseSecretArn=secret, MaxSize=6)
-    cfn.update_stack(StackName=app_stack, TemplateBody=app_text, Parameters=params(app_params),
-                     Capabilities=["CAPABILITY_IAM"])
-    stack = wait_stack(app_stack, "UPDATE_COMPLETE")
-    equal("app update: status", stack["StackStatus"], "UPDATE_COMPLETE")
-    out2 = outputs(stack)
-    equal("app update: outputs unchanged",
-          {k: out2.get(k) for k in ("ReleaseParameter", "AutoScalingGroup", "ImageRepository",
-                                    "LoadBalancerDNS", "LifecycleHook")},
-          {k: out.get(k) for k in ("ReleaseParameter", "AutoScalingGroup", "ImageRepository",
-                                   "LoadBalancerDNS", "LifecycleHook")})
-    equal("app update: the release ctl wrote survives the update",
-          ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"], f"rel{RUN}")
-    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
-    equal("app update: group max size", group["MaxSize"], 6)
-    equal("app update: every resource built (none skipped by moto)",
-          skipped_by_moto(app_stack, app_t), set())
-    ids2 = physical_ids(app_stack)
-    config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
-    equal("app update: agent config now has the database",
-          config, expected_agent_config(env, account, {
-              "DATABASE_HOST": dout["Endpoint"], "DATABASE_PORT": dout["Port"],
-              "DATABASE_NAME": f"notes_{RUN}", "DATABASE_SECRET_ARN": secret}))
-    stmts = role_statements(ids2["InstanceRole"])
-    check("app update: role may read exactly that secret",
-          any(s.get("Action") == "secretsmanager:GetSecretValue" and s.get("Resource") == secret
-              for s in stmts), str(stmts))
+    env_b, stack_b = f"{env}-b", f"skiff-test-app-{RUN}-b"
+    shared = {"DatabaseHost": dout["Endpoint"], "DatabasePort": dout["Port"],
+              "DatabaseName": dout["DatabaseName"], "DatabaseSecretArn": secret,
+              "DatabaseSecurityGroupId": db_sg["id"]}
+    b_params = dict(app_params, Environment=env_b, MaxSize=4, StopTimeoutSeconds=30, **shared)
+    equal("shared create: the Rules accept an existing database", rules_refuse(app_t, b_params), [])
+    stack = create(stack_b, body, b_params, cleanup)
+    if equal("shared create: status", stack["StackStatus"], "CREATE_COMPLETE"):
+        bout = outputs(stack)
+        equal("shared create: no database of its own; rules into the shared one (egress: moto lacks it)",
+              not_built(stack_b, app_t),
+              {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
+               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"})
+        equal("shared create: DatabaseEndpoint output is the shared database",
+              bout.get("DatabaseEndpoint"), dout["Endpoint"])
+        equal("shared create: the shared database now admits this stack's instances too",
+              db_ingress(), sorted([other_sg, bout["InstanceSecurityGroup"]]))
+        bids = physical_ids(stack_b)
+        toml_text, config, _, _ = run_user_data(latest_user_data(bids["LaunchTemplate"]))
+        equal("shared create: agent config has the shared database",
+              config, expected_agent_config(env_b, account, {
+                  "DATABASE_HOST": dout["Endpoint"], "DATABASE_PORT": dout["Port"],
+                  "DATABASE_NAME": f"shared_{RUN}", "DATABASE_SECRET_ARN": secret}))
+        check_agent_accepts("shared create", toml_text)
+        stmts = role_statements(bids["InstanceRole"])
+        check("shared create: role may read exactly the shared database's secret",
+              [s.get("Resource") for s in stmts if s.get("Action") == "secretsmanager:GetSecretValue"]
+              == [secret], str(stmts))
+        cfn.delete_stack(StackName=stack_b)
+        stack = wait_stack(stack["StackId"], "DELETE_COMPLETE")
+        equal("shared delete: status", stack["StackStatus"], "DELETE_COMPLETE")
+        # Not checked: that the shared database's ingress for it is gone. moto has no delete for
+        # AWS::EC2::SecurityGroupIngress (see the module doc); CloudFormation revokes the rule.
 
-    # --- delete both
+    # --- finding 6: the parameters' boundaries give configs the agent accepts
+    boundary_tests(app_t, body, app_params, shared, account, cleanup)
+
+    # --- delete
     cfn.delete_stack(StackName=db_stack)
     dstack = wait_stack(dstack["StackId"], "DELETE_COMPLETE")
     equal("db delete: status", dstack["StackStatus"], "DELETE_COMPLETE")
@@ -563,15 +1059,53 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("db delete: instance gone", gone, [])
 
     cfn.delete_stack(StackName=app_stack)
-    stack = wait_stack(stack["StackId"], "DELETE_COMPLETE")
+    stack = wait_stack(app_stack_id, "DELETE_COMPLETE")
     equal("app delete: status", stack["StackStatus"], "DELETE_COMPLETE")
-    try:
-        ssm.get_parameter(Name=out["ReleaseParameter"])
-        check("app delete: release parameter gone", False, "still there")
-    except ssm.exceptions.ParameterNotFound:
-        check("app delete: release parameter gone", True)
+    equal("app delete: the release parameter is kept (it is not the stack's)",
+          release_value(release), f"rel{RUN}")
     equal("app delete: group gone",
           asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"], [])
+
+
+def boundary_tests(app_t, body, base_params, shared, account, cleanup):
+    """One stack per corner: every number of the agent config at its MinValue, at its MaxValue,
+    and the ports crossed; each generated config goes through `agent check-config`."""
+    p = app_t["Parameters"]
+    lo = {k: p[k]["MinValue"] for k in CONFIG_NUMBERS}
+    hi = {k: p[k]["MaxValue"] for k in CONFIG_NUMBERS}
+    # The two ports cannot be equal (Rules): at the minimum the agent's is one above, at the
+    # maximum one below, and the crossed corner puts each port at the other's extreme.
+    lo["AgentPort"] += 1
+    hi["AgentPort"] -= 1
+    crossed = {"AppPort": p["AppPort"]["MaxValue"], "AgentPort": p["AgentPort"]["MinValue"]}
+    for label, values in (("min", lo), ("max", hi), ("ports crossed", crossed)):
+        env = f"t{RUN}-{label.split()[0]}"
+        name = f"skiff-test-app-{RUN}-{label.split()[0]}"
+        given = dict(base_params, Environment=env, MaxSize=4, **shared, **values)
+        given.pop("StopTimeoutSeconds", None) if "StopTimeoutSeconds" not in values else None
+        if not equal(f"boundary {label}: the Rules accept {values}", rules_refuse(app_t, given), []):
+            continue
+        stack = create(name, body, given, cleanup)
+        if not equal(f"boundary {label}: status", stack["StackStatus"], "CREATE_COMPLETE"):
+            continue
+        ids = physical_ids(name)
+        toml_text, config, _, _ = run_user_data(latest_user_data(ids["LaunchTemplate"]))
+        equal(f"boundary {label}: config carries the values", config,
+              expected_agent_config(env, account, {
+                  "DATABASE_HOST": shared["DatabaseHost"], "DATABASE_PORT": shared["DatabasePort"],
+                  "DATABASE_NAME": shared["DatabaseName"],
+                  "DATABASE_SECRET_ARN": shared["DatabaseSecretArn"]}, **values))
+        check_agent_accepts(f"boundary {label}", toml_text)
+        if label == "min":
+            # Why MinValue 1: the drain below it is what the agent refuses (exit 64), and so is
+            # the port pair the Rules refuse.
+            rc, _ = agent_check_config(toml_text.replace(f'drain = "{values["DrainSeconds"]}s"', 'drain = "0s"'))
+            equal("boundary: below DrainSeconds MinValue (0 s) the agent refuses the config", rc, 64)
+            same = toml_text.replace(f':{values["AgentPort"]}"', f':{values["AppPort"]}"')
+            rc, _ = agent_check_config(same)
+            equal("boundary: AppPort == AgentPort, which the Rules refuse, the agent refuses too", rc, 64)
+        cfn.delete_stack(StackName=name)
+        wait_stack(stack["StackId"], "DELETE_COMPLETE")
 
 
 def strip_output(text, name):
@@ -601,13 +1135,29 @@ def suppressions_justified(name, t):
 def main():
     app_text, app_t = load_template("app.yaml")
     db_text, db_t = load_template("database.yaml")
-    try:
-        suppressions_justified("app", app_t)
-        suppressions_justified("db", db_t)
-        app_template_checks(app_t)
-        db_template_checks(db_t)
-    except Exception:  # a template that lost a key the checks read
-        check("template checks ran to the end", False, traceback.format_exc())
+    agent = agent_binary()
+    check(f"agent binary to validate configs with: {agent}", agent is not None,
+          "set AGENT_BIN or build it (cargo build -p skiff-agent); templates/test.sh does")
+    for name, t in (("app", app_t), ("db", db_t)):
+        try:
+            suppressions_justified(name, t)
+        except Exception:
+            check(f"{name}: suppression check ran", False, traceback.format_exc())
+    for step in (lambda: app_template_checks(app_text, app_t),
+                 lambda: app_bounds_checks(app_text, app_t),
+                 lambda: app_instance_checks(app_text, app_t),
+                 lambda: app_secret_scope_checks(app_text, app_t),
+                 lambda: app_network_checks(app_text, app_t),
+                 lambda: app_release_checks(app_text, app_t),
+                 lambda: app_database_checks(app_text, app_t),
+                 lambda: database_settings_checks("app", app_t, "Database"),
+                 lambda: same_database_settings(app_t, db_t),
+                 lambda: db_template_checks(db_text, db_t),
+                 lambda: policy_check_self_test(app_text, app_t)):
+        try:
+            step()
+        except Exception:  # a template that lost a key the checks read
+            check("template checks ran to the end", False, traceback.format_exc())
 
     cleanup = []
     try:
