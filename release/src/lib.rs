@@ -13,6 +13,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod registry;
+pub use registry::EcrRegistry;
+
 /// Longest part of an offending value that is quoted back in an error message.
 const QUOTE_LIMIT: usize = 80;
 
