@@ -2,7 +2,8 @@
 # Installs and starts, idempotently, everything skiff's tests need on a fresh Debian 12 machine:
 # Debian packages, the Python tools (in venvs under $SKIFF_CI_HOME), a Docker engine, a local
 # registry on 127.0.0.1:5000 (one with basic auth on :5001, one with token auth on :5002), the
-# moto AWS emulator on 127.0.0.1:5055, and the offline base images the tests build on.
+# moto AWS emulator (with skiff's extensions, .ci/emulator) on 127.0.0.1:5055 and with IAM enforced
+# on :5056, and the offline base images the tests build on.
 # Safe to run again: each step checks before it acts. Prints what it does.
 # SKIFF_SETUP=dev installs only what `make dev` needs (Docker, the registry, the base images).
 set -euo pipefail
@@ -117,16 +118,39 @@ start_registry 5000 no
 # Token auth in front of :5000's storage: images pushed there anonymously are served here.
 [ "$mode" = dev ] || start_registry 5002 token 5000
 
-# --- moto (AWS API emulator) ---------------------------------------------------------------
-if [ "$mode" != dev ] && ! curl -fs -o /dev/null -m 2 http://127.0.0.1:5055/moto-api/; then
-  say "starting moto server on 127.0.0.1:5055"
-  nohup "$SKIFF_CI_HOME/venv-moto/bin/moto_server" -H 127.0.0.1 -p 5055 >"$SKIFF_CI_HOME/moto.log" 2>&1 &
-  for _ in $(seq 1 60); do curl -fs -o /dev/null -m 1 http://127.0.0.1:5055/moto-api/ && break; sleep 0.5; done
-  curl -fs -o /dev/null -m 2 http://127.0.0.1:5055/moto-api/ || { echo "setup: moto did not start; see $SKIFF_CI_HOME/moto.log" >&2; exit 1; }
+# --- moto (AWS API emulator), through skiff's launcher (.ci/emulator: extensions on) ---------------
+# :5055 permissive (dummy credentials work), :5056 with IAM enforced from the first request (its
+# administrator's keys: $SKIFF_CI_HOME/emulator-iam-admin.json). A server whose stamp (a hash of
+# the launcher's code) differs, or a plain moto_server, is stopped and started again.
+start_emulator() { # port, extra args...
+  local port=$1; shift
+  local stamp got pidfile="$SKIFF_CI_HOME/emulator-$port.pid" pid
+  stamp=$(cat "$here"/emulator/*.py | sha1sum | cut -c1-12)
+  got=$(curl -fs -m 2 "http://127.0.0.1:$port/skiff-emulator/version" 2>/dev/null | sed -n 's/.*"stamp": "\([0-9a-f]*\)".*/\1/p' || true)
+  [ "$got" = "$stamp" ] && return
+  if curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/moto-api/"; then
+    # The process listening there (setup started it); the pid file if ss cannot tell.
+    pid=$(ss -Hltnp "sport = :$port" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
+    [ -n "$pid" ] || pid=$(cat "$pidfile" 2>/dev/null || true)
+    say "restarting the emulator on :$port (stamp ${got:-none}, want $stamp; pid ${pid:-?})"
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$port/moto-api/" || break; sleep 0.25; done
+  else
+    say "starting the emulator on 127.0.0.1:$port $*"
+  fi
+  nohup "$SKIFF_CI_HOME/venv-moto/bin/python" "$here/emulator/server.py" -H 127.0.0.1 -p "$port" \
+    --stamp "$stamp" "$@" >"$SKIFF_CI_HOME/emulator-$port.log" 2>&1 &
+  echo $! >"$pidfile"
+  for _ in $(seq 1 120); do curl -fs -o /dev/null -m 1 "http://127.0.0.1:$port/skiff-emulator/version" && return; sleep 0.5; done
+  echo "setup: the emulator on :$port did not start; see $SKIFF_CI_HOME/emulator-$port.log" >&2; exit 1
+}
+if [ "$mode" != dev ]; then
+  start_emulator 5055
+  start_emulator 5056 --iam --admin-file "$SKIFF_CI_HOME/emulator-iam-admin.json"
 fi
 
 # --- Offline base images ---------------------------------------------------------------------
 for script in "$here"/images/*.sh; do
   [ -e "$script" ] && bash "$script"
 done
-say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ', :5001, :5002, moto :5055')"
+say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ', :5001, :5002, moto :5055, moto+IAM :5056')"

@@ -5,6 +5,7 @@
 #         real local registry, moto for AWS, HAProxy for the drain protocol);
 #   app/: unit tests on sqlite and a throwaway MariaDB, and the image built and run;
 #   templates/: cfn-lint, checkov, create/update/delete in moto;
+#   permissions: the agent and ctl under the stack's own roles and policies, IAM enforced (:5056);
 #   packer/: validate, and the provisioning run with the docker builder;
 #   Jenkinsfile: parsed by Groovy.
 # Ends with one line "tests: N passed, N failed".
@@ -38,6 +39,7 @@ step "agent release build" cargo build --release --locked -p skiff-agent
 step "app unit tests (sqlite + MariaDB)" bash app/test.sh
 step "app image" bash app/image-test.sh
 step "templates" bash templates/test.sh
+step "permissions under enforced IAM" bash .ci/permissions-test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
 step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
 step "Makefile" bash .ci/make-check.sh

@@ -364,6 +364,34 @@ def _patch_role_cfn() -> None:
 
     iam_models.Role.create_from_cloudformation_json = classmethod(create)
 
+    # CloudFormation detaches what it attached before it deletes the role (moto would refuse
+    # with DeleteConflict).
+    original_delete = iam_models.Role.delete_from_cloudformation_json.__func__
+
+    def delete(cls, resource_name, cloudformation_json, account_id, region_name):
+        backend = iam_backends[account_id][get_partition(region_name)]
+        for role in list(backend.roles.values()):
+            if role.name == resource_name:
+                for arn in list(role.managed_policies):
+                    backend.detach_role_policy(arn, resource_name)
+        return original_delete(cls, resource_name, cloudformation_json, account_id, region_name)
+
+    iam_models.Role.delete_from_cloudformation_json = classmethod(delete)
+
+    # An update attaches ARNs added to ManagedPolicyArns (removed ones stay attached: not modelled).
+    original_update = iam_models.Role.update_from_cloudformation_json.__func__
+
+    def update(cls, original_resource, new_resource_name, cloudformation_json, account_id, region_name):
+        role = original_update(cls, original_resource, new_resource_name, cloudformation_json,
+                               account_id, region_name)
+        backend = iam_backends[account_id][get_partition(region_name)]
+        for arn in cloudformation_json["Properties"].get("ManagedPolicyArns", []) or []:
+            if arn not in role.managed_policies:
+                backend.attach_role_policy(arn, role.name)
+        return role
+
+    iam_models.Role.update_from_cloudformation_json = classmethod(update)
+
 
 _HOOK_SPECS: dict[tuple[str, str, str], list[dict]] = {}
 

@@ -7,7 +7,7 @@
 With --iam, an administrator user is created inside the process before it serves and its keys
 are written (mode 0600) to --admin-file (default $SKIFF_CI_HOME/emulator-iam-admin.json).
 Besides moto's API it serves:
-    GET  /skiff-emulator/version                 -> the launcher version (setup.sh compares it)
+    GET  /skiff-emulator/version                 -> version and --stamp (setup.sh compares it)
     POST /skiff-emulator/instance-credentials    {"role_arn", "instance_id", "region"}
          -> the role's temporary credentials, as EC2 hands them to an instance with that role
             in its instance profile (the role must trust ec2.amazonaws.com)
@@ -27,6 +27,8 @@ def main() -> int:
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=5055)
     parser.add_argument("--iam", action="store_true", help="enforce IAM from the first request")
+    parser.add_argument("--stamp", default="", help="echoed by /skiff-emulator/version (setup.sh "
+                        "passes a hash of the launcher's code to spot a stale server)")
     parser.add_argument("--admin-file", default=os.path.join(
         os.environ.get("SKIFF_CI_HOME", "/var/lib/skiff-ci"), "emulator-iam-admin.json"))
     args = parser.parse_args()
@@ -67,7 +69,8 @@ def main() -> int:
             return [data]
 
         if path == "/skiff-emulator/version":
-            return answer("200 OK", {"version": extensions.VERSION, "iam": args.iam})
+            return answer("200 OK", {"version": extensions.VERSION, "stamp": args.stamp,
+                                      "iam": args.iam})
         if path == "/skiff-emulator/instance-credentials" and method == "POST":
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Table tests of the emulator's pure parts: policy evaluation (policy.py) and the instance
+refresh state machine (refresh.py). Prints one line per case and 'N passed, N failed'."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import policy  # noqa: E402
+import refresh  # noqa: E402
+from policy import Check  # noqa: E402
+
+passed = failed = 0
+
+
+def case(name, got, want):
+    global passed, failed
+    if got == want:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}: got {got!r}, want {want!r}")
+
+
+P = "arn:aws:ssm:us-east-1:123456789012:parameter"
+I = "arn:aws:ec2:us-east-1:123456789012:instance/i-1"
+READ_OWN = {"Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:GetParameters"],
+            "Resource": f"{P}/skiff/a/*"}
+TAG_OWN = {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "arn:aws:ec2:*:*:instance/*",
+           "Condition": {"StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": "skiff-a"},
+                         "ForAllValues:StringEquals": {"aws:TagKeys": ["skiff:release"]}}}
+KMS_VIA = {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "arn:aws:kms:us-east-1:123456789012:key/*",
+           "Condition": {"StringEquals": {"kms:ViaService": "ssm.us-east-1.amazonaws.com"}}}
+DENY_B = {"Effect": "Deny", "Action": "ssm:*", "Resource": f"{P}/skiff/b/*"}
+STAR = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+own_group = {"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-a"], "aws:TagKeys": ["skiff:release"]}
+
+for name, stmts, checks, want in [
+    ("own parameter allowed", [READ_OWN], [Check("ssm:GetParameter", f"{P}/skiff/a/release")], True),
+    ("other environment's parameter denied", [READ_OWN], [Check("ssm:GetParameter", f"{P}/skiff/b/release")], False),
+    ("action names are case-insensitive", [READ_OWN], [Check("SSM:getparameter", f"{P}/skiff/a/x")], True),
+    ("ARNs are case-sensitive", [READ_OWN], [Check("ssm:GetParameter", f"{P}/SKIFF/a/x")], False),
+    ("several resources: every one must be allowed", [READ_OWN],
+     [Check("ssm:GetParameters", f"{P}/skiff/a/x"), Check("ssm:GetParameters", f"{P}/skiff/b/x")], False),
+    ("an action without resources needs Resource *", [READ_OWN], [Check("ssm:GetParameter", "*")], False),
+    ("Resource * allows an action without resources", [STAR], [Check("ecr:GetAuthorizationToken", "*")], True),
+    ("explicit deny beats an allow", [STAR, DENY_B], [Check("ssm:GetParameter", f"{P}/skiff/b/x")], False),
+    ("nothing applies: implicit deny", [], [Check("ssm:GetParameter", f"{P}/skiff/a/x")], False),
+    ("condition met: tag own group's instance", [TAG_OWN], [Check("ec2:CreateTags", I, own_group)], True),
+    ("condition not met (other group): not applicable", [TAG_OWN],
+     [Check("ec2:CreateTags", I, dict(own_group, **{"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-b"]}))], False),
+    ("an Allow whose condition fails does not deny what another Allow allows (moto 5 denies)",
+     [TAG_OWN, {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*"}],
+     [Check("ec2:CreateTags", I, {"aws:TagKeys": ["other"]})], True),
+    ("ForAllValues: a second tag key is refused", [TAG_OWN],
+     [Check("ec2:CreateTags", I, dict(own_group, **{"aws:TagKeys": ["skiff:release", "Name"]}))], False),
+    ("ForAllValues: true without any key in the request", [TAG_OWN],
+     [Check("ec2:CreateTags", I, {"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-a"]})], True),
+    ("absent key: StringEquals false (a direct kms:Decrypt has no kms:ViaService)", [KMS_VIA],
+     [Check("kms:Decrypt", "arn:aws:kms:us-east-1:123456789012:key/k")], False),
+    ("kms:Decrypt through SSM allowed", [KMS_VIA],
+     [Check("kms:Decrypt", "arn:aws:kms:us-east-1:123456789012:key/k", {"kms:viaservice": ["ssm.us-east-1.amazonaws.com"]})], True),
+    ("absent key: StringNotEquals true", [{"Effect": "Allow", "Action": "s:A", "Resource": "*",
+                                             "Condition": {"StringNotEquals": {"k": "v"}}}], [Check("s:A", "*")], True),
+    ("IfExists: absent key true", [{"Effect": "Allow", "Action": "s:A", "Resource": "*",
+                                     "Condition": {"StringEqualsIfExists": {"k": "v"}}}], [Check("s:A", "*")], True),
+    ("Null true: key must be absent", [{"Effect": "Allow", "Action": "s:A", "Resource": "*",
+                                         "Condition": {"Null": {"k": "true"}}}], [Check("s:A", "*", {"k": ["x"]})], False),
+    ("NotResource", [{"Effect": "Allow", "Action": "ssm:GetParameter", "NotResource": f"{P}/skiff/b/*"}],
+     [Check("ssm:GetParameter", f"{P}/skiff/a/x")], True),
+    ("trust-policy statements (with Principal) are not identity policy", [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "*", "Resource": "*"}],
+     [Check("ssm:GetParameter", f"{P}/skiff/a/x")], False),
+]:
+    case(name, policy.evaluate(stmts, checks).allowed, want)
+
+case("documents: moto's Python-repr inline policy parses",
+     policy.statements(["{'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': 'a:b', 'Resource': '*'}, None]}"]),
+     [{"Effect": "Allow", "Action": "a:b", "Resource": "*"}])
+
+# --- refresh state machine: launch before terminate (100/200), one instance -----------------
+r = refresh.Refresh(group="g", preferences={"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200,
+                                            "InstanceWarmup": 5}, strategy="Rolling", started=0,
+                    to_replace=["i-old"], desired=1)
+v = lambda **inst: refresh.View(instances=inst and {k.replace("_", "-"): s for k, s in inst.items()}, abandoned=set())  # noqa: E731
+case("refresh: Pending first, then InProgress", (r.status, refresh.step(r, v(i_old=("InService", 0)), 1), r.status),
+     ("Pending", [], "InProgress"))
+case("refresh: 200 % max healthy launches the replacement first", refresh.step(r, v(i_old=("InService", 0)), 2),
+     [("launch", 1)])
+r.launched = ["i-new"]
+case("refresh: waits while the new instance is in Pending:Wait",
+     refresh.step(r, v(i_old=("InService", 0), i_new=("Pending:Wait", None)), 3), [])
+case("refresh: waits for the warm-up", refresh.step(r, v(i_old=("InService", 0), i_new=("InService", 3)), 4), [])
+case("refresh: then terminates the old one",
+     refresh.step(r, v(i_old=("InService", 0), i_new=("InService", 3)), 9), [("terminate", ["i-old"])])
+case("refresh: waits for the terminate hook",
+     refresh.step(r, v(i_old=("Terminating:Wait", 0), i_new=("InService", 3)), 10), [])
+case("refresh: Successful once the old one left", (refresh.step(r, v(i_new=("InService", 3)), 11), r.status,
+                                                   r.percentage({"i-new"})), ([], "Successful", 100))
+r2 = refresh.Refresh(group="g", preferences={"MinHealthyPercentage": 50, "MaxHealthyPercentage": 100},
+                     strategy="Rolling", started=0, to_replace=["a", "b"], desired=2, status="InProgress")
+case("refresh: 100 % max healthy terminates a batch first (min healthy 50 -> 1)",
+     refresh.step(r2, v(a=("InService", 0), b=("InService", 0)), 1), [("terminate", ["a"])])
+case("refresh: then launches up to the desired capacity",
+     refresh.step(r2, v(b=("InService", 0)), 2), [("launch", 1)])
+r3 = refresh.Refresh(group="g", preferences={}, strategy="Rolling", started=0, to_replace=["a"], desired=1,
+                     status="InProgress", launched=["n"])
+case("refresh: an abandoned replacement fails it",
+     (refresh.step(r3, refresh.View({"a": ("InService", 0)}, {"n"}), 1), r3.status), ([], "Failed"))
+r4 = refresh.Refresh(group="g", preferences={}, strategy="Rolling", started=0, to_replace=["a"], desired=1,
+                     status="Cancelling")
+case("refresh: Cancelling ends Cancelled", (refresh.step(r4, v(a=("InService", 0)), 1), r4.status, r4.active),
+     ([], "Cancelled", False))
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
