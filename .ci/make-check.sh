@@ -9,8 +9,11 @@
 #      saying what to set; update-stack without TAG says TAG is required;
 #   5. `TAG=<hash> make update-stack CTL_FLAGS=--dry-run` against moto runs the real ctl (debug
 #      build), which resolves the pushed tag in the local registry; a missing tag fails;
-#   6. `make create-stack` against moto (on a VPC, subnets and a certificate made first): the
-#      stack, what it built and its first release, then deleted. Not its outputs: see below.
+#   6. `make create-stack` against moto (on a VPC, subnets, a certificate and a database secret
+#      made first; an existing database, since moto cannot build the own one's secret reference):
+#      the release parameter created first and not by the stack, the stack and what it built;
+#      deleted, the parameter stays; a value written like ctl does survives a second
+#      create-stack, which says it kept it. Not the stack's outputs: see below.
 # Every name carries a fresh run id; images, registry tags and moto resources it made are removed
 # on exit, also after a failure. Needs .ci/setup.sh's services (Docker, registry :5000, moto
 # :5055, the awscli venv); builds ctl (debug) when missing.
@@ -198,13 +201,28 @@ for i in 0 1 2 3; do
 done
 cert=$(maws acm request-certificate --domain-name "$env_name.skiff.example.com" --query CertificateArn)
 cleanup_moto+=("maws acm delete-certificate --certificate-arn $cert")
+db_secret=$(maws secretsmanager create-secret --name "skiff-make-check-$run-db" --secret-string '{"username":"skiff"}' --query ARN)
+cleanup_moto+=("maws secretsmanager delete-secret --secret-id $db_secret --force-delete-without-recovery")
 ami=$(maws ec2 describe-images --owners amazon --query 'Images[0].ImageId')
+parameter=/skiff/$env_name/release
+cleanup_moto+=("maws ssm delete-parameter --name $parameter")
 cleanup_moto+=("maws cloudformation delete-stack --stack-name $stack")
-mk "${moto_env[@]}" -- create-stack AWS="$aws_cli" VPC_ID="$vpc" PUBLIC_SUBNETS="${subnets[0]},${subnets[1]}" \
-  PRIVATE_SUBNETS="${subnets[2]},${subnets[3]}" CERTIFICATE_ARN="$cert" AMI_ID="$ami"; rc=$?
-check "make create-stack creates $stack in moto (exit $rc)" [ "$rc" = 0 ]
-check "create-stack prints the deploy command with the first release" has "InitialTag=$hash2"
+create_stack() {
+  mk "${moto_env[@]}" -- create-stack AWS="$aws_cli" VPC_ID="$vpc" PUBLIC_SUBNETS="${subnets[0]},${subnets[1]}" \
+    PRIVATE_SUBNETS="${subnets[2]},${subnets[3]}" CERTIFICATE_ARN="$cert" AMI_ID="$ami" \
+    DATABASE_HOST=db.make-check.internal DATABASE_SECRET_ARN="$db_secret"
+}
+release_value() { maws ssm get-parameter --name "$parameter" --query Parameter.Value 2>&1; }
 stack_status() { maws cloudformation describe-stacks --stack-name "$stack" --query 'Stacks[0].StackStatus' 2>&1; }
+delete_stack() {
+  maws cloudformation delete-stack --stack-name "$stack" >"$work/out" 2>&1
+  gone=$(stack_status | tr -s '\n' ' ' | sed 's/^ *//; s/ *$//')
+  check "the stack is deleted ($gone)" bash -c '[[ $1 == DELETE_COMPLETE || $1 == *"does not exist"* ]]' _ "$gone"
+}
+create_stack; rc=$?
+check "make create-stack creates $stack in moto (exit $rc)" [ "$rc" = 0 ]
+check "create-stack creates the release parameter first, with this commit" has "created the release parameter $parameter = $hash2"
+check "create-stack passes the existing database to the stack" has "DatabaseHost=db.make-check.internal"
 status=$(stack_status)
 check "the stack is complete ($status)" [ "$status" = CREATE_COMPLETE ]
 # moto 5 never computes the outputs of a stack made from a change set (execute_change_set applies
@@ -214,17 +232,26 @@ check "the stack is complete ($status)" [ "$status" = CREATE_COMPLETE ]
 # templates/test_stacks.py (create_stack) and ctl's own tests; here, what the stack built is read
 # from its resources.
 maws cloudformation describe-stack-resources --stack-name "$stack" \
-  --query 'StackResources[].[LogicalResourceId,PhysicalResourceId]' >"$work/resources" 2>&1
-resource() { awk -v k="$1" '$1 == k { print $2 }' "$work/resources"; }
-check "the stack's release parameter is /skiff/$env_name/release" [ "$(resource ReleaseParameter)" = "/skiff/$env_name/release" ]
+  --query 'StackResources[].[LogicalResourceId,ResourceType,PhysicalResourceId]' >"$work/resources" 2>&1
+resource() { awk -v k="$1" '$1 == k { print $3 }' "$work/resources"; }
+check "the release parameter is not a resource of the stack" bash -c '! grep -q "AWS::SSM::Parameter" "$1"' _ "$work/resources"
 check "the stack's Auto Scaling Group is skiff-$env_name" [ "$(resource AutoScalingGroup)" = "skiff-$env_name" ]
-check "the stack has its load balancer, target group and launch template" \
-  eval '[ -n "$(resource LoadBalancer)" ] && [ -n "$(resource TargetGroup)" ] && [ -n "$(resource LaunchTemplate)" ]'
-release=$(maws ssm get-parameter --name "/skiff/$env_name/release" --query Parameter.Value 2>&1)
-check "the stack's first release is $hash2 ($release)" bash -c '[[ $1 == *"$2"* ]]' _ "$release" "$hash2"
-maws cloudformation delete-stack --stack-name "$stack" >"$work/out" 2>&1
-gone=$(maws cloudformation describe-stacks --stack-name "$stack" --query 'Stacks[0].StackStatus' 2>&1)
-check "the stack is deleted ($gone)" bash -c '[[ $1 == DELETE_COMPLETE || $1 == *"does not exist"* ]]' _ "$gone"
+check "the stack has its load balancer, target group, launch template and deployer policy" \
+  eval '[ -n "$(resource LoadBalancer)" ] && [ -n "$(resource TargetGroup)" ] && [ -n "$(resource LaunchTemplate)" ] && [ -n "$(resource DeployerPolicy)" ]'
+release=$(release_value)
+check "the first release is $hash2 ($release)" [ "$release" = "$hash2" ]
+delete_stack
+release=$(release_value)
+check "deleting the stack leaves the release parameter ($release)" [ "$release" = "$hash2" ]
+
+# What ctl release does: write the parameter. A later create-stack must keep it, and say so.
+maws ssm put-parameter --name "$parameter" --type String --overwrite --value "rel$run" >/dev/null 2>&1
+create_stack; rc=$?
+check "make create-stack over an existing release parameter succeeds (exit $rc)" [ "$rc" = 0 ]
+check "create-stack says it kept the release value" has "exists: kept its value rel$run"
+release=$(release_value)
+check "the release ctl wrote survives create-stack ($release)" [ "$release" = "rel$run" ]
+delete_stack
 
 echo "make: $passed passed, $failed failed ($((SECONDS - started)) s)"
 ((failed == 0))
