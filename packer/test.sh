@@ -5,7 +5,8 @@
 #   * test/docker.pkr.hcl runs the same uploads and scripts as skiff.pkr.hcl (compared here)
 #     with the docker builder on the local Debian image, commits it, and the image is checked:
 #     the agent runs, the unit passes `systemd-analyze verify`, Docker and the agent are enabled
-#     at boot, the agent's user is in the docker group;
+#     at boot, the agent's user is in the docker group, /etc/docker/daemon.json rotates container
+#     logs (`local` driver) and enables live-restore, and the image's dockerd applies it;
 #   * the unit's sandbox still reaches the Docker socket: a read-only /run and an unprivileged
 #     uid in the docker group, as ProtectSystem=strict and User=/SupplementaryGroups= give it.
 #
@@ -50,7 +51,17 @@ for tool in shellcheck:shellcheck objdump:binutils; do
 done
 
 work=$(mktemp -d)
+second_dockerd=
+stop_second_dockerd() { # bounded: SIGTERM, 10 s, then SIGKILL
+  [ -n "$second_dockerd" ] || return 0
+  kill "$second_dockerd" 2>/dev/null
+  for _ in $(seq 100); do kill -0 "$second_dockerd" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$second_dockerd" 2>/dev/null
+  wait "$second_dockerd" 2>/dev/null
+  second_dockerd=
+}
 cleanup() {
+  stop_second_dockerd
   docker container ls -aq --filter "label=skiff-test=$run_id" | xargs -r docker container rm -f >/dev/null 2>&1 || true
   docker image rm -f "$image" >/dev/null 2>&1 || true
   # A build that failed after committing leaves an untagged image carrying the run's label.
@@ -143,6 +154,49 @@ else
   # shellcheck disable=SC2016 # expanded in the image, not here
   step "image: /etc/skiff exists, no config baked in" \
     in_image sh -c '[ "$(stat -c %a /etc/skiff)" = 755 ] && [ ! -e /etc/skiff/agent.toml ]'
+  # Host hygiene (10-docker.sh): container logs rotated by the `local` driver, live-restore.
+  daemon_json() {
+    in_image python3 -c '
+import json
+with open("/etc/docker/daemon.json") as f:
+    c = json.load(f)
+print(c)
+assert c.get("log-driver") == "local", "log-driver is not local"
+assert c.get("log-opts") == {"max-size": "10m", "max-file": "5"}, "log-opts are not 10m x 5"
+assert c.get("live-restore") is True, "live-restore is not on"'
+  }
+  step "image: /etc/docker/daemon.json: log driver local (10m x 5), live-restore" daemon_json
+  # ... and dockerd takes that file and applies it. The image's own dockerd cannot run here (no
+  # privileged containers), so a second dockerd of this host's (the same Debian package as the
+  # image's) runs on the image's file with its own socket, data and exec roots and network
+  # namespace: it must report the driver and live-restore, and a container created there (from an
+  # empty image, nothing pulled, never started) must get the rotated log config.
+  dockerd_applies() {
+    local dir=$work/dockerd d i info logs probe="skiff-it-daemon-json-$run_id"
+    mkdir -p "$dir"
+    docker create --label "skiff-test=$run_id" --name "$probe" --entrypoint "" "$image" true >/dev/null &&
+      docker cp "$probe:/etc/docker/daemon.json" "$dir/daemon.json" || return 1
+    docker rm -f "$probe" >/dev/null
+    # Its own network namespace: a second dockerd in the host's would remove the host dockerd's
+    # docker0 bridge (seen here), breaking every other container on the machine.
+    unshare --net dockerd --config-file "$dir/daemon.json" --iptables=false --ip-masq=false --bridge=none \
+      --data-root "$dir/data" --exec-root "$dir/exec" -H "unix://$dir/d.sock" \
+      --pidfile "$dir/d.pid" >"$dir/log" 2>&1 &
+    second_dockerd=$!
+    d=(docker -H "unix://$dir/d.sock")
+    for i in $(seq 300); do "${d[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
+    if [ "$i" = 300 ]; then echo "dockerd did not start in 30 s:"; tail -n 20 "$dir/log"; return 1; fi
+    info=$("${d[@]}" info --format '{{.LoggingDriver}} {{.LiveRestoreEnabled}}')
+    tar -cf "$dir/empty.tar" -T /dev/null
+    "${d[@]}" import "$dir/empty.tar" skiff-empty:1 >/dev/null
+    "${d[@]}" create --name probe skiff-empty:1 /probe >/dev/null
+    logs=$("${d[@]}" inspect -f '{{json .HostConfig.LogConfig}}' probe)
+    echo "daemon.json: $(tr -d ' \n' <"$dir/daemon.json")"
+    echo "dockerd: log driver, live-restore: $info; a new container logs with $logs"
+    stop_second_dockerd
+    [ "$info" = "local true" ] && [ "$logs" = '{"Type":"local","Config":{"max-file":"5","max-size":"10m"}}' ]
+  }
+  step "image: its dockerd applies daemon.json (driver, live-restore, a container's log config)" dockerd_applies
   step "image: the unit's ExecStart is the agent's run command" \
     in_image grep -qx 'ExecStart=/usr/local/bin/agent run --config /etc/skiff/agent.toml' \
     /etc/systemd/system/skiff-agent.service

@@ -522,6 +522,11 @@ def app_bounds_checks(text, t):
     need = p["DrainSeconds"]["MaxValue"] + p["StopTimeoutSeconds"]["MaxValue"] + HOOK_MARGIN
     check(f"app: terminate heartbeat {terminate} s >= max drain + max stop timeout + "
           f"{HOOK_MARGIN} s = {need} s", isinstance(terminate, int) and terminate >= need)
+    unit = os.path.join(HERE, "..", "packer", "files", "skiff-agent.service")
+    with open(unit) as f:
+        stop = [int(line.split("=", 1)[1]) for line in f if line.startswith("TimeoutStopSec=")]
+    check(f"app: the AMI's unit waits for the agent's longest drain and stop (TimeoutStopSec "
+          f"{stop} >= {need - HOOK_MARGIN} s)", len(stop) == 1 and stop[0] >= need - HOOK_MARGIN)
     check("app: Rules refuse AppPort == AgentPort",
           any("AppPort" in d for d in rules_refuse(t, {"AppPort": 9000, "AgentPort": 9000})))
     equal("app: Rules accept the defaults", rules_refuse(t, {}), [])

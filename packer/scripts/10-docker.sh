@@ -32,6 +32,33 @@ case "$distro" in
     ;;
 esac
 
+# Host hygiene for instances that live long (in-place updates): the app's stdout must not fill
+# the disk, so every container logs through the `local` driver (compressed, rotated: at most
+# max-file x max-size per container; `docker logs` still works). live-restore keeps the app's
+# container running while dockerd itself restarts (a package update), as the agent keeps it
+# running while the agent restarts. Merged into an existing daemon.json, never replacing other
+# settings; these keys must not also be dockerd flags (AL2023's /etc/sysconfig/docker sets only
+# ulimits).
+# https://docs.docker.com/engine/logging/drivers/local/
+# https://docs.docker.com/engine/daemon/live-restore/
+say "configuring docker: log driver local (10m x 5 per container), live-restore"
+install -d -m 0755 /etc/docker
+python3 - /etc/docker/daemon.json <<'PY'
+import json, os, sys
+path = sys.argv[1]
+config = {}
+if os.path.exists(path) and os.path.getsize(path) > 0:
+    with open(path) as f:
+        config = json.load(f)
+config.update({"log-driver": "local", "log-opts": {"max-size": "10m", "max-file": "5"},
+               "live-restore": True})
+with open(path + ".new", "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+os.chmod(path + ".new", 0o644)
+os.replace(path + ".new", path)
+PY
+
 # `enable` works without a running systemd (it only makes the symlinks), as during a build.
 systemctl enable docker.service
 docker --version
