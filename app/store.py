@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import ssl
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -28,10 +29,15 @@ class TlsError(Exception):
     Not transient: someone has to fix the CA bundle or the host name."""
 
 
+class DatabaseBusy(Exception):
+    """MySQL did not answer this process's last connection attempt, and another request is
+    trying it now: this one fails at once instead of waiting as well."""
+
+
 # What a failing database raises, whichever engine, and a login that cannot be read; callers
 # catch this, never engine types.
 DatabaseErrors: tuple[type[Exception], ...] = (
-    sqlite3.Error, pymysql.err.Error, CredentialsError, TlsError,
+    sqlite3.Error, pymysql.err.Error, CredentialsError, TlsError, DatabaseBusy,
 )
 
 # A handshake cut short (a server restarting, a connection reset): worth another try, unlike a
@@ -47,6 +53,8 @@ _MYSQL_LOGIN_REJECTED = 1045
 # MySQL client errors that mean "not reachable (yet)": can't connect, lost connection, too many
 # connections, server shutting down. Worth a retry at start; anything else is not.
 _MYSQL_TRANSIENT = {1040, 1053, 2002, 2003, 2006, 2013}
+# Of those, the ones that say the server is away (refused, timed out, gone).
+_MYSQL_UNREACHABLE = {2002, 2003, 2006, 2013}
 
 
 class Connection:
@@ -97,6 +105,12 @@ class Database:
                            else FixedCredentials(url.user, url.password))
         self.credentials = credentials
         self._tls = tls_context(url.ssl_ca) if url.dialect == "mysql" and url.ssl_ca else None
+        # While MySQL is unreachable, one connection attempt at a time in this process; the
+        # others fail at once. A server that hangs (a failover, a dropped route) then holds one
+        # thread for DB_TIMEOUT, not every thread, and /health keeps answering the agent. Any
+        # attempt that gets through clears it: recovery is on the next request.
+        self._unreachable = False
+        self._trial = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -110,6 +124,28 @@ class Database:
         if u.dialect == "sqlite":
             raw = sqlite3.connect(u.path, timeout=timeout, isolation_level=None)
             return Connection(raw, "sqlite")
+        if not self._unreachable:
+            return self._connect_noting_reachability(timeout)
+        if not self._trial.acquire(blocking=False):
+            raise DatabaseBusy(
+                f"MySQL at {u.host}:{u.port} did not answer the last attempt, and another"
+                " request is trying it now")
+        try:
+            return self._connect_noting_reachability(timeout)
+        finally:
+            self._trial.release()
+
+    def _connect_noting_reachability(self, timeout: float) -> Connection:
+        try:
+            conn = self._connect_with_login(timeout)
+        except pymysql.err.OperationalError as err:
+            if _mysql_code(err) in _MYSQL_UNREACHABLE:
+                self._unreachable = True
+            raise
+        self._unreachable = False
+        return conn
+
+    def _connect_with_login(self, timeout: float) -> Connection:
         login = self.credentials.current()
         try:
             raw = self._connect_mysql(login, timeout)
@@ -180,9 +216,9 @@ class Database:
             try:
                 self.connect().close()
                 return
-            except (pymysql.err.OperationalError, CredentialsError) as err:
+            except (pymysql.err.OperationalError, CredentialsError, DatabaseBusy) as err:
                 transient = (err.retryable if isinstance(err, CredentialsError)
-                             else _mysql_code(err) in _MYSQL_TRANSIENT)
+                             else isinstance(err, DatabaseBusy) or _mysql_code(err) in _MYSQL_TRANSIENT)
                 if not transient or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)

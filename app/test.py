@@ -450,6 +450,47 @@ class UnreachableDatabaseTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 6)
 
 
+class HungDatabaseTests(unittest.TestCase):
+    """A server that takes connections and never answers, as a database that hangs: a listening
+    socket that nobody accepts from (the kernel completes the TCP handshake)."""
+
+    def test_one_attempt_at_a_time_waits_the_others_fail_at_once(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(32)
+        self.addCleanup(listener.close)
+        db = Database(DatabaseUrl.parse(f"mysql://u:p@127.0.0.1:{listener.getsockname()[1]}/db"), timeout=1)
+
+        def attempt() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                db.connect().close()
+                return "connected", time.monotonic() - started
+            except Exception as err:
+                return type(err).__name__, time.monotonic() - started
+
+        kind, waited = attempt()  # nothing known yet: it waits for the timeout
+        self.assertEqual(kind, "OperationalError")
+        self.assertGreaterEqual(waited, 0.9)
+        barrier, results = threading.Barrier(4), []
+
+        def together():
+            barrier.wait()
+            results.append(attempt())
+
+        threads = [threading.Thread(target=together) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        results.sort(key=lambda r: r[1])
+        self.assertEqual([k for k, _ in results], ["DatabaseBusy"] * 3 + ["OperationalError"], results)
+        self.assertLess(results[2][1], 0.5)  # the three that did not wait
+        self.assertGreaterEqual(results[3][1], 0.9)
+        # No lockout: the next request tries again.
+        self.assertEqual(attempt()[0], "OperationalError")
+
+
 class FakeSecretsManager:
     """Stands in for the boto3 client: hands out `value` and counts the reads."""
 
@@ -526,7 +567,7 @@ class SecretTests(unittest.TestCase):
         if BACKEND == "mysql":
             if not TLS_URL:
                 self.skipTest("needs TEST_TLS_DATABASE_URL and TEST_TLS_CA (test.sh)")
-            self.admin = DatabaseUrl.parse(TLS_URL)
+            self.admin = replace(DatabaseUrl.parse(TLS_URL), ssl_ca=TLS_CA)
             empty_mysql_database(self.admin)
 
     def capture_logs(self) -> CapturedLogs:

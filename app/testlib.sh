@@ -7,10 +7,11 @@
 #   mariadb_init DIR                  a fresh datadir in DIR/data (DIR not on tmpfs: InnoDB's
 #                                     O_DIRECT fails there)
 #   mariadb_start DIR PORT [TLS_DIR]  starts mariadbd on 127.0.0.1:PORT with its own socket
-#                                     DIR/mysqld.sock (TLS with TLS_DIR's server certificate),
+#                                     DIR/mysqld.sock (TLS required over TCP, with TLS_DIR's
+#                                     server certificate),
 #                                     and waits until it answers through that socket, <= 30 s
 #   mariadb_stop DIR                  stops the mariadbd that mariadb_start DIR started, <= 30 s
-#   mariadb_sql DIR                   runs the SQL on stdin as root through DIR's socket
+#   mariadb_sql DIR [ARGS...]         the mariadb client as root through DIR's socket
 #   free_port                         a loopback TCP port nobody listens on now
 
 free_port() {
@@ -49,7 +50,9 @@ mariadb_start() {
   local args=(--no-defaults --user=root --datadir="$dir/data" --socket="$dir/mysqld.sock"
     --port="$port" --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$dir/mysqld.pid"
     --log-error="$dir/mysqld.err" --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=0)
-  [ -z "$tls" ] || args+=(--ssl-ca="$tls/ca.pem" --ssl-cert="$tls/server.pem" --ssl-key="$tls/server.key")
+  # With TLS, TCP clients must use it (the socket stays open to root for setup).
+  [ -z "$tls" ] || args+=(--ssl-ca="$tls/ca.pem" --ssl-cert="$tls/server.pem" --ssl-key="$tls/server.key"
+    --require-secure-transport=ON)
   mariadbd "${args[@]}" >>"$dir/mysqld.out" 2>&1 &
   pid=$!
   echo "$pid" >"$dir/started.pid"
@@ -70,11 +73,12 @@ mariadb_stop() {
   rm -f "$dir/started.pid"
   kill -0 "$pid" 2>/dev/null || return 0
   kill "$pid"
+  kill -CONT "$pid" 2>/dev/null || true  # a test may have frozen it
   for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
   echo "testlib: mariadbd $pid ignored SIGTERM for 30s; killing it" >&2
   kill -9 "$pid" 2>/dev/null || true
 }
 
-mariadb_sql() {
-  mariadb --no-defaults --socket="$1/mysqld.sock" -uroot
+mariadb_sql() { # DIR [mariadb options...]
+  mariadb --no-defaults --socket="$1/mysqld.sock" -uroot "${@:2}"
 }
