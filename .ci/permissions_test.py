@@ -199,18 +199,21 @@ class Imds:
             def log_message(self, *a):
                 pass
 
-            def reply(self, code, body, ctype="text/plain"):
+            def reply(self, code, body, ctype="text/plain", ttl=None):
                 data = body.encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                if ttl:
+                    self.send_header("X-aws-ec2-metadata-token-ttl-seconds", ttl)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
             def do_PUT(self):
                 imds.seen.append(f"PUT {self.path}")
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self.reply(200, imds.token)
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                if self.path == "/latest/api/token" and ttl:
+                    return self.reply(200, imds.token, ttl=ttl)
                 return self.reply(400, "bad token request")
 
             def do_GET(self):

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import threading
+from xml.sax.saxutils import escape as xml_escape
 import time
 import uuid
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from moto.autoscaling.models import autoscaling_backends
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.cloudformation.models import cloudformation_backends
 from moto.core.authorization import ActionAuthenticatorMixin
-from moto.core.exceptions import JsonRESTError, _RESTError
+from moto.core.exceptions import AccessDeniedError, JsonRESTError, _RESTError
 from moto.core.responses import ActionResult, EmptyResult
 from moto.ec2.models import ec2_backends
 from moto.iam import models as iam_models
@@ -44,6 +45,29 @@ LOCK = threading.RLock()
 # --- 1. authorization ----------------------------------------------------------------------
 
 
+class ProtocolError(_RESTError):
+    """An error rendered as the service's protocol shapes it (moto's _RESTError body,
+    ErrorResponse/Errors/Error, is read by botocore but not by the Rust SDK's parsers):
+      awsQuery (Auto Scaling, CloudFormation, IAM, STS): ErrorResponse/Error/{Type,Code,Message}
+        https://smithy.io/2.0/aws/protocols/aws-query-protocol.html
+      ec2Query: Response/Errors/Error/{Code,Message}
+        https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html"""
+
+    def __init__(self, service: str, error_type: str, message: str, status: int = 403):
+        super().__init__(error_type, message)
+        self.code = status
+        rid = uuid.uuid4().hex
+        msg = xml_escape(message)
+        if service == "ec2":
+            self.description = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>"
+                                f"<Code>{error_type}</Code><Message>{msg}</Message></Error></Errors>"
+                                f"<RequestID>{rid}</RequestID></Response>")
+        else:
+            self.description = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ErrorResponse><Error>"
+                                f"<Type>Sender</Type><Code>{error_type}</Code><Message>{msg}</Message>"
+                                f"</Error><RequestId>{rid}</RequestId></ErrorResponse>")
+
+
 def access_denied(resp, user_arn: str, check: policy.Check, explicit: bool) -> _RESTError:
     """The error AWS answers, in the service's protocol: AccessDeniedException in JSON
     services, UnauthorizedOperation in EC2, AccessDenied in the other query services.
@@ -53,15 +77,15 @@ def access_denied(resp, user_arn: str, check: policy.Check, explicit: bool) -> _
         f"no identity-based policy allows the {check.action} action")
     message = (f"User: {user_arn} is not authorized to perform: {check.action} "
                f"on resource: {check.resource} because {why}")
+    return denial(resp, message)
+
+
+def denial(resp, message: str) -> _RESTError:
     if resp.headers.get("X-Amz-Target"):
         return JsonRESTError("AccessDeniedException", message)
     if resp.service_name == "ec2":
-        err = _RESTError("UnauthorizedOperation", message)
-        err.code = 403
-        return err
-    err = _RESTError("AccessDenied", message)
-    err.code = 403
-    return err
+        return ProtocolError("ec2", "UnauthorizedOperation", message)
+    return ProtocolError(resp.service_name, "AccessDenied", message)
 
 
 def _arn(resp, service: str, rest: str, region: bool = True, account: bool = True) -> str:
@@ -328,7 +352,10 @@ def _authorize(self, resource: str = "*") -> None:
         return
     checks = resolve(self)
     if checks is None:
-        return _original_authorize(self, resource)
+        try:
+            return _original_authorize(self, resource)
+        except AccessDeniedError as e:  # moto's own check: same answer, the protocol's shape
+            raise denial(self, e.message) from None
     request = IAMRequest(
         account_id=self.current_account, method=self.method, path=self.raw_path,
         data=self.data, body=self.raw_body, headers=self.headers, action=self._get_action(),
