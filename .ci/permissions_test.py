@@ -350,6 +350,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     app_name = f"skiff-it-perm-{RUN}"
     config, text = render_config(user_data, tmp, app_name)
     image = re.search(r'(?m)^image = "([^"]+)"', text).group(1)
+    drain = int(re.search(r'(?m)^drain = "(\d+)s"', text).group(1))
     repo = image.split("/", 1)[1]
 
     world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/GREETING", Value="hello", Type="String")
@@ -393,9 +394,13 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
         check("agent: termination waits in Terminating:Wait for the terminate hook",
               (world.group_instances(group).get(instance_id) or "").startswith("Terminating"),
               str(world.group_instances(group)))
-        gone = wait_until("terminate hook", lambda: instance_id not in world.group_instances(group), 60)
+        asked = time.monotonic()
+        gone = wait_until("terminate hook", lambda: instance_id not in world.group_instances(group), 60, 0.2)
+        took = time.monotonic() - asked
         check("agent: terminate hook completed after draining (instance left the group)", gone,
               str(world.group_instances(group)))
+        check(f"agent: the terminate hook waited for the drain ({drain} s; took {took:.1f} s)",
+              gone and took >= drain, f"{took:.1f} s")
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
