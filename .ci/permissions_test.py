@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -131,6 +132,12 @@ class World:
             c(x) for x in ("cloudformation", "ec2", "acm", "ssm", "autoscaling", "iam",
                            "secretsmanager", "ecr"))
         self.cleanup = []
+        self.secrets = {}
+
+    def key(self):
+        kms = self.s.client("kms", endpoint_url=ENDPOINT)
+        self.kms_key = kms.create_key(Description=f"skiff-it {RUN}")["KeyMetadata"]["KeyId"]
+        self.cleanup.append(lambda: kms.schedule_key_deletion(KeyId=self.kms_key, PendingWindowInDays=7))
 
     def network(self):
         vpc = self.ec2.create_vpc(CidrBlock="10.88.0.0/16")["Vpc"]["VpcId"]
@@ -160,6 +167,7 @@ class World:
             self.cleanup.append(lambda: self.sm.delete_secret(SecretId=secret,
                                                               ForceDeleteWithoutRecovery=True))
             p.update(DatabaseHost="db.example.internal", DatabaseSecretArn=secret)
+            self.secrets[env] = secret
         p = {k: v for k, v in p.items() if k in declared}
         release = f"/skiff/{env}/release"
         if "ReleaseParameter" not in t["Resources"]:
@@ -335,6 +343,19 @@ def scope_checks(world, role_session, env_a, env_b):
         code = denied(call)
         check(f"scope: A's role cannot read {what}", code in ("AccessDenied", "AccessDeniedException"),
               f"got {code or 'success'}")
+    if env_a in world.secrets and env_b in world.secrets:
+        # The app reads its database secret with the instance role (host networking).
+        sm = role_session.client("secretsmanager", endpoint_url=ENDPOINT, config=NO_RETRY)
+        code = denied(lambda: sm.get_secret_value(SecretId=world.secrets[env_a]))
+        check("scope: A's role reads A's database secret", code is None, f"got {code}")
+        code = denied(lambda: sm.get_secret_value(SecretId=world.secrets[env_b]))
+        check("scope: A's role cannot read B's database secret",
+              code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
+    kms = role_session.client("kms", endpoint_url=ENDPOINT, config=NO_RETRY)
+    blob = world.s.client("kms", endpoint_url=ENDPOINT).encrypt(KeyId=world.kms_key, Plaintext=b"x")["CiphertextBlob"]
+    code = denied(lambda: kms.decrypt(CiphertextBlob=blob))
+    check("scope: A's role cannot call kms:Decrypt directly (only through SSM)",
+          code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
 
 
 def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
@@ -354,7 +375,9 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     repo = image.split("/", 1)[1]
 
     world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/GREETING", Value="hello", Type="String")
-    world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/TOKEN", Value="s3cret", Type="SecureString")
+    # A customer managed key: SSM decrypts with the caller's kms:Decrypt (via SSM).
+    world.ssm.put_parameter(Name=f"/skiff/{env_a}/env/TOKEN", Value="s3cret", Type="SecureString",
+                            KeyId=world.kms_key)
     for n in ("GREETING", "TOKEN"):
         world.cleanup.append(lambda n=n: world.ssm.delete_parameter(Name=f"/skiff/{env_a}/env/{n}"))
     try:
@@ -417,8 +440,45 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     check("agent: credentials came from IMDSv2 (token first, then the role)",
           imds.seen[:1] == ["PUT /latest/api/token"]
           and any(s.endswith(f"security-credentials/{role_name}") for s in imds.seen), str(imds.seen[:6]))
+    usage_report(world, "instance role", f"assumed-role/{role_name}/", role_documents(world, role_name))
     if failed:
         print("--- agent log (last 40 lines)\n" + "\n".join(text.splitlines()[-40:]) + "\n---")
+
+
+def usage_report(world, who, principal, documents):
+    """Print (not check) which statements of `documents` allowed what `principal` did, and the
+    ones it never needed in this run: candidates for excess, or paths the run did not take."""
+    sys.path.insert(0, os.path.join(HERE, "emulator"))
+    import policy as emulator_policy
+
+    with urllib.request.urlopen(f"{ENDPOINT}/skiff-emulator/authorizations?principal="
+                                + urllib.parse.quote(principal), timeout=10) as r:
+        log = json.load(r)
+    used = {}
+    for entry in log:
+        if entry["allowed"]:
+            for c, sid in zip(entry["checks"], entry["allowed_by"]):
+                used.setdefault(sid, set()).add(c["action"])
+    stmts = emulator_policy.statements(documents)
+    sids = [str(st.get("Sid") or f"#{i}") for i, st in enumerate(stmts)]
+    for sid in sids:
+        if sid in used:
+            print(f"info {who}: statement {sid} allowed {', '.join(sorted(used[sid]))}")
+    unused = [sid for sid in sids if sid not in used]
+    print(f"info {who}: statements not needed in this run: {', '.join(unused) or 'none'}")
+
+
+def role_documents(world, role_name):
+    docs = [world.iam.get_role_policy(RoleName=role_name, PolicyName=n)["PolicyDocument"]
+            for n in world.iam.list_role_policies(RoleName=role_name)["PolicyNames"]]
+    for a in world.iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]:
+        docs.append(managed_document(world, a["PolicyArn"]))
+    return docs
+
+
+def managed_document(world, arn):
+    version = world.iam.get_policy(PolicyArn=arn)["Policy"]["DefaultVersionId"]
+    return world.iam.get_policy_version(PolicyArn=arn, VersionId=version)["PolicyVersion"]["Document"]
 
 
 class HookAnswerer:
@@ -494,6 +554,7 @@ def ctl_checks(world, stack_a, tags, tmp):
                       [r["Status"] for r in latest] == ["Successful"], str(latest))
     finally:
         answerer.close()
+    usage_report(world, "deployer policy", f":user/{user}", [managed_document(world, arn)])
 
 
 def main():
@@ -521,6 +582,7 @@ def main():
             if not os.access(b, os.X_OK):
                 raise RuntimeError(f"{b} missing: cargo build -p skiff-agent -p skiff-ctl")
         net = world.network()
+        world.key()
         stack_a = stack_b = None
         name_a, stack_a = world.stack(env_a, text, t, net, tag, free_port(), free_port())
         name_b, stack_b = world.stack(env_b, text, t, net, tag, free_port(), free_port())

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 from xml.sax.saxutils import escape as xml_escape
 import time
@@ -164,7 +165,15 @@ def _ssm(resp, action: str) -> list[policy.Check] | None:
         path = _param(resp, "Path", "/")
         # The path's ARN without its trailing slash (/skiff/x/env/ -> parameter/skiff/x/env).
         arn = _arn(resp, "ssm", "parameter/" + path.strip("/"))
-        return [policy.Check(a, arn)]
+        from moto.ssm.models import ssm_backends
+
+        backend = ssm_backends[resp.current_account][resp.region]
+        try:
+            names = list(backend._parameters.get_keys_beginning_with(
+                path.rstrip("/") + "/", bool(_param(resp, "Recursive", False))))
+        except Exception:
+            names = []
+        return [policy.Check(a, arn)] + _ssm_kms_checks(resp, names)
     if action == "DescribeParameters":
         return [policy.Check(a, "*")]
     return None
@@ -344,6 +353,9 @@ def resolve(resp) -> list[policy.Check] | None:
 
 
 _original_authorize = ActionAuthenticatorMixin._authenticate_and_authorize_normal_action
+# What was authorized, by whom and by which statement: tests read it to list statements a run
+# never needed (GET /skiff-emulator/authorizations).
+AUTH_LOG: collections.deque = collections.deque(maxlen=20000)
 
 
 def _authorize(self, resource: str = "*") -> None:
@@ -364,6 +376,11 @@ def _authorize(self, resource: str = "*") -> None:
     key = request._access_key
     docs = [_document(p) for p in key.collect_policies()]
     decision = policy.evaluate(policy.statements(docs), checks)
+    AUTH_LOG.append({
+        "principal": key.arn, "allowed": decision.allowed,
+        "checks": [{"action": c.action, "resource": c.resource} for c in checks],
+        "allowed_by": decision.allowed_by,
+    })
     if not decision.allowed:
         raise access_denied(self, key.arn, decision.denied_by, decision.explicit)
 

@@ -37,6 +37,7 @@ class Decision:
     allowed: bool
     denied_by: Check | None = None  # the first check that failed
     explicit: bool = False  # denied by an explicit Deny statement
+    allowed_by: list[str] = field(default_factory=list)  # per check: the Sid (or #index) that allowed it
 
 
 def parse_document(doc: Any) -> dict:
@@ -220,10 +221,13 @@ def applies(stmt: dict, check: Check) -> bool:
 
 
 def evaluate(stmts: list[dict], checks: list[Check]) -> Decision:
+    relevant = [s for s in stmts if "Principal" not in s and "NotPrincipal" not in s]
+    allowed_by = []
     for check in checks:
-        relevant = [s for s in stmts if "Principal" not in s and "NotPrincipal" not in s]
         if any(s.get("Effect") == "Deny" and applies(s, check) for s in relevant):
             return Decision(False, check, explicit=True)
-        if not any(s.get("Effect") == "Allow" and applies(s, check) for s in relevant):
+        allowing = [s for s in relevant if s.get("Effect") == "Allow" and applies(s, check)]
+        if not allowing:
             return Decision(False, check)
-    return Decision(True)
+        allowed_by.append(str(allowing[0].get("Sid") or f"#{stmts.index(allowing[0])}"))
+    return Decision(True, allowed_by=allowed_by)

@@ -11,6 +11,8 @@ Besides moto's API it serves:
     POST /skiff-emulator/instance-credentials    {"role_arn", "instance_id", "region"}
          -> the role's temporary credentials, as EC2 hands them to an instance with that role
             in its instance profile (the role must trust ec2.amazonaws.com)
+    GET  /skiff-emulator/authorizations?principal=S  -> the extended checks made for callers whose
+         ARN contains S: actions, resources, allowed, the statement (Sid) that allowed each
 POST /moto-api/reset is refused with --iam (it would drop the administrator): restart instead.
 """
 
@@ -71,6 +73,12 @@ def main() -> int:
         if path == "/skiff-emulator/version":
             return answer("200 OK", {"version": extensions.VERSION, "stamp": args.stamp,
                                       "iam": args.iam})
+        if path == "/skiff-emulator/authorizations":
+            # ?principal=<substring of the caller's ARN>
+            from urllib.parse import parse_qs
+
+            want = parse_qs(environ.get("QUERY_STRING", "")).get("principal", [""])[0]
+            return answer("200 OK", [e for e in list(extensions.AUTH_LOG) if want in e["principal"]])
         if path == "/skiff-emulator/instance-credentials" and method == "POST":
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
