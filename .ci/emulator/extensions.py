@@ -536,6 +536,18 @@ def _patch_lifecycle() -> None:
 
     asg_models.AutoScalingBackend.terminate_instance = terminate_instance
 
+    # Deleting a group deletes its hooks and its refreshes' history, as in AWS.
+    original_delete = asg_models.AutoScalingBackend.delete_auto_scaling_group
+
+    def delete_auto_scaling_group(self, group_name):
+        original_delete(self, group_name)
+        for key, hook in list(self.lifecycle_hooks.items()):
+            if hook.auto_scaling_group_name == group_name:
+                del self.lifecycle_hooks[key]
+        REFRESHES.pop((self.account_id, self.region_name, group_name), None)
+
+    asg_models.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
+
 
 def _find_state(backend, instance_id: str):
     for g in backend.autoscaling_groups.values():
