@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Permissions proven by running (issue 7): the real agent and ctl under the roles and policies the
 # app stack creates, against the IAM-enforcing emulator on 127.0.0.1:5056 (.ci/setup.sh starts it),
-# plus the emulator's own policy-evaluation tables. Details: .ci/permissions_test.py,
+# plus the emulator's own tests (policy and refresh tables, Auto Scaling extensions through the API). Details: .ci/permissions_test.py,
 # .ci/emulator/README.md. Builds the debug agent and ctl first (a no-op when they are current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +10,6 @@ py=${SKIFF_CI_HOME:-/var/lib/skiff-ci}/venv-moto/bin/python
 cargo build -q --locked -p skiff-agent -p skiff-ctl
 rc=0
 "$py" .ci/emulator/policy_test.py || rc=1
+"$py" .ci/emulator/emulator_test.py || rc=1
 "$py" .ci/permissions_test.py || rc=1
 exit $rc

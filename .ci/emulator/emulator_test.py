@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""The emulator's Auto Scaling extensions through the API: starts its own permissive server
+(server.py, a free port, stopped at the end) and drives it with boto3. Lifecycle hooks
+(Pending:Wait, CompleteLifecycleAction's validation, heartbeat timeout -> DefaultResult,
+Terminating:Wait) and instance refresh (one at a time, Successful, Cancel). Prints one line per
+check and 'N passed, N failed'."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+import botocore.exceptions
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+
+
+def error_of(call):
+    try:
+        call()
+        return None
+    except botocore.exceptions.ClientError as e:
+        return e.response["Error"]["Code"], e.response["Error"]["Message"]
+
+
+def main():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/skiff-emulator/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.25)
+        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                        region_name="us-east-1")
+        ec2, asg = session.client("ec2", endpoint_url=url), session.client("autoscaling", endpoint_url=url)
+        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        lt = ec2.create_launch_template(LaunchTemplateName="t", LaunchTemplateData={
+            "ImageId": ami, "InstanceType": "t3.micro"})["LaunchTemplate"]["LaunchTemplateId"]
+
+        def group(name, hooks):
+            asg.create_auto_scaling_group(
+                AutoScalingGroupName=name, MinSize=0, MaxSize=4, DesiredCapacity=0,
+                LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"])
+            for hook, transition, timeout, default in hooks:
+                asg.put_lifecycle_hook(AutoScalingGroupName=name, LifecycleHookName=hook,
+                                       LifecycleTransition=transition, HeartbeatTimeout=timeout,
+                                       DefaultResult=default)
+            asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=1)
+
+        def states(name):
+            g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+            return {i["InstanceId"]: i["LifecycleState"] for i in g["Instances"]}
+
+        launching, terminating = "autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"
+        group("g1", [("launch", launching, 60, "ABANDON"), ("term", terminating, 60, "CONTINUE")])
+        (iid, state), = states("g1").items()
+        check("a launch hook holds a new instance in Pending:Wait", state == "Pending:Wait", state)
+        for name, kwargs, want in [
+            ("unknown group", dict(AutoScalingGroupName="nope", LifecycleHookName="launch", InstanceId=iid), "not found"),
+            ("unknown hook", dict(AutoScalingGroupName="g1", LifecycleHookName="nope", InstanceId=iid), "No Lifecycle Hook"),
+            ("instance not waiting on that hook", dict(AutoScalingGroupName="g1", LifecycleHookName="term", InstanceId=iid),
+             "No active Lifecycle Action"),
+            ("wrong token", dict(AutoScalingGroupName="g1", LifecycleHookName="launch", LifecycleActionToken="00000000-0000-0000-0000-000000000000"),
+             "No active Lifecycle Action"),
+        ]:
+            err = error_of(lambda: asg.complete_lifecycle_action(LifecycleActionResult="CONTINUE", **kwargs))
+            check(f"CompleteLifecycleAction refuses: {name}", err is not None and err[0] == "ValidationError"
+                  and want in err[1], str(err))
+        check("RecordLifecycleActionHeartbeat on the waiting instance",
+              error_of(lambda: asg.record_lifecycle_action_heartbeat(
+                  AutoScalingGroupName="g1", LifecycleHookName="launch", InstanceId=iid)) is None)
+        asg.complete_lifecycle_action(AutoScalingGroupName="g1", LifecycleHookName="launch", InstanceId=iid,
+                                      LifecycleActionResult="CONTINUE")
+        check("CONTINUE puts it InService", states("g1") == {iid: "InService"}, str(states("g1")))
+        err = error_of(lambda: asg.complete_lifecycle_action(
+            AutoScalingGroupName="g1", LifecycleHookName="launch", InstanceId=iid, LifecycleActionResult="CONTINUE"))
+        check("a second completion has no active action", err is not None and "No active Lifecycle Action" in err[1], str(err))
+
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=iid, ShouldDecrementDesiredCapacity=True)
+        check("a terminate hook holds it in Terminating:Wait", states("g1") == {iid: "Terminating:Wait"}, str(states("g1")))
+        asg.complete_lifecycle_action(AutoScalingGroupName="g1", LifecycleHookName="term", InstanceId=iid,
+                                      LifecycleActionResult="CONTINUE")
+        check("completing the terminate hook terminates it", states("g1") == {}, str(states("g1")))
+
+        group("g2", [("launch", launching, 30, "ABANDON")])
+        (first, _), = states("g2").items()
+        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="nope"))
+        check("StartInstanceRefresh on an unknown group", err is not None and err[0] == "ValidationError", str(err))
+        rid = asg.start_instance_refresh(AutoScalingGroupName="g2", Preferences={
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0})["InstanceRefreshId"]
+        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="g2"))
+        check("a second refresh is InstanceRefreshInProgress",
+              err is not None and err[0] == "InstanceRefreshInProgress", str(err))
+        seen = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = asg.describe_instance_refreshes(AutoScalingGroupName="g2", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+            seen.add(r["Status"])
+            if r["Status"] in ("Successful", "Failed", "Cancelled"):
+                break
+            for i, st in states("g2").items():
+                if st == "Pending:Wait":  # the test plays the new instance's agent
+                    asg.complete_lifecycle_action(AutoScalingGroupName="g2", LifecycleHookName="launch",
+                                                  InstanceId=i, LifecycleActionResult="CONTINUE")
+            time.sleep(0.2)
+        # Pending lasts until the next Auto Scaling request (the second Start above).
+        check("the refresh went InProgress -> Successful",
+              "InProgress" in seen and r["Status"] == "Successful", f"{seen} {r}")
+        check("it replaced the instance", first not in states("g2") and len(states("g2")) == 1, str(states("g2")))
+        check("its preferences are echoed", r.get("Preferences", {}).get("MaxHealthyPercentage") == 200, str(r))
+        err = error_of(lambda: asg.cancel_instance_refresh(AutoScalingGroupName="g2"))
+        check("Cancel without an active refresh", err is not None and err[0] == "ActiveInstanceRefreshNotFound", str(err))
+        asg.start_instance_refresh(AutoScalingGroupName="g2")
+        asg.cancel_instance_refresh(AutoScalingGroupName="g2")
+        latest = asg.describe_instance_refreshes(AutoScalingGroupName="g2")["InstanceRefreshes"][0]
+        check("a cancelled refresh ends Cancelled", latest["Status"] in ("Cancelling", "Cancelled"), str(latest))
+
+        group("g3", [("launch", launching, 1, "ABANDON")])
+        (doomed, _), = states("g3").items()
+        time.sleep(1.5)
+        after = states("g3")
+        check("a launch wait past its heartbeat takes DefaultResult ABANDON (replaced)",
+              doomed not in after and list(after.values()) == ["Pending:Wait"], str(after))
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
