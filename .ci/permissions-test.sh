@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Permissions proven by running (issue 7): the real agent and ctl under the roles and policies the
 # app stack creates, against the IAM-enforcing emulator on 127.0.0.1:5056 (.ci/setup.sh starts it),
-# plus the emulator's own tests (policy and refresh tables, Auto Scaling extensions through the API). Details: .ci/permissions_test.py,
-# .ci/emulator/README.md. Builds the debug agent and ctl first (a no-op when they are current).
+# plus the emulator's own tests (policy and refresh tables, the Auto Scaling extensions through
+# the API). Details: .ci/permissions_test.py, .ci/emulator/README.md. Builds the debug agent and
+# ctl first (a no-op when they are current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
