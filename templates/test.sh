@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the CloudFormation templates: cfn-lint (no errors, no warnings), checkov (no failed
 # check; each skip is justified next to it), then test_stacks.py, which creates, updates and
-# deletes both stacks in the moto server and checks what they build.
+# deletes both stacks in the moto server and checks what they build, running the agent
+# (AGENT_BIN, else built here with cargo) on every agent config the user data writes.
 #
 # Needs what .ci/setup.sh provides (venv-lint, venv-moto, moto on 127.0.0.1:5055); runs it when
 # any of that is missing. Closes with 'N passed, N failed' over all checks; exits 1 on a failure.
@@ -45,7 +46,22 @@ for t in "${templates[@]}"; do
     --framework cloudformation -f "$t"
 done
 
-echo "[templates] stacks against moto at $MOTO_ENDPOINT"
+# test_stacks.py runs `agent check-config` on every agent config the user data generates: the
+# agent is required, not optional. Built here (debug, incremental) unless AGENT_BIN names one;
+# when the build fails, the checks that need it fail too.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
+build_agent() { (cd "$root" && cargo build -q --locked -p skiff-agent --bin agent); }
+if [ -z "${AGENT_BIN:-}" ]; then
+  before=$failed
+  step "cargo build -p skiff-agent (the agent that checks the generated configs)" build_agent
+  if [ "$failed" = "$before" ] && [ -x "$CARGO_TARGET_DIR/debug/agent" ]; then
+    export AGENT_BIN=$CARGO_TARGET_DIR/debug/agent
+  else
+    export AGENT_BIN=/nonexistent/agent
+  fi
+fi
+
+echo "[templates] stacks against moto at $MOTO_ENDPOINT (agent: $AGENT_BIN)"
 start=$SECONDS
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
