@@ -163,13 +163,21 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 
 # The release parameter is not the stack's (a stack update would write an old tag over ctl's):
 # created here once, before the stack, without --overwrite; from then on only ctl release writes it.
+# A stack from before still owns it as its ReleaseParameter resource, which the update deletes
+# (with the value): the value is read first and the parameter put back after the update.
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
 	@$(need_branch)
 	@$(need_aws)
-	@overrides=(Environment=$(ENV)); \
+	@overrides=(Environment=$(ENV)); owned=; \
 	if $(AWS) cloudformation describe-stacks --stack-name $(STACK) --region $(REGION) >/dev/null 2>&1; then \
 	  $(say) "stack $(STACK) exists: updating it (unset parameters keep their values; the release is left alone)"; \
+	  owned=$$($(AWS) cloudformation describe-stack-resources --region $(REGION) --stack-name $(STACK) \
+	    --logical-resource-id ReleaseParameter --query 'StackResources[0].PhysicalResourceId' --output text 2>/dev/null || true); \
+	  if [ -n "$$owned" ] && [ "$$owned" != None ]; then \
+	    owned=$$($(AWS) ssm get-parameter --region $(REGION) --name "$$owned" --query Parameter.Value --output text); \
+	    $(say) "the stack still owns the release parameter (a template from before): the update deletes it; its value $$owned is put back afterwards"; \
+	  else owned=; fi; \
 	else \
 	  missing=(); \
 	  for v in VPC_ID=$(VPC_ID) PUBLIC_SUBNETS=$(PUBLIC_SUBNETS) PRIVATE_SUBNETS=$(PRIVATE_SUBNETS) \
@@ -202,6 +210,11 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	  --template-file templates/app.yaml --capabilities CAPABILITY_IAM \
 	  --no-fail-on-empty-changeset --tags skiff:environment=$(ENV) \
 	  --parameter-overrides "$${overrides[@]}"; \
+	if [ -n "$$owned" ] && ! $(AWS) ssm get-parameter --region $(REGION) --name "$$parameter" >/dev/null 2>&1; then \
+	  $(AWS) ssm put-parameter --region $(REGION) --name "$$parameter" --type String --value "$$owned" \
+	    --description "skiff release of $(ENV), written by ctl release" >/dev/null; \
+	  $(say) "put the release parameter $$parameter back: $$owned (no longer the stack's)"; \
+	fi; \
 	$(AWS) cloudformation describe-stacks --region $(REGION) --stack-name $(STACK) \
 	  --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text
 

@@ -14,6 +14,8 @@
 #      the release parameter created first and not by the stack, the stack and what it built;
 #      deleted, the parameter stays; a value written like ctl does survives a second
 #      create-stack, which says it kept it. Not the stack's outputs: see below.
+#   7. a stack from before (its template owned the release parameter) updated by create-stack:
+#      the update deletes the parameter, create-stack puts the live value back.
 # Every name carries a fresh run id; images, registry tags and moto resources it made are removed
 # on exit, also after a failure. Needs .ci/setup.sh's services (Docker, registry :5000, moto
 # :5055, the awscli venv); builds ctl (debug) when missing.
@@ -251,6 +253,39 @@ check "make create-stack over an existing release parameter succeeds (exit $rc)"
 check "create-stack says it kept the release value" has "exists: kept its value rel$run"
 release=$(release_value)
 check "the release ctl wrote survives create-stack ($release)" [ "$release" = "rel$run" ]
+delete_stack
+
+# --- 7. a stack from before, which owned the release parameter ------------------------------------
+# Its update to today's template deletes the ReleaseParameter resource and with it the parameter
+# (CloudFormation deletes what leaves a template; moto too): create-stack must put the value back.
+maws ssm delete-parameter --name "$parameter" >/dev/null 2>&1
+cat >"$work/old-app.yaml" <<'EOF'
+Parameters:
+  Environment: { Type: String }
+  InitialTag: { Type: String }
+Resources:
+  ReleaseParameter:
+    Type: AWS::SSM::Parameter
+    Properties:
+      Name: !Sub /skiff/${Environment}/release
+      Type: String
+      Value: !Ref InitialTag
+EOF
+maws cloudformation create-stack --stack-name "$stack" --template-body "file://$work/old-app.yaml" \
+  --parameters ParameterKey=Environment,ParameterValue="$env_name" ParameterKey=InitialTag,ParameterValue="old$run" >/dev/null 2>&1
+maws ssm put-parameter --name "$parameter" --type String --overwrite --value "live$run" >/dev/null 2>&1
+release=$(release_value)
+check "a stack from before owns the release parameter (now live$run: $release)" [ "$release" = "live$run" ]
+create_stack; rc=$?
+check "make create-stack updates it to today's template (exit $rc)" [ "$rc" = 0 ]
+check "create-stack says it puts the owned value back" has "its value live$run is put back afterwards"
+check "create-stack put it back" has "put the release parameter $parameter back: live$run"
+release=$(release_value)
+check "the live release survives the migration ($release)" [ "$release" = "live$run" ]
+maws cloudformation describe-stack-resources --stack-name "$stack" \
+  --query 'StackResources[].[LogicalResourceId,ResourceType,PhysicalResourceId]' >"$work/resources" 2>&1
+check "the stack no longer owns it" bash -c '! grep -q "AWS::SSM::Parameter" "$1"' _ "$work/resources"
+check "the stack now has today's resources" eval '[ -n "$(resource AutoScalingGroup)" ] && [ -n "$(resource DeployerPolicy)" ]'
 delete_stack
 
 echo "make: $passed passed, $failed failed ($((SECONDS - started)) s)"
