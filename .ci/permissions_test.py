@@ -461,9 +461,13 @@ def usage_report(world, who, principal, documents):
                 used.setdefault(sid, set()).add(c["action"])
     stmts = emulator_policy.statements(documents)
     sids = [str(st.get("Sid") or f"#{i}") for i, st in enumerate(stmts)]
-    for sid in sids:
+    for sid, st in zip(sids, stmts):
         if sid in used:
-            print(f"info {who}: statement {sid} allowed {', '.join(sorted(used[sid]))}")
+            granted = st.get("Action", [])
+            granted = [granted] if isinstance(granted, str) else granted
+            idle = [a for a in granted if not any(emulator_policy._wildcard(a, u, True) for u in used[sid])]
+            print(f"info {who}: statement {sid} allowed {', '.join(sorted(used[sid]))}"
+                  + (f"; not needed: {', '.join(idle)}" if idle else ""))
     unused = [sid for sid in sids if sid not in used]
     print(f"info {who}: statements not needed in this run: {', '.join(unused) or 'none'}")
 
@@ -486,12 +490,25 @@ class HookAnswerer:
 
     def __init__(self, world, group):
         self.world, self.group, self.stop = world, group, threading.Event()
+        self.silent_until_cancelled = threading.Event()  # an agent that never gets healthy
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
         while not self.stop.wait(0.5):
             try:
+                if self.silent_until_cancelled.is_set():
+                    # Silent through the first refresh seen, until it ends (ctl's rollback starts
+                    # the next one at once).
+                    latest = self.world.asg.describe_instance_refreshes(
+                        AutoScalingGroupName=self.group)["InstanceRefreshes"][:1]
+                    if not latest:
+                        continue
+                    self.silenced = getattr(self, "silenced", None) or latest[0]["InstanceRefreshId"]
+                    if latest[0]["InstanceRefreshId"] == self.silenced and latest[0]["Status"] in (
+                            "Pending", "InProgress"):
+                        continue
+                    self.silent_until_cancelled.clear()
                 for iid, state in self.world.group_instances(self.group).items():
                     hook = {"Pending:Wait": "skiff-launch", "Terminating:Wait": "skiff-terminate"}.get(state)
                     if hook:
@@ -526,8 +543,16 @@ def ctl_checks(world, stack_a, tags, tmp):
            "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "BUILD_USER": "permissions-test",
            "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
     stack = stack_a["StackName"]
-    answerer = HookAnswerer(world, out["AutoScalingGroup"])
+    group = out["AutoScalingGroup"]
+    answerer = HookAnswerer(world, group)
     try:
+        # The agent check terminated the group's instance: one again, so that the refreshes
+        # replace a real instance and status has one to show.
+        world.asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=1)
+        check("ctl: the group serves one instance again before the release",
+              wait_until("in service", lambda: list(world.group_instances(group).values()) == ["InService"], 30),
+              str(world.group_instances(group)))
+        before = set(world.group_instances(group))
         for name, args in [
             # --skip-verify: digest resolution is the registry's (not AWS's) business; the image
             # for these tags is not in the ECR-shaped registry.
@@ -552,6 +577,27 @@ def ctl_checks(world, stack_a, tags, tmp):
                     AutoScalingGroupName=out["AutoScalingGroup"])["InstanceRefreshes"][:1]
                 check(f"ctl {name}: its instance refresh ran to Successful",
                       [r["Status"] for r in latest] == ["Successful"], str(latest))
+                now = set(world.group_instances(group))
+                check(f"ctl {name}: the refresh replaced the instance", now and not (now & before),
+                      f"before {sorted(before)}, after {sorted(now)}")
+                before = now
+        # A release whose instances never become healthy: ctl cancels the refresh at its
+        # timeout and rolls back (exit 1), also under the deployer policy.
+        answerer.silent_until_cancelled.set()
+        p = subprocess.run([CTL, "--stack", stack, "release", "--tag", f"bad{RUN}", "--skip-verify",
+                            "--warmup", "1s", "--timeout", "8s"], env=env, capture_output=True,
+                           text=True, timeout=180)
+        text = p.stdout + p.stderr
+        denials = access_denials(text)
+        check(f"ctl release that times out is cancelled and rolled back (exit {p.returncode}, want 1)",
+              p.returncode == 1 and not denials,
+              ("denied: " + "; ".join(f"{a} on {r or '?'}" for a, r in denials) + " | " if denials else "")
+              + text.strip()[-600:])
+        value = world.ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"]
+        check("ctl: after the rollback the parameter names the previous release", tags[0] in value, value)
+        check("ctl: after the rollback the group is back to one instance in service",
+              wait_until("settled", lambda: list(world.group_instances(group).values()) == ["InService"], 15),
+              str(world.group_instances(group)))
     finally:
         answerer.close()
     usage_report(world, "deployer policy", f":user/{user}", [managed_document(world, arn)])

@@ -646,6 +646,9 @@ def _refreshes(backend, name: str) -> list[refresh_sm.Refresh]:
 
 
 def _step_refresh(backend, group, now: float) -> None:
+    """Apply the state machine's actions. The group's desired capacity stays what it was: a
+    refresh runs above it (MaxHealthyPercentage) or below it (MinHealthyPercentage) by itself,
+    and when it ends early the instances above the desired capacity go, newest first."""
     for r in _refreshes(backend, group.name):
         if not r.active:
             continue
@@ -657,12 +660,31 @@ def _step_refresh(backend, group, now: float) -> None:
         for action, arg in refresh_sm.step(r, view, now):
             if action == "launch":
                 before = {s.instance.id for s in group.instance_states}
-                group.desired_capacity += arg
                 group.replace_autoscaling_group_instances(arg, group.get_propagated_tags())
                 r.launched += [s.instance.id for s in group.instance_states if s.instance.id not in before]
             elif action == "terminate":
                 for iid in arg:
-                    backend.terminate_instance(iid, should_decrement=True)
+                    _begin_termination(backend, group, iid)
+        if r.status in ("Cancelled", "Failed"):
+            live = [s for s in group.instance_states if not s.lifecycle_state.startswith("Terminating")]
+            surplus = len(live) - (group.desired_capacity or 0)
+            newest = sorted(live, key=lambda s: getattr(s, "skiff_launched_at", 0), reverse=True)
+            for s in newest[:max(0, surplus)]:
+                _begin_termination(backend, group, s.instance.id)
+
+
+def _begin_termination(backend, group, instance_id: str) -> None:
+    """Take an instance out of service without touching the desired capacity: it waits in
+    Terminating:Wait when the group has a terminate hook, else it is terminated at once."""
+    state = next((s for s in group.instance_states if s.instance.id == instance_id), None)
+    if state is None or state.lifecycle_state.startswith("Terminating"):
+        return
+    hooks = _hooks(group, TERMINATING)
+    if hooks:
+        _wait(state, hooks[0], "Terminating:Wait")
+        return
+    group.instance_states = [s for s in group.instance_states if s is not state]
+    backend.ec2_backend.terminate_instances([instance_id])
 
 
 def start_instance_refresh(self) -> ActionResult:
