@@ -490,7 +490,8 @@ class HookAnswerer:
 
     def __init__(self, world, group):
         self.world, self.group, self.stop = world, group, threading.Event()
-        self.silent_until_cancelled = threading.Event()  # an agent that never gets healthy
+        self.silent_until_cancelled = threading.Event()  # agents that never get healthy
+        self.before_silence = self.silenced = None
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -502,9 +503,9 @@ class HookAnswerer:
                     # the next one at once).
                     latest = self.world.asg.describe_instance_refreshes(
                         AutoScalingGroupName=self.group)["InstanceRefreshes"][:1]
-                    if not latest:
-                        continue
-                    self.silenced = getattr(self, "silenced", None) or latest[0]["InstanceRefreshId"]
+                    if not latest or latest[0]["InstanceRefreshId"] == self.before_silence:
+                        continue  # the silenced release's refresh has not started yet
+                    self.silenced = self.silenced or latest[0]["InstanceRefreshId"]
                     if latest[0]["InstanceRefreshId"] == self.silenced and latest[0]["Status"] in (
                             "Pending", "InProgress"):
                         continue
@@ -517,6 +518,14 @@ class HookAnswerer:
                             InstanceId=iid, LifecycleActionResult="CONTINUE")
             except botocore.exceptions.ClientError:
                 pass
+
+    def silence_next_refresh(self):
+        """Leave the next refresh's new instances unanswered until that refresh ends."""
+        latest = self.world.asg.describe_instance_refreshes(
+            AutoScalingGroupName=self.group)["InstanceRefreshes"][:1]
+        self.before_silence = latest[0]["InstanceRefreshId"] if latest else None
+        self.silenced = None
+        self.silent_until_cancelled.set()
 
     def close(self):
         self.stop.set()
@@ -583,7 +592,7 @@ def ctl_checks(world, stack_a, tags, tmp):
                 before = now
         # A release whose instances never become healthy: ctl cancels the refresh at its
         # timeout and rolls back (exit 1), also under the deployer policy.
-        answerer.silent_until_cancelled.set()
+        answerer.silence_next_refresh()
         p = subprocess.run([CTL, "--stack", stack, "release", "--tag", f"bad{RUN}", "--skip-verify",
                             "--warmup", "1s", "--timeout", "8s"], env=env, capture_output=True,
                            text=True, timeout=180)

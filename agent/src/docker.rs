@@ -17,7 +17,7 @@ use skiff_release::Release;
 
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LocalImage, RegistryAuth,
-    RuntimeError, release_from_labels, verify_digest,
+    RuntimeError, is_auth_message, release_from_labels, verify_digest,
 };
 
 /// Bound on any single Engine API call except pulls.
@@ -57,12 +57,16 @@ impl DockerRuntime {
         let credentials = auth.map(|a| DockerCredentials {
             username: Some(a.username.clone()),
             password: Some(a.password.clone()),
-            serveraddress: Some(registry_host(reference).to_owned()),
+            serveraddress: Some(skiff_release::registry::registry_host(reference).to_owned()),
             ..Default::default()
         });
-        let fail = |detail: String| RuntimeError::PullImage {
-            image: reference.to_owned(),
-            detail,
+        let fail = |detail: String| {
+            let image = reference.to_owned();
+            if is_auth_message(&detail) {
+                RuntimeError::PullDenied { image, detail }
+            } else {
+                RuntimeError::PullImage { image, detail }
+            }
         };
         let pull = async {
             let mut stream = self.docker.create_image(Some(options), None, credentials);
@@ -122,11 +126,14 @@ impl ContainerRuntime for DockerRuntime {
                 from_cache: false,
             });
         }
-        // A tag can move: ask the registry, but fall back to the local copy when it is away.
+        // A tag can move: ask the registry, but fall back to the local copy when it is away. A
+        // registry that answers and refuses our credentials is not away: that is reported, so
+        // the caller can renew a token (and nobody runs a stale tag without noticing).
         let pulled = self.pull(&reference, auth).await;
         let digests = self.local_digests(&reference).await?;
         let (digests, from_cache) = match (pulled, digests) {
             (Ok(()), Some(d)) => (d, false),
+            (Err(e), _) if e.is_auth_failure() => return Err(e),
             (Err(e), Some(d)) => {
                 tracing::warn!(image = %reference, error = %e, "registry unavailable; using the image already on this host");
                 (d, true)
@@ -333,14 +340,6 @@ fn split_reference(reference: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The registry host of a reference (`docker.io` when the first part is not a host).
-fn registry_host(reference: &str) -> &str {
-    match reference.split_once('/') {
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
-        _ => "docker.io",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,9 +358,5 @@ mod tests {
         for (input, want) in table {
             assert_eq!(split_reference(input), want, "{input}");
         }
-        assert_eq!(registry_host("127.0.0.1:5000/app:v1"), "127.0.0.1:5000");
-        assert_eq!(registry_host("ghcr.io/team/app:v1"), "ghcr.io");
-        assert_eq!(registry_host("team/app:v1"), "docker.io");
-        assert_eq!(registry_host("localhost/app"), "localhost");
     }
 }

@@ -3,7 +3,9 @@
 
 pub mod aws;
 pub mod config;
+pub mod credentials;
 pub mod docker;
+pub mod ecr;
 pub mod fleet;
 pub mod health;
 pub mod reconcile;

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use skiff_agent::config::{self, Config, ConfigError, SourceConfig};
+use skiff_agent::credentials::PullTokens;
 use skiff_agent::docker::DockerRuntime;
+use skiff_agent::ecr::EcrIssuer;
 use skiff_agent::health;
 use skiff_agent::source::FileSource;
 use skiff_agent::ssm::SsmSource;
@@ -140,14 +142,40 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     };
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
+    // An ECR image without a [registry] section pulls with tokens from
+    // ecr:GetAuthorizationToken, through the standard AWS chain, with either source.
+    let ecr = match &cfg.registry {
+        Some(_) => None,
+        None => skiff_release::EcrRegistry::of_image(&cfg.app.image),
+    };
+    let sdk = match (&cfg.release.source, &ecr) {
+        (SourceConfig::File { .. }, None) => None,
+        _ => Some(skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await),
+    };
+    let pull_tokens = ecr.zip(sdk.as_ref()).map(|(registry, sdk)| {
+        tracing::info!(registry = %registry.host, region = %registry.region, "ECR image: pull tokens from ecr:GetAuthorizationToken");
+        PullTokens::new(EcrIssuer::new(sdk, registry))
+    });
     match &cfg.release.source {
         SourceConfig::File { path } => {
-            tracing::info!(source = %path.display(), "local mode: file source, no AWS");
+            tracing::info!(source = %path.display(), "local mode: file source, no AWS except ECR pull tokens");
             let source = FileSource::new(path.clone());
-            supervise(cfg.clone(), runtime, source, NoFleet, listener, cancel).await
+            supervise(
+                cfg.clone(),
+                runtime,
+                source,
+                NoFleet,
+                pull_tokens,
+                listener,
+                cancel,
+            )
+            .await
         }
         SourceConfig::Ssm { parameter } => {
-            let sdk = skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await;
+            let sdk = match sdk {
+                Some(sdk) => sdk,
+                None => skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await,
+            };
             let source = SsmSource::new(aws_sdk_ssm::Client::new(&sdk), parameter.clone());
             let fleet = skiff_agent::fleet::AwsFleet::discover(
                 &skiff_agent::fleet::imds_client(),
@@ -156,7 +184,16 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 cfg.aws.terminate_hook.clone(),
             )
             .await;
-            supervise(cfg.clone(), runtime, source, fleet, listener, cancel).await
+            supervise(
+                cfg.clone(),
+                runtime,
+                source,
+                fleet,
+                pull_tokens,
+                listener,
+                cancel,
+            )
+            .await
         }
     }
 }
@@ -166,6 +203,7 @@ async fn supervise<S, F>(
     runtime: DockerRuntime,
     source: S,
     fleet: F,
+    pull_tokens: Option<PullTokens>,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()>
@@ -174,6 +212,9 @@ where
     F: skiff_agent::supervise::Fleet,
 {
     let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet);
+    if let Some(tokens) = pull_tokens {
+        supervisor = supervisor.with_pull_tokens(tokens);
+    }
     // Adopt before answering health checks, so a running app is healthy from the first answer.
     supervisor.adopt().await;
     let state = supervisor.state();

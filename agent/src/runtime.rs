@@ -42,10 +42,19 @@ pub struct ContainerSpec {
     pub stop_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq, Default)]
 pub struct RegistryAuth {
     pub username: String,
     pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,10 @@ pub enum RuntimeError {
     Unreachable { op: &'static str, detail: String },
     #[error("pulling image {image} failed: {detail}")]
     PullImage { image: String, detail: String },
+    #[error(
+        "the registry refused to let us pull {image}: {detail} (check the pull credentials: the ECR permissions of the instance role, or the [registry] section)"
+    )]
+    PullDenied { image: String, detail: String },
     #[error("image {image} does not carry digest {expected} (it has: {found}); refusing to run it")]
     DigestMismatch {
         image: String,
@@ -71,10 +84,33 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    /// Network trouble and registry hiccups are worth retrying; a digest mismatch is not.
+    /// Network trouble and registry hiccups are worth retrying; a digest mismatch is not. A
+    /// denied pull is retried with backoff: credentials and permissions can be fixed in place.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, RuntimeError::DigestMismatch { .. })
     }
+
+    /// The registry rejected our credentials (or their absence): a fresh token may help.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, RuntimeError::PullDenied { .. })
+    }
+}
+
+/// Whether a registry's answer relayed by the engine means the credentials were refused or
+/// missing, as the engine words it: `unauthorized: authentication required`, `no basic auth
+/// credentials`, `denied: ...`, `pull access denied ...`, or a bare 401. Pure.
+pub fn is_auth_message(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "unauthorized",
+        "denied",
+        "no basic auth credentials",
+        "authentication required",
+    ]
+    .iter()
+    .any(|needle| m.contains(needle))
+        || m.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == "401")
 }
 
 /// What the agent needs from a container engine.
@@ -208,6 +244,34 @@ mod tests {
         let err = verify_digest("r/app", &d1, &[format!("r/app@{D2}")]).expect_err("mismatch");
         assert!(!err.is_retryable());
         assert!(err.to_string().contains(D2));
+    }
+
+    #[test]
+    fn auth_messages() {
+        let table = [
+            ("unauthorized: authentication required", true),
+            (
+                "Head \"https://r/v2/app/manifests/v1\": no basic auth credentials",
+                true,
+            ),
+            (
+                "denied: Your authorization token has expired. Reauthenticate and try again.",
+                true,
+            ),
+            (
+                "pull access denied for app, repository does not exist or may require 'docker login'",
+                true,
+            ),
+            ("received unexpected HTTP status: 401 Unauthorized", true),
+            ("HTTP 401", true),
+            ("manifest unknown: manifest unknown", false),
+            ("dial tcp 127.0.0.1:443: connect: connection refused", false),
+            ("toomanyrequests: Rate exceeded", false),
+            ("layer sha256:4012abc not found", false),
+        ];
+        for (message, auth) in table {
+            assert_eq!(is_auth_message(message), auth, "{message}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::credentials::{self, CredentialsError, PullError, PullTokens};
 use crate::health::{self, Running, Snapshot};
 use crate::reconcile::{self, Action, Current, Situation, restart_delay};
 use crate::runtime::{
@@ -65,6 +66,17 @@ enum DeployError {
     Source(#[from] SourceError),
     #[error("cannot read registry password file {path}: {detail}")]
     PasswordFile { path: String, detail: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+impl From<PullError> for DeployError {
+    fn from(e: PullError) -> Self {
+        match e {
+            PullError::Credentials(c) => DeployError::Credentials(c),
+            PullError::Runtime(r) => DeployError::Runtime(r),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -92,6 +104,8 @@ pub struct Supervisor<R, S, F> {
     /// Drained for termination: the host serves no new release and reports draining.
     terminating: bool,
     next_termination_check: Instant,
+    /// Pull tokens for an ECR image (when no [registry] section names other credentials).
+    pull_tokens: Option<PullTokens>,
 }
 
 impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
@@ -121,7 +135,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             next_deploy: now,
             terminating: false,
             next_termination_check: now,
+            pull_tokens: None,
         }
+    }
+
+    /// Pull with these tokens instead of the [registry] section's credentials.
+    pub fn with_pull_tokens(mut self, tokens: PullTokens) -> Self {
+        self.pull_tokens = Some(tokens);
+        self
     }
 
     /// The published state, for the health server and the prober.
@@ -455,6 +476,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             DeployError::Source(s) => s.is_retryable(),
             // The operator may write the file any time: retried with the capped backoff.
             DeployError::PasswordFile { .. } => true,
+            DeployError::Credentials(c) => c.is_retryable(),
         };
         let wait = restart_delay(self.deploy_failures).min(DEPLOY_RETRY_CAP);
         self.next_deploy = Instant::now() + jitter(wait);
@@ -471,12 +493,20 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
 
     /// Pull the image, gather the environment and create (not start) the container.
     async fn prepare(&mut self, release: &Release) -> Result<ContainerState, DeployError> {
-        let auth = self.registry_auth().await?;
         let started = Instant::now();
-        let image = self
-            .runtime
-            .ensure_image(&self.cfg.app.image, release, auth.as_ref())
-            .await?;
+        let image = match &self.pull_tokens {
+            // An ECR image without a [registry] section: a token, renewed once when refused.
+            Some(tokens) => {
+                credentials::ensure_image(&self.runtime, tokens, &self.cfg.app.image, release)
+                    .await?
+            }
+            None => {
+                let auth = self.registry_auth().await?;
+                self.runtime
+                    .ensure_image(&self.cfg.app.image, release, auth.as_ref())
+                    .await?
+            }
+        };
         let pull_ms = started.elapsed().as_millis() as u64;
         self.publish(|s| s.timings.pull_ms = Some(pull_ms));
         let running = Release::new(

@@ -1,0 +1,170 @@
+//! `EcrIssuer`: pull tokens for an Amazon ECR private registry from `ecr:GetAuthorizationToken`.
+//! SDK types and errors stay in this module.
+//!
+//! The token is base64 of `AWS:<password>` and is valid for 12 hours; it grants what the
+//! caller's IAM identity may pull, in any registry it has access to:
+//! https://docs.aws.amazon.com/AmazonECR/latest/APIReference/API_GetAuthorizationToken.html and
+//! https://docs.aws.amazon.com/AmazonECR/latest/userguide/registry_auth.html
+
+use std::time::SystemTime;
+
+use aws_config::{Region, SdkConfig};
+use aws_sdk_ecr::Client;
+use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_types::error::display::DisplayErrorContext;
+use skiff_release::EcrRegistry;
+
+use crate::credentials::{CredentialsError, IssueFuture, PullToken, TokenIssuer};
+use crate::runtime::RegistryAuth;
+
+const ACTION: &str = "ecr:GetAuthorizationToken";
+
+#[derive(Debug, Clone)]
+pub struct EcrIssuer {
+    client: Client,
+    registry: EcrRegistry,
+}
+
+impl EcrIssuer {
+    /// A client from the agent's one SDK configuration, in the registry's own region (taken
+    /// from its host name). Building it makes no request.
+    pub fn new(sdk: &SdkConfig, registry: EcrRegistry) -> Self {
+        let conf = aws_sdk_ecr::config::Builder::from(sdk)
+            .region(Region::new(registry.region.clone()))
+            .build();
+        EcrIssuer::with_client(Client::from_conf(conf), registry)
+    }
+
+    pub fn with_client(client: Client, registry: EcrRegistry) -> Self {
+        EcrIssuer { client, registry }
+    }
+
+    async fn token(&self) -> Result<PullToken, CredentialsError> {
+        let registry = self.registry.host.clone();
+        // No registryIds: the parameter is deprecated, and the token works for every registry
+        // the identity may pull from (see the API reference above).
+        let out = self
+            .client
+            .get_authorization_token()
+            .send()
+            .await
+            .map_err(|e| classify(e, &registry))?;
+        let data = out
+            .authorization_data()
+            .first()
+            .ok_or_else(|| CredentialsError::Issue {
+                registry: registry.clone(),
+                detail: "the answer carried no authorizationData".into(),
+            })?;
+        let auth =
+            decode_token(data.authorization_token().unwrap_or_default()).map_err(|detail| {
+                CredentialsError::Issue {
+                    registry: registry.clone(),
+                    detail,
+                }
+            })?;
+        // No expiry given: treat it as expired, so the token is used once and never cached.
+        let expires_at = data
+            .expires_at()
+            .and_then(|t| SystemTime::try_from(*t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(PullToken { auth, expires_at })
+    }
+}
+
+impl TokenIssuer for EcrIssuer {
+    fn registry(&self) -> &str {
+        &self.registry.host
+    }
+
+    fn issue(&self) -> IssueFuture<'_> {
+        Box::pin(self.token())
+    }
+}
+
+/// `base64("AWS:<password>")` -> user `AWS` and the password. Pure.
+pub fn decode_token(token: &str) -> Result<RegistryAuth, String> {
+    let bytes = aws_smithy_types::base64::decode(token.trim())
+        .map_err(|_| "the authorization token is not base64".to_owned())?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| "the authorization token is not UTF-8 text".to_owned())?;
+    match text.split_once(':') {
+        Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(RegistryAuth {
+            username: user.to_owned(),
+            password: password.to_owned(),
+        }),
+        _ => Err("the authorization token is not of the form user:password".into()),
+    }
+}
+
+fn classify<E, R>(err: SdkError<E, R>, registry: &str) -> CredentialsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let registry = registry.to_owned();
+    match &err {
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("Unknown");
+            let detail = format!("{code}: {}", se.err().message().unwrap_or_default());
+            match code {
+                "AccessDeniedException"
+                | "AccessDenied"
+                | "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException" => CredentialsError::Denied {
+                    action: ACTION,
+                    registry,
+                    detail,
+                },
+                _ => CredentialsError::Issue { registry, detail },
+            }
+        }
+        // Missing credentials or region: the message says which.
+        SdkError::ConstructionFailure(_) => CredentialsError::Issue {
+            registry,
+            detail: DisplayErrorContext(&err).to_string(),
+        },
+        _ => CredentialsError::Unreachable {
+            registry,
+            detail: DisplayErrorContext(&err).to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        let enc = |s: &str| aws_smithy_types::base64::encode(s);
+        let ok = |user: &str, pw: &str| {
+            Ok(RegistryAuth {
+                username: user.into(),
+                password: pw.into(),
+            })
+        };
+        let table = [
+            (
+                enc("AWS:123456789012-auth-token"),
+                ok("AWS", "123456789012-auth-token"),
+            ),
+            // Passwords may contain colons.
+            (enc("AWS:a:b=="), ok("AWS", "a:b==")),
+            (format!(" {}\n", enc("AWS:x")), ok("AWS", "x")),
+            (enc("AWS"), Err(())),
+            (enc("AWS:"), Err(())),
+            (enc(":pw"), Err(())),
+            ("not base64!".into(), Err(())),
+            (
+                aws_smithy_types::base64::encode([0xff, 0xfe, b':', b'x']),
+                Err(()),
+            ),
+            (String::new(), Err(())),
+        ];
+        for (token, want) in table {
+            assert_eq!(decode_token(&token).map_err(|_| ()), want, "{token:?}");
+        }
+    }
+}
