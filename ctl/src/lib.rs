@@ -5,13 +5,23 @@
 //! - [`registry`]: resolve `image:tag` to its digest through the registry v2 API.
 //! - [`store`]: the release record in the SSM parameter, with its history.
 //! - [`refresh`]: instance refreshes of the Auto Scaling Group, and the pure follow decision.
+//! - [`lock`]: the release lock, an SSM parameter created only when absent.
+//! - [`history`]: what the parameter's history says, and the rollback target (pure).
 //! - [`ship`]: the release procedure (verify, lock, write, refresh, roll back).
+//! - [`signal`]: SIGINT/SIGTERM as a stop request; a second one exits at once.
+//! - [`progress`]: the events printed, and the journal a second signal reports from.
+//! - [`exit`]: the exit codes.
 //! - [`status`]: what the fleet runs.
 
 pub mod aws;
 pub mod deployment;
+pub mod exit;
+pub mod history;
+pub mod lock;
+pub mod progress;
 pub mod refresh;
 pub mod registry;
 pub mod ship;
+pub mod signal;
 pub mod status;
 pub mod store;

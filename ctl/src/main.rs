@@ -11,40 +11,45 @@
 //! outputs) or `--parameter`/`--asg`/`--image`, each also from `SKIFF_*` variables; the usual
 //! AWS settings (`--region`, `--profile`, `AWS_*`, `AWS_ENDPOINT_URL`).
 //!
-//! Exit codes: 0 success; 1 the release failed and the fleet was rolled back to the previous
-//! release; 2 bad input or configuration, or a check failed before anything changed (unknown
-//! image, registry unreachable, AWS read failed); 3 the release failed and was not rolled back,
-//! or the state is unknown; 4 another release is in progress (nothing changed).
+//! A release holds the lock `<parameter>-lock` (an SSM parameter created only when absent)
+//! from before its first read to its end; `ctl unlock` clears a stale one. The first SIGINT or
+//! SIGTERM cancels the refresh and puts the previous release back; a second exits at once,
+//! printing the state and the commands that finish the job. Logs (`warn!`) go to stderr,
+//! filtered by `RUST_LOG` (default `warn`).
+//!
+//! Exit codes: see [`skiff_ctl::exit::ExitCode`], printed by `--help`.
 
-use std::io::{IsTerminal, Write};
-use std::process::ExitCode;
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use skiff_ctl::deployment::{self, Deployment, Locator};
+use skiff_ctl::exit::ExitCode;
+use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
+use skiff_ctl::progress::{Journal, Printer};
 use skiff_ctl::refresh::{AsgRefresher, InstanceRefresher, RefreshPlan};
 use skiff_ctl::registry::{Credentials, HttpRegistry};
-use skiff_ctl::ship::{self, Event, Fleet, Outcome, Purpose, Request, Target};
+use skiff_ctl::ship::{self, Fleet, Outcome, Request, Target};
 use skiff_ctl::status;
 use skiff_ctl::store::{ReleaseStore, SsmStore};
-use skiff_release::{Release, Tag};
-
-const EXIT_INPUT: u8 = 2;
-const EXIT_UNKNOWN: u8 = 3;
+use skiff_release::Tag;
 
 const EXAMPLES: &str = "Examples:
-  SKIFF_STACK=app-master ctl release --tag $GIT_COMMIT
+  SKIFF_STACK=app-master ctl release --tag $GIT_COMMIT --wait-lock 10m
   ctl --stack app-master status
   ctl --parameter /app/release --asg app-asg --image 1234.dkr.ecr.eu-west-1.amazonaws.com/app history --limit 5
   ctl --stack app-master rollback
-  ctl completions bash > /etc/bash_completion.d/ctl
+  ctl --stack app-master unlock
+  ctl completions bash > /etc/bash_completion.d/ctl";
 
-Exit codes: 0 success, 1 failed and rolled back, 2 bad input or configuration (nothing changed),
-3 failed and not rolled back or state unknown, 4 another release in progress (nothing changed).";
+fn examples(first: &str) -> String {
+    format!("{first}\n\n{}", ExitCode::help())
+}
 
 #[derive(Parser, Debug)]
-#[command(name = "ctl", version, about = "skiff ctl: release an image tag to a fleet by a health-gated instance refresh, with rollback", after_help = EXAMPLES)]
+#[command(name = "ctl", version, about = "skiff ctl: release an image tag to a fleet by a health-gated instance refresh, with rollback", after_help = examples(EXAMPLES))]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -80,14 +85,17 @@ struct Global {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Release TAG: verify, write the parameter, roll the fleet, roll back on failure.
-    #[command(after_help = "Examples:
+    #[command(after_help = examples("Examples:
   ctl --stack app-master release --tag 3f2c1ab
   ctl --stack app-master release --tag 3f2c1ab --dry-run
+  ctl --stack app-master release --tag 3f2c1ab --wait-lock 15m
   ctl --stack app-master release --tag 3f2c1ab --checkpoints 25,50 --checkpoint-delay 5m --alarm app-5xx
   ctl --stack app-master release --tag 3f2c1ab --no-wait --json
 
-Exit codes: 0 released, 1 failed and rolled back, 2 refused (bad tag, unknown image, registry
-down; nothing changed), 3 failed and not rolled back or unknown, 4 another release is running.")]
+Signals: the first SIGINT/SIGTERM cancels the refresh, waits for it to stop, puts the previous
+release back (only if the parameter still holds this release) and starts the refresh that rolls
+the replaced instances back (exit 1); a second one exits at once (exit 3), printing the state
+and the commands that finish the job."))]
     Release {
         /// The image tag to release (Docker tag grammar, e.g. the git commit).
         #[arg(long, value_parser = parse_tag)]
@@ -108,16 +116,27 @@ down; nothing changed), 3 failed and not rolled back or unknown, 4 another relea
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Release the previous release again (or the newest one with tag --to), same path as release.
-    #[command(
-        after_help = "Examples:\n  ctl --stack app-master rollback\n  ctl --stack app-master rollback --to 3f2c1ab --dry-run"
-    )]
+    /// Release the last good release again (or the newest good one with tag --to), same path
+    /// as release, under the same lock.
+    #[command(after_help = examples(
+        "Examples:\n  ctl --stack app-master rollback\n  ctl --stack app-master rollback --to 3f2c1ab --dry-run"
+    ))]
     Rollback {
-        /// Tag to return to; default: the newest earlier release with a different tag.
+        /// Tag to return to; default: the newest earlier release with a different tag that was
+        /// not itself rolled back.
         #[arg(long, value_parser = parse_tag)]
         to: Option<Tag>,
         #[command(flatten)]
         opts: ReleaseOpts,
+    },
+    /// Clear the release lock left by a release that was killed (asks first, unless --force).
+    #[command(after_help = examples(
+        "Examples:\n  ctl --stack app-master unlock\n  ctl --stack app-master unlock --force"
+    ))]
+    Unlock {
+        /// Clear it without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        force: bool,
     },
     /// Print shell completions.
     #[command(
@@ -140,6 +159,10 @@ struct ReleaseOpts {
     /// On failure leave things as they are and print what to do (exit 3).
     #[arg(long)]
     no_rollback: bool,
+    /// Wait up to this long for the release lock and a running refresh to be free (default:
+    /// do not wait, exit 4).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    wait_lock: Duration,
     /// Longest wait for the refresh; then it is cancelled and rolled back.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -184,11 +207,11 @@ fn parse_tag(s: &str) -> Result<Tag, String> {
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 struct Exit {
-    code: u8,
+    code: ExitCode,
     message: String,
 }
 
-fn exit(code: u8, message: impl std::fmt::Display) -> anyhow::Error {
+fn exit(code: ExitCode, message: impl std::fmt::Display) -> anyhow::Error {
     Exit {
         code,
         message: message.to_string(),
@@ -196,22 +219,32 @@ fn exit(code: u8, message: impl std::fmt::Display) -> anyhow::Error {
     .into()
 }
 
-fn main() -> ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match run(cli) {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code.into(),
         Err(e) => {
-            let code = e.downcast_ref::<Exit>().map_or(EXIT_INPUT, |x| x.code);
+            let code = e
+                .downcast_ref::<Exit>()
+                .map_or(ExitCode::Refused, |x| x.code);
             eprintln!("ctl: error: {e:#}");
-            ExitCode::from(code)
+            code.into()
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "ctl", &mut std::io::stdout());
-        return Ok(0);
+        return Ok(ExitCode::Success);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -238,7 +271,7 @@ async fn connect(g: &Global) -> anyhow::Result<Clients> {
     };
     let deployment = deployment::locate(&aws_sdk_cloudformation::Client::new(&sdk), &locator)
         .await
-        .map_err(|e| exit(EXIT_INPUT, e))?;
+        .map_err(|e| exit(ExitCode::Refused, e))?;
     Ok(Clients {
         deployment,
         ssm: aws_sdk_ssm::Client::new(&sdk),
@@ -247,10 +280,10 @@ async fn connect(g: &Global) -> anyhow::Result<Clients> {
     })
 }
 
-async fn run_async(cli: Cli) -> anyhow::Result<u8> {
+async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     match cli.command {
-        Command::Completions { .. } => Ok(0),
+        Command::Completions { .. } => Ok(ExitCode::Success),
         Command::Release { tag, mut opts } => {
             opts.registry_password = std::env::var("SKIFF_REGISTRY_PASSWORD").ok();
             let c = connect(g).await?;
@@ -259,10 +292,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Rollback { to, opts } => {
             let c = connect(g).await?;
-            let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
-            let target = rollback_target(&store, to.as_ref()).await?;
-            release(g, &c, Target::Pinned(target), &opts).await
+            release(g, &c, Target::Rollback { to }, &opts).await
         }
+        Command::Unlock { force } => unlock(g, &connect(g).await?, force).await,
         Command::Status => status_cmd(g, &connect(g).await?).await,
         Command::History { limit } => {
             let c = connect(g).await?;
@@ -270,7 +302,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<u8> {
             let history = store
                 .history(limit)
                 .await
-                .map_err(|e| exit(EXIT_INPUT, e))?;
+                .map_err(|e| exit(ExitCode::Refused, e))?;
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
@@ -306,34 +338,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<u8> {
                     );
                 }
             }
-            Ok(0)
+            Ok(ExitCode::Success)
         }
     }
-}
-
-/// The release to return to: the newest earlier release with the named tag, or with a tag
-/// different from the current one.
-async fn rollback_target(store: &SsmStore, to: Option<&Tag>) -> anyhow::Result<Release> {
-    let history = store
-        .history(usize::MAX)
-        .await
-        .map_err(|e| exit(EXIT_INPUT, e))?;
-    let mut releases = history.iter().filter_map(|h| h.release.as_ref());
-    let current = history.first().and_then(|h| h.release.as_ref());
-    let found = match (to, current) {
-        (Some(tag), _) => releases.find(|r| &r.tag == tag).cloned(),
-        (None, Some(cur)) => releases.find(|r| r.tag != cur.tag).cloned(),
-        (None, None) => None,
-    };
-    found.ok_or_else(|| {
-        exit(
-            EXIT_INPUT,
-            match to {
-                Some(t) => format!("tag {t} is not in the release history (`ctl history`); release it with `ctl release --tag {t}`"),
-                None => "no earlier release in the parameter history to roll back to; name one with `ctl release --tag`".into(),
-            },
-        )
-    })
 }
 
 fn released_by(opts: &ReleaseOpts) -> String {
@@ -344,14 +351,31 @@ fn released_by(opts: &ReleaseOpts) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// How to call ctl for this deployment, for the commands printed as advice.
+fn ctl_prefix(g: &Global, d: &Deployment) -> String {
+    let mut s = String::from("ctl");
+    match &g.stack {
+        Some(stack) => s.push_str(&format!(" --stack {stack}")),
+        None => s.push_str(&format!(
+            " --parameter {} --asg {} --image {}",
+            d.parameter, d.asg, d.image
+        )),
+    }
+    if let Some(r) = &g.region {
+        s.push_str(&format!(" --region {r}"));
+    }
+    s
+}
+
 async fn release(
     g: &Global,
     c: &Clients,
     target: Target,
     opts: &ReleaseOpts,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<ExitCode> {
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
+    let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
     let creds = opts.registry_user.clone().map(|user| Credentials {
         user,
         password: opts.registry_password.clone().unwrap_or_default(),
@@ -363,15 +387,19 @@ async fn release(
         store: &store,
         refresher: &refresher,
         resolver: &resolver,
+        lock: &lock,
     };
+    let ctl = ctl_prefix(g, &c.deployment);
     let req = Request {
         target,
         released_by: released_by(opts),
+        owner: lock::owner(),
         dry_run: opts.dry_run,
         wait: !opts.no_wait,
         rollback: !opts.no_rollback,
         timeout: opts.timeout,
         poll: opts.poll,
+        wait_lock: opts.wait_lock,
         plan: RefreshPlan {
             min_healthy: opts.min_healthy,
             max_healthy: opts.max_healthy,
@@ -380,9 +408,33 @@ async fn release(
             checkpoint_delay: opts.checkpoint_delay,
             alarms: opts.alarms.clone(),
         },
+        ctl: ctl.clone(),
     };
+    // The journal is what a second signal reports from; it sees every event the printer does.
+    let journal = Arc::new(Mutex::new(Journal::default()));
+    let on_second = {
+        let journal = journal.clone();
+        move |signal: &'static str| {
+            let report = journal
+                .lock()
+                .map(|j| j.report(&ctl))
+                .unwrap_or_else(|_| format!("state unknown; run `{ctl} status`"));
+            eprintln!(
+                "\nctl: second {signal}: exiting now, the release is NOT finished\nctl: {report}"
+            );
+            std::process::exit(i32::from(ExitCode::NotRolledBack.code()));
+        }
+    };
+    let mut stop =
+        skiff_ctl::signal::listen(on_second).context("cannot listen for SIGINT/SIGTERM")?;
     let mut printer = Printer::new(g.json);
-    let result = ship::ship(&fleet, &req, &mut |e| printer.event(&e)).await;
+    let result = ship::ship(&fleet, &req, &mut stop, &mut |e| {
+        if let Ok(mut j) = journal.lock() {
+            j.record(&e);
+        }
+        printer.event(&e);
+    })
+    .await;
     printer.finish_bar();
     let outcome = result.map_err(|e| {
         let code = e.exit_code();
@@ -406,105 +458,94 @@ async fn release(
             Outcome::NotRolledBack { reason, advice } => {
                 eprintln!("ctl: release failed: {reason}\nctl: NOT rolled back: {advice}")
             }
+            Outcome::Interrupted {
+                signal,
+                restored,
+                advice,
+                ..
+            } => eprintln!(
+                "ctl: interrupted by {signal}: {}\nctl: {advice}",
+                match restored {
+                    Some(r) => format!("the previous release {r} is back in the parameter"),
+                    None => "the previous release was NOT put back".into(),
+                }
+            ),
         }
     }
     Ok(outcome.exit_code())
 }
 
-/// Prints events: JSON lines, a progress bar on a terminal, or plain lines.
-struct Printer {
-    json: bool,
-    tty: bool,
-    last: Option<String>,
-    bar_open: bool,
-}
-
-impl Printer {
-    fn new(json: bool) -> Self {
-        Printer {
-            json,
-            tty: std::io::stderr().is_terminal(),
-            last: None,
-            bar_open: false,
+/// `ctl unlock`: show who holds the lock and clear it, after a yes on a terminal or --force.
+async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode> {
+    let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
+    let Some(value) = lock.read().await.map_err(|e| exit(ExitCode::Refused, e))? else {
+        println!("nobody holds the lock {}", lock.name());
+        return Ok(ExitCode::Success);
+    };
+    let holder = lock::assess(&value, time::OffsetDateTime::now_utc());
+    eprintln!("the lock {} is held by {holder}", lock.name());
+    if !force {
+        if !std::io::stdin().is_terminal() {
+            return Err(exit(
+                ExitCode::Refused,
+                "not clearing the lock without a confirmation: stdin is not a terminal; check with `ctl status` that no release runs, then pass --force",
+            ));
+        }
+        eprint!(
+            "clear it? Only if that release is no longer running (`{} status`). Type yes: ",
+            ctl_prefix(g, &c.deployment)
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .context("cannot read the answer")?;
+        if answer.trim() != "yes" {
+            return Err(exit(
+                ExitCode::Refused,
+                "not cleared: the answer was not yes",
+            ));
         }
     }
-
-    fn event(&mut self, e: &Event) {
-        if self.json {
-            if let Ok(line) = serde_json::to_string(e) {
-                println!("{line}");
-            }
-            return;
+    // Delete only what was shown: a release that took the lock meanwhile keeps it.
+    match lock::release(&lock, &value)
+        .await
+        .map_err(|e| exit(ExitCode::Refused, e))?
+    {
+        lock::Released::Deleted | lock::Released::AlreadyGone => {
+            println!("cleared the lock {}", lock.name());
+            Ok(ExitCode::Success)
         }
-        if let Event::Progress { purpose, refresh } = e {
-            let pct = refresh.percent.unwrap_or(0).clamp(0, 100);
-            let what = match purpose {
-                Purpose::Release => "release",
-                Purpose::Rollback => "rollback",
-            };
-            let line = format!("{what} refresh {}: {:?} {pct}%", refresh.id, refresh.state);
-            if self.tty {
-                let filled = usize::try_from(pct / 5).unwrap_or(0);
-                eprint!(
-                    "\r[{}{}] {line}   ",
-                    "#".repeat(filled),
-                    ".".repeat(20 - filled)
-                );
-                let _ = std::io::stderr().flush();
-                self.bar_open = true;
-            } else if self.last.as_deref() != Some(line.as_str()) {
-                eprintln!("{line}");
-                self.last = Some(line);
-            }
-            return;
-        }
-        self.finish_bar();
-        match e {
-            Event::Resolved { image, digest } => eprintln!("resolved {image} -> {digest}"),
-            Event::Plan {
-                parameter,
-                old,
-                new,
-            } => eprintln!(
-                "{parameter}:\n  old: {}\n  new: {new}",
-                old.as_deref().unwrap_or("(none)")
+        lock::Released::NotOurs(v) => Err(exit(
+            ExitCode::Busy,
+            format!(
+                "not cleared: the lock changed meanwhile and is now held by {}",
+                lock::assess(&v, time::OffsetDateTime::now_utc())
             ),
-            Event::Written {
-                parameter, version, ..
-            } => eprintln!("wrote {parameter} (version {version}), read back ok"),
-            Event::RefreshStarted { purpose, id } => {
-                eprintln!("started instance refresh {id} ({purpose:?})")
-            }
-            Event::Cancelling { id } => eprintln!("cancelling instance refresh {id}"),
-            Event::LockUnknown { detail } => {
-                eprintln!("warning: cannot tell whether a refresh is running: {detail}")
-            }
-            Event::RollingBack { reason, to } => {
-                eprintln!("failed: {reason}\nrolling back to {to}")
-            }
-            Event::Progress { .. } => {}
-        }
-    }
-
-    fn finish_bar(&mut self) {
-        if self.bar_open {
-            eprintln!();
-            self.bar_open = false;
-        }
+        )),
     }
 }
 
-async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<u8> {
+async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
-    let current = store.read().await.map_err(|e| exit(EXIT_INPUT, e))?;
+    let current = store.read().await.map_err(|e| exit(ExitCode::Refused, e))?;
     let (refresh, refresh_error) = match refresher.latest().await {
         Ok(r) => (r, None),
         Err(e) => (None, Some(e.to_string())),
     };
     let instances = status::instances(&c.autoscaling, &c.ec2, &c.deployment.asg)
         .await
-        .map_err(|e| exit(EXIT_UNKNOWN, e))?;
+        .map_err(|e| exit(ExitCode::NotRolledBack, e))?;
+    let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
+    let (holder, lock_error) = match lock.read().await {
+        Ok(v) => (
+            v.map(|v| lock::assess(&v, time::OffsetDateTime::now_utc())),
+            None,
+        ),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let desired = current.as_ref().and_then(|s| s.release.as_ref());
     let drift = status::drift(desired.map(|r| &r.tag), &instances);
     if g.json {
@@ -515,11 +556,13 @@ async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<u8> {
             "parameter_version": current.as_ref().map(|s| s.version),
             "refresh": refresh,
             "refresh_error": refresh_error,
+            "lock": holder,
+            "lock_error": lock_error,
             "instances": instances,
             "drift": drift,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(0);
+        return Ok(ExitCode::Success);
     }
     println!("parameter  {}", c.deployment.parameter);
     println!("group      {}", c.deployment.asg);
@@ -541,6 +584,11 @@ async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<u8> {
         ),
         (None, Some(e)) => println!("refresh    unknown: {e}"),
         (None, None) => println!("refresh    none"),
+    }
+    match (&holder, &lock_error) {
+        (Some(h), _) => println!("lock       {} held by {h}", lock.name()),
+        (None, Some(e)) => println!("lock       unknown: {e}"),
+        (None, None) => println!("lock       free"),
     }
     println!(
         "\n{:<20}  {:<12}  {:<12}  {:<10}  RELEASE",
@@ -569,5 +617,5 @@ async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<u8> {
             instances.len()
         );
     }
-    Ok(0)
+    Ok(ExitCode::Success)
 }

@@ -52,7 +52,11 @@ async fn no_wait_returns_0_once_the_refresh_started_with_the_parameter_written()
         .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
         .collect();
     let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();
-    assert_eq!(events, ["plan", "written", "refresh_started"], "{t}");
+    assert_eq!(
+        events,
+        ["locked", "plan", "written", "refresh_started", "unlocked"],
+        "{t}"
+    );
     assert_eq!(
         lines.last(),
         Some(&serde_json::json!({"outcome": "started", "refresh_id": "r-1"})),

@@ -17,9 +17,12 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 use common::*;
+use skiff_ctl::exit::ExitCode;
+use skiff_ctl::lock::SsmLock;
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
 use skiff_ctl::registry::{DigestResolver, RegistryError};
 use skiff_ctl::ship::{self, Fleet, Outcome, Request, ShipError, Target};
+use skiff_ctl::signal::Stop;
 use skiff_ctl::store::SsmStore;
 use skiff_release::{Digest, Release, Tag};
 
@@ -133,12 +136,15 @@ fn request(timeout: Duration) -> Request {
             verify: true,
         },
         released_by: "tester".into(),
+        owner: "tester@test/1".into(),
         dry_run: false,
         wait: true,
         rollback: true,
         timeout,
         poll: Duration::from_millis(10),
+        wait_lock: Duration::ZERO,
         plan: RefreshPlan::default(),
+        ctl: "ctl".into(),
     }
 }
 
@@ -160,17 +166,33 @@ async fn release(
     let (client, seen) = autoscaling(script);
     let store = SsmStore::new(ssm.clone(), &param);
     let refresher = AsgRefresher::new(client, "app-asg");
+    let lock = SsmLock::for_parameter(ssm.clone(), &param);
     let fleet = Fleet {
         parameter: &param,
         image: "127.0.0.1:5000/skiff/app",
         store: &store,
         refresher: &refresher,
         resolver: &FakeResolver,
+        lock: &lock,
     };
-    let result = ship::ship(&fleet, &req, &mut |_| {}).await;
+    let (_handle, mut stop) = Stop::new();
+    let result = ship::ship(&fleet, &req, &mut stop, &mut |_| {}).await;
     let value = read_param(&ssm, &param).await.expect("value");
+    assert_eq!(
+        read_param(&ssm, &format!("{param}-lock")).await,
+        None,
+        "the lock is let go on every path"
+    );
     delete_param(&ssm, &param).await;
     (result, Release::parse(&value).expect("record"), seen)
+}
+
+/// The previous release (V1's tag and digest) is back, marked as a compensation.
+fn assert_restored(now: &Release) {
+    let v1 = Release::parse(V1).expect("v1");
+    assert_eq!((&now.tag, &now.digest), (&v1.tag, &v1.digest), "{now:?}");
+    assert_eq!(now.meta_str("kind"), Some("compensation"), "{now:?}");
+    assert!(skiff_ctl::history::compensates(now).is_some(), "{now:?}");
 }
 
 #[tokio::test]
@@ -183,7 +205,7 @@ async fn refresh_success_releases_the_pinned_digest() {
     let (result, now, seen) = release(script, request(Duration::from_secs(60))).await;
     let outcome = result.expect("released");
     assert!(matches!(outcome, Outcome::Released { .. }), "{outcome:?}");
-    assert_eq!(outcome.exit_code(), 0);
+    assert_eq!(outcome.exit_code(), ExitCode::Success);
     assert_eq!(now.tag.as_str(), "v2");
     assert_eq!(now.digest.as_ref().map(Digest::as_str), Some(D2));
     assert_eq!(now.meta_str("released_by"), Some("tester"));
@@ -209,12 +231,8 @@ async fn failure_is_rolled_back_to_the_previous_record() {
     };
     let (result, now, seen) = release(script, request(Duration::from_secs(60))).await;
     let outcome = result.expect("outcome");
-    assert_eq!(outcome.exit_code(), 1, "{outcome:?}");
-    assert_eq!(
-        now,
-        Release::parse(V1).expect("v1"),
-        "the previous record is back"
-    );
+    assert_eq!(outcome.exit_code(), ExitCode::RolledBack, "{outcome:?}");
+    assert_restored(&now);
     assert_eq!(seen.lock().expect("lock").starts, 2);
 }
 
@@ -227,7 +245,7 @@ async fn a_failed_rollback_exits_3_with_advice() {
     };
     let (result, _now, _seen) = release(script, request(Duration::from_secs(60))).await;
     let outcome = result.expect("outcome");
-    assert_eq!(outcome.exit_code(), 3, "{outcome:?}");
+    assert_eq!(outcome.exit_code(), ExitCode::NotRolledBack, "{outcome:?}");
     let Outcome::NotRolledBack { advice, .. } = outcome else {
         panic!("not rolled back expected");
     };
@@ -245,7 +263,7 @@ async fn no_rollback_leaves_the_new_release_and_says_what_to_do() {
     req.rollback = false;
     let (result, now, seen) = release(script, req).await;
     let outcome = result.expect("outcome");
-    assert_eq!(outcome.exit_code(), 3, "{outcome:?}");
+    assert_eq!(outcome.exit_code(), ExitCode::NotRolledBack, "{outcome:?}");
     assert_eq!(now.tag.as_str(), "v2");
     assert_eq!(seen.lock().expect("lock").starts, 1);
 }
@@ -258,7 +276,7 @@ async fn a_running_refresh_refuses_with_exit_4_and_changes_nothing() {
     };
     let (result, now, seen) = release(script, request(Duration::from_secs(60))).await;
     let err = result.expect_err("busy");
-    assert_eq!(err.exit_code(), 4, "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Busy, "{err}");
     assert_eq!(now, Release::parse(V1).expect("v1"));
     assert_eq!(seen.lock().expect("lock").starts, 0);
 }
@@ -271,8 +289,8 @@ async fn a_refresh_started_meanwhile_restores_the_record_and_exits_4() {
     };
     let (result, now, _seen) = release(script, request(Duration::from_secs(60))).await;
     let err = result.expect_err("busy");
-    assert_eq!(err.exit_code(), 4, "{err}");
-    assert_eq!(now, Release::parse(V1).expect("v1"));
+    assert_eq!(err.exit_code(), ExitCode::Busy, "{err}");
+    assert_restored(&now);
 }
 
 #[tokio::test]
@@ -284,12 +302,12 @@ async fn timeout_cancels_and_rolls_back() {
     };
     let (result, now, seen) = release(script, request(Duration::from_millis(60))).await;
     let outcome = result.expect("outcome");
-    assert_eq!(outcome.exit_code(), 1, "{outcome:?}");
+    assert_eq!(outcome.exit_code(), ExitCode::RolledBack, "{outcome:?}");
     let Outcome::RolledBack { reason, .. } = &outcome else {
         panic!("{outcome:?}");
     };
     assert!(reason.contains("did not finish within"), "{reason}");
-    assert_eq!(now, Release::parse(V1).expect("v1"));
+    assert_restored(&now);
     let seen = seen.lock().expect("lock");
     assert_eq!((seen.cancels, seen.starts), (1, 2));
 }

@@ -123,11 +123,16 @@ async fn a_failed_rollback_refresh_puts_the_current_record_back_and_exits_1() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("rolled back"), "{t}");
-    assert_eq!(
+    let (now, before) = (
         Release::parse(&value).expect("record"),
         Release::parse(&before).expect("before"),
+    );
+    assert_eq!(
+        (&now.tag, &now.digest),
+        (&before.tag, &before.digest),
         "the record from before the rollback is back: {t}"
     );
+    assert_eq!(now.meta_str("kind"), Some("compensation"), "{t}");
     assert_eq!(fake.seen().starts.len(), 2, "{t}");
 }
 

@@ -3,7 +3,9 @@
 //! binary is pointed here with `AWS_ENDPOINT_URL_AUTO_SCALING` while SSM and EC2 stay on moto.
 //! It speaks just enough of the Auto Scaling query protocol (form body in, XML out) for
 //! DescribeInstanceRefreshes, StartInstanceRefresh, CancelInstanceRefresh and
-//! DescribeAutoScalingGroups, one request per connection.
+//! DescribeAutoScalingGroups, one request per connection. Like Auto Scaling, it runs one refresh
+//! at a time: StartInstanceRefresh fails with InstanceRefreshInProgress while the newest refresh
+//! is active.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,6 +24,8 @@ pub struct Script {
     pub refreshes: Vec<Vec<&'static str>>,
     /// Instances of the group: (id, zone).
     pub instances: Vec<(&'static str, &'static str)>,
+    /// States answered once a cancel was requested (the last repeats); empty: `Cancelled`.
+    pub after_cancel: Vec<&'static str>,
 }
 
 /// What the fake was asked.
@@ -161,7 +165,13 @@ fn wrap(action: &str, result: &str) -> String {
 /// The state of started refresh number `n` (1-based); `advance` consumes one scripted step.
 fn refresh_state(s: &mut State, n: usize, advance: bool) -> Option<&'static str> {
     if s.cancelled {
-        return Some("Cancelled");
+        let list = &mut s.script.after_cancel;
+        return Some(match list.len() {
+            0 => "Cancelled",
+            1 => list[0],
+            _ if advance => list.remove(0),
+            _ => list[0],
+        });
     }
     let list = s.script.refreshes.get_mut(n - 1)?;
     match list.len() {
@@ -198,6 +208,22 @@ fn answer(form: &HashMap<String, String>, s: &mut State) -> (&'static str, Strin
             ("200 OK", wrap(&action, &result))
         }
         "StartInstanceRefresh" => {
+            let active = started > 0
+                && matches!(
+                    refresh_state(s, started, false),
+                    Some("Pending" | "InProgress" | "Cancelling" | "Baking" | "RollbackInProgress")
+                );
+            if active {
+                // https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_StartInstanceRefresh.html
+                // (Errors: InstanceRefreshInProgress)
+                return (
+                    "400 Bad Request",
+                    "<ErrorResponse><Error><Type>Sender</Type><Code>InstanceRefreshInProgress</Code>\
+                     <Message>An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.</Message></Error>\
+                     <RequestId>fake</RequestId></ErrorResponse>"
+                        .into(),
+                );
+            }
             s.seen.starts.push(form.clone());
             s.cancelled = false;
             let id = format!("r-{}", started + 1);

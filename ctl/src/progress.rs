@@ -1,0 +1,346 @@
+//! What the person or pipeline watching sees: the events of a release printed as JSON lines,
+//! a progress bar on a terminal, or plain lines; and the [`Journal`], the state folded from the
+//! same events, which says where a release stands and how to finish it when a second signal
+//! ends ctl at once.
+
+use std::io::{IsTerminal, Write};
+
+use skiff_release::Release;
+
+use crate::ship::{Event, Purpose};
+
+/// Prints events.
+#[derive(Debug)]
+pub struct Printer {
+    json: bool,
+    tty: bool,
+    last: Option<String>,
+    bar_open: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool) -> Self {
+        Printer {
+            json,
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+            bar_open: false,
+        }
+    }
+
+    pub fn event(&mut self, e: &Event) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(e) {
+                println!("{line}");
+            }
+            return;
+        }
+        if let Event::Progress { purpose, refresh } = e {
+            let pct = refresh.percent.unwrap_or(0).clamp(0, 100);
+            let line = format!(
+                "{} refresh {}: {:?} {pct}%",
+                what(*purpose),
+                refresh.id,
+                refresh.state
+            );
+            if self.tty {
+                let filled = usize::try_from(pct / 5).unwrap_or(0);
+                eprint!(
+                    "\r[{}{}] {line}   ",
+                    "#".repeat(filled),
+                    ".".repeat(20 - filled)
+                );
+                let _ = std::io::stderr().flush();
+                self.bar_open = true;
+            } else if self.last.as_deref() != Some(line.as_str()) {
+                eprintln!("{line}");
+                self.last = Some(line);
+            }
+            return;
+        }
+        self.finish_bar();
+        match e {
+            Event::Resolved { image, digest } => eprintln!("resolved {image} -> {digest}"),
+            Event::Waiting { detail } => eprintln!("waiting: {detail}"),
+            Event::Locked { lock, owner } => eprintln!("locked {lock} as {owner}"),
+            Event::LockHeld { lock, holder } => {
+                eprintln!("warning: the lock {lock} is held by {holder}")
+            }
+            Event::Unlocked { lock } => eprintln!("unlocked {lock}"),
+            Event::LockLost { lock, detail } => {
+                eprintln!("warning: the lock {lock} was not removed: {detail}")
+            }
+            Event::Plan {
+                parameter,
+                old,
+                new,
+            } => eprintln!(
+                "{parameter}:\n  old: {}\n  new: {new}",
+                old.as_deref().unwrap_or("(none)")
+            ),
+            Event::Written {
+                purpose,
+                parameter,
+                version,
+                ..
+            } => eprintln!(
+                "wrote {parameter} (version {version}{}), read back ok",
+                match purpose {
+                    Purpose::Release => "",
+                    Purpose::Rollback => ", the previous release",
+                }
+            ),
+            Event::RefreshStarted { purpose, id } => {
+                eprintln!("started instance refresh {id} ({})", what(*purpose))
+            }
+            Event::Stopping { signal } => eprintln!(
+                "{signal}: stopping; cancelling the refresh and putting the previous release back (a second signal exits at once)"
+            ),
+            Event::Cancelling { id } => eprintln!("cancelling instance refresh {id}"),
+            Event::LockUnknown { detail } => {
+                eprintln!("warning: cannot tell whether a release is running: {detail}")
+            }
+            Event::RollingBack { reason, to } => {
+                eprintln!("failed: {reason}\nrolling back to {to}")
+            }
+            Event::Progress { .. } => {}
+        }
+    }
+
+    pub fn finish_bar(&mut self) {
+        if self.bar_open {
+            eprintln!();
+            self.bar_open = false;
+        }
+    }
+}
+
+fn what(p: Purpose) -> &'static str {
+    match p {
+        Purpose::Release => "release",
+        Purpose::Rollback => "rollback",
+    }
+}
+
+/// Where a release stands, folded from its events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Journal {
+    parameter: Option<String>,
+    lock: Option<String>,
+    previous: Option<Release>,
+    /// The last write: why, version, value.
+    written: Option<(Purpose, i64, String)>,
+    /// The last refresh started: why, id.
+    refresh: Option<(Purpose, String)>,
+}
+
+impl Journal {
+    pub fn record(&mut self, e: &Event) {
+        match e {
+            Event::Locked { lock, .. } => self.lock = Some(lock.clone()),
+            Event::Unlocked { .. } | Event::LockLost { .. } => self.lock = None,
+            Event::Plan { parameter, old, .. } => {
+                self.parameter = Some(parameter.clone());
+                self.previous = old.as_deref().and_then(|v| Release::parse(v).ok());
+            }
+            Event::Written {
+                purpose,
+                version,
+                value,
+                ..
+            } => self.written = Some((*purpose, *version, value.clone())),
+            Event::RefreshStarted { purpose, id } => self.refresh = Some((*purpose, id.clone())),
+            _ => {}
+        }
+    }
+
+    /// The state, and the commands that finish the job, for a ctl leaving in the middle.
+    /// `ctl` is how to call ctl for this deployment.
+    pub fn report(&self, ctl: &str) -> String {
+        let parameter = self.parameter.as_deref().unwrap_or("the release parameter");
+        let mut state = Vec::new();
+        let mut finish = Vec::new();
+        if let Some(lock) = &self.lock {
+            state.push(format!("this run still holds the lock {lock}"));
+            finish.push(format!("`{ctl} unlock --force`"));
+        }
+        let back = |finish: &mut Vec<String>| {
+            match &self.previous {
+            Some(p) => finish.push(format!("`{ctl} rollback --to {}`", p.tag)),
+            None => finish.push(format!(
+                "no earlier release to go back to: release a good tag with `{ctl} release --tag <tag>`"
+            )),
+        }
+        };
+        match (&self.written, &self.refresh) {
+            (None, _) => state.push(format!("nothing was written to {parameter}")),
+            (Some((Purpose::Release, v, value)), refresh) => {
+                state.push(format!(
+                    "{parameter} holds the new release {value} (version {v})"
+                ));
+                match refresh {
+                    Some((_, id)) => {
+                        state.push(format!(
+                            "instance refresh {id} (release) may still be running or cancelling"
+                        ));
+                        finish.push(format!(
+                            "wait until `{ctl} status` shows refresh {id} ended (or `{ctl} status` to see it)"
+                        ));
+                    }
+                    None => state.push("no instance refresh was started".into()),
+                }
+                back(&mut finish);
+            }
+            (Some((Purpose::Rollback, v, value)), Some((Purpose::Rollback, id))) => {
+                state.push(format!(
+                    "{parameter} holds the previous release again: {value} (version {v})"
+                ));
+                state.push(format!(
+                    "rollback refresh {id} is running and brings the fleet back"
+                ));
+                finish.push(format!(
+                    "follow refresh {id} with `{ctl} status`; if it fails, run it again"
+                ));
+                back(&mut finish);
+            }
+            (Some((Purpose::Rollback, v, value)), _) => {
+                state.push(format!(
+                    "{parameter} holds the previous release again: {value} (version {v})"
+                ));
+                state.push(
+                    "the instances replaced so far still run the new release: no rollback refresh was started"
+                        .into(),
+                );
+                back(&mut finish);
+            }
+        }
+        let mut out = format!("state: {}.", state.join("; "));
+        if !finish.is_empty() {
+            out.push_str(&format!("\nto finish: {}", finish.join(", then ")));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &str = r#"{"tag":"v1"}"#;
+    const V2: &str = r#"{"tag":"v2"}"#;
+
+    fn plan() -> Event {
+        Event::Plan {
+            parameter: "/p".into(),
+            old: Some(V1.into()),
+            new: V2.into(),
+        }
+    }
+
+    fn locked() -> Event {
+        Event::Locked {
+            lock: "/p-lock".into(),
+            owner: "me".into(),
+        }
+    }
+
+    fn written(purpose: Purpose, version: i64, value: &str) -> Event {
+        Event::Written {
+            purpose,
+            parameter: "/p".into(),
+            version,
+            value: value.into(),
+        }
+    }
+
+    fn started(purpose: Purpose, id: &str) -> Event {
+        Event::RefreshStarted {
+            purpose,
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn report_table() {
+        let table: Vec<(&str, Vec<Event>, &[&str])> = vec![
+            (
+                "locked, nothing written",
+                vec![locked(), plan()],
+                &["nothing was written to /p", "`ctl unlock --force`"],
+            ),
+            (
+                "new release written, refresh running",
+                vec![
+                    locked(),
+                    plan(),
+                    written(Purpose::Release, 7, V2),
+                    started(Purpose::Release, "r-1"),
+                ],
+                &[
+                    "/p holds the new release {\"tag\":\"v2\"} (version 7)",
+                    "r-1 (release) may still be running",
+                    "`ctl unlock --force`, then wait until `ctl status` shows refresh r-1 ended",
+                    "then `ctl rollback --to v1`",
+                ],
+            ),
+            (
+                "previous put back, rollback refresh running",
+                vec![
+                    locked(),
+                    plan(),
+                    written(Purpose::Release, 7, V2),
+                    started(Purpose::Release, "r-1"),
+                    written(Purpose::Rollback, 8, V1),
+                    started(Purpose::Rollback, "r-2"),
+                ],
+                &[
+                    "previous release again",
+                    "rollback refresh r-2 is running",
+                    "`ctl rollback --to v1`",
+                ],
+            ),
+            (
+                "previous put back, no rollback refresh yet",
+                vec![
+                    locked(),
+                    plan(),
+                    written(Purpose::Release, 7, V2),
+                    started(Purpose::Release, "r-1"),
+                    written(Purpose::Rollback, 8, V1),
+                ],
+                &["no rollback refresh was started", "`ctl rollback --to v1`"],
+            ),
+            (
+                "first release ever, lock already let go",
+                vec![
+                    locked(),
+                    Event::Plan {
+                        parameter: "/p".into(),
+                        old: None,
+                        new: V2.into(),
+                    },
+                    written(Purpose::Release, 1, V2),
+                    Event::Unlocked {
+                        lock: "/p-lock".into(),
+                    },
+                ],
+                &[
+                    "no instance refresh was started",
+                    "no earlier release to go back to",
+                ],
+            ),
+        ];
+        for (name, events, needles) in table {
+            let mut j = Journal::default();
+            for e in &events {
+                j.record(e);
+            }
+            let r = j.report("ctl");
+            for n in needles {
+                assert!(r.contains(n), "{name}: {n:?} not in:\n{r}");
+            }
+            let holds_lock = events.iter().all(|e| !matches!(e, Event::Unlocked { .. }));
+            assert_eq!(r.contains("unlock --force"), holds_lock, "{name}:\n{r}");
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The release procedure with fakes and paused time: the paths where what matters is what
+//! ctl writes (or does not) while Auto Scaling misbehaves, someone else writes, or a signal
+//! comes. The same paths against moto and the real binary are in `ctl/tests/`.
+
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::refresh::RefreshState;
+use skiff_release::Digest;
+
+const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"}"#;
+const FOREIGN: &str = r#"{"tag":"hotfix","released_by":"someone"}"#;
+
+/// The parameter's versions, oldest first (version = index + 1).
+#[derive(Default)]
+struct FakeStore {
+    values: Mutex<Vec<String>>,
+}
+
+impl FakeStore {
+    fn seeded(v: &str) -> Arc<FakeStore> {
+        Arc::new(FakeStore {
+            values: Mutex::new(vec![v.to_owned()]),
+        })
+    }
+    fn put(&self, v: &str) -> i64 {
+        let mut vs = self.values.lock().expect("lock");
+        vs.push(v.to_owned());
+        i64::try_from(vs.len()).expect("len")
+    }
+    fn all(&self) -> Vec<String> {
+        self.values.lock().expect("lock").clone()
+    }
+    fn last(&self) -> Release {
+        Release::parse(self.all().last().expect("a value")).expect("a release")
+    }
+}
+
+fn stored(version: usize, value: &str) -> Stored {
+    Stored {
+        version: i64::try_from(version).expect("version"),
+        value: value.to_owned(),
+        release: Release::parse(value).ok(),
+        modified_at: None,
+        modified_by: Some("fake".into()),
+    }
+}
+
+impl ReleaseStore for Arc<FakeStore> {
+    async fn read(&self) -> Result<Option<Stored>, StoreError> {
+        let vs = self.all();
+        Ok(vs.last().map(|v| stored(vs.len(), v)))
+    }
+    async fn write(&self, release: &Release) -> Result<i64, StoreError> {
+        Ok(self.put(&release.to_value()))
+    }
+    async fn history(&self, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let vs = self.all();
+        Ok(vs
+            .iter()
+            .enumerate()
+            .rev()
+            .take(limit)
+            .map(|(i, v)| stored(i + 1, v))
+            .collect())
+    }
+}
+
+/// One answer to DescribeInstanceRefreshes.
+#[derive(Clone, Copy)]
+enum Step {
+    State(RefreshState),
+    Error,
+    /// Someone else writes FOREIGN to the parameter, then the refresh is in this state.
+    Foreign(RefreshState),
+}
+
+/// Refreshes `r-1`, `r-2`, ... each answering its script in turn (the last repeats).
+struct FakeRefresher {
+    store: Arc<FakeStore>,
+    latest: Option<RefreshState>,
+    scripts: Mutex<Vec<Vec<Step>>>,
+    after_cancel: Mutex<Option<Vec<Step>>>,
+    starts: Mutex<u32>,
+    cancels: Mutex<u32>,
+}
+
+impl FakeRefresher {
+    fn new(store: &Arc<FakeStore>, scripts: Vec<Vec<Step>>) -> Self {
+        FakeRefresher {
+            store: store.clone(),
+            latest: None,
+            scripts: Mutex::new(scripts),
+            after_cancel: Mutex::new(None),
+            starts: Mutex::new(0),
+            cancels: Mutex::new(0),
+        }
+    }
+    fn starts(&self) -> u32 {
+        *self.starts.lock().expect("lock")
+    }
+    fn cancels(&self) -> u32 {
+        *self.cancels.lock().expect("lock")
+    }
+}
+
+fn next(list: &mut Vec<Step>) -> Step {
+    if list.len() > 1 {
+        list.remove(0)
+    } else {
+        list[0]
+    }
+}
+
+impl InstanceRefresher for FakeRefresher {
+    async fn latest(&self) -> Result<Option<RefreshInfo>, RefreshError> {
+        Ok(self.latest.map(|state| info("r-0", state)))
+    }
+    async fn start(&self, _plan: &RefreshPlan) -> Result<String, RefreshError> {
+        let mut n = self.starts.lock().expect("lock");
+        *n += 1;
+        *self.after_cancel.lock().expect("lock") = None;
+        Ok(format!("r-{n}"))
+    }
+    async fn describe(&self, id: &str) -> Result<RefreshInfo, RefreshError> {
+        let step = match self.after_cancel.lock().expect("lock").as_mut() {
+            Some(list) => next(list),
+            None => {
+                let n: usize = id[2..].parse().expect("id");
+                next(&mut self.scripts.lock().expect("lock")[n - 1])
+            }
+        };
+        match step {
+            Step::State(s) => Ok(info(id, s)),
+            Step::Foreign(s) => {
+                self.store.put(FOREIGN);
+                Ok(info(id, s))
+            }
+            Step::Error => Err(RefreshError::Describe {
+                asg: "g".into(),
+                detail: "Throttling: Rate exceeded".into(),
+            }),
+        }
+    }
+    async fn cancel(&self) -> Result<(), RefreshError> {
+        *self.cancels.lock().expect("lock") += 1;
+        *self.after_cancel.lock().expect("lock") = Some(vec![
+            Step::State(RefreshState::Cancelling),
+            Step::State(RefreshState::Cancelled),
+        ]);
+        Ok(())
+    }
+}
+
+fn info(id: &str, state: RefreshState) -> RefreshInfo {
+    RefreshInfo {
+        id: id.into(),
+        state,
+        percent: None,
+        reason: None,
+        instances_to_update: None,
+    }
+}
+
+/// A lock whose value can be set from outside; `frees_after` reads, a held lock goes away.
+#[derive(Default)]
+struct FakeLock {
+    value: Mutex<Option<String>>,
+    frees_after: Mutex<Option<u32>>,
+}
+
+impl ReleaseLock for FakeLock {
+    fn name(&self) -> &str {
+        "/p-lock"
+    }
+    async fn create(&self, value: &str) -> Result<bool, LockError> {
+        let mut v = self.value.lock().expect("lock");
+        if v.is_some() {
+            return Ok(false);
+        }
+        *v = Some(value.to_owned());
+        Ok(true)
+    }
+    async fn read(&self) -> Result<Option<String>, LockError> {
+        let mut frees = self.frees_after.lock().expect("lock");
+        if let Some(n) = frees.as_mut() {
+            if *n == 0 {
+                *frees = None;
+                *self.value.lock().expect("lock") = None;
+            } else {
+                *n -= 1;
+            }
+        }
+        Ok(self.value.lock().expect("lock").clone())
+    }
+    async fn delete(&self) -> Result<(), LockError> {
+        *self.value.lock().expect("lock") = None;
+        Ok(())
+    }
+}
+
+struct FakeResolver;
+
+impl DigestResolver for FakeResolver {
+    async fn resolve(&self, _repository: &str, _tag: &Tag) -> Result<Digest, RegistryError> {
+        Ok(
+            "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+                .parse()
+                .expect("digest"),
+        )
+    }
+}
+
+fn request() -> Request {
+    Request {
+        target: Target::Tag {
+            tag: "v2".parse().expect("tag"),
+            verify: true,
+        },
+        released_by: "tester".into(),
+        owner: "tester@host/1".into(),
+        dry_run: false,
+        wait: true,
+        rollback: true,
+        timeout: Duration::from_secs(1800),
+        poll: Duration::from_secs(15),
+        wait_lock: Duration::ZERO,
+        plan: RefreshPlan::default(),
+        ctl: "ctl --stack s".into(),
+    }
+}
+
+struct World {
+    store: Arc<FakeStore>,
+    refresher: FakeRefresher,
+    lock: FakeLock,
+}
+
+impl World {
+    fn new(scripts: Vec<Vec<Step>>) -> World {
+        let store = FakeStore::seeded(V1);
+        World {
+            refresher: FakeRefresher::new(&store, scripts),
+            store,
+            lock: FakeLock::default(),
+        }
+    }
+
+    async fn ship(
+        &self,
+        req: &Request,
+        stop: &mut Stop,
+    ) -> (Result<Outcome, ShipError>, Vec<Event>) {
+        let fleet = Fleet {
+            parameter: "/p",
+            image: "reg.example/app",
+            store: &self.store,
+            refresher: &self.refresher,
+            resolver: &FakeResolver,
+            lock: &self.lock,
+        };
+        let mut events = Vec::new();
+        let r = ship(&fleet, req, stop, &mut |e| events.push(e)).await;
+        (r, events)
+    }
+
+    async fn run(&self, req: &Request) -> (Result<Outcome, ShipError>, Vec<Event>) {
+        let (_handle, mut stop) = Stop::new();
+        self.ship(req, &mut stop).await
+    }
+
+    fn unlocked(&self) -> bool {
+        self.lock.value.lock().expect("lock").is_none()
+    }
+}
+
+use RefreshState::*;
+
+#[tokio::test(start_paused = true)]
+async fn describe_errors_beyond_the_tolerance_write_nothing_back() {
+    let w = World::new(vec![vec![Step::State(InProgress), Step::Error]]);
+    let (r, _) = w.run(&request()).await;
+    let outcome = r.expect("outcome");
+    assert_eq!(outcome.exit_code(), ExitCode::NotRolledBack, "{outcome:?}");
+    let Outcome::NotRolledBack { reason, advice } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.contains("unknown") && reason.contains("Throttling"),
+        "{reason}"
+    );
+    assert!(advice.contains("nothing was written back"), "{advice}");
+    assert!(
+        advice.contains("ctl --stack s rollback --to v1"),
+        "the command names the previous release: {advice}"
+    );
+    assert_eq!(w.store.all().len(), 2, "only the release was written");
+    assert_eq!(w.store.last().tag.as_str(), "v2");
+    assert_eq!((w.refresher.starts(), w.refresher.cancels()), (1, 0));
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_foreign_write_during_a_failing_release_is_not_overwritten() {
+    let w = World::new(vec![
+        vec![Step::State(InProgress), Step::Foreign(Failed)],
+        vec![Step::State(Successful)],
+    ]);
+    let (r, _) = w.run(&request()).await;
+    let outcome = r.expect("outcome");
+    assert_eq!(outcome.exit_code(), ExitCode::NotRolledBack, "{outcome:?}");
+    let Outcome::NotRolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.contains("someone else changed") && reason.contains("hotfix"),
+        "{reason}"
+    );
+    assert!(reason.contains("written by fake"), "who: {reason}");
+    assert_eq!(w.store.all().last().map(String::as_str), Some(FOREIGN));
+    assert_eq!(
+        w.store.all().len(),
+        3,
+        "seed, release, foreign: no compensation"
+    );
+    assert_eq!(w.refresher.starts(), 1, "no rollback refresh");
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_foreign_write_during_a_successful_release_is_reported() {
+    let w = World::new(vec![vec![
+        Step::State(InProgress),
+        Step::Foreign(Successful),
+    ]]);
+    let (r, _) = w.run(&request()).await;
+    let outcome = r.expect("outcome");
+    assert_eq!(outcome.exit_code(), ExitCode::NotRolledBack, "{outcome:?}");
+    assert_eq!(w.store.all().last().map(String::as_str), Some(FOREIGN));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_release_is_compensated_and_marked() {
+    let w = World::new(vec![
+        vec![Step::State(InProgress), Step::State(Failed)],
+        vec![Step::State(Successful)],
+    ]);
+    let (r, _) = w.run(&request()).await;
+    assert_eq!(r.expect("outcome").exit_code(), ExitCode::RolledBack);
+    let now = w.store.last();
+    assert_eq!(now.tag.as_str(), "v1");
+    assert_eq!(
+        history::compensates(&now),
+        Some(2),
+        "names the failed version"
+    );
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_the_refresh_cancels_restores_and_starts_the_rollback() {
+    let w = World::new(vec![
+        vec![Step::State(InProgress)],
+        vec![Step::State(Pending)],
+    ]);
+    let (handle, mut stop) = Stop::new();
+    let stopper = async {
+        // Well inside the refresh (poll 15 s).
+        sleep(Duration::from_secs(100)).await;
+        handle.stop("SIGTERM");
+        std::future::pending::<()>().await;
+    };
+    let req = request();
+    let (r, events) = tokio::select! {
+        r = w.ship(&req, &mut stop) => r,
+        () = stopper => unreachable!(),
+    };
+    let outcome = r.expect("outcome");
+    assert_eq!(outcome.exit_code(), ExitCode::RolledBack, "{outcome:?}");
+    let Outcome::Interrupted {
+        restored,
+        refresh_id,
+        ..
+    } = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(refresh_id.as_deref(), Some("r-2"));
+    assert!(restored.as_deref().is_some_and(|r| r.starts_with("v1@")));
+    assert_eq!(w.refresher.cancels(), 1);
+    assert_eq!(w.refresher.starts(), 2);
+    assert_eq!(w.store.last().tag.as_str(), "v1");
+    assert!(events.iter().any(|e| matches!(e, Event::Stopping { .. })));
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_before_the_write_changes_nothing() {
+    let w = World::new(vec![vec![Step::State(Successful)]]);
+    let (handle, mut stop) = Stop::new();
+    handle.stop("SIGINT");
+    let (r, _) = w.ship(&request(), &mut stop).await;
+    let err = r.expect_err("interrupted");
+    assert_eq!(err.exit_code(), ExitCode::Refused, "{err}");
+    assert_eq!(w.store.all().len(), 1);
+    assert_eq!(w.refresher.starts(), 0);
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_lock_refuses_and_a_stale_one_says_unlock() {
+    let now = OffsetDateTime::now_utc();
+    let live = LockRecord::new("other@h/9", "v9", now, Duration::from_secs(600)).to_value();
+    let stale = LockRecord::new(
+        "other@h/9",
+        "v9",
+        now - Duration::from_secs(7200),
+        Duration::from_secs(600),
+    )
+    .to_value();
+    for (value, needle) in [(live, "holds the lock"), (stale, "ctl --stack s unlock")] {
+        let w = World::new(vec![vec![Step::State(Successful)]]);
+        *w.lock.value.lock().expect("lock") = Some(value.clone());
+        let (r, _) = w.run(&request()).await;
+        let err = r.expect_err("busy");
+        assert_eq!(err.exit_code(), ExitCode::Busy, "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert!(err.to_string().contains("other@h/9"), "{err}");
+        assert_eq!(w.store.all().len(), 1, "nothing written");
+        assert_eq!(
+            w.lock.value.lock().expect("lock").as_deref(),
+            Some(value.as_str()),
+            "their lock is left alone"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_lock_polls_until_the_lock_is_free_and_no_longer() {
+    let held = LockRecord::new(
+        "other@h/9",
+        "v9",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(600),
+    )
+    .to_value();
+    // Freed after 3 reads (3 polls of 5 s): a 60 s wait gets it.
+    let w = World::new(vec![vec![Step::State(Successful)]]);
+    *w.lock.value.lock().expect("lock") = Some(held.clone());
+    *w.lock.frees_after.lock().expect("lock") = Some(3);
+    let mut req = request();
+    req.wait_lock = Duration::from_secs(60);
+    let started = Instant::now();
+    let (r, events) = w.run(&req).await;
+    assert_eq!(r.expect("released").exit_code(), ExitCode::Success);
+    assert!(events.iter().any(|e| matches!(e, Event::Waiting { .. })));
+    assert!(
+        started.elapsed() >= Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // Never freed: gives up at the wait.
+    let w = World::new(vec![vec![Step::State(Successful)]]);
+    *w.lock.value.lock().expect("lock") = Some(held);
+    let started = Instant::now();
+    let (r, _) = w.run(&req).await;
+    assert_eq!(r.expect_err("busy").exit_code(), ExitCode::Busy);
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    assert_eq!(w.store.all().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_refresh_lets_the_lock_go_and_refuses() {
+    let mut w = World::new(vec![vec![Step::State(Successful)]]);
+    w.refresher.latest = Some(InProgress);
+    let (r, _) = w.run(&request()).await;
+    assert_eq!(r.expect_err("busy").exit_code(), ExitCode::Busy);
+    assert!(w.unlocked());
+    assert_eq!(w.store.all().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_after_a_compensated_release_goes_to_the_good_one() {
+    let w = World::new(vec![
+        vec![Step::State(Failed)],
+        vec![Step::State(Successful)],
+    ]);
+    // v0 then v1 (the seed) were good; v2 fails and is compensated back to v1.
+    w.store
+        .values
+        .lock()
+        .expect("lock")
+        .insert(0, r#"{"tag":"v0"}"#.into());
+    let (r, _) = w.run(&request()).await;
+    assert_eq!(r.expect("outcome").exit_code(), ExitCode::RolledBack);
+    let mut w2 = World::new(vec![vec![Step::State(Successful)]]);
+    w2.store = w.store.clone();
+    w2.refresher.store = w.store.clone();
+    let mut req = request();
+    req.target = Target::Rollback { to: None };
+    let (r, _) = w2.run(&req).await;
+    assert_eq!(r.expect("outcome").exit_code(), ExitCode::Success);
+    let now = w2.store.last();
+    assert_eq!(now.tag.as_str(), "v0", "not v2, which was rolled back");
+    assert_eq!(now.meta_str("kind"), Some("rollback"));
+}
