@@ -309,14 +309,16 @@ def push_app_image(world, repo, tag, tmp):
     os.makedirs(config, exist_ok=True)
     env = dict(os.environ, DOCKER_CONFIG=config, DOCKER_BUILDKIT="0")
     subprocess.run(["docker", "build", "-q", "-t", ref, ctx], check=True, capture_output=True, env=env)
-    login = subprocess.run(["docker", "login", "-u", user, "--password-stdin", ECR], input=password,
-                           capture_output=True, text=True, env=env)
-    if login.returncode != 0:
-        raise RuntimeError(f"docker login {ECR}: {login.stderr.strip()}")
-    push = subprocess.run(["docker", "push", ref], capture_output=True, text=True, env=env)
-    if push.returncode != 0:
-        raise RuntimeError(f"docker push {ref}: {push.stderr.strip()}")
-    docker("rmi", ref, check_rc=False)
+    try:
+        login = subprocess.run(["docker", "login", "-u", user, "--password-stdin", ECR], input=password,
+                               capture_output=True, text=True, env=env)
+        if login.returncode != 0:
+            raise RuntimeError(f"docker login {ECR}: {login.stderr.strip()}")
+        push = subprocess.run(["docker", "push", ref], capture_output=True, text=True, env=env)
+        if push.returncode != 0:
+            raise RuntimeError(f"docker push {ref}: {push.stderr.strip()}")
+    finally:
+        docker("rmi", ref, check_rc=False)  # only the registry keeps it: the agent must pull
     return ref
 
 
