@@ -195,3 +195,45 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
         assert_eq!(fake.seen().starts.len(), 0, "{name}");
     }
 }
+
+#[tokio::test]
+async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
+    // v0 and v1 were good; v2's refresh fails and ctl puts v1 back: the history is
+    // v0, v1, v2, v1. `ctl rollback` must go to v0, not to v2, which was rolled back.
+    let (ssm, param) = seed(&[record("v0", 'a'), record("v1", 'b')]).await;
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["InProgress", "Failed"], vec!["Successful"]],
+        ..Script::default()
+    });
+    let failed = ctl_env(
+        &[
+            "--parameter",
+            &param,
+            "--asg",
+            "app-asg",
+            "--image",
+            "127.0.0.1:1/none/app",
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--poll",
+            "10ms",
+        ],
+        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
+    );
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["Successful"]],
+        ..Script::default()
+    });
+    let out = rollback(&fake, &param, &[]);
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let now = Release::parse(&value).expect("record");
+    let want = Release::parse(&record("v0", 'a')).expect("v0");
+    assert_eq!((&now.tag, &now.digest), (&want.tag, &want.digest), "{t}");
+    assert_eq!(now.meta_str("kind"), Some("rollback"), "{t}");
+}

@@ -39,8 +39,13 @@ pub fn ctl(args: &[&str]) -> Output {
 /// Run the real `ctl` binary against moto with extra environment, e.g.
 /// `AWS_ENDPOINT_URL_AUTO_SCALING` to send Auto Scaling to a fake.
 pub fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ctl"))
-        .args(args)
+    ctl_command(args, env).output().expect("run ctl")
+}
+
+/// The real `ctl` binary set up against moto, to spawn.
+pub fn ctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ctl"));
+    c.args(args)
         .envs(env.iter().copied())
         .env("AWS_ENDPOINT_URL", MOTO)
         .env("AWS_ACCESS_KEY_ID", "testing")
@@ -51,8 +56,8 @@ pub fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("SKIFF_ASG")
         .env_remove("SKIFF_IMAGE")
         .env_remove("AWS_PROFILE")
-        .output()
-        .expect("run ctl")
+        .env_remove("BUILD_TAG");
+    c
 }
 
 pub fn text(o: &Output) -> String {

@@ -1,0 +1,206 @@
+//! The release lock through the real binary: the lock parameter in moto's SSM (whose
+//! PutParameter refuses to overwrite without Overwrite=true, as AWS does), Auto Scaling
+//! scripted by the fake, which like AWS runs one refresh at a time.
+
+mod common;
+
+use std::process::Output;
+
+use common::fake_autoscaling::{FakeAutoScaling, Script};
+use common::*;
+use skiff_release::Release;
+
+const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","released_by":"seed"}"#;
+
+fn release_args<'a>(param: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
+    vec![
+        "--parameter",
+        param,
+        "--asg",
+        "app-asg",
+        "--image",
+        "127.0.0.1:1/none/app",
+        "release",
+        "--tag",
+        tag,
+        "--skip-verify",
+        "--released-by",
+        by,
+        "--poll",
+        "50ms",
+        "--timeout",
+        "60s",
+    ]
+}
+
+async fn versions(ssm: &aws_sdk_ssm::Client, name: &str) -> Vec<String> {
+    let out = ssm
+        .get_parameter_history()
+        .name(name)
+        .send()
+        .await
+        .expect("history");
+    out.parameters()
+        .iter()
+        .filter_map(|p| p.value.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn two_releases_started_together_one_releases_the_other_exits_4_without_writing() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    for round in 0..3 {
+        let param = format!("/{}/release", unique("race"));
+        put_parameter(&ssm, &param, V1).await;
+        // Long enough (20 polls of 50 ms) that the second run tries while the first releases.
+        let mut states = vec!["Pending"];
+        states.extend(std::iter::repeat_n("InProgress", 20));
+        states.push("Successful");
+        let fake = FakeAutoScaling::start(Script {
+            refreshes: vec![states],
+            ..Script::default()
+        });
+        let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
+        let a = ctl_command(&release_args(&param, "va", "a"), &env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn a");
+        let b = ctl_command(&release_args(&param, "vb", "b"), &env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn b");
+        let outs: Vec<(&str, Output)> = vec![
+            ("a", a.wait_with_output().expect("a")),
+            ("b", b.wait_with_output().expect("b")),
+        ];
+        let value = read_param(&ssm, &param).await.expect("value");
+        let history = versions(&ssm, &param).await;
+        let lock = read_param(&ssm, &format!("{param}-lock")).await;
+        delete_param(&ssm, &param).await;
+        let t = format!(
+            "round {round}\n--- a\n{}\n--- b\n{}",
+            text(&outs[0].1),
+            text(&outs[1].1)
+        );
+        let mut codes: Vec<Option<i32>> = outs.iter().map(|(_, o)| o.status.code()).collect();
+        codes.sort();
+        assert_eq!(codes, [Some(0), Some(4)], "{t}");
+        let (winner, _) = outs
+            .iter()
+            .find(|(_, o)| o.status.code() == Some(0))
+            .expect("a winner");
+        let (_, loser) = outs
+            .iter()
+            .find(|(_, o)| o.status.code() == Some(4))
+            .expect("a loser");
+        assert!(
+            text(loser).contains("holds the lock") || text(loser).contains("in progress"),
+            "{t}"
+        );
+        let now = Release::parse(&value).expect("record");
+        assert_eq!(now.meta_str("released_by"), Some(*winner), "{t}");
+        assert_eq!(now.tag.as_str(), format!("v{winner}"), "{t}");
+        assert_eq!(
+            history.len(),
+            2,
+            "the seed and the winner's write only: {history:?}\n{t}"
+        );
+        assert_eq!(lock, None, "the winner let the lock go: {t}");
+        assert_eq!(fake.seen().starts.len(), 1, "{t}");
+    }
+}
+
+#[tokio::test]
+async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("stale"));
+    let lock = format!("{param}-lock");
+    put_parameter(&ssm, &param, V1).await;
+    let stale = r#"{"owner":"jenkins-app-master-41/123","release":"v0","acquired_at":"2020-01-01T00:00:00Z","expires_at":"2020-01-01T01:30:00Z"}"#;
+    put_parameter(&ssm, &lock, stale).await;
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["Successful"]],
+        ..Script::default()
+    });
+    let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
+    let refused = ctl_env(&release_args(&param, "v2", "ci"), &env);
+    let t = text(&refused);
+    assert_eq!(refused.status.code(), Some(4), "{t}");
+    for needle in [
+        "stale",
+        "jenkins-app-master-41/123",
+        "since 2020-01-01T00:00:00Z",
+        "unlock",
+    ] {
+        assert!(t.contains(needle), "{needle}: {t}");
+    }
+    assert_eq!(read_param(&ssm, &param).await.as_deref(), Some(V1), "{t}");
+    assert_eq!(read_param(&ssm, &lock).await.as_deref(), Some(stale), "{t}");
+
+    let base = [
+        "--parameter",
+        &param,
+        "--asg",
+        "app-asg",
+        "--image",
+        "127.0.0.1:1/none/app",
+    ];
+    // Not a terminal and no --force: refused, the lock stays.
+    let mut args = base.to_vec();
+    args.push("unlock");
+    let asked = ctl_command(&args, &env)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unlock");
+    assert_eq!(asked.status.code(), Some(2), "{}", text(&asked));
+    assert!(text(&asked).contains("--force"), "{}", text(&asked));
+    assert_eq!(read_param(&ssm, &lock).await.as_deref(), Some(stale));
+    args.push("--force");
+    let forced = ctl_env(&args, &env);
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced));
+    assert_eq!(read_param(&ssm, &lock).await, None);
+
+    let released = ctl_env(&release_args(&param, "v2", "ci"), &env);
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    assert_eq!(released.status.code(), Some(0), "{}", text(&released));
+    assert_eq!(Release::parse(&value).expect("record").tag.as_str(), "v2");
+}
+
+#[tokio::test]
+async fn wait_lock_waits_for_a_held_lock_to_go() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("waitlock"));
+    let lock = format!("{param}-lock");
+    put_parameter(&ssm, &param, V1).await;
+    let held = r#"{"owner":"other@host/1","release":"v9","acquired_at":"2026-01-01T00:00:00Z","expires_at":"2999-01-01T00:00:00Z"}"#;
+    put_parameter(&ssm, &lock, held).await;
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["Successful"]],
+        ..Script::default()
+    });
+    let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
+    let mut args = release_args(&param, "v2", "ci");
+    args.extend(["--wait-lock", "20s"]);
+    let child = ctl_command(&args, &env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        read_param(&ssm, &param).await.as_deref(),
+        Some(V1),
+        "nothing written while the lock is held"
+    );
+    delete_param(&ssm, &lock).await;
+    let out = child.wait_with_output().expect("wait");
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("waiting"), "{t}");
+    assert_eq!(Release::parse(&value).expect("record").tag.as_str(), "v2");
+}

@@ -1,0 +1,157 @@
+//! SIGTERM during a release, through the real binary: the parameter in moto's SSM, Auto
+//! Scaling scripted by the fake. The first signal cancels the refresh, waits for it to stop,
+//! puts the previous release back and starts the rollback refresh (exit 1); a second one exits
+//! at once (exit 3) with the state and the commands that finish the job.
+
+mod common;
+
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fake_autoscaling::{FakeAutoScaling, Script};
+use common::*;
+use skiff_release::Release;
+
+const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","released_by":"seed"}"#;
+
+fn start(fake: &FakeAutoScaling, param: &str) -> Child {
+    ctl_command(
+        &[
+            "--parameter",
+            param,
+            "--asg",
+            "app-asg",
+            "--image",
+            "127.0.0.1:1/none/app",
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--poll",
+            "20ms",
+            "--timeout",
+            "120s",
+        ],
+        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn ctl")
+}
+
+fn sigterm(child: &Child) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -TERM {}", child.id());
+}
+
+/// Wait (at most 20 s) until the fake has seen `n` calls of `action`.
+fn wait_for(fake: &FakeAutoScaling, action: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.seen().count(action) < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {action} within 20 s: {:?}",
+            fake.seen().actions
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait for the child to exit, at most `limit`; kill it and fail otherwise.
+fn finish(mut child: Child, limit: Duration) -> (Output, Duration) {
+    let t0 = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("ctl did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child.wait_with_output().expect("output"), t0.elapsed())
+}
+
+#[tokio::test]
+async fn sigterm_during_the_refresh_cancels_it_and_restores_the_previous_release() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("sigterm"));
+    put_parameter(&ssm, &param, V1).await;
+    let fake = FakeAutoScaling::start(Script {
+        // The release refresh never ends by itself; cancelling takes a few observations.
+        refreshes: vec![vec!["Pending", "InProgress"], vec!["Pending"]],
+        after_cancel: vec!["Cancelling", "Cancelling", "Cancelled"],
+        ..Script::default()
+    });
+    let child = start(&fake, &param);
+    wait_for(&fake, "StartInstanceRefresh", 1);
+    wait_for(&fake, "DescribeInstanceRefreshes", 4);
+    sigterm(&child);
+    let (out, _) = finish(child, Duration::from_secs(30));
+    let value = read_param(&ssm, &param).await.expect("value");
+    let lock = read_param(&ssm, &format!("{param}-lock")).await;
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("interrupted by SIGTERM"), "{t}");
+    assert!(t.contains("cancelling instance refresh r-1"), "{t}");
+    let seen = fake.seen();
+    assert_eq!(seen.count("CancelInstanceRefresh"), 1, "{t}");
+    // The rollback refresh starts only once the cancelled one let go of the group (the fake,
+    // like Auto Scaling, refuses a second refresh while one is active).
+    assert_eq!(seen.starts.len(), 2, "{:?}\n{t}", seen.actions);
+    let now = Release::parse(&value).expect("record");
+    let v1 = Release::parse(V1).expect("v1");
+    assert_eq!((&now.tag, &now.digest), (&v1.tag, &v1.digest), "{t}");
+    assert_eq!(now.meta_str("kind"), Some("compensation"), "{t}");
+    assert_eq!(lock, None, "the lock is let go: {t}");
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once_with_the_state_and_how_to_finish() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("sigterm2"));
+    let lock = format!("{param}-lock");
+    put_parameter(&ssm, &param, V1).await;
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![vec!["Pending", "InProgress"]],
+        // The cancel never completes: only a second signal ends ctl before its bound.
+        after_cancel: vec!["Cancelling"],
+        ..Script::default()
+    });
+    let child = start(&fake, &param);
+    wait_for(&fake, "StartInstanceRefresh", 1);
+    wait_for(&fake, "DescribeInstanceRefreshes", 3);
+    sigterm(&child);
+    wait_for(&fake, "CancelInstanceRefresh", 1);
+    std::thread::sleep(Duration::from_millis(200));
+    sigterm(&child);
+    let (out, took) = finish(child, Duration::from_secs(10));
+    let value = read_param(&ssm, &param).await.expect("value");
+    let held = read_param(&ssm, &lock).await;
+    delete_param(&ssm, &param).await;
+    delete_param(&ssm, &lock).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(took < Duration::from_secs(2), "exited after {took:?}: {t}");
+    for needle in [
+        "second SIGTERM",
+        "holds the new release",
+        "r-1",
+        &format!("--parameter {param}"),
+        "unlock --force",
+        "rollback --to v1",
+    ] {
+        assert!(t.contains(needle), "{needle:?} missing: {t}");
+    }
+    assert_eq!(
+        Release::parse(&value).expect("record").tag.as_str(),
+        "v2",
+        "nothing written back while the refresh may run: {t}"
+    );
+    assert!(held.is_some(), "the lock is still held, as reported: {t}");
+    assert_eq!(fake.seen().starts.len(), 1, "{t}");
+}
