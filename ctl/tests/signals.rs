@@ -155,3 +155,45 @@ async fn a_second_sigterm_exits_at_once_with_the_state_and_how_to_finish() {
     assert!(held.is_some(), "the lock is still held, as reported: {t}");
     assert_eq!(fake.seen().starts.len(), 1, "{t}");
 }
+
+#[tokio::test]
+async fn describe_errors_beyond_the_tolerance_write_nothing_back_and_are_logged() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("unknown"));
+    put_parameter(&ssm, &param, V1).await;
+    let fake = FakeAutoScaling::start(Script {
+        // The refresh fails, but the API goes away before ctl can see it.
+        refreshes: vec![vec!["Pending", "InProgress", "Failed"], vec!["Successful"]],
+        describe_fails_after: Some(2),
+        ..Script::default()
+    });
+    let child = start(&fake, &param);
+    let (out, _) = finish(child, Duration::from_secs(30));
+    let value = read_param(&ssm, &param).await.expect("value");
+    let history = ssm
+        .get_parameter_history()
+        .name(&param)
+        .send()
+        .await
+        .expect("history")
+        .parameters
+        .unwrap_or_default()
+        .len();
+    let lock = read_param(&ssm, &format!("{param}-lock")).await;
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(t.contains("unknown") && t.contains("ScriptedOutage"), "{t}");
+    assert!(t.contains("nothing was written back"), "{t}");
+    assert!(t.contains("rollback --to v1"), "the command to finish: {t}");
+    // The retries before giving up are logged through tracing (stderr).
+    assert!(t.matches("retrying").count() >= 4, "warnings visible: {t}");
+    assert_eq!(
+        Release::parse(&value).expect("record").tag.as_str(),
+        "v2",
+        "{t}"
+    );
+    assert_eq!(history, 2, "the seed and the release only: {t}");
+    assert_eq!(fake.seen().starts.len(), 1, "no rollback refresh: {t}");
+    assert_eq!(lock, None, "{t}");
+}

@@ -26,6 +26,9 @@ pub struct Script {
     pub instances: Vec<(&'static str, &'static str)>,
     /// States answered once a cancel was requested (the last repeats); empty: `Cancelled`.
     pub after_cancel: Vec<&'static str>,
+    /// After this many DescribeInstanceRefreshes of a given refresh id, every further one fails
+    /// (an outage of the API, with an error code the SDK does not retry).
+    pub describe_fails_after: Option<usize>,
 }
 
 /// What the fake was asked.
@@ -48,6 +51,7 @@ struct State {
     script: Script,
     seen: Seen,
     cancelled: bool,
+    describes_by_id: usize,
 }
 
 pub struct FakeAutoScaling {
@@ -188,6 +192,21 @@ fn answer(form: &HashMap<String, String>, s: &mut State) -> (&'static str, Strin
     let started = s.seen.starts.len();
     match action.as_str() {
         "DescribeInstanceRefreshes" => {
+            if form.contains_key("InstanceRefreshIds.member.1") {
+                s.describes_by_id += 1;
+                if s.script
+                    .describe_fails_after
+                    .is_some_and(|n| s.describes_by_id > n)
+                {
+                    return (
+                        "400 Bad Request",
+                        "<ErrorResponse><Error><Type>Sender</Type><Code>ScriptedOutage</Code>\
+                         <Message>the fake is out of service</Message></Error>\
+                         <RequestId>fake</RequestId></ErrorResponse>"
+                            .into(),
+                    );
+                }
+            }
             let member = match form.get("InstanceRefreshIds.member.1") {
                 Some(id) => {
                     let n = id
