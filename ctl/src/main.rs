@@ -196,6 +196,10 @@ struct ReleaseOpts {
     /// Registry password; from the environment only, so it stays out of process lists.
     #[arg(skip)]
     registry_password: Option<String>,
+    /// Also trust this CA (PEM) for the registry's TLS certificate. Without --registry-user, an
+    /// ECR repository authenticates with ecr:GetAuthorizationToken of the AWS identity in use.
+    #[arg(long, env = "SKIFF_REGISTRY_CA", value_name = "PEM")]
+    registry_ca: Option<std::path::PathBuf>,
 }
 
 fn parse_tag(s: &str) -> Result<Tag, String> {
@@ -256,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 struct Clients {
     deployment: Deployment,
+    sdk: aws_config::SdkConfig,
     ssm: aws_sdk_ssm::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     ec2: aws_sdk_ec2::Client,
@@ -277,6 +282,7 @@ async fn connect(g: &Global) -> anyhow::Result<Clients> {
         ssm: aws_sdk_ssm::Client::new(&sdk),
         autoscaling: aws_sdk_autoscaling::Client::new(&sdk),
         ec2: aws_sdk_ec2::Client::new(&sdk),
+        sdk,
     })
 }
 
@@ -380,7 +386,11 @@ async fn release(
         user,
         password: opts.registry_password.clone().unwrap_or_default(),
     });
-    let resolver = HttpRegistry::new(creds).context("cannot set up the HTTP client")?;
+    let resolver = match &opts.registry_ca {
+        Some(ca) => HttpRegistry::with_ca(creds, ca).map_err(|e| exit(ExitCode::Refused, e))?,
+        None => HttpRegistry::new(creds).context("cannot set up the HTTP client")?,
+    }
+    .with_ecr_tokens(c.sdk.clone());
     let fleet = Fleet {
         parameter: &c.deployment.parameter,
         image: &c.deployment.image,

@@ -1,15 +1,19 @@
 //! Resolve `repository:tag` to the manifest digest through the registry's v2 API, so a
 //! release pins exactly the image that exists now, and never names one that does not.
 //!
-//! Anonymous access, basic credentials, and the bearer-token challenge flow (Docker Hub, GHCR,
-//! ECR-style registries). Plain http only for loopback registries; https otherwise.
+//! Anonymous access, basic credentials, the bearer-token challenge flow (Docker Hub, GHCR), and
+//! Amazon ECR, whose basic credentials come from `ecr:GetAuthorizationToken` with the AWS
+//! identity ctl runs as (never from `docker login` state). Plain http only for loopback
+//! registries; https otherwise, with an extra trusted CA when given.
 
 use std::future::Future;
 use std::time::Duration;
 
+use aws_config::{Region, SdkConfig};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, WWW_AUTHENTICATE};
-use skiff_release::{Digest, Tag};
+use skiff_release::registry::{DOCKER_HUB as DOCKER_HUB_NAME, split_host};
+use skiff_release::{Digest, EcrRegistry, Tag};
 
 /// Every manifest type a tag may point at; the digest of whichever the registry holds is pinned.
 const ACCEPT_MANIFESTS: &str = "application/vnd.docker.distribution.manifest.v2+json, \
@@ -56,6 +60,16 @@ pub enum RegistryError {
     },
     #[error("the registry gave no usable digest for {image}: {detail}")]
     NoDigest { image: String, detail: String },
+    #[error(
+        "ecr:GetAuthorizationToken failed for {image}: {detail}; allow ecr:GetAuthorizationToken (and ecr:BatchGetImage on the repository) to the AWS identity running ctl, check its region and credentials, or release with --skip-verify"
+    )]
+    EcrToken { image: String, detail: String },
+    #[error(
+        "ECR refused the token of the AWS identity running ctl for {image} (HTTP {status}); allow it ecr:BatchGetImage on the repository (and check the account in the image name)"
+    )]
+    EcrDenied { image: String, status: u16 },
+    #[error("cannot use the registry CA {path}: {detail}; give a PEM certificate file")]
+    Ca { path: String, detail: String },
 }
 
 /// Where a repository lives: registry host and the path within it.
@@ -66,34 +80,23 @@ pub struct Location {
 }
 
 impl Location {
-    /// Split `reg.example:5000/team/app` (or Docker Hub shorthand like `nginx`). Pure.
+    /// Split `reg.example:5000/team/app` (or Docker Hub shorthand like `nginx`) with the
+    /// contract's host grammar; Docker Hub is reached at its API host, official images under
+    /// `library/`. Pure.
     pub fn parse(repository: &str) -> Location {
-        match repository.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                let host = if first == "docker.io" {
-                    DOCKER_HUB
-                } else {
-                    first
-                };
-                let path = if host == DOCKER_HUB && !rest.contains('/') {
-                    format!("library/{rest}")
-                } else {
-                    rest.to_owned()
-                };
-                Location {
-                    host: host.to_owned(),
-                    path,
-                }
-            }
-            Some(_) => Location {
-                host: DOCKER_HUB.into(),
-                path: repository.to_owned(),
-            },
-            None => Location {
-                host: DOCKER_HUB.into(),
-                path: format!("library/{repository}"),
+        let (host, path) = split_host(repository);
+        if host != DOCKER_HUB_NAME {
+            return Location {
+                host: host.to_owned(),
+                path: path.to_owned(),
+            };
+        }
+        Location {
+            host: DOCKER_HUB.into(),
+            path: if path.contains('/') {
+                path.to_owned()
+            } else {
+                format!("library/{path}")
             },
         }
     }
@@ -190,16 +193,71 @@ impl std::fmt::Debug for Credentials {
 pub struct HttpRegistry {
     http: reqwest::Client,
     credentials: Option<Credentials>,
+    /// Where ECR tokens come from, for an ECR repository without explicit credentials.
+    ecr: Option<SdkConfig>,
 }
 
 impl HttpRegistry {
     pub fn new(credentials: Option<Credentials>) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        Self::build(credentials, None)
+    }
+
+    /// Also trust the CA certificate(s) in the PEM file `ca` (a registry with a private CA).
+    pub fn with_ca(
+        credentials: Option<Credentials>,
+        ca: &std::path::Path,
+    ) -> Result<Self, RegistryError> {
+        let fail = |detail: String| RegistryError::Ca {
+            path: ca.display().to_string(),
+            detail,
+        };
+        let pem = std::fs::read(ca).map_err(|e| fail(e.to_string()))?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| fail(error_chain(&e)))?;
+        if certs.is_empty() {
+            return Err(fail("no certificate in it".into()));
+        }
+        Self::build(credentials, Some(certs)).map_err(|e| fail(error_chain(&e)))
+    }
+
+    fn build(
+        credentials: Option<Credentials>,
+        extra_roots: Option<Vec<reqwest::Certificate>>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(20))
-            .user_agent(concat!("skiff-ctl/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(HttpRegistry { http, credentials })
+            .user_agent(concat!("skiff-ctl/", env!("CARGO_PKG_VERSION")));
+        for cert in extra_roots.into_iter().flatten() {
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(HttpRegistry {
+            http: builder.build()?,
+            credentials,
+            ecr: None,
+        })
+    }
+
+    /// For an ECR repository and no explicit credentials, authenticate with a token from
+    /// `ecr:GetAuthorizationToken` (asked for only when the registry challenges).
+    pub fn with_ecr_tokens(mut self, sdk: SdkConfig) -> Self {
+        self.ecr = Some(sdk);
+        self
+    }
+
+    /// The credentials to answer a challenge with: the explicit ones, else an ECR token.
+    async fn challenge_credentials(
+        &self,
+        loc: &Location,
+        image: &str,
+    ) -> Result<Option<Credentials>, RegistryError> {
+        if let Some(c) = &self.credentials {
+            return Ok(Some(c.clone()));
+        }
+        match (EcrRegistry::from_host(&loc.host), &self.ecr) {
+            (Some(registry), Some(sdk)) => ecr_credentials(sdk, &registry, image).await.map(Some),
+            _ => Ok(None),
+        }
     }
 
     async fn manifest(
@@ -227,6 +285,7 @@ impl HttpRegistry {
     async fn token(
         &self,
         image: &str,
+        credentials: Option<&Credentials>,
         realm: &str,
         service: Option<&str>,
         scope: Option<&str>,
@@ -244,7 +303,7 @@ impl HttpRegistry {
             query.push(("scope", s));
         }
         let mut req = self.http.get(realm).query(&query);
-        if let Some(c) = &self.credentials {
+        if let Some(c) = credentials {
             req = req.basic_auth(&c.user, Some(&c.password));
         }
         let resp = req.send().await.map_err(|e| fail(error_chain(&e)))?;
@@ -267,6 +326,49 @@ impl HttpRegistry {
     }
 }
 
+/// A token from `ecr:GetAuthorizationToken` in the registry's region (from its host name), as
+/// basic credentials. The token is base64 of `AWS:<password>`; see
+/// https://docs.aws.amazon.com/AmazonECR/latest/APIReference/API_GetAuthorizationToken.html
+async fn ecr_credentials(
+    sdk: &SdkConfig,
+    registry: &EcrRegistry,
+    image: &str,
+) -> Result<Credentials, RegistryError> {
+    let fail = |detail: String| RegistryError::EcrToken {
+        image: image.to_owned(),
+        detail,
+    };
+    let conf = aws_sdk_ecr::config::Builder::from(sdk)
+        .region(Region::new(registry.region.clone()))
+        .build();
+    let out = aws_sdk_ecr::Client::from_conf(conf)
+        .get_authorization_token()
+        .send()
+        .await
+        .map_err(|e| fail(crate::aws::describe(&e)))?;
+    let token = out
+        .authorization_data()
+        .first()
+        .and_then(|d| d.authorization_token())
+        .ok_or_else(|| fail("the answer carried no authorization token".into()))?;
+    decode_ecr_token(token).map_err(fail)
+}
+
+/// `base64("AWS:<password>")` -> basic credentials. Pure.
+pub fn decode_ecr_token(token: &str) -> Result<Credentials, String> {
+    let bytes = aws_smithy_types::base64::decode(token.trim())
+        .map_err(|_| "the authorization token is not base64".to_owned())?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| "the authorization token is not UTF-8 text".to_owned())?;
+    match text.split_once(':') {
+        Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(Credentials {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }),
+        _ => Err("the authorization token is not of the form user:password".into()),
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -284,6 +386,7 @@ impl DigestResolver for HttpRegistry {
         let loc = Location::parse(repository);
         let url = format!("{}/v2/{}/manifests/{tag}", loc.base_url(), loc.path);
         let mut auth: Option<Auth> = None;
+        let mut ecr_token = false;
         let mut resp = self
             .manifest(&url, &image, reqwest::Method::HEAD, None)
             .await?;
@@ -293,7 +396,9 @@ impl DigestResolver for HttpRegistry {
                 .get(WWW_AUTHENTICATE)
                 .and_then(|h| h.to_str().ok())
                 .and_then(parse_challenge);
-            auth = match (challenge, &self.credentials) {
+            let credentials = self.challenge_credentials(&loc, &image).await?;
+            ecr_token = self.credentials.is_none() && credentials.is_some();
+            auth = match (challenge, &credentials) {
                 (
                     Some(Challenge::Bearer {
                         realm,
@@ -304,7 +409,13 @@ impl DigestResolver for HttpRegistry {
                 ) => {
                     let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", loc.path));
                     let token = self
-                        .token(&image, &realm, service.as_deref(), Some(&scope))
+                        .token(
+                            &image,
+                            credentials.as_ref(),
+                            &realm,
+                            service.as_deref(),
+                            Some(&scope),
+                        )
                         .await?;
                     Some(Auth::Bearer(token))
                 }
@@ -327,6 +438,12 @@ impl DigestResolver for HttpRegistry {
         match status {
             s if s.is_success() => {}
             StatusCode::NOT_FOUND => return Err(RegistryError::UnknownTag { image }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if ecr_token => {
+                return Err(RegistryError::EcrDenied {
+                    image,
+                    status: status.as_u16(),
+                });
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 return Err(RegistryError::Denied {
                     image,
@@ -407,6 +524,29 @@ mod tests {
         ];
         for (header, want) in table {
             assert_eq!(parse_challenge(header), want, "{header}");
+        }
+    }
+
+    #[test]
+    fn ecr_tokens() {
+        let enc = |s: &str| aws_smithy_types::base64::encode(s);
+        let table = [
+            (
+                enc("AWS:123456789012-auth-token"),
+                Some(("AWS", "123456789012-auth-token")),
+            ),
+            (enc("AWS:a:b"), Some(("AWS", "a:b"))),
+            (enc("AWS"), None),
+            (enc("AWS:"), None),
+            ("%%%".to_owned(), None),
+        ];
+        for (token, want) in table {
+            let got = decode_ecr_token(&token).ok();
+            assert_eq!(
+                got.as_ref().map(|c| (c.user.as_str(), c.password.as_str())),
+                want,
+                "{token}"
+            );
         }
     }
 
