@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts, idempotently, everything skiff's tests need on a fresh Debian 12 machine:
 # Debian packages, the Python tools (in venvs under $SKIFF_CI_HOME), a Docker engine, a local
-# registry on 127.0.0.1:5000 (one with basic auth on :5001, one with token auth on :5002), the
+# registry on 127.0.0.1:5000 (one with basic auth on :5001, one with token auth on :5002, an
+# ECR-shaped one with TLS on 123456789012.dkr.ecr.us-east-1.amazonaws.com:443), the
 # moto AWS emulator (with skiff's extensions, .ci/emulator) on 127.0.0.1:5055 and with IAM enforced
 # on :5056, and the offline base images the tests build on.
 # Safe to run again: each step checks before it acts. Prints what it does.
@@ -117,6 +118,79 @@ start_registry 5000 no
 [ "$mode" = dev ] || start_registry 5001 yes
 # Token auth in front of :5000's storage: images pushed there anonymously are served here.
 [ "$mode" = dev ] || start_registry 5002 token 5000
+
+# --- An ECR-shaped registry ----------------------------------------------------------------
+# Reached as $host over TLS on port 443 like ECR itself, with a test CA that dockerd trusts
+# through /etc/docker/certs.d and ctl through --registry-ca. The name resolves (/etc/hosts) to
+# 198.18.0.1, an address of the loopback interface from the benchmarking range (RFC 2544), not
+# to 127.0.0.1: dockerd treats 127.0.0.0/8 as an insecure registry, falls back to plain http
+# there and then reports the http error instead of the registry's refusal. It accepts only the credentials moto's ECR hands out (GetAuthorizationToken: user AWS, password
+# "<account>-auth-token", default account 123456789012) and serves :5000's storage, so an image
+# pushed to :5000 anonymously is pulled from here with a token.
+ecr_registry() {
+  local host=123456789012.dkr.ecr.us-east-1.amazonaws.com dir="$SKIFF_CI_HOME/registry-ecr"
+  local data="$SKIFF_CI_HOME/registry-5000/data" addr=198.18.0.1 code hosts
+  if ! ip -4 addr show dev lo | grep -q "inet $addr/"; then
+    need_root
+    say "adding $addr to the loopback interface"
+    ip addr add "$addr/32" dev lo
+  fi
+  if ! grep -Eq "^${addr//./\\.}[[:space:]]+$host\$" /etc/hosts; then
+    need_root
+    say "resolving $host to $addr (/etc/hosts)"
+    # Rewritten in place: /etc/hosts may be a bind mount, which cannot be replaced.
+    hosts=$(grep -v "[[:space:]]$host\$" /etc/hosts || true)
+    printf '%s\n%s %s\n' "$hosts" "$addr" "$host" >/etc/hosts
+  fi
+  mkdir -p "$dir"
+  if [ ! -s "$dir/ca.crt" ] || [ ! -s "$dir/server.crt" ] || [ ! -s "$dir/server.key" ]; then
+    say "creating a test CA and the certificate of $host"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=skiff-test-ecr-ca \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+      -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" \
+      -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+      "$host" >"$dir/server.ext"
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
+  fi
+  if ! cmp -s "$dir/ca.crt" "/etc/docker/certs.d/$host/ca.crt"; then
+    need_root
+    install -D -m 0644 "$dir/ca.crt" "/etc/docker/certs.d/$host/ca.crt"
+  fi
+  code=$(curl -s -m 2 --cacert "$dir/ca.crt" -o /dev/null -w '%{http_code}' "https://$host/v2/" || true)
+  [ "$code" = 401 ] && return
+  htpasswd -Bbn AWS 123456789012-auth-token >"$dir/htpasswd"
+  cat >"$dir/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $data
+  delete:
+    enabled: true
+http:
+  addr: $addr:443
+  tls:
+    certificate: $dir/server.crt
+    key: $dir/server.key
+auth:
+  htpasswd:
+    realm: https://$host/
+    path: $dir/htpasswd
+YML
+  say "starting the ECR-shaped registry https://$host ($addr:443; moto's ECR token only)"
+  nohup docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  for _ in $(seq 1 40); do
+    code=$(curl -s -m 1 --cacert "$dir/ca.crt" -o /dev/null -w '%{http_code}' "https://$host/v2/" || true)
+    [ "$code" = 401 ] && return
+    sleep 0.25
+  done
+  echo "setup: the ECR-shaped registry did not start; see $dir/log" >&2; exit 1
+}
+[ "$mode" = dev ] || ecr_registry
 
 # --- moto (AWS API emulator), through skiff's launcher (.ci/emulator: extensions on) ---------------
 # :5055 permissive (dummy credentials work), :5056 with IAM enforced from the first request (its
