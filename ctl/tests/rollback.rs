@@ -237,3 +237,57 @@ async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
     assert_eq!((&now.tag, &now.digest), (&want.tag, &want.digest), "{t}");
     assert_eq!(now.meta_str("kind"), Some("rollback"), "{t}");
 }
+
+#[tokio::test]
+async fn a_write_by_someone_else_during_a_failing_release_is_not_overwritten() {
+    let (ssm, param) = seed(&[record("v1", 'a')]).await;
+    let mut states = vec!["Pending"];
+    states.extend(std::iter::repeat_n("InProgress", 30));
+    states.push("Failed");
+    let fake = FakeAutoScaling::start(Script {
+        refreshes: vec![states, vec!["Successful"]],
+        ..Script::default()
+    });
+    let child = ctl_command(
+        &[
+            "--parameter",
+            &param,
+            "--asg",
+            "app-asg",
+            "--image",
+            "127.0.0.1:1/none/app",
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--poll",
+            "20ms",
+        ],
+        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    // While the refresh runs (30 polls of 20 ms), someone releases a hotfix by hand.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fake.seen().count("DescribeInstanceRefreshes") < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", fake.seen());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let hotfix = record("hotfix", 'f');
+    put_parameter(&ssm, &param, &hotfix).await;
+    let out = child.wait_with_output().expect("wait");
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert!(
+        fake.seen().count("DescribeInstanceRefreshes") > 30,
+        "the hotfix was written while the refresh ran: {t}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(t.contains("someone else changed the parameter"), "{t}");
+    assert!(t.contains("hotfix"), "{t}");
+    assert_eq!(value, hotfix, "not overwritten: {t}");
+    assert_eq!(fake.seen().starts.len(), 1, "no rollback refresh: {t}");
+}
