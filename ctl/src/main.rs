@@ -172,6 +172,10 @@ struct ReleaseOpts {
     /// Who releases (recorded); default BUILD_USER, then USER.
     #[arg(long)]
     released_by: Option<String>,
+    /// Wait this long after the last instance is replaced before the refresh (and the
+    /// release) succeeds; alarms given with --alarm keep watching meanwhile.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    bake_time: Option<Duration>,
     /// Percent of healthy capacity kept during the refresh.
     #[arg(long, default_value_t = 100)]
     min_healthy: i32,
@@ -411,6 +415,7 @@ async fn release(
         poll: opts.poll,
         wait_lock: opts.wait_lock,
         plan: RefreshPlan {
+            bake_time: opts.bake_time,
             min_healthy: opts.min_healthy,
             max_healthy: opts.max_healthy,
             warmup: opts.warmup,

@@ -3,7 +3,7 @@
 //! deploy lock: it ends by itself, so the lock cannot go stale.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_autoscaling::Client;
 use aws_sdk_autoscaling::types::{
@@ -87,6 +87,9 @@ impl RefreshInfo {
 /// real readiness.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefreshPlan {
+    /// How long the refresh waits after the last replacement before it counts as successful
+    /// (the refresh's BakeTime; alarms keep watching meanwhile).
+    pub bake_time: Option<Duration>,
     pub min_healthy: i32,
     pub max_healthy: i32,
     pub warmup: Duration,
@@ -98,6 +101,7 @@ pub struct RefreshPlan {
 impl Default for RefreshPlan {
     fn default() -> Self {
         RefreshPlan {
+            bake_time: None,
             min_healthy: 100,
             max_healthy: 200,
             warmup: Duration::from_secs(30),
@@ -119,6 +123,53 @@ pub trait InstanceRefresher {
     ) -> impl Future<Output = Result<String, RefreshError>> + Send;
     fn describe(&self, id: &str) -> impl Future<Output = Result<RefreshInfo, RefreshError>> + Send;
     fn cancel(&self) -> impl Future<Output = Result<(), RefreshError>> + Send;
+    /// The group's scaling activities that started at or after `since`, newest first.
+    fn activities(
+        &self,
+        since: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Activity>, RefreshError>> + Send;
+}
+
+/// One scaling activity of the group, in our words.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Activity {
+    pub id: String,
+    pub description: String,
+    pub cause: String,
+    /// The activity's StatusCode (`Successful`, `Failed`, `Cancelled`, ...).
+    pub status: String,
+    pub message: Option<String>,
+}
+
+/// Whether an activity shows a launch of this release failing: a launch that failed or was
+/// abandoned (the agent completes the launch hook with ABANDON when the release cannot start,
+/// or the hook timed out), or an instance replaced because it failed a health check. Pure.
+///
+/// The wording is AWS's: an abandoned launch reads "Launching a new EC2 instance: i-... Status
+/// Reason: Instance failed to complete user's Lifecycle Action: Lifecycle Action with token ...
+/// was abandoned: Lifecycle Action Completed with ABANDON Result"
+/// (https://aws.amazon.com/premiumsupport/knowledge-center/lifecycle-actions-code-deploy/); an
+/// unhealthy replacement has the cause "... an instance was taken out of service in response to
+/// an ELB system health check failure" or "... an EC2 instance status checks failure"
+/// (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-unhealthy-instance.html,
+/// https://repost.aws/knowledge-center/auto-scaling-instance-how-terminated). The refresh's own
+/// terminations ("in response to an instance refresh") do not count.
+pub fn launch_failure(a: &Activity) -> Option<String> {
+    let text = format!("{} {}", a.description, a.message.as_deref().unwrap_or(""));
+    let launching = a.description.starts_with("Launching");
+    let abandoned = text.contains("was abandoned") || text.contains("ABANDON");
+    if launching && (abandoned || matches!(a.status.as_str(), "Failed" | "Cancelled")) {
+        return Some(format!("a launch failed ({}): {}", a.status, text.trim()));
+    }
+    let out_of_service = a.cause.contains("taken out of service in response to");
+    let health = a.cause.contains("health check") || a.cause.contains("status check");
+    if a.description.starts_with("Terminating") && out_of_service && health {
+        return Some(format!(
+            "an instance was replaced as unhealthy: {} ({})",
+            a.description, a.cause
+        ));
+    }
+    None
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +186,10 @@ pub enum RefreshError {
     Missing { asg: String, id: String },
     #[error("cannot cancel the instance refresh of group {asg} ({detail})")]
     Cancel { asg: String, detail: String },
+    #[error(
+        "cannot read the scaling activities of group {asg} ({detail}); check autoscaling:DescribeScalingActivities rights"
+    )]
+    Activities { asg: String, detail: String },
 }
 
 /// [`InstanceRefresher`] over the Auto Scaling API.
@@ -180,6 +235,9 @@ impl InstanceRefresher for AsgRefresher {
         }
         if let Some(d) = plan.checkpoint_delay {
             prefs = prefs.checkpoint_delay(secs(d));
+        }
+        if let Some(b) = plan.bake_time {
+            prefs = prefs.bake_time(secs(b));
         }
         if !plan.alarms.is_empty() {
             prefs = prefs.alarm_specification(
@@ -260,6 +318,38 @@ impl InstanceRefresher for AsgRefresher {
             }),
         }
     }
+
+    async fn activities(&self, since: SystemTime) -> Result<Vec<Activity>, RefreshError> {
+        // Newest first; a release replaces a group's instances a few at a time, so the newest
+        // page covers what happened since the last look.
+        let out = self
+            .client
+            .describe_scaling_activities()
+            .auto_scaling_group_name(&self.asg)
+            .max_records(50)
+            .send()
+            .await
+            .map_err(|e| RefreshError::Activities {
+                asg: self.asg.clone(),
+                detail: aws::describe(&e),
+            })?;
+        let since = aws_smithy_types::DateTime::from(since);
+        Ok(out
+            .activities()
+            .iter()
+            .filter(|a| a.start_time().is_some_and(|t| t.secs() >= since.secs()))
+            .map(|a| Activity {
+                id: a.activity_id().unwrap_or_default().to_owned(),
+                description: a.description().unwrap_or_default().to_owned(),
+                cause: a.cause().unwrap_or_default().to_owned(),
+                status: a
+                    .status_code()
+                    .map(|c| c.as_str().to_owned())
+                    .unwrap_or_default(),
+                message: a.status_message().map(str::to_owned),
+            })
+            .collect())
+    }
 }
 
 fn secs(d: Duration) -> i32 {
@@ -304,6 +394,8 @@ pub enum FollowEnd {
     Succeeded(RefreshInfo),
     Failed(RefreshInfo),
     TimedOut(RefreshInfo),
+    /// A launch of the new instances failed (see [`launch_failure`]); the refresh still runs.
+    LaunchFailed(RefreshInfo, String),
 }
 
 /// Consecutive failed observations tolerated before the state counts as unknown.
@@ -311,12 +403,15 @@ const DESCRIBE_ATTEMPTS: u32 = 5;
 
 /// Observe refresh `id` every `poll` until it ends or `timeout` passes, reporting each
 /// observation. Transient describe failures are retried; after several in a row the error is
-/// returned (the state is then unknown).
+/// returned (the state is then unknown). With `launches_since`, the group's scaling activities
+/// since then are checked at each observation too, and a failed launch ends the follow at
+/// once instead of at the refresh's failure or the timeout; failing to read them only warns.
 pub async fn follow<R: InstanceRefresher>(
     refresher: &R,
     id: &str,
     timeout: Duration,
     poll: Duration,
+    launches_since: Option<SystemTime>,
     mut observe: impl FnMut(&RefreshInfo),
 ) -> Result<FollowEnd, RefreshError> {
     let started = Instant::now();
@@ -338,6 +433,20 @@ pub async fn follow<R: InstanceRefresher>(
             }
         };
         observe(&info);
+        if let Some(since) = launches_since
+            && info.state.is_active()
+        {
+            match refresher.activities(since).await {
+                Ok(list) => {
+                    if let Some(why) = list.iter().find_map(launch_failure) {
+                        return Ok(FollowEnd::LaunchFailed(info, why));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check the launches; following the refresh only")
+                }
+            }
+        }
         match judge(info.state, started.elapsed(), timeout) {
             Verdict::Continue => {}
             Verdict::Succeeded => return Ok(FollowEnd::Succeeded(info)),
@@ -406,6 +515,7 @@ mod tests {
     /// Answers describe calls from a script, repeating the last answer.
     struct FakeRefresher {
         script: Mutex<Vec<Result<RefreshState, ()>>>,
+        activities: Vec<Activity>,
     }
 
     impl FakeRefresher {
@@ -413,6 +523,7 @@ mod tests {
             script.reverse();
             FakeRefresher {
                 script: Mutex::new(script),
+                activities: Vec::new(),
             }
         }
     }
@@ -448,6 +559,9 @@ mod tests {
         async fn cancel(&self) -> Result<(), RefreshError> {
             Ok(())
         }
+        async fn activities(&self, _since: SystemTime) -> Result<Vec<Activity>, RefreshError> {
+            Ok(self.activities.clone())
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -464,6 +578,7 @@ mod tests {
             "r-1",
             Duration::from_secs(1800),
             Duration::from_secs(15),
+            None,
             |_| seen += 1,
         )
         .await
@@ -481,6 +596,7 @@ mod tests {
             "r-1",
             Duration::from_secs(1800),
             Duration::from_secs(15),
+            None,
             |_| {},
         )
         .await
@@ -497,10 +613,151 @@ mod tests {
             "r-1",
             Duration::from_secs(1800),
             Duration::from_secs(15),
+            None,
             |_| {},
         )
         .await
         .expect_err("unknown");
         assert!(err.to_string().contains("Throttling"), "{err}");
+    }
+
+    fn activity(description: &str, cause: &str, status: &str, message: Option<&str>) -> Activity {
+        Activity {
+            id: "a-1".into(),
+            description: description.into(),
+            cause: cause.into(),
+            status: status.into(),
+            message: message.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn launch_failure_table() {
+        let refresh_cause = "At 2026-01-01T00:00:00Z an instance was taken out of service in response to an instance refresh.";
+        let table = [
+            (
+                "launch abandoned by the hook",
+                activity(
+                    "Launching a new EC2 instance: i-1. Status Reason: Instance failed to complete user's Lifecycle Action: Lifecycle Action with token t was abandoned: Lifecycle Action Completed with ABANDON Result",
+                    "At 2026-01-01T00:00:00Z an instance was launched in response to an instance refresh.",
+                    "Cancelled",
+                    None,
+                ),
+                Some("a launch failed"),
+            ),
+            (
+                "launch hook timed out",
+                activity(
+                    "Launching a new EC2 instance: i-2",
+                    "",
+                    "Cancelled",
+                    Some(
+                        "Instance failed to complete user's Lifecycle Action: Lifecycle Action with token t was abandoned: Heartbeat Timeout",
+                    ),
+                ),
+                Some("Heartbeat Timeout"),
+            ),
+            (
+                "launch failed",
+                activity(
+                    "Launching a new EC2 instance.  Status Reason: capacity",
+                    "",
+                    "Failed",
+                    None,
+                ),
+                Some("a launch failed (Failed)"),
+            ),
+            (
+                "launch succeeded",
+                activity("Launching a new EC2 instance: i-3", "", "Successful", None),
+                None,
+            ),
+            (
+                "launch in progress",
+                activity(
+                    "Launching a new EC2 instance: i-3",
+                    "",
+                    "MidLifecycleAction",
+                    None,
+                ),
+                None,
+            ),
+            (
+                "replaced after an ELB health check",
+                activity(
+                    "Terminating EC2 instance: i-4",
+                    "At 2026-01-01T00:00:00Z an instance was taken out of service in response to an ELB system health check failure.",
+                    "InProgress",
+                    None,
+                ),
+                Some("replaced as unhealthy"),
+            ),
+            (
+                "replaced after EC2 status checks",
+                activity(
+                    "Terminating EC2 instance: i-5",
+                    "At 2026-01-01T00:00:00Z an instance was taken out of service in response to an EC2 instance status checks failure.",
+                    "Successful",
+                    None,
+                ),
+                Some("replaced as unhealthy"),
+            ),
+            (
+                "the refresh's own termination",
+                activity(
+                    "Terminating EC2 instance: i-6",
+                    refresh_cause,
+                    "Successful",
+                    None,
+                ),
+                None,
+            ),
+        ];
+        for (name, a, want) in table {
+            let got = launch_failure(&a);
+            match (got, want) {
+                (None, None) => {}
+                (Some(g), Some(needle)) => assert!(g.contains(needle), "{name}: {g}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_ends_at_a_failed_launch_when_watching_launches() {
+        let mut f = FakeRefresher::new(vec![Ok(RefreshState::InProgress)]);
+        f.activities = vec![activity(
+            "Launching a new EC2 instance: i-1",
+            "",
+            "Failed",
+            None,
+        )];
+        let start = Instant::now();
+        let end = follow(
+            &f,
+            "r-1",
+            Duration::from_secs(1800),
+            Duration::from_secs(15),
+            Some(SystemTime::now()),
+            |_| {},
+        )
+        .await
+        .expect("follow");
+        assert!(matches!(end, FollowEnd::LaunchFailed(_, _)), "{end:?}");
+        assert_eq!(start.elapsed(), Duration::ZERO, "at the first look");
+        let end = follow(
+            &f,
+            "r-1",
+            Duration::from_secs(60),
+            Duration::from_secs(15),
+            None,
+            |_| {},
+        )
+        .await
+        .expect("follow");
+        assert!(
+            matches!(end, FollowEnd::TimedOut(_)),
+            "not watched: {end:?}"
+        );
     }
 }

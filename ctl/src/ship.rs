@@ -4,7 +4,7 @@
 //! run wrote) and roll the fleet to it. Every step reports an [`Event`]; the end is an
 //! [`Outcome`] whose exit code tells CI the truth. The lock is let go on every path.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use skiff_release::{Release, Tag};
@@ -527,6 +527,8 @@ where
             )
             .await);
     }
+    // A little before the start, so that no launch of this refresh is missed.
+    let started_at = SystemTime::now() - Duration::from_secs(1);
     let id = match fleet.refresher.start(&req.plan).await {
         Ok(id) => id,
         Err(e) => {
@@ -550,7 +552,17 @@ where
         return Ok(Outcome::Started { refresh_id: id });
     }
     Ok(
-        match watch(fleet, req, &id, Purpose::Release, stop, emit).await {
+        match watch(
+            fleet,
+            req,
+            &id,
+            Purpose::Release,
+            Some(started_at),
+            stop,
+            emit,
+        )
+        .await
+        {
             Watched::Ended(FollowEnd::Succeeded(_)) => run.confirm(&id).await,
             Watched::Ended(FollowEnd::Failed(info)) => {
                 let reason = format!(
@@ -560,11 +572,16 @@ where
                 );
                 run.roll_back(reason, stop, emit).await
             }
-            Watched::Ended(FollowEnd::TimedOut(_)) => {
-                let reason = format!(
-                    "instance refresh {id} did not finish within {}",
-                    humantime::format_duration(req.timeout)
-                );
+            Watched::Ended(end @ (FollowEnd::TimedOut(_) | FollowEnd::LaunchFailed(..))) => {
+                let reason = match end {
+                    FollowEnd::LaunchFailed(_, why) => {
+                        format!("instance refresh {id} is failing: {why}")
+                    }
+                    _ => format!(
+                        "instance refresh {id} did not finish within {}",
+                        humantime::format_duration(req.timeout)
+                    ),
+                };
                 match cancel_and_wait(fleet, req, &id, emit).await {
                     Ok(FollowEnd::Succeeded(_)) => run.confirm(&id).await,
                     Ok(_) => run.roll_back(reason, stop, emit).await,
@@ -593,12 +610,14 @@ enum Watched {
     Stopped(&'static str),
 }
 
-/// Follow refresh `id` until it ends, the state becomes unknown, or a stop is requested.
+/// Follow refresh `id` until it ends, the state becomes unknown, or a stop is requested; with
+/// `launches`, a failed launch since then ends it too.
 async fn watch<S, R, D, L>(
     fleet: &Fleet<'_, S, R, D, L>,
     req: &Request,
     id: &str,
     purpose: Purpose,
+    launches: Option<SystemTime>,
     stop: &mut Stop,
     emit: &mut dyn FnMut(Event),
 ) -> Watched
@@ -612,7 +631,7 @@ where
         })
     };
     tokio::select! {
-        end = refresh::follow(fleet.refresher, id, req.timeout, req.poll, &mut progress) => match end {
+        end = refresh::follow(fleet.refresher, id, req.timeout, req.poll, launches, &mut progress) => match end {
             Ok(end) => Watched::Ended(end),
             Err(e) => Watched::Unknown(format!("the state of instance refresh {id} is unknown: {e}")),
         },
@@ -637,7 +656,7 @@ where
         .cancel()
         .await
         .map_err(|e| format!("it may still be running: {e}"))?;
-    match refresh::follow(fleet.refresher, id, CANCEL_WAIT, req.poll, |_| {}).await {
+    match refresh::follow(fleet.refresher, id, CANCEL_WAIT, req.poll, None, |_| {}).await {
         Ok(FollowEnd::TimedOut(_)) => Err(format!(
             "refresh {id} was still cancelling after {}",
             humantime::format_duration(CANCEL_WAIT)
@@ -890,7 +909,18 @@ where
             purpose: Purpose::Rollback,
             id: id.clone(),
         });
-        match watch(self.fleet, self.req, &id, Purpose::Rollback, stop, emit).await {
+        // Launches are watched for the release only: a rollback returns to a release that ran.
+        match watch(
+            self.fleet,
+            self.req,
+            &id,
+            Purpose::Rollback,
+            None,
+            stop,
+            emit,
+        )
+        .await
+        {
             Watched::Ended(FollowEnd::Succeeded(_)) => Outcome::RolledBack {
                 reason,
                 to: prev.to_string(),
@@ -900,6 +930,7 @@ where
                 info.state,
                 info.reason.map(|r| format!(": {r}")).unwrap_or_default()
             )),
+            Watched::Ended(FollowEnd::LaunchFailed(_, why)) => failed(why),
             Watched::Ended(FollowEnd::TimedOut(_)) => failed(format!(
                 "instance refresh {id} did not finish within {}; it is still running, follow it with `{} status`",
                 humantime::format_duration(self.req.timeout),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use aws_sdk_autoscaling::operation::cancel_instance_refresh::CancelInstanceRefreshOutput;
 use aws_sdk_autoscaling::operation::describe_instance_refreshes::DescribeInstanceRefreshesOutput;
+use aws_sdk_autoscaling::operation::describe_scaling_activities::DescribeScalingActivitiesOutput;
 use aws_sdk_autoscaling::operation::start_instance_refresh::StartInstanceRefreshOutput;
 use aws_sdk_autoscaling::types::{InstanceRefresh, InstanceRefreshStatus, RefreshPreferences};
 use aws_smithy_mocks::{MockResponse, mock};
@@ -126,7 +127,12 @@ fn autoscaling(script: Script) -> (aws_sdk_autoscaling::Client, Arc<Mutex<Seen>>
                 .build()
         },
     );
-    (mocked_autoscaling(&[&describe, &start, &cancel]), seen)
+    let activities = mock!(aws_sdk_autoscaling::Client::describe_scaling_activities)
+        .then_output(|| DescribeScalingActivitiesOutput::builder().build());
+    (
+        mocked_autoscaling(&[&describe, &start, &cancel, &activities]),
+        seen,
+    )
 }
 
 fn request(timeout: Duration) -> Request {

@@ -197,3 +197,67 @@ async fn describe_errors_beyond_the_tolerance_write_nothing_back_and_are_logged(
     assert_eq!(fake.seen().starts.len(), 1, "no rollback refresh: {t}");
     assert_eq!(lock, None, "{t}");
 }
+
+#[tokio::test]
+async fn an_abandoned_launch_fails_the_release_at_once_not_at_the_timeout() {
+    let ssm = aws_sdk_ssm::Client::new(&moto_sdk().await);
+    let param = format!("/{}/release", unique("abandon"));
+    put_parameter(&ssm, &param, V1).await;
+    let fake = FakeAutoScaling::start(Script {
+        // The refresh itself would run until the 120 s timeout.
+        refreshes: vec![vec!["Pending", "InProgress"], vec!["Successful"]],
+        activities: vec![(
+            "Cancelled",
+            "Launching a new EC2 instance: i-0abc. Status Reason: Instance failed to complete user's Lifecycle Action: Lifecycle Action with token 0fc6 was abandoned: Lifecycle Action Completed with ABANDON Result",
+            "At 2026-01-01T00:00:00Z an instance was launched in response to an instance refresh.",
+        )],
+        ..Script::default()
+    });
+    let child = ctl_command(
+        &[
+            "--parameter",
+            &param,
+            "--asg",
+            "app-asg",
+            "--image",
+            "127.0.0.1:1/none/app",
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--poll",
+            "20ms",
+            "--timeout",
+            "120s",
+            "--bake-time",
+            "5m",
+        ],
+        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let (out, took) = finish(child, Duration::from_secs(20));
+    let value = read_param(&ssm, &param).await.expect("value");
+    delete_param(&ssm, &param).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {t}");
+    assert!(t.contains("was abandoned") && t.contains("i-0abc"), "{t}");
+    let seen = fake.seen();
+    assert_eq!(seen.count("CancelInstanceRefresh"), 1, "{t}");
+    assert_eq!(seen.starts.len(), 2, "rolled back: {t}");
+    assert_eq!(
+        seen.starts[0]
+            .get("Preferences.BakeTime")
+            .map(String::as_str),
+        Some("300"),
+        "--bake-time is the refresh's BakeTime"
+    );
+    assert_eq!(
+        Release::parse(&value).expect("record").tag.as_str(),
+        "v1",
+        "{t}"
+    );
+}

@@ -142,6 +142,12 @@ impl InstanceRefresher for FakeRefresher {
             }),
         }
     }
+    async fn activities(
+        &self,
+        _since: std::time::SystemTime,
+    ) -> Result<Vec<crate::refresh::Activity>, RefreshError> {
+        Ok(Vec::new())
+    }
     async fn cancel(&self) -> Result<(), RefreshError> {
         *self.cancels.lock().expect("lock") += 1;
         *self.after_cancel.lock().expect("lock") = Some(vec![

@@ -2,8 +2,8 @@
 //! refreshes, and `aws-smithy-mocks` reaches only clients built inside the test process, so the
 //! binary is pointed here with `AWS_ENDPOINT_URL_AUTO_SCALING` while SSM and EC2 stay on moto.
 //! It speaks just enough of the Auto Scaling query protocol (form body in, XML out) for
-//! DescribeInstanceRefreshes, StartInstanceRefresh, CancelInstanceRefresh and
-//! DescribeAutoScalingGroups, one request per connection. Like Auto Scaling, it runs one refresh
+//! DescribeInstanceRefreshes, StartInstanceRefresh, CancelInstanceRefresh,
+//! DescribeScalingActivities and DescribeAutoScalingGroups, one request per connection. Like Auto Scaling, it runs one refresh
 //! at a time: StartInstanceRefresh fails with InstanceRefreshInProgress while the newest refresh
 //! is active.
 
@@ -29,6 +29,9 @@ pub struct Script {
     /// After this many DescribeInstanceRefreshes of a given refresh id, every further one fails
     /// (an outage of the API, with an error code the SDK does not retry).
     pub describe_fails_after: Option<usize>,
+    /// Scaling activities (status code, description, cause), started "now", answered once a
+    /// refresh was started and described twice; none before.
+    pub activities: Vec<(&'static str, &'static str, &'static str)>,
 }
 
 /// What the fake was asked.
@@ -262,6 +265,32 @@ fn answer(form: &HashMap<String, String>, s: &mut State) -> (&'static str, Strin
                     &action,
                     &format!("<InstanceRefreshId>r-{started}</InstanceRefreshId>"),
                 ),
+            )
+        }
+        "DescribeScalingActivities" => {
+            let now = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let members: String = if started > 0 && s.describes_by_id >= 2 {
+                s.script
+                    .activities
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (status, description, cause))| {
+                        format!(
+                            "<member><ActivityId>act-{i}</ActivityId><AutoScalingGroupName>g</AutoScalingGroupName>\
+                             <Description>{description}</Description><Cause>{cause}</Cause>\
+                             <StartTime>{now}</StartTime><StatusCode>{status}</StatusCode>\
+                             <Progress>100</Progress></member>"
+                        )
+                    })
+                    .collect()
+            } else {
+                String::new()
+            };
+            (
+                "200 OK",
+                wrap(&action, &format!("<Activities>{members}</Activities>")),
             )
         }
         "DescribeAutoScalingGroups" => {
