@@ -51,6 +51,53 @@ pub struct AppConfig {
     pub env: BTreeMap<String, String>,
     /// SSM path whose parameters become environment variables.
     pub env_path: Option<String>,
+    /// The app's detail/readiness page, fetched once per probe interval and shown in `/status`
+    /// only: it never decides `/healthz`.
+    pub detail_path: Option<String>,
+    /// Rotation of the app container's logs.
+    pub logs: LogRotation,
+}
+
+/// Docker logging drivers that rotate files on the host (and keep `docker logs` working).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogDriver {
+    /// Docker's `local` driver: compact, compressed files.
+    /// https://docs.docker.com/engine/logging/drivers/local/
+    Local,
+    /// `json-file`, Docker's default, which rotates only when told to.
+    /// https://docs.docker.com/engine/logging/drivers/json-file/
+    JsonFile,
+}
+
+impl LogDriver {
+    /// The driver's name in the Engine API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogDriver::Local => "local",
+            LogDriver::JsonFile => "json-file",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRotation {
+    pub driver: LogDriver,
+    /// Size at which a log file is rotated, as Docker writes it: `20m`, `512k`, `1g`.
+    pub max_size: String,
+    /// Files kept, the current one included.
+    pub max_files: u32,
+}
+
+impl Default for LogRotation {
+    /// Docker's own defaults for the `local` driver: 5 files of 20 MB, at most 100 MB per
+    /// container.
+    fn default() -> Self {
+        LogRotation {
+            driver: LogDriver::Local,
+            max_size: "20m".into(),
+            max_files: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +249,11 @@ fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
     let stop_timeout = s.duration("stop_timeout", Duration::from_secs(30));
     let env: BTreeMap<String, String> = s.optional("env").unwrap_or_default();
     let env_path: Option<String> = s.optional("env_path");
+    let detail_path: Option<String> = s.optional("detail_path");
+    let defaults = LogRotation::default();
+    let log_driver: Option<String> = s.optional("log_driver");
+    let log_max_size: String = s.optional("log_max_size").unwrap_or(defaults.max_size);
+    let log_max_files: Option<u32> = s.optional("log_max_files");
 
     if let Some(n) = &name
         && !valid_container_name(n)
@@ -224,6 +276,36 @@ fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
             "app.health_path {} must start with '/' and contain no whitespace",
             skiff_release::quote(&health_path)
         ));
+    }
+    if let Some(p) = &detail_path
+        && (!p.starts_with('/') || p.contains(char::is_whitespace))
+    {
+        s.problem(format!(
+            "app.detail_path {} must start with '/' and contain no whitespace (e.g. \"/ready\")",
+            skiff_release::quote(p)
+        ));
+    }
+    let driver = match log_driver.as_deref() {
+        None | Some("local") => Some(LogDriver::Local),
+        Some("json-file") => Some(LogDriver::JsonFile),
+        Some(other) => {
+            s.problem(format!(
+                "app.log_driver {} must be \"local\" or \"json-file\" (drivers that rotate files on the host)",
+                skiff_release::quote(other)
+            ));
+            None
+        }
+    };
+    let log_max_size = log_max_size.to_ascii_lowercase();
+    if !valid_log_size(&log_max_size) {
+        s.problem(format!(
+            "app.log_max_size {} must be a size like \"20m\": digits, then k, m or g",
+            skiff_release::quote(&log_max_size)
+        ));
+    }
+    let log_max_files = log_max_files.unwrap_or(defaults.max_files);
+    if !(1..=100).contains(&log_max_files) {
+        s.problem(format!("app.log_max_files {log_max_files} must be 1-100"));
     }
     for key in env.keys() {
         if !valid_env_name(key) {
@@ -255,6 +337,12 @@ fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
             stop_timeout: stop_timeout?,
             env,
             env_path,
+            detail_path,
+            logs: LogRotation {
+                driver: driver?,
+                max_size: log_max_size,
+                max_files: log_max_files,
+            },
         })
     })
 }
@@ -361,6 +449,16 @@ fn read_aws(mut s: Section<'_>) -> Option<AwsConfig> {
             terminate_hook,
         })
     })
+}
+
+/// A size as Docker's log options take it, above zero: `20m`, `512k`, `1g`, `4096`.
+fn valid_log_size(size: &str) -> bool {
+    let digits = size.trim_end_matches(['k', 'm', 'g']);
+    size.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && digits.len() <= 12
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.bytes().any(|b| b != b'0')
 }
 
 fn valid_container_name(n: &str) -> bool {
@@ -513,7 +611,82 @@ file = "/tmp/release"
         assert_eq!(c.release.drain, Duration::from_secs(15));
         assert_eq!(c.health.listen, "0.0.0.0:8081".parse().expect("addr"));
         assert_eq!(c.health.interval, Duration::from_secs(2));
+        assert_eq!(c.app.detail_path, None);
+        assert_eq!(
+            c.app.logs,
+            LogRotation {
+                driver: LogDriver::Local,
+                max_size: "20m".into(),
+                max_files: 5
+            }
+        );
         assert!(c.is_local());
+    }
+
+    #[test]
+    fn detail_path_and_log_rotation() {
+        let with = |app: &str| {
+            Config::parse(&format!(
+                "[app]\nname='a'\nimage='r/a'\nport=80\n{app}\n[release]\nsource='file'\n"
+            ))
+        };
+        let c = with(
+            "detail_path='/ready'\nlog_driver='json-file'\nlog_max_size='10M'\nlog_max_files=3",
+        )
+        .expect("valid");
+        assert_eq!(c.app.detail_path.as_deref(), Some("/ready"));
+        assert_eq!(
+            c.app.logs,
+            LogRotation {
+                driver: LogDriver::JsonFile,
+                max_size: "10m".into(),
+                max_files: 3
+            }
+        );
+        let sizes = [
+            ("20m", true),
+            ("512k", true),
+            ("1g", true),
+            ("4096", true),
+            ("0m", false),
+            ("m", false),
+            ("10mb", false),
+            ("1.5m", false),
+            ("-1", false),
+            ("10 m", false),
+            ("", false),
+        ];
+        for (size, ok) in sizes {
+            assert_eq!(valid_log_size(size), ok, "{size:?}");
+            assert_eq!(
+                with(&format!("log_max_size='{size}'")).is_ok(),
+                ok,
+                "{size:?}"
+            );
+        }
+        let bad: &[(&str, &str)] = &[
+            (
+                "detail_path='ready'",
+                "app.detail_path \"ready\" must start with '/'",
+            ),
+            ("detail_path='/re ady'", "app.detail_path"),
+            (
+                "log_driver='syslog'",
+                "app.log_driver \"syslog\" must be \"local\" or \"json-file\"",
+            ),
+            (
+                "log_max_size='lots'",
+                "app.log_max_size \"lots\" must be a size like \"20m\"",
+            ),
+            ("log_max_files=0", "app.log_max_files 0 must be 1-100"),
+            ("log_max_files=101", "app.log_max_files 101"),
+            ("log_max_files='5'", "app.log_max_files"),
+        ];
+        for (app, want) in bad {
+            let problems = with(app).expect_err(app);
+            assert_eq!(problems.len(), 1, "{app}: {problems:?}");
+            assert!(problems[0].contains(want), "{app}: {problems:?}");
+        }
     }
 
     #[test]
@@ -529,6 +702,10 @@ start_timeout = "90s"
 stop_timeout = "10s"
 env = { LOG_LEVEL = "info" }
 env_path = "/app/prod/env/"
+detail_path = "/ready"
+log_driver = "local"
+log_max_size = "20m"
+log_max_files = 5
 [release]
 source = "ssm"
 parameter = "/app/prod/release"
@@ -559,6 +736,8 @@ terminate_hook = "skiff-terminate"
         assert_eq!(c.app.env.get("LOG_LEVEL").map(String::as_str), Some("info"));
         assert_eq!(c.aws.lifecycle_hook.as_deref(), Some("skiff-launch"));
         assert_eq!(c.aws.terminate_hook.as_deref(), Some("skiff-terminate"));
+        assert_eq!(c.app.detail_path.as_deref(), Some("/ready"));
+        assert_eq!(c.app.logs, LogRotation::default());
         assert!(!c.is_local());
     }
 

@@ -7,14 +7,17 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig,
+};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions,
-    StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListImagesOptions,
+    RemoveContainerOptions, RemoveImageOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
 use skiff_release::Release;
 
+use crate::hygiene::{LocalImageInfo, images_to_prune};
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LocalImage, RegistryAuth,
     RuntimeError, is_auth_message, release_from_labels, verify_digest,
@@ -220,6 +223,14 @@ impl ContainerRuntime for DockerRuntime {
                 network_mode: Some("host".into()),
                 // The agent restarts the app itself, with backoff and a record of it.
                 init: Some(true),
+                // Rotated on the host: https://docs.docker.com/engine/logging/drivers/local/
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some(spec.logs.driver.as_str().to_owned()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), spec.logs.max_size.clone()),
+                        ("max-file".to_owned(), spec.logs.max_files.to_string()),
+                    ])),
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -287,6 +298,75 @@ impl ContainerRuntime for DockerRuntime {
             }) => Ok(()),
             Err(e) => Err(op_error("remove", id, &e)),
         }
+    }
+
+    async fn prune_images(
+        &self,
+        repository: &str,
+        keep: &[&Release],
+    ) -> Result<Vec<String>, RuntimeError> {
+        let (images, in_use) = self.images_and_uses().await?;
+        let mut removed = Vec::new();
+        for reference in images_to_prune(repository, &images, keep, &in_use) {
+            // Not forced: the engine itself refuses an image a container took meanwhile.
+            let options = RemoveImageOptions {
+                force: false,
+                noprune: false,
+            };
+            match bounded(
+                "remove an image",
+                self.docker.remove_image(&reference, Some(options), None),
+            )
+            .await?
+            {
+                Ok(_) => removed.push(reference),
+                Err(DockerError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                Err(e) if is_connection_error(&e) => {
+                    return Err(unreachable("remove an image", &e));
+                }
+                Err(e) => {
+                    tracing::warn!(image = %reference, error = %e, "could not remove an old image");
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl DockerRuntime {
+    /// What [`ContainerRuntime::prune_images`] decides on: the local images, and the images
+    /// any container (running or stopped) uses.
+    async fn images_and_uses(&self) -> Result<(Vec<LocalImageInfo>, Vec<String>), RuntimeError> {
+        let images = bounded(
+            "list images",
+            self.docker.list_images(Some(ListImagesOptions {
+                digests: true,
+                ..Default::default()
+            })),
+        )
+        .await?
+        .map_err(|e| op_error("list images", "", &e))?;
+        let containers = bounded(
+            "list containers",
+            self.docker.list_containers(Some(ListContainersOptions {
+                all: true,
+                ..Default::default()
+            })),
+        )
+        .await?
+        .map_err(|e| op_error("list", "all", &e))?;
+        let images = images
+            .into_iter()
+            .map(|i| LocalImageInfo {
+                id: i.id,
+                tags: i.repo_tags,
+                digests: i.repo_digests,
+            })
+            .collect();
+        let in_use = containers.into_iter().filter_map(|c| c.image_id).collect();
+        Ok((images, in_use))
     }
 }
 

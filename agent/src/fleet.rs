@@ -1,29 +1,45 @@
-//! `AwsFleet`: what the fleet is told about this host. Learns its instance id and region from
-//! IMDSv2; once the release is healthy tags the instance `skiff:release=<tag>` (so `ctl status`
-//! sees per-instance releases without reaching the hosts) and completes the launch lifecycle
-//! hook with CONTINUE; when the release cannot start, completes it with ABANDON. Off EC2 (no
-//! IMDS) it logs once and does nothing, like [`NoFleet`](crate::supervise::NoFleet).
-//! SDK types and errors stay in this module.
+//! `AwsFleet`: what the fleet is told about this host. Learns its instance id, region and Auto
+//! Scaling Group from IMDSv2; once the release is healthy tags the instance
+//! `skiff:release=<tag>` (so `ctl status` sees per-instance releases without reaching the hosts)
+//! and completes the launch lifecycle hook with CONTINUE; when the release cannot start,
+//! completes it with ABANDON. Off EC2 (no IMDS) it logs once and does nothing, like
+//! [`NoFleet`](crate::supervise::NoFleet). SDK types and errors stay in this module.
+//!
+//! A hook completion that fails for a transient reason is retried with exponential backoff and
+//! jitter: within one call for at most [`ACTION_LIMIT`] (the supervision loop waits on it), then
+//! on later loop turns through [`Fleet::retry_pending`], until it succeeds, Auto Scaling says the
+//! action is no longer active, or [`HOOK_RETRY_FOR`] has passed.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_config::imds;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
 use skiff_release::{Release, Tag};
-use tokio::time::{sleep, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::supervise::Fleet;
 
 /// The instance tag `ctl status` reads.
 pub const RELEASE_TAG_KEY: &str = "skiff:release";
-/// Attempts per fleet action; transient AWS failures are retried with backoff.
+/// The instance's Auto Scaling Group, as an instance tag in the metadata. Needs
+/// `InstanceMetadataTags: enabled` in the launch template's metadata options:
+/// https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html
+pub const GROUP_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
+/// Attempts per instance tagging; transient AWS failures are retried with backoff.
 const ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Upper bound for one fleet action, retries included: the supervision loop waits on it.
-const ACTION_LIMIT: Duration = Duration::from_secs(30);
+pub const ACTION_LIMIT: Duration = Duration::from_secs(30);
+/// Upper bound for one CompleteLifecycleAction call (the SDK's own retries included).
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts at completing a hook.
+const HOOK_BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// After this long no lifecycle action can still be waiting: a hook's heartbeat timeout is at
+/// most 7200 s (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html),
+/// and Auto Scaling applies the default result when it passes.
+pub const HOOK_RETRY_FOR: Duration = Duration::from_secs(7200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -43,19 +59,117 @@ pub enum FleetError {
     TimedOut(Duration),
 }
 
+/// What one attempt at completing a lifecycle action came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Completed,
+    /// Auto Scaling has no pending action for this instance and hook: it timed out, someone
+    /// else completed it, or the agent restarted long after the launch.
+    NoActiveAction,
+    /// Throttling, a 5xx, a timeout, the network: worth another try.
+    Transient,
+    /// Access denied, an unknown hook, no group: retrying will not help.
+    Fatal,
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Done with this hook (completed, or nothing left to complete).
+    Stop,
+    /// Try again after this long (before jitter).
+    RetryAfter(Duration),
+    /// Transient failures for longer than any heartbeat: Auto Scaling has decided by now.
+    GiveUp,
+}
+
+/// The pure retry decision for hook completion: `failures` counts failed attempts so far,
+/// this one included; `since_first` is the time since the first attempt.
+pub fn next_step(attempt: Attempt, failures: u32, since_first: Duration) -> NextStep {
+    match attempt {
+        Attempt::Completed | Attempt::NoActiveAction | Attempt::Fatal => NextStep::Stop,
+        Attempt::Transient if since_first >= HOOK_RETRY_FOR => NextStep::GiveUp,
+        Attempt::Transient => {
+            let exp = failures.saturating_sub(1).min(16);
+            NextStep::RetryAfter((FIRST_BACKOFF * 2u32.pow(exp)).min(HOOK_BACKOFF_CAP))
+        }
+    }
+}
+
+/// Classify an Auto Scaling error by its code and message.
+pub fn classify(code: Option<&str>, message: Option<&str>) -> Attempt {
+    // CompleteLifecycleAction answers ValidationError "No active Lifecycle Action found with
+    // instance ID ..." when the action has already ended.
+    if code == Some("ValidationError")
+        && message.is_some_and(|m| m.contains("No active Lifecycle Action"))
+    {
+        return Attempt::NoActiveAction;
+    }
+    if retryable(code) {
+        Attempt::Transient
+    } else {
+        Attempt::Fatal
+    }
+}
+
+/// Spread retries over [0.5, 1.0] of the backoff so a fleet's agents do not retry in step.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// How completion of one hook stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Progress {
+    /// Not asked for yet.
+    Idle,
+    Pending {
+        result: &'static str,
+        failures: u32,
+        first: Instant,
+        next_at: Instant,
+    },
+    /// Completed, found ended, given up, or failed for good: never tried again this boot.
+    Finished,
+}
+
+#[derive(Debug)]
+struct Hook {
+    name: Option<String>,
+    progress: Mutex<Progress>,
+}
+
+impl Hook {
+    fn new(name: Option<String>) -> Self {
+        Hook {
+            name,
+            progress: Mutex::new(Progress::Idle),
+        }
+    }
+
+    fn get(&self) -> Progress {
+        self.progress
+            .lock()
+            .map(|p| *p)
+            .unwrap_or(Progress::Finished)
+    }
+
+    fn set(&self, p: Progress) {
+        if let Ok(mut g) = self.progress.lock() {
+            *g = p;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct OnEc2 {
     instance_id: String,
-    hook: Option<String>,
-    terminate_hook: Option<String>,
-    /// For the target lifecycle state; `None` in tests that give the identity directly.
-    imds: Option<imds::Client>,
+    imds: imds::Client,
     ec2: aws_sdk_ec2::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     group: Mutex<Option<String>>,
     tagged: Mutex<Option<Tag>>,
-    hook_done: AtomicBool,
-    terminate_done: AtomicBool,
+    launch: Hook,
+    terminate: Hook,
 }
 
 /// [`Fleet`] over EC2 and Auto Scaling.
@@ -104,8 +218,10 @@ impl AwsFleet {
                         .region(region)
                         .build(),
                 );
-                Self::with_clients(instance_id, ec2, autoscaling, hook)
-                    .with_termination(terminate_hook, imds.clone())
+                let fleet = Self::with_clients(instance_id, imds.clone(), ec2, autoscaling, hook)
+                    .with_terminate_hook(terminate_hook);
+                fleet.check_group().await;
+                fleet
             }
             Err(e) => {
                 tracing::warn!(error = %e, "not on EC2 (or metadata disabled): no instance tag, no lifecycle hook");
@@ -114,9 +230,11 @@ impl AwsFleet {
         }
     }
 
-    /// A fleet for a known instance (tests, or callers that know the identity).
+    /// A fleet for a known instance (tests, or callers that know the identity). `imds` answers
+    /// the group name and the target lifecycle state.
     pub fn with_clients(
         instance_id: String,
+        imds: imds::Client,
         ec2: aws_sdk_ec2::Client,
         autoscaling: aws_sdk_autoscaling::Client,
         hook: Option<String>,
@@ -124,31 +242,59 @@ impl AwsFleet {
         AwsFleet {
             on_ec2: Some(OnEc2 {
                 instance_id,
-                hook,
-                terminate_hook: None,
-                imds: None,
+                imds,
                 ec2,
                 autoscaling,
                 group: Mutex::new(None),
                 tagged: Mutex::new(None),
-                hook_done: AtomicBool::new(false),
-                terminate_done: AtomicBool::new(false),
+                launch: Hook::new(hook),
+                terminate: Hook::new(None),
             }),
         }
     }
 
-    /// Also complete `hook` (a terminate lifecycle hook) once drained for termination, and
-    /// read the target lifecycle state from `imds`.
-    pub fn with_termination(mut self, hook: Option<String>, imds: imds::Client) -> Self {
+    /// Also complete `hook` (a terminate lifecycle hook) once drained for termination.
+    pub fn with_terminate_hook(mut self, hook: Option<String>) -> Self {
         if let Some(on) = self.on_ec2.as_mut() {
-            on.terminate_hook = hook;
-            on.imds = Some(imds);
+            on.terminate = Hook::new(hook);
+        }
+        self
+    }
+
+    /// The group is already known (tests without a metadata service).
+    pub fn with_group(self, group: &str) -> Self {
+        if let Some(on) = &self.on_ec2
+            && let Ok(mut g) = on.group.lock()
+        {
+            *g = Some(group.to_owned());
         }
         self
     }
 
     pub fn instance_id(&self) -> Option<&str> {
         self.on_ec2.as_ref().map(|o| o.instance_id.as_str())
+    }
+
+    /// The instance's Auto Scaling Group, from the instance tags in the metadata.
+    pub async fn group(&self) -> Result<String, FleetError> {
+        match &self.on_ec2 {
+            Some(on) => on.group().await.map_err(|(e, _)| e),
+            None => Err(FleetError::Metadata("not on EC2".into())),
+        }
+    }
+
+    /// With a hook to complete, say at start (not at the first hook) when the group is unknown.
+    async fn check_group(&self) {
+        let Some(on) = &self.on_ec2 else { return };
+        if on.launch.name.is_none() && on.terminate.name.is_none() {
+            return;
+        }
+        match on.group().await {
+            Ok(group) => tracing::info!(%group, "Auto Scaling Group from instance metadata"),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "lifecycle hooks cannot be completed until this is fixed")
+            }
+        }
     }
 
     async fn identify(imds: &imds::Client) -> Result<(String, String), FleetError> {
@@ -178,7 +324,7 @@ where
                 Ok(v) => return Ok(v),
                 Err((e, retryable)) if retryable && n < ATTEMPTS => {
                     tracing::debug!(error = %e, attempt = n, "retrying");
-                    sleep(backoff).await;
+                    sleep(jittered(backoff)).await;
                     backoff *= 2;
                     n += 1;
                 }
@@ -255,88 +401,161 @@ impl OnEc2 {
         Ok(())
     }
 
-    async fn group(&self) -> Result<String, FleetError> {
+    /// The group name from the instance tags in IMDS (no Auto Scaling permission needed);
+    /// the error says whether another try may help.
+    async fn group(&self) -> Result<String, (FleetError, bool)> {
         if let Some(g) = self.group.lock().ok().and_then(|g| g.clone()) {
             return Ok(g);
         }
-        let name = bounded(|| async {
-            let fail = |detail: String, r: bool| {
-                (
-                    FleetError::Group {
-                        instance: self.instance_id.clone(),
-                        detail,
-                    },
-                    r,
-                )
-            };
-            let out = self
-                .autoscaling
-                .describe_auto_scaling_instances()
-                .instance_ids(&self.instance_id)
-                .send()
-                .await
-                .map_err(|e| fail(detail(&e), retryable(e.code())))?;
-            out.auto_scaling_instances()
-                .iter()
-                .find_map(|i| i.auto_scaling_group_name().map(str::to_owned))
-                .ok_or_else(|| fail("the instance is in no Auto Scaling Group".into(), false))
-        })
-        .await?;
+        let fail = |detail: String, transient: bool| {
+            (
+                FleetError::Group {
+                    instance: self.instance_id.clone(),
+                    detail,
+                },
+                transient,
+            )
+        };
+        let name = match self.imds.get(GROUP_TAG_PATH).await {
+            Ok(v) => v.as_ref().trim().to_owned(),
+            // Tags absent from the metadata answer 404:
+            // https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html
+            Err(imds::client::error::ImdsError::ErrorResponse(r))
+                if r.response().status().as_u16() == 404 =>
+            {
+                return Err(fail(
+                    "the instance metadata has no tag aws:autoscaling:groupName: enable instance \
+                     tags in metadata (launch template MetadataOptions InstanceMetadataTags: \
+                     enabled), or the instance is in no Auto Scaling Group"
+                        .into(),
+                    false,
+                ));
+            }
+            Err(e) => return Err(fail(format!("{GROUP_TAG_PATH}: {e}"), true)),
+        };
+        if name.is_empty() {
+            return Err(fail(
+                "the aws:autoscaling:groupName tag is empty".into(),
+                false,
+            ));
+        }
         if let Ok(mut g) = self.group.lock() {
             *g = Some(name.clone());
         }
         Ok(name)
     }
 
-    /// Complete `hook` once per boot (`done` remembers).
-    async fn complete(
-        &self,
-        hook: Option<&String>,
-        done: &AtomicBool,
-        result: &'static str,
-    ) -> Result<(), FleetError> {
-        let Some(hook) = hook else {
-            return Ok(());
-        };
-        if done.swap(true, Ordering::SeqCst) {
-            return Ok(());
+    /// Ask for `hook` to be completed with `result` (once per boot), and try within
+    /// [`ACTION_LIMIT`]; what is left is retried by [`OnEc2::drive`] on later loop turns.
+    async fn complete(&self, hook: &Hook, result: &'static str) {
+        if hook.name.is_none() || hook.get() != Progress::Idle {
+            return;
         }
-        let group = self.group().await?;
-        let outcome = bounded(|| async {
-            self.autoscaling
-                .complete_lifecycle_action()
-                .auto_scaling_group_name(&group)
-                .lifecycle_hook_name(hook)
-                .instance_id(&self.instance_id)
-                .lifecycle_action_result(result)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let r = retryable(e.code());
-                    (
-                        FleetError::Complete {
-                            hook: hook.clone(),
-                            result,
-                            detail: detail(&e),
-                        },
-                        r,
-                    )
-                })
-        })
-        .await;
-        match &outcome {
-            Ok(()) => tracing::info!(%hook, %group, result, "lifecycle action completed"),
-            // A launch long past (agent restart) has no pending action: nothing to do.
-            Err(FleetError::Complete { detail, .. })
-                if detail.contains("No active Lifecycle Action") =>
-            {
-                tracing::info!(%hook, "no pending lifecycle action for this instance");
-                return Ok(());
+        let now = Instant::now();
+        hook.set(Progress::Pending {
+            result,
+            failures: 0,
+            first: now,
+            next_at: now,
+        });
+        self.drive(hook).await;
+    }
+
+    /// Attempt a pending completion whenever its time has come, within [`ACTION_LIMIT`].
+    async fn drive(&self, hook: &Hook) {
+        let Some(name) = &hook.name else { return };
+        let budget_end = Instant::now() + ACTION_LIMIT;
+        loop {
+            let Progress::Pending {
+                result,
+                failures,
+                first,
+                next_at,
+            } = hook.get()
+            else {
+                return;
+            };
+            // Only start an attempt that can finish inside the budget.
+            if next_at.max(Instant::now()) + ATTEMPT_LIMIT > budget_end {
+                return;
             }
-            Err(_) => {}
+            sleep_until(next_at).await;
+            let (attempt, why) = self.attempt(name, result).await;
+            let failures = failures + u32::from(attempt == Attempt::Transient);
+            match next_step(attempt, failures, first.elapsed()) {
+                NextStep::Stop => {
+                    hook.set(Progress::Finished);
+                    match attempt {
+                        Attempt::Completed => {
+                            tracing::info!(hook = %name, result, attempts = failures + 1, "lifecycle action completed")
+                        }
+                        Attempt::NoActiveAction => {
+                            tracing::info!(hook = %name, result, "no pending lifecycle action for this instance (already ended)")
+                        }
+                        _ => {
+                            tracing::error!(hook = %name, result, error = %why, "cannot complete the lifecycle hook; Auto Scaling decides at the hook timeout")
+                        }
+                    }
+                    return;
+                }
+                NextStep::GiveUp => {
+                    hook.set(Progress::Finished);
+                    tracing::error!(hook = %name, result, failures, error = %why, "gave up completing the lifecycle hook; Auto Scaling has applied the hook's default result by now");
+                    return;
+                }
+                NextStep::RetryAfter(wait) => {
+                    if failures == 1 {
+                        tracing::warn!(hook = %name, result, error = %why, "cannot complete the lifecycle hook yet; retrying with backoff");
+                    } else {
+                        tracing::debug!(hook = %name, result, failures, error = %why, "retrying");
+                    }
+                    hook.set(Progress::Pending {
+                        result,
+                        failures,
+                        first,
+                        next_at: Instant::now() + jittered(wait),
+                    });
+                }
+            }
         }
-        outcome
+    }
+
+    /// One CompleteLifecycleAction call, bounded by [`ATTEMPT_LIMIT`].
+    async fn attempt(&self, hook: &str, result: &'static str) -> (Attempt, String) {
+        let group = match self.group().await {
+            Ok(g) => g,
+            Err((e, transient)) => {
+                let a = if transient {
+                    Attempt::Transient
+                } else {
+                    Attempt::Fatal
+                };
+                return (a, e.to_string());
+            }
+        };
+        let call = self
+            .autoscaling
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&group)
+            .lifecycle_hook_name(hook)
+            .instance_id(&self.instance_id)
+            .lifecycle_action_result(result)
+            .send();
+        match timeout(ATTEMPT_LIMIT, call).await {
+            Ok(Ok(_)) => (Attempt::Completed, String::new()),
+            Ok(Err(e)) => {
+                let why = FleetError::Complete {
+                    hook: hook.to_owned(),
+                    result,
+                    detail: detail(&e),
+                };
+                (classify(e.code(), e.message()), why.to_string())
+            }
+            Err(_) => (
+                Attempt::Transient,
+                FleetError::TimedOut(ATTEMPT_LIMIT).to_string(),
+            ),
+        }
     }
 }
 
@@ -346,32 +565,23 @@ impl Fleet for AwsFleet {
         if let Err(e) = on.tag(&release.tag).await {
             tracing::warn!(error = %e, tag = %release.tag, "could not tag the instance; ctl status will not show its release");
         }
-        if let Err(e) = on
-            .complete(on.hook.as_ref(), &on.hook_done, "CONTINUE")
-            .await
-        {
-            tracing::error!(error = %e, "could not complete the launch lifecycle hook; Auto Scaling decides at the hook timeout");
-        }
+        on.complete(&on.launch, "CONTINUE").await;
     }
 
     async fn release_failed(&self, release: &Release) {
         let Some(on) = &self.on_ec2 else { return };
         tracing::warn!(tag = %release.tag, "release cannot start here: abandoning the launch");
-        if let Err(e) = on
-            .complete(on.hook.as_ref(), &on.hook_done, "ABANDON")
-            .await
-        {
-            tracing::error!(error = %e, "could not complete the launch lifecycle hook with ABANDON");
-        }
+        on.complete(&on.launch, "ABANDON").await;
     }
 
     /// Auto Scaling sets the target lifecycle state to `Terminated` when it terminates the
     /// instance (a terminate hook then holds it in Terminating:Wait until the agent is drained).
     async fn termination_pending(&self) -> bool {
-        let Some(imds) = self.on_ec2.as_ref().and_then(|o| o.imds.as_ref()) else {
+        let Some(on) = &self.on_ec2 else {
             return false;
         };
-        match imds
+        match on
+            .imds
             .get("/latest/meta-data/autoscaling/target-lifecycle-state")
             .await
         {
@@ -385,11 +595,78 @@ impl Fleet for AwsFleet {
 
     async fn drained(&self) {
         let Some(on) = &self.on_ec2 else { return };
-        if let Err(e) = on
-            .complete(on.terminate_hook.as_ref(), &on.terminate_done, "CONTINUE")
-            .await
-        {
-            tracing::error!(error = %e, "could not complete the terminate lifecycle hook; Auto Scaling goes on at the hook timeout");
+        on.complete(&on.terminate, "CONTINUE").await;
+    }
+
+    async fn retry_pending(&self) {
+        let Some(on) = &self.on_ec2 else { return };
+        for hook in [&on.launch, &on.terminate] {
+            if matches!(hook.get(), Progress::Pending { next_at, .. } if next_at <= Instant::now())
+            {
+                on.drive(hook).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_decisions() {
+        let s = Duration::from_secs;
+        let table = [
+            (Attempt::Completed, 0, s(0), NextStep::Stop),
+            (Attempt::Completed, 5, s(100), NextStep::Stop),
+            (Attempt::NoActiveAction, 0, s(0), NextStep::Stop),
+            (Attempt::Fatal, 1, s(0), NextStep::Stop),
+            (Attempt::Transient, 1, s(0), NextStep::RetryAfter(s(1))),
+            (Attempt::Transient, 2, s(1), NextStep::RetryAfter(s(2))),
+            (Attempt::Transient, 5, s(15), NextStep::RetryAfter(s(16))),
+            (Attempt::Transient, 7, s(63), NextStep::RetryAfter(s(60))),
+            (
+                Attempt::Transient,
+                1000,
+                s(7000),
+                NextStep::RetryAfter(s(60)),
+            ),
+            (Attempt::Transient, 1000, s(7200), NextStep::GiveUp),
+        ];
+        for (attempt, failures, since, want) in table {
+            assert_eq!(
+                next_step(attempt, failures, since),
+                want,
+                "{attempt:?} {failures} {since:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_classes() {
+        let table = [
+            (
+                Some("Throttling"),
+                Some("Rate exceeded"),
+                Attempt::Transient,
+            ),
+            (Some("ServiceUnavailable"), None, Attempt::Transient),
+            (Some("InternalFailure"), None, Attempt::Transient),
+            (None, None, Attempt::Transient),
+            (
+                Some("ValidationError"),
+                Some("No active Lifecycle Action found with instance ID i-1"),
+                Attempt::NoActiveAction,
+            ),
+            (
+                Some("ValidationError"),
+                Some("No Lifecycle Hook found"),
+                Attempt::Fatal,
+            ),
+            (Some("AccessDenied"), Some("not authorized"), Attempt::Fatal),
+        ];
+        for (code, message, want) in table {
+            assert_eq!(classify(code, message), want, "{code:?} {message:?}");
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod ecr;
 pub mod fleet;
 pub mod health;
+pub mod hygiene;
 pub mod reconcile;
 pub mod runtime;
 pub mod source;

@@ -224,6 +224,7 @@ where
         state,
         std::net::SocketAddr::from(([127, 0, 0, 1], cfg.app.port)),
         cfg.app.health_path.clone(),
+        cfg.app.detail_path.clone(),
         cfg.health.interval,
         cancel.clone(),
     ));

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use skiff_release::{Digest, Release};
 
+use crate::config::LogRotation;
+
 /// Labels that mark a container as managed by skiff, and with what.
 pub const LABEL_APP: &str = "skiff.app";
 pub const LABEL_TAG: &str = "skiff.tag";
@@ -40,6 +42,8 @@ pub struct ContainerSpec {
     pub env: Vec<(String, String)>,
     pub labels: HashMap<String, String>,
     pub stop_timeout: Duration,
+    /// Log rotation: a long-lived host must not fill its disk with the app's logs.
+    pub logs: LogRotation,
 }
 
 #[derive(Clone, PartialEq, Default)]
@@ -151,6 +155,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Remove local images of `repository` that no release in `keep` names and no container
+    /// uses (see [`crate::hygiene::images_to_prune`]); returns the references removed. A
+    /// runtime that cannot list images keeps them all.
+    fn prune_images(
+        &self,
+        _repository: &str,
+        _keep: &[&Release],
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// Labels for a container running `release` of `app`.
@@ -201,7 +216,7 @@ pub fn verify_digest(
     }
 }
 
-fn normalise_repo(repo: &str) -> &str {
+pub(crate) fn normalise_repo(repo: &str) -> &str {
     let r = repo.strip_prefix("docker.io/").unwrap_or(repo);
     r.strip_prefix("library/").unwrap_or(r)
 }

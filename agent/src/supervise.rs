@@ -44,6 +44,11 @@ pub trait Fleet: Send + Sync + 'static {
     fn termination_pending(&self) -> impl Future<Output = bool> + Send;
     /// The host has drained for termination: let the termination proceed.
     fn drained(&self) -> impl Future<Output = ()> + Send;
+    /// Retry fleet calls that failed for a transient reason (each call bounded); called once
+    /// per loop turn.
+    fn retry_pending(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -218,6 +223,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                     self.drain_for_termination().await;
                 }
             }
+            self.fleet.retry_pending().await;
             let action = self.decide();
             // A host on its way out keeps its app running (restarts included) but takes no
             // new release.
@@ -521,6 +527,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             env,
             labels: labels_for(&self.cfg.app.name, &running),
             stop_timeout: self.cfg.app.stop_timeout,
+            logs: self.cfg.app.logs.clone(),
         };
         let id = self.runtime.create(&spec).await?;
         self.deploy_failures = 0;
@@ -668,6 +675,26 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.previous = old;
         }
         self.current = Some(new);
+        self.prune_images().await;
+    }
+
+    /// Images of the app's repository other than the current and the previous release's go;
+    /// a failure here is logged and changes nothing else.
+    async fn prune_images(&self) {
+        let keep: Vec<&Release> = [self.current.as_ref(), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|c| &c.release)
+            .collect();
+        match self.runtime.prune_images(&self.cfg.app.image, &keep).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(images = ?removed, "removed old images of the app");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prune old images; will try after the next release")
+            }
+        }
     }
 
     /// `new` did not become healthy: remove it, bring back `fallback` if there is one.

@@ -1,17 +1,19 @@
-//! AwsFleet: the instance tag against moto's EC2 with a fake IMDSv2 on loopback; the lifecycle
-//! hook with aws-smithy-mocks (moto does not implement lifecycle actions).
+//! AwsFleet: the instance tag against moto's EC2 with a fake IMDSv2 on loopback (which also
+//! serves the group name as an instance tag); the lifecycle hook with aws-smithy-mocks (moto does
+//! not implement CompleteLifecycleAction), its retries with paused time.
 
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use aws_sdk_autoscaling::operation::complete_lifecycle_action::CompleteLifecycleActionOutput;
-use aws_sdk_autoscaling::operation::describe_auto_scaling_instances::DescribeAutoScalingInstancesOutput;
-use aws_sdk_autoscaling::types::AutoScalingInstanceDetails;
 use aws_sdk_ec2::operation::create_tags::CreateTagsOutput;
 use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
-use skiff_agent::fleet::{AwsFleet, RELEASE_TAG_KEY};
+use skiff_agent::fleet::{ACTION_LIMIT, AwsFleet, GROUP_TAG_PATH, HOOK_RETRY_FOR, RELEASE_TAG_KEY};
 use skiff_agent::supervise::Fleet;
 use skiff_release::Release;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, sleep};
 
 const MOTO: &str = "http://127.0.0.1:5055";
 
@@ -26,17 +28,20 @@ async fn moto_sdk() -> aws_config::SdkConfig {
         .await
 }
 
-/// A tiny IMDSv2: answers the token PUT, and GETs only with that token. Returns its URL and
-/// the request lines it saw.
-async fn fake_imds(instance_id: String) -> (String, Arc<Mutex<Vec<String>>>) {
-    fake_imds_in(instance_id, Arc::new(Mutex::new("InService".into()))).await
+/// A tiny IMDSv2: answers the token PUT, and GETs only with that token; serves the group as the
+/// `aws:autoscaling:groupName` instance tag when given (404 otherwise, as EC2 does when instance
+/// tags are not enabled in the metadata). Returns its URL and the request lines it saw.
+async fn fake_imds(instance_id: String, group: Option<&str>) -> (String, Arc<Mutex<Vec<String>>>) {
+    fake_imds_in(instance_id, group, Arc::new(Mutex::new("InService".into()))).await
 }
 
 /// As [`fake_imds`], also serving the target lifecycle state held in `lifecycle`.
 async fn fake_imds_in(
     instance_id: String,
+    group: Option<&str>,
     lifecycle: Arc<Mutex<String>>,
 ) -> (String, Arc<Mutex<Vec<String>>>) {
+    let group = group.map(str::to_owned);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -49,6 +54,7 @@ async fn fake_imds_in(
                 return;
             };
             let id = instance_id.clone();
+            let group = group.clone();
             let log = log.clone();
             let state = lifecycle.lock().expect("lock").clone();
             tokio::spawn(async move {
@@ -77,6 +83,9 @@ async fn fake_imds_in(
                         "GET",
                         "/latest/meta-data/autoscaling/target-lifecycle-state",
                     ] => ("200 OK", state),
+                    ["GET", path] if path == GROUP_TAG_PATH && group.is_some() => {
+                        ("200 OK", group.unwrap_or_default())
+                    }
                     _ => ("404 Not Found", String::new()),
                 };
                 let resp = format!(
@@ -118,13 +127,14 @@ async fn tags_its_own_instance_in_moto_ec2() {
         .expect("instance id")
         .to_owned();
 
-    let (url, seen) = fake_imds(id.clone()).await;
+    let (url, seen) = fake_imds(id.clone(), Some("app-asg")).await;
     let imds = aws_config::imds::Client::builder()
         .endpoint(&url)
         .expect("endpoint")
         .build();
     let fleet = AwsFleet::discover(&imds, &sdk, None, None).await;
     assert_eq!(fleet.instance_id(), Some(id.as_str()));
+    assert_eq!(fleet.group().await.expect("group"), "app-asg");
     assert!(
         seen.lock().expect("lock")[0].starts_with("PUT /latest/api/token"),
         "token first (IMDSv2): {seen:?}"
@@ -166,10 +176,21 @@ async fn no_imds_means_no_fleet_duties() {
         .expect("endpoint")
         .max_attempts(1)
         .build();
+    let started = std::time::Instant::now();
     let fleet = AwsFleet::discover(&imds, &moto_sdk().await, Some("hook".into()), None).await;
     assert_eq!(fleet.instance_id(), None);
+    assert!(fleet.group().await.is_err());
+    assert!(!fleet.termination_pending().await);
+    // Each duty returns at once: nothing to call.
     fleet.release_healthy(&release("v1")).await;
     fleet.release_failed(&release("v1")).await;
+    fleet.drained().await;
+    fleet.retry_pending().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "off EC2 nothing waits: {:?}",
+        started.elapsed()
+    );
 }
 
 /// The SDK in use predates `mock_client!`'s test defaults, so the client is assembled here.
@@ -180,33 +201,44 @@ fn interceptor(rules: &[&Rule]) -> MockResponseInterceptor {
     )
 }
 
-fn mocked_fleet(results: Arc<Mutex<Vec<String>>>) -> (AwsFleet, Rule) {
+fn mocked_ec2() -> aws_sdk_ec2::Client {
     let create_tags =
         mock!(aws_sdk_ec2::Client::create_tags).then_output(|| CreateTagsOutput::builder().build());
-    let ec2 = aws_sdk_ec2::Client::from_conf(
+    aws_sdk_ec2::Client::from_conf(
         aws_sdk_ec2::Config::builder()
             .with_test_defaults()
             .http_client(create_mock_http_client())
             .interceptor(interceptor(&[&create_tags]))
             .build(),
-    );
-    let describe = mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_instances)
-        .match_requests(|r| r.instance_ids() == ["i-1"])
-        .then_output(|| {
-            DescribeAutoScalingInstancesOutput::builder()
-                .auto_scaling_instances(
-                    AutoScalingInstanceDetails::builder()
-                        .instance_id("i-1")
-                        .auto_scaling_group_name("app-asg")
-                        .availability_zone("us-east-1a")
-                        .lifecycle_state("Pending:Wait")
-                        .health_status("HEALTHY")
-                        .protected_from_scale_in(false)
-                        .build(),
-                )
-                .build()
-        });
-    let complete = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+    )
+}
+
+/// Auto Scaling answering CompleteLifecycleAction by `rule`. The SDK's own retries are off so
+/// every attempt the agent makes is one call the rule counts.
+fn mocked_autoscaling(rule: &Rule) -> aws_sdk_autoscaling::Client {
+    aws_sdk_autoscaling::Client::from_conf(
+        aws_sdk_autoscaling::Config::builder()
+            .with_test_defaults()
+            .region(aws_sdk_autoscaling::config::Region::new("us-east-1"))
+            .retry_config(aws_sdk_autoscaling::config::retry::RetryConfig::disabled())
+            .http_client(create_mock_http_client())
+            .interceptor(interceptor(&[rule]))
+            .build(),
+    )
+}
+
+/// An IMDS client nobody answers: for paused-time tests, where the group is given directly.
+fn unused_imds() -> aws_config::imds::Client {
+    aws_config::imds::Client::builder()
+        .endpoint("http://127.0.0.1:9")
+        .expect("endpoint")
+        .max_attempts(1)
+        .build()
+}
+
+/// CompleteLifecycleAction for i-1 in app-asg, recording `hook:result` of each success.
+fn recording_complete(results: Arc<Mutex<Vec<String>>>) -> Rule {
+    mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
         .match_requests(|r| {
             r.auto_scaling_group_name() == Some("app-asg") && r.instance_id() == Some("i-1")
         })
@@ -217,25 +249,35 @@ fn mocked_fleet(results: Arc<Mutex<Vec<String>>>) -> (AwsFleet, Rule) {
                 r.lifecycle_action_result().unwrap_or_default()
             ));
             CompleteLifecycleActionOutput::builder().build()
-        });
-    let autoscaling = aws_sdk_autoscaling::Client::from_conf(
-        aws_sdk_autoscaling::Config::builder()
-            .with_test_defaults()
-            .http_client(create_mock_http_client())
-            .interceptor(interceptor(&[&describe, &complete]))
-            .build(),
+        })
+}
+
+/// A fleet for i-1 whose group comes from a fake IMDS serving the instance tag.
+async fn mocked_fleet(results: Arc<Mutex<Vec<String>>>) -> (AwsFleet, Rule, String) {
+    let complete = recording_complete(results);
+    let (url, _seen) = fake_imds("i-1".into(), Some("app-asg")).await;
+    let imds = aws_config::imds::Client::builder()
+        .endpoint(&url)
+        .expect("endpoint")
+        .build();
+    let fleet = AwsFleet::with_clients(
+        "i-1".into(),
+        imds,
+        mocked_ec2(),
+        mocked_autoscaling(&complete),
+        Some("skiff-launch".into()),
     );
-    let fleet = AwsFleet::with_clients("i-1".into(), ec2, autoscaling, Some("skiff-launch".into()));
-    (fleet, complete)
+    (fleet, complete, url)
 }
 
 #[tokio::test]
 async fn healthy_completes_the_launch_hook_once_with_continue() {
     let results = Arc::new(Mutex::new(Vec::new()));
-    let (fleet, complete) = mocked_fleet(results.clone());
+    let (fleet, complete, _) = mocked_fleet(results.clone()).await;
     fleet.release_healthy(&release("v1")).await;
     fleet.release_healthy(&release("v2")).await;
     fleet.release_failed(&release("v3")).await;
+    fleet.retry_pending().await;
     assert_eq!(
         *results.lock().expect("lock"),
         vec!["skiff-launch:CONTINUE".to_owned()]
@@ -246,26 +288,74 @@ async fn healthy_completes_the_launch_hook_once_with_continue() {
 #[tokio::test]
 async fn a_release_that_cannot_start_abandons_the_launch() {
     let results = Arc::new(Mutex::new(Vec::new()));
-    let (fleet, _complete) = mocked_fleet(results.clone());
+    let (fleet, complete, _) = mocked_fleet(results.clone()).await;
     fleet.release_failed(&release("v1")).await;
     fleet.release_failed(&release("v1")).await;
     assert_eq!(
         *results.lock().expect("lock"),
         vec!["skiff-launch:ABANDON".to_owned()]
     );
+    assert_eq!(complete.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn without_the_group_tag_in_metadata_no_hook_call_is_made_and_the_error_says_what_to_enable()
+{
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let complete = recording_complete(results.clone());
+    let (url, seen) = fake_imds("i-1".into(), None).await;
+    let imds = aws_config::imds::Client::builder()
+        .endpoint(&url)
+        .expect("endpoint")
+        .build();
+    let fleet = AwsFleet::with_clients(
+        "i-1".into(),
+        imds,
+        mocked_ec2(),
+        mocked_autoscaling(&complete),
+        Some("skiff-launch".into()),
+    );
+    let err = fleet.group().await.expect_err("no tag").to_string();
+    assert!(
+        err.contains("InstanceMetadataTags") && err.contains("aws:autoscaling:groupName"),
+        "{err}"
+    );
+    let started = std::time::Instant::now();
+    fleet.release_healthy(&release("v1")).await;
+    fleet.retry_pending().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a missing tag is not retried: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(complete.num_calls(), 0);
+    assert!(
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(GROUP_TAG_PATH)),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
 async fn termination_is_read_from_imds_and_the_terminate_hook_completed_once_drained() {
     let results = Arc::new(Mutex::new(Vec::new()));
-    let (fleet, _complete) = mocked_fleet(results.clone());
+    let complete = recording_complete(results.clone());
     let lifecycle = Arc::new(Mutex::new("InService".to_owned()));
-    let (url, _seen) = fake_imds_in("i-1".into(), lifecycle.clone()).await;
+    let (url, _seen) = fake_imds_in("i-1".into(), Some("app-asg"), lifecycle.clone()).await;
     let imds = aws_config::imds::Client::builder()
         .endpoint(&url)
         .expect("endpoint")
         .build();
-    let fleet = fleet.with_termination(Some("skiff-terminate".into()), imds);
+    let fleet = AwsFleet::with_clients(
+        "i-1".into(),
+        imds,
+        mocked_ec2(),
+        mocked_autoscaling(&complete),
+        None,
+    )
+    .with_terminate_hook(Some("skiff-terminate".into()));
 
     assert!(!fleet.termination_pending().await, "in service");
     *lifecycle.lock().expect("lock") = "Terminated".into();
@@ -275,5 +365,163 @@ async fn termination_is_read_from_imds_and_the_terminate_hook_completed_once_dra
     assert_eq!(
         *results.lock().expect("lock"),
         vec!["skiff-terminate:CONTINUE".to_owned()]
+    );
+    assert_eq!(complete.num_calls(), 1);
+}
+
+/// An Auto Scaling (awsQuery) error answer, as the service sends it: the SDK parses it like a
+/// real one.
+fn query_error(code: &str, message: &str) -> Option<String> {
+    Some(format!(
+        "<ErrorResponse xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>r-1</RequestId></ErrorResponse>"
+    ))
+}
+
+fn throttled() -> Option<String> {
+    query_error("Throttling", "Rate exceeded")
+}
+
+fn no_active_action() -> Option<String> {
+    query_error(
+        "ValidationError",
+        "No active Lifecycle Action found with instance ID i-1",
+    )
+}
+
+fn ok() -> CompleteLifecycleActionOutput {
+    CompleteLifecycleActionOutput::builder().build()
+}
+
+/// A fleet for i-1 in app-asg (group known, no metadata service) over `rule`.
+fn paused_fleet(rule: &Rule, launch: Option<&str>, terminate: Option<&str>) -> AwsFleet {
+    AwsFleet::with_clients(
+        "i-1".into(),
+        unused_imds(),
+        mocked_ec2(),
+        mocked_autoscaling(rule),
+        launch.map(str::to_owned),
+    )
+    .with_terminate_hook(terminate.map(str::to_owned))
+    .with_group("app-asg")
+}
+
+/// The supervision loop's part: `retry_pending` once a second, for `how_long`.
+async fn loop_turns(fleet: &AwsFleet, how_long: Duration) {
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        fleet.retry_pending().await;
+        sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_completion_is_retried_with_backoff_and_succeeds_once() {
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .sequence()
+        .http_status(400, throttled())
+        .http_status(503, None)
+        .output(ok)
+        .build();
+    let fleet = paused_fleet(&rule, Some("skiff-launch"), None);
+    let started = Instant::now();
+    fleet.release_healthy(&release("v1")).await;
+    let took = started.elapsed();
+    assert_eq!(rule.num_calls(), 3, "throttled, 503, then completed");
+    assert!(rule.is_exhausted());
+    // backoff 1 s then 2 s, jittered to half at least
+    assert!(
+        took >= Duration::from_millis(1500) && took <= Duration::from_secs(3),
+        "{took:?}"
+    );
+    // Completed: neither later loop turns nor another healthy release call again.
+    loop_turns(&fleet, Duration::from_secs(300)).await;
+    fleet.release_healthy(&release("v2")).await;
+    assert_eq!(rule.num_calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completion_failing_longer_than_one_action_is_finished_on_later_loop_turns() {
+    // Six transient failures take 1+2+4+8+16+32 s of backoff: more than one bounded action.
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .sequence()
+        .http_status(500, None)
+        .times(6)
+        .output(ok)
+        .build();
+    let fleet = paused_fleet(&rule, Some("skiff-launch"), None);
+    let started = Instant::now();
+    fleet.release_healthy(&release("v1")).await;
+    assert!(
+        started.elapsed() <= ACTION_LIMIT,
+        "the loop is not held longer than one action: {:?}",
+        started.elapsed()
+    );
+    let first_burst = rule.num_calls();
+    assert!(
+        (2..=6).contains(&first_burst),
+        "retried within the action: {first_burst}"
+    );
+    loop_turns(&fleet, Duration::from_secs(300)).await;
+    assert_eq!(rule.num_calls(), 7, "six failures, one success, no more");
+    assert!(rule.is_exhausted());
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_active_lifecycle_action_ends_the_retries_at_once() {
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .sequence()
+        .http_status(400, throttled())
+        .http_status(400, no_active_action())
+        .repeatedly()
+        .build();
+    let fleet = paused_fleet(&rule, Some("skiff-launch"), Some("skiff-terminate"));
+    fleet.release_healthy(&release("v1")).await;
+    loop_turns(&fleet, Duration::from_secs(600)).await;
+    assert_eq!(rule.num_calls(), 2, "one throttled, one 'no active action'");
+    // The terminate hook is its own: tried once when drained, and not again.
+    fleet.drained().await;
+    loop_turns(&fleet, Duration::from_secs(600)).await;
+    assert_eq!(rule.num_calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn access_denied_is_not_retried() {
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .sequence()
+        .http_status(
+            403,
+            query_error(
+                "AccessDenied",
+                "not authorized to perform: autoscaling:CompleteLifecycleAction",
+            ),
+        )
+        .repeatedly()
+        .build();
+    let fleet = paused_fleet(&rule, Some("skiff-launch"), None);
+    fleet.release_healthy(&release("v1")).await;
+    loop_turns(&fleet, Duration::from_secs(600)).await;
+    assert_eq!(rule.num_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_until_no_heartbeat_can_be_left_then_never_again() {
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .sequence()
+        .http_status(400, throttled())
+        .repeatedly()
+        .build();
+    let fleet = paused_fleet(&rule, Some("skiff-launch"), None);
+    let started = Instant::now();
+    fleet.release_healthy(&release("v1")).await;
+    loop_turns(&fleet, HOOK_RETRY_FOR + Duration::from_secs(120)).await;
+    let calls = rule.num_calls();
+    // Backoff caps at 60 s (jittered to 30-60 s): 7200 s of retries are 120-250 calls.
+    assert!((100..=260).contains(&calls), "{calls} calls");
+    loop_turns(&fleet, Duration::from_secs(3600)).await;
+    assert_eq!(
+        rule.num_calls(),
+        calls,
+        "given up after {:?}",
+        started.elapsed()
     );
 }

@@ -1,0 +1,231 @@
+//! Host hygiene for instances that live long (in-place updates): which local images of the
+//! app's repository can go once a release is healthy. Pure: the Docker side is in `docker`.
+//!
+//! Kept: images the current or the previous release names (by tag or digest), images any
+//! container uses (running or stopped: the rollback target), and images that also carry a
+//! reference outside the app's repository (someone else's).
+
+use skiff_release::Release;
+
+use crate::runtime::normalise_repo;
+
+/// A local image as the engine lists it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LocalImageInfo {
+    pub id: String,
+    /// `repo:tag` references.
+    pub tags: Vec<String>,
+    /// `repo@sha256:...` references.
+    pub digests: Vec<String>,
+}
+
+/// The references to remove (an image goes with its last reference), in the order to remove
+/// them: per image, tags first.
+pub fn images_to_prune(
+    repository: &str,
+    images: &[LocalImageInfo],
+    keep: &[&Release],
+    in_use: &[String],
+) -> Vec<String> {
+    let repo = normalise_repo(repository);
+    let mut remove = Vec::new();
+    for image in images {
+        // Docker lists untagged images as `<none>:<none>` / `<none>@<none>`.
+        let refs: Vec<&String> = image
+            .tags
+            .iter()
+            .chain(&image.digests)
+            .filter(|r| !r.starts_with("<none>"))
+            .collect();
+        if refs.is_empty() || in_use.contains(&image.id) {
+            continue;
+        }
+        if refs
+            .iter()
+            .any(|r| normalise_repo(repository_of(r)) != repo)
+        {
+            continue;
+        }
+        let named_by_keep = keep.iter().any(|k| {
+            image.tags.iter().any(|t| tag_of(t) == Some(k.tag.as_str()))
+                || k.digest.as_ref().is_some_and(|d| {
+                    image
+                        .digests
+                        .iter()
+                        .any(|r| digest_of(r) == Some(d.as_str()))
+                })
+        });
+        if named_by_keep {
+            continue;
+        }
+        remove.extend(refs.into_iter().cloned());
+    }
+    remove
+}
+
+/// `host:5000/team/app:v1` -> `host:5000/team/app`; `repo@sha256:..` -> `repo`.
+fn repository_of(reference: &str) -> &str {
+    if let Some((repo, _)) = reference.split_once('@') {
+        return repo;
+    }
+    match reference.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => reference,
+    }
+}
+
+fn tag_of(reference: &str) -> Option<&str> {
+    if reference.contains('@') {
+        return None;
+    }
+    reference
+        .rsplit_once(':')
+        .and_then(|(_, tag)| (!tag.contains('/')).then_some(tag))
+}
+
+fn digest_of(reference: &str) -> Option<&str> {
+    reference.split_once('@').map(|(_, d)| d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    const REPO: &str = "127.0.0.1:5000/team/app";
+
+    fn image(id: &str, tags: &[&str], digests: &[&str]) -> LocalImageInfo {
+        LocalImageInfo {
+            id: id.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            digests: digests.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    fn release(tag: &str, digest: Option<&str>) -> Release {
+        Release::new(
+            tag.parse().expect("tag"),
+            digest.map(|d| d.parse().expect("digest")),
+        )
+    }
+
+    #[test]
+    fn which_images_go() {
+        let r = |s: &str| format!("{REPO}{s}");
+        let v3 = release("v3", None);
+        let v2 = release("v2", Some(D2));
+        struct Case {
+            what: &'static str,
+            images: Vec<LocalImageInfo>,
+            in_use: Vec<&'static str>,
+            want: Vec<String>,
+        }
+        let cases = [
+            Case {
+                what: "older releases go, current and previous stay",
+                images: vec![
+                    image("i1", &[&r(":v1")], &[&r(&format!("@{D1}"))]),
+                    image("i2", &[&r(":v2")], &[]),
+                    image("i3", &[&r(":v3")], &[]),
+                    image("i4", &[&r(":v4")], &[]),
+                ],
+                in_use: vec![],
+                want: vec![r(":v1"), r(&format!("@{D1}")), r(":v4")],
+            },
+            Case {
+                what: "the previous release pinned by digest only, untagged",
+                images: vec![
+                    image("i2", &["<none>:<none>"], &[&r(&format!("@{D2}"))]),
+                    image("i1", &["<none>:<none>"], &[&r(&format!("@{D1}"))]),
+                ],
+                in_use: vec![],
+                want: vec![r(&format!("@{D1}"))],
+            },
+            Case {
+                what: "an image a container uses stays",
+                images: vec![image("i1", &[&r(":v1")], &[])],
+                in_use: vec!["i1"],
+                want: vec![],
+            },
+            Case {
+                what: "other repositories are never touched",
+                images: vec![
+                    image("o1", &["127.0.0.1:5000/team/other:v1"], &[]),
+                    image("o2", &["127.0.0.1:5000/team/app-old:v1"], &[]),
+                    image("o3", &["team/app:v1"], &[]),
+                    image("o4", &["<none>:<none>"], &["<none>@<none>"]),
+                ],
+                in_use: vec![],
+                want: vec![],
+            },
+            Case {
+                what: "an image also tagged in another repository stays",
+                images: vec![image("i1", &[&r(":v1"), "mirror/app:v1"], &[])],
+                in_use: vec![],
+                want: vec![],
+            },
+            Case {
+                what: "an image under several tags of ours goes with all of them",
+                images: vec![image("i1", &[&r(":v1"), &r(":main")], &[])],
+                in_use: vec![],
+                want: vec![r(":v1"), r(":main")],
+            },
+            Case {
+                what: "a kept tag keeps its image whatever other tags it has",
+                images: vec![image("i3", &[&r(":main"), &r(":v3")], &[])],
+                in_use: vec![],
+                want: vec![],
+            },
+        ];
+        for c in cases {
+            let in_use: Vec<String> = c.in_use.iter().map(|s| s.to_string()).collect();
+            let got = images_to_prune(REPO, &c.images, &[&v3, &v2], &in_use);
+            assert_eq!(got, c.want, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn docker_hub_names_are_compared_normalised() {
+        let images = [
+            image("p1", &["python:3.11"], &[]),
+            image("a1", &["team/app:v1"], &[]),
+        ];
+        let keep = release("v9", None);
+        assert_eq!(
+            images_to_prune("docker.io/library/python", &images, &[&keep], &[]),
+            vec!["python:3.11".to_owned()]
+        );
+        assert_eq!(
+            images_to_prune("docker.io/team/app", &images, &[&keep], &[]),
+            vec!["team/app:v1".to_owned()]
+        );
+    }
+
+    #[test]
+    fn references() {
+        let table = [
+            (
+                "127.0.0.1:5000/app:v1",
+                "127.0.0.1:5000/app",
+                Some("v1"),
+                None,
+            ),
+            (
+                "127.0.0.1:5000/app@sha256:ab",
+                "127.0.0.1:5000/app",
+                None,
+                Some("sha256:ab"),
+            ),
+            ("127.0.0.1:5000/app", "127.0.0.1:5000/app", None, None),
+            ("team/app:3f2c", "team/app", Some("3f2c"), None),
+        ];
+        for (r, repo, tag, digest) in table {
+            assert_eq!(
+                (repository_of(r), tag_of(r), digest_of(r)),
+                (repo, tag, digest),
+                "{r}"
+            );
+        }
+    }
+}
