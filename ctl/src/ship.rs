@@ -404,6 +404,8 @@ where
     let deadline = Instant::now() + req.wait_lock;
     let poll = req.poll.min(LOCK_POLL);
     let mut told = false;
+    // Times the lock was let go between our create and our read: then try again at once.
+    let mut gone = 0;
     loop {
         let ours =
             LockRecord::new(&req.owner, what, OffsetDateTime::now_utc(), lock_hold(req)).to_value();
@@ -429,11 +431,20 @@ where
                 }
             }
         } else {
-            // Held; if it went away between the create and this read, the next round takes it.
             match fleet.lock.read().await? {
+                None if gone < 3 => {
+                    gone += 1;
+                    continue;
+                }
                 None => ShipError::Locked {
                     lock: fleet.lock.name().to_owned(),
-                    holder: lock::assess("", OffsetDateTime::now_utc()),
+                    holder: Holder {
+                        owner: "another release that keeps taking and letting go of it".into(),
+                        release: "unknown".into(),
+                        since: "unknown".into(),
+                        expires: "unknown".into(),
+                        stale: false,
+                    },
                 },
                 Some(v) => {
                     let holder = lock::assess(&v, OffsetDateTime::now_utc());
