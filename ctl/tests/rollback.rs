@@ -142,6 +142,8 @@ struct Refusal {
     args: &'static [&'static str],
     /// State of the group's newest refresh.
     before: Option<&'static str>,
+    /// A release lock held by someone else.
+    lock: Option<&'static str>,
     code: i32,
     needle: &'static str,
 }
@@ -154,6 +156,7 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
             history: vec![record("v1", 'a'), record("v2", 'b')],
             args: &["--to", "v9"],
             before: None,
+            lock: None,
             code: 2,
             needle: "not in the release history",
         },
@@ -162,6 +165,7 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
             history: vec![record("v1", 'a'), record("v1", 'b')],
             args: &[],
             before: None,
+            lock: None,
             code: 2,
             needle: "no earlier release",
         },
@@ -170,12 +174,28 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
             history: vec![record("v1", 'a'), record("v2", 'b')],
             args: &[],
             before: Some("InProgress"),
+            lock: None,
             code: 4,
             needle: "another release is in progress",
+        },
+        Refusal {
+            name: "a release holds the lock",
+            history: vec![record("v1", 'a'), record("v2", 'b')],
+            args: &[],
+            before: None,
+            lock: Some(
+                r#"{"owner":"jenkins-app-master-7/42","release":"v3","acquired_at":"2026-01-01T00:00:00Z","expires_at":"2999-01-01T00:00:00Z"}"#,
+            ),
+            code: 4,
+            needle: "jenkins-app-master-7/42",
         },
     ];
     for c in &cases {
         let (ssm, param) = seed(&c.history).await;
+        let lock = format!("{param}-lock");
+        if let Some(l) = c.lock {
+            put_parameter(&ssm, &lock, l).await;
+        }
         let fake = FakeAutoScaling::start(Script {
             before: c.before,
             refreshes: vec![vec!["Successful"]],
@@ -183,7 +203,10 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
         });
         let out = rollback(&fake, &param, c.args);
         let value = read_param(&ssm, &param).await;
+        let held = read_param(&ssm, &lock).await;
         delete_param(&ssm, &param).await;
+        delete_param(&ssm, &lock).await;
+        assert_eq!(held.as_deref(), c.lock, "{}: the lock is theirs", c.name);
         let (name, t) = (c.name, text(&out));
         assert_eq!(out.status.code(), Some(c.code), "{name}: {t}");
         assert!(t.contains(c.needle), "{name}: {t}");
