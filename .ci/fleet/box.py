@@ -1,0 +1,800 @@
+#!/usr/bin/env python3
+"""A fleet in a box: skiff's whole release path on one machine.
+
+    box.py up [--instances 3] [--boot-delay 2]   # idempotent: an existing box is kept
+    box.py down                                  # idempotent: leaves nothing behind
+    box.py status
+    box.py env                                   # the shell lines to run ctl against the box
+
+What `up` builds (all state under /var/lib/skiff-fleet and /run/skiff-fleet):
+  * a bridge skfbr0 (10.201.0.1/24) standing in for the VPC's private subnets;
+  * skiff's emulator (.ci/emulator, IAM enforced) of its own on 10.201.0.1:5060;
+  * the app stack `app-fleet` created from the real templates/app.yaml (as the emulator's
+    administrator), its release parameter created first as `make create-stack` does, and an
+    IAM user holding the stack's DeployerPolicy (the credentials ctl runs with, as Jenkins');
+  * the test image (busybox httpd; see README) pushed as <repo>:<tag> to the registry that the
+    ECR-shaped host name 123456789012.dkr.ecr.us-east-1.amazonaws.com serves;
+  * a controller process (`box.py controller`) that follows the group's instances in the
+    emulator: for each one it boots a host (after --boot-delay): a network namespace with its own
+    address, its own dockerd, a per-instance IMDSv2 and the real agent with the config the
+    launch template's user data writes; an instance that left the group is torn down; HAProxy
+    (the ALB) gets the InService instances as targets, health checked like the target group.
+
+Exit codes: 0 done, 1 failed (the message says what to do), 64 bad arguments.
+"""
+
+import argparse
+import base64
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "templates"))
+
+CI_HOME = os.environ.get("SKIFF_CI_HOME", "/var/lib/skiff-ci")
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
+STATE = os.environ.get("SKIFF_FLEET_STATE", "/var/lib/skiff-fleet")
+RUN_DIR = os.environ.get("SKIFF_FLEET_RUN", "/run/skiff-fleet")
+BRIDGE, GATEWAY, PREFIX = "skfbr0", "10.201.0.1", "10.201.0"
+EMULATOR_PORT, IMDS_PORT, LB_PORT, HAPROXY_SLOTS = 5060, 8169, 8880, 16
+ENDPOINT = f"http://{GATEWAY}:{EMULATOR_PORT}"
+REGION = "us-east-1"
+ENV_NAME = "fleet"
+STACK = f"app-{ENV_NAME}"
+REPO = "skiff-fleet/app"
+ECR_HOST = f"123456789012.dkr.ecr.{REGION}.amazonaws.com"
+LOCAL_REGISTRY = "127.0.0.1:5000"  # the ECR-shaped host serves this registry's storage (setup.sh)
+REGISTRY_CA = os.path.join(CI_HOME, "registry-ecr", "ca.crt")
+BOX_FILE = os.path.join(STATE, "box.json")
+PY = os.path.join(CI_HOME, "venv-moto", "bin", "python")
+
+
+def say(msg):
+    print(f"[fleet] {msg}", flush=True)
+
+
+class BoxError(Exception):
+    pass
+
+
+def run(*cmd, check=True, quiet=False, **kw):
+    p = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise BoxError(f"{' '.join(cmd)}: {(p.stderr or p.stdout).strip()}")
+    return p
+
+
+def wait_until(fn, timeout, every=0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def binary(name):
+    """The newest of the release and debug builds of `name` (agent, ctl)."""
+    found = [p for p in (os.path.join(TARGET, d, name) for d in ("release", "debug")) if os.access(p, os.X_OK)]
+    if not found:
+        raise BoxError(f"no {name} binary under {TARGET}: cargo build -p skiff-agent -p skiff-ctl")
+    return max(found, key=os.path.getmtime)
+
+
+def load_box():
+    try:
+        with open(BOX_FILE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def session(key, secret, token=None):
+    import boto3
+
+    return boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
+                                 aws_session_token=token, region_name=REGION)
+
+
+def admin_clients(box):
+    s = session(box["admin"]["access_key_id"], box["admin"]["secret_access_key"])
+    return lambda svc: s.client(svc, endpoint_url=ENDPOINT)
+
+
+# --- the template's settings the box follows -----------------------------------------------
+
+def template_settings(stack_params):
+    """Target group health check, deregistration delay and hook settings from templates/app.yaml,
+    with this box's parameter values substituted (one source for HAProxy, the model, the runner)."""
+    from test_stacks import load_template
+
+    _, t = load_template("app.yaml")
+    tg = t["Resources"]["TargetGroup"]["Properties"]
+    asg = t["Resources"]["AutoScalingGroup"]["Properties"]
+
+    def value(v):
+        if isinstance(v, dict) and "Ref" in v:
+            name = v["Ref"]
+            return stack_params.get(name, t["Parameters"][name].get("Default"))
+        return v
+
+    attrs = {a["Key"]: value(a["Value"]) for a in tg.get("TargetGroupAttributes", [])}
+    return {
+        "interval": int(tg["HealthCheckIntervalSeconds"]),
+        "timeout": int(tg["HealthCheckTimeoutSeconds"]),
+        "healthy": int(tg["HealthyThresholdCount"]),
+        "unhealthy": int(tg["UnhealthyThresholdCount"]),
+        "path": tg["HealthCheckPath"],
+        "health_port": int(value(tg["HealthCheckPort"])),
+        "app_port": int(value(tg["Port"])),
+        "deregistration_delay": int(attrs.get("deregistration_delay.timeout_seconds", 300)),
+        "grace": int(asg.get("HealthCheckGracePeriod", 0)),
+        "max_healthy": int(asg["InstanceMaintenancePolicy"]["MaxHealthyPercentage"]),
+        "min_healthy": int(asg["InstanceMaintenancePolicy"]["MinHealthyPercentage"]),
+    }
+
+
+# --- images --------------------------------------------------------------------------------
+
+def push_image(tag, healthy=True):
+    """The test app as REPO:tag: busybox httpd on $PORT whose page names the release and the
+    host's address; healthy=False leaves out /health (404: never becomes healthy)."""
+    ctx = os.path.join(STATE, "image", tag)
+    os.makedirs(ctx, exist_ok=True)
+    health = "echo ok > /www/health" if healthy else "true"
+    page = ('a=$(ip -o -4 addr show eth0 2>/dev/null | awk \'{print $4}\'); '
+            'echo "release=$SKIFF_RELEASE_TAG host=${a%/*}" > /www/index.html; '
+            'exec httpd -f -p $PORT -h /www')
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write(f"FROM skiff-ci/busybox:1\nLABEL skiff.fleet.tag={tag}\n"
+                f"RUN mkdir -p /www && {health}\n"
+                f"CMD [\"/bin/sh\", \"-c\", {json.dumps(page)}]\n")
+    ref = f"{LOCAL_REGISTRY}/{REPO}:{tag}"
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    run("docker", "build", "-q", "-t", ref, ctx, env=env)
+    try:
+        run("docker", "push", ref)
+    finally:
+        run("docker", "rmi", ref, check=False)  # only the registry keeps it: the hosts pull
+    return f"{ECR_HOST}/{REPO}:{tag}"
+
+
+# --- up ------------------------------------------------------------------------------------
+
+def bridge_up():
+    if run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+        run("ip", "link", "add", BRIDGE, "type", "bridge")
+        run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
+    run("ip", "link", "set", BRIDGE, "up")
+
+
+def start_emulator():
+    os.makedirs(RUN_DIR, exist_ok=True)
+    admin_file = os.path.join(STATE, "emulator-admin.json")
+    py = os.path.join(CI_HOME, "venv-moto", "bin", "python")
+    log = open(os.path.join(STATE, "emulator.log"), "w")
+    p = subprocess.Popen([py, os.path.join(ROOT, ".ci", "emulator", "server.py"), "-H", GATEWAY,
+                          "--port", str(EMULATOR_PORT), "--iam", "--admin-file", admin_file],
+                         stdout=log, stderr=log, start_new_session=True)
+    with open(os.path.join(RUN_DIR, "emulator.pid"), "w") as f:
+        f.write(str(p.pid))
+
+    def ready():
+        try:
+            with urllib.request.urlopen(f"{ENDPOINT}/skiff-emulator/version", timeout=2) as r:
+                return json.load(r)
+        except OSError:
+            if p.poll() is not None:
+                raise BoxError(f"the emulator exited ({p.returncode}); see {STATE}/emulator.log")
+            return None
+
+    if not wait_until(ready, 60, 0.5):
+        raise BoxError(f"the emulator did not answer on {ENDPOINT} in 60 s; see {STATE}/emulator.log")
+    with open(admin_file) as f:
+        return json.load(f)
+
+
+def create_stack(c, tag, instances, params_extra):
+    from test_stacks import load_template, outputs, params
+
+    text, t = load_template("app.yaml")
+    ec2, acm, ssm, sm, cfn, iam = (c(x) for x in ("ec2", "acm", "ssm", "secretsmanager",
+                                                  "cloudformation", "iam"))
+    vpc = ec2.create_vpc(CidrBlock="10.201.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.201.{i + 1}.0/24",
+                                 AvailabilityZone=REGION + z)["Subnet"]["SubnetId"]
+               for i, z in enumerate("abab")]
+    cert = acm.request_certificate(DomainName="fleet.skiff.example.com")["CertificateArn"]
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    # No database server in the box: an existing database named by parameter (the test app does
+    # not connect to it); its secret is real, so the instance role's secret scope still applies.
+    secret = sm.create_secret(Name=f"skiff-{ENV_NAME}-db", SecretString='{"username":"skiff"}')["ARN"]
+    p = {"Environment": ENV_NAME, "VpcId": vpc, "PublicSubnetIds": ",".join(subnets[:2]),
+         "PrivateSubnetIds": ",".join(subnets[2:]), "CertificateArn": cert, "AmiId": ami,
+         "InitialTag": tag, "MinSize": instances, "MaxSize": max(2 * instances, 2),
+         "ImageRepositoryName": REPO, "DrainSeconds": 5, "StopTimeoutSeconds": 5,
+         "StartTimeoutSeconds": 15, "LaunchHookTimeoutSeconds": 120,
+         "DatabaseHost": "db.example.internal", "DatabaseSecretArn": secret}
+    p.update(params_extra)
+    p = {k: v for k, v in p.items() if k in t["Parameters"]}
+    # Created once before the stack, as `make create-stack` does; only ctl writes it afterwards.
+    ssm.put_parameter(Name=f"/skiff/{ENV_NAME}/release", Value=tag, Type="String",
+                      Description="skiff release of fleet, written by ctl release")
+    cfn.create_stack(StackName=STACK, TemplateBody=text, Parameters=params(p),
+                     Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"])
+    stack = wait_until(lambda: (lambda s: s if not s["StackStatus"].endswith("_IN_PROGRESS") else None)(
+        cfn.describe_stacks(StackName=STACK)["Stacks"][0]), 120, 1)
+    if not stack or stack["StackStatus"] != "CREATE_COMPLETE":
+        raise BoxError(f"stack {STACK}: {stack and stack['StackStatus']}: {stack and stack.get('StackStatusReason')}")
+    out = outputs(stack)
+    resources = {r["LogicalResourceId"]: r.get("PhysicalResourceId") for r in
+                 cfn.describe_stack_resources(StackName=STACK)["StackResources"] if "LogicalResourceId" in r}
+    role_name = resources["InstanceRole"]
+    user = "fleet-deployer"
+    iam.create_user(UserName=user)
+    iam.attach_user_policy(UserName=user, PolicyArn=out["DeployerPolicyArn"])
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return {"outputs": out, "params": p, "launch_template": resources["LaunchTemplate"],
+            "role_name": role_name, "role_arn": iam.get_role(RoleName=role_name)["Role"]["Arn"],
+            "deployer": {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}}
+
+
+def up(args):
+    box = load_box()
+    if box and controller_alive():
+        say(f"the box is up already (stack {STACK}); `box.py down` first to start afresh")
+        print_env(box)
+        return 0
+    if box or os.path.exists(RUN_DIR):
+        say("a box is half up: tearing it down first")
+        down(args)
+    for what, path in (("setup.sh's moto venv", os.path.join(CI_HOME, "venv-moto", "bin", "python")),
+                       ("the ECR-shaped registry's CA (setup.sh)", REGISTRY_CA)):
+        if not os.path.exists(path):
+            raise BoxError(f"{what} missing ({path}): run bash .ci/setup.sh first")
+    agent, ctl = binary("agent"), binary("ctl")
+    for tool in ("haproxy", "nsenter", "dockerd", "ip"):
+        if not shutil.which(tool):
+            raise BoxError(f"{tool} missing: run bash .ci/setup.sh (it installs it)")
+    os.makedirs(STATE, exist_ok=True)
+    os.makedirs(RUN_DIR, exist_ok=True)
+    tag = args.tag
+    say(f"pushing the test image {ECR_HOST}/{REPO}:{tag}")
+    push_image(tag)
+    bridge_up()
+    say(f"starting the emulator (IAM enforced) on {ENDPOINT}")
+    admin = start_emulator()
+    box = {"admin": admin, "agent": agent, "ctl": ctl, "boot_delay": args.boot_delay, "initial_tag": tag}
+    say(f"creating stack {STACK} from templates/app.yaml ({args.instances} instances)")
+    box.update(create_stack(admin_clients(box), tag, args.instances, {}))
+    box["settings"] = template_settings(box["params"])
+    with open(BOX_FILE + ".new", "w") as f:
+        json.dump(box, f, indent=1)
+    os.chmod(BOX_FILE + ".new", 0o600)
+    os.replace(BOX_FILE + ".new", BOX_FILE)
+    write_haproxy_config(box)
+    log = open(os.path.join(STATE, "controller.log"), "a")
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "controller"], stdout=log, stderr=log,
+                         start_new_session=True, cwd=ROOT)
+    with open(os.path.join(RUN_DIR, "controller.pid"), "w") as f:
+        f.write(str(p.pid))
+    group = box["outputs"]["AutoScalingGroup"]
+    say(f"waiting for {args.instances} instances InService behind the load balancer")
+    ok = wait_until(lambda: len(lb_up()) >= args.instances or p.poll() is not None, args.timeout, 1)
+    if p.poll() is not None:
+        raise BoxError(f"the controller exited; see {STATE}/controller.log")
+    if not ok:
+        raise BoxError(f"not all of {args.instances} instances became healthy in {args.timeout} s "
+                       f"(group {group}: {group_states(box)}); see {STATE}/controller.log and "
+                       f"{STATE}/hosts/*/agent.log")
+    say(f"up: {len(lb_up())} instances serve http://127.0.0.1:{LB_PORT}/")
+    print_env(box)
+    return 0
+
+
+def ctl_env(box):
+    return {"AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": REGION,
+            "AWS_ACCESS_KEY_ID": box["deployer"]["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": box["deployer"]["secret_access_key"],
+            "AWS_EC2_METADATA_DISABLED": "true", "SKIFF_STACK": STACK, "SKIFF_REGISTRY_CA": REGISTRY_CA}
+
+
+def print_env(box):
+    path = os.path.join(STATE, "ctl.env")
+    with open(path, "w") as f:
+        for k, v in ctl_env(box).items():
+            f.write(f"export {k}={v}\n")
+    os.chmod(path, 0o600)
+    print(f"""
+  load balancer:  curl http://127.0.0.1:{LB_PORT}/
+  release:        {PY} .ci/fleet/box.py push v2        # a new test image tag
+                  . {path}                  # deployer credentials, endpoint, stack
+                  {box['ctl']} release --tag v2 --warmup 5s
+                  {box['ctl']} status; {box['ctl']} history; {box['ctl']} rollback --warmup 5s
+  state:          python3 .ci/fleet/box.py status
+  down:           make fleet-down
+""", flush=True)
+
+
+# --- the controller: instances -> hosts, IMDSv2, load balancer -----------------------------
+
+class Host:
+    """One instance: a network namespace, its dockerd and the agent."""
+
+    def __init__(self, box, instance_id, index):
+        self.box, self.id, self.index = box, instance_id, index
+        self.ns, self.veth = f"skf-{index}", f"skfv{index}"
+        self.ip = f"{PREFIX}.{10 + index}"
+        self.dir = os.path.join(STATE, "hosts", instance_id)
+        self.run = os.path.join(RUN_DIR, "hosts", instance_id)
+        self.sock = os.path.join(self.run, "docker.sock")
+        self.token = uuid.uuid4().hex
+        self.creds = None
+        self.ready = False  # namespace, engine and agent started
+        self.lock = threading.Lock()
+
+    def boot(self):
+        time.sleep(self.box["boot_delay"])  # EC2's boot before the user data runs
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.run, exist_ok=True)
+        run("ip", "netns", "add", self.ns)
+        run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+        run("ip", "link", "set", self.veth, "master", BRIDGE, "up")
+        for cmd in (["addr", "add", f"{self.ip}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                    ["link", "set", "lo", "up"], ["route", "add", "default", "via", GATEWAY]):
+            run("ip", "-n", self.ns, *cmd)
+        with open(os.path.join(self.dir, "daemon.json"), "w") as f:
+            f.write("{}\n")  # not the machine's /etc/docker/daemon.json
+        # nsenter --net, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+        self.spawn("dockerd", ["dockerd", "--config-file", os.path.join(self.dir, "daemon.json"),
+                               "--bridge=none", "--iptables=false", "--ip6tables=false",
+                               "--data-root", os.path.join(self.dir, "docker"),
+                               "--exec-root", os.path.join(self.run, "exec"),
+                               "-H", f"unix://{self.sock}", "--pidfile", os.path.join(self.run, "docker.pid")])
+        if not wait_until(lambda: run("docker", "-H", f"unix://{self.sock}", "version", check=False).returncode == 0, 60, 0.3):
+            raise BoxError(f"{self.id}: dockerd did not answer in 60 s; see {self.dir}/dockerd.log")
+        self.creds = instance_credentials(self.box, self.id)
+        config = render_config(self.box, self.dir)
+        env = {"PATH": os.environ["PATH"], "HOME": self.dir, "DOCKER_HOST": f"unix://{self.sock}",
+               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{GATEWAY}:{IMDS_PORT}",
+               "AWS_CONFIG_FILE": os.path.join(self.dir, "none"),
+               "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self.dir, "none"), "RUST_LOG": "info"}
+        self.spawn("agent", [self.box["agent"], "run", "--config", config], env=env)
+        self.ready = True
+
+    def spawn(self, name, cmd, env=None):
+        log = open(os.path.join(self.dir, f"{name}.log"), "a")
+        p = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{self.ns}", *cmd], stdout=log, stderr=log,
+                             env=env, start_new_session=True)
+        with open(os.path.join(self.run, f"{name}.pid"), "w") as f:
+            f.write(str(p.pid))
+        return p
+
+    def teardown(self):
+        teardown_host(self.ns, self.veth, self.run, self.dir)
+
+
+def kill_pidfile(path, grace=10):
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not wait_until(lambda: not alive(pid), grace, 0.2):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def teardown_host(ns, veth, run_dir, data_dir):
+    """Agent, engine (it stops its containers), what is left in the namespace, mounts, links."""
+    kill_pidfile(os.path.join(run_dir, "agent.pid"), 15)
+    kill_pidfile(os.path.join(run_dir, "docker.pid"), 20)
+    kill_pidfile(os.path.join(run_dir, "dockerd.pid"), 5)  # nsenter's pid when dockerd never wrote its own
+    if run("ip", "netns", "pids", ns, check=False).returncode == 0:
+        for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for root in (run_dir, data_dir):
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1] for line in f]
+        for m in sorted((m for m in mounts if root and m.startswith(root + "/")), key=len, reverse=True):
+            run("umount", "-l", m, check=False)
+    run("ip", "link", "del", veth, check=False)
+    run("ip", "netns", "del", ns, check=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def instance_credentials(box, instance_id):
+    req = urllib.request.Request(
+        f"{ENDPOINT}/skiff-emulator/instance-credentials", method="POST",
+        data=json.dumps({"role_arn": box["role_arn"], "instance_id": instance_id, "region": REGION}).encode())
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def render_config(box, host_dir):
+    """Run the launch template's user data with /etc/skiff redirected into the host's folder and
+    a systemctl that does nothing (the controller starts the agent)."""
+    c = admin_clients(box)
+    versions = c("ec2").describe_launch_template_versions(LaunchTemplateId=box["launch_template"])
+    user_data = max(versions["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])["LaunchTemplateData"]["UserData"]
+    script = base64.b64decode(user_data).decode()
+    etc, bindir = os.path.join(host_dir, "etc-skiff"), os.path.join(host_dir, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    with open(os.path.join(bindir, "systemctl"), "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(bindir, "systemctl"), 0o755)
+    run("bash", "-c", script.replace("/etc/skiff", etc), env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"))
+    return os.path.join(etc, "agent.toml")
+
+
+class Imds:
+    """IMDSv2 for every host, told apart by the caller's address (each host has its own)."""
+
+    def __init__(self, controller):
+        ctl = controller
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def reply(self, code, body, ttl=None):
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain")
+                if ttl:
+                    self.send_header("X-aws-ec2-metadata-token-ttl-seconds", ttl)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self):
+                host = ctl.host_by_ip(self.client_address[0])
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                if host and self.path == "/latest/api/token" and ttl:
+                    return self.reply(200, host.token, ttl=ttl)
+                return self.reply(400 if host else 403, "")
+
+            def do_GET(self):
+                host = ctl.host_by_ip(self.client_address[0])
+                # HttpTokens: required (IMDSv2 only): no token, 401.
+                # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadata-service.html
+                if not host or self.headers.get("X-aws-ec2-metadata-token") != host.token:
+                    return self.reply(401, "")
+                body = ctl.metadata(host, self.path)
+                return self.reply(404, "") if body is None else self.reply(200, body)
+
+        self.server = http.server.ThreadingHTTPServer((GATEWAY, IMDS_PORT), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def haproxy_cmd(command):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(os.path.join(RUN_DIR, "haproxy.sock"))
+        s.sendall((command + "\n").encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out.decode()
+
+
+def lb_up():
+    """Addresses of the servers HAProxy sends traffic to (UP and not draining)."""
+    try:
+        text = haproxy_cmd("show servers state app")
+    except OSError:
+        return []
+    up_ = []
+    for line in text.splitlines()[2:]:
+        f = line.split()
+        # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ...
+        # op state 2 = running; admin bits 0x23 = maintenance (forced, inherited, resolution),
+        # 0x18 = draining; 0x04 is the `disabled` the template slot started with, since cleared.
+        if len(f) > 6 and f[5] == "2" and not int(f[6]) & 0x3B:
+            up_.append(f[4])
+    return up_
+
+
+def write_haproxy_config(box):
+    s = box["settings"]
+    cfg = f"""# The ALB of stack {STACK}: written by .ci/fleet/box.py from templates/app.yaml's target group.
+global
+    stats socket {RUN_DIR}/haproxy.sock mode 600 level admin
+    pidfile {RUN_DIR}/haproxy.pid
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    # an ALB does not retry a request on another target
+    retries 0
+frontend lb
+    bind 127.0.0.1:{LB_PORT}
+    bind {GATEWAY}:{LB_PORT}
+    default_backend app
+backend app
+    balance roundrobin
+    option httpchk GET {s['path']}
+    http-check expect status 200
+    timeout check {s['timeout']}s
+    default-server check port {s['health_port']} inter {s['interval']}s fastinter {s['interval']}s downinter {s['interval']}s rise {s['healthy']} fall {s['unhealthy']}
+    server-template h 1-{HAPROXY_SLOTS} 0.0.0.0:{s['app_port']} disabled
+"""
+    path = os.path.join(STATE, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(cfg)
+    run("haproxy", "-c", "-q", "-f", path)
+    run("haproxy", "-D", "-f", path, "-p", os.path.join(RUN_DIR, "haproxy.pid"))
+    if not wait_until(lambda: os.path.exists(os.path.join(RUN_DIR, "haproxy.sock")), 10):
+        raise BoxError("haproxy did not open its admin socket in 10 s")
+
+
+class Controller:
+    def __init__(self, box):
+        self.box = box
+        self.last_states = {}
+        self.c = admin_clients(box)
+        self.asg = self.c("autoscaling")
+        self.group = box["outputs"]["AutoScalingGroup"]
+        self.hosts = {}  # instance id -> Host
+        self.slots = {}  # instance id -> haproxy slot
+        self.lb = {}  # instance id -> "ready" | ("drain", since) | "maint"
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def host_by_ip(self, ip):
+        with self.lock:
+            return next((h for h in self.hosts.values() if h.ip == ip), None)
+
+    def states(self):
+        g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[self.group])["AutoScalingGroups"]
+        return {i["InstanceId"]: i["LifecycleState"] for i in (g[0]["Instances"] if g else [])}
+
+    def metadata(self, host, path):
+        md = "/latest/meta-data/"
+        role = self.box["role_name"]
+        if path == md + "instance-id":
+            return host.id
+        if path == md + "placement/region":
+            return REGION
+        if path == md + "placement/availability-zone":
+            return REGION + "a"
+        if path == md + "local-ipv4":
+            return host.ip
+        if path.rstrip("/") == md + "iam/security-credentials":
+            return role
+        if path == md + f"iam/security-credentials/{role}":
+            return json.dumps(dict(host.creds, Code="Success", Type="AWS-HMAC",
+                                   LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        if path == md + "tags/instance/aws:autoscaling:groupName":
+            return self.group
+        if path.rstrip("/") == md + "tags/instance":
+            return "aws:autoscaling:groupName"
+        if path == md + "autoscaling/target-lifecycle-state":
+            # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
+            state = self.last_states.get(host.id)
+            return "Terminated" if state is None or state.startswith("Terminating") else "InService"
+        return None
+
+    def boot(self, host):
+        try:
+            host.boot()
+            print(f"{time.strftime('%H:%M:%S')} {host.id}: host {host.ns} {host.ip} booted", flush=True)
+        except Exception as e:  # the instance stays silent: its launch hook times out, as on EC2
+            print(f"{time.strftime('%H:%M:%S')} {host.id}: boot failed: {e}", flush=True)
+
+    def free_index(self):
+        used = {h.index for h in self.hosts.values()}
+        return next(i for i in range(1, 200) if i not in used)
+
+    def free_slot(self):
+        used = set(self.slots.values())
+        return next(i for i in range(1, HAPROXY_SLOTS + 1) if i not in used)
+
+    def balance(self, states):
+        """Targets follow the group: registered when InService, draining for the deregistration
+        delay once the instance is terminating or gone, then removed.
+        https://docs.aws.amazon.com/autoscaling/ec2/userguide/attach-load-balancer-asg.html
+        https://docs.aws.amazon.com/elasticloadbalancing/latest/application/load-balancer-target-groups.html#deregistration-delay"""
+        now = time.monotonic()
+        delay = self.box["settings"]["deregistration_delay"]
+        for iid, host in list(self.hosts.items()):
+            state = states.get(iid)
+            current = self.lb.get(iid)
+            if state == "InService" and host.ready and current is None:
+                slot = self.free_slot()
+                self.slots[iid] = slot
+                srv = f"app/h{slot}"
+                haproxy_cmd(f"set server {srv} addr {host.ip} port {self.box['settings']['app_port']}")
+                # A new target starts unhealthy and serves once it passed HealthyThresholdCount checks.
+                haproxy_cmd(f"set server {srv} health down")
+                haproxy_cmd(f"set server {srv} state ready")
+                self.lb[iid] = "ready"
+                print(f"{time.strftime('%H:%M:%S')} {iid}: registered as {srv} ({host.ip})", flush=True)
+            elif current == "ready" and (state is None or state.startswith("Terminating")):
+                haproxy_cmd(f"set server app/h{self.slots[iid]} state drain")
+                self.lb[iid] = ("drain", now)
+                print(f"{time.strftime('%H:%M:%S')} {iid}: deregistering (draining {delay} s)", flush=True)
+            elif isinstance(current, tuple) and now - current[1] >= delay:
+                haproxy_cmd(f"set server app/h{self.slots[iid]} state maint")
+                self.lb[iid] = "maint"
+
+    def loop(self):
+        while not self.stop.is_set():
+            try:
+                states = self.states()  # also advances the emulator's lazy hook and refresh clocks
+            except Exception as e:
+                print(f"describe failed: {e}", flush=True)
+                self.stop.wait(1)
+                continue
+            self.last_states = states
+            with self.lock:
+                for iid, state in states.items():
+                    if iid not in self.hosts and not state.startswith("Terminat"):
+                        host = Host(self.box, iid, self.free_index())
+                        self.hosts[iid] = host
+                        print(f"{time.strftime('%H:%M:%S')} {iid}: {state}, booting {host.ns} ({host.ip})", flush=True)
+                        threading.Thread(target=self.boot, args=(host,), daemon=True).start()
+            try:
+                self.balance(states)
+            except OSError as e:
+                print(f"haproxy: {e}", flush=True)
+            with self.lock:
+                for iid in [i for i in self.hosts if i not in states]:
+                    # Gone from the group (its terminate hook answered or timed out): torn down
+                    # once the load balancer let it go.
+                    if self.lb.get(iid) in (None, "maint"):
+                        host = self.hosts.pop(iid)
+                        self.lb.pop(iid, None)
+                        self.slots.pop(iid, None)
+                        print(f"{time.strftime('%H:%M:%S')} {iid}: terminated, tearing down {host.ns}", flush=True)
+                        threading.Thread(target=host.teardown, daemon=True).start()
+            self.stop.wait(0.5)
+
+
+def controller(args):
+    box = load_box()
+    if not box:
+        raise BoxError("no box: box.py up")
+    ctl = Controller(box)
+    signal.signal(signal.SIGTERM, lambda *a: ctl.stop.set())
+    Imds(ctl)
+    print(f"{time.strftime('%H:%M:%S')} controller following group {ctl.group}", flush=True)
+    ctl.loop()
+    return 0
+
+
+def controller_alive():
+    try:
+        with open(os.path.join(RUN_DIR, "controller.pid")) as f:
+            return alive(int(f.read()))
+    except (OSError, ValueError):
+        return False
+
+
+def group_states(box):
+    try:
+        return Controller(box).states()
+    except Exception as e:
+        return f"unknown ({e})"
+
+
+# --- down ----------------------------------------------------------------------------------
+
+def down(args):
+    """Everything `up` may have left, whether or not box.json says so."""
+    kill_pidfile(os.path.join(RUN_DIR, "controller.pid"))
+    hosts_run = os.path.join(RUN_DIR, "hosts")
+    hosts_data = os.path.join(STATE, "hosts")
+    ids = set(os.listdir(hosts_run) if os.path.isdir(hosts_run) else []) | set(
+        os.listdir(hosts_data) if os.path.isdir(hosts_data) else [])
+    namespaces = [n.split()[0] for n in run("ip", "netns", "list", check=False).stdout.splitlines()
+                  if n.startswith("skf-")]
+    for iid in ids:
+        teardown_host("", "", os.path.join(hosts_run, iid), os.path.join(hosts_data, iid))
+    for ns in namespaces:
+        teardown_host(ns, "", "", "")
+    for link in run("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        name = link.split(":")[1].strip().split("@")[0]
+        if name.startswith("skfv"):
+            run("ip", "link", "del", name, check=False)
+    kill_pidfile(os.path.join(RUN_DIR, "haproxy.pid"))
+    kill_pidfile(os.path.join(RUN_DIR, "emulator.pid"))
+    run("ip", "link", "del", BRIDGE, check=False)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    if os.path.isdir(STATE):
+        for name in os.listdir(STATE):
+            if name != "logs":
+                p = os.path.join(STATE, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    say("down: no namespaces, engines, agents, haproxy or emulator of the box left")
+    return 0
+
+
+def status(args):
+    box = load_box()
+    if not box:
+        say("no box (box.py up)")
+        return 1
+    print(f"controller: {'running' if controller_alive() else 'NOT running'}")
+    print(f"group {box['outputs']['AutoScalingGroup']}: {group_states(box)}")
+    print(f"load balancer targets up: {lb_up()}")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("up")
+    u.add_argument("--instances", type=int, default=int(os.environ.get("FLEET_INSTANCES", 3)))
+    u.add_argument("--boot-delay", type=float, default=float(os.environ.get("FLEET_BOOT_DELAY", 2)),
+                   help="seconds before an instance's user data runs (25 models AL2023's launch)")
+    u.add_argument("--tag", default=os.environ.get("FLEET_TAG", "v1"), help="the initial release")
+    u.add_argument("--timeout", type=float, default=180)
+    sub.add_parser("down")
+    sub.add_parser("status")
+    sub.add_parser("env")
+    sub.add_parser("controller")
+    pu = sub.add_parser("push")
+    pu.add_argument("tag")
+    pu.add_argument("--unhealthy", action="store_true", help="an image whose /health never passes")
+    args = ap.parse_args()
+    if args.cmd == "up" and not 1 <= args.instances <= 6:
+        print("fleet: --instances must be 1..6 (2 cores)", file=sys.stderr)
+        return 64
+    if os.geteuid() != 0:
+        print("fleet: run as root (network namespaces, dockerd)", file=sys.stderr)
+        return 1
+    try:
+        if args.cmd == "push":
+            print(push_image(args.tag, healthy=not args.unhealthy))
+            return 0
+        if args.cmd == "env":
+            box = load_box()
+            if not box:
+                raise BoxError("no box: make fleet")
+            for k, v in ctl_env(box).items():
+                print(f"export {k}={v}")
+            return 0
+        return {"up": up, "down": down, "status": status, "controller": controller}[args.cmd](args)
+    except BoxError as e:
+        print(f"fleet: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
