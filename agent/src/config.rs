@@ -623,6 +623,21 @@ file = "/tmp/release"
         assert!(c.is_local());
     }
 
+    /// The README's config block lists every key next to its default: it must stay valid.
+    #[test]
+    fn the_readme_config_block_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[app]")
+            .expect("README has the config block")
+            + 8;
+        let block = &readme[start..];
+        let block = &block[..block.find("```").expect("block end")];
+        let c = Config::parse(block).unwrap_or_else(|p| panic!("README config block: {p:#?}"));
+        assert_eq!(c.app.detail_path.as_deref(), Some("/ready"));
+        assert_eq!(c.app.logs, LogRotation::default());
+    }
+
     #[test]
     fn detail_path_and_log_rotation() {
         let with = |app: &str| {

@@ -363,7 +363,7 @@ fn a_private_registry_is_pulled_from_with_the_configured_credentials() {
         || {
             fx.status_or_null()["last_error"]
                 .as_str()
-                .is_some_and(|e| e.contains("pulling image"))
+                .is_some_and(|e| e.contains("refused to let us pull"))
         },
         || format!("{}\n{}", fx.status_or_null(), agent.logs()),
     );
