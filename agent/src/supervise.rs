@@ -1093,6 +1093,43 @@ mod tests {
         );
     }
 
+    /// Counts the turns the loop gives it to retry failed calls.
+    #[derive(Debug, Default)]
+    struct RetryingFleet(Arc<Mutex<u32>>);
+
+    impl Fleet for RetryingFleet {
+        async fn release_healthy(&self, _release: &Release) {}
+        async fn release_failed(&self, _release: &Release) {}
+        async fn termination_pending(&self) -> bool {
+            false
+        }
+        async fn drained(&self) {}
+        async fn retry_pending(&self) {
+            *self.0.lock().expect("lock") += 1;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleet_gets_a_turn_to_retry_every_loop_turn() {
+        let runtime = FakeRuntime::default();
+        runtime.world().containers.push(running("v1"));
+        let source = FakeSource {
+            first: Ok("v1".into()),
+            rest: Ok("v1".into()),
+            reads: Mutex::new(0),
+        };
+        let turns = Arc::new(Mutex::new(0));
+        let fleet = RetryingFleet(turns.clone());
+        let sup = Supervisor::new(config("boot"), runtime, source, fleet);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(sup.run(cancel.clone()));
+        sleep(Duration::from_secs(30)).await;
+        cancel.cancel();
+        task.await.expect("join");
+        let n = *turns.lock().expect("lock");
+        assert!((28..=32).contains(&n), "one turn a second: {n}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn sigterm_while_terminating_drains_before_stopping() {
         let runtime = FakeRuntime::default();
