@@ -95,18 +95,26 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `target=level` directives (`info`, `skiff_agent=debug,aws=warn`): a Targets filter, not
+    // an EnvFilter, whose regex engine would cost idle memory on every host.
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
-        builder.init();
+        builder.finish().with(filter).init();
     } else {
         builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .finish()
+            .with(filter)
             .init();
     }
 }
