@@ -525,3 +525,23 @@ async fn transient_failures_are_retried_until_no_heartbeat_can_be_left_then_neve
         started.elapsed()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_terminate_hook_is_retried_like_the_launch_hook() {
+    let rule = mock!(aws_sdk_autoscaling::Client::complete_lifecycle_action)
+        .match_requests(|r| r.lifecycle_hook_name() == Some("skiff-terminate"))
+        .sequence()
+        .http_status(503, None)
+        .times(7)
+        .output(ok)
+        .build();
+    let fleet = paused_fleet(&rule, None, Some("skiff-terminate"));
+    let started = Instant::now();
+    fleet.drained().await;
+    assert!(started.elapsed() <= ACTION_LIMIT, "{:?}", started.elapsed());
+    assert!(rule.num_calls() < 8, "not done within one action");
+    loop_turns(&fleet, Duration::from_secs(600)).await;
+    assert_eq!(rule.num_calls(), 8, "seven 503s, one success, no more");
+    fleet.drained().await;
+    assert_eq!(rule.num_calls(), 8);
+}
