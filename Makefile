@@ -148,6 +148,16 @@ dev: ## run the app and an agent locally (.ci/dev.sh)
 	@$(say) "running .ci/dev.sh"
 	bash .ci/dev.sh
 
+.PHONY: fleet fleet-down fleet-scenarios
+fleet: ## a 3-instance fleet behind a load balancer on this machine (.ci/fleet; README)
+	bash .ci/fleet/fleet.sh up
+
+fleet-down: ## tear the fleet of `make fleet` down, leaving nothing behind
+	bash .ci/fleet/fleet.sh down
+
+fleet-scenarios: ## release scenarios on the fleet with the real ctl, one line each
+	bash .ci/fleet/fleet.sh scenarios
+
 .PHONY: lint
 lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	@$(say) "cfn-lint + checkov + moto stack tests (templates/test.sh)"
