@@ -45,6 +45,7 @@ name = "skiff-dev"
 image = "$repo"
 port = $app_port
 health_path = "/health"
+detail_path = "/ready"
 start_timeout = "30s"
 stop_timeout = "10s"
 env = { LOG_LEVEL = "info" }

@@ -761,6 +761,7 @@ def expected_agent_config(env, account, database, **over):
             "image": f"{account}.dkr.ecr.{REGION}.amazonaws.com/skiff-app",
             "port": v["AppPort"],
             "health_path": "/health",
+            "detail_path": "/ready",
             "start_timeout": f"{v['StartTimeoutSeconds']}s",
             "stop_timeout": f"{v['StopTimeoutSeconds']}s",
             "env": database,
