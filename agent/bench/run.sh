@@ -5,7 +5,8 @@
 #   1. start-to-healthy with the image present: the agent (process start -> /healthz 200, release
 #      pinned by digest so nothing is pulled) vs a bare `docker run -d --network host` followed
 #      by polling the app's health path every 10 ms;
-#   2. the agent's idle RSS with its container running (file source; and SSM source on moto);
+#   2. the agent's idle RSS with its container running (file source; SSM source on moto; and SSM
+#      with the image pulled from the ECR-shaped registry with a token from moto's ECR);
 #   3. /healthz under wrk on loopback: requests/s and p99, and the app probes made meanwhile;
 #   4. the release binary's size (stripped).
 set -euo pipefail
@@ -16,13 +17,15 @@ cargo build -q --release -p skiff-agent
 agent="$CARGO_TARGET_DIR/release/agent"
 id="skiff-bench-$$"
 repo="127.0.0.1:5000/$id/app"
+# The same repository through the ECR-shaped registry of .ci/setup.sh (it serves :5000's storage).
+ecr_repo="123456789012.dkr.ecr.us-east-1.amazonaws.com/$id/app"
 work=$(mktemp -d)
 app_port=$((20000 + RANDOM % 5000)); health_port=$((app_port + 1))
 agent_pid=""
 cleanup() {
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
   docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") $(docker ps -aq --filter "name=$id") >/dev/null 2>&1 || true
-  docker rmi -f $(docker images -q "$repo") >/dev/null 2>&1 || true
+  docker rmi -f $(docker images -q "$repo") $(docker images -q "$ecr_repo") >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -129,6 +132,19 @@ PY
   wait_200 "http://127.0.0.1:$health_port/healthz"
   sleep 5
   echo "idle RSS, SSM source (moto): $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
+  kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
+
+  # The same with the image in ECR: pulled with a token from ecr:GetAuthorizationToken.
+  if getent hosts "${ecr_repo%%/*}" >/dev/null; then
+    docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") >/dev/null
+    sed -i "s|^image = .*|image = \"$ecr_repo\"|" "$work/agent.toml"
+    AWS_ENDPOINT_URL=http://127.0.0.1:5055 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
+      RUST_LOG=warn "$agent" run --config "$work/agent.toml" 2>>"$work/agent.log" &
+    agent_pid=$!
+    wait_200 "http://127.0.0.1:$health_port/healthz"
+    sleep 5
+    echo "idle RSS, SSM source, image from ECR (moto token): $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
+  fi
 fi
 
 echo "release binary (stripped): $(stat -c %s "$agent") bytes ($(( $(stat -c %s "$agent") / 1024 / 1024 )) MiB)"
