@@ -268,6 +268,7 @@ def up(args):
     for tool in ("haproxy", "nsenter", "dockerd", "ip"):
         if not shutil.which(tool):
             raise BoxError(f"{tool} missing: run bash .ci/setup.sh (it installs it)")
+    shutil.rmtree(os.path.join(STATE, "logs"), ignore_errors=True)  # the previous box's
     os.makedirs(STATE, exist_ok=True)
     os.makedirs(RUN_DIR, exist_ok=True)
     tag = args.tag
@@ -426,6 +427,14 @@ def teardown_host(ns, veth, run_dir, data_dir):
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    if data_dir and os.path.isdir(data_dir):
+        # Kept until the next `up`: what an instance did is the first thing to read when a
+        # scenario fails.
+        logs = os.path.join(STATE, "logs", os.path.basename(data_dir))
+        os.makedirs(logs, exist_ok=True)
+        for name in ("agent.log", "dockerd.log"):
+            if os.path.exists(os.path.join(data_dir, name)):
+                shutil.copy(os.path.join(data_dir, name), logs)
     for root in (run_dir, data_dir):
         with open("/proc/mounts") as f:
             mounts = [line.split()[1] for line in f]
@@ -571,6 +580,7 @@ class Controller:
         self.asg = self.c("autoscaling")
         self.group = box["outputs"]["AutoScalingGroup"]
         self.hosts = {}  # instance id -> Host
+        self.leaving = set()  # indices of hosts being torn down
         self.slots = {}  # instance id -> haproxy slot
         self.lb = {}  # instance id -> "ready" | ("drain", since) | "maint"
         self.lock = threading.Lock()
@@ -618,8 +628,16 @@ class Controller:
             print(f"{time.strftime('%H:%M:%S')} {host.id}: boot failed: {e}", flush=True)
 
     def free_index(self):
-        used = {h.index for h in self.hosts.values()}
+        # A host still being torn down keeps its namespace, link and address until it is gone.
+        used = {h.index for h in self.hosts.values()} | self.leaving
         return next(i for i in range(1, 200) if i not in used)
+
+    def teardown(self, host):
+        try:
+            host.teardown()
+        finally:
+            with self.lock:
+                self.leaving.discard(host.index)
 
     def free_slot(self):
         used = set(self.slots.values())
@@ -682,7 +700,8 @@ class Controller:
                         self.lb.pop(iid, None)
                         self.slots.pop(iid, None)
                         print(f"{time.strftime('%H:%M:%S')} {iid}: terminated, tearing down {host.ns}", flush=True)
-                        threading.Thread(target=host.teardown, daemon=True).start()
+                        self.leaving.add(host.index)
+                        threading.Thread(target=self.teardown, args=(host,), daemon=True).start()
             self.stop.wait(0.5)
 
 
@@ -737,11 +756,16 @@ def down(args):
     run("ip", "link", "del", BRIDGE, check=False)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     if os.path.isdir(STATE):
+        for name in ("controller.log", "emulator.log"):
+            if os.path.exists(os.path.join(STATE, name)):
+                os.makedirs(os.path.join(STATE, "logs"), exist_ok=True)
+                os.replace(os.path.join(STATE, name), os.path.join(STATE, "logs", name))
         for name in os.listdir(STATE):
             if name != "logs":
                 p = os.path.join(STATE, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    say("down: no namespaces, engines, agents, haproxy or emulator of the box left")
+    say(f"down: no namespaces, engines, agents, haproxy or emulator of the box left "
+        f"(its logs: {STATE}/logs, until the next up)")
     return 0
 
 

@@ -7,6 +7,8 @@ stack's deployer policy, while load.py sends a steady rate through the load bala
   1  release:   ctl release --tag <new>: every instance replaced, parameter and history name
                 the tag, the load balancer serves only it afterwards, 0 failed requests; wall
                 time next to the model (template settings + boot delay)
+  5  AWS away:  the emulator rejected from every instance for 30 s in steady state: nothing
+                replaced, every target stays in, 0 failed requests
   2  unhealthy: a release whose image never passes /health: the launches are abandoned by the
                 agents, ctl exits 1 (documented: failed, previous release back), the parameter
                 and the fleet stay on the previous release, 0 failed requests
@@ -95,6 +97,14 @@ def model(box, warmup):
     return batches * (box["boot_delay"] + warmup + drain) if batches else None
 
 
+def refresh_seconds(box):
+    """StartTime to EndTime of the group's latest instance refresh."""
+    c = fleet.admin_clients(box)
+    r = c("autoscaling").describe_instance_refreshes(
+        AutoScalingGroupName=box["outputs"]["AutoScalingGroup"])["InstanceRefreshes"][0]
+    return (r["EndTime"] - r["StartTime"]).total_seconds() if r.get("EndTime") else float("nan")
+
+
 def with_load(box, rate, fn):
     load = Load(URL, rate).start()
     try:
@@ -122,10 +132,38 @@ def release(box, rate, tag, n, warmup):
     sc.check(set(now) == {tag}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     m = model(box, warmup)
-    sc.figures += [f"wall {took:.1f} s (model {m:.0f} s + engine/pull/start)", counts.line(),
+    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s (model {m:.0f} s + engine/pull/start;"
+                   f" ctl checks every 15 s)", counts.line(),
                    f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
     return before
+
+
+def aws_away(box, rate, n, seconds=30):
+    """Scenario 5: every host's way to the AWS endpoint (the emulator) rejected for `seconds`."""
+    sc = Scenario(5, f"AWS unreachable from every instance for {seconds} s")
+    rule = ["OUTPUT", "-p", "tcp", "-d", fleet.GATEWAY, "--dport", str(fleet.EMULATOR_PORT), "-j", "REJECT"]
+    namespaces = [ln.split()[0] for ln in fleet.run("ip", "netns", "list").stdout.splitlines()
+                  if ln.startswith("skf-")]
+    before = set(group(box))
+    load = Load(URL, rate).start()
+    blocked = []
+    try:
+        for ns in namespaces:
+            fleet.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-I", *rule)
+            blocked.append(ns)
+        time.sleep(seconds)
+    finally:
+        for ns in blocked:
+            fleet.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-D", *rule, check=False)
+        time.sleep(1)
+        counts = load.stop()
+    sc.check(len(blocked) == n, f"blocked {len(blocked)} of {n} hosts ({namespaces})")
+    sc.check(set(group(box)) == before, f"instances changed: {sorted(before)} -> {sorted(group(box))}")
+    sc.check(len(fleet.lb_up()) == n, f"the load balancer serves {fleet.lb_up()}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    sc.figures += [counts.line()]
+    sc.done()
 
 
 def unhealthy(box, rate, good, bad, n, warmup):
@@ -163,7 +201,7 @@ def rollback(box, rate, to, n, warmup):
     now = served()
     sc.check(set(now) == {to}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
-    sc.figures += [f"wall {took:.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
+    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
 
 
@@ -188,6 +226,7 @@ def main():
     good, bad = f"r{RUN}a", f"r{RUN}bad"
     try:
         release(box, a.rate, good, n, a.warmup)
+        aws_away(box, a.rate, n)
         unhealthy(box, a.rate, good, bad, n, a.warmup)
         rollback(box, a.rate, previous, n, a.warmup)
     except Exception as e:
