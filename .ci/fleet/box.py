@@ -58,6 +58,8 @@ ECR_HOST = f"123456789012.dkr.ecr.{REGION}.amazonaws.com"
 LOCAL_REGISTRY = "127.0.0.1:5000"  # the ECR-shaped host serves this registry's storage (setup.sh)
 REGISTRY_CA = os.path.join(CI_HOME, "registry-ecr", "ca.crt")
 BOX_FILE = os.path.join(STATE, "box.json")
+# The app stack's template: the working tree's by default; FLEET_TEMPLATE=<file> for another.
+TEMPLATE = os.path.abspath(os.environ.get("FLEET_TEMPLATE", os.path.join(ROOT, "templates", "app.yaml")))
 PY = os.path.join(CI_HOME, "venv-moto", "bin", "python")
 
 
@@ -120,7 +122,7 @@ def template_settings(stack_params):
     with this box's parameter values substituted (one source for HAProxy, the model, the runner)."""
     from test_stacks import load_template
 
-    _, t = load_template("app.yaml")
+    _, t = load_template(TEMPLATE)
     tg = t["Resources"]["TargetGroup"]["Properties"]
     asg = t["Resources"]["AutoScalingGroup"]["Properties"]
 
@@ -209,7 +211,7 @@ def start_emulator():
 def create_stack(c, tag, instances, params_extra):
     from test_stacks import load_template, outputs, params
 
-    text, t = load_template("app.yaml")
+    text, t = load_template(TEMPLATE)
     ec2, acm, ssm, sm, cfn, iam = (c(x) for x in ("ec2", "acm", "ssm", "secretsmanager",
                                                   "cloudformation", "iam"))
     vpc = ec2.create_vpc(CidrBlock="10.201.0.0/16")["Vpc"]["VpcId"]
@@ -293,7 +295,17 @@ def up(args):
         f.write(str(p.pid))
     group = box["outputs"]["AutoScalingGroup"]
     say(f"waiting for {args.instances} instances InService behind the load balancer")
-    ok = wait_until(lambda: len(lb_up()) >= args.instances or p.poll() is not None, args.timeout, 1)
+    def refused():
+        with open(os.path.join(STATE, "controller.log")) as f:
+            return "not restarted" in f.read()
+
+    ok = wait_until(lambda: len(lb_up()) >= args.instances or p.poll() is not None or refused(),
+                    args.timeout, 1)
+    if refused():
+        logs = "".join(open(f).read()[:600] for f in sorted(
+            os.path.join(STATE, "hosts", h, "agent.log") for h in os.listdir(os.path.join(STATE, "hosts")))[:1])
+        raise BoxError(f"an agent refused the config the launch template's user data writes ({TEMPLATE}); "
+                       f"template and agent disagree:\n{logs}")
     if p.poll() is not None:
         raise BoxError(f"the controller exited; see {STATE}/controller.log")
     if not ok:
@@ -344,6 +356,7 @@ class Host:
         self.token = uuid.uuid4().hex
         self.creds = None
         self.ready = False  # namespace, engine and agent started
+        self.stopping = False
         self.lock = threading.Lock()
 
     def boot(self):
@@ -372,8 +385,27 @@ class Host:
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{GATEWAY}:{IMDS_PORT}",
                "AWS_CONFIG_FILE": os.path.join(self.dir, "none"),
                "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self.dir, "none"), "RUST_LOG": "info"}
-        self.spawn("agent", [self.box["agent"], "run", "--config", config], env=env)
+        self.agent_cmd, self.agent_env = [self.box["agent"], "run", "--config", config], env
+        self.agent = self.spawn("agent", self.agent_cmd, env=env)
         self.ready = True
+        threading.Thread(target=self.supervise, daemon=True).start()
+
+    def supervise(self):
+        """systemd's part (packer/files/skiff-agent.service): Restart=always after RestartSec,
+        except for exit 64 (RestartPreventExitStatus: the config is invalid)."""
+        restart_sec, prevent = unit_restart()
+        while True:
+            rc = self.agent.wait()
+            if self.stopping:
+                return
+            if rc in prevent:
+                print(f"{time.strftime('%H:%M:%S')} {self.id}: agent exited {rc}: not restarted", flush=True)
+                return
+            print(f"{time.strftime('%H:%M:%S')} {self.id}: agent exited {rc}, restart in {restart_sec} s", flush=True)
+            time.sleep(restart_sec)
+            if self.stopping:
+                return
+            self.agent = self.spawn("agent", self.agent_cmd, env=self.agent_env)
 
     def spawn(self, name, cmd, env=None):
         log = open(os.path.join(self.dir, f"{name}.log"), "a")
@@ -384,7 +416,23 @@ class Host:
         return p
 
     def teardown(self):
+        self.stopping = True
         teardown_host(self.ns, self.veth, self.run, self.dir)
+
+
+def unit_restart():
+    """RestartSec and RestartPreventExitStatus of the agent's systemd unit on the AMI."""
+    restart_sec, prevent = 2.0, {64}
+    try:
+        with open(os.path.join(ROOT, "packer", "files", "skiff-agent.service")) as f:
+            text = f.read()
+        m = re.search(r"(?m)^RestartSec=(\d+)", text)
+        restart_sec = float(m.group(1)) if m else restart_sec
+        m = re.search(r"(?m)^RestartPreventExitStatus=([\d ]+)", text)
+        prevent = {int(x) for x in m.group(1).split()} if m else prevent
+    except OSError:
+        pass
+    return restart_sec, prevent
 
 
 def kill_pidfile(path, grace=10):

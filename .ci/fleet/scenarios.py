@@ -15,6 +15,9 @@ stack's deployer policy, while load.py sends a steady rate through the load bala
   7  rollback:  ctl rollback after the good release: back to the release before it, every
                 instance replaced, 0 failed requests
 
+  4  agent killed: ctl release while one new instance's agent is SIGKILLed as soon as it runs
+                (systemd's restart modelled): released, 0 failed requests
+
 Prints one line per scenario with its figures, then 'N passed, N failed'; exits 1 on a failure.
 Tags are new per run (r<run>a, r<run>bad), so a leftover image or record cannot pass a check.
 """
@@ -25,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -139,6 +143,51 @@ def release(box, rate, tag, n, warmup):
     return before
 
 
+def agent_killed(box, rate, tag, n, warmup):
+    """Scenario 4: during a release, the agent of one new instance is SIGKILLed as soon as it
+    runs; systemd (modelled by the controller) restarts it, it adopts its container and answers
+    the launch hook: the release goes through."""
+    sc = Scenario(4, f"agent SIGKILLed mid-release {parameter(box)[0]} -> {tag}")
+    fleet.push_image(tag)
+    before = set(group(box))
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for iid in set(group(box)) - before:
+                pidfile = os.path.join(fleet.RUN_DIR, "hosts", iid, "agent.pid")
+                try:
+                    with open(pidfile) as f:
+                        pid = int(f.read())
+                    time.sleep(1)  # running: reading the release, pulling, starting
+                    os.kill(pid, 9)
+                    killed.append((iid, time.monotonic()))
+                    return
+                except (OSError, ValueError):
+                    continue
+            time.sleep(0.3)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    (rc, out, took), counts = with_load(box, rate, lambda: ctl(box, "release", "--tag", tag, "--warmup", f"{warmup}s",
+                                                               "--timeout", "10m"))
+    t.join(5)
+    sc.check(killed, "no new instance's agent was found to kill")
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-400:]}")
+    sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
+    sc.check(settle(box, n), f"group not back to {n} InService behind the LB: {group(box)}")
+    after = set(group(box))
+    sc.check(not before & after, f"instances kept: {sorted(before & after)}")
+    if killed:
+        sc.check(killed[0][0] in after, f"the instance whose agent was killed ({killed[0][0]}) is not in service")
+    sc.check(set(served()) == {tag}, f"the load balancer serves {served()}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s", counts.line(),
+                   f"killed the agent of {killed[0][0] if killed else 'none'}"]
+    sc.done()
+
+
 def aws_away(box, rate, n, seconds=30):
     """Scenario 5: every host's way to the AWS endpoint (the emulator) rejected for `seconds`."""
     sc = Scenario(5, f"AWS unreachable from every instance for {seconds} s")
@@ -229,6 +278,7 @@ def main():
         aws_away(box, a.rate, n)
         unhealthy(box, a.rate, good, bad, n, a.warmup)
         rollback(box, a.rate, previous, n, a.warmup)
+        agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)
     except Exception as e:
         import traceback
 
