@@ -339,9 +339,33 @@ def _kms(resp, action: str) -> list[policy.Check] | None:
     return None
 
 
+# CloudWatch Logs: actions on a group are authorized against the log-group ARN (no ":*"),
+# actions on a stream against the log-stream ARN inside its group.
+# https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazoncloudwatchlogs.html
+LOGS_GROUP_ACTIONS = ("CreateLogStream", "DescribeLogStreams", "FilterLogEvents", "DeleteLogGroup",
+                      "PutRetentionPolicy", "DeleteLogStream")
+LOGS_STREAM_ACTIONS = ("PutLogEvents", "GetLogEvents")
+
+
+def _logs(resp, action: str) -> list[policy.Check] | None:
+    group = _param(resp, "logGroupName") or _param(resp, "logGroupIdentifier")
+    if not group:
+        return None
+    if group.startswith("arn:"):  # logGroupIdentifier may be the group's ARN (with ":*")
+        group = group.split(":log-group:", 1)[1].removesuffix(":*")
+    group_arn = _arn(resp, "logs", f"log-group:{group}")
+    if action in LOGS_GROUP_ACTIONS:
+        return [policy.Check(f"logs:{action}", group_arn)]
+    stream = _param(resp, "logStreamName")
+    if action in LOGS_STREAM_ACTIONS and stream:
+        return [policy.Check(f"logs:{action}", f"{group_arn}:log-stream:{stream}")]
+    return None
+
+
 RESOLVERS: dict[str, Callable] = {
     "ssm": _ssm, "ecr": _ecr, "autoscaling": _autoscaling, "ec2": _ec2,
     "cloudformation": _cloudformation, "secretsmanager": _secretsmanager, "kms": _kms,
+    "logs": _logs,
 }
 
 

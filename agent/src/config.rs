@@ -86,6 +86,26 @@ pub struct LogRotation {
     pub max_size: String,
     /// Files kept, the current one included.
     pub max_files: u32,
+    /// `[logs]`: the app's output shipped to CloudWatch Logs by Docker's `awslogs` driver; the
+    /// rotation above then bounds the local copy `docker logs` reads.
+    pub ship: Option<AwsLogs>,
+}
+
+/// `[logs]`: where Docker's `awslogs` driver sends the app's output.
+/// https://docs.docker.com/engine/logging/drivers/awslogs/
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsLogs {
+    /// The log group, created by the stack (the driver is told not to create it).
+    pub group: String,
+    /// The group's region; `None` leaves it to dockerd (its environment or the instance metadata).
+    pub region: Option<String>,
+    /// CloudWatch Logs endpoint for local runs (an emulator); `None` is AWS's own.
+    pub endpoint: Option<String>,
+    /// This host's name in the stream names (`<instance>/<release tag>`): the EC2 instance id.
+    pub instance: String,
+    /// Memory the driver may buffer while CloudWatch is slow or away (non-blocking mode: lines
+    /// beyond it are dropped, the app never waits), as Docker writes sizes: `4m`.
+    pub buffer: String,
 }
 
 impl Default for LogRotation {
@@ -96,6 +116,7 @@ impl Default for LogRotation {
             driver: LogDriver::Local,
             max_size: "20m".into(),
             max_files: 5,
+            ship: None,
         }
     }
 }
@@ -170,6 +191,7 @@ impl Config {
         let health = root.table("health", false);
         let registry = root.table("registry", false);
         let aws = root.table("aws", false);
+        let logs = root.table("logs", false);
         root.finish();
 
         let app = app.map(|t| read_app(Section::new("app", t, &mut problems)));
@@ -181,12 +203,19 @@ impl Config {
         ));
         let registry = registry.map(|t| read_registry(Section::new("registry", t, &mut problems)));
         let aws = read_aws(Section::new("aws", aws.unwrap_or_default(), &mut problems));
+        let default_region = aws.as_ref().and_then(|a| a.region.clone());
+        let logs = logs.map(|t| read_logs(Section::new("logs", t, &mut problems), default_region));
 
-        let (Some(Some(app)), Some(Some(release)), Some(health), Some(aws)) =
+        let (Some(Some(mut app)), Some(Some(release)), Some(health), Some(aws)) =
             (app, release, health, aws)
         else {
             return Err(problems);
         };
+        match logs {
+            Some(None) => return Err(problems),
+            Some(ship) => app.logs.ship = ship,
+            None => {}
+        }
         let registry = match registry {
             Some(None) => return Err(problems),
             Some(Some(r)) => Some(r),
@@ -342,6 +371,7 @@ fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
                 driver: driver?,
                 max_size: log_max_size,
                 max_files: log_max_files,
+                ship: None,
             },
         })
     })
@@ -449,6 +479,97 @@ fn read_aws(mut s: Section<'_>) -> Option<AwsConfig> {
             terminate_hook,
         })
     })
+}
+
+fn read_logs(mut s: Section<'_>, default_region: Option<String>) -> Option<AwsLogs> {
+    let driver: Option<String> = s.required("driver");
+    let group: Option<String> = s.required("group");
+    let region: Option<String> = s.optional("region");
+    let endpoint: Option<String> = s.optional("endpoint");
+    let instance: Option<String> = s.required("instance");
+    let buffer: String = s.optional("buffer").unwrap_or_else(|| "4m".into());
+
+    if let Some(d) = &driver
+        && d != "awslogs"
+    {
+        s.problem(format!(
+            "logs.driver {} must be \"awslogs\" (for logs kept on the host only, remove [logs] and use app.log_driver)",
+            skiff_release::quote(d)
+        ));
+    }
+    if let Some(g) = &group
+        && !valid_log_group(g)
+    {
+        s.problem(format!(
+            "logs.group {} must be 1-512 characters of [A-Za-z0-9_./#-], e.g. \"/skiff/prod/app\"",
+            skiff_release::quote(g)
+        ));
+    }
+    if let Some(r) = &region
+        && !valid_region(r)
+    {
+        s.problem(format!(
+            "logs.region {} is not a region name like \"eu-west-1\"",
+            skiff_release::quote(r)
+        ));
+    }
+    if let Some(e) = &endpoint
+        && !((e.starts_with("http://") || e.starts_with("https://"))
+            && e.len() > "https://".len()
+            && !e.contains(char::is_whitespace))
+    {
+        s.problem(format!(
+            "logs.endpoint {} must be a URL like \"http://127.0.0.1:5055\" (leave it out on AWS)",
+            skiff_release::quote(e)
+        ));
+    }
+    if let Some(i) = &instance
+        && !valid_stream_part(i)
+    {
+        s.problem(format!(
+            "logs.instance {} must be 1-128 characters of [A-Za-z0-9_.-] (the EC2 instance id)",
+            skiff_release::quote(i)
+        ));
+    }
+    let buffer = buffer.to_ascii_lowercase();
+    if !valid_log_size(&buffer) {
+        s.problem(format!(
+            "logs.buffer {} must be a size like \"4m\": digits, then k, m or g",
+            skiff_release::quote(&buffer)
+        ));
+    }
+    s.finish_with(|| {
+        driver?;
+        Some(AwsLogs {
+            group: group?,
+            region: region.or(default_region),
+            endpoint,
+            instance: instance?,
+            buffer,
+        })
+    })
+}
+
+/// A log group name as CloudWatch Logs takes it.
+/// https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_CreateLogGroup.html
+fn valid_log_group(g: &str) -> bool {
+    (1..=512).contains(&g.len())
+        && g.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'/' | b'#' | b'-'))
+}
+
+/// One part of a stream name (`<instance>/<tag>`): no `/` so that the two parts split back.
+fn valid_stream_part(p: &str) -> bool {
+    (1..=128).contains(&p.len())
+        && p.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+fn valid_region(r: &str) -> bool {
+    (1..=32).contains(&r.len())
+        && r.split('-').count() >= 3
+        && r.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
 }
 
 /// A size as Docker's log options take it, above zero: `20m`, `512k`, `1g`, `4096`.
@@ -590,6 +711,78 @@ impl<'a> Section<'a> {
 mod tests {
     use super::*;
 
+    /// `[logs]` ships to CloudWatch through awslogs; the region falls back to `[aws]`; every bad
+    /// value is named with what to write instead.
+    #[test]
+    fn logs_section() {
+        let base = "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\n";
+        let c = Config::parse(&format!(
+            "{base}[aws]\nregion='eu-west-1'\n[logs]\ndriver='awslogs'\ngroup='/skiff/prod/app'\ninstance='i-0abc'\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.app.logs.ship,
+            Some(AwsLogs {
+                group: "/skiff/prod/app".into(),
+                region: Some("eu-west-1".into()),
+                endpoint: None,
+                instance: "i-0abc".into(),
+                buffer: "4m".into(),
+            })
+        );
+        let c = Config::parse(&format!(
+            "{base}[aws]\nregion='eu-west-1'\n[logs]\ndriver='awslogs'\ngroup='g'\ninstance='h'\nregion='us-east-1'\nendpoint='http://127.0.0.1:5055'\nbuffer='1M'\n"
+        ))
+        .expect("valid");
+        let ship = c.app.logs.ship.expect("shipped");
+        assert_eq!(ship.region.as_deref(), Some("us-east-1"));
+        assert_eq!(ship.endpoint.as_deref(), Some("http://127.0.0.1:5055"));
+        assert_eq!(ship.buffer, "1m");
+        assert_eq!(Config::parse(base).expect("valid").app.logs.ship, None);
+
+        let ok = "driver='awslogs'\ngroup='g'\ninstance='h'\n";
+        let refused: &[(&str, &str)] = &[
+            ("group='g'\ninstance='h'", "logs.driver"),
+            (
+                "driver='syslog'\ngroup='g'\ninstance='h'",
+                "must be \"awslogs\"",
+            ),
+            ("driver='awslogs'\ninstance='h'", "logs.group"),
+            (
+                "driver='awslogs'\ngroup='g g'\ninstance='h'",
+                "logs.group \"g g\"",
+            ),
+            ("driver='awslogs'\ngroup='g'", "logs.instance"),
+            (
+                "driver='awslogs'\ngroup='g'\ninstance='i/0'",
+                "logs.instance \"i/0\"",
+            ),
+            (
+                "driver='awslogs'\ngroup='g'\ninstance='h'\nregion='Europe'",
+                "logs.region",
+            ),
+            (
+                "driver='awslogs'\ngroup='g'\ninstance='h'\nendpoint='127.0.0.1:5055'",
+                "logs.endpoint",
+            ),
+            (
+                "driver='awslogs'\ngroup='g'\ninstance='h'\nbuffer='0'",
+                "logs.buffer",
+            ),
+            (
+                "driver='awslogs'\ngroup='g'\ninstance='h'\nstream='x'",
+                "stream",
+            ),
+        ];
+        assert!(Config::parse(&format!("{base}[logs]\n{ok}")).is_ok());
+        for (logs, want) in refused {
+            let err = Config::parse(&format!("{base}[logs]\n{logs}\n"))
+                .expect_err(logs)
+                .join("\n");
+            assert!(err.contains(want), "{logs}: {err}");
+        }
+    }
+
     const MINIMAL: &str = r#"
 [app]
 name = "app"
@@ -617,7 +810,8 @@ file = "/tmp/release"
             LogRotation {
                 driver: LogDriver::Local,
                 max_size: "20m".into(),
-                max_files: 5
+                max_files: 5,
+                ship: None
             }
         );
         assert!(c.is_local());
@@ -655,7 +849,8 @@ file = "/tmp/release"
             LogRotation {
                 driver: LogDriver::JsonFile,
                 max_size: "10m".into(),
-                max_files: 3
+                max_files: 3,
+                ship: None
             }
         );
         let sizes = [

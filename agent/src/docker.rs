@@ -19,8 +19,8 @@ use skiff_release::Release;
 
 use crate::hygiene::{LocalImageInfo, images_to_prune};
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LocalImage, RegistryAuth,
-    RuntimeError, is_auth_message, release_from_labels, verify_digest,
+    ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LABEL_TAG, LocalImage,
+    RegistryAuth, RuntimeError, is_auth_message, release_from_labels, verify_digest,
 };
 
 /// Bound on any single Engine API call except pulls.
@@ -214,6 +214,11 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let tag = spec
+            .labels
+            .get(LABEL_TAG)
+            .map_or("untagged", String::as_str);
+        let log = crate::logging::log_config(&spec.logs, tag);
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
@@ -223,13 +228,9 @@ impl ContainerRuntime for DockerRuntime {
                 network_mode: Some("host".into()),
                 // The agent restarts the app itself, with backoff and a record of it.
                 init: Some(true),
-                // Rotated on the host: https://docs.docker.com/engine/logging/drivers/local/
                 log_config: Some(HostConfigLogConfig {
-                    typ: Some(spec.logs.driver.as_str().to_owned()),
-                    config: Some(HashMap::from([
-                        ("max-size".to_owned(), spec.logs.max_size.clone()),
-                        ("max-file".to_owned(), spec.logs.max_files.to_string()),
-                    ])),
+                    typ: Some(log.driver),
+                    config: Some(log.options),
                 }),
                 ..Default::default()
             }),

@@ -12,12 +12,14 @@
 //! - [`progress`]: the events printed, and the journal a second signal reports from.
 //! - [`exit`]: the exit codes.
 //! - [`status`]: what the fleet runs.
+//! - [`logs`]: the app's output across the fleet from CloudWatch Logs (`ctl logs`).
 
 pub mod aws;
 pub mod deployment;
 pub mod exit;
 pub mod history;
 pub mod lock;
+pub mod logs;
 pub mod progress;
 pub mod refresh;
 pub mod registry;

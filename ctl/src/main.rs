@@ -138,6 +138,36 @@ and the commands that finish the job."))]
         #[arg(long)]
         force: bool,
     },
+    /// Print the app's output across the fleet from CloudWatch Logs, interleaved by time, with
+    /// the instance and the release on each line.
+    #[command(after_help = "Examples:
+  ctl --stack app-master logs
+  ctl --stack app-master logs --since 1h --release 3f2c1ab
+  ctl --stack app-master logs --follow --instance i-0123456789abcdef0
+  ctl --log-group /skiff/master/app logs --since 30m --json | jq -r .message
+
+The log group is the stack output LogGroup (or --log-group / SKIFF_LOG_GROUP). Each host writes
+one stream per release, named <instance>/<tag>. Ctrl-C ends --follow.")]
+    Logs {
+        /// Keep printing new lines as they arrive (polls CloudWatch every few seconds).
+        #[arg(long)]
+        follow: bool,
+        /// How far back to start, e.g. 10m, 2h, 1day.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// Only this instance's lines (the EC2 instance id).
+        #[arg(long, value_name = "ID")]
+        instance: Option<String>,
+        /// Only the lines of this release.
+        #[arg(long, value_name = "TAG", value_parser = parse_tag)]
+        release: Option<Tag>,
+        /// The log group (overrides the stack output LogGroup).
+        #[arg(long, env = "SKIFF_LOG_GROUP")]
+        log_group: Option<String>,
+        /// How often --follow asks CloudWatch.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, hide = true)]
+        poll: Duration,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Examples:\n  ctl completions bash > /etc/bash_completion.d/ctl\n  ctl completions zsh > ~/.zfunc/_ctl"
@@ -305,6 +335,20 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             release(g, &c, Target::Rollback { to }, &opts).await
         }
         Command::Unlock { force } => unlock(g, &connect(g).await?, force).await,
+        Command::Logs {
+            follow,
+            since,
+            instance,
+            release,
+            log_group,
+            poll,
+        } => {
+            let filter = skiff_ctl::logs::Filter {
+                instance,
+                release: release.map(|t| t.to_string()),
+            };
+            logs_cmd(g, log_group, filter, since, follow, poll).await
+        }
         Command::Status => status_cmd(g, &connect(g).await?).await,
         Command::History { limit } => {
             let c = connect(g).await?;
@@ -350,6 +394,59 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::Success)
         }
+    }
+}
+
+/// `ctl logs`: only the log group is needed, not the release parameter nor the group.
+async fn logs_cmd(
+    g: &Global,
+    log_group: Option<String>,
+    filter: skiff_ctl::logs::Filter,
+    since: Duration,
+    follow: bool,
+    poll: Duration,
+) -> anyhow::Result<ExitCode> {
+    use skiff_ctl::logs::{self, CloudWatchLogs, Cursor, LogsError};
+    let sdk = skiff_ctl::aws::sdk_config(g.region.as_deref(), g.profile.as_deref()).await;
+    let group = match (log_group, &g.stack) {
+        (Some(group), _) => group,
+        (None, Some(stack)) => {
+            let cfn = aws_sdk_cloudformation::Client::new(&sdk);
+            let outputs = deployment::stack_outputs(&cfn, stack)
+                .await
+                .map_err(|e| exit(ExitCode::Refused, e))?;
+            outputs
+                .into_iter()
+                .find(|(k, _)| k == logs::OUTPUT_LOG_GROUP)
+                .map(|(_, v)| v)
+                .ok_or_else(|| exit(ExitCode::Refused, LogsError::NoLogGroup))?
+        }
+        (None, None) => return Err(exit(ExitCode::Refused, LogsError::NoLogGroup)),
+    };
+    let source = CloudWatchLogs::new(aws_sdk_cloudwatchlogs::Client::new(&sdk), &group);
+    let mut cursor = Cursor::new(logs::window_start(logs::now_ms(), since));
+    let mut out = std::io::stdout().lock();
+    let mut first = true;
+    loop {
+        let events = match logs::read(&source, &filter, cursor.start).await {
+            Ok(events) => events,
+            // Once following, a network blip is waited out; a missing group or a denial is not.
+            Err(e @ LogsError::Read { .. }) if !first => {
+                tracing::warn!("{e}; trying again in {}", humantime::format_duration(poll));
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+            Err(e) => return Err(exit(ExitCode::Refused, e)),
+        };
+        first = false;
+        for e in cursor.advance(events) {
+            writeln!(out, "{}", logs::format_line(&e, g.json))?;
+        }
+        out.flush()?;
+        if !follow {
+            return Ok(ExitCode::Success);
+        }
+        tokio::time::sleep(poll).await;
     }
 }
 
