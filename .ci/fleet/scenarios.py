@@ -40,6 +40,19 @@ from load import Load  # noqa: E402
 RUN = uuid.uuid4().hex[:6]
 URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
 results = []
+LAST_CTL = []
+
+
+def evidence():
+    """What to read when a scenario fails: the last ctl run, the controller's and emulator's
+    last lines (the box goes down afterwards; its logs stay in /var/lib/skiff-fleet/logs)."""
+    print("--- " + (LAST_CTL[0] if LAST_CTL else "no ctl run") + "\n" + (LAST_CTL[1][-3000:] if LAST_CTL else ""))
+    for name in ("controller.log", "emulator.log"):
+        try:
+            with open(os.path.join(fleet.STATE, name)) as f:
+                print(f"--- {name} (last 40 lines)\n" + "".join(f.readlines()[-40:]))
+        except OSError:
+            pass
 
 
 class Scenario:
@@ -62,6 +75,7 @@ def ctl(box, *args, timeout=900):
     env = dict(os.environ, **fleet.ctl_env(box), BUILD_USER="fleet-scenarios")
     t0 = time.monotonic()
     p = subprocess.run([box["ctl"], *args], env=env, capture_output=True, text=True, timeout=timeout)
+    LAST_CTL[:] = [f"ctl {' '.join(args)} (exit {p.returncode}, {time.monotonic() - t0:.1f} s)", p.stdout + p.stderr]
     return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
 
@@ -286,6 +300,8 @@ def main():
         results.append(False)
         print(f"scenarios: stopped by {type(e).__name__}: {e}")
     finally:
+        if not all(results):
+            evidence()
         if not a.keep:
             subprocess.run([sys.executable, fleet.__file__, "down"])
     ok = sum(results)
