@@ -111,6 +111,7 @@ where
                 "AccessDeniedException"
                 | "AccessDenied"
                 | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
                 | "InvalidSignatureException"
                 | "ExpiredTokenException" => CredentialsError::Denied {
                     action: ACTION,
@@ -134,7 +135,67 @@ where
 
 #[cfg(test)]
 mod tests {
+    use aws_smithy_mocks::{MockResponseInterceptor, RuleMode, create_mock_http_client, mock};
+    use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
     use super::*;
+    use crate::credentials::TokenIssuer;
+
+    /// ECR answering HTTP `status` with the error `code` (awsJson1_1's error body), through the
+    /// real SDK client and our adapter.
+    async fn issue_failing_with(status: u16, code: &'static str) -> CredentialsError {
+        let rule =
+            mock!(aws_sdk_ecr::Client::get_authorization_token).then_http_response(move || {
+                HttpResponse::new(
+                    StatusCode::try_from(status).expect("status"),
+                    SdkBody::from(format!(
+                        r#"{{"__type":"{code}","message":"not allowed here"}}"#
+                    )),
+                )
+            });
+        let client = Client::from_conf(
+            aws_sdk_ecr::Config::builder()
+                .with_test_defaults()
+                .region(Region::new("eu-west-1"))
+                .http_client(create_mock_http_client())
+                .interceptor(
+                    MockResponseInterceptor::new()
+                        .rule_mode(RuleMode::MatchAny)
+                        .with_rule(&rule),
+                )
+                .build(),
+        );
+        let registry =
+            EcrRegistry::from_host("123456789012.dkr.ecr.eu-west-1.amazonaws.com").expect("ecr");
+        EcrIssuer::with_client(client, registry)
+            .issue()
+            .await
+            .expect_err("error")
+    }
+
+    #[tokio::test]
+    async fn errors_are_classified() {
+        for code in [
+            "AccessDeniedException",
+            "UnrecognizedClientException",
+            "ExpiredTokenException",
+        ] {
+            let e = issue_failing_with(400, code).await;
+            assert!(matches!(e, CredentialsError::Denied { .. }), "{code}: {e}");
+            assert!(!e.is_retryable(), "{code}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("ecr:GetAuthorizationToken") && msg.contains("instance role"),
+                "{msg}"
+            );
+        }
+        for (status, code) in [(400, "ThrottlingException"), (500, "ServerException")] {
+            let e = issue_failing_with(status, code).await;
+            assert!(e.is_retryable(), "{code}: {e}");
+        }
+    }
 
     #[test]
     fn tokens() {
