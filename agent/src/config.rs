@@ -6,6 +6,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Upper bounds of the duration keys: far above any sane value, far below what overflows.
+pub const MAX_START_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(86_400);
+pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
+pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Round up to whole seconds (at least 1 s).
+fn whole_seconds_up(d: Duration) -> Duration {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    Duration::from_secs(secs.max(1))
+}
+
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
@@ -274,8 +287,11 @@ fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
     let health_path: String = s
         .optional("health_path")
         .unwrap_or_else(|| "/health".into());
-    let start_timeout = s.duration("start_timeout", Duration::from_secs(60));
-    let stop_timeout = s.duration("stop_timeout", Duration::from_secs(30));
+    let start_timeout = s.duration("start_timeout", Duration::from_secs(60), MAX_START_TIMEOUT);
+    // Docker takes whole seconds: a sub-second grace would become 0 s, an immediate SIGKILL.
+    let stop_timeout = s
+        .duration("stop_timeout", Duration::from_secs(30), MAX_STOP_TIMEOUT)
+        .map(whole_seconds_up);
     let env: BTreeMap<String, String> = s.optional("env").unwrap_or_default();
     let env_path: Option<String> = s.optional("env_path");
     let detail_path: Option<String> = s.optional("detail_path");
@@ -381,9 +397,9 @@ fn read_release(mut s: Section<'_>) -> Option<ReleaseConfig> {
     let kind: Option<String> = s.required("source");
     let parameter: Option<String> = s.optional("parameter");
     let file: Option<PathBuf> = s.optional("file");
-    let poll_interval = s.duration("poll_interval", Duration::from_secs(60));
+    let poll_interval = s.duration("poll_interval", Duration::from_secs(60), MAX_POLL_INTERVAL);
     let update: String = s.optional("update").unwrap_or_else(|| "boot".into());
-    let drain = s.duration("drain", Duration::from_secs(15));
+    let drain = s.duration("drain", Duration::from_secs(15), MAX_DRAIN);
 
     let source = match kind.as_deref() {
         Some("ssm") => match parameter {
@@ -430,7 +446,7 @@ fn read_health(mut s: Section<'_>) -> Option<HealthConfig> {
     let listen: String = s
         .optional("listen")
         .unwrap_or_else(|| "0.0.0.0:8081".into());
-    let interval = s.duration("interval", Duration::from_secs(2));
+    let interval = s.duration("interval", Duration::from_secs(2), MAX_HEALTH_INTERVAL);
     let listen = match listen.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
@@ -666,8 +682,9 @@ impl<'a> Section<'a> {
         self.take::<Table>(key, required)
     }
 
-    /// A duration such as `30s`, `1m30s`, `500ms`; must be above zero.
-    fn duration(&mut self, key: &str, default: Duration) -> Option<Duration> {
+    /// A duration such as `30s`, `1m30s`, `500ms`; must be above zero and at most `max` (so that
+    /// no `Instant + Duration` in the loop can overflow, and a typo like `60d` is caught).
+    fn duration(&mut self, key: &str, default: Duration, max: Duration) -> Option<Duration> {
         let raw: Option<Value> = self.optional(key);
         let Some(raw) = raw else {
             return Some(default);
@@ -678,6 +695,13 @@ impl<'a> Section<'a> {
             other => Err(format!("expected a string like \"30s\", found {other}")),
         };
         match parsed {
+            Ok(d) if d > max => {
+                self.problem(format!(
+                    "{k} {raw} is too long: at most {} (write a shorter duration)",
+                    humantime::format_duration(max)
+                ));
+                None
+            }
             Ok(d) if !d.is_zero() => Some(d),
             Ok(_) => {
                 self.problem(format!("{k} must be above zero"));
@@ -1010,5 +1034,42 @@ terminate_hook = "skiff-terminate"
                 "input {input:?}: {problems:#?}"
             );
         }
+    }
+
+    /// Durations beyond the bounds are refused with the bound in the message; a sub-second (or
+    /// fractional) stop grace is rounded up, as Docker takes whole seconds.
+    #[test]
+    fn durations_are_bounded_and_stop_timeout_rounded_up() {
+        let base = |app: &str, release: &str, health: &str| {
+            format!(
+                "[app]\nname='a'\nimage='r/a'\nport=80\n{app}\n[release]\nsource='file'\n{release}\n[health]\n{health}\n"
+            )
+        };
+        let refused: &[(String, &str)] = &[
+            (
+                base("", "poll_interval='100000000000000s'", ""),
+                "release.poll_interval",
+            ),
+            (base("", "poll_interval='2d'", ""), "at most 1day"),
+            (base("start_timeout='2h'", "", ""), "app.start_timeout"),
+            (base("stop_timeout='11m'", "", ""), "app.stop_timeout"),
+            (base("", "drain='2h'", ""), "release.drain"),
+            (base("", "", "interval='1h'"), "health.interval"),
+        ];
+        for (text, want) in refused {
+            let err = Config::parse(text).expect_err(text).join("\n");
+            assert!(
+                err.contains(want) && err.contains("too long"),
+                "{text}: {err}"
+            );
+        }
+        let rounded: &[(&str, u64)] = &[("1ms", 1), ("500ms", 1), ("1500ms", 2), ("10s", 10)];
+        for (raw, secs) in rounded {
+            let c = Config::parse(&base(&format!("stop_timeout='{raw}'"), "", "")).expect("valid");
+            assert_eq!(c.app.stop_timeout, Duration::from_secs(*secs), "{raw}");
+        }
+        let c = Config::parse(&base("start_timeout='1h'", "poll_interval='1day'", ""))
+            .expect("the bounds themselves are allowed");
+        assert_eq!(c.release.poll_interval, Duration::from_secs(86_400));
     }
 }

@@ -9,6 +9,7 @@ pub mod ecr;
 pub mod fleet;
 pub mod health;
 pub mod hygiene;
+pub mod journal;
 pub mod logging;
 pub mod reconcile;
 pub mod runtime;

@@ -219,7 +219,11 @@ where
     S: skiff_agent::source::ReleaseSource,
     F: skiff_agent::supervise::Fleet,
 {
-    let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet);
+    let journal = skiff_agent::journal::Journal::new(
+        &skiff_agent::journal::Journal::default_dir(),
+        &cfg.app.name,
+    );
+    let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet).with_journal(journal);
     if let Some(tokens) = pull_tokens {
         supervisor = supervisor.with_pull_tokens(tokens);
     }

@@ -27,6 +27,10 @@ pub struct Situation<'a> {
     pub at_start: bool,
     /// A release that already failed to become healthy here; not tried again until it changes.
     pub failed: Option<&'a Release>,
+    /// A failed deploy waits on its backoff: no new release now.
+    pub deploy_waiting: bool,
+    /// The fleet terminates this host: it takes no new release.
+    pub terminating: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +49,21 @@ pub enum Action {
 }
 
 pub fn decide(s: &Situation<'_>) -> Action {
+    match wanted(s) {
+        // A host that takes no new release now (deploy backoff, termination) fails static: what
+        // it runs keeps running, restarted when it exits.
+        Action::Deploy(_) | Action::Replace(_) if s.deploy_waiting || s.terminating => {
+            match s.current {
+                Some(c) => restart_if_stopped(c),
+                None => Action::Keep,
+            }
+        }
+        other => other,
+    }
+}
+
+/// What the release and the container ask for, before backoff and termination hold it back.
+fn wanted(s: &Situation<'_>) -> Action {
     let desired = match s.desired {
         Some(d) if !s.failed.is_some_and(|f| f == d) => Some(d),
         // No release, or one that failed here: keep whatever runs running.
@@ -236,6 +255,58 @@ mod tests {
                 mode,
                 at_start,
                 failed,
+                deploy_waiting: false,
+                terminating: false,
+            };
+            assert_eq!(decide(&s), want, "{s:?}");
+        }
+    }
+
+    /// While a deploy waits on its backoff, or the host is terminating, no new release is
+    /// started, and the current container is restarted when it exits (fail static).
+    #[test]
+    fn held_back_deploys_keep_the_current_container_running() {
+        let v1 = rel("v1");
+        let v2 = rel("v2");
+        let up = Current {
+            release: v1.clone(),
+            running: true,
+        };
+        let down = Current {
+            release: v1.clone(),
+            running: false,
+        };
+        // current, mode, at_start, deploy_waiting, terminating => action (v2 desired)
+        let table: Vec<(Option<&Current>, UpdateMode, bool, bool, bool, Action)> = vec![
+            (Some(&up), InPlace, false, false, false, Replace(v2.clone())),
+            (Some(&up), InPlace, false, true, false, Keep),
+            (Some(&up), InPlace, false, false, true, Keep),
+            (
+                Some(&down),
+                InPlace,
+                false,
+                false,
+                false,
+                Deploy(v2.clone()),
+            ),
+            (Some(&down), InPlace, false, true, false, Restart),
+            (Some(&down), InPlace, false, false, true, Restart),
+            (Some(&down), Boot, true, false, false, Deploy(v2.clone())),
+            (Some(&down), Boot, true, true, false, Restart),
+            (Some(&up), Boot, false, true, false, Stale),
+            (None, InPlace, false, false, false, Deploy(v2.clone())),
+            (None, InPlace, false, true, false, Keep),
+            (None, Boot, true, false, true, Keep),
+        ];
+        for (current, mode, at_start, deploy_waiting, terminating, want) in table {
+            let s = Situation {
+                desired: Some(&v2),
+                current,
+                mode,
+                at_start,
+                failed: None,
+                deploy_waiting,
+                terminating,
             };
             assert_eq!(decide(&s), want, "{s:?}");
         }
@@ -262,6 +333,8 @@ mod tests {
             mode: InPlace,
             at_start: false,
             failed: None,
+            deploy_waiting: false,
+            terminating: false,
         };
         assert_eq!(decide(&s), Keep);
     }
