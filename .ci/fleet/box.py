@@ -376,15 +376,22 @@ class Host:
         with open(os.path.join(self.dir, "daemon.json"), "w") as f:
             f.write("{}\n")  # not the machine's /etc/docker/daemon.json
         # nsenter --net, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+        # On EC2 the engine's awslogs driver takes the instance role's credentials from IMDS at
+        # 169.254.169.254, which the box does not serve: it gets them in its environment.
+        self.creds = instance_credentials(self.box, self.id)
+        engine_env = dict(os.environ, AWS_ACCESS_KEY_ID=self.creds["AccessKeyId"],
+                          AWS_SECRET_ACCESS_KEY=self.creds["SecretAccessKey"],
+                          AWS_SESSION_TOKEN=self.creds["Token"], AWS_REGION=REGION)
         self.spawn("dockerd", ["dockerd", "--config-file", os.path.join(self.dir, "daemon.json"),
                                "--bridge=none", "--iptables=false", "--ip6tables=false",
                                "--data-root", os.path.join(self.dir, "docker"),
                                "--exec-root", os.path.join(self.run, "exec"),
-                               "-H", f"unix://{self.sock}", "--pidfile", os.path.join(self.run, "docker.pid")])
+                               "-H", f"unix://{self.sock}", "--pidfile", os.path.join(self.run, "docker.pid")],
+                   env=engine_env)
         if not wait_until(lambda: run("docker", "-H", f"unix://{self.sock}", "version", check=False).returncode == 0, 60, 0.3):
             raise BoxError(f"{self.id}: dockerd did not answer in 60 s; see {self.dir}/dockerd.log")
         self.creds = instance_credentials(self.box, self.id)
-        config = render_config(self.box, self.dir)
+        config = render_config(self.box, self.dir, self.ns)
         env = {"PATH": os.environ["PATH"], "HOME": self.dir, "DOCKER_HOST": f"unix://{self.sock}",
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{GATEWAY}:{IMDS_PORT}",
                "AWS_CONFIG_FILE": os.path.join(self.dir, "none"),
@@ -439,12 +446,21 @@ def unit_restart():
     return restart_sec, prevent
 
 
-def kill_pidfile(path, grace=10):
+def kill_pidfile(path, grace=10, expect=None):
+    """SIGTERM, then SIGKILL after `grace`, the process a pidfile names, only while its command
+    line still contains `expect`: a stale pidfile may name a reused pid."""
     try:
         with open(path) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return
+    if expect:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if expect.encode() not in f.read():
+                    return
+        except OSError:
+            return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -470,9 +486,9 @@ def alive(pid):
 
 def teardown_host(ns, veth, run_dir, data_dir):
     """Agent, engine (it stops its containers), what is left in the namespace, mounts, links."""
-    kill_pidfile(os.path.join(run_dir, "agent.pid"), 15)
-    kill_pidfile(os.path.join(run_dir, "docker.pid"), 20)
-    kill_pidfile(os.path.join(run_dir, "dockerd.pid"), 5)  # nsenter's pid when dockerd never wrote its own
+    kill_pidfile(os.path.join(run_dir, "agent.pid"), 15, "agent")
+    kill_pidfile(os.path.join(run_dir, "docker.pid"), 20, "dockerd")
+    kill_pidfile(os.path.join(run_dir, "dockerd.pid"), 5, "dockerd")  # nsenter's pid when dockerd never wrote its own
     if run("ip", "netns", "pids", ns, check=False).returncode == 0:
         for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
             try:
@@ -506,9 +522,11 @@ def instance_credentials(box, instance_id):
         return json.load(r)
 
 
-def render_config(box, host_dir):
-    """Run the launch template's user data with /etc/skiff redirected into the host's folder and
-    a systemctl that does nothing (the controller starts the agent)."""
+def render_config(box, host_dir, ns):
+    """Run the launch template's user data in the host's namespace (its IMDSv2 answers there)
+    with /etc/skiff redirected into the host's folder and a systemctl that does nothing (the
+    controller starts the agent). A [logs] section gets `endpoint` = the emulator: the engine's
+    awslogs driver would otherwise go to the regional CloudWatch Logs endpoint."""
     c = admin_clients(box)
     versions = c("ec2").describe_launch_template_versions(LaunchTemplateId=box["launch_template"])
     user_data = max(versions["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])["LaunchTemplateData"]["UserData"]
@@ -518,8 +536,17 @@ def render_config(box, host_dir):
     with open(os.path.join(bindir, "systemctl"), "w") as f:
         f.write("#!/bin/sh\nexit 0\n")
     os.chmod(os.path.join(bindir, "systemctl"), 0o755)
-    run("bash", "-c", script.replace("/etc/skiff", etc), env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"))
-    return os.path.join(etc, "agent.toml")
+    run("nsenter", f"--net=/var/run/netns/{ns}", "bash", "-c", script.replace("/etc/skiff", etc),
+        env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
+                 AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://{GATEWAY}:{IMDS_PORT}"))
+    path = os.path.join(etc, "agent.toml")
+    with open(path) as f:
+        text = f.read()
+    if re.search(r"(?m)^\[logs\]", text) and not re.search(r"(?m)^endpoint\s*=", text):
+        text = re.sub(r"(?m)^\[logs\]\n", f'[logs]\nendpoint = "{ENDPOINT}"\n', text, count=1)
+        with open(path, "w") as f:
+            f.write(text)
+    return path
 
 
 class Imds:
@@ -788,7 +815,7 @@ def group_states(box):
 
 def down(args):
     """Everything `up` may have left, whether or not box.json says so."""
-    kill_pidfile(os.path.join(RUN_DIR, "controller.pid"))
+    kill_pidfile(os.path.join(RUN_DIR, "controller.pid"), 10, "box.py")
     hosts_run = os.path.join(RUN_DIR, "hosts")
     hosts_data = os.path.join(STATE, "hosts")
     ids = set(os.listdir(hosts_run) if os.path.isdir(hosts_run) else []) | set(
@@ -803,8 +830,8 @@ def down(args):
         name = link.split(":")[1].strip().split("@")[0]
         if name.startswith("skfv"):
             run("ip", "link", "del", name, check=False)
-    kill_pidfile(os.path.join(RUN_DIR, "haproxy.pid"))
-    kill_pidfile(os.path.join(RUN_DIR, "emulator.pid"))
+    kill_pidfile(os.path.join(RUN_DIR, "haproxy.pid"), 10, "haproxy")
+    kill_pidfile(os.path.join(RUN_DIR, "emulator.pid"), 10, "server.py")
     run("ip", "link", "del", BRIDGE, check=False)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     if os.path.isdir(STATE):
