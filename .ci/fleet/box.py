@@ -834,6 +834,7 @@ def down(args):
     kill_pidfile(os.path.join(RUN_DIR, "emulator.pid"), 10, "server.py")
     run("ip", "link", "del", BRIDGE, check=False)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
+    forget_images()
     if os.path.isdir(STATE):
         for name in ("controller.log", "emulator.log"):
             if os.path.exists(os.path.join(STATE, name)):
@@ -846,6 +847,28 @@ def down(args):
     say(f"down: no namespaces, engines, agents, haproxy or emulator of the box left "
         f"(its logs: {STATE}/logs, until the next up)")
     return 0
+
+
+def forget_images():
+    """Delete the box's tags (REPO only) from the registry the ECR-shaped host serves; the
+    registry's garbage collection, not run here, frees the blobs."""
+    base = f"http://{LOCAL_REGISTRY}/v2/{REPO}"
+    try:
+        with urllib.request.urlopen(f"{base}/tags/list", timeout=5) as r:
+            tags = json.load(r).get("tags") or []
+    except (OSError, ValueError):
+        return
+    accept = "application/vnd.docker.distribution.manifest.v2+json"
+    for tag in tags:
+        try:
+            req = urllib.request.Request(f"{base}/manifests/{tag}", method="HEAD", headers={"Accept": accept})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                digest = r.headers.get("Docker-Content-Digest")
+            if digest:
+                urllib.request.urlopen(urllib.request.Request(f"{base}/manifests/{digest}", method="DELETE"),
+                                       timeout=5).close()
+        except OSError:
+            pass
 
 
 def status(args):
