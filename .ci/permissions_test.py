@@ -552,8 +552,15 @@ def ctl_checks(world, stack_a, tags, tmp):
     env = {"PATH": os.environ["PATH"], "HOME": tmp, "AWS_ENDPOINT_URL": ENDPOINT,
            "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
            "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "BUILD_USER": "permissions-test",
-           "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
+           "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none"),
+           # The ECR-shaped registry's test CA (setup.sh); ctl logs in with the ECR token the
+           # deployer policy lets it fetch, never with `docker login` state (HOME is empty).
+           "SKIFF_REGISTRY_CA": os.path.join(CI_HOME, "registry-ecr", "ca.crt")}
     stack = stack_a["StackName"]
+    bad = f"bad{RUN}"
+    repo = out["ImageRepository"].split("/", 1)[1]
+    for t in (tags[1], bad):  # tags[0] was pushed by the agent checks
+        push_app_image(world, repo, t, tmp)
     group = out["AutoScalingGroup"]
     answerer = HookAnswerer(world, group)
     try:
@@ -565,12 +572,12 @@ def ctl_checks(world, stack_a, tags, tmp):
               str(world.group_instances(group)))
         before = set(world.group_instances(group))
         for name, args in [
-            # --skip-verify: digest resolution is the registry's (not AWS's) business; the image
-            # for these tags is not in the ECR-shaped registry.
-            ("release", ["release", "--tag", tags[1], "--skip-verify", "--warmup", "1s", "--timeout", "90s"]),
+            # No --skip-verify: the digest is pinned through the ECR-shaped registry with a token
+            # from GetAuthorizationToken, under the deployer policy.
+            ("release", ["release", "--tag", tags[1], "--warmup", "1s", "--timeout", "90s"]),
             ("status", ["status"]),
             ("history", ["history"]),
-            ("rollback", ["rollback", "--skip-verify", "--warmup", "1s", "--timeout", "90s"]),
+            ("rollback", ["rollback", "--warmup", "1s", "--timeout", "90s"]),
         ]:
             p = subprocess.run([CTL, "--stack", stack, *args], env=env, capture_output=True, text=True,
                                timeout=180)
@@ -584,6 +591,9 @@ def ctl_checks(world, stack_a, tags, tmp):
                 want = tags[1] if name == "release" else tags[0]
                 value = world.ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"]
                 check(f"ctl {name}: the parameter names {want}", want in value, value)
+                if name == "release":  # a rollback restores the previous record as it was
+                    check("ctl release: the release is pinned to a digest",
+                          re.search(r'"digest":\s*"sha256:[0-9a-f]{64}"', value) is not None, value)
                 latest = world.asg.describe_instance_refreshes(
                     AutoScalingGroupName=out["AutoScalingGroup"])["InstanceRefreshes"][:1]
                 check(f"ctl {name}: its instance refresh ran to Successful",
@@ -595,7 +605,7 @@ def ctl_checks(world, stack_a, tags, tmp):
         # A release whose instances never become healthy: ctl cancels the refresh at its
         # timeout and rolls back (exit 1), also under the deployer policy.
         answerer.silence_next_refresh()
-        p = subprocess.run([CTL, "--stack", stack, "release", "--tag", f"bad{RUN}", "--skip-verify",
+        p = subprocess.run([CTL, "--stack", stack, "release", "--tag", bad,
                             "--warmup", "1s", "--timeout", "8s"], env=env, capture_output=True,
                            text=True, timeout=180)
         text = p.stdout + p.stderr
