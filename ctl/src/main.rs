@@ -144,7 +144,7 @@ and the commands that finish the job."))]
   ctl --stack app-master logs
   ctl --stack app-master logs --since 1h --release 3f2c1ab
   ctl --stack app-master logs --follow --instance i-0123456789abcdef0
-  ctl --log-group /skiff/master/app logs --since 30m --json | jq -r .message
+  ctl --json logs --log-group /skiff/master/app --since 30m | jq -r .message
 
 The log group is the stack output LogGroup (or --log-group / SKIFF_LOG_GROUP). Each host writes
 one stream per release, named <instance>/<tag>. Ctrl-C ends --follow.")]
