@@ -88,11 +88,16 @@ def wait_until(fn, timeout, every=0.25):
 
 
 def binary(name):
-    """The newest of the release and debug builds of `name` (agent, ctl)."""
-    found = [p for p in (os.path.join(TARGET, d, name) for d in ("release", "debug")) if os.access(p, os.X_OK)]
-    if not found:
-        raise BoxError(f"no {name} binary under {TARGET}: cargo build -p skiff-agent -p skiff-ctl")
-    return max(found, key=os.path.getmtime)
+    """FLEET_AGENT_BIN / FLEET_CTL_BIN, else the debug build fleet.sh makes, else the release
+    build. Not "the newest": the target directory is shared, and a build from another checkout
+    may be newer than this tree's."""
+    override = os.environ.get(f"FLEET_{name.upper()}_BIN")
+    candidates = [override] if override else [os.path.join(TARGET, d, name) for d in ("debug", "release")]
+    for p in candidates:
+        if os.access(p, os.X_OK):
+            return os.path.abspath(p)
+    raise BoxError(f"no {name} binary ({', '.join(candidates)}): cargo build -p skiff-agent -p skiff-ctl"
+                   + (f", or fix FLEET_{name.upper()}_BIN" if override else ""))
 
 
 def load_box():
@@ -919,6 +924,8 @@ def main():
         return {"up": up, "down": down, "status": status, "controller": controller}[args.cmd](args)
     except BoxError as e:
         print(f"fleet: {e}", file=sys.stderr)
+        if args.cmd == "up":
+            down(args)  # nothing half up is left behind; the logs stay for reading
         return 1
 
 
