@@ -56,17 +56,21 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(300));
         }
         // The base image from the machine's engine, without a registry.
-        let save = Command::new("docker")
+        let mut save = Command::new("docker")
             .args(["save", BASE_IMAGE])
             .stdout(Stdio::piped())
             .spawn()
             .expect("docker save");
         let load = Command::new("docker")
             .args(["-H", &engine.sock, "load", "-q"])
-            .stdin(save.stdout.expect("pipe"))
+            .stdin(save.stdout.take().expect("pipe"))
             .output()
             .expect("docker load");
-        assert!(load.status.success(), "docker load: {load:?}");
+        let saved = save.wait().expect("docker save");
+        assert!(
+            saved.success() && load.status.success(),
+            "docker save {BASE_IMAGE} | docker load: {saved:?} {load:?}"
+        );
         engine
     }
 
