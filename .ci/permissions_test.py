@@ -353,6 +353,28 @@ def scope_checks(world, role_session, env_a, env_b):
         code = denied(lambda: sm.get_secret_value(SecretId=world.secrets[env_b]))
         check("scope: A's role cannot read B's database secret",
               code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
+    # What Docker's awslogs driver does with the instance role: a stream in its own group and
+    # events into it; never in another environment's group, never reading logs back.
+    logs = role_session.client("logs", endpoint_url=ENDPOINT, config=NO_RETRY)
+    stream = f"i-perm{RUN}/v1"
+    code = denied(lambda: logs.create_log_stream(logGroupName=f"/skiff/{env_a}/app", logStreamName=stream))
+    check("scope: A's role creates a stream in A's log group", code is None, f"got {code}")
+    code = denied(lambda: logs.put_log_events(
+        logGroupName=f"/skiff/{env_a}/app", logStreamName=stream,
+        logEvents=[{"timestamp": int(time.time() * 1000), "message": "hello"}]))
+    check("scope: A's role puts events into its stream", code is None, f"got {code}")
+    for what, call in [
+        ("create a stream in B's log group",
+         lambda: logs.create_log_stream(logGroupName=f"/skiff/{env_b}/app", logStreamName=stream)),
+        ("put events into B's log group", lambda: logs.put_log_events(
+            logGroupName=f"/skiff/{env_b}/app", logStreamName=stream,
+            logEvents=[{"timestamp": int(time.time() * 1000), "message": "x"}])),
+        ("read its own log group back (FilterLogEvents)",
+         lambda: logs.filter_log_events(logGroupName=f"/skiff/{env_a}/app")),
+    ]:
+        code = denied(call)
+        check(f"scope: A's role cannot {what}", code in ("AccessDenied", "AccessDeniedException"),
+              f"got {code or 'success'}")
     kms = role_session.client("kms", endpoint_url=ENDPOINT, config=NO_RETRY)
     blob = world.s.client("kms", endpoint_url=ENDPOINT).encrypt(KeyId=world.kms_key, Plaintext=b"x")["CiphertextBlob"]
     code = denied(lambda: kms.decrypt(CiphertextBlob=blob))
@@ -577,6 +599,9 @@ def ctl_checks(world, stack_a, tags, tmp):
             ("release", ["release", "--tag", tags[1], "--warmup", "1s", "--timeout", "90s"]),
             ("status", ["status"]),
             ("history", ["history"]),
+            # FilterLogEvents on the stack's group; with --instance also DescribeLogStreams.
+            ("logs", ["logs", "--since", "1h"]),
+            ("logs --instance", ["logs", "--instance", f"i-perm{RUN}"]),
             ("rollback", ["rollback", "--warmup", "1s", "--timeout", "90s"]),
         ]:
             p = subprocess.run([CTL, "--stack", stack, *args], env=env, capture_output=True, text=True,

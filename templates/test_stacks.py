@@ -652,7 +652,7 @@ def app_release_checks(text, t):
     equal("app: ReleaseParameter output is the name /skiff/<Environment>/release",
           o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
     missing = {"ReleaseParameter", "AutoScalingGroup", "ImageRepository", "LoadBalancerDNS",
-               "LifecycleHook", "DeployerPolicyArn"} - set(o)
+               "LifecycleHook", "DeployerPolicyArn", "LogGroup"} - set(o)
     check("app: outputs ctl and Jenkins read are declared", not missing, f"missing {missing}")
 
 
@@ -776,6 +776,9 @@ def expected_agent_config(env, account, database, **over):
         },
         "health": {"listen": f"0.0.0.0:{v['AgentPort']}", "interval": "2s"},
         "aws": {"lifecycle_hook": "skiff-launch", "terminate_hook": "skiff-terminate"},
+        # The instance id from IMDSv2 on EC2; here, without instance metadata, the host name.
+        "logs": {"driver": "awslogs", "group": f"/skiff/{env}/app", "region": REGION,
+                 "instance": subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()},
     }
 
 
@@ -930,6 +933,20 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
           "ssmmessages:OpenDataChannel" in actions_of(stmts))
     equal("app create: role has no managed policy",
           iam.list_attached_role_policies(RoleName=ids["InstanceRole"])["AttachedPolicies"], [])
+    log_group = f"/skiff/{env}/app"
+    groups = client("logs").describe_log_groups(
+        logGroupNamePrefix=log_group)["logGroups"]
+    equal("app create: log group /skiff/<env>/app with the default retention (30 days), output LogGroup",
+          ([(g["logGroupName"], g.get("retentionInDays")) for g in groups], out.get("LogGroup")),
+          ([(log_group, 30)], log_group))
+    ship = [s for s in stmts if "logs:PutLogEvents" in actions_of([s])]
+    equal("app create: role ships logs: exactly CreateLogStream + PutLogEvents, on its own group only",
+          [(sorted(actions_of([s])),
+            sorted(r.split(":", 5)[5] if r.startswith(f"arn:aws:logs:{REGION}:") else r
+                   for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])))
+           for s in ship],
+          [(["logs:CreateLogStream", "logs:PutLogEvents"],
+            sorted([f"log-group:{log_group}", f"log-group:{log_group}:log-stream:*"]))])
     deployer_arn = out.get("DeployerPolicyArn", "")
     doc = {}
     try:
