@@ -156,7 +156,7 @@ one stream per release, named <instance>/<tag>. Ctrl-C ends --follow.")]
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         since: Duration,
         /// Only this instance's lines (the EC2 instance id).
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = parse_instance)]
         instance: Option<String>,
         /// Only the lines of this release.
         #[arg(long, value_name = "TAG", value_parser = parse_tag)]
@@ -234,6 +234,18 @@ struct ReleaseOpts {
     /// ECR repository authenticates with ecr:GetAuthorizationToken of the AWS identity in use.
     #[arg(long, env = "SKIFF_REGISTRY_CA", value_name = "PEM")]
     registry_ca: Option<std::path::PathBuf>,
+}
+
+/// An instance as the agent names its streams (`[logs] instance`, the EC2 instance id).
+fn parse_instance(s: &str) -> Result<String, String> {
+    let ok = (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("an instance id like i-0123456789abcdef0 (letters, digits, '_', '.', '-')".into())
+    }
 }
 
 fn parse_tag(s: &str) -> Result<Tag, String> {

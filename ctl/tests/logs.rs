@@ -364,6 +364,14 @@ fn bad_input_is_explained() {
         "{err}"
     );
 
+    let out = ctl(&["logs", "--log-group", "/g", "--instance", "i-1/v1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("an instance id like i-0123456789abcdef0"),
+        "{}",
+        text(&out)
+    );
+
     let out = ctl(&["logs"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
