@@ -65,7 +65,9 @@ pub fn decide(s: &Situation<'_>) -> Action {
 /// What the release and the container ask for, before backoff and termination hold it back.
 fn wanted(s: &Situation<'_>) -> Action {
     let desired = match s.desired {
-        Some(d) if !s.failed.is_some_and(|f| f == d) => Some(d),
+        // A failed release found pinned (from its container's labels, after a restart) is the
+        // same release as its unpinned tag.
+        Some(d) if !s.failed.is_some_and(|f| f.same_version(d)) => Some(d),
         // No release, or one that failed here: keep whatever runs running.
         _ => None,
     };
@@ -277,7 +279,8 @@ mod tests {
             running: false,
         };
         // current, mode, at_start, deploy_waiting, terminating => action (v2 desired)
-        let table: Vec<(Option<&Current>, UpdateMode, bool, bool, bool, Action)> = vec![
+        type Row<'a> = (Option<&'a Current>, UpdateMode, bool, bool, bool, Action);
+        let table: Vec<Row<'_>> = vec![
             (Some(&up), InPlace, false, false, false, Replace(v2.clone())),
             (Some(&up), InPlace, false, true, false, Keep),
             (Some(&up), InPlace, false, false, true, Keep),
@@ -333,6 +336,32 @@ mod tests {
             mode: InPlace,
             at_start: false,
             failed: None,
+            deploy_waiting: false,
+            terminating: false,
+        };
+        assert_eq!(decide(&s), Keep);
+    }
+
+    #[test]
+    fn a_release_that_failed_pinned_is_not_retried_unpinned() {
+        let pinned = Release::new(
+            "v2".parse().expect("tag"),
+            Some(
+                "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                    .parse()
+                    .expect("digest"),
+            ),
+        );
+        let cur = Current {
+            release: rel("v1"),
+            running: true,
+        };
+        let s = Situation {
+            desired: Some(&rel("v2")),
+            current: Some(&cur),
+            mode: InPlace,
+            at_start: false,
+            failed: Some(&pinned),
             deploy_waiting: false,
             terminating: false,
         };

@@ -854,6 +854,23 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         }
     }
 
+    /// Stop and remove a container that failed its gate; true once the engine confirms it no
+    /// longer runs (tried three times: the engine may time out under load).
+    async fn remove_failed(&self, id: &str) -> bool {
+        for attempt in 1..=3u32 {
+            if let Err(e) = self.runtime.stop(id, self.cfg.app.stop_timeout).await {
+                tracing::warn!(container = %id, attempt, error = %e, "could not stop the failed container");
+            }
+            if let Err(e) = self.runtime.remove(id).await {
+                tracing::warn!(container = %id, attempt, error = %e, "could not remove the failed container");
+            }
+            if matches!(self.runtime.is_running(id).await, Ok(None | Some(false))) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// `new` did not become healthy: remove it, bring back `fallback` if there is one.
     async fn roll_back(
         &mut self,
@@ -863,14 +880,32 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         why: String,
     ) {
         tracing::error!(tag = %release.tag, digest = ?release.digest, container = %new.id, reason = %why, "release failed to become healthy");
-        if let Err(e) = self.runtime.stop(&new.id, self.cfg.app.stop_timeout).await {
-            tracing::warn!(error = %e, "could not stop the failed container");
-        }
-        if let Err(e) = self.runtime.remove(&new.id).await {
-            tracing::warn!(error = %e, "could not remove the failed container");
-        }
+        let gone = self.remove_failed(&new.id).await;
         self.failed = Some(release.clone());
         let failed_release = release.clone();
+        if !gone {
+            // Starting the old one now could put two apps on the port: keep the failed one as
+            // the current container (reported unhealthy) rather than break that promise.
+            let msg = format!(
+                "release {release} failed: {why}; its container could not be stopped, so the previous release is not started"
+            );
+            tracing::error!(container = %new.id, "{msg}");
+            let mut new = new;
+            new.running = true;
+            let running = running_of(&new);
+            self.publish(|s| {
+                s.failed_release = Some(failed_release);
+                s.running = Some(running);
+                s.app.ok = false;
+                s.starting = false;
+                s.last_error = Some(msg);
+            });
+            if fallback.is_some() {
+                self.previous = fallback;
+            }
+            self.current = Some(new);
+            return;
+        }
         let Some(old) = fallback else {
             self.fleet.release_failed(release).await;
             let msg = format!("release {release} failed: {why}; nothing else to run on this host");
