@@ -266,7 +266,7 @@ class Imds:
         self.server.shutdown()
 
 
-def render_config(user_data_b64, tmp, app_name):
+def render_config(user_data_b64, tmp, app_name, env=None):
     """Run the launch template's user data with /etc/skiff and systemctl redirected (as
     templates/test_stacks.py does); the container name gets this run's skiff-it- prefix."""
     script = base64.b64decode(user_data_b64).decode()
@@ -277,7 +277,7 @@ def render_config(user_data_b64, tmp, app_name):
     os.chmod(os.path.join(bindir, "systemctl"), 0o755)
     script = script.replace("/etc/skiff", etc)
     subprocess.run(["bash", "-c", script], check=True, capture_output=True,
-                   env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"))
+                   env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", **(env or {})))
     path = os.path.join(etc, "agent.toml")
     with open(path) as f:
         text = f.read()
@@ -393,7 +393,12 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     lt = world.ec2.describe_launch_template_versions(LaunchTemplateId=ids["LaunchTemplate"])
     user_data = max(lt["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])["LaunchTemplateData"]["UserData"]
     app_name = f"skiff-it-perm-{RUN}"
-    config, text = render_config(user_data, tmp, app_name)
+    # The user data asks IMDSv2 for the instance id that names the app's log streams.
+    imds = Imds(world, instance_id, group, role_name, role_arn)
+    config, text = render_config(user_data, tmp, app_name, {"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+    check("agent: the user data names the log streams by the instance id from IMDSv2 ([logs] instance)",
+          f'instance = "{instance_id}"' in text and f'group = "/skiff/{env_a}/app"' in text,
+          text[text.find("[logs]"):])
     image = re.search(r'(?m)^image = "([^"]+)"', text).group(1)
     drain = int(re.search(r'(?m)^drain = "(\d+)s"', text).group(1))
     repo = image.split("/", 1)[1]
@@ -409,10 +414,10 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     except Exception as e:
         check(f"agent: app image pushed to the ECR-shaped registry {ECR}", False,
               f"{e} (setup.sh's ECR registry block missing?)")
+        imds.close()
         return
     world.cleanup.append(lambda: docker("rmi", "-f", f"{image}:{tag}", check_rc=False))
 
-    imds = Imds(world, instance_id, group, role_name, role_arn)
     env = {"PATH": os.environ["PATH"], "HOME": tmp, "AWS_ENDPOINT_URL": ENDPOINT,
            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url, "RUST_LOG": "info,skiff_agent=debug",
            "AWS_CONFIG_FILE": os.path.join(tmp, "none"), "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
