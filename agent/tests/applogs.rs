@@ -5,8 +5,8 @@
 //! `docker logs` (Docker's dual-logging cache).
 //!
 //! The driver runs inside dockerd and takes its AWS credentials from dockerd's environment, so
-//! each test runs a dockerd of its own (own data/exec root and socket, no bridge) started with
-//! moto's dummy credentials; the agent is pointed at it with DOCKER_HOST.
+//! each test runs a dockerd of its own (own data/exec root and socket, a bridge of its own)
+//! started with moto's dummy credentials; the agent is pointed at it with DOCKER_HOST.
 
 mod support;
 
@@ -23,6 +23,36 @@ struct Engine {
     dir: PathBuf,
     sock: String,
     daemon: Child,
+    bridge: String,
+}
+
+/// Engines this test process started, for a bridge name and subnet of each one's own.
+static ENGINES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A bridge of the engine's own. `--bridge=none` would make dockerd delete the host's default
+/// bridge `docker0` at start (it removes the default bridge interface when the bridge driver
+/// is disabled), which breaks every bridged container and build of the machine's engine.
+fn own_bridge() -> String {
+    let n = ENGINES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let pid = std::process::id();
+    let name = format!("sklg{}x{n}", pid % 100_000);
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    ip(&["link", "del", &name]); // a leftover of an earlier run with this pid, if any
+    // dockerd takes the bridge's own address (`--bip` and `--bridge` exclude each other).
+    let addr = format!("10.{}.{}.1/24", 200 + n % 50, pid % 250);
+    assert!(
+        ip(&["link", "add", &name, "type", "bridge"])
+            && ip(&["addr", "add", &addr, "dev", &name])
+            && ip(&["link", "set", &name, "up"]),
+        "cannot create the bridge {name} ({addr}) for the test's dockerd"
+    );
+    name
 }
 
 impl Engine {
@@ -32,9 +62,11 @@ impl Engine {
         std::fs::write(dir.join("daemon.json"), "{}\n").expect("daemon.json");
         let sock = format!("unix://{}", dir.join("docker.sock").display());
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd.log");
+        let bridge = own_bridge();
         let daemon = Command::new("dockerd")
             .args(["--config-file", &dir.join("daemon.json").to_string_lossy()])
-            .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
+            .arg(format!("--bridge={bridge}"))
+            .args(["--iptables=false", "--ip6tables=false"])
             .args(["--data-root", &dir.join("data").to_string_lossy()])
             .args(["--exec-root", &dir.join("exec").to_string_lossy()])
             .args(["--pidfile", &dir.join("docker.pid").to_string_lossy()])
@@ -45,7 +77,12 @@ impl Engine {
             .stderr(log)
             .spawn()
             .expect("start dockerd (run .ci/setup.sh first)");
-        let engine = Engine { dir, sock, daemon };
+        let engine = Engine {
+            dir,
+            sock,
+            daemon,
+            bridge,
+        };
         wait_for(
             LONG,
             "the test's dockerd answers",
@@ -93,6 +130,9 @@ impl Drop for Engine {
             .arg(self.dir.join("exec/netns/default"))
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
 
