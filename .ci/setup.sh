@@ -24,6 +24,8 @@ need_root() {
 # --- Debian packages -------------------------------------------------------------------------
 pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps)
 [ "$mode" = dev ] || pkgs+=(openssl haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
+# The agent metrics test starts a Prometheus of its own (never the package's service).
+[ "$mode" = dev ] || pkgs+=(prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
