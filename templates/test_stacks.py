@@ -502,6 +502,42 @@ def app_template_checks(text, t):
 
 
 
+def app_alarm_checks(text, t):
+    """The alarms a release watches (issue 8): target 5xx rate and unhealthy hosts of this
+    stack's target group, named by the output ReleaseAlarmNames."""
+    r, o = t["Resources"], t["Outputs"]
+    alarms = {k: v["Properties"] for k, v in r.items() if v["Type"] == "AWS::CloudWatch::Alarm"}
+    equal("app: two release alarms", sorted(alarms), ["ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm"])
+    names = [alarms[k]["AlarmName"]["Fn::Sub"] for k in ("ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm")]
+    equal("app: ReleaseAlarmNames output lists exactly the alarms' names, comma-separated",
+          o["ReleaseAlarmNames"]["Value"], {"Fn::Sub": ",".join(names)})
+    dims = [{"Name": "LoadBalancer", "Value": {"Fn::GetAtt": ["LoadBalancer", "LoadBalancerFullName"]}},
+            {"Name": "TargetGroup", "Value": {"Fn::GetAtt": ["TargetGroup", "TargetGroupFullName"]}}]
+    rate = alarms["ReleaseErrorRateAlarm"]
+    stats = {m["Id"]: m["MetricStat"] for m in rate["Metrics"] if "MetricStat" in m}
+    equal("app: 5xx alarm: target 5xx and requests of this target group, summed per minute",
+          {k: (v["Metric"]["Namespace"], v["Metric"]["MetricName"], v["Metric"]["Dimensions"], v["Stat"], v["Period"])
+           for k, v in stats.items()},
+          {"errors": ("AWS/ApplicationELB", "HTTPCode_Target_5XX_Count", dims, "Sum", 60),
+           "requests": ("AWS/ApplicationELB", "RequestCount", dims, "Sum", 60)})
+    returned = [m for m in rate["Metrics"] if m.get("ReturnData")]
+    check("app: 5xx alarm returns one expression, a percentage of the requests with a minimum volume",
+          len(returned) == 1 and "100 * FILL(errors, 0) / requests" in returned[0]["Expression"]
+          and "requests >= 20" in returned[0]["Expression"], str(returned))
+    equal("app: 5xx alarm: > 5 % for 2 of 2 minutes, missing data not breaching",
+          [rate[k] for k in ("ComparisonOperator", "Threshold", "EvaluationPeriods", "DatapointsToAlarm",
+                             "TreatMissingData")],
+          ["GreaterThanThreshold", 5, 2, 2, "notBreaching"])
+    u = alarms["ReleaseUnhealthyHostsAlarm"]
+    equal("app: unhealthy-hosts alarm: minimum UnHealthyHostCount of this target group > 0 for 2 of 2 minutes",
+          [u[k] for k in ("Namespace", "MetricName", "Dimensions", "Statistic", "Period", "EvaluationPeriods",
+                          "DatapointsToAlarm", "ComparisonOperator", "Threshold", "TreatMissingData")],
+          ["AWS/ApplicationELB", "UnHealthyHostCount", dims, "Minimum", 60, 2, 2, "GreaterThanThreshold", 0,
+           "notBreaching"])
+    check("app: both alarms cite the instance refresh alarm docs",
+          "instance-refresh-rollback.html" in text and "API_AlarmSpecification.html" in text)
+
+
 def app_bounds_checks(text, t):
     """Finding 6: every value the parameters allow is one the agent accepts."""
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
@@ -653,7 +689,8 @@ def app_release_checks(text, t):
     equal("app: ReleaseParameter output is the name /skiff/<Environment>/release",
           o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
     missing = {"ReleaseParameter", "AutoScalingGroup", "ImageRepository", "LoadBalancerDNS",
-               "LifecycleHook", "DeployerPolicyArn", "LogGroup"} - set(o)
+               "LifecycleHook", "DeployerPolicyArn", "LogGroup", "TargetGroup",
+               "ReleaseAlarmNames"} - set(o)
     check("app: outputs ctl and Jenkins read are declared", not missing, f"missing {missing}")
 
 
@@ -783,6 +820,10 @@ def expected_agent_config(env, account, database, **over):
     }
 
 
+# moto's CloudFormation builds no AWS::CloudWatch::Alarm: these never appear in a stack there.
+RELEASE_ALARMS = {"ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm"}
+
+
 def not_built(stack_name, template):
     """Template resources the stack did not build (by condition, or skipped by moto)."""
     return set(template["Resources"]) - set(physical_ids(stack_name))
@@ -859,9 +900,16 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: ImageRepository output", out.get("ImageRepository"),
           f"{account}.dkr.ecr.{REGION}.amazonaws.com/skiff-app")
     equal("app create: LifecycleHook output", out.get("LifecycleHook"), "skiff-launch")
-    equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition)",
+    # moto's CloudFormation has no AWS::CloudWatch::Alarm: the release alarms are checked statically
+    # (app_alarm_checks) and created by the ctl tests through PutMetricAlarm.
+    equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition), "
+          "the release alarms (no CloudWatch alarms in moto's CloudFormation)",
           not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"})
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
+          | RELEASE_ALARMS)
+    equal("app create: ReleaseAlarmNames output names both alarms of this environment",
+          out.get("ReleaseAlarmNames"),
+          f"skiff-{env}-target-5xx-rate,skiff-{env}-unhealthy-hosts")
     equal("app create: the stack did not touch the release value", release_value(release), f"init{RUN}")
     ids = physical_ids(app_stack)
 
@@ -959,6 +1007,10 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     except botocore.exceptions.ClientError as e:
         check("app create: DeployerPolicyArn names a policy", False, str(e))
     resources = {str(s["Resource"]) for s in doc.get("Statement", [])}
+    equal("app create: deployer may read target health (resource * only) and nothing else of ELB",
+          sorted(a for st in doc.get("Statement", []) for a in actions_of([st])
+                 if a.startswith("elasticloadbalancing:")),
+          ["elasticloadbalancing:DescribeTargetHealth"])
     check("app create: deployer policy names this stack, its release, its lock and its group",
           any(r.endswith(f":stack/{app_stack}/*") for r in resources)
           and any(r.endswith(f":parameter/skiff/{env}/release") for r in resources)
@@ -985,7 +1037,8 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"})
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
+          | RELEASE_ALARMS)
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
     toml_text, config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
@@ -1049,7 +1102,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared create: no database of its own; rules into the shared one (egress: moto lacks it)",
               not_built(stack_b, app_t),
               {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
-               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"})
+               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS)
         equal("shared create: DatabaseEndpoint output is the shared database",
               bout.get("DatabaseEndpoint"), dout["Endpoint"])
         equal("shared create: the shared database now admits this stack's instances too",
@@ -1173,6 +1226,7 @@ def main():
                  lambda: app_secret_scope_checks(app_text, app_t),
                  lambda: app_network_checks(app_text, app_t),
                  lambda: app_release_checks(app_text, app_t),
+                 lambda: app_alarm_checks(app_text, app_t),
                  lambda: app_database_checks(app_text, app_t),
                  lambda: database_settings_checks("app", app_t, "Database"),
                  lambda: same_database_settings(app_t, db_t),
