@@ -38,6 +38,7 @@ step "cargo test" cargo test --workspace --locked --no-fail-fast
 step "agent release build" cargo build --release --locked -p skiff-agent
 step "app unit tests (sqlite + MariaDB)" bash app/test.sh
 step "app image" bash app/image-test.sh
+step "app integration checks (make integration)" bash app/integration-test.sh
 step "templates" bash templates/test.sh
 step "permissions under enforced IAM" bash .ci/permissions-test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh

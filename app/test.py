@@ -367,6 +367,14 @@ class WebTests(DatabaseTest):
         self.assertEqual(body["release"], {"tag": "v1.2.3", "digest": DIGEST})
 
 
+    def test_every_response_names_the_host_that_served_it(self):
+        host = socket.gethostname()
+        for resp in (self.client.get("/health"), self.client.get("/"), self.post("x"),
+                     self.client.get("/notes/424242"), self.client.get("/nowhere")):
+            with self.subTest(path=resp.request.path, status=resp.status_code):
+                self.assertEqual(resp.headers.get("X-Served-By"), host)
+
+
 class UnmigratedTests(DatabaseTest):
     def test_ready_503_and_requests_503_before_the_schema_exists_health_200(self):
         client = create_app(Config.from_env({"DATABASE_URL": self.url}), run_migrations=False).test_client()

@@ -12,6 +12,7 @@ Routes:
   GET  /ready         readiness/detail: 200 {"status": "ready", ...} when the database answers
                       and its schema is current; 503 {"status": "unavailable", "database":
                       "<why>"} otherwise. For people, dashboards and the agent's /status.
+Every response carries `X-Served-By: <host name>`: which instance behind the load balancer answered.
 While the database is away, pages answer 503 with a readable page and the API 503 with JSON;
 each request opens its own connection, so the first request after it is back succeeds.
 """
@@ -127,6 +128,13 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
                 **status,
             ), 503
         return jsonify(status="ready", database="ok", schema_version=version, **status)
+
+    @app.after_request
+    def served_by(response: Any) -> Any:
+        # Which host answered, on every response (errors too): behind a load balancer the
+        # integration checks (app/integration.py) tell the instances apart by it.
+        response.headers["X-Served-By"] = hostname
+        return response
 
     @app.errorhandler(BadRequest)
     def bad_request(err: BadRequest) -> Any:
