@@ -2,14 +2,18 @@
 """The emulator's Auto Scaling extensions through the API: starts its own permissive server
 (server.py, a free port, stopped at the end) and drives it with boto3. Lifecycle hooks
 (Pending:Wait, CompleteLifecycleAction's validation, heartbeat timeout -> DefaultResult,
-Terminating:Wait) and instance refresh (one at a time, Successful, Cancel). Prints one line per
+Terminating:Wait), instance refresh (one at a time, Successful, Cancel, a scale-out while it
+runs), and ELB health checks (an unhealthy target replaced after the grace period, not before,
+not with HealthCheckType EC2). Prints one line per
 check and 'N passed, N failed'."""
 
 import os
 import socket
 import subprocess
 import sys
+import json
 import time
+import urllib.error
 import urllib.request
 
 import boto3
@@ -136,12 +140,125 @@ def main():
         latest = asg.describe_instance_refreshes(AutoScalingGroupName="g2")["InstanceRefreshes"][0]
         check("a cancelled refresh ends Cancelled", latest["Status"] in ("Cancelling", "Cancelled"), str(latest))
 
+        # Alarms (issue 8): a refresh watching an alarm fails once CloudWatch has it in ALARM.
+        cw = session.client("cloudwatch", endpoint_url=url)
+        cw.put_metric_alarm(AlarmName="g4-5xx", Namespace="AWS/ApplicationELB",
+                            MetricName="HTTPCode_Target_5XX_Count", Statistic="Sum", Period=60,
+                            EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
+        group("g4", [("launch", launching, 60, "ABANDON")])
+        for (i, st) in states("g4").items():
+            asg.complete_lifecycle_action(AutoScalingGroupName="g4", LifecycleHookName="launch",
+                                          InstanceId=i, LifecycleActionResult="CONTINUE")
+        rid = asg.start_instance_refresh(AutoScalingGroupName="g4", Preferences={
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0,
+            "AlarmSpecification": {"Alarms": ["g4-5xx", "not-an-alarm"]}})["InstanceRefreshId"]
+
+        def g4():
+            return asg.describe_instance_refreshes(AutoScalingGroupName="g4", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+        r = g4()
+        r = g4()  # Pending -> InProgress; the replacement waits in its launch hook
+        check("a refresh watching an OK alarm (and an unknown name) runs",
+              r["Status"] == "InProgress", str(r))
+        check("its alarm specification is echoed",
+              r.get("Preferences", {}).get("AlarmSpecification", {}).get("Alarms") == ["g4-5xx", "not-an-alarm"], str(r))
+        cw.set_alarm_state(AlarmName="g4-5xx", StateValue="ALARM", StateReason="test")
+        r = g4()
+        check("the alarm in ALARM fails it, naming the alarm",
+              r["Status"] == "Failed" and "g4-5xx" in r.get("StatusReason", ""), str(r))
+        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="g4", Preferences={
+            "AutoRollback": True, "AlarmSpecification": {"Alarms": ["g4-5xx"]}}))
+        check("AutoRollback without a DesiredConfiguration is a ValidationError",
+              err is not None and err[0] == "ValidationError" and "DesiredConfiguration" in err[1], str(err))
+
         group("g3", [("launch", launching, 1, "ABANDON")])
         (doomed, _), = states("g3").items()
         time.sleep(1.5)
         after = states("g3")
         check("a launch wait past its heartbeat takes DefaultResult ABANDON (replaced)",
               doomed not in after and list(after.values()) == ["Pending:Wait"], str(after))
+
+        def report(name, targets):
+            req = urllib.request.Request(url + "/skiff-emulator/target-health", method="POST",
+                                         data=json.dumps({"group": name, "targets": targets}).encode())
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        def health(name):
+            g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+            return {i["InstanceId"]: (i["LifecycleState"], i["HealthStatus"]) for i in g["Instances"]}
+
+        def serve(name, hook="launch"):  # the test plays the agents of new instances
+            for i, st in states(name).items():
+                if st == "Pending:Wait":
+                    asg.complete_lifecycle_action(AutoScalingGroupName=name, LifecycleHookName=hook,
+                                                  InstanceId=i, LifecycleActionResult="CONTINUE")
+
+        # ELB health checks after the grace period (health.py).
+        group("g4", [("launch", launching, 60, "ABANDON"), ("term", terminating, 60, "CONTINUE")])
+        asg.update_auto_scaling_group(AutoScalingGroupName="g4", HealthCheckType="ELB", HealthCheckGracePeriod=2)
+        serve("g4")
+        (sick, _), = states("g4").items()
+        code, body = report("g4", {sick: "sick"})
+        check("target-health refuses an unknown target state", code == 400 and "unknown target state" in body, body)
+        code, body = report("nope", {sick: "unhealthy"})
+        check("target-health refuses an unknown group", code == 400 and "nope" in body, body)
+        check("target-health takes the load balancer's view", report("g4", {sick: "unhealthy"})[0] == 200)
+        check("an unhealthy target within the grace period is kept",
+              health("g4") == {sick: ("InService", "Healthy")}, str(health("g4")))
+        time.sleep(2.2)
+        after = health("g4")
+        check("after the grace period it is marked Unhealthy and terminated (hook)",
+              after.get(sick) == ("Terminating:Wait", "Unhealthy"), str(after))
+        check("and a replacement is launched", sorted(st for i, (st, _) in after.items() if i != sick)
+              == ["Pending:Wait"], str(after))
+        asg.complete_lifecycle_action(AutoScalingGroupName="g4", LifecycleHookName="term", InstanceId=sick,
+                                      LifecycleActionResult="CONTINUE")
+        serve("g4")
+        replacement = [i for i in states("g4") if i != sick]
+        report("g4", {i: "initial" for i in replacement})
+        time.sleep(2.2)
+        check("a target in its first checks (initial) is kept", health("g4") == {
+            i: ("InService", "Healthy") for i in replacement}, str(health("g4")))
+
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName="g5", MinSize=0, MaxSize=2, DesiredCapacity=1, HealthCheckType="EC2",
+            HealthCheckGracePeriod=0, LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"])
+        (ec2_only, _), = states("g5").items()
+        report("g5", {ec2_only: "unhealthy"})
+        check("HealthCheckType EC2 ignores the load balancer", health("g5") == {ec2_only: ("InService", "Healthy")},
+              str(health("g5")))
+
+        # A scale-out while a launch-before-terminate refresh runs: one more instance, no old
+        # instance terminated early, the refresh still completes.
+        group("g6", [("launch", launching, 60, "ABANDON")])
+        asg.set_desired_capacity(AutoScalingGroupName="g6", DesiredCapacity=2)
+        serve("g6")
+        old = set(states("g6"))
+        asg.start_instance_refresh(AutoScalingGroupName="g6", Preferences={
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0})
+        fleet_now = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(fleet_now) < 4:
+            fleet_now = states("g6")
+            time.sleep(0.2)
+        asg.set_desired_capacity(AutoScalingGroupName="g6", DesiredCapacity=3)
+        during = states("g6")
+        check("a scale-out during the refresh launches one more, keeps the old ones",
+              len(during) == 5 and all(during[i] == "InService" for i in old), str(during))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = asg.describe_instance_refreshes(AutoScalingGroupName="g6")["InstanceRefreshes"][0]
+            if r["Status"] not in ("Pending", "InProgress"):
+                break
+            serve("g6")
+            time.sleep(0.2)
+        final = states("g6")
+        check("the refresh completes with the new capacity, every old instance replaced",
+              r["Status"] == "Successful" and len(final) == 3 and not old & set(final)
+              and set(final.values()) == {"InService"}, f"{r['Status']} {final}")
     finally:
         server.terminate()
         server.wait(10)

@@ -9,7 +9,11 @@
    Pending:Wait, TerminateInstanceInAutoScalingGroup with a terminate hook waits in
    Terminating:Wait; CompleteLifecycleAction and RecordLifecycleActionHeartbeat answer them;
    a wait past its heartbeat timeout takes the hook's DefaultResult.
-4. Instance refresh: Start/Describe/CancelInstanceRefresh over refresh.py's state machine.
+4. Instance refresh: Start/Describe/CancelInstanceRefresh over refresh.py's state machine; a
+   capacity change during a refresh counts the group without the refresh's own surplus.
+5. ELB health checks (health.py decides): the load balancer's view of each target, reported
+   through POST /skiff-emulator/target-health, marks an InService instance Unhealthy after the
+   grace period and replaces it (terminate hook, then a launch to keep the desired capacity).
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from moto.iam.access_control import IAMRequest
 from moto.iam.models import iam_backends
 from moto.utilities.utils import get_partition
 
+import health
 import policy
 import refresh as refresh_sm
 
-VERSION = "skiff-emulator 3"
+VERSION = "skiff-emulator 4"
 LOCK = threading.RLock()
 
 
@@ -569,6 +574,7 @@ def _patch_lifecycle() -> None:
             if hook.auto_scaling_group_name == group_name:
                 del self.lifecycle_hooks[key]
         REFRESHES.pop((self.account_id, self.region_name, group_name), None)
+        TARGET_HEALTH.pop((self.account_id, self.region_name, group_name), None)
 
     asg_models.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
 
@@ -604,13 +610,15 @@ _ABANDONED: set[str] = set()
 
 
 def tick(backend) -> None:
-    """Apply what time decided: hook timeouts (DefaultResult), then instance refreshes."""
+    """Apply what time decided: hook timeouts (DefaultResult), the load balancer's health
+    checks, then instance refreshes."""
     now = time.monotonic()
     for group in list(backend.autoscaling_groups.values()):
         for s in list(group.instance_states):
             w = getattr(s, "skiff_wait", None)
             if w and now - w["since"] > w["timeout"]:
                 _finish(backend, s, w["default"])
+        _apply_elb_health(backend, group, now)
         _step_refresh(backend, group, now)
 
 
@@ -680,6 +688,7 @@ def _step_refresh(backend, group, now: float) -> None:
             instances={s.instance.id: (s.lifecycle_state, getattr(s, "skiff_in_service_since", None))
                        for s in group.instance_states},
             abandoned={i for i in r.launched if i in _ABANDONED},
+            alarms=_alarm_states(backend, refresh_sm.alarm_names(r.preferences)),
         )
         for action, arg in refresh_sm.step(r, view, now):
             if action == "launch":
@@ -695,6 +704,16 @@ def _step_refresh(backend, group, now: float) -> None:
             newest = sorted(live, key=lambda s: getattr(s, "skiff_launched_at", 0), reverse=True)
             for s in newest[:max(0, surplus)]:
                 _begin_termination(backend, group, s.instance.id)
+
+
+def _alarm_states(backend, names: list[str]) -> dict[str, str]:
+    """The CloudWatch state of each named alarm moto knows (SetAlarmState changes it)."""
+    if not names:
+        return {}
+    from moto.cloudwatch.models import cloudwatch_backends
+
+    alarms = cloudwatch_backends[backend.account_id][backend.region_name].alarms
+    return {n: alarms[n].state_value for n in names if n in alarms}
 
 
 def _begin_termination(backend, group, instance_id: str) -> None:
@@ -724,6 +743,9 @@ def start_instance_refresh(self) -> ActionResult:
                 "InstanceRefreshInProgress",
                 f"An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.")
         prefs = self._get_param("Preferences") or {}
+        why = refresh_sm.refuse(prefs, self._get_param("DesiredConfiguration"))
+        if why:
+            raise AutoscalingClientError("ValidationError", why)
         r = refresh_sm.Refresh(
             group=name, preferences=prefs, strategy=self._get_param("Strategy") or "Rolling",
             started=time.monotonic(),
@@ -780,6 +802,82 @@ def cancel_instance_refresh(self) -> ActionResult:
         return ActionResult({"InstanceRefreshId": active[0].id})
 
 
+def _patch_capacity() -> None:
+    """A capacity change while a refresh runs (a scale-out, a replacement) counts the group
+    without the refresh's own surplus: with MaxHealthyPercentage > 100 the refresh launches
+    above the desired capacity by itself, and scaling goes on meanwhile with the group's
+    current launch settings.
+    https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-overview.html
+    https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-health-checks.html
+    moto would count the replacements in, see the group above its new capacity and terminate
+    old instances at once, bypassing the refresh and the terminate hook."""
+    original = asg_models.FakeAutoScalingGroup.set_desired_capacity
+
+    def set_desired_capacity(self, new_capacity):
+        key = (self.account_id, self.region, self.name)
+        active = [r for r in REFRESHES.get(key, []) if r.active]
+        if not active or new_capacity is None:
+            return original(self, new_capacity)
+        r = active[0]
+        live = [s for s in self.instance_states if s.lifecycle_state in COUNTED]
+        ids = {s.instance.id for s in live}
+        own = len([i for i in r.to_replace if i in ids]) + len([i for i in r.launched if i in ids])
+        counted = len(live) - max(0, own - r.desired)
+        self.desired_capacity = new_capacity
+        delta = new_capacity - counted
+        if delta > 0:
+            self.replace_autoscaling_group_instances(delta, self.get_propagated_tags())
+        elif delta < 0:
+            # Scale-in: the instances the refresh is about to replace go first, then the newest.
+            order = [s for s in live if s.instance.id in r.to_replace] + sorted(
+                (s for s in live if s.instance.id not in r.to_replace),
+                key=lambda s: getattr(s, "skiff_launched_at", 0), reverse=True)
+            for s in order[:-delta]:
+                _begin_termination(self.autoscaling_backend, self, s.instance.id)
+        if self.name in self.autoscaling_backend.autoscaling_groups:
+            self.autoscaling_backend.update_attached_elbs(self.name)
+            self.autoscaling_backend.update_attached_target_groups(self.name)
+
+    asg_models.FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity
+
+
+# --- 5. ELB health checks -------------------------------------------------------------------
+# The load balancer's view of each target, as the load balancer (the fleet box's controller,
+# standing in for the ALB) reports it: (account, region, group) -> {instance id: target state}.
+TARGET_HEALTH: dict[tuple[str, str, str], dict[str, str]] = {}
+
+
+def report_target_health(account_id: str, region: str, group: str, targets: dict[str, str]) -> None:
+    """POST /skiff-emulator/target-health: the whole view of the group's targets (an instance
+    left out has no target: `unused`)."""
+    bad = {i: s for i, s in targets.items() if s not in health.TARGET_STATES}
+    if bad:
+        raise ValueError(f"unknown target state(s) {bad}; one of {', '.join(health.TARGET_STATES)}")
+    backend = autoscaling_backends[account_id][region]
+    if group not in backend.autoscaling_groups:
+        raise KeyError(f"no Auto Scaling group {group!r} in {region}")
+    TARGET_HEALTH[(account_id, region, group)] = dict(targets)
+
+
+def _apply_elb_health(backend, group, now: float) -> None:
+    targets = TARGET_HEALTH.get((backend.account_id, backend.region_name, group.name))
+    if not targets:
+        return
+    view = {s.instance.id: (s.lifecycle_state, getattr(s, "skiff_in_service_since", None))
+            for s in group.instance_states}
+    for iid in health.to_replace(group.health_check_type, group.health_check_grace_period or 0,
+                                 view, targets, now):
+        state = next(s for s in group.instance_states if s.instance.id == iid)
+        state.health_status = "Unhealthy"
+        targets.pop(iid, None)
+        print(f"skiff-emulator: {iid} of {group.name} is Unhealthy (ELB health check): replacing it",
+              flush=True)
+        # Terminated (through the terminate hook), then a launch keeps the desired capacity.
+        # https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-health-checks.html
+        _begin_termination(backend, group, iid)
+        group.set_desired_capacity(group.desired_capacity)
+
+
 def _patch_autoscaling_responses() -> None:
     for fn in (complete_lifecycle_action, record_lifecycle_action_heartbeat,
                start_instance_refresh, describe_instance_refreshes, cancel_instance_refresh):
@@ -806,6 +904,7 @@ def apply() -> None:
     _patch_role_cfn()
     _patch_group_cfn()
     _patch_lifecycle()
+    _patch_capacity()
     _patch_autoscaling_responses()
 
 

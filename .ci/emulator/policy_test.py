@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Table tests of the emulator's pure parts: policy evaluation (policy.py) and the instance
-refresh state machine (refresh.py). Prints one line per case and 'N passed, N failed'."""
+"""Table tests of the emulator's pure parts: policy evaluation (policy.py), the instance
+refresh state machine (refresh.py) and the ELB health check rule (health.py). Prints one line per case and 'N passed, N failed'."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import health  # noqa: E402
 import policy  # noqa: E402
 import refresh  # noqa: E402
 from policy import Check  # noqa: E402
@@ -113,6 +114,27 @@ r4 = refresh.Refresh(group="g", preferences={}, strategy="Rolling", started=0, t
                      status="Cancelling")
 case("refresh: Cancelling ends Cancelled", (refresh.step(r4, v(a=("InService", 0)), 1), r4.status, r4.active),
      ([], "Cancelled", False))
+
+# --- ELB health checks: which InService instances are marked Unhealthy and replaced -----------
+# grace 30 s; the instance went InService at t=100 (its launch hook completed).
+for name, check_type, grace, inst, targets, now, want in [
+    ("ELB: unhealthy after the grace period is replaced", "ELB", 30, ("InService", 100), "unhealthy", 131, ["i-1"]),
+    ("ELB: at the end of the grace period exactly", "ELB", 30, ("InService", 100), "unhealthy", 130, ["i-1"]),
+    ("ELB: unhealthy within the grace period is kept", "ELB", 30, ("InService", 100), "unhealthy", 129, []),
+    ("ELB: grace 0 acts at once", "ELB", 0, ("InService", 100), "unhealthy", 100, ["i-1"]),
+    ("ELB: healthy is kept", "ELB", 30, ("InService", 100), "healthy", 500, []),
+    ("ELB: initial (first checks) is kept", "ELB", 30, ("InService", 100), "initial", 500, []),
+    ("ELB: draining is kept", "ELB", 30, ("InService", 100), "draining", 500, []),
+    ("ELB: no target reported is kept", "ELB", 30, ("InService", 100), None, 500, []),
+    ("ELB: Pending:Wait is not checked", "ELB", 0, ("Pending:Wait", None), "unhealthy", 500, []),
+    ("ELB: Terminating:Wait is not checked again", "ELB", 0, ("Terminating:Wait", 100), "unhealthy", 500, []),
+    ("EC2 type ignores the load balancer", "EC2", 0, ("InService", 100), "unhealthy", 500, []),
+    ("no type (EC2 by default) ignores it", None, 0, ("InService", 100), "unhealthy", 500, []),
+]:
+    case(f"health: {name}", health.to_replace(check_type, grace, {"i-1": inst},
+                                              {"i-1": targets} if targets else {}, now), want)
+case("health: only the unhealthy one of two", health.to_replace(
+    "ELB", 0, {"a": ("InService", 0), "b": ("InService", 0)}, {"a": "healthy", "b": "unhealthy"}, 1), ["b"])
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -11,6 +11,10 @@ Besides moto's API it serves:
     POST /skiff-emulator/instance-credentials    {"role_arn", "instance_id", "region"}
          -> the role's temporary credentials, as EC2 hands them to an instance with that role
             in its instance profile (the role must trust ec2.amazonaws.com)
+    POST /skiff-emulator/target-health  {"group", "region", "targets": {instance id: state}}
+         -> the load balancer's view of the group's targets (initial, healthy, unhealthy,
+            draining, ...): with HealthCheckType ELB an InService instance reported unhealthy
+            after the grace period is replaced (extensions.py, health.py)
     GET  /skiff-emulator/authorizations?principal=S  -> the extended checks made for callers whose
          ARN contains S: actions, resources, allowed, the statement (Sid) that allowed each
 POST /moto-api/reset is refused with --iam (it would drop the administrator): restart instead.
@@ -92,6 +96,16 @@ def main() -> int:
                 return answer("400 Bad Request", {"error": f"{type(e).__name__}: {e}"})
             except Exception as e:  # e.g. moto's NoSuchEntity for an unknown role
                 return answer("404 Not Found", {"error": f"{type(e).__name__}: {e}"})
+        if path == "/skiff-emulator/target-health" and method == "POST":
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+                req = json.loads(environ["wsgi.input"].read(length))
+                with extensions.LOCK:
+                    extensions.report_target_health(DEFAULT_ACCOUNT_ID, req.get("region", "us-east-1"),
+                                                    req["group"], req["targets"])
+                return answer("200 OK", {})
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
+                return answer("400 Bad Request", {"error": f"{type(e).__name__}: {e}"})
         if args.iam and path == "/moto-api/reset":
             return answer("403 Forbidden", {
                 "error": "reset would drop the emulator's administrator; restart the emulator instead"})
