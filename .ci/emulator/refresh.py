@@ -14,8 +14,16 @@ Modelled (Rolling strategy only):
   * a replacement counts once it is InService (its launch lifecycle hook completed) and its
     InstanceWarmup has passed; an old instance counts as replaced once it has left the group
     (its terminate hook completed);
-  * a replacement whose launch was abandoned (ABANDON) fails the refresh.
-Not modelled: checkpoints (stored and echoed only), alarms, SkipMatching, rollback, standby,
+  * a replacement whose launch was abandoned (ABANDON) fails the refresh;
+  * Preferences.AlarmSpecification.Alarms: while the refresh runs, any of them in ALARM state
+    (CloudWatch, e.g. after SetAlarmState) fails it, as "the instance refresh fails ... if any
+    CloudWatch alarms you specify go into the ALARM state"; names CloudWatch does not know are
+    not in ALARM. https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-rollback.html
+    https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_AlarmSpecification.html
+  * AutoRollback without a DesiredConfiguration is refused (ValidationError): "a rollback is not
+    supported ... [when] there is no desired configuration specified".
+    https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_RefreshPreferences.html
+Not modelled: checkpoints (stored and echoed only), BakeTime, SkipMatching, rollback, standby,
 scale-in protection, warm pools. Issue 10 deepens this.
 """
 
@@ -59,6 +67,22 @@ class View:
     """What the group looks like now: instance id -> (lifecycle state, InService since)."""
     instances: dict[str, tuple[str, float | None]]
     abandoned: set[str]  # launched by this refresh and abandoned by a launch hook
+    alarms: dict[str, str] = field(default_factory=dict)  # alarm name -> CloudWatch state
+
+
+def alarm_names(preferences: dict) -> list[str]:
+    """The alarms a refresh watches (Preferences.AlarmSpecification.Alarms)."""
+    spec = (preferences or {}).get("AlarmSpecification") or {}
+    alarms = spec.get("Alarms") or []
+    return [alarms] if isinstance(alarms, str) else list(alarms)
+
+
+def refuse(preferences: dict, desired_configuration) -> str | None:
+    """Why StartInstanceRefresh refuses these preferences (a ValidationError), if it does."""
+    auto = str((preferences or {}).get("AutoRollback", "false")).lower() == "true"
+    if auto and not desired_configuration:
+        return "AutoRollback requires a DesiredConfiguration to roll back to"
+    return None
 
 
 def batch_size(refresh: Refresh) -> int:
@@ -87,6 +111,11 @@ def step(refresh: Refresh, view: View, now: float) -> list[tuple[str, object]]:
         refresh.status_reason = (
             f"instance(s) {', '.join(sorted(view.abandoned))} were abandoned by a launch lifecycle hook"
         )
+        return []
+    firing = [a for a in alarm_names(refresh.preferences) if view.alarms.get(a) == "ALARM"]
+    if firing:
+        refresh.status, refresh.ended = "Failed", now
+        refresh.status_reason = f"CloudWatch alarm(s) in ALARM state: {', '.join(firing)}"
         return []
     present = set(view.instances)
     old = [i for i in refresh.to_replace if i in present]
