@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -262,6 +263,45 @@ def create_stack(c, tag, instances, params_extra):
             "deployer": {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}}
 
 
+def dependencies():
+    """What the box needs of the machine and does not start itself: the registry the test
+    image is pushed to, and the ECR-shaped registry every host pulls from (both started by
+    .ci/setup.sh). Returns the problems (empty when both answer)."""
+    import ssl
+
+    problems = []
+    try:
+        urllib.request.urlopen(f"http://{LOCAL_REGISTRY}/v2/", timeout=3).close()
+    except OSError as e:
+        problems.append(f"the registry {LOCAL_REGISTRY} ({e})")
+    try:
+        ctx = ssl.create_default_context(cafile=REGISTRY_CA)
+        urllib.request.urlopen(f"https://{ECR_HOST}/v2/", timeout=3, context=ctx).close()
+    except urllib.error.HTTPError as e:
+        if e.code != 401:  # 401: it answers and wants moto's ECR token, as it should
+            problems.append(f"the ECR-shaped registry https://{ECR_HOST} (HTTP {e.code})")
+    except (OSError, ssl.SSLError) as e:
+        problems.append(f"the ECR-shaped registry https://{ECR_HOST} ({e})")
+    return problems
+
+
+def ensure_dependencies():
+    """Restart what the box depends on through .ci/setup.sh (idempotent) when it does not
+    answer; fail with what to do when that does not help. Returns what was restarted."""
+    problems = dependencies()
+    if not problems:
+        return []
+    say(f"not answering: {'; '.join(problems)}: running .ci/setup.sh to restart it")
+    p = subprocess.run(["bash", os.path.join(ROOT, ".ci", "setup.sh")], capture_output=True, text=True,
+                       timeout=900)
+    still = dependencies()
+    if p.returncode != 0 or still:
+        raise BoxError(f"{'; '.join(still or problems)} still not answering after .ci/setup.sh (exit "
+                       f"{p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}); see "
+                       f"{CI_HOME}/registry-5000/log and {CI_HOME}/registry-ecr/log, then rerun")
+    return problems
+
+
 def up(args):
     box = load_box()
     if box and controller_alive():
@@ -279,6 +319,7 @@ def up(args):
     for tool in ("haproxy", "nsenter", "dockerd", "ip"):
         if not shutil.which(tool):
             raise BoxError(f"{tool} missing: run bash .ci/setup.sh (it installs it)")
+    ensure_dependencies()
     shutil.rmtree(os.path.join(STATE, "logs"), ignore_errors=True)  # the previous box's
     os.makedirs(STATE, exist_ok=True)
     os.makedirs(RUN_DIR, exist_ok=True)
@@ -605,21 +646,27 @@ def haproxy_cmd(command):
     return out.decode()
 
 
-def lb_up():
-    """Addresses of the servers HAProxy sends traffic to (UP and not draining)."""
-    try:
-        text = haproxy_cmd("show servers state app")
-    except OSError:
-        return []
-    up_ = []
+def lb_servers():
+    """HAProxy's servers: name (h<slot>) -> (address, op state, admin state)."""
+    text = haproxy_cmd("show servers state app")
+    out = {}
     for line in text.splitlines()[2:]:
         f = line.split()
         # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ...
-        # op state 2 = running; admin bits 0x23 = maintenance (forced, inherited, resolution),
-        # 0x18 = draining; 0x04 is the `disabled` the template slot started with, since cleared.
-        if len(f) > 6 and f[5] == "2" and not int(f[6]) & 0x3B:
-            up_.append(f[4])
-    return up_
+        if len(f) > 6:
+            out[f[3]] = (f[4], int(f[5]), int(f[6]))
+    return out
+
+
+def lb_up():
+    """Addresses of the servers HAProxy sends traffic to (UP and not draining)."""
+    try:
+        servers = lb_servers()
+    except OSError:
+        return []
+    # op state 2 = running; admin bits 0x23 = maintenance (forced, inherited, resolution),
+    # 0x18 = draining; 0x04 is the `disabled` the template slot started with, since cleared.
+    return [addr for addr, op, admin in servers.values() if op == 2 and not admin & 0x3B]
 
 
 def write_haproxy_config(box):
@@ -667,6 +714,8 @@ class Controller:
         self.leaving = set()  # indices of hosts being torn down
         self.slots = {}  # instance id -> haproxy slot
         self.lb = {}  # instance id -> "ready" | ("drain", since) | "maint"
+        self.registered = {}  # instance id -> (registered at, seen up since)
+        self.reported = None  # the target states last reported to the emulator
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -746,6 +795,7 @@ class Controller:
                 haproxy_cmd(f"set server {srv} health down")
                 haproxy_cmd(f"set server {srv} state ready")
                 self.lb[iid] = "ready"
+                self.registered[iid] = (now, False)
                 print(f"{time.strftime('%H:%M:%S')} {iid}: registered as {srv} ({host.ip})", flush=True)
             elif current == "ready" and (state is None or state.startswith("Terminating")):
                 haproxy_cmd(f"set server app/h{self.slots[iid]} state drain")
@@ -754,6 +804,48 @@ class Controller:
             elif isinstance(current, tuple) and now - current[1] >= delay:
                 haproxy_cmd(f"set server app/h{self.slots[iid]} state maint")
                 self.lb[iid] = "maint"
+
+    def target_states(self, servers, now):
+        """The target group's view of each registered instance, from HAProxy's: `healthy` while
+        HAProxy sends it traffic, `initial` until it passed its first checks (or failed
+        UnhealthyThresholdCount of them), then `unhealthy` when HAProxy took it out, `draining`
+        while it deregisters; a removed target is left out (`unused`).
+        https://docs.aws.amazon.com/elasticloadbalancing/latest/application/target-group-health-checks.html"""
+        s = self.box["settings"]
+        first_checks = s["unhealthy"] * s["interval"] + s["timeout"]
+        out = {}
+        for iid, lb in self.lb.items():
+            if isinstance(lb, tuple):
+                out[iid] = "draining"
+                continue
+            if lb != "ready" or iid not in self.slots:
+                continue
+            _, op, _ = servers.get(f"h{self.slots[iid]}", (None, 0, 0))
+            since, seen_up = self.registered.get(iid, (now, False))
+            if op == 2:
+                self.registered[iid] = (since, True)
+                out[iid] = "healthy"
+            elif seen_up or now - since >= first_checks:
+                out[iid] = "unhealthy"
+            else:
+                out[iid] = "initial"
+        return out
+
+    def report_health(self):
+        """Feed the load balancer's view back to the emulator: with the group's HealthCheckType
+        ELB the emulator replaces an instance reported unhealthy after the grace period
+        (.ci/emulator/health.py), as Auto Scaling does with the ALB's target health."""
+        targets = self.target_states(lb_servers(), time.monotonic())
+        if targets == self.reported:
+            return
+        req = urllib.request.Request(
+            f"{ENDPOINT}/skiff-emulator/target-health", method="POST",
+            data=json.dumps({"group": self.group, "region": REGION, "targets": targets}).encode())
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+        changed = {i: st for i, st in targets.items() if (self.reported or {}).get(i) != st}
+        print(f"{time.strftime('%H:%M:%S')} target health: {changed}", flush=True)
+        self.reported = targets
 
     def loop(self):
         while not self.stop.is_set():
@@ -773,8 +865,9 @@ class Controller:
                         threading.Thread(target=self.boot, args=(host,), daemon=True).start()
             try:
                 self.balance(states)
+                self.report_health()
             except OSError as e:
-                print(f"haproxy: {e}", flush=True)
+                print(f"haproxy or target health: {e}", flush=True)
             with self.lock:
                 for iid in [i for i in self.hosts if i not in states]:
                     # Gone from the group (its terminate hook answered or timed out): torn down
@@ -783,6 +876,7 @@ class Controller:
                         host = self.hosts.pop(iid)
                         self.lb.pop(iid, None)
                         self.slots.pop(iid, None)
+                        self.registered.pop(iid, None)
                         print(f"{time.strftime('%H:%M:%S')} {iid}: terminated, tearing down {host.ns}", flush=True)
                         self.leaving.add(host.index)
                         threading.Thread(target=self.teardown, args=(host,), daemon=True).start()
@@ -849,9 +943,38 @@ def down(args):
             if name != "logs":
                 p = os.path.join(STATE, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    left = leftovers()
+    if left:
+        say(f"down: LEFT BEHIND: {'; '.join(left)}")
+        return 1
     say(f"down: no namespaces, engines, agents, haproxy or emulator of the box left "
         f"(its logs: {STATE}/logs, until the next up)")
     return 0
+
+
+def leftovers():
+    """What of a box is still on the machine: namespaces, links, the bridge, processes, mounts."""
+    left = [f"namespace {n.split()[0]}" for n in run("ip", "netns", "list", check=False).stdout.splitlines()
+            if n.startswith("skf-")]
+    for link in run("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        name = link.split(":")[1].strip().split("@")[0]
+        if name.startswith("skfv") or name == BRIDGE:
+            left.append(f"link {name}")
+    marks = (RUN_DIR.encode(), os.path.join(STATE, "hosts").encode(), os.path.join(STATE, "haproxy.cfg").encode(),
+             b"emulator-admin.json", os.path.join(HERE, "box.py").encode() + b"\0controller")
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if any(m in cmd for m in marks) and int(pid) != os.getpid():
+            shown = cmd.replace(b"\0", b" ").decode(errors="replace")[:120]
+            left.append(f"process {pid} {shown}")
+    with open("/proc/mounts") as f:
+        left += [f"mount {line.split()[1]}" for line in f
+                 if line.split()[1].startswith((RUN_DIR + "/", os.path.join(STATE, "hosts") + "/"))]
+    return left
 
 
 def forget_images():

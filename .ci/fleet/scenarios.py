@@ -17,6 +17,16 @@ stack's deployer policy, while load.py sends a steady rate through the load bala
 
   4  agent killed: ctl release while one new instance's agent is SIGKILLed as soon as it runs
                 (systemd's restart modelled): released, 0 failed requests
+  6  engine killed: one instance's Docker engine and everything it runs SIGKILLed (not
+                restarted): the load balancer takes it out, the group (HealthCheckType ELB,
+                after the grace period) marks it Unhealthy and replaces it; failed requests
+                counted and bounded by the detection window
+  3  scale-out: ctl release while the group's desired capacity goes n -> n+1 mid-refresh: the
+                new instance boots on the release the parameter names, the release completes,
+                0 failed requests; then back to n
+
+    scenarios.py --bench        # also a table: wall time per scenario, release time vs model
+    scenarios.py --only 1,7     # a subset (in this order: 1 5 2 7 4 6 3)
 
 Prints one line per scenario with its figures, then 'N passed, N failed'; exits 1 on a failure.
 Tags are new per run (r<run>a, r<run>bad), so a leftover image or record cannot pass a check.
@@ -24,6 +34,7 @@ Tags are new per run (r<run>a, r<run>bad), so a leftover image or record cannot 
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -40,6 +51,7 @@ from load import Load  # noqa: E402
 RUN = uuid.uuid4().hex[:6]
 URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
 results = []
+BENCH = []  # (scenario, wall s, release s or None, model s or None)
 LAST_CTL = []
 
 
@@ -58,6 +70,8 @@ def evidence():
 class Scenario:
     def __init__(self, number, name):
         self.number, self.name, self.problems, self.figures = number, name, [], []
+        self.started = time.monotonic()
+        self.release = self.model = None  # refresh seconds and the model's, for --bench
 
     def check(self, ok, what):
         if not ok:
@@ -67,7 +81,10 @@ class Scenario:
     def done(self):
         ok = not self.problems
         results.append(ok)
-        print(f"scenario {self.number} {self.name}: {'PASS' if ok else 'FAIL'}  " + "; ".join(self.figures)
+        wall = time.monotonic() - self.started
+        BENCH.append((f"{self.number} {self.name}", wall, self.release, self.model))
+        print(f"scenario {self.number} {self.name}: {'PASS' if ok else 'FAIL'}  wall {wall:.0f} s; "
+              + "; ".join(self.figures)
               + ("" if ok else "  -- " + "; ".join(self.problems)), flush=True)
 
 
@@ -150,7 +167,8 @@ def release(box, rate, tag, n, warmup):
     sc.check(set(now) == {tag}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     m = model(box, warmup)
-    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s (model {m:.0f} s + engine/pull/start;"
+    sc.release, sc.model = refresh_seconds(box), m
+    sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s (model {m:.0f} s + engine/pull/start;"
                    f" ctl checks every 15 s)", counts.line(),
                    f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
@@ -197,7 +215,8 @@ def agent_killed(box, rate, tag, n, warmup):
         sc.check(killed[0][0] in after, f"the instance whose agent was killed ({killed[0][0]}) is not in service")
     sc.check(set(served()) == {tag}, f"the load balancer serves {served()}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
-    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s", counts.line(),
+    sc.release, sc.model = refresh_seconds(box), model(box, warmup)
+    sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s", counts.line(),
                    f"killed the agent of {killed[0][0] if killed else 'none'}"]
     sc.done()
 
@@ -264,8 +283,190 @@ def rollback(box, rate, to, n, warmup):
     now = served()
     sc.check(set(now) == {to}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
-    sc.figures += [f"ctl {took:.1f} s, refresh {refresh_seconds(box):.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
+    sc.release, sc.model = refresh_seconds(box), model(box, warmup)
+    sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
+
+
+class Dependencies:
+    """Checks every 5 s what the box depends on (fleet.dependencies) and records the outages:
+    a failed scenario then says whether the machine's registry had gone, not the box."""
+
+    def __init__(self):
+        self.outages, self.stopping = [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def run(self):
+        while not self.stopping.wait(5):
+            problems = fleet.dependencies()
+            if problems:
+                self.outages.append(f"{time.strftime('%H:%M:%S')} {', '.join(problems)}")
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(10)
+        return self.outages
+
+
+def namespace_of(pid):
+    """The box's network namespace (skf-N) a process runs in."""
+    for ln in fleet.run("ip", "netns", "list").stdout.splitlines():
+        ns = ln.split()[0]
+        if ns.startswith("skf-") and str(pid) in fleet.run("ip", "netns", "pids", ns, check=False).stdout.split():
+            return ns
+    return None
+
+
+def agent_interval(iid):
+    """[health] interval of the agent's rendered config (the agent's own probe period)."""
+    try:
+        with open(os.path.join(fleet.STATE, "hosts", iid, "etc-skiff", "agent.toml")) as f:
+            text = f.read()
+        m = re.search(r'(?ms)^\[health\].*?^interval\s*=\s*"(\d+)s"', text)
+        return float(m.group(1)) if m else 2.0
+    except OSError:
+        return 2.0
+
+
+def engine_killed(box, rate, n):
+    """Scenario 6: one instance's engine (dockerd, containerd, the shims and the app: every
+    process in its namespace but the agent) SIGKILLed and not restarted, as an engine that
+    crashed for good. The agent's /healthz fails with the app, HAProxy takes the target out
+    after UnhealthyThresholdCount checks, the controller reports it unhealthy and the emulator
+    (HealthCheckType ELB, after the grace period) replaces the instance through its hooks."""
+    s = box["settings"]
+    sc = Scenario(6, "one instance's Docker engine killed")
+    asg = fleet.admin_clients(box)("autoscaling")
+    name = box["outputs"]["AutoScalingGroup"]
+    before = group(box)
+    victim = sorted(before)[0]
+    with open(os.path.join(fleet.RUN_DIR, "hosts", victim, "agent.pid")) as f:
+        agent_pid = int(f.read())
+    ns = namespace_of(agent_pid)
+    ip = fleet.run("ip", "-n", ns, "-4", "-o", "addr", "show", "eth0").stdout.split()[3].split("/")[0] if ns else None
+    # The window in which the dead target still gets requests: the agent's next probe, then
+    # UnhealthyThresholdCount failed checks (each within the interval, at most the timeout).
+    window = agent_interval(victim) + s["unhealthy"] * s["interval"] + s["timeout"]
+    bound = math.ceil(rate / n * window) + math.ceil(rate)  # + 1 s of the generator's slack
+    marks = {}
+    load = Load(URL, rate).start()
+    try:
+        time.sleep(2)
+        t0 = time.monotonic()
+        pids = [int(p) for p in fleet.run("ip", "netns", "pids", ns).stdout.split() if int(p) != agent_pid] if ns else []
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+        def watch():
+            now = time.monotonic() - t0
+            up = fleet.lb_up()
+            if "out of the LB" not in marks and ip not in up:
+                marks["out of the LB"] = now
+            g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+            mine = [i for i in g["Instances"] if i["InstanceId"] == victim]
+            if "Unhealthy" not in marks and mine and mine[0]["HealthStatus"] == "Unhealthy":
+                marks["Unhealthy"] = now
+            fresh = [i for i in g["Instances"] if i["InstanceId"] not in before and i["LifecycleState"] == "InService"]
+            if "replacement InService" not in marks and fresh:
+                marks["replacement InService"] = now
+            if "n serving" not in marks and fresh and len(up) == n and ip not in up:
+                marks["n serving"] = now
+            return "n serving" in marks
+
+        fleet.wait_until(watch, 240, 0.25)
+    finally:
+        time.sleep(1)
+        counts = load.stop()
+    sc.check(ns and pids, f"no namespace or engine found for {victim} (agent pid {agent_pid})")
+    sc.check("Unhealthy" in marks, f"{victim} never marked Unhealthy: {group(box)}")
+    sc.check("n serving" in marks, f"no replacement serving behind the LB within 240 s: {group(box)}, LB {fleet.lb_up()}")
+    sc.check(settle(box, n, 120), f"group not back to {n} InService behind the LB: {group(box)}")
+    sc.check(victim not in group(box), f"{victim} still in the group")
+    sc.check(set(served()) == {parameter(box)[0]}, f"the load balancer serves {served()}")
+    sc.check(counts.failed <= bound, f"failed requests {counts.failed} > {bound} (rate {rate}/s over {n} targets"
+             f" in a {window:.0f} s detection window, + 1 s)")
+    sc.figures += [", ".join(f"{k} after {v:.1f} s" for k, v in marks.items()),
+                   f"failed {counts.failed} (bound {bound}: {window:.0f} s window)", counts.line()]
+    sc.done()
+
+
+def scale_out(box, rate, tag, n, warmup):
+    """Scenario 3: the group scales out n -> n+1 while the release's refresh runs (its batch
+    launched): the scale-out instance boots on the parameter's (new) release; the refresh
+    replaces the instances it started with and completes; 0 failed requests. Back to n after."""
+    sc = Scenario(3, f"scale-out to {n + 1} during release {parameter(box)[0]} -> {tag}")
+    fleet.push_image(tag)
+    c = fleet.admin_clients(box)
+    asg, ec2 = c("autoscaling"), c("ec2")
+    name = box["outputs"]["AutoScalingGroup"]
+    before = set(group(box))
+    scaled = []
+    started = time.time() - 1
+
+    def scaler():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not scaled:
+            try:
+                rs = asg.describe_instance_refreshes(AutoScalingGroupName=name)["InstanceRefreshes"]
+                states = group(box)
+                if (rs and rs[0]["Status"] == "InProgress" and rs[0]["StartTime"].timestamp() >= started
+                        and len(states) > n):
+                    asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n + 1, HonorCooldown=False)
+                    added = set(group(box)) - set(states)
+                    scaled.append((time.monotonic(), added, len(states)))
+                    return
+            except Exception as e:  # keep trying until the deadline; reported below if never
+                print(f"scaler: {e}", flush=True)
+            time.sleep(0.3)
+
+    t = threading.Thread(target=scaler, daemon=True)
+    t.start()
+    (rc, out, took), counts = with_load(box, rate, lambda: ctl(box, "release", "--tag", tag, "--warmup", f"{warmup}s",
+                                                               "--timeout", "10m"))
+    t.join(5)
+    added = scaled[0][1] if scaled else set()
+    sc.check(len(added) == 1, f"the scale-out mid-refresh launched {sorted(added)} ({scaled})")
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-400:]}")
+    sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
+    sc.check(settle(box, n + 1, 180), f"group not at {n + 1} InService behind the LB: {group(box)}")
+    after = set(group(box))
+    sc.check(not before & after, f"instances kept: {sorted(before & after)}")
+    sc.check(added <= after, f"the scale-out instance {sorted(added)} is not in service: {sorted(after)}")
+    # The agent tags its instance skiff:release=<tag> once that release is healthy there.
+    tags = {t["ResourceId"]: t["Value"] for t in ec2.describe_tags(Filters=[
+        {"Name": "key", "Values": ["skiff:release"]}, {"Name": "resource-id", "Values": sorted(after)}])["Tags"]}
+    sc.check(all(tags.get(i) == tag for i in added), f"the scale-out instance runs {[tags.get(i) for i in added]}, not {tag}")
+    now = served()
+    sc.check(set(now) == {tag}, f"the load balancer serves {now}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    sc.release, sc.model = refresh_seconds(box), model(box, warmup)
+    sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s", counts.line(),
+                   f"scaled out with {scaled[0][2] if scaled else '?'} instances in the group; "
+                   f"{sorted(added)} on {[tags.get(i) for i in added]}"]
+    asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n, HonorCooldown=False)
+    sc.check(settle(box, n, 120), f"group not back to {n} after scaling in: {group(box)}")
+    sc.done()
+
+
+def bench_table(box, warmup):
+    s = box["settings"]
+    print(f"\nbench: {box['params']['MinSize']} instances, boot delay {box['boot_delay']} s, warm-up {warmup} s, "
+          f"drain {box['params']['DrainSeconds']} s, health check {s['interval']} s x {s['healthy']}/{s['unhealthy']},"
+          f" grace {s['grace']} s")
+    print(f"{'scenario':58} {'wall s':>7} {'refresh s':>10} {'model s':>8} {'over':>6}")
+    for name, wall, rel, m in BENCH:
+        over = f"{rel - m:+.1f}" if rel is not None and m is not None and not math.isnan(rel) else ""
+        print(f"{name[:58]:58} {wall:7.1f} {'' if rel is None else f'{rel:.1f}':>10} "
+              f"{'' if m is None else f'{m:.0f}':>8} {over:>6}")
+    print("model = boot delay + warm-up + drain (one launch-before-terminate batch); 'over' = engine "
+          "start, pull, app start, hook and poll latencies")
 
 
 def main():
@@ -273,7 +474,14 @@ def main():
     ap.add_argument("--rate", type=float, default=20, help="requests per second through the LB")
     ap.add_argument("--warmup", type=int, default=5, help="ctl --warmup seconds")
     ap.add_argument("--keep", action="store_true", help="leave the box up afterwards")
+    ap.add_argument("--bench", action="store_true", help="print wall and release times vs the model")
+    ap.add_argument("--only", default="1,5,2,7,4,6,3", help="scenarios to run (run in the order 1 5 2 7 4 6 3)")
     a = ap.parse_args()
+    only = set(a.only.replace(" ", "").split(","))
+    if not only <= set("1234567") or not only:
+        ap.error(f"--only takes scenario numbers 1..7 separated by commas, not {a.only!r}")
+    if only & {"2", "7"} and "1" not in only:
+        ap.error("scenarios 2 and 7 follow scenario 1's release: add 1 to --only")
     started = time.monotonic()
     if not (fleet.load_box() and fleet.controller_alive()):
         rc = subprocess.run([sys.executable, fleet.__file__, "up"]).returncode
@@ -287,12 +495,25 @@ def main():
         return 1
     previous = parameter(box)[0]
     good, bad = f"r{RUN}a", f"r{RUN}bad"
+    plan = [("1", lambda: release(box, a.rate, good, n, a.warmup)),
+            ("5", lambda: aws_away(box, a.rate, n)),
+            ("2", lambda: unhealthy(box, a.rate, good, bad, n, a.warmup)),
+            ("7", lambda: rollback(box, a.rate, previous, n, a.warmup)),
+            ("4", lambda: agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)),
+            ("6", lambda: engine_killed(box, a.rate, n)),
+            ("3", lambda: scale_out(box, a.rate, f"r{RUN}s", n, a.warmup))]
+    watch = Dependencies().start()
     try:
-        release(box, a.rate, good, n, a.warmup)
-        aws_away(box, a.rate, n)
-        unhealthy(box, a.rate, good, bad, n, a.warmup)
-        rollback(box, a.rate, previous, n, a.warmup)
-        agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)
+        for number, run_scenario in plan:
+            if number not in only:
+                continue
+            # What the box depends on and does not run itself (the registries of setup.sh):
+            # restarted through setup.sh when down, and said so, never silently.
+            restarted = fleet.ensure_dependencies()
+            if restarted:
+                print(f"scenarios: before scenario {number}: restarted by .ci/setup.sh: {'; '.join(restarted)}",
+                      flush=True)
+            run_scenario()
     except Exception as e:
         import traceback
 
@@ -300,11 +521,16 @@ def main():
         results.append(False)
         print(f"scenarios: stopped by {type(e).__name__}: {e}")
     finally:
+        outages = watch.stop()
+        if outages:
+            print("scenarios: the box's dependencies were down during the run: " + "; ".join(outages))
         if not all(results):
             evidence()
         if not a.keep:
             subprocess.run([sys.executable, fleet.__file__, "down"])
     ok = sum(results)
+    if a.bench and BENCH:
+        bench_table(box, a.warmup)
     print(f"{ok} passed, {len(results) - ok} failed ({time.monotonic() - started:.0f} s in all)")
     return 0 if results and all(results) else 1
 
