@@ -1,5 +1,6 @@
 //! Where a deployment lives: the release parameter, the Auto Scaling Group and the image
-//! repository, either given directly or read from a CloudFormation stack's outputs.
+//! repository, either given directly or read from a CloudFormation stack's outputs; with a
+//! stack, also its target group (for `ctl status`) and the alarms a release watches.
 
 use aws_sdk_cloudformation::Client;
 
@@ -9,12 +10,20 @@ use crate::aws;
 pub const OUTPUT_PARAMETER: &str = "ReleaseParameter";
 pub const OUTPUT_ASG: &str = "AutoScalingGroup";
 pub const OUTPUT_IMAGE: &str = "ImageRepository";
+/// The target group's ARN (optional: `ctl status` shows target health when known).
+pub const OUTPUT_TARGET_GROUP: &str = "TargetGroup";
+/// The alarms a release watches, comma-separated (optional).
+pub const OUTPUT_ALARMS: &str = "ReleaseAlarmNames";
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Deployment {
     pub parameter: String,
     pub asg: String,
     pub image: String,
+    /// The target group's ARN, when the stack or `--target-group` names one.
+    pub target_group: Option<String>,
+    /// The alarms the stack defines for a release (output ReleaseAlarmNames); empty without.
+    pub alarms: Vec<String>,
 }
 
 /// What the command line gave: a stack, direct values, or both (direct values win).
@@ -24,6 +33,7 @@ pub struct Locator {
     pub parameter: Option<String>,
     pub asg: Option<String>,
     pub image: Option<String>,
+    pub target_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +63,13 @@ pub fn combine(
         .or_else(|| from_stack(OUTPUT_PARAMETER));
     let asg = locator.asg.clone().or_else(|| from_stack(OUTPUT_ASG));
     let image = locator.image.clone().or_else(|| from_stack(OUTPUT_IMAGE));
+    let target_group = locator
+        .target_group
+        .clone()
+        .or_else(|| from_stack(OUTPUT_TARGET_GROUP));
+    let alarms = from_stack(OUTPUT_ALARMS)
+        .map(|v| crate::alarms::parse_list(&v))
+        .unwrap_or_default();
     let mut missing = Vec::new();
     let mut flags = Vec::new();
     if parameter.is_none() {
@@ -74,6 +91,8 @@ pub fn combine(
                 parameter,
                 asg,
                 image,
+                target_group,
+                alarms,
             })
         }
         _ => Err(DeploymentError::Missing {
@@ -132,6 +151,8 @@ mod tests {
             (OUTPUT_PARAMETER.into(), "/app/release".into()),
             (OUTPUT_ASG.into(), "app-asg".into()),
             (OUTPUT_IMAGE.into(), "reg.example/app".into()),
+            (OUTPUT_TARGET_GROUP.into(), "arn:tg".into()),
+            (OUTPUT_ALARMS.into(), "a-5xx, a-hosts,".into()),
             ("Other".into(), "x".into()),
         ]
     }
@@ -150,6 +171,7 @@ mod tests {
             parameter: Some("/p".into()),
             asg: Some("g".into()),
             image: Some("r/app".into()),
+            target_group: None,
         };
         let only_stack = Locator {
             stack: Some("s".into()),
@@ -194,5 +216,36 @@ mod tests {
                 (got, want) => panic!("{loc:?}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn optional_outputs() {
+        let only_stack = Locator {
+            stack: Some("s".into()),
+            ..Locator::default()
+        };
+        let d = combine(&only_stack, Some(&outs())).expect("deployment");
+        assert_eq!(d.target_group.as_deref(), Some("arn:tg"));
+        assert_eq!(d.alarms, vec!["a-5xx".to_owned(), "a-hosts".to_owned()]);
+        let given = Locator {
+            target_group: Some("arn:mine".into()),
+            ..only_stack
+        };
+        assert_eq!(
+            combine(&given, Some(&outs()))
+                .expect("deployment")
+                .target_group
+                .as_deref(),
+            Some("arn:mine")
+        );
+        let older: Vec<(String, String)> = outs()
+            .into_iter()
+            .filter(|(k, _)| k != OUTPUT_TARGET_GROUP && k != OUTPUT_ALARMS)
+            .collect();
+        let d = combine(&given, Some(&older)).expect("a stack without them still works");
+        assert_eq!(
+            (d.target_group.as_deref(), d.alarms.len()),
+            (Some("arn:mine"), 0)
+        );
     }
 }

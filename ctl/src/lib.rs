@@ -1,6 +1,7 @@
 //! skiff ctl: releases an image tag to a fleet. The binary (`main.rs`) parses the command line
 //! and prints; these modules decide and act.
 //!
+//! - [`alarms`]: the CloudWatch alarms a release watches, and why ctl (not the refresh) rolls back.
 //! - [`deployment`]: where the release parameter, the group and the image repository are.
 //! - [`registry`]: resolve `image:tag` to its digest through the registry v2 API.
 //! - [`store`]: the release record in the SSM parameter, with its history.
@@ -14,6 +15,7 @@
 //! - [`status`]: what the fleet runs.
 //! - [`logs`]: the app's output across the fleet from CloudWatch Logs (`ctl logs`).
 
+pub mod alarms;
 pub mod aws;
 pub mod deployment;
 pub mod exit;

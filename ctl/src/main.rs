@@ -29,7 +29,7 @@ use skiff_ctl::deployment::{self, Deployment, Locator};
 use skiff_ctl::exit::ExitCode;
 use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
 use skiff_ctl::progress::{Journal, Printer};
-use skiff_ctl::refresh::{AsgRefresher, InstanceRefresher, RefreshPlan};
+use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
 use skiff_ctl::registry::{Credentials, HttpRegistry};
 use skiff_ctl::ship::{self, Fleet, Outcome, Request, Target};
 use skiff_ctl::status;
@@ -71,6 +71,9 @@ struct Global {
     /// Image repository without tag (overrides the stack output ImageRepository).
     #[arg(long, env = "SKIFF_IMAGE", global = true)]
     image: Option<String>,
+    /// Target group ARN whose health `status` shows (overrides the stack output TargetGroup).
+    #[arg(long, env = "SKIFF_TARGET_GROUP", global = true)]
+    target_group: Option<String>,
     /// AWS region (default: AWS_REGION, the profile).
     #[arg(long, env = "AWS_REGION", global = true)]
     region: Option<String>,
@@ -221,9 +224,14 @@ struct ReleaseOpts {
     /// Pause length at each checkpoint.
     #[arg(long, value_parser = humantime::parse_duration)]
     checkpoint_delay: Option<Duration>,
-    /// CloudWatch alarm that fails the refresh when it fires (repeatable).
-    #[arg(long = "alarm")]
+    /// CloudWatch alarm that fails the release when it goes to ALARM during the refresh
+    /// (repeatable, at most 10); replaces the stack's alarms (output ReleaseAlarmNames), which
+    /// are watched by default.
+    #[arg(long = "alarm", value_name = "NAME", conflicts_with = "no_alarms")]
     alarms: Vec<String>,
+    /// Watch no alarm, not even the stack's.
+    #[arg(long)]
+    no_alarms: bool,
     /// Registry user (basic auth or token service).
     #[arg(long, env = "SKIFF_REGISTRY_USER")]
     registry_user: Option<String>,
@@ -310,6 +318,7 @@ struct Clients {
     ssm: aws_sdk_ssm::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     ec2: aws_sdk_ec2::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
 }
 
 async fn connect(g: &Global) -> anyhow::Result<Clients> {
@@ -319,6 +328,7 @@ async fn connect(g: &Global) -> anyhow::Result<Clients> {
         parameter: g.parameter.clone(),
         asg: g.asg.clone(),
         image: g.image.clone(),
+        target_group: g.target_group.clone(),
     };
     let deployment = deployment::locate(&aws_sdk_cloudformation::Client::new(&sdk), &locator)
         .await
@@ -328,6 +338,7 @@ async fn connect(g: &Global) -> anyhow::Result<Clients> {
         ssm: aws_sdk_ssm::Client::new(&sdk),
         autoscaling: aws_sdk_autoscaling::Client::new(&sdk),
         ec2: aws_sdk_ec2::Client::new(&sdk),
+        elb: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
         sdk,
     })
 }
@@ -513,6 +524,8 @@ async fn release(
         lock: &lock,
     };
     let ctl = ctl_prefix(g, &c.deployment);
+    let alarms = skiff_ctl::alarms::choose(opts.no_alarms, &opts.alarms, &c.deployment.alarms)
+        .map_err(|e| exit(ExitCode::Refused, e))?;
     let req = Request {
         target,
         released_by: released_by(opts),
@@ -530,7 +543,7 @@ async fn release(
             warmup: opts.warmup,
             checkpoints: opts.checkpoints.clone(),
             checkpoint_delay: opts.checkpoint_delay,
-            alarms: opts.alarms.clone(),
+            alarms: alarms.alarms,
         },
         ctl: ctl.clone(),
     };
@@ -654,92 +667,22 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
 async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
-    let current = store.read().await.map_err(|e| exit(ExitCode::Refused, e))?;
-    let (refresh, refresh_error) = match refresher.latest().await {
-        Ok(r) => (r, None),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let instances = status::instances(&c.autoscaling, &c.ec2, &c.deployment.asg)
-        .await
-        .map_err(|e| exit(ExitCode::NotRolledBack, e))?;
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
-    let (holder, lock_error) = match lock.read().await {
-        Ok(v) => (
-            v.map(|v| lock::assess(&v, time::OffsetDateTime::now_utc())),
-            None,
-        ),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let desired = current.as_ref().and_then(|s| s.release.as_ref());
-    let drift = status::drift(desired.map(|r| &r.tag), &instances);
+    let report = status::gather(
+        &c.deployment,
+        &store,
+        &refresher,
+        &lock,
+        &c.autoscaling,
+        &c.ec2,
+        &c.elb,
+    )
+    .await
+    .map_err(|e| exit(ExitCode::Refused, e))?;
     if g.json {
-        let doc = serde_json::json!({
-            "deployment": c.deployment,
-            "release": current.as_ref().map(|s| &s.value),
-            "desired_tag": desired.map(|r| r.tag.to_string()),
-            "parameter_version": current.as_ref().map(|s| s.version),
-            "refresh": refresh,
-            "refresh_error": refresh_error,
-            "lock": holder,
-            "lock_error": lock_error,
-            "instances": instances,
-            "drift": drift,
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(ExitCode::Success);
-    }
-    println!("parameter  {}", c.deployment.parameter);
-    println!("group      {}", c.deployment.asg);
-    println!("image      {}", c.deployment.image);
-    match &current {
-        Some(s) => println!("release    {} (version {})", s.value, s.version),
-        None => println!("release    (parameter not written yet)"),
-    }
-    match (&refresh, &refresh_error) {
-        (Some(r), _) => println!(
-            "refresh    {} {:?} {}%{}",
-            r.id,
-            r.state,
-            r.percent.unwrap_or(0),
-            r.reason
-                .as_deref()
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default()
-        ),
-        (None, Some(e)) => println!("refresh    unknown: {e}"),
-        (None, None) => println!("refresh    none"),
-    }
-    match (&holder, &lock_error) {
-        (Some(h), _) => println!("lock       {} held by {h}", lock.name()),
-        (None, Some(e)) => println!("lock       unknown: {e}"),
-        (None, None) => println!("lock       free"),
-    }
-    println!(
-        "\n{:<20}  {:<12}  {:<12}  {:<10}  RELEASE",
-        "INSTANCE", "ZONE", "LIFECYCLE", "HEALTH"
-    );
-    for i in &instances {
-        let dash = || "-".to_string();
-        println!(
-            "{:<20}  {:<12}  {:<12}  {:<10}  {}{}",
-            i.id,
-            i.zone.clone().unwrap_or_else(dash),
-            i.lifecycle.clone().unwrap_or_else(dash),
-            i.health.clone().unwrap_or_else(dash),
-            i.release.clone().unwrap_or_else(|| "(not reported)".into()),
-            if drift.contains(&i.id) {
-                "  <- drift"
-            } else {
-                ""
-            }
-        );
-    }
-    if !drift.is_empty() {
-        println!(
-            "\n{} of {} instances do not run the desired release yet",
-            drift.len(),
-            instances.len()
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render(&report));
     }
     Ok(ExitCode::Success)
 }

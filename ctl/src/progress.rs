@@ -90,9 +90,22 @@ impl Printer {
                     Purpose::Rollback => ", the previous release",
                 }
             ),
-            Event::RefreshStarted { purpose, id } => {
-                eprintln!("started instance refresh {id} ({})", what(*purpose))
-            }
+            Event::RefreshStarted {
+                purpose,
+                id,
+                alarms,
+            } => eprintln!(
+                "started instance refresh {id} ({}), {}",
+                what(*purpose),
+                if alarms.is_empty() {
+                    "watching no alarm".to_owned()
+                } else {
+                    format!(
+                        "failing if any of these alarms goes to ALARM: {}",
+                        alarms.join(", ")
+                    )
+                }
+            ),
             Event::Stopping { signal } => eprintln!(
                 "{signal}: stopping; cancelling the refresh and putting the previous release back (a second signal exits at once)"
             ),
@@ -149,7 +162,9 @@ impl Journal {
                 value,
                 ..
             } => self.written = Some((*purpose, *version, value.clone())),
-            Event::RefreshStarted { purpose, id } => self.refresh = Some((*purpose, id.clone())),
+            Event::RefreshStarted { purpose, id, .. } => {
+                self.refresh = Some((*purpose, id.clone()))
+            }
             _ => {}
         }
     }
@@ -257,6 +272,7 @@ mod tests {
         Event::RefreshStarted {
             purpose,
             id: id.into(),
+            alarms: Vec::new(),
         }
     }
 

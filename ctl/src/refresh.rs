@@ -98,6 +98,18 @@ pub struct RefreshPlan {
     pub alarms: Vec<String>,
 }
 
+impl RefreshPlan {
+    /// The plan of the refresh that rolls the fleet back: the same, watching no alarm. The
+    /// alarm that failed the release is still in ALARM and would fail the refresh that cures
+    /// it; the release it returns to ran before (see [`crate::alarms`]).
+    pub fn for_rollback(&self) -> RefreshPlan {
+        RefreshPlan {
+            alarms: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for RefreshPlan {
     fn default() -> Self {
         RefreshPlan {
@@ -239,6 +251,7 @@ impl InstanceRefresher for AsgRefresher {
         if let Some(b) = plan.bake_time {
             prefs = prefs.bake_time(secs(b));
         }
+        // AutoRollback stays off (the default): ctl owns the rollback, see crate::alarms.
         if !plan.alarms.is_empty() {
             prefs = prefs.alarm_specification(
                 AlarmSpecification::builder()

@@ -101,6 +101,8 @@ pub enum Event {
     RefreshStarted {
         purpose: Purpose,
         id: String,
+        /// The CloudWatch alarms that fail this refresh when they go to ALARM.
+        alarms: Vec<String>,
     },
     Progress {
         purpose: Purpose,
@@ -558,6 +560,7 @@ where
     emit(Event::RefreshStarted {
         purpose: Purpose::Release,
         id: id.clone(),
+        alarms: req.plan.alarms.clone(),
     });
     if !req.wait {
         return Ok(Outcome::Started { refresh_id: id });
@@ -912,13 +915,15 @@ where
             reason: format!("{reason}; the rollback to {prev} failed too: {why}"),
             advice: again.clone(),
         };
-        let id = match self.fleet.refresher.start(&self.req.plan).await {
+        let plan = self.req.plan.for_rollback();
+        let id = match self.fleet.refresher.start(&plan).await {
             Ok(id) => id,
             Err(e) => return failed(e.to_string()),
         };
         emit(Event::RefreshStarted {
             purpose: Purpose::Rollback,
             id: id.clone(),
+            alarms: plan.alarms.clone(),
         });
         // Launches are watched for the release only: a rollback returns to a release that ran.
         match watch(
@@ -988,11 +993,13 @@ where
         if let Err(g) = self.put_back(prev, emit).await {
             return self.not_put_back(reason, prev, g);
         }
-        match self.fleet.refresher.start(&self.req.plan).await {
+        let plan = self.req.plan.for_rollback();
+        match self.fleet.refresher.start(&plan).await {
             Ok(id) => {
                 emit(Event::RefreshStarted {
                     purpose: Purpose::Rollback,
                     id: id.clone(),
+                    alarms: plan.alarms.clone(),
                 });
                 Outcome::Interrupted {
                     signal: signal.into(),

@@ -1,10 +1,19 @@
-//! What the fleet runs: the desired release, the refresh, and each instance with the release
-//! its agent reported through the instance tag.
+//! What the fleet runs: the desired release, the refresh, the lock, and each instance with
+//! its lifecycle state, the release its agent reported through the instance tag, and its
+//! target health (the load balancer's view). [`gather`] reads; [`render`] is the text
+//! `ctl status` prints (pure).
+
+use std::fmt::Write;
 
 use aws_sdk_ec2::types::Filter;
 use skiff_release::Tag;
+use time::OffsetDateTime;
 
 use crate::aws;
+use crate::deployment::Deployment;
+use crate::lock::{self, Holder, ReleaseLock};
+use crate::refresh::{InstanceRefresher, RefreshInfo};
+use crate::store::{ReleaseStore, Stored};
 
 /// The instance tag the agent writes once its release is healthy.
 pub const RELEASE_TAG_KEY: &str = "skiff:release";
@@ -14,9 +23,28 @@ pub struct InstanceView {
     pub id: String,
     pub zone: Option<String>,
     pub lifecycle: Option<String>,
+    /// Auto Scaling's health status (Healthy/Unhealthy).
     pub health: Option<String>,
     pub release: Option<String>,
+    /// The target group's state of this instance's target (`healthy`, `unhealthy`, `initial`,
+    /// `draining`, `unused`, `unavailable`); `None` when target health is unknown.
+    pub target_health: Option<String>,
+    /// The reason code the load balancer gives (`Target.FailedHealthChecks`, ...).
+    pub target_reason: Option<String>,
 }
+
+/// One target as the load balancer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetHealth {
+    pub id: String,
+    pub state: String,
+    pub reason: Option<String>,
+}
+
+/// Reason code for an instance of the group that is not a target of the group's target group,
+/// the code DescribeTargetHealth gives such a target.
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/APIReference/API_TargetHealth.html
+pub const NOT_REGISTERED: &str = "Target.NotRegistered";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -26,6 +54,24 @@ pub enum StatusError {
     NoGroup { asg: String },
     #[error("cannot read the instance tags ({detail})")]
     DescribeTags { detail: String },
+    #[error("cannot read the release parameter: {0}")]
+    Read(String),
+}
+
+/// Why the target health column is empty; never fails `ctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum TargetHealthError {
+    #[error(
+        "target health unknown: no target group (the stack has no TargetGroup output); pass --target-group ARN"
+    )]
+    NoTargetGroup,
+    #[error(
+        "target health unknown: elasticloadbalancing:DescribeTargetHealth was denied ({0}); attach the stack's DeployerPolicy (it allows it) to see the load balancer's view"
+    )]
+    Denied(String),
+    #[error("target health unknown: cannot describe the target group's targets ({0})")]
+    Describe(String),
 }
 
 /// Instances that do not (yet) report the desired release. Pure.
@@ -38,6 +84,23 @@ pub fn drift(desired: Option<&Tag>, instances: &[InstanceView]) -> Vec<String> {
         .filter(|i| i.release.as_deref() != Some(want.as_str()))
         .map(|i| i.id.clone())
         .collect()
+}
+
+/// Put each target's health beside its instance; an instance that is no target of the group
+/// is `unused` (not registered), as the load balancer says of such a target. Pure.
+pub fn merge_target_health(views: &mut [InstanceView], targets: &[TargetHealth]) {
+    for v in views.iter_mut() {
+        match targets.iter().find(|t| t.id == v.id) {
+            Some(t) => {
+                v.target_health = Some(t.state.clone());
+                v.target_reason = t.reason.clone();
+            }
+            None => {
+                v.target_health = Some("unused".into());
+                v.target_reason = Some(NOT_REGISTERED.into());
+            }
+        }
+    }
 }
 
 /// The group's instances with their reported releases.
@@ -70,6 +133,8 @@ pub async fn instances(
             lifecycle: i.lifecycle_state().map(|s| s.as_str().to_owned()),
             health: i.health_status().map(str::to_owned),
             release: None,
+            target_health: None,
+            target_reason: None,
         })
         .collect();
     if views.is_empty() {
@@ -108,6 +173,212 @@ pub async fn instances(
     Ok(views)
 }
 
+/// Every target of the target group with its health (DescribeTargetHealth without targets
+/// answers for all registered targets).
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/APIReference/API_DescribeTargetHealth.html
+pub async fn target_health(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    target_group: &str,
+) -> Result<Vec<TargetHealth>, TargetHealthError> {
+    let out = elb
+        .describe_target_health()
+        .target_group_arn(target_group)
+        .send()
+        .await
+        .map_err(|e| {
+            let detail = aws::describe(&e);
+            match aws::code(&e).as_deref() {
+                Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation") => {
+                    TargetHealthError::Denied(detail)
+                }
+                _ => TargetHealthError::Describe(detail),
+            }
+        })?;
+    Ok(out
+        .target_health_descriptions()
+        .iter()
+        .filter_map(|d| {
+            let id = d.target()?.id()?.to_owned();
+            let h = d.target_health();
+            Some(TargetHealth {
+                id,
+                state: h
+                    .and_then(|h| h.state())
+                    .map_or_else(|| "unknown".into(), |s| s.as_str().to_owned()),
+                reason: h.and_then(|h| h.reason()).map(|r| r.as_str().to_owned()),
+            })
+        })
+        .collect())
+}
+
+/// Everything `ctl status` shows. The JSON of `ctl status --json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub deployment: Deployment,
+    /// The parameter's value as stored.
+    pub release: Option<String>,
+    pub desired_tag: Option<String>,
+    pub parameter_version: Option<i64>,
+    pub refresh: Option<RefreshInfo>,
+    pub refresh_error: Option<String>,
+    pub lock_name: String,
+    pub lock: Option<Holder>,
+    pub lock_error: Option<String>,
+    pub instances: Vec<InstanceView>,
+    /// Why the instances carry no target health, when they do not.
+    pub target_health_error: Option<TargetHealthError>,
+    /// The same, in words.
+    pub target_health_note: Option<String>,
+    pub drift: Vec<String>,
+}
+
+/// Read the release, the refresh, the lock, the instances and their target health. Only the
+/// release parameter and the group are required; the rest is shown as unknown when it cannot
+/// be read.
+pub async fn gather<S, R, L>(
+    d: &Deployment,
+    store: &S,
+    refresher: &R,
+    lock: &L,
+    autoscaling: &aws_sdk_autoscaling::Client,
+    ec2: &aws_sdk_ec2::Client,
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+) -> Result<Report, StatusError>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    L: ReleaseLock,
+{
+    let current: Option<Stored> = store
+        .read()
+        .await
+        .map_err(|e| StatusError::Read(e.to_string()))?;
+    let (refresh, refresh_error) = match refresher.latest().await {
+        Ok(r) => (r, None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let mut instances = instances(autoscaling, ec2, &d.asg).await?;
+    let target_health_error = match &d.target_group {
+        None => Some(TargetHealthError::NoTargetGroup),
+        Some(tg) => match target_health(elb, tg).await {
+            Ok(targets) => {
+                merge_target_health(&mut instances, &targets);
+                None
+            }
+            Err(e) => Some(e),
+        },
+    };
+    let (holder, lock_error) = match lock.read().await {
+        Ok(v) => (v.map(|v| lock::assess(&v, OffsetDateTime::now_utc())), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let desired = current.as_ref().and_then(|s| s.release.as_ref());
+    let drift = drift(desired.map(|r| &r.tag), &instances);
+    Ok(Report {
+        deployment: d.clone(),
+        release: current.as_ref().map(|s| s.value.clone()),
+        desired_tag: desired.map(|r| r.tag.to_string()),
+        parameter_version: current.as_ref().map(|s| s.version),
+        refresh,
+        refresh_error,
+        lock_name: lock.name().to_owned(),
+        lock: holder,
+        lock_error,
+        instances,
+        target_health_note: target_health_error.as_ref().map(ToString::to_string),
+        target_health_error,
+        drift,
+    })
+}
+
+/// The text of `ctl status`. Pure.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let d = &r.deployment;
+    let _ = writeln!(s, "parameter  {}", d.parameter);
+    let _ = writeln!(s, "group      {}", d.asg);
+    let _ = writeln!(s, "image      {}", d.image);
+    if let Some(tg) = &d.target_group {
+        let _ = writeln!(s, "targets    {tg}");
+    }
+    if !d.alarms.is_empty() {
+        let _ = writeln!(s, "alarms     {}", d.alarms.join(", "));
+    }
+    match (&r.release, r.parameter_version) {
+        (Some(v), Some(n)) => {
+            let _ = writeln!(s, "release    {v} (version {n})");
+        }
+        _ => {
+            let _ = writeln!(s, "release    (parameter not written yet)");
+        }
+    }
+    let _ = match (&r.refresh, &r.refresh_error) {
+        (Some(f), _) => writeln!(
+            s,
+            "refresh    {} {:?} {}%{}",
+            f.id,
+            f.state,
+            f.percent.unwrap_or(0),
+            f.reason
+                .as_deref()
+                .map(|x| format!(" ({x})"))
+                .unwrap_or_default()
+        ),
+        (None, Some(e)) => writeln!(s, "refresh    unknown: {e}"),
+        (None, None) => writeln!(s, "refresh    none"),
+    };
+    let _ = match (&r.lock, &r.lock_error) {
+        (Some(h), _) if h.stale => writeln!(
+            s,
+            "lock       {} STALE, held by {h}; if that release is over, clear it with `ctl unlock`",
+            r.lock_name
+        ),
+        (Some(h), _) => writeln!(s, "lock       {} held by {h}", r.lock_name),
+        (None, Some(e)) => writeln!(s, "lock       unknown: {e}"),
+        (None, None) => writeln!(s, "lock       free"),
+    };
+    let _ = writeln!(
+        s,
+        "\n{:<20}  {:<12}  {:<12}  {:<10}  {:<28}  RELEASE",
+        "INSTANCE", "ZONE", "LIFECYCLE", "HEALTH", "TARGET"
+    );
+    for i in &r.instances {
+        let dash = || "-".to_string();
+        let target = match (&i.target_health, &i.target_reason) {
+            (Some(h), Some(why)) if h != "healthy" => format!("{h} ({why})"),
+            (Some(h), _) => h.clone(),
+            (None, _) => "?".into(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<20}  {:<12}  {:<12}  {:<10}  {:<28}  {}{}",
+            i.id,
+            i.zone.clone().unwrap_or_else(dash),
+            i.lifecycle.clone().unwrap_or_else(dash),
+            i.health.clone().unwrap_or_else(dash),
+            target,
+            i.release.clone().unwrap_or_else(|| "(not reported)".into()),
+            if r.drift.contains(&i.id) {
+                "  <- drift"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(e) = &r.target_health_error {
+        let _ = writeln!(s, "\nnote: {e}");
+    }
+    if !r.drift.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{} of {} instances do not run the desired release yet",
+            r.drift.len(),
+            r.instances.len()
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +390,8 @@ mod tests {
             lifecycle: None,
             health: None,
             release: release.map(Into::into),
+            target_health: None,
+            target_reason: None,
         }
     }
 
@@ -146,6 +419,107 @@ mod tests {
                 want,
                 "{desired:?} {instances:?}"
             );
+        }
+    }
+
+    #[test]
+    fn merge_target_health_table() {
+        let th = |id: &str, state: &str, reason: Option<&str>| TargetHealth {
+            id: id.into(),
+            state: state.into(),
+            reason: reason.map(Into::into),
+        };
+        let mut views = vec![inst("i-a", None), inst("i-b", None), inst("i-c", None)];
+        merge_target_health(
+            &mut views,
+            &[
+                th("i-a", "healthy", None),
+                th("i-b", "unhealthy", Some("Target.FailedHealthChecks")),
+                th("i-other", "healthy", None),
+            ],
+        );
+        let got: Vec<(Option<&str>, Option<&str>)> = views
+            .iter()
+            .map(|v| (v.target_health.as_deref(), v.target_reason.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("healthy"), None),
+                (Some("unhealthy"), Some("Target.FailedHealthChecks")),
+                (Some("unused"), Some(NOT_REGISTERED)),
+            ]
+        );
+    }
+
+    fn report(instances: Vec<InstanceView>, err: Option<TargetHealthError>) -> Report {
+        Report {
+            deployment: Deployment {
+                parameter: "/p".into(),
+                asg: "g".into(),
+                image: "r/app".into(),
+                target_group: Some("arn:tg".into()),
+                alarms: vec!["a-5xx".into()],
+            },
+            release: Some("v1".into()),
+            desired_tag: Some("v1".into()),
+            parameter_version: Some(3),
+            refresh: None,
+            refresh_error: None,
+            lock_name: "/p-lock".into(),
+            lock: None,
+            lock_error: None,
+            drift: drift(Some(&"v1".parse().expect("tag")), &instances),
+            instances,
+            target_health_note: err.as_ref().map(ToString::to_string),
+            target_health_error: err,
+        }
+    }
+
+    #[test]
+    fn render_table() {
+        let mut healthy = inst("i-a", Some("v1"));
+        healthy.target_health = Some("healthy".into());
+        let mut sick = inst("i-b", Some("v0"));
+        sick.target_health = Some("unhealthy".into());
+        sick.target_reason = Some("Target.Timeout".into());
+        let table: Vec<(&str, Report, Vec<&str>, Vec<&str>)> = vec![
+            (
+                "target health beside the release",
+                report(vec![healthy.clone(), sick.clone()], None),
+                vec![
+                    "TARGET",
+                    "healthy",
+                    "unhealthy (Target.Timeout)",
+                    "v0  <- drift",
+                    "alarms     a-5xx",
+                    "targets    arn:tg",
+                ],
+                vec!["note:"],
+            ),
+            (
+                "denied: releases shown, a note, no failure",
+                report(
+                    vec![inst("i-a", Some("v1"))],
+                    Some(TargetHealthError::Denied("AccessDenied: no".into())),
+                ),
+                vec![
+                    "i-a",
+                    "?",
+                    "v1",
+                    "note: target health unknown: elasticloadbalancing:DescribeTargetHealth was denied",
+                ],
+                vec!["drift"],
+            ),
+        ];
+        for (name, r, has, lacks) in table {
+            let text = render(&r);
+            for needle in has {
+                assert!(text.contains(needle), "{name}: no {needle:?} in\n{text}");
+            }
+            for needle in lacks {
+                assert!(!text.contains(needle), "{name}: {needle:?} in\n{text}");
+            }
         }
     }
 }

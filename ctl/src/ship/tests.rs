@@ -83,6 +83,8 @@ struct FakeRefresher {
     after_cancel: Mutex<Option<Vec<Step>>>,
     starts: Mutex<u32>,
     cancels: Mutex<u32>,
+    /// The alarms of each refresh started, in order.
+    alarms: Mutex<Vec<Vec<String>>>,
 }
 
 impl FakeRefresher {
@@ -94,6 +96,7 @@ impl FakeRefresher {
             after_cancel: Mutex::new(None),
             starts: Mutex::new(0),
             cancels: Mutex::new(0),
+            alarms: Mutex::new(Vec::new()),
         }
     }
     fn starts(&self) -> u32 {
@@ -116,7 +119,8 @@ impl InstanceRefresher for FakeRefresher {
     async fn latest(&self) -> Result<Option<RefreshInfo>, RefreshError> {
         Ok(self.latest.map(|state| info("r-0", state)))
     }
-    async fn start(&self, _plan: &RefreshPlan) -> Result<String, RefreshError> {
+    async fn start(&self, plan: &RefreshPlan) -> Result<String, RefreshError> {
+        self.alarms.lock().expect("lock").push(plan.alarms.clone());
         let mut n = self.starts.lock().expect("lock");
         *n += 1;
         *self.after_cancel.lock().expect("lock") = None;
@@ -509,4 +513,43 @@ async fn rollback_after_a_compensated_release_goes_to_the_good_one() {
     let now = w2.store.last();
     assert_eq!(now.tag.as_str(), "v0", "not v2, which was rolled back");
     assert_eq!(now.meta_str("kind"), Some("rollback"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_failed_by_an_alarm_rolls_back_watching_no_alarm() {
+    // The release refresh fails (as Auto Scaling fails it when a watched alarm goes to ALARM);
+    // the rollback refresh must not watch that alarm, which is still in ALARM.
+    let w = World::new(vec![
+        vec![Step::State(InProgress), Step::State(Failed)],
+        vec![Step::State(Successful)],
+    ]);
+    let mut req = request();
+    req.plan.alarms = vec!["app-5xx".into(), "app-hosts".into()];
+    let (r, events) = w.run(&req).await;
+    let outcome = r.expect("outcome");
+    assert_eq!(outcome.exit_code(), ExitCode::RolledBack, "{outcome:?}");
+    assert_eq!(
+        *w.refresher.alarms.lock().expect("lock"),
+        vec![vec!["app-5xx".to_owned(), "app-hosts".to_owned()], vec![]],
+        "release watches the alarms, rollback none"
+    );
+    let started: Vec<(Purpose, Vec<String>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RefreshStarted {
+                purpose, alarms, ..
+            } => Some((*purpose, alarms.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        started,
+        vec![
+            (Purpose::Release, vec!["app-5xx".into(), "app-hosts".into()]),
+            (Purpose::Rollback, vec![])
+        ],
+        "the progress output names what each refresh watches"
+    );
+    assert_eq!(w.store.last().tag.as_str(), "v1");
+    assert!(w.unlocked());
 }
