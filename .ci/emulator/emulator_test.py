@@ -142,31 +142,31 @@ def main():
 
         # Alarms (issue 8): a refresh watching an alarm fails once CloudWatch has it in ALARM.
         cw = session.client("cloudwatch", endpoint_url=url)
-        cw.put_metric_alarm(AlarmName="g4-5xx", Namespace="AWS/ApplicationELB",
+        cw.put_metric_alarm(AlarmName="ga-5xx", Namespace="AWS/ApplicationELB",
                             MetricName="HTTPCode_Target_5XX_Count", Statistic="Sum", Period=60,
                             EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
-        group("g4", [("launch", launching, 60, "ABANDON")])
-        for (i, st) in states("g4").items():
-            asg.complete_lifecycle_action(AutoScalingGroupName="g4", LifecycleHookName="launch",
+        group("ga", [("launch", launching, 60, "ABANDON")])
+        for (i, st) in states("ga").items():
+            asg.complete_lifecycle_action(AutoScalingGroupName="ga", LifecycleHookName="launch",
                                           InstanceId=i, LifecycleActionResult="CONTINUE")
-        rid = asg.start_instance_refresh(AutoScalingGroupName="g4", Preferences={
+        rid = asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={
             "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0,
-            "AlarmSpecification": {"Alarms": ["g4-5xx", "not-an-alarm"]}})["InstanceRefreshId"]
+            "AlarmSpecification": {"Alarms": ["ga-5xx", "not-an-alarm"]}})["InstanceRefreshId"]
 
-        def g4():
-            return asg.describe_instance_refreshes(AutoScalingGroupName="g4", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
-        r = g4()
-        r = g4()  # Pending -> InProgress; the replacement waits in its launch hook
+        def ga():
+            return asg.describe_instance_refreshes(AutoScalingGroupName="ga", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+        r = ga()
+        r = ga()  # Pending -> InProgress; the replacement waits in its launch hook
         check("a refresh watching an OK alarm (and an unknown name) runs",
               r["Status"] == "InProgress", str(r))
         check("its alarm specification is echoed",
-              r.get("Preferences", {}).get("AlarmSpecification", {}).get("Alarms") == ["g4-5xx", "not-an-alarm"], str(r))
-        cw.set_alarm_state(AlarmName="g4-5xx", StateValue="ALARM", StateReason="test")
-        r = g4()
+              r.get("Preferences", {}).get("AlarmSpecification", {}).get("Alarms") == ["ga-5xx", "not-an-alarm"], str(r))
+        cw.set_alarm_state(AlarmName="ga-5xx", StateValue="ALARM", StateReason="test")
+        r = ga()
         check("the alarm in ALARM fails it, naming the alarm",
-              r["Status"] == "Failed" and "g4-5xx" in r.get("StatusReason", ""), str(r))
-        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="g4", Preferences={
-            "AutoRollback": True, "AlarmSpecification": {"Alarms": ["g4-5xx"]}}))
+              r["Status"] == "Failed" and "ga-5xx" in r.get("StatusReason", ""), str(r))
+        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={
+            "AutoRollback": True, "AlarmSpecification": {"Alarms": ["ga-5xx"]}}))
         check("AutoRollback without a DesiredConfiguration is a ValidationError",
               err is not None and err[0] == "ValidationError" and "DesiredConfiguration" in err[1], str(err))
 
@@ -230,6 +230,20 @@ def main():
         report("g5", {ec2_only: "unhealthy"})
         check("HealthCheckType EC2 ignores the load balancer", health("g5") == {ec2_only: ("InService", "Healthy")},
               str(health("g5")))
+        # DescribeTargetHealth answers the reported view (ctl status reads it, issue 12).
+        elb = session.client("elbv2", endpoint_url=url)
+        vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+        tg = elb.create_target_group(Name="g5-tg", Protocol="HTTP", Port=8080, VpcId=vpc,
+                                     TargetType="instance")["TargetGroups"][0]["TargetGroupArn"]
+        elb.register_targets(TargetGroupArn=tg, Targets=[{"Id": ec2_only}])
+        seen = elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+        check("DescribeTargetHealth answers the reported unhealthy, with its reason",
+              [(d["Target"]["Id"], d["TargetHealth"]["State"], d["TargetHealth"].get("Reason")) for d in seen]
+              == [(ec2_only, "unhealthy", "Target.FailedHealthChecks")], str(seen))
+        report("g5", {ec2_only: "healthy"})
+        seen = elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+        check("and healthy once reported healthy",
+              [d["TargetHealth"]["State"] for d in seen] == ["healthy"], str(seen))
 
         # A scale-out while a launch-before-terminate refresh runs: one more instance, no old
         # instance terminated early, the refresh still completes.

@@ -859,6 +859,41 @@ def report_target_health(account_id: str, region: str, group: str, targets: dict
     TARGET_HEALTH[(account_id, region, group)] = dict(targets)
 
 
+# Reason codes DescribeTargetHealth gives with each reported state.
+# https://docs.aws.amazon.com/elasticloadbalancing/latest/APIReference/API_TargetHealth.html
+_TARGET_REASONS = {
+    "initial": ("Elb.InitialHealthChecking", "Initial health checks in progress"),
+    "unhealthy": ("Target.FailedHealthChecks", "Health checks failed"),
+    "draining": ("Target.DeregistrationInProgress", "Target deregistration is in progress"),
+    "unused": ("Target.NotInUse", "Target group is not configured to receive traffic from the load balancer"),
+    "unavailable": ("Elb.InternalError", "Health checks failed due to an internal error"),
+}
+
+
+def _patch_target_health() -> None:
+    """DescribeTargetHealth answers the load balancer's view reported through
+    /skiff-emulator/target-health for a registered instance target (moto calls every registered
+    instance healthy)."""
+    from moto.elbv2 import models as elbv2_models
+
+    original = elbv2_models.FakeTargetGroup.health_for
+
+    def health_for(self, target, ec2_backend):
+        status = original(self, target, ec2_backend)
+        if status.status != "healthy":
+            return status
+        _, _, _, region, account = self.arn.split(":", 5)[:5]
+        for (acc, reg, _group), targets in TARGET_HEALTH.items():
+            state = targets.get(target["Id"]) if (acc, reg) == (account, region) else None
+            if state and state != "healthy":
+                reason, description = _TARGET_REASONS.get(state, (None, None))
+                return elbv2_models.FakeHealthStatus(status.instance_id, status.port,
+                                                     status.health_check_port, state, reason, description)
+        return status
+
+    elbv2_models.FakeTargetGroup.health_for = health_for
+
+
 def _apply_elb_health(backend, group, now: float) -> None:
     targets = TARGET_HEALTH.get((backend.account_id, backend.region_name, group.name))
     if not targets:
@@ -905,6 +940,7 @@ def apply() -> None:
     _patch_group_cfn()
     _patch_lifecycle()
     _patch_capacity()
+    _patch_target_health()
     _patch_autoscaling_responses()
 
 
