@@ -339,7 +339,7 @@ pub fn render(r: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        "\n{:<20}  {:<12}  {:<12}  {:<10}  {:<28}  RELEASE",
+        "\n{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  RELEASE",
         "INSTANCE", "ZONE", "LIFECYCLE", "HEALTH", "TARGET"
     );
     for i in &r.instances {
@@ -351,7 +351,7 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<20}  {:<12}  {:<12}  {:<10}  {:<28}  {}{}",
+            "{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  {}{}",
             i.id,
             i.zone.clone().unwrap_or_else(dash),
             i.lifecycle.clone().unwrap_or_else(dash),

@@ -55,6 +55,7 @@ pub fn ctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
         .env_remove("SKIFF_PARAMETER")
         .env_remove("SKIFF_ASG")
         .env_remove("SKIFF_IMAGE")
+        .env_remove("SKIFF_TARGET_GROUP")
         .env_remove("AWS_PROFILE")
         .env_remove("BUILD_TAG");
     c
