@@ -28,6 +28,19 @@
 #   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_SECURITY_GROUP
 #                an existing database instead (templates/README.md, "Sharing a database")
 #   DATABASE_MULTI_AZ DATABASE_DELETION_PROTECTION ("true"/"false") the own database's settings
+#   CTL_EXIT_FILE update-stack writes ctl's exit code there (make itself exits 2 on any failure)
+#   integration only (app/integration.py; README "Branch environments"):
+#   URL          the deployment to check           empty: https://<the stack's LoadBalancerDNS>
+#   EXPECT_TAG   the release it must run           $(HASH)
+#   WAIT         retry window, seconds             120 (a new stack: its instances boot first)
+#   MIN_HOSTS    different hosts that must answer  1
+#   SERVER_NAME  TLS name and Host header          empty: URL's host
+#   CA INSECURE  a private CA's PEM file, or 1 to skip certificate verification
+#   delete-stack only:
+#   FORCE        1: no question asked              empty: asks on a terminal, refuses without one
+#   PROTECTED    environments FORCE=1 cannot delete  master main production prod
+#   CONFIRM_PROTECTED  =<ENV> to delete a protected one anyway
+#   DELETE_TIMEOUT     seconds to wait for the stack's deletion   3600
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -49,6 +62,19 @@ TAG ?=
 CARGO_TARGET_DIR ?= /root/.cache/skiff-target
 CTL ?= $(or $(shell command -v ctl 2>/dev/null),$(CARGO_TARGET_DIR)/release/ctl)
 CTL_FLAGS ?=
+CTL_EXIT_FILE ?=
+URL ?=
+EXPECT_TAG ?= $(HASH)
+WAIT ?= 120
+MIN_HOSTS ?= 1
+SERVER_NAME ?=
+CA ?=
+INSECURE ?=
+PYTHON ?= python3
+FORCE ?=
+PROTECTED ?= master main production prod
+CONFIRM_PROTECTED ?=
+DELETE_TIMEOUT ?= 3600
 AGENT_BIN ?= $(CARGO_TARGET_DIR)/release/agent
 AWS ?= aws
 VPC_ID ?=
@@ -167,7 +193,8 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	packer fmt -check packer/test
 	packer validate -var agent_bin=/bin/true packer/skiff.pkr.hcl
 	@$(say) "shellcheck"
-	shellcheck packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh .ci/make-check.sh
+	shellcheck packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh .ci/make-check.sh \
+	  app/integration-test.sh
 	@$(say) "Jenkinsfile syntax"
 	bash .ci/jenkinsfile-check.sh
 
@@ -247,7 +274,140 @@ update-stack: ## release TAG to this branch's fleet: ctl --stack $(STACK) releas
 	if [ -n "$${SKIFF_PARAMETER:-}" ] && [ -n "$${SKIFF_ASG:-}" ] && [ -n "$${SKIFF_IMAGE:-}" ]; then \
 	  stack=(); $(say) "SKIFF_PARAMETER, SKIFF_ASG and SKIFF_IMAGE are set: not reading stack $(STACK)"; fi; \
 	$(say) "$(CTL) $${stack[*]} release --tag $(TAG) $(CTL_FLAGS)"; \
-	$(CTL) "$${stack[@]}" release --tag $(TAG) $(CTL_FLAGS)
+	rc=0; $(CTL) "$${stack[@]}" release --tag $(TAG) $(CTL_FLAGS) || rc=$$?; \
+	if [ -n "$(CTL_EXIT_FILE)" ]; then echo "$$rc" >"$(CTL_EXIT_FILE)"; fi; \
+	exit "$$rc"
+
+# Read-only: what Jenkins asks before choosing between create-stack and update-stack.
+.PHONY: stack-status
+stack-status: ## print $(STACK)'s CloudFormation status, or NONE when it does not exist
+	@$(need_branch)
+	@if out=$$($(AWS) cloudformation describe-stacks --region $(REGION) --stack-name $(STACK) \
+	      --query 'Stacks[0].StackStatus' --output text 2>&1); then echo "$$out"; \
+	elif grep -q 'does not exist' <<<"$$out"; then echo NONE; \
+	else $(say) "cannot read stack $(STACK):" >&2; printf '  %s\n' "$$out" >&2; exit 1; fi
+
+# The app's end-to-end checks (app/integration.py, Python stdlib only) against a deployment:
+# URL, or this branch's stack through its load balancer's DNS name.
+.PHONY: integration
+integration: ## end-to-end checks of a deployment: URL=https://... (default: the stack's load balancer), EXPECT_TAG=$(HASH)
+	@url='$(URL)'; \
+	if [ -z "$$url" ]; then \
+	  $(need_branch); $(need_aws); \
+	  dns=$$($(AWS) cloudformation describe-stacks --region $(REGION) --stack-name $(STACK) \
+	    --query "Stacks[0].Outputs[?OutputKey=='LoadBalancerDNS'].OutputValue" --output text 2>&1) || dns=; \
+	  if [ -z "$$dns" ] || [ "$$dns" = None ]; then \
+	    $(say) "no URL given and no LoadBalancerDNS output of stack $(STACK): pass URL=https://<the deployment>" >&2; exit 1; fi; \
+	  url=https://$$dns; \
+	  $(say) "checking $(STACK) at $$url"; \
+	fi; \
+	args=(--expect-tag '$(EXPECT_TAG)' --wait '$(WAIT)' --min-hosts '$(MIN_HOSTS)'); \
+	if [ -n '$(SERVER_NAME)' ]; then args+=(--server-name '$(SERVER_NAME)'); fi; \
+	if [ -n '$(CA)' ]; then args+=(--ca '$(CA)'); fi; \
+	if [ '$(INSECURE)' = 1 ]; then args+=(--insecure); fi; \
+	$(say) "$(PYTHON) app/integration.py $$url $${args[*]}"; \
+	$(PYTHON) app/integration.py "$$url" "$${args[@]}"
+
+# Tears a branch environment down: the stack (its own database leaves its final snapshot:
+# DeletionPolicy: Snapshot in templates/app.yaml), then what the stack does not own: every
+# parameter under /skiff/$(ENV)/ (release, release lock, env/...) and the log groups
+# (/skiff/$(ENV)/..., and the own database's /aws/rds/instance/<id>/... exports, which RDS makes).
+# A protected environment (PROTECTED) is refused even with FORCE=1, unless CONFIRM_PROTECTED=$(ENV).
+.PHONY: delete-stack
+delete-stack: ## delete $(STACK), its parameters /skiff/$(ENV)/ and log groups (asks first; FORCE=1 does not; master needs CONFIRM_PROTECTED)
+	@$(need_branch)
+	@for p in $(PROTECTED); do \
+	  if [ '$(ENV)' = "$$p" ] && [ '$(CONFIRM_PROTECTED)' != '$(ENV)' ]; then \
+	    $(say) "$(ENV) is protected (PROTECTED=$(PROTECTED)): FORCE=1 alone does not delete it;" >&2; \
+	    $(say) "if you really mean to delete $(STACK) and its data, add CONFIRM_PROTECTED=$(ENV)" >&2; exit 1; fi; \
+	done
+	@if ! [[ '$(DELETE_TIMEOUT)' =~ ^[0-9]+$$ ]] || [ '$(DELETE_TIMEOUT)' -lt 30 ]; then \
+	  $(say) "DELETE_TIMEOUT=$(DELETE_TIMEOUT): expected whole seconds, at least 30" >&2; exit 1; fi
+	@if [ '$(FORCE)' != 1 ]; then \
+	  if [ -t 0 ]; then \
+	    printf '[make] delete stack %s with everything of %s (parameters /skiff/%s/, log groups)? Type %s to go on: ' \
+	      '$(STACK)' '$(ENV)' '$(ENV)' '$(ENV)'; \
+	    read -r answer || answer=; \
+	    if [ "$$answer" != '$(ENV)' ]; then $(say) "not confirmed: nothing deleted" >&2; exit 1; fi; \
+	  else \
+	    $(say) "delete-stack asks for a confirmation on a terminal and there is none: pass FORCE=1 to delete $(STACK) without asking" >&2; exit 1; \
+	  fi; \
+	fi
+	@$(need_aws)
+	@region=(--region $(REGION)); db=; \
+	status=$$($(AWS) cloudformation describe-stacks "$${region[@]}" --stack-name $(STACK) \
+	  --query 'Stacks[0].StackStatus' --output text 2>&1) || { \
+	  if grep -q 'does not exist' <<<"$$status"; then status=NONE; \
+	  else $(say) "cannot read stack $(STACK):" >&2; printf '  %s\n' "$$status" >&2; exit 1; fi; }; \
+	if [ "$$status" = NONE ]; then \
+	  $(say) "stack $(STACK) does not exist (already deleted?): cleaning up what is left of $(ENV)"; \
+	else \
+	  db=$$($(AWS) cloudformation describe-stack-resources "$${region[@]}" --stack-name $(STACK) \
+	    --logical-resource-id Database --query 'StackResources[0].PhysicalResourceId' --output text 2>/dev/null) || db=; \
+	  [ "$$db" != None ] || db=; \
+	  if [ -n "$$db" ] && [ "$$($(AWS) rds describe-db-instances "$${region[@]}" --db-instance-identifier "$$db" \
+	        --query 'DBInstances[0].DeletionProtection' --output text 2>/dev/null)" = True ]; then \
+	    $(say) "the stack's database $$db has deletion protection: turning it off (the final snapshot is kept)"; \
+	    $(AWS) rds modify-db-instance "$${region[@]}" --db-instance-identifier "$$db" \
+	      --no-deletion-protection --apply-immediately >/dev/null; \
+	  fi; \
+	  if lock=$$($(AWS) ssm get-parameter "$${region[@]}" --name /skiff/$(ENV)/release-lock \
+	        --query Parameter.Value --output text 2>/dev/null); then \
+	    $(say) "warning: a release holds /skiff/$(ENV)/release-lock ($$lock); deleting anyway"; fi; \
+	  $(say) "deleting stack $(STACK) (status $$status), waiting at most $(DELETE_TIMEOUT) s"; \
+	  $(AWS) cloudformation delete-stack "$${region[@]}" --stack-name $(STACK); \
+	  start=$$SECONDS; last=; \
+	  while :; do \
+	    if ! status=$$($(AWS) cloudformation describe-stacks "$${region[@]}" --stack-name $(STACK) \
+	          --query 'Stacks[0].StackStatus' --output text 2>&1); then \
+	      if grep -q 'does not exist' <<<"$$status"; then break; fi; \
+	      $(say) "cannot read stack $(STACK) while it is deleted (retrying): $$status" >&2; status=unknown; \
+	    fi; \
+	    [ "$$status" = DELETE_COMPLETE ] && break; \
+	    [ "$$status" = "$$last" ] || $(say) "$(STACK): $$status ($$((SECONDS - start)) s)"; last=$$status; \
+	    if [ "$$status" = DELETE_FAILED ]; then \
+	      $(say) "deleting $(STACK) failed; the resources that refused:" >&2; \
+	      $(AWS) cloudformation describe-stack-events "$${region[@]}" --stack-name $(STACK) --max-items 50 \
+	        --query "StackEvents[?ResourceStatus=='DELETE_FAILED'].[LogicalResourceId,ResourceStatusReason]" \
+	        --output text >&2 || true; \
+	      $(say) "fix those, then run make delete-stack again; parameters and log groups were left as they are" >&2; \
+	      exit 1; \
+	    fi; \
+	    if (( SECONDS - start >= $(DELETE_TIMEOUT) )); then \
+	      $(say) "$(STACK) is still $$status after $(DELETE_TIMEOUT) s; look at its events in the console and run" >&2; \
+	      $(say) "make delete-stack again to finish (parameters and log groups are cleaned after the stack)" >&2; exit 1; \
+	    fi; \
+	    sleep 10; \
+	  done; \
+	  $(say) "stack $(STACK) deleted ($$((SECONDS - start)) s)"; \
+	fi; \
+	names=$$($(AWS) ssm get-parameters-by-path "$${region[@]}" --path /skiff/$(ENV)/ --recursive \
+	  --query 'Parameters[].Name' --output text); \
+	names=($$names); \
+	for ((i = 0; i < $${#names[@]}; i += 10)); do \
+	  $(AWS) ssm delete-parameters "$${region[@]}" --names "$${names[@]:i:10}" --output text >/dev/null; \
+	done; \
+	$(say) "deleted $${#names[@]} parameter(s) under /skiff/$(ENV)/: $${names[*]:-none}"; \
+	prefixes=(/skiff/$(ENV)/); [ -z "$$db" ] || prefixes+=("/aws/rds/instance/$$db/"); \
+	for prefix in "$${prefixes[@]}"; do \
+	  groups=$$($(AWS) logs describe-log-groups "$${region[@]}" --log-group-name-prefix "$$prefix" \
+	    --query 'logGroups[].logGroupName' --output text); \
+	  for g in $$groups; do \
+	    $(AWS) logs delete-log-group "$${region[@]}" --log-group-name "$$g"; $(say) "deleted log group $$g"; \
+	  done; \
+	done; \
+	if [ -n "$$db" ]; then \
+	  snaps=$$($(AWS) rds describe-db-snapshots "$${region[@]}" --db-instance-identifier "$$db" \
+	    --query 'DBSnapshots[].DBSnapshotIdentifier' --output text 2>/dev/null || true); \
+	  $(say) "the database's final snapshot stays (delete it when no longer needed): $${snaps:-none found yet}"; \
+	fi; \
+	left=$$($(AWS) ssm get-parameters-by-path "$${region[@]}" --path /skiff/$(ENV)/ --recursive \
+	  --query 'Parameters[].Name' --output text; \
+	  $(AWS) logs describe-log-groups "$${region[@]}" --log-group-name-prefix /skiff/$(ENV)/ \
+	  --query 'logGroups[].logGroupName' --output text); \
+	if [ -n "$$(tr -d '[:space:]' <<<"$$left")" ]; then \
+	  $(say) "still there after the cleanup (created meanwhile?): $$left; run make delete-stack again" >&2; exit 1; fi; \
+	$(say) "nothing of $(ENV) is left"
 
 .PHONY: ami
 ami: ## build the AMI with packer (packer/skiff.pkr.hcl, agent from AGENT_BIN)

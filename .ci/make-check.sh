@@ -16,6 +16,12 @@
 #      create-stack, which says it kept it. Not the stack's outputs: see below.
 #   7. a stack from before (its template owned the release parameter) updated by create-stack:
 #      the update deletes the parameter, create-stack puts the live value back.
+#   8. delete-stack: without FORCE=1 and no terminal it refuses and deletes nothing; master is
+#      refused even with FORCE=1 (before any AWS call); stack-status before and after; with
+#      FORCE=1 nothing of the branch is left (stack, every parameter under /skiff/<env>/: release,
+#      lock, env/..., its log group) while a neighbour's /skiff/<env>x/ stays; a rerun is a no-op.
+#      `make integration` without URL on a stack without outputs says to pass URL (the checks
+#      themselves: app/integration-test.sh).
 # Every name carries a fresh run id; images, registry tags and moto resources it made are removed
 # on exit, also after a failure. Needs .ci/setup.sh's services (Docker, registry :5000, moto
 # :5055, the awscli venv); builds ctl (debug) when missing.
@@ -62,7 +68,7 @@ mk() {
   while (($#)) && [ "$1" != -- ]; do envs+=("$1"); shift; done
   shift
   env -i PATH="$PATH" HOME="$home" ${DOCKER_HOST:+DOCKER_HOST="$DOCKER_HOST"} "${envs[@]}" \
-    make -C "$clone" REGISTRY="$registry" REPOSITORY="$repo_name" BASE="$base" "$@" >"$work/out" 2>&1
+    make -C "$clone" REGISTRY="$registry" REPOSITORY="$repo_name" BASE="$base" "$@" >"$work/out" 2>&1 </dev/null
 }
 moto_env=(AWS_ENDPOINT_URL="$moto" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
   AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1)
@@ -287,6 +293,54 @@ maws cloudformation describe-stack-resources --stack-name "$stack" \
 check "the stack no longer owns it" bash -c '! grep -q "AWS::SSM::Parameter" "$1"' _ "$work/resources"
 check "the stack now has today's resources" eval '[ -n "$(resource AutoScalingGroup)" ] && [ -n "$(resource DeployerPolicy)" ]'
 delete_stack
+
+# --- 8. delete-stack ---------------------------------------------------------------------------------
+mk "${moto_env[@]}" -- stack-status AWS="$aws_cli"; rc=$?
+check "make stack-status of a deleted stack prints NONE (exit $rc)" eval '[ "$rc" = 0 ] && grep -qx NONE "$work/out"'
+create_stack; rc=$?
+check "make create-stack for the delete-stack checks (exit $rc)" [ "$rc" = 0 ]
+mk "${moto_env[@]}" -- stack-status AWS="$aws_cli"; rc=$?
+check "make stack-status prints CREATE_COMPLETE (exit $rc)" eval '[ "$rc" = 0 ] && grep -qx CREATE_COMPLETE "$work/out"'
+mk "${moto_env[@]}" -- integration AWS="$aws_cli"; rc=$?
+check "make integration without URL, the stack without outputs (moto): says to pass URL (exit $rc)" \
+  eval '[ "$rc" != 0 ] && has "pass URL=https://"'
+for p in release-lock env/DB_FLAG env/nested/KEY; do
+  maws ssm put-parameter --name "/skiff/$env_name/$p" --type String --value "x$run" >/dev/null 2>&1
+done
+# One the stack does not own (made by hand, or kept by an older template): the stack's delete
+# leaves it, make delete-stack must not.
+maws logs create-log-group --log-group-name "/skiff/$env_name/leftover" >/dev/null 2>&1
+cleanup_moto+=("maws logs delete-log-group --log-group-name /skiff/$env_name/leftover")
+neighbour=/skiff/${env_name}x/release
+maws ssm put-parameter --name "$neighbour" --type String --value "keep$run" >/dev/null 2>&1
+cleanup_moto+=("maws ssm delete-parameter --name $neighbour")
+params() { maws ssm get-parameters-by-path --path "/skiff/$env_name/" --recursive --query 'Parameters[].Name' 2>&1 | tr -s '\t' '\n' | sed '/^$/d' | sort; }
+log_groups() { maws logs describe-log-groups --log-group-name-prefix "/skiff/$env_name/" --query 'logGroups[].logGroupName' 2>&1 | tr -s '\t' '\n' | sed '/^$/d'; }
+check "before: four parameters of $env_name ($(params | paste -sd' '))" [ "$(params | wc -l)" = 4 ]
+check "before: the stack's log group and the leftover ($(log_groups | paste -sd' '))" \
+  [ "$(log_groups | sort | paste -sd' ')" = "/skiff/$env_name/app /skiff/$env_name/leftover" ]
+
+mk "${moto_env[@]}" -- delete-stack AWS="$aws_cli"; rc=$?
+check "delete-stack without FORCE=1 and without a terminal refuses (exit $rc)" [ "$rc" != 0 ]
+check "... saying to pass FORCE=1" has "pass FORCE=1"
+check "... and deletes nothing (stack $(stack_status), $(params | wc -l) parameters)" \
+  eval '[ "$(stack_status)" = CREATE_COMPLETE ] && [ "$(params | wc -l)" = 4 ] && [ -n "$(log_groups)" ]'
+mk "${moto_env[@]}" -- delete-stack AWS="$aws_cli" BRANCH=master FORCE=1; rc=$?
+check "delete-stack of master refuses even with FORCE=1 (exit $rc)" eval '[ "$rc" != 0 ] && has "CONFIRM_PROTECTED=master"'
+check "... before any AWS call" bash -c '! grep -q "AWS identity" "$1"' _ "$work/out"
+mk "${moto_env[@]}" -- delete-stack AWS="$aws_cli" FORCE=1 DELETE_TIMEOUT=abc; rc=$?
+check "delete-stack with a bad DELETE_TIMEOUT refuses (exit $rc)" eval '[ "$rc" != 0 ] && has "DELETE_TIMEOUT=abc: expected whole seconds"'
+
+t=$SECONDS; mk "${moto_env[@]}" -- delete-stack AWS="$aws_cli" FORCE=1; rc=$?
+check "FORCE=1 make delete-stack succeeds (exit $rc, $((SECONDS - t)) s)" [ "$rc" = 0 ]
+check "... and says what it deleted" eval 'has "stack $stack deleted" && has "deleted 4 parameter(s)" && has "deleted log group /skiff/$env_name/leftover" && has "nothing of $env_name is left"'
+gone=$(stack_status | tr -s '\n' ' ' | sed 's/^ *//; s/ *$//')
+check "the stack is gone ($gone)" bash -c '[[ $1 == DELETE_COMPLETE || $1 == *"does not exist"* ]]' _ "$gone"
+check "no parameter under /skiff/$env_name/ is left ($(params | paste -sd' '))" [ -z "$(params)" ]
+check "no log group under /skiff/$env_name/ is left ($(log_groups))" [ -z "$(log_groups)" ]
+check "the neighbour's $neighbour stays" [ "$(maws ssm get-parameter --name "$neighbour" --query Parameter.Value 2>&1)" = "keep$run" ]
+mk "${moto_env[@]}" -- delete-stack AWS="$aws_cli" FORCE=1; rc=$?
+check "a second FORCE=1 delete-stack is a no-op (exit $rc)" eval '[ "$rc" = 0 ] && has "does not exist" && has "deleted 0 parameter(s)"'
 
 echo "make: $passed passed, $failed failed ($((SECONDS - started)) s)"
 ((failed == 0))
