@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Checks a Jenkinsfile offline, in two passes, with Groovy 2.4 (Debian's `groovy`, the same
+# Checks the Jenkinsfiles offline, in three passes, with Groovy 2.4 (Debian's `groovy`, the same
 # Groovy line Jenkins runs pipelines with):
 #   1. syntax: the file compiles as a Groovy script (compiled, not run);
 #   2. declarative structure: the script is run against a stand-in for Jenkins' pipeline DSL that
 #      records the sections instead of acting: `pipeline` needs `agent` and `stages`, every
 #      section, directive and `when` condition must be one Jenkins knows, every stage has exactly
 #      one of steps/stages/parallel. Step bodies are compiled (pass 1) but never run.
+#   3. the paths: the pipeline is run against a model of Jenkins for each scenario (a pull request,
+#      a branch and master with and without a stack, a failed, a refused, a locked release, the
+#      teardown job with a good, an empty and a hostile branch name): `when` conditions evaluated,
+#      step bodies and the Jenkinsfile's functions run with recording stand-ins for sh,
+#      withCredentials, error, unstable, readFile...; the make targets each path calls, in order,
+#      and the build's result must be the expected ones, and no path calls ctl or aws directly.
 # It is no substitute for Jenkins' own linter (which needs a Jenkins server and its plugins):
-# step names and their arguments are not checked.
+# step names and their arguments are not checked, and the model knows only the steps used here.
 #
-# Usage: .ci/jenkinsfile-check.sh            check ./Jenkinsfile, then prove the check rejects
-#                                             broken copies of it; prints 'N passed, N failed'
-#        .ci/jenkinsfile-check.sh FILE...    check these files only
+# Usage: .ci/jenkinsfile-check.sh            check ./Jenkinsfile and ./Jenkinsfile.teardown, then
+#                                             prove the checks reject broken copies; prints
+#                                             'N passed, N failed'
+#        .ci/jenkinsfile-check.sh FILE...    passes 1 and 2 on these files only
 # Exit status: 0 all good, 1 otherwise. Installs groovy with apt when it is missing.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -96,6 +103,7 @@ class Section {
 class Dsl {
     List<String> problems = []
     int pipelines = 0
+    List<Map> stageList = []  // the top-level stages in order: name, when and steps closures
 
     static final Set<String> PIPELINE = ['agent', 'stages', 'post', 'environment', 'options',
         'parameters', 'triggers', 'tools', 'libraries'] as Set
@@ -146,15 +154,18 @@ class Dsl {
             count++
             def name = args && args[0] instanceof CharSequence ? args[0].toString() : null
             if (!name) problems << "${where}: a stage without a name".toString()
-            stage("${where}['${name}']", body)
+            def rec = stage("${where}['${name}']", body)
+            if (where == 'pipeline.stages') { rec.name = name; stageList << rec }
         }
         Section.run(c, s)
         if (count == 0) problems << "${where}: no stage".toString()
     }
 
-    void stage(String where, Closure c) {
+    Map stage(String where, Closure c) {
         def st = section(where, STAGE)
-        st.nested.when = { args, body -> when("${where}.when", body) }
+        def rec = [:]
+        st.nested.when = { args, body -> rec.when = body; when("${where}.when", body) }
+        st.nested.steps = { args, body -> rec.steps = body }
         st.nested.stages = { args, body -> stages("${where}.stages", body) }
         st.nested.parallel = { args, body -> stages("${where}.parallel", body) }
         st.nested.post = { args, body -> post("${where}.post", body) }
@@ -167,6 +178,7 @@ class Dsl {
             problems << "${where}: needs exactly one of steps, stages, parallel, matrix (has ${kinds ?: 'none'})".toString()
         }
         st.seen.each { k, n -> if (n > 1) problems << "${where}: '${k}' appears ${n} times".toString() }
+        return rec
     }
 
     void when(String where, Closure c) {
@@ -197,11 +209,285 @@ class Dsl {
     }
 }
 
+// --- pass 3 (--paths): which Makefile targets each path of the pipeline calls ---------------------
+// The pipeline read by pass 2 is run stage by stage against a model of Jenkins for a scenario (a
+// branch, a pull request, the teardown job; what `sh` answers): `when` conditions are evaluated,
+// step bodies run with recording stand-ins for sh, withCredentials, error, unstable, readFile...,
+// and the Jenkinsfile's own functions run as written. What comes out is every shell command in
+// order, from which the make targets are read, and the build's result.
+class StopBuild extends RuntimeException {
+    StopBuild(String msg) { super(msg) }
+}
+
+class Scenario {
+    String name
+    Map env = [:]
+    Map params = [:]
+    List<List> answers = []  // [regex, exit status, stdout] for sh scripts that match
+    Map files = [:]
+    // what the run did
+    List<Map> commands = []   // script, env (withEnv), credentials in effect
+    List<String> stagesRun = []
+    List<String> credentials = []
+    List<String> messages = []
+    String result = 'SUCCESS'
+
+    List answer(String script) {
+        def a = answers.find { script =~ it[0] }
+        return a ?: [null, 0, '']
+    }
+
+    List<String> targets() {
+        commands.collectMany { c ->
+            def m = c.script =~ /(?:^|&&\s*|;\s*|\|\|\s*)make\s+(?:-\S+\s+)*([a-z][a-z-]*)/
+            m.collect { it[1] }
+        }
+    }
+
+    Map command(String target) {
+        commands.find { c -> c.script =~ /(?:^|&&\s*|;\s*)make\s+(?:-\S+\s+)*${target}(\s|$)/ }
+    }
+}
+
+class WhenEval {
+    Scenario sc
+    List<Boolean> results = []
+
+    boolean all() { results.every { it } }
+    WhenEval sub(Closure c) { def w = new WhenEval(sc: sc); Sim.run(c, w); w }
+    static boolean glob(String pattern, String value) {
+        value ==~ pattern.collect { ch -> ch == '*' ? '.*' : java.util.regex.Pattern.quote(ch) }.join('')
+    }
+    def branch(String pattern) { results << glob(pattern, (sc.env.BRANCH_NAME ?: '').toString()) }
+    def changeRequest(Map m = [:]) { results << (sc.env.CHANGE_ID ? true : false) }
+    def not(Closure c) { results << !sub(c).all() }
+    def allOf(Closure c) { results << sub(c).all() }
+    def anyOf(Closure c) { results << sub(c).results.any { it } }
+    def environment(Map m) { results << (sc.env[m.name]?.toString() == m.value?.toString()) }
+    def expression(Closure c) { results << (Sim.run(c, new StepsSim(sc: sc)) as boolean) }
+    def beforeAgent(boolean b) {}
+    def methodMissing(String name, args) { throw new StopBuild("when: '${name}' cannot be evaluated here") }
+    def propertyMissing(String name) {
+        if (name == 'env') return sc.env
+        if (name == 'params') return sc.params
+        throw new StopBuild("when: unknown '${name}'")
+    }
+}
+
+class StepsSim {
+    Scenario sc
+    Script script
+    List<String> withEnvs = []
+
+    def sh(String s) { doSh([script: s]) }
+    def sh(Map m) { doSh(m) }
+    def doSh(Map m) {
+        String s = m.script.toString()
+        sc.commands << [script: s, env: withEnvs.clone(), credentials: sc.credentials.clone()]
+        def a = sc.answer(s)
+        if (m.returnStatus) return a[1]
+        if (a[1] != 0) throw new StopBuild("sh exited ${a[1]}: ${s}")
+        return m.returnStdout ? a[2] : null
+    }
+    def error(String msg) { throw new StopBuild(msg) }
+    def unstable(String msg) { if (sc.result == 'SUCCESS') sc.result = 'UNSTABLE'; sc.messages << msg }
+    def echo(String msg) { sc.messages << msg }
+    def fileExists(String p) { sc.files.containsKey(p) }
+    def readFile(String p) {
+        if (!sc.files.containsKey(p)) throw new StopBuild("readFile: no ${p}")
+        sc.files[p]
+    }
+    def file(Map m) { sc.credentials << m.credentialsId.toString(); null }
+    def string(Map m) { sc.credentials << m.credentialsId.toString(); null }
+    def withEnv(List vars, Closure c) {
+        def saved = withEnvs.clone()
+        withEnvs.addAll(vars.collect { it.toString() })
+        try { c.call() } finally { withEnvs = saved }
+    }
+    def methodMissing(String name, args) {
+        def list = args as List
+        if (script.metaClass.respondsTo(script, name)) return script.invokeMethod(name, args)
+        // script, withCredentials, timeout, input, dir, ...: run the body when there is one
+        def body = list ? list[-1] : null
+        return body instanceof Closure ? body.call() : null
+    }
+    def propertyMissing(String name) {
+        if (name == 'env') return sc.env
+        if (name == 'params') return sc.params
+        if (name == 'currentBuild') return [result: sc.result]
+        throw new StopBuild("steps: unknown '${name}'")
+    }
+}
+
+class Sim {
+    static def run(Closure c, Object delegate) {
+        def copy = c.rehydrate(delegate, c.owner, c.thisObject)
+        copy.resolveStrategy = Closure.DELEGATE_FIRST
+        return copy.call()
+    }
+
+    // Runs the recorded stages for a scenario, as declarative Jenkins does: a stage whose `when`
+    // is false is skipped; after a failed stage the others are skipped.
+    static void play(List<Map> stageList, Scenario sc, Script script, Binding binding) {
+        def steps = new StepsSim(sc: sc, script: script)
+        binding.setVariable('skiffSim', steps)
+        binding.setVariable('env', sc.env)
+        binding.setVariable('params', sc.params)
+        for (st in stageList) {
+            if (sc.result == 'FAILURE') break
+            try {
+                if (st.when != null && !new WhenEval(sc: sc).with { w -> run(st.when, w); w.all() }) continue
+                sc.stagesRun << st.name
+                if (st.steps != null) run(st.steps, steps)
+            } catch (StopBuild e) {
+                sc.result = 'FAILURE'
+                sc.messages << e.message
+            }
+        }
+    }
+}
+
+// The scenarios and what each path must do.
+Map<String, List<Map>> scenarioSets() {
+    def commit = '0123456789abcdef0123456789abcdef01234567'
+    def base = { Map extra -> [GIT_COMMIT: commit, BUILD_URL: 'https://jenkins/job/1/'] + extra }
+    def built = ['build', 'test', 'push']
+    return [
+        main: [
+            [name: 'pull request (the PR gate only)', env: base(BRANCH_NAME: 'PR-42', CHANGE_ID: '42',
+                CHANGE_AUTHOR: 'skiff-maintainer'), targets: built, result: 'SUCCESS'],
+            [name: 'branch feature/login, no stack yet: created, then tested', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/stack-status/, 0, 'NONE\n']],
+                targets: built + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-branch', wait: '900'],
+            [name: 'branch feature/login, stack exists: released, then tested', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-branch', wait: '120'],
+            [name: 'master, stack exists: released, then tested', env: base(BRANCH_NAME: 'master'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-master', wait: '120'],
+            [name: 'master, no stack yet: created, then tested', env: base(BRANCH_NAME: 'master'),
+                answers: [[/stack-status/, 0, 'NONE\n']],
+                targets: built + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-master', wait: '900'],
+            [name: 'master, the release fails its health checks (ctl 1): FAILURE, not tested', env: base(BRANCH_NAME: 'master'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/update-stack/, 2, '']], files: ['.ctl-exit': '1\n'],
+                targets: built + ['stack-status', 'update-stack'], result: 'FAILURE'],
+            [name: 'master, another release holds the lock (ctl 4): UNSTABLE, not tested', env: base(BRANCH_NAME: 'master'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/update-stack/, 2, '']], files: ['.ctl-exit': '4\n'],
+                targets: built + ['stack-status', 'update-stack'], result: 'UNSTABLE'],
+            [name: 'branch whose stack is being updated: FAILURE, nothing deployed', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/stack-status/, 0, 'UPDATE_IN_PROGRESS\n']],
+                targets: built + ['stack-status'], result: 'FAILURE'],
+            [name: 'the integration checks fail: FAILURE', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/integration/, 2, '']],
+                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'FAILURE'],
+        ],
+        teardown: [
+            [name: 'teardown of feature/login', env: base([:]), params: [BRANCH: 'feature/login'],
+                targets: ['delete-stack'], result: 'SUCCESS', force: 'feature/login'],
+            [name: 'teardown without a branch: refused', env: base([:]), params: [BRANCH: ''],
+                targets: [], result: 'FAILURE'],
+            [name: 'teardown of a branch name with shell characters: refused', env: base([:]),
+                params: [BRANCH: "x';rm -rf /;'"], targets: [], result: 'FAILURE'],
+        ],
+    ]
+}
+
+// Returns the problems of one scenario's run.
+List<String> judge(Map want, Scenario sc) {
+    def problems = []
+    def got = sc.targets()
+    if (got != want.targets) problems << "make targets ${got}, expected ${want.targets}".toString()
+    if (sc.result != want.result) {
+        problems << "result ${sc.result}, expected ${want.result} (${sc.messages ? sc.messages[-1] : 'no message'})".toString()
+    }
+    sc.commands.each { c ->
+        if (c.script =~ /\bctl"?\s+(?:--?\S+\s+)*(release|rollback)\b/ || c.script =~ /\baws\s+(cloudformation|ssm|logs|rds|ecr)\b/) {
+            problems << "calls ctl or aws directly instead of a Makefile target: ${c.script}".toString()
+        }
+    }
+    if (want.credential) {
+        ['create-stack', 'update-stack', 'integration'].findAll { it in got }.each { t ->
+            def c = sc.command(t)
+            if (!(want.credential in c.credentials) || !(c.script.contains('STACK_CONFIG'))) {
+                problems << "${t} does not run with the stack config ${want.credential}: ${c.script}".toString()
+            }
+        }
+    }
+    if ('update-stack' in got && !(sc.command('update-stack').script =~ 'TAG="?\\$GIT_COMMIT')) {
+        problems << "update-stack does not release \$GIT_COMMIT: ${sc.command('update-stack').script}".toString()
+    }
+    if ('integration' in got) {
+        def c = sc.command('integration').script
+        if (!(c =~ 'EXPECT_TAG="?\\$GIT_COMMIT')) problems << "integration does not expect \$GIT_COMMIT: ${c}".toString()
+        if (want.wait && sc.env.INTEGRATION_WAIT != want.wait) {
+            problems << "integration waits ${sc.env.INTEGRATION_WAIT} s, expected ${want.wait}".toString()
+        }
+    }
+    if (want.force) {
+        def c = sc.command('delete-stack')
+        if (!c || !(c.script =~ /\bFORCE=1\b/) || !("BRANCH=${want.force}".toString() in c.env) || !c.script.contains('BRANCH="$BRANCH"')) {
+            problems << "delete-stack is not run with FORCE=1 for BRANCH=${want.force}: ${c}".toString()
+        }
+    }
+    return problems
+}
+
 abstract class JenkinsfileScript extends Script {
     def pipeline(Closure body) { binding.getVariable('skiffDsl').pipeline(body) }
+    // Jenkins steps called from the Jenkinsfile's own functions: the model's, in pass 3.
+    def methodMissing(String name, args) {
+        if (binding.hasVariable('skiffSim')) return binding.getVariable('skiffSim').invokeMethod(name, args)
+        throw new MissingMethodException(name, getClass(), args as Object[])
+    }
 }
 
 int bad = 0
+if (args && args[0] == '--paths') {
+    // --paths KIND FILE...: the scenarios of KIND (main, teardown) against each FILE; prints
+    // "ok   path FILE: scenario: targets" or "FAIL path FILE: scenario: problems" per scenario.
+    def scenarios = scenarioSets()[args[1]]
+    if (scenarios == null) { println "unknown scenario set ${args[1]}"; System.exit(99) }
+    for (path in args.drop(2)) {
+        def dsl = new Dsl()
+        def config = new CompilerConfiguration()
+        config.scriptBaseClass = JenkinsfileScript.name
+        def binding = new Binding([skiffDsl: dsl])
+        def shell = new GroovyShell(this.class.classLoader, binding, config)
+        Script script
+        try {
+            script = shell.parse(new File(path).text, 'Jenkinsfile')
+            script.run()
+        } catch (Throwable e) {
+            println "FAIL path ${path}: cannot be read: ${e.class.simpleName}: ${e.message}"
+            bad++
+            continue
+        }
+        for (want in scenarios) {
+            def sc = new Scenario(name: want.name, env: new LinkedHashMap(want.env), params: want.params ?: [:],
+                answers: want.answers ?: [], files: want.files ?: [:])
+            List<String> problems
+            try {
+                Sim.play(dsl.stageList, sc, script, binding)
+                problems = judge(want, sc)
+            } catch (Throwable e) {
+                problems = ["the model could not run it: ${e.class.simpleName}: ${e.message}".toString()]
+            }
+            if (problems) {
+                bad++
+                println "FAIL path ${path}: ${want.name}:"
+                problems.each { println "  - ${it}" }
+                println "  stages run: ${sc.stagesRun}"
+            } else {
+                println "ok   path ${path}: ${want.name}: make ${sc.targets().join(', ') ?: '(none)'} -> ${sc.result}"
+            }
+        }
+    }
+    System.exit(bad)
+}
 for (path in args) {
     def file = new File(path)
     def dsl = new Dsl()
@@ -236,6 +522,7 @@ if (($#)); then
 fi
 
 jf="$root/Jenkinsfile"
+td="$root/Jenkinsfile.teardown"
 passed=0
 failed=0
 result() { # ok?, name
@@ -260,20 +547,58 @@ write("unknown-when", text.replace("changeRequest()", "pullRequest()", 1))
 # no stages at all
 write("no-stages", text[: text.index("    stages {")] + text[text.index("    post {"):])
 PY
-for f in "$work"/broken/*; do
-  cmp -s "$f" "$jf" && { say "could not make the broken copy $(basename "$f")"; exit 1; }
-done
+# Copies whose paths are wrong though their structure is fine, each of which pass 3 must reject.
+mkdir -p "$work/paths-main" "$work/paths-teardown"
+python3 - "$jf" "$td" "$work" <<'PY'
+import sys
+main, teardown, out = open(sys.argv[1]).read(), open(sys.argv[2]).read(), sys.argv[3]
+def write(name, text, old, new):
+    assert old in text, f"{name}: {old!r} not found"
+    with open(f"{out}/{name}", "w") as f:
+        f.write(text.replace(old, new, 1))
+# the branch path no longer runs the integration checks
+write("paths-main/integration-not-run", main, "sh make('integration", "echo make('integration")
+# the stack created by aws directly instead of make create-stack
+write("paths-main/create-by-aws", main, "sh make('create-stack')",
+      "sh 'aws cloudformation deploy --template-file templates/app.yaml --stack-name app-x'")
+# ctl called directly instead of make update-stack
+write("paths-main/ctl-direct", main, "make('update-stack TAG=\"$GIT_COMMIT\" ",
+      "('\"$CARGO_TARGET_DIR/release/ctl\" release --tag \"$GIT_COMMIT\" ")
+# the teardown asks (no FORCE=1): it would hang or refuse in Jenkins
+write("paths-teardown/no-force", teardown, "FORCE=1 ", "")
+# any branch name goes through to the shell
+write("paths-teardown/no-validation", teardown, "if (!(branch ==~", "if (false && !(branch ==~")
+PY
 
 start=$SECONDS
 set +e
-check "$jf" "$work"/broken/* >"$work/out" 2>&1
+check "$jf" "$td" "$work"/broken/* >"$work/out" 2>&1
 set -e
 sed 's/^/    /' "$work/out"
-rc=0; grep -qx "OK $jf" "$work/out" || rc=1
-result "$rc" "Jenkinsfile passes the syntax and declarative checks"
+for f in "$jf" "$td"; do
+  rc=0; grep -qx "OK $f" "$work/out" || rc=1
+  result "$rc" "$(basename "$f") passes the syntax and declarative checks"
+done
 for f in "$work"/broken/*; do
   rc=0; grep -q "^ERROR $f:" "$work/out" || rc=1
   result "$rc" "a broken copy is rejected: $(basename "$f")"
+done
+
+# Pass 3: each path run against the model of Jenkins (scenarios in check.groovy, scenarioSets).
+for kind in main teardown; do
+  file=$jf; [ "$kind" = main ] || file=$td
+  set +e
+  check --paths "$kind" "$file" "$work/paths-$kind"/* >"$work/paths-$kind.out" 2>&1
+  set -e
+  sed 's/^/    /' "$work/paths-$kind.out"
+  rc=0
+  grep -q "^ok   path $file: " "$work/paths-$kind.out" || rc=1
+  ! grep -q "^FAIL path $file:" "$work/paths-$kind.out" || rc=1
+  result "$rc" "$(basename "$file"): every $kind path calls the Makefile targets it should"
+  for f in "$work/paths-$kind"/*; do
+    rc=0; grep -q "^FAIL path $f:" "$work/paths-$kind.out" || rc=1
+    result "$rc" "a copy with a wrong $kind path is rejected: $(basename "$f")"
+  done
 done
 say "checked in $((SECONDS - start)) s (groovy $(groovy --version 2>/dev/null | awk '{print $3}'))"
 echo "jenkinsfile: $passed passed, $failed failed"
