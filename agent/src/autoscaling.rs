@@ -3,7 +3,7 @@
 //! `skiff:release=<tag>` (so `ctl status` sees per-instance releases without reaching the hosts)
 //! and completes the launch lifecycle hook with CONTINUE; when the release cannot start,
 //! completes it with ABANDON. Off EC2 (no IMDS) it logs once and does nothing, like
-//! [`NoFleet`](crate::supervise::NoFleet). SDK types and errors stay in this module.
+//! [`NoFleet`](crate::fleet::NoFleet). SDK types and errors stay in this module.
 //!
 //! A hook completion that fails for a transient reason is retried with exponential backoff and
 //! jitter: within one call for at most [`ACTION_LIMIT`] (the supervision loop waits on it), then
@@ -17,9 +17,14 @@ use aws_config::SdkConfig;
 use aws_config::imds;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
 use skiff_release::{Release, Tag};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 
-use crate::supervise::Fleet;
+pub use self::hook::{Attempt, HOOK_RETRY_FOR, NextStep, classify, next_step};
+use self::hook::{Hook, Progress};
+use crate::backoff::Backoff;
+use crate::fleet::Fleet;
+
+mod hook;
 
 /// The instance tag `ctl status` reads.
 pub const RELEASE_TAG_KEY: &str = "skiff:release";
@@ -29,17 +34,8 @@ pub const RELEASE_TAG_KEY: &str = "skiff:release";
 pub const GROUP_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
 /// Attempts per instance tagging; transient AWS failures are retried with backoff.
 const ATTEMPTS: u32 = 3;
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Upper bound for one fleet action, retries included: the supervision loop waits on it.
 pub const ACTION_LIMIT: Duration = Duration::from_secs(30);
-/// Upper bound for one CompleteLifecycleAction call (the SDK's own retries included).
-const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
-/// Longest wait between two attempts at completing a hook.
-const HOOK_BACKOFF_CAP: Duration = Duration::from_secs(60);
-/// After this long no lifecycle action can still be waiting: a hook's heartbeat timeout is at
-/// most 7200 s (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html),
-/// and Auto Scaling applies the default result when it passes.
-pub const HOOK_RETRY_FOR: Duration = Duration::from_secs(7200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -57,107 +53,6 @@ pub enum FleetError {
     },
     #[error("gave up after {0:?}")]
     TimedOut(Duration),
-}
-
-/// What one attempt at completing a lifecycle action came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
-    Completed,
-    /// Auto Scaling has no pending action for this instance and hook: it timed out, someone
-    /// else completed it, or the agent restarted long after the launch.
-    NoActiveAction,
-    /// Throttling, a 5xx, a timeout, the network: worth another try.
-    Transient,
-    /// Access denied, an unknown hook, no group: retrying will not help.
-    Fatal,
-}
-
-/// What to do after an attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NextStep {
-    /// Done with this hook (completed, or nothing left to complete).
-    Stop,
-    /// Try again after this long (before jitter).
-    RetryAfter(Duration),
-    /// Transient failures for longer than any heartbeat: Auto Scaling has decided by now.
-    GiveUp,
-}
-
-/// The pure retry decision for hook completion: `failures` counts failed attempts so far,
-/// this one included; `since_first` is the time since the first attempt.
-pub fn next_step(attempt: Attempt, failures: u32, since_first: Duration) -> NextStep {
-    match attempt {
-        Attempt::Completed | Attempt::NoActiveAction | Attempt::Fatal => NextStep::Stop,
-        Attempt::Transient if since_first >= HOOK_RETRY_FOR => NextStep::GiveUp,
-        Attempt::Transient => {
-            let exp = failures.saturating_sub(1).min(16);
-            NextStep::RetryAfter((FIRST_BACKOFF * 2u32.pow(exp)).min(HOOK_BACKOFF_CAP))
-        }
-    }
-}
-
-/// Classify an Auto Scaling error by its code and message.
-pub fn classify(code: Option<&str>, message: Option<&str>) -> Attempt {
-    // CompleteLifecycleAction answers ValidationError "No active Lifecycle Action found with
-    // instance ID ..." when the action has already ended.
-    if code == Some("ValidationError")
-        && message.is_some_and(|m| m.contains("No active Lifecycle Action"))
-    {
-        return Attempt::NoActiveAction;
-    }
-    if retryable(code) {
-        Attempt::Transient
-    } else {
-        Attempt::Fatal
-    }
-}
-
-/// Spread retries over [0.5, 1.0] of the backoff so a fleet's agents do not retry in step.
-fn jittered(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.5..=1.0))
-}
-
-/// How completion of one hook stands.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Progress {
-    /// Not asked for yet.
-    Idle,
-    Pending {
-        result: &'static str,
-        failures: u32,
-        first: Instant,
-        next_at: Instant,
-    },
-    /// Completed, found ended, given up, or failed for good: never tried again this boot.
-    Finished,
-}
-
-#[derive(Debug)]
-struct Hook {
-    name: Option<String>,
-    progress: Mutex<Progress>,
-}
-
-impl Hook {
-    fn new(name: Option<String>) -> Self {
-        Hook {
-            name,
-            progress: Mutex::new(Progress::Idle),
-        }
-    }
-
-    fn get(&self) -> Progress {
-        self.progress
-            .lock()
-            .map(|p| *p)
-            .unwrap_or(Progress::Finished)
-    }
-
-    fn set(&self, p: Progress) {
-        if let Ok(mut g) = self.progress.lock() {
-            *g = p;
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -317,15 +212,14 @@ where
     Fut: Future<Output = Result<T, (FleetError, bool)>>,
 {
     let attempts = async {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(Duration::from_secs(1), ACTION_LIMIT);
         let mut n = 1;
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err((e, retryable)) if retryable && n < ATTEMPTS => {
                     tracing::debug!(error = %e, attempt = n, "retrying");
-                    sleep(jittered(backoff)).await;
-                    backoff *= 2;
+                    sleep(backoff.fail()).await;
                     n += 1;
                 }
                 Err((e, _)) => return Err(e),
@@ -444,119 +338,6 @@ impl OnEc2 {
         }
         Ok(name)
     }
-
-    /// Ask for `hook` to be completed with `result` (once per boot), and try within
-    /// [`ACTION_LIMIT`]; what is left is retried by [`OnEc2::drive`] on later loop turns.
-    async fn complete(&self, hook: &Hook, result: &'static str) {
-        if hook.name.is_none() || hook.get() != Progress::Idle {
-            return;
-        }
-        let now = Instant::now();
-        hook.set(Progress::Pending {
-            result,
-            failures: 0,
-            first: now,
-            next_at: now,
-        });
-        self.drive(hook).await;
-    }
-
-    /// Attempt a pending completion whenever its time has come, within [`ACTION_LIMIT`].
-    async fn drive(&self, hook: &Hook) {
-        let Some(name) = &hook.name else { return };
-        let budget_end = Instant::now() + ACTION_LIMIT;
-        loop {
-            let Progress::Pending {
-                result,
-                failures,
-                first,
-                next_at,
-            } = hook.get()
-            else {
-                return;
-            };
-            // Only start an attempt that can finish inside the budget.
-            if next_at.max(Instant::now()) + ATTEMPT_LIMIT > budget_end {
-                return;
-            }
-            sleep_until(next_at).await;
-            let (attempt, why) = self.attempt(name, result).await;
-            let failures = failures + u32::from(attempt == Attempt::Transient);
-            match next_step(attempt, failures, first.elapsed()) {
-                NextStep::Stop => {
-                    hook.set(Progress::Finished);
-                    match attempt {
-                        Attempt::Completed => {
-                            tracing::info!(hook = %name, result, attempts = failures + 1, "lifecycle action completed")
-                        }
-                        Attempt::NoActiveAction => {
-                            tracing::info!(hook = %name, result, "no pending lifecycle action for this instance (already ended)")
-                        }
-                        _ => {
-                            tracing::error!(hook = %name, result, error = %why, "cannot complete the lifecycle hook; Auto Scaling decides at the hook timeout")
-                        }
-                    }
-                    return;
-                }
-                NextStep::GiveUp => {
-                    hook.set(Progress::Finished);
-                    tracing::error!(hook = %name, result, failures, error = %why, "gave up completing the lifecycle hook; Auto Scaling has applied the hook's default result by now");
-                    return;
-                }
-                NextStep::RetryAfter(wait) => {
-                    if failures == 1 {
-                        tracing::warn!(hook = %name, result, error = %why, "cannot complete the lifecycle hook yet; retrying with backoff");
-                    } else {
-                        tracing::debug!(hook = %name, result, failures, error = %why, "retrying");
-                    }
-                    hook.set(Progress::Pending {
-                        result,
-                        failures,
-                        first,
-                        next_at: Instant::now() + jittered(wait),
-                    });
-                }
-            }
-        }
-    }
-
-    /// One CompleteLifecycleAction call, bounded by [`ATTEMPT_LIMIT`].
-    async fn attempt(&self, hook: &str, result: &'static str) -> (Attempt, String) {
-        let group = match self.group().await {
-            Ok(g) => g,
-            Err((e, transient)) => {
-                let a = if transient {
-                    Attempt::Transient
-                } else {
-                    Attempt::Fatal
-                };
-                return (a, e.to_string());
-            }
-        };
-        let call = self
-            .autoscaling
-            .complete_lifecycle_action()
-            .auto_scaling_group_name(&group)
-            .lifecycle_hook_name(hook)
-            .instance_id(&self.instance_id)
-            .lifecycle_action_result(result)
-            .send();
-        match timeout(ATTEMPT_LIMIT, call).await {
-            Ok(Ok(_)) => (Attempt::Completed, String::new()),
-            Ok(Err(e)) => {
-                let why = FleetError::Complete {
-                    hook: hook.to_owned(),
-                    result,
-                    detail: detail(&e),
-                };
-                (classify(e.code(), e.message()), why.to_string())
-            }
-            Err(_) => (
-                Attempt::Transient,
-                FleetError::TimedOut(ATTEMPT_LIMIT).to_string(),
-            ),
-        }
-    }
 }
 
 impl Fleet for AwsFleet {
@@ -605,68 +386,6 @@ impl Fleet for AwsFleet {
             {
                 on.drive(hook).await;
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_decisions() {
-        let s = Duration::from_secs;
-        let table = [
-            (Attempt::Completed, 0, s(0), NextStep::Stop),
-            (Attempt::Completed, 5, s(100), NextStep::Stop),
-            (Attempt::NoActiveAction, 0, s(0), NextStep::Stop),
-            (Attempt::Fatal, 1, s(0), NextStep::Stop),
-            (Attempt::Transient, 1, s(0), NextStep::RetryAfter(s(1))),
-            (Attempt::Transient, 2, s(1), NextStep::RetryAfter(s(2))),
-            (Attempt::Transient, 5, s(15), NextStep::RetryAfter(s(16))),
-            (Attempt::Transient, 7, s(63), NextStep::RetryAfter(s(60))),
-            (
-                Attempt::Transient,
-                1000,
-                s(7000),
-                NextStep::RetryAfter(s(60)),
-            ),
-            (Attempt::Transient, 1000, s(7200), NextStep::GiveUp),
-        ];
-        for (attempt, failures, since, want) in table {
-            assert_eq!(
-                next_step(attempt, failures, since),
-                want,
-                "{attempt:?} {failures} {since:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn error_classes() {
-        let table = [
-            (
-                Some("Throttling"),
-                Some("Rate exceeded"),
-                Attempt::Transient,
-            ),
-            (Some("ServiceUnavailable"), None, Attempt::Transient),
-            (Some("InternalFailure"), None, Attempt::Transient),
-            (None, None, Attempt::Transient),
-            (
-                Some("ValidationError"),
-                Some("No active Lifecycle Action found with instance ID i-1"),
-                Attempt::NoActiveAction,
-            ),
-            (
-                Some("ValidationError"),
-                Some("No Lifecycle Hook found"),
-                Attempt::Fatal,
-            ),
-            (Some("AccessDenied"), Some("not authorized"), Attempt::Fatal),
-        ];
-        for (code, message, want) in table {
-            assert_eq!(classify(code, message), want, "{code:?} {message:?}");
         }
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! [`TokenIssuer`] is the seam (ECR's `GetAuthorizationToken` in [`crate::ecr`]); the cache
 //! decisions are the pure [`fresh`] and [`usable`].
+//!
+//! Longer than ~400 lines on purpose: the code is under half of it; the rest are the cache
+//! and retry tests, which belong next to it.
 
 use std::fmt;
 use std::future::Future;

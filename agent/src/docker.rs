@@ -1,5 +1,9 @@
 //! `DockerRuntime`: the container runtime seam over the Docker Engine API (bollard). Bollard's
 //! types and errors stay in this module.
+//!
+//! Longer than ~400 lines on purpose: it is the only place bollard types appear, so every
+//! engine call (pull with its digest check, create with host networking and log options, list by
+//! labels, stop, remove, prune) is here; splitting it would spread bollard across modules.
 
 use std::collections::HashMap;
 use std::time::Duration;

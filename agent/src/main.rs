@@ -24,10 +24,11 @@ use skiff_agent::config::{self, Config, ConfigError, SourceConfig};
 use skiff_agent::credentials::PullTokens;
 use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
-use skiff_agent::health;
+use skiff_agent::fleet::NoFleet;
 use skiff_agent::source::FileSource;
 use skiff_agent::ssm::SsmSource;
-use skiff_agent::supervise::{NoFleet, Supervisor};
+use skiff_agent::supervise::Supervisor;
+use skiff_agent::{health, probe};
 use tokio_util::sync::CancellationToken;
 
 const EX_CONFIG: u8 = 64;
@@ -185,8 +186,8 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 None => skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await,
             };
             let source = SsmSource::new(aws_sdk_ssm::Client::new(&sdk), parameter.clone());
-            let fleet = skiff_agent::fleet::AwsFleet::discover(
-                &skiff_agent::fleet::imds_client(),
+            let fleet = skiff_agent::autoscaling::AwsFleet::discover(
+                &skiff_agent::autoscaling::imds_client(),
                 &sdk,
                 cfg.aws.lifecycle_hook.clone(),
                 cfg.aws.terminate_hook.clone(),
@@ -217,7 +218,7 @@ async fn supervise<S, F>(
 ) -> anyhow::Result<()>
 where
     S: skiff_agent::source::ReleaseSource,
-    F: skiff_agent::supervise::Fleet,
+    F: skiff_agent::fleet::Fleet,
 {
     let journal = skiff_agent::journal::Journal::new(
         &skiff_agent::journal::Journal::default_dir(),
@@ -232,7 +233,7 @@ where
     let state = supervisor.state();
     tracing::info!(listen = %cfg.health.listen, app = %cfg.app.name, image = %cfg.app.image, "agent started");
     let server = tokio::spawn(health::serve(listener, state.subscribe(), cancel.clone()));
-    let prober = tokio::spawn(health::run_prober(
+    let prober = tokio::spawn(probe::run_prober(
         state,
         std::net::SocketAddr::from(([127, 0, 0, 1], cfg.app.port)),
         cfg.app.health_path.clone(),

@@ -1,8 +1,9 @@
 //! The agent's decisions, kept pure: given what the release source asks for and what the
 //! container runtime shows, what happens next; and given the published state, what the health
 //! endpoint answers. The loop in `supervise` executes what these return.
-
-use std::time::Duration;
+//!
+//! Longer than ~400 lines on purpose: the decisions are ~150 lines and the rest is their
+//! tables, which belong next to them.
 
 use skiff_release::Release;
 
@@ -29,6 +30,8 @@ pub struct Situation<'a> {
     pub failed: Option<&'a Release>,
     /// A failed deploy waits on its backoff: no new release now.
     pub deploy_waiting: bool,
+    /// The last restart of the current container waits on its backoff: no restart now.
+    pub restart_waiting: bool,
     /// The fleet terminates this host: it takes no new release.
     pub terminating: bool,
 }
@@ -49,7 +52,7 @@ pub enum Action {
 }
 
 pub fn decide(s: &Situation<'_>) -> Action {
-    match wanted(s) {
+    let action = match wanted(s) {
         // A host that takes no new release now (deploy backoff, termination) fails static: what
         // it runs keeps running, restarted when it exits.
         Action::Deploy(_) | Action::Replace(_) if s.deploy_waiting || s.terminating => {
@@ -58,6 +61,11 @@ pub fn decide(s: &Situation<'_>) -> Action {
                 None => Action::Keep,
             }
         }
+        other => other,
+    };
+    match action {
+        // An exited container is started again only once its restart backoff has passed.
+        Action::Restart if s.restart_waiting => Action::Keep,
         other => other,
     }
 }
@@ -93,12 +101,6 @@ fn restart_if_stopped(c: &Current) -> Action {
     } else {
         Action::Restart
     }
-}
-
-/// Delay before restart attempt `attempt` (1-based): 1s, 2s, 4s, ... capped at 60s.
-pub fn restart_delay(attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(6);
-    Duration::from_secs(1u64 << exp).min(Duration::from_secs(60))
 }
 
 /// How the host presents itself to the load balancer.
@@ -258,6 +260,7 @@ mod tests {
                 at_start,
                 failed,
                 deploy_waiting: false,
+                restart_waiting: false,
                 terminating: false,
             };
             assert_eq!(decide(&s), want, "{s:?}");
@@ -265,7 +268,8 @@ mod tests {
     }
 
     /// While a deploy waits on its backoff, or the host is terminating, no new release is
-    /// started, and the current container is restarted when it exits (fail static).
+    /// started, and the current container is restarted when it exits (fail static), once its
+    /// restart backoff has passed.
     #[test]
     fn held_back_deploys_keep_the_current_container_running() {
         let v1 = rel("v1");
@@ -278,38 +282,91 @@ mod tests {
             release: v1.clone(),
             running: false,
         };
-        // current, mode, at_start, deploy_waiting, terminating => action (v2 desired)
-        type Row<'a> = (Option<&'a Current>, UpdateMode, bool, bool, bool, Action);
-        let table: Vec<Row<'_>> = vec![
-            (Some(&up), InPlace, false, false, false, Replace(v2.clone())),
-            (Some(&up), InPlace, false, true, false, Keep),
-            (Some(&up), InPlace, false, false, true, Keep),
-            (
-                Some(&down),
-                InPlace,
-                false,
-                false,
-                false,
-                Deploy(v2.clone()),
-            ),
-            (Some(&down), InPlace, false, true, false, Restart),
-            (Some(&down), InPlace, false, false, true, Restart),
-            (Some(&down), Boot, true, false, false, Deploy(v2.clone())),
-            (Some(&down), Boot, true, true, false, Restart),
-            (Some(&up), Boot, false, true, false, Stale),
-            (None, InPlace, false, false, false, Deploy(v2.clone())),
-            (None, InPlace, false, true, false, Keep),
-            (None, Boot, true, false, true, Keep),
-        ];
-        for (current, mode, at_start, deploy_waiting, terminating, want) in table {
-            let s = Situation {
-                desired: Some(&v2),
+        struct Row<'a> {
+            current: Option<&'a Current>,
+            mode: UpdateMode,
+            at_start: bool,
+            deploy_waiting: bool,
+            restart_waiting: bool,
+            terminating: bool,
+            want: Action,
+        }
+        let row =
+            |current, mode, at_start, (deploy_waiting, restart_waiting, terminating), want| Row {
                 current,
                 mode,
                 at_start,
-                failed: None,
                 deploy_waiting,
+                restart_waiting,
                 terminating,
+                want,
+            };
+        const FREE: (bool, bool, bool) = (false, false, false);
+        const DEPLOY_WAITS: (bool, bool, bool) = (true, false, false);
+        const RESTART_WAITS: (bool, bool, bool) = (false, true, false);
+        const BOTH_WAIT: (bool, bool, bool) = (true, true, false);
+        const TERMINATING: (bool, bool, bool) = (false, false, true);
+        const TERMINATING_RESTART_WAITS: (bool, bool, bool) = (false, true, true);
+        // v2 desired in every row.
+        let table = [
+            row(Some(&up), InPlace, false, FREE, Replace(v2.clone())),
+            row(Some(&up), InPlace, false, DEPLOY_WAITS, Keep),
+            row(Some(&up), InPlace, false, TERMINATING, Keep),
+            row(
+                Some(&up),
+                InPlace,
+                false,
+                RESTART_WAITS,
+                Replace(v2.clone()),
+            ),
+            row(Some(&down), InPlace, false, FREE, Deploy(v2.clone())),
+            row(Some(&down), InPlace, false, DEPLOY_WAITS, Restart),
+            row(Some(&down), InPlace, false, TERMINATING, Restart),
+            // the restart backoff holds the fail-static restart back too
+            row(Some(&down), InPlace, false, BOTH_WAIT, Keep),
+            row(Some(&down), InPlace, false, TERMINATING_RESTART_WAITS, Keep),
+            // a deploy of a new release is not a restart: the restart backoff does not hold it
+            row(
+                Some(&down),
+                InPlace,
+                false,
+                RESTART_WAITS,
+                Deploy(v2.clone()),
+            ),
+            row(Some(&down), Boot, true, FREE, Deploy(v2.clone())),
+            row(Some(&down), Boot, true, DEPLOY_WAITS, Restart),
+            row(Some(&down), Boot, false, FREE, Restart),
+            row(Some(&down), Boot, false, RESTART_WAITS, Keep),
+            row(Some(&up), Boot, false, DEPLOY_WAITS, Stale),
+            row(None, InPlace, false, FREE, Deploy(v2.clone())),
+            row(None, InPlace, false, DEPLOY_WAITS, Keep),
+            row(None, InPlace, false, RESTART_WAITS, Deploy(v2.clone())),
+            row(None, Boot, true, TERMINATING, Keep),
+        ];
+        for r in table {
+            let s = Situation {
+                desired: Some(&v2),
+                current: r.current,
+                mode: r.mode,
+                at_start: r.at_start,
+                failed: None,
+                deploy_waiting: r.deploy_waiting,
+                restart_waiting: r.restart_waiting,
+                terminating: r.terminating,
+            };
+            assert_eq!(decide(&s), r.want, "{s:?}");
+        }
+        // Same release, exited: restarted only once the restart backoff has passed.
+        for (restart_waiting, want) in [(false, Restart), (true, Keep)] {
+            let s = Situation {
+                desired: Some(&v1),
+                current: Some(&down),
+                mode: InPlace,
+                at_start: false,
+                failed: None,
+                deploy_waiting: false,
+                restart_waiting,
+                terminating: false,
             };
             assert_eq!(decide(&s), want, "{s:?}");
         }
@@ -337,6 +394,7 @@ mod tests {
             at_start: false,
             failed: None,
             deploy_waiting: false,
+            restart_waiting: false,
             terminating: false,
         };
         assert_eq!(decide(&s), Keep);
@@ -363,17 +421,10 @@ mod tests {
             at_start: false,
             failed: Some(&pinned),
             deploy_waiting: false,
+            restart_waiting: false,
             terminating: false,
         };
         assert_eq!(decide(&s), Keep);
-    }
-
-    #[test]
-    fn restart_backoff_is_capped() {
-        let got: Vec<u64> = (1..=9).map(|a| restart_delay(a).as_secs()).collect();
-        assert_eq!(got, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(restart_delay(0).as_secs(), 1);
-        assert_eq!(restart_delay(u32::MAX).as_secs(), 60);
     }
 
     #[test]

@@ -1,0 +1,210 @@
+//! Test doubles for the loop's orchestration tests: an engine that keeps containers in memory
+//! (and can be told to fail a stop, a pull, or crash on start), a source that answers one value
+//! then another, and a fleet that records what it was told.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skiff_release::Release;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::runtime::{
+    ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
+};
+use crate::source::{ReleaseSource, SourceError};
+
+#[derive(Debug, Default)]
+pub(super) struct World {
+    pub(super) containers: Vec<ContainerState>,
+    /// Instants at which `start` was called.
+    pub(super) starts: Vec<Instant>,
+    pub(super) stops: u32,
+    pub(super) removes: u32,
+    /// Started containers exit at once.
+    pub(super) crash_on_start: bool,
+    /// `stop` fails (the engine refuses or times out) and the container keeps running.
+    pub(super) fail_stop: bool,
+    /// `ensure_image` fails with a retryable error (registry away).
+    pub(super) fail_pull: bool,
+    /// Ids passed to `start`, in order.
+    pub(super) started_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct FakeRuntime(Arc<Mutex<World>>);
+
+impl FakeRuntime {
+    pub(super) fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.0.lock().expect("lock")
+    }
+}
+
+impl ContainerRuntime for FakeRuntime {
+    async fn ensure_image(
+        &self,
+        repository: &str,
+        release: &Release,
+        _auth: Option<&RegistryAuth>,
+    ) -> Result<LocalImage, RuntimeError> {
+        if self.world().fail_pull {
+            return Err(RuntimeError::PullImage {
+                image: repository.to_owned(),
+                detail: "registry unreachable".into(),
+            });
+        }
+        Ok(LocalImage {
+            reference: release.image_ref(repository),
+            digest: None,
+            from_cache: false,
+        })
+    }
+    async fn list(&self, _app: &str) -> Result<Vec<ContainerState>, RuntimeError> {
+        Ok(self.world().containers.clone())
+    }
+    async fn is_running(&self, id: &str) -> Result<Option<bool>, RuntimeError> {
+        Ok(self
+            .world()
+            .containers
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.running))
+    }
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let mut w = self.world();
+        let id = format!("c{}", w.containers.len());
+        let release = crate::runtime::release_from_labels(&spec.labels).expect("labels");
+        w.containers.push(ContainerState {
+            id: id.clone(),
+            name: spec.name.clone(),
+            release,
+            running: false,
+            created: 0,
+        });
+        Ok(id)
+    }
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut w = self.world();
+        w.starts.push(Instant::now());
+        w.started_ids.push(id.to_owned());
+        let crash = w.crash_on_start;
+        if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
+            c.running = !crash;
+        }
+        Ok(())
+    }
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        let mut w = self.world();
+        w.stops += 1;
+        if w.fail_stop {
+            return Err(RuntimeError::Container {
+                op: "stop",
+                target: id.to_owned(),
+                detail: "timed out".into(),
+            });
+        }
+        if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
+            c.running = false;
+        }
+        Ok(())
+    }
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut w = self.world();
+        w.removes += 1;
+        w.containers.retain(|c| c.id != id);
+        Ok(())
+    }
+}
+
+/// Answers the first read with `first`, then with `rest` forever.
+#[derive(Debug)]
+pub(super) struct FakeSource {
+    pub(super) first: Result<String, SourceError>,
+    pub(super) rest: Result<String, SourceError>,
+    pub(super) reads: Mutex<u32>,
+}
+
+impl ReleaseSource for FakeSource {
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+    async fn read_release(&self) -> Result<String, SourceError> {
+        let mut n = self.reads.lock().expect("lock");
+        *n += 1;
+        if *n == 1 {
+            self.first.clone()
+        } else {
+            self.rest.clone()
+        }
+    }
+    async fn read_env(&self, _path: &str) -> Result<Vec<(String, String)>, SourceError> {
+        Ok(Vec::new())
+    }
+    async fn read_secret(&self, _name: &str) -> Result<String, SourceError> {
+        Ok(String::new())
+    }
+}
+
+pub(super) fn config(update: &str) -> Arc<Config> {
+    Arc::new(
+        Config::parse(&format!(
+            "[app]\nname='t'\nimage='r/app'\nport=1\nstart_timeout='2s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='{update}'\n[health]\nlisten='127.0.0.1:2'\n"
+        ))
+        .expect("config"),
+    )
+}
+
+pub(super) fn running(tag: &str) -> ContainerState {
+    ContainerState {
+        id: "adopted".into(),
+        name: format!("t-{tag}"),
+        release: Release::new(tag.parse().expect("tag"), None),
+        running: true,
+        created: 1,
+    }
+}
+
+/// Records what the fleet was told.
+#[derive(Debug, Default, Clone)]
+pub(super) struct RecordingFleet {
+    pub(super) healthy: Arc<Mutex<Vec<String>>>,
+    pub(super) failed: Arc<Mutex<Vec<String>>>,
+}
+
+impl Fleet for RecordingFleet {
+    async fn release_healthy(&self, release: &Release) {
+        self.healthy
+            .lock()
+            .expect("lock")
+            .push(release.tag.to_string());
+    }
+    async fn release_failed(&self, release: &Release) {
+        self.failed
+            .lock()
+            .expect("lock")
+            .push(release.tag.to_string());
+    }
+    async fn termination_pending(&self) -> bool {
+        false
+    }
+    async fn drained(&self) {}
+}
+
+pub(super) fn source(first: &str, rest: &str) -> FakeSource {
+    FakeSource {
+        first: Ok(first.into()),
+        rest: Ok(rest.into()),
+        reads: Mutex::new(0),
+    }
+}
+
+pub(super) fn stopped(id: &str, tag: &str, created: i64) -> ContainerState {
+    ContainerState {
+        id: id.into(),
+        name: format!("t-{tag}-{id}"),
+        release: Release::new(tag.parse().expect("tag"), None),
+        running: false,
+        created,
+    }
+}
