@@ -651,7 +651,45 @@ def ctl_checks(world, stack_a, tags, tmp):
               str(world.group_instances(group)))
     finally:
         answerer.close()
+    status_target_health_checks(world, stack, group, env, managed_document(world, arn))
     usage_report(world, "deployer policy", f":user/{user}", [managed_document(world, arn)])
+
+
+def status_target_health_checks(world, stack, group, env, deployer_doc):
+    """ctl status reads target health (elasticloadbalancing:DescribeTargetHealth, ReadTargetHealth);
+    without that statement it still shows each instance's release, with a note, exit 0."""
+    p = subprocess.run([CTL, "--json", "--stack", stack, "status"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    try:
+        doc = json.loads(p.stdout)
+    except ValueError:
+        doc = {}
+    instances = doc.get("instances", [])
+    check("ctl status under the deployer policy: each instance with its target health",
+          p.returncode == 0 and instances and all(i.get("target_health") for i in instances)
+          and doc.get("target_health_error") is None, (p.stdout + p.stderr)[-600:])
+    if isinstance(deployer_doc, str):
+        deployer_doc = json.loads(urllib.parse.unquote(deployer_doc))
+    without = dict(deployer_doc, Statement=[st for st in deployer_doc["Statement"]
+                                            if st.get("Sid") != "ReadTargetHealth"])
+    user = f"skiff-it-no-elb-{RUN}"
+    world.iam.create_user(UserName=user)
+    world.iam.put_user_policy(UserName=user, PolicyName="deployer-without-elb",
+                              PolicyDocument=json.dumps(without))
+    key = world.iam.create_access_key(UserName=user)["AccessKey"]
+    try:
+        env2 = dict(env, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        p = subprocess.run([CTL, "--stack", stack, "status"], env=env2, capture_output=True, text=True,
+                           timeout=60)
+        rows = [line for line in p.stdout.splitlines() if line.startswith("i-")]
+        check("ctl status without DescribeTargetHealth: exit 0, the releases, a note saying what to grant",
+              p.returncode == 0 and rows and "note: target health unknown" in p.stdout
+              and "elasticloadbalancing:DescribeTargetHealth was denied" in p.stdout
+              and "DeployerPolicy" in p.stdout, (p.stdout + p.stderr)[-800:])
+    finally:
+        world.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
+        world.iam.delete_user_policy(UserName=user, PolicyName="deployer-without-elb")
+        world.iam.delete_user(UserName=user)
 
 
 def main():
