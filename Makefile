@@ -34,7 +34,8 @@
 #   EXPECT_TAG   the release it must run           $(HASH)
 #   WAIT         retry window, seconds             120 (a new stack: its instances boot first)
 #   MIN_HOSTS    different hosts that must answer  1
-#   SERVER_NAME  TLS name and Host header          empty: URL's host
+#   SERVER_NAME  TLS name and Host header          $(ENV).$(SITE_DOMAIN) when SITE_DOMAIN is set, else URL's host
+#   SITE_DOMAIN  the branch sites' domain (a wildcard certificate *.SITE_DOMAIN on the listeners)
 #   CA INSECURE  a private CA's PEM file, or 1 to skip certificate verification
 #   delete-stack only:
 #   FORCE        1: no question asked              empty: asks on a terminal, refuses without one
@@ -67,7 +68,8 @@ URL ?=
 EXPECT_TAG ?= $(HASH)
 WAIT ?= 120
 MIN_HOSTS ?= 1
-SERVER_NAME ?=
+SITE_DOMAIN ?=
+SERVER_NAME ?= $(if $(SITE_DOMAIN),$(ENV).$(SITE_DOMAIN))
 CA ?=
 INSECURE ?=
 PYTHON ?= python3

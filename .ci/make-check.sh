@@ -197,6 +197,9 @@ ctl_rc=$?
 mk "${release_env[@]}" TAG=nosuchtag -- update-stack AWS="$aws_cli" CTL="$ctl" CTL_FLAGS=--dry-run; rc=$?
 check "a tag not in the registry: ctl fails (exit $ctl_rc), so does make (exit $rc)" eval '[ "$ctl_rc" != 0 ] && [ "$rc" != 0 ]'
 check "a tag not in the registry: make shows ctl's error" has "nosuchtag"
+mk "${release_env[@]}" TAG=nosuchtag -- update-stack AWS="$aws_cli" CTL="$ctl" CTL_FLAGS=--dry-run CTL_EXIT_FILE="$work/ctl-exit"
+check "CTL_EXIT_FILE holds ctl's own exit code ($(cat "$work/ctl-exit" 2>&1), ctl $ctl_rc) for Jenkins" \
+  [ "$(cat "$work/ctl-exit" 2>&1)" = "$ctl_rc" ]
 
 # --- 6. create-stack against moto ----------------------------------------------------------------
 vpc=$(maws ec2 create-vpc --cidr-block 10.78.0.0/16 --query Vpc.VpcId)
