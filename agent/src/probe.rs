@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Metrics, ProbeFailure};
 use crate::state::{AppDetail, DETAIL_MAX_BYTES, Snapshot};
 
 /// One fetched page: status, body (bounded) and whether the body was cut; or why it failed.
@@ -151,6 +152,7 @@ pub async fn run_prober(
     path: String,
     detail_path: Option<String>,
     interval: Duration,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -171,11 +173,24 @@ pub async fn run_prober(
                 None => None,
             }
         };
-        let (result, detail) = tokio::join!(probe(addr, &path, limit), detail);
+        let timed = async {
+            let started = tokio::time::Instant::now();
+            let result = probe(addr, &path, limit).await;
+            (result, started.elapsed())
+        };
+        let ((result, took), detail) = tokio::join!(timed, detail);
+        metrics.probe(
+            took,
+            match &result {
+                Ok(code) if is_success(*code) => None,
+                Ok(_) => Some(ProbeFailure::Status),
+                Err(_) => Some(ProbeFailure::NoAnswer),
+            },
+        );
         state.send_modify(|s| {
             if let Some(d) = detail {
                 if s.app_detail.as_ref().and_then(|o| o.status) != d.status {
-                    tracing::info!(path = %d.path, status = ?d.status, "app detail status changed");
+                    tracing::info!(path = %d.path, status = d.status, "app detail status changed");
                 }
                 s.app_detail = Some(d);
             }

@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::credentials::PullTokens;
 use crate::fleet::Fleet;
 use crate::journal::Journal;
+use crate::metrics::{self, DrainReason, Metrics};
 use crate::reconcile::{self, Action, Current, Situation};
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::ReleaseSource;
@@ -92,6 +93,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 state: state.clone(),
                 pull_tokens: None,
                 journal: None,
+                metrics: Arc::new(Metrics::new()),
             },
             fleet,
             state,
@@ -123,6 +125,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// Pull with these tokens instead of the [registry] section's credentials.
     pub fn with_pull_tokens(mut self, tokens: PullTokens) -> Self {
         self.steps.pull_tokens = Some(tokens);
+        self
+    }
+
+    /// Count what the loop does in `metrics` (shared with the prober, the fleet and `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.steps.metrics = metrics;
         self
     }
 
@@ -189,6 +197,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             "this host is being terminated: draining"
         );
         self.publish(|s| s.draining = true);
+        self.steps.metrics.drain(DrainReason::Termination);
         sleep(drain).await;
         self.terminating = true;
         self.fleet.drained().await;
@@ -220,12 +229,13 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let interval = self.steps.cfg.release.poll_interval;
         match self.steps.source.read_release().await {
             Ok(raw) => {
+                self.steps.metrics.polled();
                 self.poll.reset();
                 self.next_poll = Instant::now() + jitter(interval);
                 match Release::parse(&raw) {
                     Ok(release) => {
                         if self.desired.as_ref() != Some(&release) {
-                            tracing::info!(tag = %release.tag, digest = ?release.digest, "desired release");
+                            tracing::info!(tag = %release.tag, digest = release.digest_str(), "desired release");
                             let r = release.clone();
                             self.publish(|s| s.desired = Some(r));
                             self.desired = Some(release);
@@ -233,6 +243,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                         self.last_bad_value = None;
                     }
                     Err(e) => {
+                        self.steps.metrics.source_error(metrics::INVALID_VALUE);
                         let msg =
                             format!("rejected the release value, keeping the current release: {e}");
                         if self.last_bad_value.as_deref() != Some(raw.as_str()) {
@@ -244,6 +255,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 }
             }
             Err(e) => {
+                self.steps
+                    .metrics
+                    .source_error(metrics::source_error_kind(&e));
                 self.next_poll = Instant::now() + self.poll.fail();
                 if self.poll.failures() == 1 {
                     tracing::warn!(error = %e, retryable = e.is_retryable(), "cannot read the release; retrying with backoff");
@@ -309,7 +323,10 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let stale = action == Action::Stale;
         if stale != self.state.borrow().stale {
             if stale {
-                tracing::info!(desired = ?self.desired.as_ref().map(|d| d.to_string()), "desired release differs from the running one; update = \"boot\" applies it on the next instance");
+                tracing::info!(
+                    desired = self.desired.as_ref().map(tracing::field::display),
+                    "desired release differs from the running one; update = \"boot\" applies it on the next instance"
+                );
             }
             self.publish(|s| s.stale = stale);
         }

@@ -216,6 +216,11 @@ impl Release {
         serde_json::to_string(self).unwrap_or_else(|_| self.tag.to_string())
     }
 
+    /// The digest as text, for log fields and reports: absent when not pinned.
+    pub fn digest_str(&self) -> Option<&str> {
+        self.digest.as_ref().map(Digest::as_str)
+    }
+
     /// The image reference to pull from `repository`: `repo@digest` when pinned, else `repo:tag`.
     pub fn image_ref(&self, repository: &str) -> String {
         match &self.digest {

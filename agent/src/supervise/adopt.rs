@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::{Supervisor, running_of};
 use crate::fleet::Fleet;
 use crate::journal::Journal;
+use crate::metrics::{SwapKind, SwapOutcome};
 use crate::probe;
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::ReleaseSource;
@@ -62,7 +63,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 )
                 .await
                 .is_ok_and(probe::is_success);
-            tracing::info!(tag = %c.release.tag, digest = ?c.release.digest, container = %c.id, running = c.running, healthy = ok, "adopted managed container");
+            tracing::info!(tag = %c.release.tag, digest = c.release.digest_str(), container = %c.id, running = c.running, healthy = ok, "adopted managed container");
             if ok {
                 self.healthy_since = Some(Instant::now());
             }
@@ -120,10 +121,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         } else {
             self.steps.start_and_wait(&new).await
         };
-        match result {
-            Ok(elapsed) => self.promote(new, Some(old), elapsed).await,
+        let outcome = match result {
+            Ok(elapsed) => {
+                self.promote(new, Some(old), elapsed).await;
+                SwapOutcome::Promoted
+            }
             Err(why) => self.roll_back(&release, new, Some(old), why).await,
-        }
+        };
+        self.steps.metrics.swap(SwapKind::Update, outcome);
         self.steps.clear_journal();
     }
 }

@@ -14,6 +14,7 @@ use tokio::time::{Instant, sleep};
 use crate::config::Config;
 use crate::credentials::{self, CredentialsError, PullError, PullTokens};
 use crate::journal::{Journal, SwapIntent};
+use crate::metrics::Metrics;
 use crate::probe;
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, RegistryAuth, RuntimeError, labels_for,
@@ -71,6 +72,7 @@ pub(crate) struct Steps<R, S> {
     pub(crate) pull_tokens: Option<PullTokens>,
     /// Where a swap in progress is recorded, so a restart finishes or reverts it.
     pub(crate) journal: Option<Journal>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
@@ -90,6 +92,7 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
                     .await?
             }
         };
+        self.metrics.pulled(started.elapsed());
         let pull_ms = started.elapsed().as_millis() as u64;
         self.state
             .send_modify(|s| s.timings.pull_ms = Some(pull_ms));
@@ -235,7 +238,7 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
     pub(crate) async fn prune_images(&self, keep: &[&Release]) {
         match self.runtime.prune_images(&self.cfg.app.image, keep).await {
             Ok(removed) if !removed.is_empty() => {
-                tracing::info!(images = ?removed, "removed old images of the app");
+                tracing::info!(images = %removed.join(" "), "removed old images of the app");
             }
             Ok(_) => {}
             Err(e) => {

@@ -11,6 +11,7 @@ use tokio::time::{Instant, sleep};
 use super::steps::DeployError;
 use super::{Supervisor, running_of};
 use crate::fleet::Fleet;
+use crate::metrics::{self, DrainReason, SwapKind, SwapOutcome};
 use crate::runtime::{ContainerRuntime, ContainerState, RuntimeError};
 use crate::source::ReleaseSource;
 
@@ -23,7 +24,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         });
         let new = match self.steps.prepare(&release).await {
             Ok(c) => c,
-            Err(e) => return self.deploy_failed_to_prepare(&release, e),
+            Err(e) => return self.deploy_failed_to_prepare(SwapKind::Start, &release, e),
         };
         self.deploy.reset();
         let old = self.current.take();
@@ -35,13 +36,17 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 .stop(&o.id, self.steps.cfg.app.stop_timeout)
                 .await;
         }
-        match self.steps.start_and_wait(&new).await {
-            Ok(elapsed) => self.promote(new, old, elapsed).await,
+        let outcome = match self.steps.start_and_wait(&new).await {
+            Ok(elapsed) => {
+                self.promote(new, old, elapsed).await;
+                SwapOutcome::Promoted
+            }
             Err(why) => {
                 let fallback = old.or_else(|| self.previous.take());
-                self.roll_back(&release, new, fallback, why).await;
+                self.roll_back(&release, new, fallback, why).await
             }
-        }
+        };
+        self.steps.metrics.swap(SwapKind::Start, outcome);
     }
 
     /// A container serves another release: prepare the new one, drain, swap, check, roll back.
@@ -51,7 +56,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         }
         let new = match self.steps.prepare(&release).await {
             Ok(c) => c,
-            Err(e) => return self.deploy_failed_to_prepare(&release, e),
+            Err(e) => return self.deploy_failed_to_prepare(SwapKind::Update, &release, e),
         };
         self.deploy.reset();
         let Some(old) = self.current.take() else {
@@ -61,6 +66,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let drain = self.steps.cfg.release.drain;
         tracing::info!(from = %old.release, to = %release, drain_ms = drain.as_millis() as u64, "draining before the update");
         self.publish(|s| s.draining = true);
+        self.steps.metrics.drain(DrainReason::Update);
         sleep(drain).await;
         if let Err(e) = self
             .steps
@@ -71,13 +77,18 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             return self.abort_swap(&release, old, new, e).await;
         }
         self.healthy_since = None;
-        match self.steps.start_and_wait(&new).await {
-            Ok(elapsed) => self.promote(new, Some(old), elapsed).await,
-            Err(why) => {
-                self.roll_back(&release, new, Some(old), why).await;
-                self.publish(|s| s.draining = false);
+        let outcome = match self.steps.start_and_wait(&new).await {
+            Ok(elapsed) => {
+                self.promote(new, Some(old), elapsed).await;
+                SwapOutcome::Promoted
             }
-        }
+            Err(why) => {
+                let outcome = self.roll_back(&release, new, Some(old), why).await;
+                self.publish(|s| s.draining = false);
+                outcome
+            }
+        };
+        self.steps.metrics.swap(SwapKind::Update, outcome);
         self.steps.clear_journal();
     }
 
@@ -96,6 +107,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             tracing::warn!(container = %new.id, error = %e, "could not remove the unused new container");
         }
         self.deploy.fail();
+        self.steps
+            .metrics
+            .swap(SwapKind::Update, SwapOutcome::Aborted);
         let msg = format!("release {release}: swap aborted, cannot stop the old container: {e}");
         self.publish(|s| {
             s.draining = false;
@@ -109,10 +123,16 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// The release could not be prepared (pull, env, create): the current container keeps
     /// running, and the release is retried after the deploy backoff, or never when retrying
     /// cannot help.
-    fn deploy_failed_to_prepare(&mut self, release: &Release, e: DeployError) {
+    fn deploy_failed_to_prepare(&mut self, kind: SwapKind, release: &Release, e: DeployError) {
+        self.steps.metrics.swap(kind, SwapOutcome::NotPrepared);
+        if let DeployError::Source(s) = &e {
+            self.steps
+                .metrics
+                .source_error(metrics::source_error_kind(s));
+        }
         let retryable = e.is_retryable();
         let wait = self.deploy.fail();
-        tracing::error!(tag = %release.tag, digest = ?release.digest, error = %e, retryable, retry_in_ms = wait.as_millis() as u64, "cannot prepare the release; the current container keeps running");
+        tracing::error!(tag = %release.tag, digest = release.digest_str(), error = %e, retryable, retry_in_ms = wait.as_millis() as u64, "cannot prepare the release; the current container keeps running");
         if !retryable {
             // A digest mismatch or denied access will not heal by itself: do not hammer.
             self.failed = Some(release.clone());
@@ -135,7 +155,8 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     ) {
         new.running = true;
         let ms = elapsed.as_millis() as u64;
-        tracing::info!(tag = %new.release.tag, digest = ?new.release.digest, container = %new.id, start_to_healthy_ms = ms, "release is healthy");
+        self.steps.metrics.healthy_after(elapsed);
+        tracing::info!(tag = %new.release.tag, digest = new.release.digest_str(), container = %new.id, start_to_healthy_ms = ms, "release is healthy");
         // Healthy is reported first: cleanup and fleet calls must not delay the host's answer.
         let running = running_of(&new);
         let previous = old.as_ref().map(|o| o.release.clone());
@@ -178,15 +199,16 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         self.steps.prune_images(&keep).await;
     }
 
-    /// `new` did not become healthy: remove it, bring back `fallback` if there is one.
+    /// `new` did not become healthy: remove it, bring back `fallback` if there is one. Returns
+    /// how the swap ended: rolled back, or failed (nothing healthy serves).
     pub(super) async fn roll_back(
         &mut self,
         release: &Release,
         new: ContainerState,
         fallback: Option<ContainerState>,
         why: String,
-    ) {
-        tracing::error!(tag = %release.tag, digest = ?release.digest, container = %new.id, reason = %why, "release failed to become healthy");
+    ) -> SwapOutcome {
+        tracing::error!(tag = %release.tag, digest = release.digest_str(), container = %new.id, reason = %why, "release failed to become healthy");
         let gone = self.steps.remove_failed(&new.id).await;
         self.failed = Some(release.clone());
         let failed_release = release.clone();
@@ -211,7 +233,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 self.previous = fallback;
             }
             self.current = Some(new);
-            return;
+            return SwapOutcome::Failed;
         }
         let Some(old) = fallback else {
             self.fleet.release_failed(release).await;
@@ -224,7 +246,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 s.app.ok = false;
                 s.last_error = Some(msg);
             });
-            return;
+            return SwapOutcome::Failed;
         };
         let started = Instant::now();
         let back = match self.steps.runtime.start(&old.id).await {
@@ -262,6 +284,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.healthy_since = Some(Instant::now());
         }
         self.current = Some(old);
+        self.steps.metrics.rollback(ok);
+        if ok {
+            SwapOutcome::RolledBack
+        } else {
+            SwapOutcome::Failed
+        }
     }
 }
 

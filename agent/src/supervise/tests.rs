@@ -278,3 +278,67 @@ async fn a_dead_current_container_is_restarted_while_the_desired_release_cannot_
     cancel.cancel();
     task.await.expect("join");
 }
+
+/// Collects what the JSON formatter writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log fields are plain values, as the JSON lines show them: a digest as `sha256:...`, an
+/// unpinned release without a digest field (not `"None"`, not `Some(Digest(..))`).
+#[tokio::test(start_paused = true)]
+async fn log_fields_are_plain_values_and_absent_ones_are_omitted() {
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let runtime = FakeRuntime::default();
+    runtime.world().containers.push(running("v1"));
+    let pinned = format!(r#"{{"tag":"v2","digest":"{DIGEST}"}}"#);
+    let sup = Supervisor::new(config("boot"), runtime, source("v1", &pinned), NoFleet);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sup.run(cancel.clone()));
+    sleep(Duration::from_secs(15)).await;
+    cancel.cancel();
+    task.await.expect("join");
+
+    let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+    let desired: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|v| v["fields"]["message"] == "desired release")
+        .collect();
+    assert_eq!(desired.len(), 2, "{text}");
+    assert_eq!(desired[0]["fields"]["tag"], "v1");
+    assert!(
+        desired[0]["fields"].get("digest").is_none(),
+        "no digest field when unpinned: {}",
+        desired[0]
+    );
+    assert_eq!(desired[1]["fields"]["tag"], "v2");
+    assert_eq!(desired[1]["fields"]["digest"], DIGEST, "{}", desired[1]);
+    let stale = text
+        .lines()
+        .find(|l| l.contains("update = \\\"boot\\\" applies it"))
+        .expect("the stale line");
+    let stale: serde_json::Value = serde_json::from_str(stale).expect("json");
+    assert_eq!(
+        stale["fields"]["desired"],
+        format!("v2@{DIGEST}"),
+        "{stale}"
+    );
+}
