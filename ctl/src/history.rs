@@ -106,6 +106,55 @@ pub fn rollback_target(history: &[Stored], to: Option<&Tag>) -> Result<Release, 
     found.release.clone().ok_or(TargetError::NoEarlier)
 }
 
+/// The table `ctl history` prints, newest first as given: version, tag, when and by whom (the
+/// record's own stamp, else the parameter history's), what kind of write it was, the digest.
+/// Pure.
+pub fn render(history: &[Stored]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  DIGEST",
+        "VERSION", "TAG", "RELEASED AT", "BY", "KIND"
+    );
+    for h in history {
+        let (tag, digest, at, by, kind) = match &h.release {
+            Some(r) => (
+                r.tag.to_string(),
+                r.digest.as_ref().map_or("-".into(), ToString::to_string),
+                r.meta_str("released_at")
+                    .map(str::to_owned)
+                    .or(h.modified_at.clone()),
+                r.meta_str("released_by")
+                    .map(str::to_owned)
+                    .or(h.modified_by.clone()),
+                match (r.meta_str(KIND), compensates(r)) {
+                    (Some(k), Some(v)) => format!("{k} of v{v}"),
+                    (Some(k), None) => k.to_owned(),
+                    (None, _) => "-".into(),
+                },
+            ),
+            None => (
+                skiff_release::quote(&h.value),
+                "(not a release)".into(),
+                h.modified_at.clone(),
+                h.modified_by.clone(),
+                "-".into(),
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  {digest}",
+            h.version,
+            tag,
+            at.unwrap_or_else(|| "-".into()),
+            by.unwrap_or_else(|| "-".into()),
+            kind
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +299,26 @@ mod tests {
         assert!(back.same_version(&Release::parse("v1").expect("bare tag")));
         Kind::Rollback.mark(&mut r);
         assert_eq!(compensates(&r), None);
+    }
+
+    #[test]
+    fn render_names_each_write() {
+        let mut released = rec(2, "v2", None);
+        if let Some(r) = released.release.as_mut() {
+            Kind::Release.mark(r);
+        }
+        let text = render(&[rec(3, "v1", Some(2)), released, junk(1)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("KIND"), "{text}");
+        assert!(
+            lines[1].contains("v1") && lines[1].contains("compensation of v2"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("v2") && lines[2].contains("  release  "),
+            "{text}"
+        );
+        assert!(lines[3].contains("(not a release)"), "{text}");
     }
 }

@@ -55,6 +55,8 @@ pub struct Holder {
     pub owner: String,
     pub release: String,
     pub since: String,
+    /// How long it has been held (whole seconds, humantime), when `since` is readable.
+    pub age: Option<String>,
     pub expires: String,
     /// Expired, or unreadable: it will not go away by itself.
     pub stale: bool,
@@ -64,10 +66,14 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} (releasing {}) since {}, {} {}",
+            "{} (releasing {}) since {}{}, {} {}",
             self.owner,
             self.release,
             self.since,
+            self.age
+                .as_deref()
+                .map(|a| format!(" ({a} ago)"))
+                .unwrap_or_default(),
             if self.stale { "expired" } else { "expires" },
             self.expires
         )
@@ -80,9 +86,14 @@ pub fn assess(value: &str, now: OffsetDateTime) -> Holder {
     match serde_json::from_str::<LockRecord>(value) {
         Ok(r) => {
             let stale = OffsetDateTime::parse(&r.expires_at, &Rfc3339).map_or(true, |t| t <= now);
+            let age = OffsetDateTime::parse(&r.acquired_at, &Rfc3339)
+                .ok()
+                .and_then(|t| u64::try_from((now - t).whole_seconds()).ok())
+                .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string());
             Holder {
                 owner: r.owner,
                 release: r.release,
+                age,
                 since: r.acquired_at,
                 expires: r.expires_at,
                 stale,
@@ -92,6 +103,7 @@ pub fn assess(value: &str, now: OffsetDateTime) -> Holder {
             owner: format!("unknown (value {})", skiff_release::quote(value)),
             release: "unknown".into(),
             since: "unknown".into(),
+            age: None,
             expires: "unknown".into(),
             stale: true,
         },
@@ -243,6 +255,40 @@ pub async fn release<L: ReleaseLock>(lock: &L, ours: &str) -> Result<Released, L
     }
 }
 
+/// How `ctl unlock` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unlock {
+    /// Nobody held the lock.
+    Free,
+    /// Cleared; this was its holder.
+    Cleared(Holder),
+    /// Not confirmed (the reason says why); nothing changed.
+    Declined { holder: Holder, why: String },
+    /// It changed between being shown and being cleared: left alone, held by this one now.
+    Changed(Holder),
+}
+
+/// `ctl unlock`: read the lock, show its holder to `confirm` (the person's yes, or `--force`),
+/// then delete it only if it still holds what was shown, so a release that took the lock
+/// meanwhile keeps it.
+pub async fn unlock<L: ReleaseLock>(
+    lock: &L,
+    now: OffsetDateTime,
+    confirm: impl FnOnce(&Holder) -> Result<(), String>,
+) -> Result<Unlock, LockError> {
+    let Some(value) = lock.read().await? else {
+        return Ok(Unlock::Free);
+    };
+    let holder = assess(&value, now);
+    if let Err(why) = confirm(&holder) {
+        return Ok(Unlock::Declined { holder, why });
+    }
+    Ok(match release(lock, &value).await? {
+        Released::Deleted | Released::AlreadyGone => Unlock::Cleared(holder),
+        Released::NotOurs(v) => Unlock::Changed(assess(&v, now)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,9 +329,117 @@ mod tests {
         );
         assert_eq!(h.since, "2026-01-01T12:00:00Z");
         assert_eq!(h.expires, "2026-01-01T12:01:00Z");
+        let old = assess(
+            &LockRecord::new(
+                "ci@h/1",
+                "v2",
+                datetime!(2026-01-01 10:00 UTC),
+                Duration::from_secs(60),
+            )
+            .to_value(),
+            now,
+        );
+        assert_eq!(old.age.as_deref(), Some("2h"));
+        assert_eq!(
+            old.to_string(),
+            "ci@h/1 (releasing v2) since 2026-01-01T10:00:00Z (2h ago), expired 2026-01-01T10:01:00Z"
+        );
+        assert_eq!(assess("hello", now).age, None);
         assert_eq!(
             lock_name("/skiff/master/release"),
             "/skiff/master/release-lock"
         );
+    }
+
+    /// A lock in memory; `reads` answers the reads in turn (then repeats the last), so a test
+    /// can change the value between show and clear.
+    struct FakeLock {
+        reads: std::sync::Mutex<Vec<Option<String>>>,
+        deleted: std::sync::Mutex<bool>,
+    }
+
+    impl FakeLock {
+        fn new(reads: Vec<Option<String>>) -> Self {
+            FakeLock {
+                reads: std::sync::Mutex::new(reads),
+                deleted: std::sync::Mutex::new(false),
+            }
+        }
+    }
+
+    impl ReleaseLock for FakeLock {
+        fn name(&self) -> &str {
+            "/p-lock"
+        }
+        async fn create(&self, _value: &str) -> Result<bool, LockError> {
+            Ok(false)
+        }
+        async fn read(&self) -> Result<Option<String>, LockError> {
+            let mut r = self.reads.lock().expect("lock");
+            Ok(if r.len() > 1 {
+                r.remove(0)
+            } else {
+                r[0].clone()
+            })
+        }
+        async fn delete(&self) -> Result<(), LockError> {
+            *self.deleted.lock().expect("lock") = true;
+            Ok(())
+        }
+    }
+
+    /// Name, the lock's reads in turn, confirmed, the outcome in words, deleted.
+    type UnlockRow = (&'static str, Vec<Option<String>>, bool, &'static str, bool);
+
+    #[tokio::test]
+    async fn unlock_table() {
+        let now = datetime!(2026-01-01 12:00 UTC);
+        let a = LockRecord::new("a@h/1", "v2", now, Duration::from_secs(60)).to_value();
+        let b = LockRecord::new("b@h/2", "v3", now, Duration::from_secs(60)).to_value();
+        let yes = |_: &Holder| Ok(());
+        let table: Vec<UnlockRow> = vec![
+            ("free", vec![None], true, "Free", false),
+            (
+                "cleared",
+                vec![Some(a.clone())],
+                true,
+                "Cleared a@h/1",
+                true,
+            ),
+            (
+                "declined",
+                vec![Some(a.clone())],
+                false,
+                "Declined a@h/1",
+                false,
+            ),
+            (
+                "taken by another meanwhile",
+                vec![Some(a.clone()), Some(b.clone())],
+                true,
+                "Changed b@h/2",
+                false,
+            ),
+        ];
+        for (name, reads, confirm, want, deleted) in table {
+            let lock = FakeLock::new(reads);
+            let got = if confirm {
+                unlock(&lock, now, yes).await
+            } else {
+                unlock(&lock, now, |_| Err("not yes".into())).await
+            }
+            .expect("unlock");
+            let said = match got {
+                Unlock::Free => "Free".to_owned(),
+                Unlock::Cleared(h) => format!("Cleared {}", h.owner),
+                Unlock::Declined { holder, why } => {
+                    assert_eq!(why, "not yes");
+                    format!("Declined {}", holder.owner)
+                }
+                Unlock::Changed(h) => format!("Changed {}", h.owner),
+            };
+            assert_eq!(said, want, "{name}");
+            assert_eq!(*lock.deleted.lock().expect("lock"), deleted, "{name}");
+        }
     }
 }

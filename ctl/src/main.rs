@@ -1,15 +1,19 @@
-//! `ctl`: ship a release to a skiff fleet and see what it runs.
+//! `ctl`: ship a release to a skiff fleet and see what it runs. This file only parses the
+//! command line and prints; the library's modules decide and act (`ship`, `lock`, `status`,
+//! `history`, `alarms`, `progress`, `exit`).
 //!
-//! `ctl release --tag <TAG>` resolves the image tag to its digest in the registry, refuses while
-//! an instance refresh is running (the refresh is the deploy lock), writes the release record to
-//! the SSM parameter, reads it back, rolls every instance of the Auto Scaling Group by an
-//! instance refresh, follows it, and on failure, cancellation or timeout puts the previous
-//! record back and rolls the fleet to it. `status`, `history`, `rollback` and `completions`
+//! `ctl release --tag <TAG>` resolves the image tag to its digest in the registry, takes the
+//! release lock, writes the release record to the SSM parameter, reads it back, rolls every
+//! instance of the Auto Scaling Group by an instance refresh that watches the stack's release
+//! alarms, follows it, and on failure, an alarm, a signal or the timeout puts the previous
+//! record back (only over its own write) and rolls the fleet to it. `status` (with each
+//! instance's target health), `history`, `rollback`, `unlock`, `logs` and `completions`
 //! complete the set.
 //!
-//! Configuration: `--stack` (read the ReleaseParameter, AutoScalingGroup and ImageRepository
-//! outputs) or `--parameter`/`--asg`/`--image`, each also from `SKIFF_*` variables; the usual
-//! AWS settings (`--region`, `--profile`, `AWS_*`, `AWS_ENDPOINT_URL`).
+//! Configuration: `--stack` (read the ReleaseParameter, AutoScalingGroup, ImageRepository,
+//! TargetGroup and ReleaseAlarmNames outputs) or `--parameter`/`--asg`/`--image`/
+//! `--target-group`, each also from `SKIFF_*` variables; the usual AWS settings (`--region`,
+//! `--profile`, `AWS_*`, `AWS_ENDPOINT_URL`).
 //!
 //! A release holds the lock `<parameter>-lock` (an SSM parameter created only when absent)
 //! from before its first read to its end; `ctl unlock` clears a stale one. The first SIGINT or
@@ -28,10 +32,10 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use skiff_ctl::deployment::{self, Deployment, Locator};
 use skiff_ctl::exit::ExitCode;
 use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
-use skiff_ctl::progress::{Journal, Printer};
+use skiff_ctl::progress::{Journal, Printer, Stream};
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
 use skiff_ctl::registry::{Credentials, HttpRegistry};
-use skiff_ctl::ship::{self, Fleet, Outcome, Request, Target};
+use skiff_ctl::ship::{self, Fleet, Request, Target};
 use skiff_ctl::status;
 use skiff_ctl::store::{ReleaseStore, SsmStore};
 use skiff_release::Tag;
@@ -383,37 +387,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
-                println!(
-                    "{:>7}  {:<20}  {:<25}  {:<12}  DIGEST",
-                    "VERSION", "TAG", "RELEASED AT", "BY"
-                );
-                for h in &history {
-                    let (tag, digest, at, by) = match &h.release {
-                        Some(r) => (
-                            r.tag.to_string(),
-                            r.digest.as_ref().map_or("-".into(), ToString::to_string),
-                            r.meta_str("released_at")
-                                .map(str::to_owned)
-                                .or(h.modified_at.clone()),
-                            r.meta_str("released_by")
-                                .map(str::to_owned)
-                                .or(h.modified_by.clone()),
-                        ),
-                        None => (
-                            skiff_release::quote(&h.value),
-                            "(not a release)".into(),
-                            h.modified_at.clone(),
-                            h.modified_by.clone(),
-                        ),
-                    };
-                    println!(
-                        "{:>7}  {:<20}  {:<25}  {:<12}  {digest}",
-                        h.version,
-                        tag,
-                        at.unwrap_or_else(|| "-".into()),
-                        by.unwrap_or_else(|| "-".into())
-                    );
-                }
+                print!("{}", skiff_ctl::history::render(&history));
             }
             Ok(ExitCode::Success)
         }
@@ -580,33 +554,9 @@ async fn release(
     if g.json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else {
-        match &outcome {
-            Outcome::DryRun => println!("dry run: nothing changed"),
-            Outcome::Started { refresh_id } => {
-                println!("instance refresh {refresh_id} started; follow it with `ctl status`")
-            }
-            Outcome::Released {
-                refresh_id,
-                release,
-            } => println!("released {release} (instance refresh {refresh_id} successful)"),
-            Outcome::RolledBack { reason, to } => eprintln!(
-                "ctl: release failed: {reason}\nctl: rolled back: the fleet is on {to} again"
-            ),
-            Outcome::NotRolledBack { reason, advice } => {
-                eprintln!("ctl: release failed: {reason}\nctl: NOT rolled back: {advice}")
-            }
-            Outcome::Interrupted {
-                signal,
-                restored,
-                advice,
-                ..
-            } => eprintln!(
-                "ctl: interrupted by {signal}: {}\nctl: {advice}",
-                match restored {
-                    Some(r) => format!("the previous release {r} is back in the parameter"),
-                    None => "the previous release was NOT put back".into(),
-                }
-            ),
+        match skiff_ctl::progress::outcome_text(&outcome) {
+            (Stream::Stdout, text) => println!("{text}"),
+            (Stream::Stderr, text) => eprintln!("{text}"),
         }
     }
     Ok(outcome.exit_code())
@@ -615,51 +565,44 @@ async fn release(
 /// `ctl unlock`: show who holds the lock and clear it, after a yes on a terminal or --force.
 async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode> {
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
-    let Some(value) = lock.read().await.map_err(|e| exit(ExitCode::Refused, e))? else {
-        println!("nobody holds the lock {}", lock.name());
-        return Ok(ExitCode::Success);
-    };
-    let holder = lock::assess(&value, time::OffsetDateTime::now_utc());
-    eprintln!("the lock {} is held by {holder}", lock.name());
-    if !force {
-        if !std::io::stdin().is_terminal() {
-            return Err(exit(
-                ExitCode::Refused,
-                "not clearing the lock without a confirmation: stdin is not a terminal; check with `ctl status` that no release runs, then pass --force",
-            ));
+    let name = lock.name().to_owned();
+    let ctl = ctl_prefix(g, &c.deployment);
+    let confirm = |holder: &lock::Holder| -> Result<(), String> {
+        eprintln!("the lock {name} is held by {holder}");
+        if force {
+            return Ok(());
         }
-        eprint!(
-            "clear it? Only if that release is no longer running (`{} status`). Type yes: ",
-            ctl_prefix(g, &c.deployment)
-        );
+        if !std::io::stdin().is_terminal() {
+            return Err(
+                "not clearing the lock without a confirmation: stdin is not a terminal; check with `ctl status` that no release runs, then pass --force"
+                    .into(),
+            );
+        }
+        eprint!("clear it? Only if that release is no longer running (`{ctl} status`). Type yes: ");
         let _ = std::io::stderr().flush();
         let mut answer = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut answer)
-            .context("cannot read the answer")?;
-        if answer.trim() != "yes" {
-            return Err(exit(
-                ExitCode::Refused,
-                "not cleared: the answer was not yes",
-            ));
+        match std::io::stdin().lock().read_line(&mut answer) {
+            Ok(_) if answer.trim() == "yes" => Ok(()),
+            Ok(_) => Err("not cleared: the answer was not yes".into()),
+            Err(e) => Err(format!("not cleared: cannot read the answer ({e})")),
         }
-    }
-    // Delete only what was shown: a release that took the lock meanwhile keeps it.
-    match lock::release(&lock, &value)
+    };
+    match lock::unlock(&lock, time::OffsetDateTime::now_utc(), confirm)
         .await
         .map_err(|e| exit(ExitCode::Refused, e))?
     {
-        lock::Released::Deleted | lock::Released::AlreadyGone => {
+        lock::Unlock::Free => {
+            println!("nobody holds the lock {}", lock.name());
+            Ok(ExitCode::Success)
+        }
+        lock::Unlock::Cleared(_) => {
             println!("cleared the lock {}", lock.name());
             Ok(ExitCode::Success)
         }
-        lock::Released::NotOurs(v) => Err(exit(
+        lock::Unlock::Declined { why, .. } => Err(exit(ExitCode::Refused, why)),
+        lock::Unlock::Changed(now) => Err(exit(
             ExitCode::Busy,
-            format!(
-                "not cleared: the lock changed meanwhile and is now held by {}",
-                lock::assess(&v, time::OffsetDateTime::now_utc())
-            ),
+            format!("not cleared: the lock changed meanwhile and is now held by {now}"),
         )),
     }
 }

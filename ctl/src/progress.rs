@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 
 use skiff_release::Release;
 
-use crate::ship::{Event, Purpose};
+use crate::ship::{Event, Outcome, Purpose};
 
 /// Prints events.
 #[derive(Debug)]
@@ -132,6 +132,54 @@ fn what(p: Purpose) -> &'static str {
     match p {
         Purpose::Release => "release",
         Purpose::Rollback => "rollback",
+    }
+}
+
+/// Where a result goes: a success to stdout (for the pipeline), a failure to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The last word of a release, in text. Pure.
+pub fn outcome_text(outcome: &Outcome) -> (Stream, String) {
+    match outcome {
+        Outcome::DryRun => (Stream::Stdout, "dry run: nothing changed".into()),
+        Outcome::Started { refresh_id } => (
+            Stream::Stdout,
+            format!("instance refresh {refresh_id} started; follow it with `ctl status`"),
+        ),
+        Outcome::Released {
+            refresh_id,
+            release,
+        } => (
+            Stream::Stdout,
+            format!("released {release} (instance refresh {refresh_id} successful)"),
+        ),
+        Outcome::RolledBack { reason, to } => (
+            Stream::Stderr,
+            format!("ctl: release failed: {reason}\nctl: rolled back: the fleet is on {to} again"),
+        ),
+        Outcome::NotRolledBack { reason, advice } => (
+            Stream::Stderr,
+            format!("ctl: release failed: {reason}\nctl: NOT rolled back: {advice}"),
+        ),
+        Outcome::Interrupted {
+            signal,
+            restored,
+            advice,
+            ..
+        } => (
+            Stream::Stderr,
+            format!(
+                "ctl: interrupted by {signal}: {}\nctl: {advice}",
+                match restored {
+                    Some(r) => format!("the previous release {r} is back in the parameter"),
+                    None => "the previous release was NOT put back".into(),
+                }
+            ),
+        ),
     }
 }
 

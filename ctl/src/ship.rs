@@ -444,6 +444,7 @@ where
                         owner: "another release that keeps taking and letting go of it".into(),
                         release: "unknown".into(),
                         since: "unknown".into(),
+                        age: None,
                         expires: "unknown".into(),
                         stale: false,
                     },

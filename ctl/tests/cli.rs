@@ -122,7 +122,8 @@ async fn status_json_has_the_release_the_refresh_the_instances_and_drift() {
     let s: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
     assert_eq!(
         s["deployment"],
-        serde_json::json!({"parameter": param, "asg": "app-asg", "image": "r/app"}),
+        serde_json::json!({"parameter": param, "asg": "app-asg", "image": "r/app",
+            "target_group": null, "alarms": []}),
         "{t}"
     );
     assert_eq!(s["release"], V1, "{t}");
@@ -132,6 +133,10 @@ async fn status_json_has_the_release_the_refresh_the_instances_and_drift() {
     assert_eq!(s["refresh"]["state"], "Successful", "{t}");
     assert_eq!(s["refresh"]["percent"], 100, "{t}");
     assert!(s["refresh_error"].is_null(), "{t}");
+    assert_eq!(
+        s["target_health_error"]["kind"], "no_target_group",
+        "no stack, no --target-group: {t}"
+    );
     let instances = s["instances"].as_array().expect("instances");
     assert_eq!(instances.len(), 2, "{t}");
     assert_eq!(
@@ -141,7 +146,9 @@ async fn status_json_has_the_release_the_refresh_the_instances_and_drift() {
             "zone": "us-east-1a",
             "lifecycle": "InService",
             "health": "Healthy",
-            "release": null
+            "release": null,
+            "target_health": null,
+            "target_reason": null
         }),
         "sorted by id: {t}"
     );

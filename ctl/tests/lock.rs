@@ -132,6 +132,9 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
         "stale",
         "jenkins-app-master-41/123",
         "since 2020-01-01T00:00:00Z",
+        // How long ago, and when it expired: the holder's age tells a stuck release from a
+        // slow one.
+        "ago), expired 2020-01-01T01:30:00Z",
         "unlock",
     ] {
         assert!(t.contains(needle), "{needle}: {t}");
