@@ -790,10 +790,11 @@ class Controller:
                 slot = self.free_slot()
                 self.slots[iid] = slot
                 srv = f"app/h{slot}"
-                haproxy_cmd(f"set server {srv} addr {host.ip} port {self.box['settings']['app_port']}")
-                # A new target starts unhealthy and serves once it passed HealthyThresholdCount checks.
-                haproxy_cmd(f"set server {srv} health down")
-                haproxy_cmd(f"set server {srv} state ready")
+                # A new target starts unhealthy and serves once it passed HealthyThresholdCount
+                # checks (`initial`, then `healthy`). In this order and in one command line:
+                # `health down` before `state ready` is lost, and the target would serve at once.
+                haproxy_cmd(f"set server {srv} addr {host.ip} port {self.box['settings']['app_port']}; "
+                            f"set server {srv} state ready; set server {srv} health down")
                 self.lb[iid] = "ready"
                 self.registered[iid] = (now, False)
                 print(f"{time.strftime('%H:%M:%S')} {iid}: registered as {srv} ({host.ip})", flush=True)

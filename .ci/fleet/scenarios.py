@@ -472,7 +472,9 @@ def bench_table(box, warmup):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=20, help="requests per second through the LB")
-    ap.add_argument("--warmup", type=int, default=5, help="ctl --warmup seconds")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="ctl --warmup seconds (default: the target group's HealthyThresholdCount x "
+                         "interval + 2, the time a new target needs before it serves)")
     ap.add_argument("--keep", action="store_true", help="leave the box up afterwards")
     ap.add_argument("--bench", action="store_true", help="print wall and release times vs the model")
     ap.add_argument("--only", default="1,5,2,7,4,6,3", help="scenarios to run (run in the order 1 5 2 7 4 6 3)")
@@ -490,6 +492,12 @@ def main():
             return 1
     box = fleet.load_box()
     n = int(box["params"]["MinSize"])
+    if a.warmup is None:
+        # Launch before terminate: the old instances start draining once the new ones are warm.
+        # A warm-up shorter than the new targets' first HealthyThresholdCount checks leaves the
+        # load balancer with nothing to send to (measured: failed requests); ctl's default, 30 s,
+        # covers the template's 2 x 5 s.
+        a.warmup = box["settings"]["healthy"] * box["settings"]["interval"] + 2
     if not settle(box, n, 60):
         print(f"scenarios: the box is not settled ({group(box)}); `box.py down` and retry", file=sys.stderr)
         return 1
