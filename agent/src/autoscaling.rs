@@ -10,7 +10,7 @@
 //! on later loop turns through [`Fleet::retry_pending`], until it succeeds, Auto Scaling says the
 //! action is no longer active, or [`HOOK_RETRY_FOR`] has passed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_config::SdkConfig;
@@ -23,6 +23,7 @@ pub use self::hook::{Attempt, HOOK_RETRY_FOR, NextStep, classify, next_step};
 use self::hook::{Hook, Progress};
 use crate::backoff::Backoff;
 use crate::fleet::Fleet;
+use crate::metrics::{FleetErrorKind, Metrics};
 
 mod hook;
 
@@ -55,6 +56,19 @@ pub enum FleetError {
     TimedOut(Duration),
 }
 
+impl FleetError {
+    /// The `kind` label of `skiff_agent_fleet_errors_total`.
+    pub fn metric_kind(&self) -> FleetErrorKind {
+        match self {
+            FleetError::Metadata(_) => FleetErrorKind::Metadata,
+            FleetError::Tag { .. } => FleetErrorKind::Tag,
+            FleetError::Group { .. } => FleetErrorKind::Group,
+            FleetError::Complete { .. } => FleetErrorKind::LifecycleHook,
+            FleetError::TimedOut(_) => FleetErrorKind::TimedOut,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct OnEc2 {
     instance_id: String,
@@ -65,6 +79,8 @@ struct OnEc2 {
     tagged: Mutex<Option<Tag>>,
     launch: Hook,
     terminate: Hook,
+    /// Failed calls are counted here (`skiff_agent_fleet_errors_total`).
+    metrics: Arc<Metrics>,
 }
 
 /// [`Fleet`] over EC2 and Auto Scaling.
@@ -144,8 +160,17 @@ impl AwsFleet {
                 tagged: Mutex::new(None),
                 launch: Hook::new(hook),
                 terminate: Hook::new(None),
+                metrics: Arc::new(Metrics::new()),
             }),
         }
+    }
+
+    /// Count failed calls in `metrics` (the agent's, served on `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        if let Some(on) = self.on_ec2.as_mut() {
+            on.metrics = metrics;
+        }
+        self
     }
 
     /// Also complete `hook` (a terminate lifecycle hook) once drained for termination.
@@ -344,6 +369,7 @@ impl Fleet for AwsFleet {
     async fn release_healthy(&self, release: &Release) {
         let Some(on) = &self.on_ec2 else { return };
         if let Err(e) = on.tag(&release.tag).await {
+            on.metrics.fleet_error(e.metric_kind());
             tracing::warn!(error = %e, tag = %release.tag, "could not tag the instance; ctl status will not show its release");
         }
         on.complete(&on.launch, "CONTINUE").await;
@@ -368,6 +394,7 @@ impl Fleet for AwsFleet {
         {
             Ok(state) => state.as_ref().trim() == "Terminated",
             Err(e) => {
+                on.metrics.fleet_error(FleetErrorKind::Metadata);
                 tracing::debug!(error = %e, "cannot read the target lifecycle state");
                 false
             }

@@ -70,13 +70,15 @@ pub fn router(state: watch::Receiver<Snapshot>) -> Router {
         .with_state(state)
 }
 
-/// Serve until cancelled.
+/// Serve until cancelled: `/healthz`, `/status` and the Prometheus `/metrics`.
 pub async fn serve(
     listener: TcpListener,
     state: watch::Receiver<Snapshot>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = router(state.clone()).merge(crate::metrics::router(state, metrics));
+    axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
 }
@@ -98,7 +100,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, rx, cancel.clone()));
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let server = tokio::spawn(serve(listener, rx, metrics, cancel.clone()));
 
         let code = probe(addr, "/healthz", Duration::from_secs(2))
             .await

@@ -13,6 +13,7 @@ pub mod health;
 pub mod hygiene;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;

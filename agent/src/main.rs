@@ -25,6 +25,7 @@ use skiff_agent::credentials::PullTokens;
 use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
 use skiff_agent::fleet::NoFleet;
+use skiff_agent::metrics::Metrics;
 use skiff_agent::source::FileSource;
 use skiff_agent::ssm::SsmSource;
 use skiff_agent::supervise::Supervisor;
@@ -161,6 +162,8 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         (SourceConfig::File { .. }, None) => None,
         _ => Some(skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await),
     };
+    // One set of metrics, counted by the loop, the prober and the fleet, served on /metrics.
+    let metrics = Arc::new(Metrics::new());
     let pull_tokens = ecr.zip(sdk.as_ref()).map(|(registry, sdk)| {
         tracing::info!(registry = %registry.host, region = %registry.region, "ECR image: pull tokens from ecr:GetAuthorizationToken");
         PullTokens::new(EcrIssuer::new(sdk, registry))
@@ -175,6 +178,7 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 source,
                 NoFleet,
                 pull_tokens,
+                metrics,
                 listener,
                 cancel,
             )
@@ -192,13 +196,15 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 cfg.aws.lifecycle_hook.clone(),
                 cfg.aws.terminate_hook.clone(),
             )
-            .await;
+            .await
+            .with_metrics(metrics.clone());
             supervise(
                 cfg.clone(),
                 runtime,
                 source,
                 fleet,
                 pull_tokens,
+                metrics,
                 listener,
                 cancel,
             )
@@ -207,12 +213,17 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the wiring of one agent: each part is built once in serve()"
+)]
 async fn supervise<S, F>(
     cfg: Arc<Config>,
     runtime: DockerRuntime,
     source: S,
     fleet: F,
     pull_tokens: Option<PullTokens>,
+    metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()>
@@ -224,7 +235,9 @@ where
         &skiff_agent::journal::Journal::default_dir(),
         &cfg.app.name,
     );
-    let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet).with_journal(journal);
+    let mut supervisor = Supervisor::new(cfg.clone(), runtime, source, fleet)
+        .with_journal(journal)
+        .with_metrics(metrics.clone());
     if let Some(tokens) = pull_tokens {
         supervisor = supervisor.with_pull_tokens(tokens);
     }
@@ -232,13 +245,19 @@ where
     supervisor.adopt().await;
     let state = supervisor.state();
     tracing::info!(listen = %cfg.health.listen, app = %cfg.app.name, image = %cfg.app.image, "agent started");
-    let server = tokio::spawn(health::serve(listener, state.subscribe(), cancel.clone()));
+    let server = tokio::spawn(health::serve(
+        listener,
+        state.subscribe(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let prober = tokio::spawn(probe::run_prober(
         state,
         std::net::SocketAddr::from(([127, 0, 0, 1], cfg.app.port)),
         cfg.app.health_path.clone(),
         cfg.app.detail_path.clone(),
         cfg.health.interval,
+        metrics,
         cancel.clone(),
     ));
     supervisor.run(cancel.clone()).await;

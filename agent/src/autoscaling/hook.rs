@@ -195,6 +195,7 @@ impl OnEc2 {
         let group = match self.group().await {
             Ok(g) => g,
             Err((e, transient)) => {
+                self.metrics.fleet_error(e.metric_kind());
                 let a = if transient {
                     Attempt::Transient
                 } else {
@@ -219,12 +220,18 @@ impl OnEc2 {
                     result,
                     detail: detail(&e),
                 };
-                (classify(e.code(), e.message()), why.to_string())
+                let attempt = classify(e.code(), e.message());
+                // An action already ended is how a hook finishes late, not a failure.
+                if attempt != Attempt::NoActiveAction {
+                    self.metrics.fleet_error(why.metric_kind());
+                }
+                (attempt, why.to_string())
             }
-            Err(_) => (
-                Attempt::Transient,
-                FleetError::TimedOut(ATTEMPT_LIMIT).to_string(),
-            ),
+            Err(_) => {
+                let why = FleetError::TimedOut(ATTEMPT_LIMIT);
+                self.metrics.fleet_error(why.metric_kind());
+                (Attempt::Transient, why.to_string())
+            }
         }
     }
 }
