@@ -8,13 +8,21 @@
 #   2. the agent's idle RSS with its container running (file source; SSM source on moto; and SSM
 #      with the image pulled from the ECR-shaped registry with a token from moto's ECR);
 #   3. /healthz under wrk on loopback: requests/s and p99, and the app probes made meanwhile;
-#   4. the release binary's size (stripped).
+#   4. the release binary's size (stripped);
+#   5. metrics (always on): idle RSS while /metrics is scraped every second as Prometheus would,
+#      /healthz under wrk with that scrape running, and /metrics itself under wrk; printed beside
+#      the figures before /metrics existed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 rounds=${ROUNDS:-15}
-cargo build -q --release -p skiff-agent
-agent="$CARGO_TARGET_DIR/release/agent"
+# AGENT_BIN=<path> measures another build (e.g. an older commit's, for a before/after).
+if [ -n "${AGENT_BIN:-}" ]; then
+  agent=$AGENT_BIN
+else
+  cargo build -q --release -p skiff-agent
+  agent="$CARGO_TARGET_DIR/release/agent"
+fi
 id="skiff-bench-$$"
 repo="127.0.0.1:5000/$id/app"
 # The same repository through the ECR-shaped registry of .ci/setup.sh (it serves :5000's storage).
@@ -22,7 +30,9 @@ ecr_repo="123456789012.dkr.ecr.us-east-1.amazonaws.com/$id/app"
 work=$(mktemp -d)
 app_port=$((20000 + RANDOM % 5000)); health_port=$((app_port + 1))
 agent_pid=""
+scraper_pid=""
 cleanup() {
+  [ -n "$scraper_pid" ] && kill "$scraper_pid" 2>/dev/null || true
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
   docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") $(docker ps -aq --filter "name=$id") >/dev/null 2>&1 || true
   docker rmi -f $(docker images -q "$repo") $(docker images -q "$ecr_repo") >/dev/null 2>&1 || true
@@ -111,6 +121,21 @@ requests=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
 echo "/healthz under wrk (2 threads, 32 connections, 10 s): $rps requests/s, p99 $p99, $requests requests"
 echo "app probes during the load: $((probes_after - probes_before)) in ${elapsed} ms (interval 2s -> expected ~$((elapsed / 2000)); not per request)"
 echo "idle RSS after the load: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
+
+# Metrics: a scrape every second (Prometheus's pace in the metrics test) while the agent idles,
+# then /healthz under the same wrk load with the scrape still running, then /metrics itself.
+# Before /metrics (same machine, same script): idle RSS 6988 kB; /healthz 79.7k requests/s, p99 3.4 ms.
+( while :; do curl -fs -o /dev/null -m 2 "http://127.0.0.1:$health_port/metrics" || true; sleep 1; done ) &
+scraper_pid=$!
+sleep 30
+metrics_bytes=$(curl -fs "http://127.0.0.1:$health_port/metrics" | wc -c)
+echo "idle RSS, file source, /metrics scraped every 1 s for 30 s: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status) (before /metrics: 6988 kB)"
+wrk -t2 -c32 -d10s --latency "http://127.0.0.1:$health_port/healthz" >"$work/wrk-m.txt"
+echo "/healthz under wrk with the 1 s scrape running: $(awk '/Requests\/sec/ {print $2}' "$work/wrk-m.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-m.txt") (before /metrics: 79.7k requests/s, p99 3.4 ms)"
+wrk -t2 -c8 -d5s --latency "http://127.0.0.1:$health_port/metrics" >"$work/wrk-metrics.txt"
+echo "/metrics ($metrics_bytes bytes) under wrk (2 threads, 8 connections, 5 s): $(awk '/Requests\/sec/ {print $2}' "$work/wrk-metrics.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-metrics.txt")"
+kill "$scraper_pid" 2>/dev/null || true; wait "$scraper_pid" 2>/dev/null || true; scraper_pid=""
+echo "idle RSS after the /metrics load: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
 kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
 
 # Idle RSS with the SSM source (moto on loopback), when moto runs.
