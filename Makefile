@@ -24,6 +24,9 @@
 #   create-stack only (needed when the stack does not exist yet; kept from before otherwise):
 #   VPC_ID PUBLIC_SUBNETS PRIVATE_SUBNETS (comma-separated) CERTIFICATE_ARN AMI_ID
 #   MIN_SIZE MAX_SIZE INSTANCE_TYPE (optional)
+#   Shared load balancer (optional, QA; then no CERTIFICATE_ARN; templates/README.md):
+#   SHARED_LISTENER_ARN SHARED_LB_SECURITY_GROUP LISTENER_RULE_PRIORITY, and SITE_HOST_NAME
+#                (default $(ENV).$(SITE_DOMAIN) when SITE_DOMAIN is set)
 #   Database (optional; default: the stack creates its own RDS MySQL instance):
 #   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_SECURITY_GROUP
 #                an existing database instead (templates/README.md, "Sharing a database")
@@ -87,6 +90,10 @@ AMI_ID ?=
 MIN_SIZE ?=
 MAX_SIZE ?=
 INSTANCE_TYPE ?=
+SHARED_LISTENER_ARN ?=
+SHARED_LB_SECURITY_GROUP ?=
+LISTENER_RULE_PRIORITY ?=
+SITE_HOST_NAME ?= $(if $(and $(SHARED_LISTENER_ARN),$(SITE_DOMAIN)),$(ENV).$(SITE_DOMAIN))
 DATABASE_HOST ?=
 DATABASE_PORT ?=
 DATABASE_NAME ?=
@@ -220,7 +227,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	else \
 	  missing=(); \
 	  for v in VPC_ID=$(VPC_ID) PUBLIC_SUBNETS=$(PUBLIC_SUBNETS) PRIVATE_SUBNETS=$(PRIVATE_SUBNETS) \
-	           CERTIFICATE_ARN=$(CERTIFICATE_ARN) AMI_ID=$(AMI_ID); do \
+	           $(if $(SHARED_LISTENER_ARN),SHARED_LB_SECURITY_GROUP=$(SHARED_LB_SECURITY_GROUP) SITE_HOST_NAME=$(SITE_HOST_NAME) LISTENER_RULE_PRIORITY=$(LISTENER_RULE_PRIORITY),CERTIFICATE_ARN=$(CERTIFICATE_ARN)) AMI_ID=$(AMI_ID); do \
 	    [ -n "$${v#*=}" ] || missing+=("$${v%%=*}"); done; \
 	  if (($${#missing[@]})); then \
 	    $(say) "stack $(STACK) does not exist; to create it set: $${missing[*]}" >&2; exit 1; fi; \
@@ -242,7 +249,9 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	         InstanceType=$(INSTANCE_TYPE) ImageRepositoryName=$(REPOSITORY) \
 	         DatabaseHost=$(DATABASE_HOST) DatabasePort=$(DATABASE_PORT) DatabaseName=$(DATABASE_NAME) \
 	         DatabaseSecretArn=$(DATABASE_SECRET_ARN) DatabaseSecurityGroupId=$(DATABASE_SECURITY_GROUP) \
-	         DatabaseMultiAZ=$(DATABASE_MULTI_AZ) DatabaseDeletionProtection=$(DATABASE_DELETION_PROTECTION); do \
+	         DatabaseMultiAZ=$(DATABASE_MULTI_AZ) DatabaseDeletionProtection=$(DATABASE_DELETION_PROTECTION) \
+	         SharedListenerArn=$(SHARED_LISTENER_ARN) SharedLoadBalancerSecurityGroupId=$(SHARED_LB_SECURITY_GROUP) \
+	         SiteHostName=$(SITE_HOST_NAME) ListenerRulePriority=$(LISTENER_RULE_PRIORITY); do \
 	  [ -z "$${v#*=}" ] || overrides+=("$$v"); done; \
 	$(say) "aws cloudformation deploy --stack-name $(STACK) --parameter-overrides $${overrides[*]}"; \
 	$(AWS) cloudformation deploy --region $(REGION) --stack-name $(STACK) \

@@ -42,6 +42,8 @@ What moto (5.2) does not do, and how each is handled here:
   * AWS::EC2::SecurityGroupIngress has no delete: a deleted stack's rule in another stack's
     group (SharedDatabaseIngress) stays in moto, so its removal is not checked.
   * Fn::And over a !Condition is evaluated wrongly (always false); app.yaml avoids the form.
+  * AWS::ElasticLoadBalancingV2::ListenerRule is not deleted with its stack: a QA stack's rule on
+    the shared listener stays in moto (the test removes it), so its removal is not checked.
   * Parameter MinValue/MaxValue are not enforced; the boundary stacks use exactly those values.
   * IAM resources and conditions are not evaluated (see the policy-resource check).
   * LifecycleHookSpecificationList, InstanceMaintenancePolicy, DefaultInstanceWarmup,
@@ -74,6 +76,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENDPOINT = os.environ.get("MOTO_ENDPOINT", "http://127.0.0.1:5055")
 REGION = "us-east-1"
 RUN = uuid.uuid4().hex[:8]
+# app/<name>/<id> out of SharedListenerArn (...:listener/app/<name>/<id>/<listener id>).
+SHARED_LB_FULL_NAME = {"Fn::Join": ["/", [{"Fn::Select": [i, {"Fn::Split": ["/", {"Ref": "SharedListenerArn"}]}]}
+                                          for i in (1, 2, 3)]]}
 
 passed = 0
 failed = 0
@@ -511,7 +516,7 @@ def app_alarm_checks(text, t):
     names = [alarms[k]["AlarmName"]["Fn::Sub"] for k in ("ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm")]
     equal("app: ReleaseAlarmNames output lists exactly the alarms' names, comma-separated",
           o["ReleaseAlarmNames"]["Value"], {"Fn::Sub": ",".join(names)})
-    dims = [{"Name": "LoadBalancer", "Value": {"Fn::GetAtt": ["LoadBalancer", "LoadBalancerFullName"]}},
+    dims = [{"Name": "LoadBalancer", "Value": {"Fn::If": ["OwnLoadBalancer", {"Fn::GetAtt": ["LoadBalancer", "LoadBalancerFullName"]}, SHARED_LB_FULL_NAME]}},
             {"Name": "TargetGroup", "Value": {"Fn::GetAtt": ["TargetGroup", "TargetGroupFullName"]}}]
     rate = alarms["ReleaseErrorRateAlarm"]
     stats = {m["Id"]: m["MetricStat"] for m in rate["Metrics"] if "MetricStat" in m}
@@ -566,7 +571,8 @@ def app_bounds_checks(text, t):
           f"{stop} >= {need - HOOK_MARGIN} s)", len(stop) == 1 and stop[0] >= need - HOOK_MARGIN)
     check("app: Rules refuse AppPort == AgentPort",
           any("AppPort" in d for d in rules_refuse(t, {"AppPort": 9000, "AgentPort": 9000})))
-    equal("app: Rules accept the defaults", rules_refuse(t, {}), [])
+    equal("app: Rules accept the defaults (and a certificate for the own load balancer)",
+          rules_refuse(t, {"CertificateArn": "arn:aws:acm:us-east-1:123456789012:certificate/t"}), [])
     check("app: Rules refuse DatabaseHost without DatabaseSecretArn",
           bool(rules_refuse(t, {"DatabaseHost": "db.example.com"})))
     check("app: Rules refuse DatabaseSecretArn or DatabaseSecurityGroupId without DatabaseHost",
@@ -661,13 +667,20 @@ def app_network_checks(text, t):
     check("app: instances have no inline ingress", "SecurityGroupIngress" not in inst_sg)
     ingress = [(k, v["Properties"]) for k, v in r.items()
                if v["Type"] == "AWS::EC2::SecurityGroupIngress"]
-    equal("app: instance ingress only from the load balancer, on app and agent ports",
+    lb_group = {"Fn::If": ["OwnLoadBalancer", {"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]},
+                           {"Ref": "SharedLoadBalancerSecurityGroupId"}]}
+    equal("app: instance ingress only from the load balancer (own or shared), on app and agent ports",
           sorted((str(i["FromPort"]), str(i["SourceSecurityGroupId"])) for _, i in ingress
                  if i["GroupId"] == {"Fn::GetAtt": ["InstanceSecurityGroup", "GroupId"]}),
-          sorted([(str({"Ref": "AgentPort"}),
-                   str({"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]})),
-                  (str({"Ref": "AppPort"}),
-                   str({"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]}))]))
+          sorted([(str({"Ref": "AgentPort"}), str(lb_group)), (str({"Ref": "AppPort"}), str(lb_group))]))
+    equal("app: the own load balancer and its listeners exist only without a shared listener",
+          {k for k in OWN_LB if r[k].get("Condition") == "OwnLoadBalancer"}, OWN_LB)
+    rule = r["SiteListenerRule"]
+    equal("app: the shared listener's rule: this stack's host name -> its target group",
+          (rule.get("Condition"), rule["Properties"]["Conditions"], rule["Properties"]["Actions"]),
+          ("SharedLoadBalancer",
+           [{"Field": "host-header", "HostHeaderConfig": {"Values": [{"Ref": "SiteHostName"}]}}],
+           [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]))
     alb_in = r["LoadBalancerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     equal("app: load balancer open on 80 and 443 only", sorted(i["FromPort"] for i in alb_in), [80, 443])
     http = r["HttpListener"]["Properties"]["DefaultActions"][0]
@@ -822,6 +835,68 @@ def expected_agent_config(env, account, database, **over):
 
 # moto's CloudFormation builds no AWS::CloudWatch::Alarm: these never appear in a stack there.
 RELEASE_ALARMS = {"ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm"}
+# The stack's own load balancer and listeners, not built with SharedListenerArn; the shared
+# listener's rule, built only then.
+OWN_LB = {"LoadBalancer", "LoadBalancerSecurityGroup", "HttpsListener", "HttpListener"}
+SHARED_LB = {"SiteListenerRule"}
+
+
+def shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup):
+    """A stack with SharedListenerArn: no load balancer of its own, a rule on the shared HTTPS
+    listener for its host name forwarding to its target group, its instances open to the shared
+    load balancer's group; deleted, the rule goes and the shared load balancer stays."""
+    lb_sg = ec2.create_security_group(GroupName=f"skiff-test-shared-lb-{RUN}", Description="shared lb",
+                                      VpcId=vpc)["GroupId"]
+    cleanup.append(lambda: ec2.delete_security_group(GroupId=lb_sg))
+    lb = elb.create_load_balancer(Name=f"skiff-qa-{RUN}", Subnets=public, SecurityGroups=[lb_sg],
+                                  Scheme="internet-facing", Type="application")["LoadBalancers"][0]
+    cleanup.append(lambda: elb.delete_load_balancer(LoadBalancerArn=lb["LoadBalancerArn"]))
+    listener = elb.create_listener(
+        LoadBalancerArn=lb["LoadBalancerArn"], Protocol="HTTPS", Port=443, Certificates=[{"CertificateArn": cert}],
+        DefaultActions=[{"Type": "fixed-response", "FixedResponseConfig": {"StatusCode": "404"}}])["Listeners"][0]
+    cleanup.append(lambda: elb.delete_listener(ListenerArn=listener["ListenerArn"]))
+    # moto's CloudFormation leaves the rule when the stack is deleted (CloudFormation deletes it).
+    cleanup.append(lambda: [elb.delete_rule(RuleArn=r["RuleArn"]) for r in elb.describe_rules(
+        ListenerArn=listener["ListenerArn"])["Rules"] if not r.get("IsDefault")])
+    env_c, stack_c, host = f"t{RUN}-c", f"skiff-test-app-{RUN}-c", f"t{RUN}-c.qa.skiff.example.com"
+    c_params = dict(app_params, Environment=env_c, CertificateArn="", SharedListenerArn=listener["ListenerArn"],
+                    SharedLoadBalancerSecurityGroupId=lb_sg, SiteHostName=host, ListenerRulePriority=7, **shared)
+    equal("shared lb: the Rules accept a shared listener without a certificate", rules_refuse(app_t, c_params), [])
+    for what, given in [
+            ("a shared listener without a host name", dict(c_params, SiteHostName="")),
+            ("a shared listener without the load balancer's group", dict(c_params, SharedLoadBalancerSecurityGroupId="")),
+            ("a host name without a shared listener", dict(c_params, SharedListenerArn="", CertificateArn=cert,
+                                                           SharedLoadBalancerSecurityGroupId="")),
+            ("an own load balancer without a certificate", dict(app_params, CertificateArn=""))]:
+        check(f"shared lb: the Rules refuse {what}", rules_refuse(app_t, given) != [], str(given))
+    stack = create(stack_c, body, c_params, cleanup)
+    if not equal("shared lb create: status", stack["StackStatus"], "CREATE_COMPLETE"):
+        print(stack.get("StackStatusReason"))
+        return
+    out = outputs(stack)
+    equal("shared lb create: no load balancer, listeners or load balancer group of its own; the rule",
+          not_built(stack_c, app_t),
+          {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase", "DatabaseMonitoringRole",
+           "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | OWN_LB)
+    equal("shared lb create: LoadBalancerDNS output is the site's host name", out.get("LoadBalancerDNS"), host)
+    ids = physical_ids(stack_c)
+    rules = [r for r in elb.describe_rules(ListenerArn=listener["ListenerArn"])["Rules"] if not r.get("IsDefault")]
+    equal("shared lb create: one rule on the shared listener: priority, host header -> the stack's target group",
+          [(r["Priority"], [c.get("HostHeaderConfig", {}).get("Values") for c in r["Conditions"]],
+            [(a["Type"], a.get("TargetGroupArn")) for a in r["Actions"]]) for r in rules],
+          [("7", [[host]], [("forward", ids["TargetGroup"])])])
+    inst_sg = ec2.describe_security_groups(GroupIds=[out["InstanceSecurityGroup"]])["SecurityGroups"][0]
+    equal("shared lb create: the instances admit the shared load balancer's group on app and agent ports",
+          sorted((p["FromPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]]) for p in inst_sg["IpPermissions"]),
+          [(8080, [lb_sg]), (8081, [lb_sg])])
+    cfn.delete_stack(StackName=stack_c)
+    stack = wait_stack(stack["StackId"], "DELETE_COMPLETE")
+    equal("shared lb delete: status", stack["StackStatus"], "DELETE_COMPLETE")
+    # Not checked: that its rule is gone from the listener. moto's CloudFormation does not delete an
+    # AWS::ElasticLoadBalancingV2::ListenerRule with its stack; CloudFormation does.
+    equal("shared lb delete: the shared load balancer stays",
+          [x["LoadBalancerArn"] for x in elb.describe_load_balancers(LoadBalancerArns=[lb["LoadBalancerArn"]])["LoadBalancers"]],
+          [lb["LoadBalancerArn"]])
 
 
 def not_built(stack_name, template):
@@ -906,7 +981,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
           "the release alarms (no CloudWatch alarms in moto's CloudFormation)",
           not_built(app_stack, app_t),
           {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
-          | RELEASE_ALARMS)
+          | RELEASE_ALARMS | SHARED_LB)
     equal("app create: ReleaseAlarmNames output names both alarms of this environment",
           out.get("ReleaseAlarmNames"),
           f"skiff-{env}-target-5xx-rate,skiff-{env}-unhealthy-hosts")
@@ -1038,7 +1113,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
           {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
-          | RELEASE_ALARMS)
+          | RELEASE_ALARMS | SHARED_LB)
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
     toml_text, config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
@@ -1102,7 +1177,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared create: no database of its own; rules into the shared one (egress: moto lacks it)",
               not_built(stack_b, app_t),
               {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
-               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS)
+               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | SHARED_LB)
         equal("shared create: DatabaseEndpoint output is the shared database",
               bout.get("DatabaseEndpoint"), dout["Endpoint"])
         equal("shared create: the shared database now admits this stack's instances too",
@@ -1123,6 +1198,9 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared delete: status", stack["StackStatus"], "DELETE_COMPLETE")
         # Not checked: that the shared database's ingress for it is gone. moto has no delete for
         # AWS::EC2::SecurityGroupIngress (see the module doc); CloudFormation revokes the rule.
+
+    # --- issue 11: a QA stack on a shared load balancer (one listener rule per branch by host)
+    shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup)
 
     # --- finding 6: the parameters' boundaries give configs the agent accepts
     boundary_tests(app_t, body, app_params, shared, account, cleanup)
