@@ -367,10 +367,18 @@ def _logs(resp, action: str) -> list[policy.Check] | None:
     return None
 
 
+# ELBv2: Describe* have no resource-level permissions (resource "*"); ctl status reads target
+# health. https://docs.aws.amazon.com/service-authorization/latest/reference/list_awselasticloadbalancingv2.html
+def _elbv2(resp, action: str) -> list[policy.Check] | None:
+    if action.startswith("Describe"):
+        return [policy.Check(f"elasticloadbalancing:{action}", "*")]
+    return None
+
+
 RESOLVERS: dict[str, Callable] = {
     "ssm": _ssm, "ecr": _ecr, "autoscaling": _autoscaling, "ec2": _ec2,
     "cloudformation": _cloudformation, "secretsmanager": _secretsmanager, "kms": _kms,
-    "logs": _logs,
+    "logs": _logs, "elbv2": _elbv2,
 }
 
 
