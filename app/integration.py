@@ -148,6 +148,12 @@ class Client:
         return got
 
 
+def release_tag(body: dict) -> str:
+    """The tag in the app's {"release": {"tag": ...}}, or what is there instead."""
+    release = body.get("release")
+    return str(release.get("tag")) if isinstance(release, dict) else f"(no release in {body!r:.80})"
+
+
 def expect_status(resp: Response, want: int, what: str) -> None:
     if resp.status != want:
         raise CheckFailed(f"{what}: HTTP {resp.status} (expected {want}) from host {resp.host}: {resp.excerpt()}")
@@ -162,7 +168,7 @@ def check_health(c: Client, opts: argparse.Namespace) -> str:
     body = resp.json()
     if body.get("status") != "ok":
         raise CheckFailed(f"GET /health: status {body.get('status')!r}, expected 'ok'")
-    return f"200 from host {resp.host}, release {body.get('release', {}).get('tag')}"
+    return f"200 from host {resp.host}, release {release_tag(body)}"
 
 
 def check_release(c: Client, opts: argparse.Namespace) -> str:
@@ -172,7 +178,7 @@ def check_release(c: Client, opts: argparse.Namespace) -> str:
     for _ in range(samples):
         resp = c.request("GET", "/health")
         expect_status(resp, 200, "GET /health")
-        tag = str(resp.json().get("release", {}).get("tag"))
+        tag = release_tag(resp.json())
         seen.setdefault(tag, set()).add(resp.host)
     wrong = {t: h for t, h in seen.items() if t != want}
     if wrong:
@@ -344,7 +350,9 @@ def main(argv: list[str]) -> int:
                 print(f"skip {name:8} {why}", flush=True)
                 skipped += 1
                 break
-            except CheckFailed as err:
+            except Exception as err:  # CheckFailed, or anything unexpected: fails the check, readably
+                if not isinstance(err, CheckFailed):
+                    err = CheckFailed(f"unexpected {type(err).__name__}: {err}")
                 if time.monotonic() + RETRY_PAUSE < deadline:
                     time.sleep(RETRY_PAUSE)
                     continue
