@@ -3,11 +3,13 @@
 # Installs and starts what the tests need (.ci/setup.sh, idempotent), then:
 #   Rust: fmt check, clippy -D warnings, unit + integration tests (real Docker engine,
 #         real local registry, moto for AWS, HAProxy for the drain protocol);
-#   app/: unit tests on sqlite and a throwaway MariaDB, and the image built and run;
+#   app/: unit tests on sqlite and a throwaway MariaDB, and the image built and run; the
+#         integration checks (make integration) against two app processes behind HAProxy;
 #   templates/: cfn-lint, checkov, create/update/delete in moto;
 #   permissions: the agent and ctl under the stack's own roles and policies, IAM enforced (:5056);
 #   packer/: validate, and the provisioning run with the docker builder;
-#   Jenkinsfile: parsed by Groovy.
+#   Jenkinsfiles: parsed by Groovy, their paths run against a model of Jenkins;
+#   Makefile: its targets against moto (create-stack, delete-stack, ...).
 # Ends with one line "tests: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
