@@ -166,14 +166,13 @@ async fn status_shows_target_health_beside_the_release() {
         .vpc_id()
         .expect("vpc")
         .to_owned();
-    let tg_name = unique("th").chars().rev().take(30).collect::<String>();
-    let tg_name = format!(
-        "t{}",
-        tg_name.replace(|c: char| !c.is_ascii_alphanumeric(), "")
-    );
+    // Target group names: at most 32 letters, digits and hyphens; the newest digits of the
+    // unique name keep it unique.
+    let digits: String = unique("th").chars().filter(char::is_ascii_digit).collect();
+    let tg_name = format!("th{}", &digits[digits.len().saturating_sub(30)..]);
     let tg = elb
         .create_target_group()
-        .name(&tg_name[..tg_name.len().min(32)])
+        .name(&tg_name)
         .protocol(ProtocolEnum::Http)
         .port(8080)
         .vpc_id(vpc)
