@@ -210,7 +210,7 @@ struct ReleaseOpts {
     #[arg(long)]
     released_by: Option<String>,
     /// Wait this long after the last instance is replaced before the refresh (and the
-    /// release) succeeds; alarms given with --alarm keep watching meanwhile.
+    /// release) succeeds; the release alarms keep watching meanwhile.
     #[arg(long, value_parser = humantime::parse_duration)]
     bake_time: Option<Duration>,
     /// Percent of healthy capacity kept during the refresh.
