@@ -16,7 +16,7 @@ use std::time::Duration;
 use aws_config::SdkConfig;
 use aws_config::imds;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
-use skiff_release::{Release, Tag};
+use skiff_release::{INSTANCE_TAG_KEY, Release, Tag};
 use tokio::time::{Instant, sleep, timeout};
 
 pub use self::hook::{Attempt, HOOK_RETRY_FOR, NextStep, classify, next_step};
@@ -27,8 +27,6 @@ use crate::metrics::{FleetErrorKind, Metrics};
 
 mod hook;
 
-/// The instance tag `ctl status` reads.
-pub const RELEASE_TAG_KEY: &str = "skiff:release";
 /// The instance's Auto Scaling Group, as an instance tag in the metadata. Needs
 /// `InstanceMetadataTags: enabled` in the launch template's metadata options:
 /// https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html
@@ -295,7 +293,7 @@ impl OnEc2 {
                 .resources(&self.instance_id)
                 .tags(
                     aws_sdk_ec2::types::Tag::builder()
-                        .key(RELEASE_TAG_KEY)
+                        .key(INSTANCE_TAG_KEY)
                         .value(tag.as_str())
                         .build(),
                 )

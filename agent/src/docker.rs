@@ -19,12 +19,12 @@ use bollard::query_parameters::{
     RemoveContainerOptions, RemoveImageOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
-use skiff_release::Release;
+use skiff_release::{ImageRef, ImageRefError, Release, label};
 
 use crate::hygiene::{LocalImageInfo, images_to_prune};
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, LABEL_APP, LABEL_TAG, LocalImage,
-    RegistryAuth, RuntimeError, is_auth_message, release_from_labels, verify_digest,
+    ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
+    is_auth_message, release_from_labels, verify_digest,
 };
 
 /// Bound on any single Engine API call except pulls.
@@ -55,18 +55,6 @@ impl DockerRuntime {
     }
 
     async fn pull(&self, reference: &str, auth: Option<&RegistryAuth>) -> Result<(), RuntimeError> {
-        let (from_image, tag) = split_reference(reference);
-        let options = CreateImageOptions {
-            from_image: Some(from_image.to_owned()),
-            tag: tag.map(str::to_owned),
-            ..Default::default()
-        };
-        let credentials = auth.map(|a| DockerCredentials {
-            username: Some(a.username.clone()),
-            password: Some(a.password.clone()),
-            serveraddress: Some(skiff_release::registry::registry_host(reference).to_owned()),
-            ..Default::default()
-        });
         let fail = |detail: String| {
             let image = reference.to_owned();
             if is_auth_message(&detail) {
@@ -75,6 +63,21 @@ impl DockerRuntime {
                 RuntimeError::PullImage { image, detail }
             }
         };
+        let image: ImageRef = reference
+            .parse()
+            .map_err(|e: ImageRefError| fail(e.to_string()))?;
+        let (from_image, tag) = pull_arguments(&image);
+        let options = CreateImageOptions {
+            from_image: Some(from_image),
+            tag,
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.clone()),
+            serveraddress: Some(image.domain().to_owned()),
+            ..Default::default()
+        });
         let pull = async {
             let mut stream = self.docker.create_image(Some(options), None, credentials);
             while let Some(item) = stream.next().await {
@@ -166,7 +169,7 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn list(&self, app: &str) -> Result<Vec<ContainerState>, RuntimeError> {
         let mut filters = HashMap::new();
-        filters.insert("label".to_owned(), vec![format!("{LABEL_APP}={app}")]);
+        filters.insert("label".to_owned(), vec![format!("{}={app}", label::APP)]);
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
@@ -220,7 +223,7 @@ impl ContainerRuntime for DockerRuntime {
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         let tag = spec
             .labels
-            .get(LABEL_TAG)
+            .get(label::TAG)
             .map_or("untagged", String::as_str);
         let log = crate::logging::log_config(&spec.logs, tag);
         let body = ContainerCreateBody {
@@ -414,15 +417,15 @@ fn op_error(op: &'static str, target: &str, e: &DockerError) -> RuntimeError {
     }
 }
 
-/// Split `repo:tag` / `repo@digest` into the Engine API's fromImage and tag.
-fn split_reference(reference: &str) -> (&str, Option<&str>) {
-    if let Some((repo, digest)) = reference.split_once('@') {
-        return (repo, Some(digest));
-    }
-    match reference.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
-        _ => (reference, None),
-    }
+/// The Engine API's `fromImage` and `tag` for a pull: the repository as Docker spells it, and
+/// the digest (when pinned) or the tag.
+fn pull_arguments(image: &ImageRef) -> (String, Option<String>) {
+    let tag = match (image.digest(), image.tag()) {
+        (Some(d), _) => Some(d.to_string()),
+        (None, Some(t)) => Some(t.to_string()),
+        (None, None) => None,
+    };
+    (image.familiar_repository(), tag)
 }
 
 #[cfg(test)]
@@ -430,18 +433,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn references() {
+    fn pull_arguments_follow_the_contract_grammar() {
+        const D: &str = "sha256:abababababababababababababababababababababababababababababababab";
         let table = [
             ("127.0.0.1:5000/app:v1", ("127.0.0.1:5000/app", Some("v1"))),
             (
-                "127.0.0.1:5000/app@sha256:ab",
-                ("127.0.0.1:5000/app", Some("sha256:ab")),
+                &format!("127.0.0.1:5000/app@{D}"),
+                ("127.0.0.1:5000/app", Some(D)),
             ),
             ("127.0.0.1:5000/app", ("127.0.0.1:5000/app", None)),
             ("team/app:3f2c", ("team/app", Some("3f2c"))),
+            ("docker.io/library/nginx:1.27", ("nginx", Some("1.27"))),
+            ("localhost:5000/app:v1", ("localhost:5000/app", Some("v1"))),
         ];
-        for (input, want) in table {
-            assert_eq!(split_reference(input), want, "{input}");
+        for (input, (repo, tag)) in table {
+            let image: ImageRef = input.parse().expect("reference");
+            let (got_repo, got_tag) = pull_arguments(&image);
+            assert_eq!(
+                (got_repo.as_str(), got_tag.as_deref()),
+                (repo, tag),
+                "{input}"
+            );
         }
     }
 }

@@ -5,9 +5,7 @@
 //! container uses (running or stopped: the rollback target), and images that also carry a
 //! reference outside the app's repository (someone else's).
 
-use skiff_release::Release;
-
-use crate::runtime::normalise_repo;
+use skiff_release::{ImageRef, Release};
 
 /// A local image as the engine lists it.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -27,7 +25,9 @@ pub fn images_to_prune(
     keep: &[&Release],
     in_use: &[String],
 ) -> Vec<String> {
-    let repo = normalise_repo(repository);
+    let Ok(app) = repository.parse::<ImageRef>() else {
+        return Vec::new();
+    };
     let mut remove = Vec::new();
     for image in images {
         // Docker lists untagged images as `<none>:<none>` / `<none>@<none>`.
@@ -40,20 +40,21 @@ pub fn images_to_prune(
         if refs.is_empty() || in_use.contains(&image.id) {
             continue;
         }
-        if refs
+        // A reference that does not parse is not known to be the app's: the image stays.
+        let Some(parsed) = refs
             .iter()
-            .any(|r| normalise_repo(repository_of(r)) != repo)
-        {
+            .map(|r| r.parse::<ImageRef>().ok())
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        if parsed.iter().any(|r| !r.same_repository(&app)) {
             continue;
         }
         let named_by_keep = keep.iter().any(|k| {
-            image.tags.iter().any(|t| tag_of(t) == Some(k.tag.as_str()))
-                || k.digest.as_ref().is_some_and(|d| {
-                    image
-                        .digests
-                        .iter()
-                        .any(|r| digest_of(r) == Some(d.as_str()))
-                })
+            parsed.iter().any(|r| {
+                r.tag() == Some(&k.tag) || (k.digest.is_some() && r.digest() == k.digest.as_ref())
+            })
         });
         if named_by_keep {
             continue;
@@ -61,30 +62,6 @@ pub fn images_to_prune(
         remove.extend(refs.into_iter().cloned());
     }
     remove
-}
-
-/// `host:5000/team/app:v1` -> `host:5000/team/app`; `repo@sha256:..` -> `repo`.
-fn repository_of(reference: &str) -> &str {
-    if let Some((repo, _)) = reference.split_once('@') {
-        return repo;
-    }
-    match reference.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => repo,
-        _ => reference,
-    }
-}
-
-fn tag_of(reference: &str) -> Option<&str> {
-    if reference.contains('@') {
-        return None;
-    }
-    reference
-        .rsplit_once(':')
-        .and_then(|(_, tag)| (!tag.contains('/')).then_some(tag))
-}
-
-fn digest_of(reference: &str) -> Option<&str> {
-    reference.split_once('@').map(|(_, d)| d)
 }
 
 #[cfg(test)]
@@ -202,30 +179,26 @@ mod tests {
         );
     }
 
+    /// Docker Hub spellings are one repository; a reference that does not parse keeps its image.
     #[test]
-    fn references() {
-        let table = [
-            (
-                "127.0.0.1:5000/app:v1",
-                "127.0.0.1:5000/app",
-                Some("v1"),
-                None,
-            ),
-            (
-                "127.0.0.1:5000/app@sha256:ab",
-                "127.0.0.1:5000/app",
-                None,
-                Some("sha256:ab"),
-            ),
-            ("127.0.0.1:5000/app", "127.0.0.1:5000/app", None, None),
-            ("team/app:3f2c", "team/app", Some("3f2c"), None),
+    fn hub_spellings_and_unreadable_references() {
+        let images = [
+            image("a", &["team/app:v1"], &[]),
+            image("b", &["index.docker.io/team/app:v2"], &[]),
+            image("c", &["team/app:v3", "Not A Reference"], &[]),
+            image("d", &["nginx:1"], &[]),
         ];
-        for (r, repo, tag, digest) in table {
-            assert_eq!(
-                (repository_of(r), tag_of(r), digest_of(r)),
-                (repo, tag, digest),
-                "{r}"
-            );
-        }
+        let keep = Release::new("v9".parse().expect("tag"), None);
+        assert_eq!(
+            images_to_prune("docker.io/team/app", &images, &[&keep], &[]),
+            vec![
+                "team/app:v1".to_owned(),
+                "index.docker.io/team/app:v2".to_owned()
+            ]
+        );
+        assert_eq!(
+            images_to_prune("docker.io/library/nginx", &images, &[&keep], &[]),
+            vec!["nginx:1".to_owned()]
+        );
     }
 }

@@ -176,6 +176,7 @@ pub fn source_error_kind(e: &SourceError) -> &'static str {
         SourceError::Denied { .. } => "denied",
         SourceError::Read { .. } => "read",
         SourceError::Unsupported { .. } => "unsupported",
+        SourceError::Rejected { .. } => INVALID_VALUE,
     }
 }
 

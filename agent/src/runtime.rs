@@ -5,14 +5,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use skiff_release::{Digest, Release};
+use skiff_release::{Digest, ImageRef, Release, label};
 
 use crate::config::LogRotation;
-
-/// Labels that mark a container as managed by skiff, and with what.
-pub const LABEL_APP: &str = "skiff.app";
-pub const LABEL_TAG: &str = "skiff.tag";
-pub const LABEL_DIGEST: &str = "skiff.digest";
 
 /// A managed container as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,18 +166,18 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 /// Labels for a container running `release` of `app`.
 pub fn labels_for(app: &str, release: &Release) -> HashMap<String, String> {
     let mut labels = HashMap::new();
-    labels.insert(LABEL_APP.to_owned(), app.to_owned());
-    labels.insert(LABEL_TAG.to_owned(), release.tag.to_string());
+    labels.insert(label::APP.to_owned(), app.to_owned());
+    labels.insert(label::TAG.to_owned(), release.tag.to_string());
     if let Some(d) = &release.digest {
-        labels.insert(LABEL_DIGEST.to_owned(), d.to_string());
+        labels.insert(label::DIGEST.to_owned(), d.to_string());
     }
     labels
 }
 
 /// Read the release back from a container's labels; `None` when they are missing or invalid.
 pub fn release_from_labels(labels: &HashMap<String, String>) -> Option<Release> {
-    let tag = labels.get(LABEL_TAG)?.parse().ok()?;
-    let digest = match labels.get(LABEL_DIGEST) {
+    let tag = labels.get(label::TAG)?.parse().ok()?;
+    let digest = match labels.get(label::DIGEST) {
         Some(d) => Some(d.parse().ok()?),
         None => None,
     };
@@ -190,16 +185,22 @@ pub fn release_from_labels(labels: &HashMap<String, String>) -> Option<Release> 
 }
 
 /// Check that an image's repo digests include `expected` for `repository`. Docker shortens
-/// Docker Hub names (`docker.io/library/x` -> `x`), so both sides are normalised first.
+/// Docker Hub names (`docker.io/library/x` -> `x`), so both sides are compared as parsed
+/// [`ImageRef`]s.
 pub fn verify_digest(
     repository: &str,
     expected: &Digest,
     repo_digests: &[String],
 ) -> Result<(), RuntimeError> {
-    let want_repo = normalise_repo(repository);
+    let want: Option<ImageRef> = repository.parse().ok();
     let ok = repo_digests.iter().any(|rd| {
-        rd.rsplit_once('@')
-            .is_some_and(|(repo, d)| d == expected.as_str() && normalise_repo(repo) == want_repo)
+        let found: Option<ImageRef> = rd.parse().ok();
+        match (&want, found) {
+            (Some(want), Some(found)) => {
+                found.digest() == Some(expected) && found.same_repository(want)
+            }
+            _ => false,
+        }
     });
     if ok {
         Ok(())
@@ -214,11 +215,6 @@ pub fn verify_digest(
             },
         })
     }
-}
-
-pub(crate) fn normalise_repo(repo: &str) -> &str {
-    let r = repo.strip_prefix("docker.io/").unwrap_or(repo);
-    r.strip_prefix("library/").unwrap_or(r)
 }
 
 #[cfg(test)]
@@ -247,6 +243,16 @@ mod tests {
             ),
             ("docker.io/library/python", &[format!("python@{D1}")], true),
             ("docker.io/team/app", &[format!("team/app@{D1}")], true),
+            (
+                "team/app",
+                &[format!("index.docker.io/team/app@{D1}")],
+                true,
+            ),
+            (
+                "team/app",
+                &[format!("127.0.0.1:5000/team/app@{D1}")],
+                false,
+            ),
             ("127.0.0.1:5000/app", &[], false),
         ];
         for (repo, digests, ok) in table {
@@ -296,10 +302,10 @@ mod tests {
             Some(D1.parse().expect("digest")),
         );
         let labels = labels_for("app", &r);
-        assert_eq!(labels.get(LABEL_APP).map(String::as_str), Some("app"));
+        assert_eq!(labels.get(label::APP).map(String::as_str), Some("app"));
         assert_eq!(release_from_labels(&labels), Some(r));
         let mut broken = labels_for("app", &Release::new("v1".parse().expect("tag"), None));
-        broken.insert(LABEL_TAG.into(), "bad tag".into());
+        broken.insert(label::TAG.into(), "bad tag".into());
         assert_eq!(release_from_labels(&broken), None);
     }
 }

@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+use skiff_release::{Release, ReleaseError};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
     #[error("{what} does not exist yet: {hint}")]
@@ -15,6 +17,14 @@ pub enum SourceError {
     Denied { what: String, detail: String },
     #[error("reading {what} failed: {detail}")]
     Read { what: String, detail: String },
+    /// The value is there but is not a release: the current release keeps running.
+    #[error("rejected the release value of {what}, keeping the current release: {error}")]
+    Rejected {
+        what: String,
+        /// The raw value, to log a bad value once rather than at every poll.
+        value: String,
+        error: ReleaseError,
+    },
     #[error("{what} is not available from {source_kind}: {hint}")]
     Unsupported {
         what: String,
@@ -39,8 +49,9 @@ pub trait ReleaseSource: Send + Sync + 'static {
     /// A short description for logs and `/status` (`ssm:/app/prod/release`).
     fn describe(&self) -> String;
 
-    /// The raw release value (validated by the caller).
-    fn read_release(&self) -> impl Future<Output = Result<String, SourceError>> + Send;
+    /// The release the source names; a value that is not a release is
+    /// [`SourceError::Rejected`].
+    fn read_release(&self) -> impl Future<Output = Result<Release, SourceError>> + Send;
 
     /// Every parameter under `path` as (variable name, value), secure strings decrypted.
     fn read_env(
@@ -50,6 +61,11 @@ pub trait ReleaseSource: Send + Sync + 'static {
 
     /// One secret value (a SecureString parameter).
     fn read_secret(&self, name: &str) -> impl Future<Output = Result<String, SourceError>> + Send;
+}
+
+/// Parse a release value read from `what` (the contract's grammar).
+pub fn parse_release(what: String, value: String) -> Result<Release, SourceError> {
+    Release::parse(&value).map_err(|error| SourceError::Rejected { what, value, error })
 }
 
 /// Local development: the release value lives in a file.
@@ -69,10 +85,10 @@ impl ReleaseSource for FileSource {
         format!("file:{}", self.path.display())
     }
 
-    async fn read_release(&self) -> Result<String, SourceError> {
+    async fn read_release(&self) -> Result<Release, SourceError> {
         let what = format!("release file {}", self.path.display());
         match tokio::fs::read_to_string(&self.path).await {
-            Ok(v) => Ok(v),
+            Ok(v) => parse_release(what, v),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SourceError::Missing {
                 hint: format!(
                     "write a tag into it, e.g. `echo v1 > {}`",

@@ -3,9 +3,10 @@
 
 use aws_sdk_ssm::Client;
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
+use skiff_release::Release;
 
 use crate::config::valid_env_name;
-use crate::source::{ReleaseSource, SourceError};
+use crate::source::{ReleaseSource, SourceError, parse_release};
 
 #[derive(Debug, Clone)]
 pub struct SsmSource {
@@ -41,9 +42,10 @@ impl ReleaseSource for SsmSource {
         format!("ssm:{}", self.parameter)
     }
 
-    async fn read_release(&self) -> Result<String, SourceError> {
-        self.get(&self.parameter, format!("parameter {}", self.parameter))
-            .await
+    async fn read_release(&self) -> Result<Release, SourceError> {
+        let what = format!("parameter {}", self.parameter);
+        let value = self.get(&self.parameter, what.clone()).await?;
+        parse_release(what, value)
     }
 
     async fn read_env(&self, path: &str) -> Result<Vec<(String, String)>, SourceError> {

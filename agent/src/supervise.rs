@@ -35,7 +35,7 @@ use crate::journal::Journal;
 use crate::metrics::{self, DrainReason, Metrics};
 use crate::reconcile::{self, Action, Current, Situation};
 use crate::runtime::{ContainerRuntime, ContainerState};
-use crate::source::ReleaseSource;
+use crate::source::{ReleaseSource, SourceError};
 use crate::state::{Running, Snapshot};
 
 /// How often the container's state is checked.
@@ -228,31 +228,32 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     async fn poll(&mut self) {
         let interval = self.steps.cfg.release.poll_interval;
         match self.steps.source.read_release().await {
-            Ok(raw) => {
+            Ok(release) => {
                 self.steps.metrics.polled();
                 self.poll.reset();
                 self.next_poll = Instant::now() + jitter(interval);
-                match Release::parse(&raw) {
-                    Ok(release) => {
-                        if self.desired.as_ref() != Some(&release) {
-                            tracing::info!(tag = %release.tag, digest = release.digest_str(), "desired release");
-                            let r = release.clone();
-                            self.publish(|s| s.desired = Some(r));
-                            self.desired = Some(release);
-                        }
-                        self.last_bad_value = None;
-                    }
-                    Err(e) => {
-                        self.steps.metrics.source_error(metrics::INVALID_VALUE);
-                        let msg =
-                            format!("rejected the release value, keeping the current release: {e}");
-                        if self.last_bad_value.as_deref() != Some(raw.as_str()) {
-                            tracing::error!("{msg}");
-                            self.last_bad_value = Some(raw);
-                        }
-                        self.publish(|s| s.last_error = Some(msg));
-                    }
+                if self.desired.as_ref() != Some(&release) {
+                    tracing::info!(tag = %release.tag, digest = release.digest_str(), "desired release");
+                    let r = release.clone();
+                    self.publish(|s| s.desired = Some(r));
+                    self.desired = Some(release);
                 }
+                self.last_bad_value = None;
+            }
+            // A value that is not a release is read fine: polled at the interval, logged once.
+            Err(e @ SourceError::Rejected { .. }) => {
+                self.steps.metrics.polled();
+                self.steps.metrics.source_error(metrics::INVALID_VALUE);
+                self.poll.reset();
+                self.next_poll = Instant::now() + jitter(interval);
+                let msg = e.to_string();
+                if let SourceError::Rejected { value, .. } = e
+                    && self.last_bad_value.as_deref() != Some(value.as_str())
+                {
+                    tracing::error!("{msg}");
+                    self.last_bad_value = Some(value);
+                }
+                self.publish(|s| s.last_error = Some(msg));
             }
             Err(e) => {
                 self.steps

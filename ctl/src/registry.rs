@@ -12,16 +12,13 @@ use std::time::Duration;
 use aws_config::{Region, SdkConfig};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, WWW_AUTHENTICATE};
-use skiff_release::registry::{DOCKER_HUB as DOCKER_HUB_NAME, split_host};
-use skiff_release::{Digest, EcrRegistry, Tag};
+use skiff_release::{Digest, EcrRegistry, ImageRef, Tag};
 
 /// Every manifest type a tag may point at; the digest of whichever the registry holds is pinned.
 const ACCEPT_MANIFESTS: &str = "application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json";
-
-const DOCKER_HUB: &str = "registry-1.docker.io";
 
 /// Resolves an image tag to the digest it points at now.
 pub trait DigestResolver {
@@ -46,6 +43,8 @@ pub enum RegistryError {
         "cannot reach the registry for {image}: {detail}; check the registry is up, or release with --skip-verify"
     )]
     Unreachable { image: String, detail: String },
+    #[error("{detail}; give the image repository as [host[:port]/]path")]
+    Reference { detail: String },
     #[error("the registry answered HTTP {status} for {image}: {detail}")]
     Status {
         image: String,
@@ -80,25 +79,15 @@ pub struct Location {
 }
 
 impl Location {
-    /// Split `reg.example:5000/team/app` (or Docker Hub shorthand like `nginx`) with the
-    /// contract's host grammar; Docker Hub is reached at its API host, official images under
-    /// `library/`. Pure.
-    pub fn parse(repository: &str) -> Location {
-        let (host, path) = split_host(repository);
-        if host != DOCKER_HUB_NAME {
-            return Location {
-                host: host.to_owned(),
-                path: path.to_owned(),
-            };
-        }
-        Location {
-            host: DOCKER_HUB.into(),
-            path: if path.contains('/') {
-                path.to_owned()
-            } else {
-                format!("library/{path}")
-            },
-        }
+    /// Where `repository` (`reg.example:5000/team/app`, or Docker Hub shorthand like `nginx`)
+    /// lives, by the contract's image-reference grammar: Docker Hub is reached at its API host,
+    /// official images under `library/`. Pure.
+    pub fn parse(repository: &str) -> Result<Location, String> {
+        let image: ImageRef = repository.parse().map_err(|e| format!("{e}"))?;
+        Ok(Location {
+            host: image.api_host().to_owned(),
+            path: image.path().to_owned(),
+        })
     }
 
     /// Loopback registries (local development, CI) speak plain http; all others https.
@@ -383,7 +372,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl DigestResolver for HttpRegistry {
     async fn resolve(&self, repository: &str, tag: &Tag) -> Result<Digest, RegistryError> {
         let image = format!("{repository}:{tag}");
-        let loc = Location::parse(repository);
+        let loc =
+            Location::parse(repository).map_err(|detail| RegistryError::Reference { detail })?;
         let url = format!("{}/v2/{}/manifests/{tag}", loc.base_url(), loc.path);
         let mut auth: Option<Auth> = None;
         let mut ecr_token = false;
@@ -563,21 +553,33 @@ mod tests {
             ("ghcr.io/o/app", "ghcr.io", "o/app", "https://ghcr.io"),
             (
                 "nginx",
-                DOCKER_HUB,
+                skiff_release::image::DOCKER_HUB_API,
                 "library/nginx",
                 "https://registry-1.docker.io",
             ),
             (
                 "team/app",
-                DOCKER_HUB,
+                skiff_release::image::DOCKER_HUB_API,
                 "team/app",
                 "https://registry-1.docker.io",
             ),
             (
                 "docker.io/nginx",
-                DOCKER_HUB,
+                skiff_release::image::DOCKER_HUB_API,
                 "library/nginx",
                 "https://registry-1.docker.io",
+            ),
+            (
+                "index.docker.io/library/nginx",
+                skiff_release::image::DOCKER_HUB_API,
+                "library/nginx",
+                "https://registry-1.docker.io",
+            ),
+            (
+                "localhost:5000/app",
+                "localhost:5000",
+                "app",
+                "http://localhost:5000",
             ),
             (
                 "1.dkr.ecr.eu-west-1.amazonaws.com/app",
@@ -587,7 +589,7 @@ mod tests {
             ),
         ];
         for (repo, host, path, base) in table {
-            let loc = Location::parse(repo);
+            let loc = Location::parse(repo).expect("location");
             assert_eq!(
                 (loc.host.as_str(), loc.path.as_str()),
                 (host, path),
@@ -595,5 +597,6 @@ mod tests {
             );
             assert_eq!(loc.base_url(), base, "{repo}");
         }
+        assert!(Location::parse("Team/App").is_err());
     }
 }

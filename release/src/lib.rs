@@ -13,8 +13,40 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod image;
 pub mod registry;
+pub use image::{ImageRef, ImageRefError};
 pub use registry::EcrRegistry;
+
+/// The instance tag the agent sets to the release it runs healthy, and `ctl status` reads.
+pub const INSTANCE_TAG_KEY: &str = "skiff:release";
+
+/// The labels the agent puts on the app's container and reads back (adoption, the crash
+/// journal, pruning).
+pub mod label {
+    /// The app's name (`app.name`): which containers the agent manages.
+    pub const APP: &str = "skiff.app";
+    pub const TAG: &str = "skiff.tag";
+    /// Present when the release is pinned.
+    pub const DIGEST: &str = "skiff.digest";
+}
+
+/// The environment the agent gives the app; names with [`env::RESERVED_PREFIX`] and
+/// [`env::PORT`] are the agent's, not the operator's.
+pub mod env {
+    /// The port the app listens on (host networking).
+    pub const PORT: &str = "PORT";
+    pub const APP: &str = "SKIFF_APP";
+    pub const RELEASE_TAG: &str = "SKIFF_RELEASE_TAG";
+    /// Present when the release is pinned.
+    pub const RELEASE_DIGEST: &str = "SKIFF_RELEASE_DIGEST";
+    pub const RESERVED_PREFIX: &str = "SKIFF_";
+
+    /// Whether the agent sets `name` itself (configured env may not).
+    pub fn is_reserved(name: &str) -> bool {
+        name == PORT || name.starts_with(RESERVED_PREFIX)
+    }
+}
 
 /// Longest part of an offending value that is quoted back in an error message.
 const QUOTE_LIMIT: usize = 80;
@@ -254,37 +286,29 @@ impl fmt::Display for Release {
     }
 }
 
-/// A repository reference, as configured (`registry.example.com/team/app`): checked so that a
-/// release can only choose the version, never smuggle in a tag or digest of its own.
-pub fn validate_repository(repo: &str) -> Result<(), String> {
+/// A repository reference, as configured (`registry.example.com/team/app`): checked against the
+/// image-reference grammar ([`ImageRef`]), and without tag or digest, so that a release can only
+/// choose the version, never smuggle in a tag or digest of its own.
+pub fn validate_repository(repo: &str) -> Result<ImageRef, String> {
     if repo.is_empty() {
         return Err("the image repository is empty".into());
     }
-    if repo.contains('@') {
+    let image: ImageRef = repo.parse().map_err(|e: ImageRefError| {
+        format!("{e}; write the repository as [host[:port]/]path, e.g. 123456789012.dkr.ecr.us-east-1.amazonaws.com/app")
+    })?;
+    if image.digest().is_some() {
         return Err(format!(
             "image {} must not carry a digest: the release chooses it",
             quote(repo)
         ));
     }
-    let last = repo.rsplit('/').next().unwrap_or(repo);
-    if last.contains(':') {
+    if image.tag().is_some() {
         return Err(format!(
             "image {} must not carry a tag: the release chooses it",
             quote(repo)
         ));
     }
-    let ok = repo.bytes().all(|b| {
-        b.is_ascii_lowercase()
-            || b.is_ascii_digit()
-            || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
-    });
-    if !ok {
-        return Err(format!(
-            "image {} has characters outside [a-z0-9._-/:]",
-            quote(repo)
-        ));
-    }
-    Ok(())
+    Ok(image)
 }
 
 #[cfg(test)]
@@ -423,6 +447,13 @@ mod tests {
             ("app", true),
             ("app:latest", false),
             ("repo/app@sha256:00", false),
+            (
+                "repo/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                false,
+            ),
+            ("localhost:5000/app", true),
+            ("index.docker.io/library/app", true),
+            ("reg.example.com:/app", false),
             ("Repo/App", false),
             ("", false),
         ];

@@ -1,35 +1,9 @@
-//! Where an image lives: the registry host of an image name, and whether that host is an Amazon
-//! ECR private registry (whose pulls need a token from `ecr:GetAuthorizationToken`).
+//! Whether an image's registry host (see [`ImageRef`]) is an Amazon ECR private registry, whose
+//! pulls need a token from `ecr:GetAuthorizationToken`.
 //!
-//! One grammar for the agent and ctl, so both agree on which images are in ECR and which
-//! registry a name points at.
+//! One grammar for the agent and ctl, so both agree on which images are in ECR.
 
-/// The registry Docker assumes when a name has no host part (`team/app`, `nginx`).
-pub const DOCKER_HUB: &str = "docker.io";
-
-/// Split an image name or reference into its registry host and the rest, with Docker's rule:
-/// the first path component is a host when it contains `.` or `:`, is `localhost`, or has an
-/// uppercase letter (repository paths are lowercase); otherwise the name is on Docker Hub.
-///
-/// `127.0.0.1:5000/team/app:v1` -> (`127.0.0.1:5000`, `team/app:v1`); `team/app` ->
-/// (`docker.io`, `team/app`); `nginx` -> (`docker.io`, `nginx`).
-pub fn split_host(name: &str) -> (&str, &str) {
-    match name.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.bytes().any(|b| b.is_ascii_uppercase()) =>
-        {
-            (first, rest)
-        }
-        _ => (DOCKER_HUB, name),
-    }
-}
-
-/// The registry host of an image name or reference (see [`split_host`]).
-pub fn registry_host(name: &str) -> &str {
-    split_host(name).0
-}
+use crate::ImageRef;
 
 /// An Amazon ECR private registry, recognised from its host name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,8 +74,8 @@ impl EcrRegistry {
 
     /// The ECR registry an image name or reference is in, if it is in one.
     pub fn of_image(name: &str) -> Option<EcrRegistry> {
-        let (host, _) = split_host(name);
-        EcrRegistry::from_host(host)
+        let image: ImageRef = name.parse().ok()?;
+        EcrRegistry::from_host(image.domain())
     }
 }
 
@@ -123,33 +97,6 @@ fn valid_region(region: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hosts() {
-        let table = [
-            (
-                "127.0.0.1:5000/team/app:v1",
-                ("127.0.0.1:5000", "team/app:v1"),
-            ),
-            ("ghcr.io/team/app", ("ghcr.io", "team/app")),
-            ("localhost/app", ("localhost", "app")),
-            ("Registry/app", ("Registry", "app")),
-            ("team/app:v1", (DOCKER_HUB, "team/app:v1")),
-            ("nginx", (DOCKER_HUB, "nginx")),
-            ("docker.io/library/nginx", ("docker.io", "library/nginx")),
-            (
-                "123456789012.dkr.ecr.us-east-1.amazonaws.com/app@sha256:00",
-                (
-                    "123456789012.dkr.ecr.us-east-1.amazonaws.com",
-                    "app@sha256:00",
-                ),
-            ),
-        ];
-        for (input, want) in table {
-            assert_eq!(split_host(input), want, "{input}");
-            assert_eq!(registry_host(input), want.0, "{input}");
-        }
-    }
 
     #[test]
     fn ecr_registries() {
@@ -219,6 +166,10 @@ mod tests {
             (
                 "123456789012.dkr.ecr.us-east-1.amazonaws.com:5000/app",
                 None,
+            ),
+            (
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:v1",
+                yes("123456789012", "us-east-1"),
             ),
             ("123456789012.dkr.ecr.amazonaws.com/app", None),
             ("123456789012.dkr.ecr..amazonaws.com/app", None),

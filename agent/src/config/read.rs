@@ -87,7 +87,7 @@ pub(super) fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
                 "app.env key {} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
                 skiff_release::quote(key)
             ));
-        } else if key.starts_with("SKIFF_") || key == "PORT" {
+        } else if skiff_release::env::is_reserved(key) {
             s.problem(format!(
                 "app.env key {key} is set by the agent itself; choose another name"
             ));

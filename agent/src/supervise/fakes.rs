@@ -129,14 +129,17 @@ impl ReleaseSource for FakeSource {
     fn describe(&self) -> String {
         "fake".into()
     }
-    async fn read_release(&self) -> Result<String, SourceError> {
-        let mut n = self.reads.lock().expect("lock");
-        *n += 1;
-        if *n == 1 {
-            self.first.clone()
-        } else {
-            self.rest.clone()
-        }
+    async fn read_release(&self) -> Result<Release, SourceError> {
+        let raw = {
+            let mut n = self.reads.lock().expect("lock");
+            *n += 1;
+            if *n == 1 {
+                self.first.clone()
+            } else {
+                self.rest.clone()
+            }
+        };
+        crate::source::parse_release("fake".into(), raw?)
     }
     async fn read_env(&self, _path: &str) -> Result<Vec<(String, String)>, SourceError> {
         Ok(Vec::new())

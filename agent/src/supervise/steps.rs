@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_release::Release;
+use skiff_release::env as names;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
@@ -159,11 +160,11 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
                 env.push((k, v));
             }
         }
-        env.push(("PORT".into(), self.cfg.app.port.to_string()));
-        env.push(("SKIFF_APP".into(), self.cfg.app.name.clone()));
-        env.push(("SKIFF_RELEASE_TAG".into(), release.tag.to_string()));
+        env.push((names::PORT.into(), self.cfg.app.port.to_string()));
+        env.push((names::APP.into(), self.cfg.app.name.clone()));
+        env.push((names::RELEASE_TAG.into(), release.tag.to_string()));
         if let Some(d) = &release.digest {
-            env.push(("SKIFF_RELEASE_DIGEST".into(), d.to_string()));
+            env.push((names::RELEASE_DIGEST.into(), d.to_string()));
         }
         Ok(env)
     }
