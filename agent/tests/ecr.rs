@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use aws_sdk_ecr::operation::get_authorization_token::GetAuthorizationTokenOutput;
 use aws_sdk_ecr::types::AuthorizationData;
-use aws_smithy_mocks::{MockResponseInterceptor, RuleMode, create_mock_http_client, mock};
+use aws_smithy_mocks::{RuleMode, create_mock_http_client, mock};
 use skiff_agent::credentials::{self, PullTokens};
 use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
@@ -248,10 +248,7 @@ async fn a_cached_token_the_registry_refuses_is_renewed_once() {
         .then_output(move || token("revoked-token"));
     let good = mock!(aws_sdk_ecr::Client::get_authorization_token)
         .then_output(move || token("123456789012-auth-token"));
-    let interceptor = MockResponseInterceptor::new()
-        .rule_mode(RuleMode::Sequential)
-        .with_rule(&stale)
-        .with_rule(&good);
+    let interceptor = support::interceptor(RuleMode::Sequential, &[&stale, &good]);
     let client = aws_sdk_ecr::Client::from_conf(
         aws_sdk_ecr::Config::builder()
             .with_test_defaults()

@@ -2,32 +2,23 @@
 //! serves the group name as an instance tag); the lifecycle hook with aws-smithy-mocks (moto does
 //! not implement CompleteLifecycleAction), its retries with paused time.
 
-use std::sync::{Arc, Mutex};
+mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_autoscaling::operation::complete_lifecycle_action::CompleteLifecycleActionOutput;
 use aws_sdk_ec2::operation::create_tags::CreateTagsOutput;
-use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
-use skiff_agent::autoscaling::{
-    ACTION_LIMIT, AwsFleet, GROUP_TAG_PATH, HOOK_RETRY_FOR, RELEASE_TAG_KEY,
-};
+use aws_smithy_mocks::{Rule, RuleMode, create_mock_http_client, mock};
+use skiff_agent::autoscaling::{ACTION_LIMIT, AwsFleet, GROUP_TAG_PATH, HOOK_RETRY_FOR};
 use skiff_agent::fleet::Fleet;
 use skiff_release::Release;
+use support::interceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep};
 
-const MOTO: &str = "http://127.0.0.1:5055";
-
 async fn moto_sdk() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(MOTO)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await
+    support::sdk_at(support::MOTO).await
 }
 
 /// A tiny IMDSv2: answers the token PUT, and GETs only with that token; serves the group as the
@@ -157,7 +148,7 @@ async fn tags_its_own_instance_in_moto_ec2() {
     let value = tags
         .tags()
         .iter()
-        .find(|t| t.key() == Some(RELEASE_TAG_KEY))
+        .find(|t| t.key() == Some(skiff_release::INSTANCE_TAG_KEY))
         .and_then(|t| t.value());
     ec2.terminate_instances()
         .instance_ids(&id)
@@ -178,12 +169,26 @@ async fn no_imds_means_no_fleet_duties() {
         .expect("endpoint")
         .max_attempts(1)
         .build();
+    // EC2 and Auto Scaling behind a listener that counts the connections it gets: off EC2 the
+    // fleet has no instance to speak for, so it must not call them at all.
+    let aws = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let aws_url = format!("http://{}", aws.local_addr().expect("addr"));
+    let connections = Arc::new(Mutex::new(0u32));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = aws.accept().await {
+            *counted.lock().expect("lock") += 1;
+            drop(sock);
+        }
+    });
+    let sdk = support::sdk_at(&aws_url).await;
     let started = std::time::Instant::now();
-    let fleet = AwsFleet::discover(&imds, &moto_sdk().await, Some("hook".into()), None).await;
+    let fleet = AwsFleet::discover(&imds, &sdk, Some("hook".into()), None).await;
     assert_eq!(fleet.instance_id(), None);
     assert!(fleet.group().await.is_err());
     assert!(!fleet.termination_pending().await);
-    // Each duty returns at once: nothing to call.
     fleet.release_healthy(&release("v1")).await;
     fleet.release_failed(&release("v1")).await;
     fleet.drained().await;
@@ -193,14 +198,11 @@ async fn no_imds_means_no_fleet_duties() {
         "off EC2 nothing waits: {:?}",
         started.elapsed()
     );
-}
-
-/// The SDK in use predates `mock_client!`'s test defaults, so the client is assembled here.
-fn interceptor(rules: &[&Rule]) -> MockResponseInterceptor {
-    rules.iter().fold(
-        MockResponseInterceptor::new().rule_mode(RuleMode::MatchAny),
-        |i, r| i.with_rule(r),
-    )
+    assert_eq!(
+        *connections.lock().expect("lock"),
+        0,
+        "no EC2 or Auto Scaling call without an instance"
+    );
 }
 
 fn mocked_ec2() -> aws_sdk_ec2::Client {
@@ -210,7 +212,7 @@ fn mocked_ec2() -> aws_sdk_ec2::Client {
         aws_sdk_ec2::Config::builder()
             .with_test_defaults()
             .http_client(create_mock_http_client())
-            .interceptor(interceptor(&[&create_tags]))
+            .interceptor(interceptor(RuleMode::MatchAny, &[&create_tags]))
             .build(),
     )
 }
@@ -224,7 +226,7 @@ fn mocked_autoscaling(rule: &Rule) -> aws_sdk_autoscaling::Client {
             .region(aws_sdk_autoscaling::config::Region::new("us-east-1"))
             .retry_config(aws_sdk_autoscaling::config::retry::RetryConfig::disabled())
             .http_client(create_mock_http_client())
-            .interceptor(interceptor(&[rule]))
+            .interceptor(interceptor(RuleMode::MatchAny, &[rule]))
             .build(),
     )
 }
@@ -517,8 +519,8 @@ async fn transient_failures_are_retried_until_no_heartbeat_can_be_left_then_neve
     fleet.release_healthy(&release("v1")).await;
     loop_turns(&fleet, HOOK_RETRY_FOR + Duration::from_secs(120)).await;
     let calls = rule.num_calls();
-    // Backoff caps at 60 s (jittered to 30-60 s): 7200 s of retries are 120-250 calls.
-    assert!((100..=260).contains(&calls), "{calls} calls");
+    // Backoff caps at 60 s, jittered to 60-72 s: 7200 s of retries are 100-125 calls.
+    assert!((95..=130).contains(&calls), "{calls} calls");
     loop_turns(&fleet, Duration::from_secs(3600)).await;
     assert_eq!(
         rule.num_calls(),
@@ -546,4 +548,118 @@ async fn the_terminate_hook_is_retried_like_the_launch_hook() {
     assert_eq!(rule.num_calls(), 8, "seven 503s, one success, no more");
     fleet.drained().await;
     assert_eq!(rule.num_calls(), 8);
+}
+
+/// Against the emulator's Auto Scaling, which enforces the lifecycle rules (an instance held in
+/// Pending:Wait by the launch hook; a completion for a hook it does not wait on is refused): a
+/// healthy release completes the launch hook and the instance goes InService.
+#[tokio::test]
+async fn the_launch_hook_is_completed_in_the_emulator_and_the_instance_goes_in_service() {
+    let sdk = moto_sdk().await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let asg = aws_sdk_autoscaling::Client::new(&sdk);
+    let name = support::unique("skiff-it-hook");
+    let ami = ec2
+        .describe_images()
+        .send()
+        .await
+        .expect("describe images")
+        .images()
+        .iter()
+        .find_map(|i| i.image_id().map(str::to_owned))
+        .expect("an AMI");
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name(&name)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("launch template");
+    let template_id = template
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .expect("template id")
+        .to_owned();
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name(&name)
+        .min_size(0)
+        .max_size(1)
+        .desired_capacity(0)
+        .availability_zones("us-east-1a")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(&template_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("group");
+    asg.put_lifecycle_hook()
+        .auto_scaling_group_name(&name)
+        .lifecycle_hook_name("skiff-launch")
+        .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+        .heartbeat_timeout(300)
+        .default_result("ABANDON")
+        .send()
+        .await
+        .expect("hook");
+    asg.set_desired_capacity()
+        .auto_scaling_group_name(&name)
+        .desired_capacity(1)
+        .send()
+        .await
+        .expect("scale out");
+    let states = || async {
+        asg.describe_auto_scaling_groups()
+            .auto_scaling_group_names(&name)
+            .send()
+            .await
+            .expect("describe group")
+            .auto_scaling_groups()
+            .first()
+            .map(|g| {
+                g.instances()
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.instance_id().unwrap_or_default().to_owned(),
+                            i.lifecycle_state().map(|s| s.as_str().to_owned()),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let before = states().await;
+    let (id, state) = before.first().cloned().expect("one instance");
+
+    let fleet = AwsFleet::with_clients(
+        id.clone(),
+        unused_imds(),
+        ec2.clone(),
+        asg.clone(),
+        Some("skiff-launch".into()),
+    )
+    .with_group(&name);
+    fleet.release_healthy(&release("v1")).await;
+    let after = states().await;
+
+    let _ = asg
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(&name)
+        .force_delete(true)
+        .send()
+        .await;
+    let _ = ec2
+        .delete_launch_template()
+        .launch_template_id(&template_id)
+        .send()
+        .await;
+    assert_eq!(state.as_deref(), Some("Pending:Wait"), "{before:?}");
+    assert_eq!(after, [(id, Some("InService".to_owned()))]);
 }

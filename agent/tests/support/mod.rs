@@ -502,6 +502,31 @@ impl Proxy {
     }
 }
 
+/// An SDK config for an AWS endpoint of the test's (moto, or a listener of its own): us-east-1
+/// and moto's dummy credentials.
+pub async fn sdk_at(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await
+}
+
+/// aws-smithy-mocks rules for an SDK client (the SDK in use predates `mock_client!`'s test
+/// defaults, so clients are assembled by the tests).
+pub fn interceptor(
+    mode: aws_smithy_mocks::RuleMode,
+    rules: &[&aws_smithy_mocks::Rule],
+) -> aws_smithy_mocks::MockResponseInterceptor {
+    rules.iter().fold(
+        aws_smithy_mocks::MockResponseInterceptor::new().rule_mode(mode),
+        |i, r| i.with_rule(r),
+    )
+}
+
 /// SSM in the moto emulator, through the real AWS SDK.
 pub struct Moto {
     rt: tokio::runtime::Runtime,
@@ -525,15 +550,7 @@ impl Moto {
             .enable_all()
             .build()
             .expect("runtime");
-        let conf = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .endpoint_url(MOTO)
-                .region(aws_config::Region::new("us-east-1"))
-                .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-                    "testing", "testing", None, None, "test",
-                ))
-                .load(),
-        );
+        let conf = rt.block_on(sdk_at(MOTO));
         Moto {
             ssm: aws_sdk_ssm::Client::new(&conf),
             rt,
