@@ -9,7 +9,8 @@
 #   permissions: the agent and ctl under the stack's own roles and policies, IAM enforced (:5056);
 #   packer/: validate, and the provisioning run with the docker builder;
 #   Jenkinsfiles: parsed by Groovy, their paths run against a model of Jenkins;
-#   Makefile: its targets against moto (create-stack, delete-stack, ...).
+#   Makefile: its targets against moto (create-stack, delete-stack, ...);
+#   the fleet box (.ci/fleet): the release scenarios with the real agent and ctl, up and down.
 # Ends with one line "tests: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,7 @@ step "permissions under enforced IAM" bash .ci/permissions-test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
 step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
 step "Makefile" bash .ci/make-check.sh
+step "fleet scenarios" env SKIP_SETUP=1 bash .ci/fleet/fleet.sh scenarios
 
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
   echo "the tree is not clean after the tests:"; git status --short

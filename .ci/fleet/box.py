@@ -380,12 +380,14 @@ def print_env(box):
         for k, v in ctl_env(box).items():
             f.write(f"export {k}={v}\n")
     os.chmod(path, 0o600)
+    s = box["settings"]
+    warmup = f"{s['healthy'] * s['interval'] + 2}s"  # the new targets' first checks, + 2 s
     print(f"""
   load balancer:  curl http://127.0.0.1:{LB_PORT}/
   release:        {PY} .ci/fleet/box.py push v2        # a new test image tag
                   . {path}                  # deployer credentials, endpoint, stack
-                  {box['ctl']} release --tag v2 --warmup 5s
-                  {box['ctl']} status; {box['ctl']} history; {box['ctl']} rollback --warmup 5s
+                  {box['ctl']} release --tag v2 --warmup {warmup}
+                  {box['ctl']} status; {box['ctl']} history; {box['ctl']} rollback --warmup {warmup}
   state:          python3 .ci/fleet/box.py status
   down:           make fleet-down
 """, flush=True)
