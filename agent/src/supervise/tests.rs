@@ -53,11 +53,7 @@ async fn an_unreachable_source_never_stops_the_running_container() {
 async fn a_rejected_value_keeps_the_current_release_and_boot_mode_only_reports_stale() {
     let runtime = FakeRuntime::default();
     runtime.world().containers.push(running("v1"));
-    let source = FakeSource {
-        first: Ok("v2".into()),
-        rest: Ok("not a tag!".into()),
-        reads: Mutex::new(0),
-    };
+    let source = source("v2", "not a tag!");
     let sup = Supervisor::new(config("boot"), runtime.clone(), source, NoFleet);
     let state = sup.state();
     let cancel = CancellationToken::new();
@@ -88,11 +84,7 @@ async fn a_crashing_container_is_restarted_with_capped_exponential_backoff() {
         w.containers.push(c);
         w.crash_on_start = true;
     }
-    let source = FakeSource {
-        first: Ok("v1".into()),
-        rest: Ok("v1".into()),
-        reads: Mutex::new(0),
-    };
+    let source = source("v1", "v1");
     let sup = Supervisor::new(config("boot"), runtime.clone(), source, NoFleet);
     let state = sup.state();
     let cancel = CancellationToken::new();
@@ -135,11 +127,7 @@ impl Fleet for FakeFleet {
 async fn termination_drains_once_keeps_the_app_and_takes_no_new_release() {
     let runtime = FakeRuntime::default();
     runtime.world().containers.push(running("v1"));
-    let source = FakeSource {
-        first: Ok("v1".into()),
-        rest: Ok("v2".into()),
-        reads: Mutex::new(0),
-    };
+    let source = source("v1", "v2");
     let start = Instant::now();
     let drained_at = Arc::new(Mutex::new(Vec::new()));
     let fleet = FakeFleet {
@@ -191,11 +179,7 @@ impl Fleet for RetryingFleet {
 async fn the_fleet_gets_a_turn_to_retry_every_loop_turn() {
     let runtime = FakeRuntime::default();
     runtime.world().containers.push(running("v1"));
-    let source = FakeSource {
-        first: Ok("v1".into()),
-        rest: Ok("v1".into()),
-        reads: Mutex::new(0),
-    };
+    let source = source("v1", "v1");
     let turns = Arc::new(Mutex::new(0));
     let fleet = RetryingFleet(turns.clone());
     let sup = Supervisor::new(config("boot"), runtime, source, fleet);
@@ -212,11 +196,7 @@ async fn the_fleet_gets_a_turn_to_retry_every_loop_turn() {
 async fn sigterm_while_terminating_drains_before_stopping() {
     let runtime = FakeRuntime::default();
     runtime.world().containers.push(running("v1"));
-    let source = FakeSource {
-        first: Ok("v1".into()),
-        rest: Ok("v1".into()),
-        reads: Mutex::new(0),
-    };
+    let source = source("v1", "v1");
     let drained_at = Arc::new(Mutex::new(Vec::new()));
     // Pending only from 2 s on: the periodic check at start saw nothing.
     let fleet = FakeFleet {
