@@ -242,7 +242,7 @@ fn a_digest_that_does_not_match_is_refused_and_a_matching_one_runs() {
     let v2_digest = fx.image("v2", true);
     fx.set_release("v1");
     let config = fx.write_config(&fx.file_config("in-place", ""));
-    let _agent = Agent::start(&config, &[]);
+    let agent = Agent::start(&config, &[]);
     fx.wait_healthy("v1", LONG);
     let id = fx.running_container();
 
@@ -268,6 +268,30 @@ fn a_digest_that_does_not_match_is_refused_and_a_matching_one_runs() {
     assert_eq!(
         fx.healthz().expect("healthz").1["digest"],
         v2_digest.as_str()
+    );
+
+    // Log fields are plain values: a digest as written, no digest field when unpinned (never
+    // `"None"` or `Some(Digest(..))`).
+    let logs = agent.logs();
+    let desired: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "desired release")
+        .collect();
+    let v1 = desired
+        .iter()
+        .find(|v| v["tag"] == "v1")
+        .unwrap_or_else(|| panic!("no v1 line in {logs}"));
+    assert!(v1.get("digest").is_none(), "{v1}");
+    assert!(
+        desired
+            .iter()
+            .any(|v| v["tag"] == "v2" && v["digest"] == v2_digest.as_str()),
+        "{desired:?}"
+    );
+    assert!(
+        !logs.contains("Some(") && !logs.contains("\"None\""),
+        "{logs}"
     );
 }
 
