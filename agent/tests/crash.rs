@@ -43,10 +43,64 @@ enum Step {
     BeforePromote,
 }
 
-/// Wait (polling the engine) until the swap reaches `step`; false when it never did.
-fn reach(fx: &Fixture, step: Step, old: &str, before: &HashSet<String>) -> bool {
+/// The engine's `die` event of container `id`, as it happens: the moment between the old
+/// container's stop and the new one's start is a few milliseconds, too short for polling
+/// `docker ps` on a loaded machine to see.
+struct DieWatch {
+    child: std::process::Child,
+    died: std::sync::mpsc::Receiver<()>,
+}
+
+impl DieWatch {
+    fn start(id: &str) -> DieWatch {
+        let mut child = std::process::Command::new("docker")
+            .args([
+                "events",
+                "--filter",
+                &format!("container={id}"),
+                "--filter",
+                "event=die",
+                "--format",
+                "{{.ID}}",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("docker events");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, died) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            if std::io::BufReader::new(out).lines().next().is_some() {
+                let _ = tx.send(());
+            }
+        });
+        DieWatch { child, died }
+    }
+}
+
+impl Drop for DieWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until the swap reaches `step` (the engine polled; the old container's death watched as
+/// it happens for `AfterStop`); false when it never did.
+fn reach(
+    fx: &Fixture,
+    step: Step,
+    old: &str,
+    before: &HashSet<String>,
+    died: Option<&DieWatch>,
+) -> bool {
     let deadline = Instant::now() + LONG;
     while Instant::now() < deadline {
+        if let (Step::AfterStop, Some(w)) = (step, died)
+            && w.died.recv_timeout(Duration::from_millis(20)).is_ok()
+        {
+            return true;
+        }
         let now = states(fx);
         let new = now.iter().find(|(id, _)| !before.contains(id));
         let old_state = now
@@ -126,9 +180,25 @@ fn sigkill_at_every_step_of_a_swap_ends_with_one_healthy_container() {
         let old = fx.running_container();
         let before: HashSet<String> = states(&fx).into_iter().map(|(id, _)| id).collect();
         let tag = format!("bad{i}");
+        // Watching starts before the release changes, so the event cannot be missed.
+        let died = matches!(step, Step::AfterStop).then(|| DieWatch::start(&old));
         fx.set_release(&tag);
-        let reached = reach(&fx, *step, &old, &before);
+        let reached = reach(&fx, *step, &old, &before, died.as_ref());
         agent.sigkill();
+        // What the kill interrupted: the old and the new container's states at that moment.
+        let at_kill: Vec<String> = states(&fx)
+            .into_iter()
+            .map(|(id, s)| {
+                let who = if id == old {
+                    "old"
+                } else if before.contains(&id) {
+                    "other"
+                } else {
+                    "new"
+                };
+                format!("{who} {s}")
+            })
+            .collect();
         agent = Agent::start(&config, &env);
         let started = Instant::now();
         let mut outcome = Err(format!("step {step:?} never reached"));
@@ -159,7 +229,7 @@ fn sigkill_at_every_step_of_a_swap_ends_with_one_healthy_container() {
             eprintln!("--- agent log ({step:?}) ---\n{}", agent.logs());
             eprintln!("--- containers ---\n{:?}", states(&fx));
         }
-        results.push((*step, tag, outcome));
+        results.push((*step, tag, outcome, at_kill.join(", ")));
     }
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler");
@@ -168,18 +238,18 @@ fn sigkill_at_every_step_of_a_swap_ends_with_one_healthy_container() {
     println!(
         "crash matrix (SIGKILL during an in-place swap to a release that never becomes healthy):"
     );
-    for (step, tag, outcome) in &results {
+    for (step, tag, outcome, at_kill) in &results {
         match outcome {
             Ok(t) => println!(
-                "  {step:<14?} {tag:<5} pass (one healthy container on v1, {:.1} s after restart)",
+                "  {step:<14?} {tag:<5} pass (one healthy container on v1, {:.1} s after restart; killed at: {at_kill})",
                 t.as_secs_f64()
             ),
-            Err(e) => println!("  {step:<14?} {tag:<5} FAIL: {e}"),
+            Err(e) => println!("  {step:<14?} {tag:<5} FAIL: {e} (killed at: {at_kill})"),
         }
     }
     println!("  running containers of the app at once, most seen: {most} ({samples} samples)");
     assert!(
-        results.iter().all(|(_, _, o)| o.is_ok()),
+        results.iter().all(|(_, _, o, _)| o.is_ok()),
         "crash matrix failed: {results:?}"
     );
     assert_eq!(most, 1, "two containers of the app ran at once");
