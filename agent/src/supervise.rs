@@ -159,7 +159,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         }
         loop {
             if Instant::now() >= self.next_poll {
-                self.poll().instrument(tracing::debug_span!("poll")).await;
+                self.poll().instrument(tracing::info_span!("poll")).await;
             }
             self.observe().await;
             if !self.terminating && Instant::now() >= self.next_termination_check {
