@@ -122,25 +122,32 @@ echo "/healthz under wrk (2 threads, 32 connections, 10 s): $rps requests/s, p99
 echo "app probes during the load: $((probes_after - probes_before)) in ${elapsed} ms (interval 2s -> expected ~$((elapsed / 2000)); not per request)"
 echo "idle RSS after the load: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
 
-# Metrics: a scrape every second (Prometheus's pace in the metrics test) while the agent idles,
-# then /healthz under the same wrk load with the scrape still running, then /metrics itself.
-# Before /metrics (same machine, same script): idle RSS 6988 kB; /healthz 79.7k requests/s, p99 3.4 ms.
-# An older build (AGENT_BIN) without /metrics skips this part, so before/after runs compare the rest.
-if curl -fs -o /dev/null -m 2 "http://127.0.0.1:$health_port/metrics"; then
-( while :; do curl -fs -o /dev/null -m 2 "http://127.0.0.1:$health_port/metrics" || true; sleep 1; done ) &
+# Metrics: a fresh agent (the figures above come after wrk's load) idles for 30 s while /metrics
+# is fetched every second, as Prometheus would (a build without /metrics answers 404 at the same
+# rate, so AGENT_BIN=<older build> gives the before figure); then, when there is a /metrics,
+# /healthz under the same wrk load with the scrape still running, and /metrics itself.
+# Recorded before /metrics: idle RSS 6988 kB; /healthz 79.7k requests/s, p99 3.4 ms.
+kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
+RUST_LOG=warn "$agent" run --config "$work/agent.toml" 2>>"$work/agent.log" &
+agent_pid=$!
+wait_200 "http://127.0.0.1:$health_port/healthz"
+sleep 5
+rss_before=$(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)
+( while :; do curl -s -o /dev/null -m 2 "http://127.0.0.1:$health_port/metrics" || true; sleep 1; done ) &
 scraper_pid=$!
 sleep 30
-metrics_bytes=$(curl -fs "http://127.0.0.1:$health_port/metrics" | wc -c)
-echo "idle RSS, file source, /metrics scraped every 1 s for 30 s: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status) (before /metrics: 6988 kB)"
-wrk -t2 -c32 -d10s --latency "http://127.0.0.1:$health_port/healthz" >"$work/wrk-m.txt"
-echo "/healthz under wrk with the 1 s scrape running: $(awk '/Requests\/sec/ {print $2}' "$work/wrk-m.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-m.txt") (before /metrics: 79.7k requests/s, p99 3.4 ms)"
-wrk -t2 -c8 -d5s --latency "http://127.0.0.1:$health_port/metrics" >"$work/wrk-metrics.txt"
-echo "/metrics ($metrics_bytes bytes) under wrk (2 threads, 8 connections, 5 s): $(awk '/Requests\/sec/ {print $2}' "$work/wrk-metrics.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-metrics.txt")"
-kill "$scraper_pid" 2>/dev/null || true; wait "$scraper_pid" 2>/dev/null || true; scraper_pid=""
-echo "idle RSS after the /metrics load: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
+echo "idle RSS, fresh agent: $rss_before; after 30 s of /metrics fetched every 1 s: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
+if curl -fs -o /dev/null -m 2 "http://127.0.0.1:$health_port/metrics"; then
+  metrics_bytes=$(curl -fs "http://127.0.0.1:$health_port/metrics" | wc -c)
+  wrk -t2 -c32 -d10s --latency "http://127.0.0.1:$health_port/healthz" >"$work/wrk-m.txt"
+  echo "/healthz under wrk with the 1 s scrape running: $(awk '/Requests\/sec/ {print $2}' "$work/wrk-m.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-m.txt")"
+  wrk -t2 -c8 -d5s --latency "http://127.0.0.1:$health_port/metrics" >"$work/wrk-metrics.txt"
+  echo "/metrics ($metrics_bytes bytes) under wrk (2 threads, 8 connections, 5 s): $(awk '/Requests\/sec/ {print $2}' "$work/wrk-metrics.txt") requests/s, p99 $(awk '$1 == "99%" {print $2}' "$work/wrk-metrics.txt")"
+  echo "idle RSS after the /metrics load: $(awk '/VmRSS/ {print $2, $3}' /proc/$agent_pid/status)"
 else
-  echo "no /metrics in this build: metrics figures skipped"
+  echo "no /metrics in this build: the other metrics figures skipped"
 fi
+kill "$scraper_pid" 2>/dev/null || true; wait "$scraper_pid" 2>/dev/null || true; scraper_pid=""
 kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
 
 # Idle RSS with the SSM source (moto on loopback), when moto runs.

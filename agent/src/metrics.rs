@@ -42,7 +42,7 @@ const STATES: [(HealthStatus, &str); 6] = [
     (HealthStatus::Starting, "starting"),
     (HealthStatus::Unhealthy, "unhealthy"),
     (HealthStatus::Draining, "draining"),
-    (HealthStatus::NoRelease, "no_release"),
+    (HealthStatus::NoRelease, "no-release"),
     (HealthStatus::Failed, "failed"),
 ];
 
@@ -576,8 +576,8 @@ mod tests {
             Vec::<&str>::new()
         );
         assert_eq!(
-            samples(&empty, "skiff_agent_health_state{state=\"no_release\"}"),
-            ["skiff_agent_health_state{state=\"no_release\"} 1"]
+            samples(&empty, "skiff_agent_health_state{state=\"no-release\"}"),
+            ["skiff_agent_health_state{state=\"no-release\"} 1"]
         );
         assert_eq!(
             samples(&empty, "skiff_agent_health_state").len(),
@@ -654,8 +654,8 @@ mod tests {
                 &["skiff_agent_health_state{state=\"healthy\"} 1"],
             ),
             (
-                "skiff_agent_health_state{state=\"no_release\"}",
-                &["skiff_agent_health_state{state=\"no_release\"} 0"],
+                "skiff_agent_health_state{state=\"no-release\"}",
+                &["skiff_agent_health_state{state=\"no-release\"} 0"],
             ),
             (
                 "skiff_agent_restarts_total",
@@ -744,7 +744,11 @@ mod tests {
             ),
         ];
         for (prefix, want) in table {
-            assert_eq!(&samples(&t, prefix), want, "{prefix} in:\n{t}");
+            // The label sets of one family come in no fixed order.
+            let (mut got, mut want) = (samples(&t, prefix), want.to_vec());
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "{prefix} in:\n{t}");
         }
 
         // A new release replaces the info series (never two), and a release without a digest
@@ -767,6 +771,16 @@ mod tests {
         snap.running = None;
         let t = text(&m, &snap);
         assert_eq!(samples(&t, "skiff_agent_release_info"), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn health_states_are_spelled_as_healthz_spells_them() {
+        for (status, label) in STATES {
+            assert_eq!(
+                serde_json::to_value(status).expect("json"),
+                serde_json::json!(label)
+            );
+        }
     }
 
     #[test]
