@@ -3,7 +3,7 @@
 //! Docker or AWS. The prober behind `app.ok` lives in `probe`. With `app.detail_path` the prober
 //! also fetches the app's detail (readiness) page and `/status` shows it; it never decides
 //! `/healthz`, so a database blip the app reports there does not take the host out of the load
-//! balancer.
+//! balancer. The same server answers `/metrics` (see `metrics`).
 
 use axum::Router;
 use axum::extract::State;

@@ -2,8 +2,8 @@
 //!
 //! Reads the release (an image tag, optionally pinned to a digest) from an SSM parameter or, in
 //! local development, a file; runs that image from the configured repository as this host's one
-//! container with host networking; serves `/healthz` (for the load balancer) and `/status` on
-//! `health.listen`; keeps the app running (restarts with backoff, in-place updates with drain and
+//! container with host networking; serves `/healthz` (for the load balancer), `/status` and the
+//! Prometheus `/metrics` on `health.listen`; keeps the app running (restarts with backoff, in-place updates with drain and
 //! rollback) and fails static when AWS, the registry or Docker are away.
 //!
 //! Configuration: one TOML file, `--config` (default `/etc/skiff/agent.toml`); see README.md.
