@@ -477,16 +477,17 @@ impl Metrics {
                 .get_or_create(&StateLabels { state })
                 .set(i64::from(s == status));
         }
-        let running = snap.running.as_ref().map(|r| ReleaseLabels {
-            tag: r.release.tag.to_string(),
-            digest: r
-                .release
-                .digest
-                .as_ref()
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
-        });
-        if running != scrape.release {
+        // Compared in place: labels are built only when the release changed, not per scrape.
+        let unchanged = match (&scrape.release, snap.running.as_ref()) {
+            (Some(l), Some(r)) => l.tag == r.release.tag.as_str() && l.digest == digest_of(r),
+            (None, None) => true,
+            _ => false,
+        };
+        if !unchanged {
+            let running = snap.running.as_ref().map(|r| ReleaseLabels {
+                tag: r.release.tag.as_str().to_owned(),
+                digest: digest_of(r).to_owned(),
+            });
             // The new series first, then the old one goes: a scrape never sees neither.
             if let Some(r) = &running {
                 self.release.get_or_create(r).set(1);
@@ -510,6 +511,11 @@ impl Metrics {
         }
         write(buffer)
     }
+}
+
+/// The `digest` label of a running release: empty when it is not pinned.
+fn digest_of(r: &crate::state::Running) -> &str {
+    r.release.digest.as_ref().map_or("", |d| d.as_str())
 }
 
 #[derive(Clone)]
