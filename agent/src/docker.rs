@@ -196,6 +196,7 @@ impl ContainerRuntime for DockerRuntime {
                         .unwrap_or_default(),
                     release,
                     running: s.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    started: s.state != Some(ContainerSummaryStateEnum::CREATED),
                     created: s.created.unwrap_or_default(),
                 })
             })

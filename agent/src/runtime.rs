@@ -16,6 +16,9 @@ pub struct ContainerState {
     pub name: String,
     pub release: Release,
     pub running: bool,
+    /// It has run at some time (Docker's state is not `created`). A container that never ran
+    /// never passed a health gate: adoption does not take it as current or rollback target.
+    pub started: bool,
     /// Creation time, seconds since the epoch: newer containers are newer releases.
     pub created: i64,
 }

@@ -36,6 +36,21 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             }
             None => None,
         };
+        // A container that never ran and that no journal names was left by an agent killed
+        // between creating and journaling or starting it: it never passed a health gate, so it is
+        // neither current (the loop would start it ungated) nor a rollback target. It goes; the
+        // loop deploys what the source names, behind the gate.
+        let journaled = intent.as_ref().map(|i| i.to.clone());
+        let (keep, leftovers): (Vec<_>, Vec<_>) = found
+            .into_iter()
+            .partition(|c| c.started || journaled.as_deref() == Some(c.id.as_str()));
+        found = keep;
+        for c in leftovers {
+            tracing::info!(container = %c.id, tag = %c.release.tag, "removing a container that was created and never started (an interrupted swap)");
+            if let Err(e) = self.steps.runtime.remove(&c.id).await {
+                tracing::warn!(container = %c.id, error = %e, "could not remove a never-started container");
+            }
+        }
         if let Some(intent) = intent {
             let from = found.iter().find(|c| c.id == intent.from).cloned();
             let to = found.iter().find(|c| c.id == intent.to).cloned();
@@ -143,7 +158,57 @@ mod tests {
     use crate::fleet::NoFleet;
     use crate::journal::{Journal, SwapIntent};
     use crate::supervise::Supervisor;
-    use crate::supervise::fakes::{FakeRuntime, RecordingFleet, config, running, source, stopped};
+    use crate::supervise::fakes::{
+        FakeRuntime, RecordingFleet, config, never_started, running, source, stopped,
+    };
+
+    /// Killed between creating the new container and journaling it: the never-started one is
+    /// neither adopted as current nor kept as a rollback target; the one that ran is.
+    #[tokio::test(start_paused = true)]
+    async fn a_never_started_container_without_a_journal_is_removed_at_adoption() {
+        for (containers, current, previous) in [
+            // The old one still runs, the new one was only created.
+            (
+                vec![running("v1"), never_started("new", "v2", 5)],
+                Some("adopted"),
+                None,
+            ),
+            // Both stopped (a failed start before this agent), the newer never ran.
+            (
+                vec![stopped("old", "v1", 1), never_started("new", "v2", 5)],
+                Some("old"),
+                None,
+            ),
+            // A first deploy killed before its start: nothing to adopt.
+            (vec![never_started("new", "v2", 5)], None, None),
+            // The rollback target is the newest container that ran.
+            (
+                vec![
+                    running("v3"),
+                    stopped("old", "v1", 1),
+                    never_started("new", "v2", 5),
+                ],
+                Some("adopted"),
+                Some("old"),
+            ),
+        ] {
+            let runtime = FakeRuntime::default();
+            runtime.world().containers = containers.clone();
+            let mut sup = Supervisor::new(
+                config("in-place"),
+                runtime.clone(),
+                source("v1", "v1"),
+                NoFleet,
+            );
+            assert!(sup.adopt().await);
+            let ids = |c: &Option<crate::runtime::ContainerState>| c.as_ref().map(|c| c.id.clone());
+            assert_eq!(ids(&sup.current).as_deref(), current, "{containers:?}");
+            assert_eq!(ids(&sup.previous).as_deref(), previous, "{containers:?}");
+            let w = runtime.world();
+            assert!(w.containers.iter().all(|c| c.id != "new"), "removed: {w:?}");
+            assert!(w.started_ids.is_empty(), "nothing started: {w:?}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_adopted_container_that_becomes_healthy_is_reported_once() {

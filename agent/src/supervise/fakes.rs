@@ -80,6 +80,7 @@ impl ContainerRuntime for FakeRuntime {
             name: spec.name.clone(),
             release,
             running: false,
+            started: false,
             created: 0,
         });
         Ok(id)
@@ -91,6 +92,7 @@ impl ContainerRuntime for FakeRuntime {
         let crash = w.crash_on_start;
         if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
             c.running = !crash;
+            c.started = true;
         }
         Ok(())
     }
@@ -164,6 +166,7 @@ pub(super) fn running(tag: &str) -> ContainerState {
         name: format!("t-{tag}"),
         release: Release::new(tag.parse().expect("tag"), None),
         running: true,
+        started: true,
         created: 1,
     }
 }
@@ -202,12 +205,22 @@ pub(super) fn source(first: &str, rest: &str) -> FakeSource {
     }
 }
 
+/// A container that ran once and was stopped.
 pub(super) fn stopped(id: &str, tag: &str, created: i64) -> ContainerState {
     ContainerState {
         id: id.into(),
         name: format!("t-{tag}-{id}"),
         release: Release::new(tag.parse().expect("tag"), None),
         running: false,
+        started: true,
         created,
+    }
+}
+
+/// A container created and never started (an agent killed between create and start).
+pub(super) fn never_started(id: &str, tag: &str, created: i64) -> ContainerState {
+    ContainerState {
+        started: false,
+        ..stopped(id, tag, created)
     }
 }

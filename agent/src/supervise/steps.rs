@@ -117,6 +117,7 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
             name,
             release: running,
             running: false,
+            started: false,
             created: 0,
         })
     }

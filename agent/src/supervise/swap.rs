@@ -385,6 +385,7 @@ mod tests {
             name: "t-v1".into(),
             release: Release::new("v1".parse().expect("tag"), None),
             running: true,
+            started: true,
             created: 3,
         };
         runtime.world().containers.push(new.clone());
