@@ -24,6 +24,9 @@
 #   create-stack only (needed when the stack does not exist yet; kept from before otherwise):
 #   VPC_ID PUBLIC_SUBNETS PRIVATE_SUBNETS (comma-separated) CERTIFICATE_ARN AMI_ID
 #   MIN_SIZE MAX_SIZE INSTANCE_TYPE (optional)
+#   TEMPLATE_BUCKET an S3 bucket of the account: needed while templates/app.yaml is over the 51,200
+#                bytes CloudFormation takes inline (deploy uploads it under skiff-templates/$(ENV)/;
+#                delete-stack removes that prefix)
 #   Shared load balancer (optional, QA; then no CERTIFICATE_ARN; templates/README.md):
 #   SHARED_LISTENER_ARN SHARED_LB_SECURITY_GROUP LISTENER_RULE_PRIORITY, and SITE_HOST_NAME
 #                (default $(ENV).$(SITE_DOMAIN) when SITE_DOMAIN is set)
@@ -90,6 +93,7 @@ AMI_ID ?=
 MIN_SIZE ?=
 MAX_SIZE ?=
 INSTANCE_TYPE ?=
+TEMPLATE_BUCKET ?=
 SHARED_LISTENER_ARN ?=
 SHARED_LB_SECURITY_GROUP ?=
 LISTENER_RULE_PRIORITY ?=
@@ -193,6 +197,10 @@ fleet-down: ## tear the fleet of `make fleet` down, leaving nothing behind
 fleet-scenarios: ## release scenarios on the fleet with the real ctl, one line each
 	bash .ci/fleet/fleet.sh scenarios
 
+.PHONY: fleet-branch
+fleet-branch: ## the branch flow in the fleet box with the real app: create-stack, integration, releases, delete-stack
+	bash .ci/fleet/branch.sh
+
 .PHONY: lint
 lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	@$(say) "cfn-lint + checkov + moto stack tests (templates/test.sh)"
@@ -203,7 +211,7 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	packer validate -var agent_bin=/bin/true packer/skiff.pkr.hcl
 	@$(say) "shellcheck"
 	shellcheck -x packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh .ci/make-check.sh \
-	  app/integration-test.sh
+	  app/integration-test.sh .ci/fleet/branch.sh
 	@$(say) "Jenkinsfile syntax"
 	bash .ci/jenkinsfile-check.sh
 
@@ -211,6 +219,8 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 # created here once, before the stack, without --overwrite; from then on only ctl release writes it.
 # A stack from before still owns it as its ReleaseParameter resource, which the update deletes
 # (with the value): the value is read first and the parameter put back after the update.
+# A template sent inline is at most 51,200 bytes; a larger one goes through S3 (TEMPLATE_BUCKET):
+# https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
 	@$(need_branch)
@@ -234,6 +244,9 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	  $(say) "creating stack $(STACK)"; \
 	fi; \
 	if [ -z "$(HASH)" ]; then $(say) "no git commit to name the first release with" >&2; exit 1; fi; \
+	size=$$(wc -c <templates/app.yaml); \
+	if [ "$$size" -gt 51200 ] && [ -z '$(TEMPLATE_BUCKET)' ]; then \
+	  $(say) "templates/app.yaml is $$size bytes, over the 51,200 CloudFormation takes inline: pass TEMPLATE_BUCKET=<an S3 bucket of this account> (deploy uploads the template there)" >&2; exit 1; fi; \
 	parameter=/skiff/$(ENV)/release; \
 	if err=$$($(AWS) ssm put-parameter --region $(REGION) --name "$$parameter" --type String \
 	      --value $(HASH) --description "skiff release of $(ENV), written by ctl release" 2>&1 >/dev/null); then \
@@ -256,6 +269,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	$(say) "aws cloudformation deploy --stack-name $(STACK) --parameter-overrides $${overrides[*]}"; \
 	$(AWS) cloudformation deploy --region $(REGION) --stack-name $(STACK) \
 	  --template-file templates/app.yaml --capabilities CAPABILITY_IAM \
+	  $(if $(TEMPLATE_BUCKET),--s3-bucket $(TEMPLATE_BUCKET) --s3-prefix skiff-templates/$(ENV)) \
 	  --no-fail-on-empty-changeset --tags skiff:environment=$(ENV) \
 	  --parameter-overrides "$${overrides[@]}"; \
 	if [ -n "$$owned" ] && ! $(AWS) ssm get-parameter --region $(REGION) --name "$$parameter" >/dev/null 2>&1; then \
@@ -407,6 +421,10 @@ delete-stack: ## delete $(STACK), its parameters /skiff/$(ENV)/ and log groups (
 	    $(AWS) logs delete-log-group "$${region[@]}" --log-group-name "$$g"; $(say) "deleted log group $$g"; \
 	  done; \
 	done; \
+	if [ -n '$(TEMPLATE_BUCKET)' ]; then \
+	  $(AWS) s3 rm "$${region[@]}" --recursive --quiet s3://$(TEMPLATE_BUCKET)/skiff-templates/$(ENV)/; \
+	  $(say) "deleted the uploaded templates s3://$(TEMPLATE_BUCKET)/skiff-templates/$(ENV)/"; \
+	fi; \
 	if [ -n "$$db" ]; then \
 	  snaps=$$($(AWS) rds describe-db-snapshots "$${region[@]}" --db-instance-identifier "$$db" \
 	    --query 'DBSnapshots[].DBSnapshotIdentifier' --output text 2>/dev/null || true); \

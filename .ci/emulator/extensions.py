@@ -942,8 +942,46 @@ def _patch_autoscaling_responses() -> None:
 
 # --- entry points ---------------------------------------------------------------------------
 
+def _patch_template_url() -> None:
+    """A TemplateURL on the emulator's own address (`aws cloudformation deploy --s3-bucket` with
+    AWS_ENDPOINT_URL uploads there and passes http://<host:port>/<bucket>/<key>) is path-style;
+    moto reads only localhost and *.amazonaws.com path-style and takes the host's first label
+    for the bucket otherwise (bucket "10" for 10.201.0.1)."""
+    import moto.cloudformation.responses as cfn_responses
+    from urllib.parse import urlparse
+
+    original = cfn_responses.get_stack_from_s3_url
+
+    def get_stack_from_s3_url(template_url: str, account_id: str, partition: str) -> str:
+        u = urlparse(template_url)
+        if u.port and not u.netloc.endswith("amazonaws.com") and "localhost" not in u.netloc:
+            template_url = f"http://localhost:{u.port}{u.path}"
+        return original(template_url, account_id=account_id, partition=partition)
+
+    cfn_responses.get_stack_from_s3_url = get_stack_from_s3_url
+
+
+def _patch_change_set_outputs() -> None:
+    """A stack made or changed through a change set (`aws cloudformation deploy`) gets its
+    Outputs, as through CreateStack/UpdateStack: moto's change set builds the resources but keeps
+    the output map made before them from the stack's template before the change (empty for a
+    new stack), so DescribeStacks showed no Outputs."""
+    from moto.cloudformation.models import ChangeSet
+
+    original = ChangeSet.apply
+
+    def apply_change_set(self) -> None:
+        original(self)
+        self.stack.template_dict = self.template_dict  # the change set's, not the stack's first
+        self.stack.output_map = self.stack._create_output_map()
+
+    ChangeSet.apply = apply_change_set
+
+
 def apply() -> None:
     ActionAuthenticatorMixin._authenticate_and_authorize_normal_action = _authorize
+    _patch_template_url()
+    _patch_change_set_outputs()
     _patch_role_cfn()
     _patch_group_cfn()
     _patch_lifecycle()
