@@ -263,6 +263,104 @@ def create_stack(c, tag, instances, params_extra):
             "deployer": {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}}
 
 
+def base(args):
+    """The box without a stack (for a stack someone else creates, e.g. `make create-stack` in
+    .ci/fleet/branch.sh): the bridge, the emulator, and the network values a stack needs, printed
+    as shell lines (the emulator's administrator keys, VPC_ID, subnets, certificate, AMI)."""
+    if load_box() or os.path.exists(RUN_DIR):
+        say("a box is (half) up: tearing it down first")
+        down(args)
+    agent, ctl = binary("agent"), binary("ctl")
+    for tool in ("haproxy", "nsenter", "dockerd", "ip"):
+        if not shutil.which(tool):
+            raise BoxError(f"{tool} missing: run bash .ci/setup.sh (it installs it)")
+    ensure_dependencies()
+    shutil.rmtree(os.path.join(STATE, "logs"), ignore_errors=True)
+    os.makedirs(STATE, exist_ok=True)
+    os.makedirs(RUN_DIR, exist_ok=True)
+    bridge_up()
+    admin = start_emulator()
+    box = {"admin": admin, "agent": agent, "ctl": ctl, "boot_delay": args.boot_delay}
+    c = admin_clients(box)
+    ec2, acm = c("ec2"), c("acm")
+    vpc = ec2.create_vpc(CidrBlock="10.201.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.201.{i + 1}.0/24",
+                                 AvailabilityZone=REGION + z)["Subnet"]["SubnetId"]
+               for i, z in enumerate("abab")]
+    box["network"] = {"VPC_ID": vpc, "PUBLIC_SUBNETS": ",".join(subnets[:2]),
+                      "PRIVATE_SUBNETS": ",".join(subnets[2:]),
+                      "CERTIFICATE_ARN": acm.request_certificate(DomainName="fleet.skiff.example.com")["CertificateArn"],
+                      "AMI_ID": ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]}
+    save_box(box)
+    env = {"AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
+           "AWS_ACCESS_KEY_ID": admin["access_key_id"], "AWS_SECRET_ACCESS_KEY": admin["secret_access_key"],
+           "AWS_EC2_METADATA_DISABLED": "true", **box["network"]}
+    for k, v in env.items():
+        print(f"export {k}={v}")
+    return 0
+
+
+def adopt(args):
+    """Follow a stack created in the box's emulator by someone else (`box.py base` first): a
+    deployer user with its DeployerPolicy, HAProxy as its load balancer, the controller booting
+    the hosts its group launches; waits until --instances serve."""
+    box = load_box()
+    if not box or "network" not in box:
+        raise BoxError("no base box: box.py base first")
+    if box.get("stack"):
+        raise BoxError(f"the box follows {box['stack']} already; box.py down first")
+    c = admin_clients(box)
+    cfn, iam = c("cloudformation"), c("iam")
+    from test_stacks import outputs
+
+    stack = cfn.describe_stacks(StackName=args.stack)["Stacks"][0]
+    out = outputs(stack)
+    if "AutoScalingGroup" not in out or "DeployerPolicyArn" not in out:
+        raise BoxError(f"stack {args.stack} has no AutoScalingGroup/DeployerPolicyArn outputs: {sorted(out)}")
+    resources = {r["LogicalResourceId"]: r.get("PhysicalResourceId") for r in
+                 cfn.describe_stack_resources(StackName=args.stack)["StackResources"] if "LogicalResourceId" in r}
+    role_name = resources["InstanceRole"]
+    user = f"deployer-{args.stack}"[:64]
+    iam.create_user(UserName=user)
+    iam.attach_user_policy(UserName=user, PolicyArn=out["DeployerPolicyArn"])
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    p = {x["ParameterKey"]: x.get("ParameterValue") for x in stack.get("Parameters", [])}
+    box.update({"stack": args.stack, "outputs": out, "params": p, "launch_template": resources["LaunchTemplate"],
+                "role_name": role_name, "role_arn": iam.get_role(RoleName=role_name)["Role"]["Arn"],
+                "deployer": {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}})
+    box["settings"] = template_settings(p)
+    save_box(box)
+    write_haproxy_config(box)
+    p = start_controller()
+    say(f"following stack {args.stack}: waiting for {args.instances} instances InService behind the load balancer")
+    ok = wait_until(lambda: len(lb_up()) >= args.instances or p.poll() is not None, args.timeout, 1)
+    if p.poll() is not None:
+        raise BoxError(f"the controller exited; see {STATE}/controller.log")
+    if not ok:
+        raise BoxError(f"not {args.instances} instances serving in {args.timeout} s (group "
+                       f"{out['AutoScalingGroup']}: {group_states(box)}); see {STATE}/controller.log and "
+                       f"{STATE}/hosts/*/agent.log")
+    say(f"{len(lb_up())} instances serve http://127.0.0.1:{LB_PORT}/")
+    print_env(box)
+    return 0
+
+
+def save_box(box):
+    with open(BOX_FILE + ".new", "w") as f:
+        json.dump(box, f, indent=1)
+    os.chmod(BOX_FILE + ".new", 0o600)
+    os.replace(BOX_FILE + ".new", BOX_FILE)
+
+
+def start_controller():
+    log = open(os.path.join(STATE, "controller.log"), "a")
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "controller"], stdout=log, stderr=log,
+                         start_new_session=True, cwd=ROOT)
+    with open(os.path.join(RUN_DIR, "controller.pid"), "w") as f:
+        f.write(str(p.pid))
+    return p
+
+
 def dependencies():
     """What the box needs of the machine and does not start itself: the registry the test
     image is pushed to, and the ECR-shaped registry every host pulls from (both started by
@@ -371,7 +469,8 @@ def ctl_env(box):
     return {"AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": REGION,
             "AWS_ACCESS_KEY_ID": box["deployer"]["access_key_id"],
             "AWS_SECRET_ACCESS_KEY": box["deployer"]["secret_access_key"],
-            "AWS_EC2_METADATA_DISABLED": "true", "SKIFF_STACK": STACK, "SKIFF_REGISTRY_CA": REGISTRY_CA}
+            "AWS_EC2_METADATA_DISABLED": "true", "SKIFF_STACK": box.get("stack", STACK),
+            "SKIFF_REGISTRY_CA": REGISTRY_CA}
 
 
 def print_env(box):
@@ -1022,6 +1121,12 @@ def main():
                    help="seconds before an instance's user data runs (25 models AL2023's launch)")
     u.add_argument("--tag", default=os.environ.get("FLEET_TAG", "v1"), help="the initial release")
     u.add_argument("--timeout", type=float, default=180)
+    b = sub.add_parser("base", help="bridge and emulator only, for a stack made elsewhere (then adopt)")
+    b.add_argument("--boot-delay", type=float, default=float(os.environ.get("FLEET_BOOT_DELAY", 2)))
+    a = sub.add_parser("adopt", help="follow STACK (created in the box's emulator) as the box's fleet")
+    a.add_argument("stack")
+    a.add_argument("--instances", type=int, default=2, help="instances that must serve before it returns")
+    a.add_argument("--timeout", type=float, default=240)
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("env")
@@ -1047,10 +1152,11 @@ def main():
             for k, v in ctl_env(box).items():
                 print(f"export {k}={v}")
             return 0
-        return {"up": up, "down": down, "status": status, "controller": controller}[args.cmd](args)
+        return {"up": up, "down": down, "status": status, "controller": controller, "base": base,
+                "adopt": adopt}[args.cmd](args)
     except BoxError as e:
         print(f"fleet: {e}", file=sys.stderr)
-        if args.cmd == "up":
+        if args.cmd in ("up", "base"):
             down(args)  # nothing half up is left behind; the logs stay for reading
         return 1
 
