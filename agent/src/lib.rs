@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod runtime;
+pub mod shiplog;
 pub mod source;
 pub mod ssm;
 pub mod state;

@@ -29,7 +29,7 @@ use skiff_agent::metrics::Metrics;
 use skiff_agent::source::FileSource;
 use skiff_agent::ssm::SsmSource;
 use skiff_agent::supervise::Supervisor;
-use skiff_agent::{health, probe};
+use skiff_agent::{health, probe, shiplog};
 use tokio_util::sync::CancellationToken;
 
 const EX_CONFIG: u8 = 64;
@@ -96,7 +96,9 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+/// Logs go to stderr (journald under systemd) and, with a queue, also to CloudWatch Logs
+/// through `shiplog`.
+fn init_logging(queue: Option<skiff_agent::shiplog::SharedQueue>) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     // `target=level` directives (`info`, `skiff_agent=debug,aws=warn`): a Targets filter, not
@@ -107,7 +109,8 @@ fn init_logging() {
         .unwrap_or_else(|| {
             tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
         });
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_writer(skiff_agent::shiplog::Tee::new(queue.clone()));
     if std::io::stderr().is_terminal() {
         builder.finish().with(filter).init();
     } else {
@@ -124,16 +127,18 @@ fn init_logging() {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     // All configuration is read and checked before anything is bound or started.
     let cfg = Arc::new(Config::load(path)?);
-    init_logging();
+    // With [logs], the agent's own lines are queued from the first one on, for `shiplog`.
+    let queue = cfg.app.logs.ship.as_ref().map(|_| shiplog::shared_queue());
+    init_logging(queue.clone());
     // One thread is plenty for one container and a health endpoint, and keeps memory small.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, queue))
 }
 
-async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.health.listen)
         .await
         .map_err(|e| {
@@ -152,6 +157,31 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     };
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
+    // The agent's own lines to its stream in the app's group; sends on its own task and never
+    // holds up the agent (see shiplog.rs). Stopped after the loop, with one last send.
+    let ship_cancel = CancellationToken::new();
+    let shipper = match (&cfg.app.logs.ship, queue) {
+        (Some(ship), Some(queue)) => {
+            let client = shiplog::Shipper::client(ship).await;
+            let shipper = shiplog::Shipper::new(client, ship, queue);
+            Some(tokio::spawn(shipper.run(ship_cancel.clone())))
+        }
+        _ => None,
+    };
+    let result = serve_app(cfg, runtime, listener, cancel).await;
+    ship_cancel.cancel();
+    if let Some(s) = shipper {
+        let _ = s.await;
+    }
+    result
+}
+
+async fn serve_app(
+    cfg: Arc<Config>,
+    runtime: DockerRuntime,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     // An ECR image without a [registry] section pulls with tokens from
     // ecr:GetAuthorizationToken, through the standard AWS chain, with either source.
     let ecr = match &cfg.registry {

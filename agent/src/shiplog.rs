@@ -1,0 +1,665 @@
+//! The agent's own log lines to CloudWatch Logs: with `[logs]`, every line the agent writes to
+//! stderr (and so to journald under systemd) is also copied into a bounded in-memory queue, and
+//! a background task sends the queue every few seconds with `PutLogEvents` to the app's group,
+//! stream `<instance>/~agent`.
+//!
+//! Why in the agent: the CloudWatch agent cannot read journald, and Fluent Bit is not packaged
+//! for Debian 12; the agent already holds the group, region, endpoint and credentials.
+//!
+//! Why `~agent`: a release tag is `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, so no tag contains `~`
+//! and the agent's stream can never be taken for a release's; CloudWatch stream names forbid
+//! only `:` and `*`.
+//! https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_CreateLogStream.html
+//!
+//! Shipping never blocks or slows the agent: a line is copied under a short lock, the queue
+//! drops its oldest lines beyond [`QUEUE_BYTES`] and counts them, and the sender's failures
+//! (denied, unknown group, endpoint down) are written once per kind straight to stderr (never
+//! through `tracing`, so they cannot feed the queue) and retried on the agent's [`Backoff`].
+
+use std::collections::{HashSet, VecDeque};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_cloudwatchlogs::Client;
+use aws_sdk_cloudwatchlogs::types::InputLogEvent;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::AwsLogs;
+
+/// The agent's stream name after `<instance>/`: not a release tag (see the module doc).
+pub const AGENT_MARKER: &str = "~agent";
+
+/// Memory the queue may hold (message bytes); older lines beyond it are dropped.
+pub const QUEUE_BYTES: usize = 1024 * 1024;
+
+/// How often the queue is sent.
+pub const SEND_EVERY: Duration = Duration::from_secs(5);
+
+// Limits of one PutLogEvents call.
+// https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_PutLogEvents.html
+/// At most 10,000 events per batch.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// At most 1,048,576 bytes per batch, counted as the UTF-8 message plus 26 bytes per event.
+pub const MAX_BATCH_BYTES: usize = 1_048_576;
+pub const EVENT_OVERHEAD: usize = 26;
+/// A batch may not span more than 24 hours.
+pub const MAX_BATCH_SPAN_MS: i64 = 24 * 3600 * 1000;
+/// Events older than 14 days are refused.
+pub const MAX_AGE_MS: i64 = 14 * 24 * 3600 * 1000;
+/// The largest event, 256 KiB with its overhead; longer lines are cut.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024 - EVENT_OVERHEAD;
+
+/// The agent's stream in the group.
+pub fn stream_name(instance: &str) -> String {
+    crate::logging::stream_name(instance, AGENT_MARKER)
+}
+
+/// One captured line: milliseconds since the epoch, and the line without its newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub timestamp: i64,
+    pub message: String,
+}
+
+impl Line {
+    fn cost(&self) -> usize {
+        self.message.len() + EVENT_OVERHEAD
+    }
+}
+
+/// What [`plan`] makes of the queued lines: batches to send in order, and lines too old to send.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub batches: Vec<Vec<Line>>,
+    pub too_old: usize,
+}
+
+/// Lines -> batches within PutLogEvents' limits: chronological (stable for equal times), at
+/// most [`MAX_BATCH_EVENTS`] and [`MAX_BATCH_BYTES`] each, none spanning more than 24 hours,
+/// and nothing older than 14 days before `now_ms`.
+pub fn plan(mut lines: Vec<Line>, now_ms: i64) -> Plan {
+    let before = lines.len();
+    lines.retain(|l| now_ms - l.timestamp <= MAX_AGE_MS);
+    let too_old = before - lines.len();
+    lines.sort_by_key(|l| l.timestamp);
+    let mut batches: Vec<Vec<Line>> = Vec::new();
+    let mut bytes = 0;
+    for line in lines {
+        let fits = batches.last().is_some_and(|b| {
+            b.len() < MAX_BATCH_EVENTS
+                && bytes + line.cost() <= MAX_BATCH_BYTES
+                && line.timestamp - b[0].timestamp <= MAX_BATCH_SPAN_MS
+        });
+        if !fits {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += line.cost();
+        batches.last_mut().expect("pushed above").push(line);
+    }
+    Plan { batches, too_old }
+}
+
+/// Cut a line to [`MAX_EVENT_BYTES`] on a character boundary.
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_EVENT_BYTES {
+        let mut end = MAX_EVENT_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The bounded queue between the log writer and the sender.
+#[derive(Debug, Default)]
+pub struct Queue {
+    lines: VecDeque<Line>,
+    bytes: usize,
+    dropped: u64,
+    limit: usize,
+}
+
+impl Queue {
+    pub fn new(limit: usize) -> Self {
+        Queue {
+            limit,
+            ..Queue::default()
+        }
+    }
+
+    /// Add a line at the back, dropping the oldest while over the limit.
+    pub fn push(&mut self, line: Line) {
+        self.bytes += line.message.len();
+        self.lines.push_back(line);
+        self.trim();
+    }
+
+    /// Put unsent lines back at the front (they are older than anything queued since).
+    pub fn requeue(&mut self, lines: Vec<Line>) {
+        for line in lines.into_iter().rev() {
+            self.bytes += line.message.len();
+            self.lines.push_front(line);
+        }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.bytes > self.limit {
+            match self.lines.pop_front() {
+                Some(l) => {
+                    self.bytes -= l.message.len();
+                    self.dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    pub fn take(&mut self) -> Vec<Line> {
+        self.bytes = 0;
+        self.lines.drain(..).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Lines dropped since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+}
+
+pub type SharedQueue = Arc<Mutex<Queue>>;
+
+pub fn shared_queue() -> SharedQueue {
+    Arc::new(Mutex::new(Queue::new(QUEUE_BYTES)))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A `MakeWriter` for the log formatter: each event goes to stderr as before and, unless its
+/// target is the SDK the sender itself calls through, into the queue.
+#[derive(Debug, Clone)]
+pub struct Tee {
+    queue: Option<SharedQueue>,
+}
+
+impl Tee {
+    /// `None`: stderr only (no `[logs]`).
+    pub fn new(queue: Option<SharedQueue>) -> Self {
+        Tee { queue }
+    }
+}
+
+/// The writer of one event: writes through to stderr, keeps a copy until dropped.
+#[derive(Debug)]
+pub struct TeeWriter {
+    queue: Option<SharedQueue>,
+    copy: Vec<u8>,
+}
+
+impl Write for TeeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.queue.is_some() {
+            self.copy.extend_from_slice(buf);
+        }
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl Drop for TeeWriter {
+    fn drop(&mut self) {
+        let Some(queue) = &self.queue else { return };
+        if self.copy.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.copy);
+        let timestamp = now_ms();
+        // A poisoned lock (a panic while pushing) loses the copy, never the stderr line.
+        if let Ok(mut q) = queue.lock() {
+            for l in text.lines().filter(|l| !l.is_empty()) {
+                q.push(Line {
+                    timestamp,
+                    message: cut(l.to_owned()),
+                });
+            }
+        }
+    }
+}
+
+/// Events of the SDK and HTTP stack the sender uses are not shipped: sending them would make
+/// each send produce the next one's lines.
+fn shipped(target: &str) -> bool {
+    ![
+        "aws_smithy",
+        "aws_sdk_cloudwatchlogs",
+        "aws_config",
+        "hyper",
+        "h2",
+        "rustls",
+    ]
+    .iter()
+    .any(|p| target.starts_with(p))
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
+    type Writer = TeeWriter;
+
+    fn make_writer(&'a self) -> TeeWriter {
+        TeeWriter {
+            queue: self.queue.clone(),
+            copy: Vec::new(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> TeeWriter {
+        TeeWriter {
+            queue: self.queue.clone().filter(|_| shipped(meta.target())),
+            copy: Vec::new(),
+        }
+    }
+}
+
+/// Why a send failed, as reported (once per kind) to the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    Denied,
+    NoGroup,
+    Unreachable,
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error(
+        "not allowed to write stream {stream} in log group {group} ({detail}); the instance role needs logs:CreateLogStream and logs:PutLogEvents on the group's streams (templates/app.yaml grants them)"
+    )]
+    Denied {
+        group: String,
+        stream: String,
+        detail: String,
+    },
+    #[error(
+        "log group {group} does not exist ({detail}); create it (the stack does) or fix logs.group"
+    )]
+    NoGroup { group: String, detail: String },
+    #[error(
+        "cannot reach CloudWatch Logs for group {group}: {detail} (check logs.endpoint, logs.region and the network)"
+    )]
+    Unreachable { group: String, detail: String },
+    #[error("cannot write the agent's logs to group {group}: {detail}")]
+    Other { group: String, detail: String },
+}
+
+impl ShipError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ShipError::Denied { .. } => FailureKind::Denied,
+            ShipError::NoGroup { .. } => FailureKind::NoGroup,
+            ShipError::Unreachable { .. } => FailureKind::Unreachable,
+            ShipError::Other { .. } => FailureKind::Other,
+        }
+    }
+}
+
+/// The sender: creates the stream once, then sends the queue every [`SEND_EVERY`].
+#[derive(Debug)]
+pub struct Shipper {
+    client: Client,
+    group: String,
+    stream: String,
+    queue: SharedQueue,
+    created: bool,
+    backoff: Backoff,
+    reported: HashSet<FailureKind>,
+}
+
+impl Shipper {
+    pub fn new(client: Client, ship: &AwsLogs, queue: SharedQueue) -> Self {
+        Shipper {
+            client,
+            group: ship.group.clone(),
+            stream: stream_name(&ship.instance),
+            queue,
+            created: false,
+            backoff: Backoff::new(SEND_EVERY, Duration::from_secs(300)),
+            reported: HashSet::new(),
+        }
+    }
+
+    /// A client for the group's region and endpoint, from the agent's one SDK configuration.
+    pub async fn client(ship: &AwsLogs) -> Client {
+        let sdk = crate::aws::sdk_config(ship.region.as_deref()).await;
+        let mut b = aws_sdk_cloudwatchlogs::config::Builder::from(&sdk);
+        if let Some(e) = &ship.endpoint {
+            b = b.endpoint_url(e);
+        }
+        Client::from_conf(b.build())
+    }
+
+    /// Send until cancelled, then one last bounded send of what is left.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(SEND_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if !self.backoff.is_waiting() {
+                self.send_once().await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.send_once()).await;
+    }
+
+    async fn send_once(&mut self) {
+        let (lines, dropped) = {
+            let Ok(mut q) = self.queue.lock() else { return };
+            (q.take(), q.take_dropped())
+        };
+        if dropped > 0 {
+            eprintln!(
+                "agent: shiplog: {dropped} agent log lines dropped (more than {QUEUE_BYTES} bytes queued while CloudWatch Logs was away or slow)"
+            );
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let plan = plan(lines, now_ms());
+        if plan.too_old > 0 {
+            eprintln!(
+                "agent: shiplog: {} agent log lines older than 14 days not sent",
+                plan.too_old
+            );
+        }
+        let mut batches = plan.batches.into_iter();
+        while let Some(batch) = batches.next() {
+            if let Err(e) = self.send(&batch).await {
+                let kind = e.kind();
+                if self.reported.insert(kind) {
+                    eprintln!("agent: shiplog: {e}; retrying with backoff");
+                }
+                self.backoff.fail();
+                let mut unsent = batch;
+                unsent.extend(batches.flatten());
+                if let Ok(mut q) = self.queue.lock() {
+                    q.requeue(unsent);
+                }
+                return;
+            }
+        }
+        if !self.reported.is_empty() {
+            eprintln!("agent: shiplog: writing to {} again", self.stream);
+            self.reported.clear();
+        }
+        self.backoff.reset();
+    }
+
+    async fn send(&mut self, batch: &[Line]) -> Result<(), ShipError> {
+        if !self.created {
+            match self
+                .client
+                .create_log_stream()
+                .log_group_name(&self.group)
+                .log_stream_name(&self.stream)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_already_exists_exception()) => {}
+                Err(e) => {
+                    let no_group = e
+                        .as_service_error()
+                        .is_some_and(|s| s.is_resource_not_found_exception());
+                    return Err(self.error(&e, no_group));
+                }
+            }
+            self.created = true;
+        }
+        let events = batch
+            .iter()
+            .map(|l| {
+                InputLogEvent::builder()
+                    .timestamp(l.timestamp)
+                    .message(&l.message)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ShipError::Other {
+                group: self.group.clone(),
+                detail: e.to_string(),
+            })?;
+        // No sequence token: PutLogEvents accepts concurrent puts to one stream since 2023.
+        // https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_PutLogEvents.html
+        match self
+            .client
+            .put_log_events()
+            .log_group_name(&self.group)
+            .log_stream_name(&self.stream)
+            .set_log_events(Some(events))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let not_found = e
+                    .as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception());
+                if not_found {
+                    // The stream (or its group) went away: create it again next time.
+                    self.created = false;
+                }
+                Err(self.error(&e, not_found))
+            }
+        }
+    }
+
+    fn error<E, R>(
+        &self,
+        e: &aws_sdk_cloudwatchlogs::error::SdkError<E, R>,
+        no_group: bool,
+    ) -> ShipError
+    where
+        E: aws_sdk_cloudwatchlogs::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        use aws_sdk_cloudwatchlogs::error::SdkError;
+        let group = self.group.clone();
+        let detail = match e {
+            SdkError::ServiceError(s) => {
+                let err = s.err();
+                format!(
+                    "{}: {}",
+                    err.code().unwrap_or("error"),
+                    err.message().unwrap_or("")
+                )
+            }
+            other => aws_sdk_cloudwatchlogs::error::DisplayErrorContext(other).to_string(),
+        };
+        if no_group {
+            return ShipError::NoGroup { group, detail };
+        }
+        match e {
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+                ShipError::Unreachable { group, detail }
+            }
+            SdkError::ServiceError(s)
+                if s.err().code().is_some_and(|c| {
+                    c.contains("AccessDenied") || c.contains("UnrecognizedClient")
+                }) =>
+            {
+                ShipError::Denied {
+                    group,
+                    stream: self.stream.clone(),
+                    detail,
+                }
+            }
+            _ => ShipError::Other { group, detail },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(timestamp: i64, len: usize) -> Line {
+        Line {
+            timestamp,
+            message: "x".repeat(len),
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+    const HOUR: i64 = 3600 * 1000;
+
+    #[test]
+    fn batches_within_the_limits() {
+        /// Lines as (age before NOW, message length), then the batch sizes and lines too old.
+        type Case = (Vec<(i64, usize)>, Vec<usize>, usize);
+        let big = MAX_BATCH_BYTES / 4 - EVENT_OVERHEAD; // four of these fill a batch exactly
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], 0),
+            (vec![(0, 10), (0, 10)], vec![2], 0),
+            ((0..10_001).map(|_| (0, 1)).collect(), vec![10_000, 1], 0),
+            (
+                (0..20_000).map(|_| (0, 1)).collect(),
+                vec![10_000, 10_000],
+                0,
+            ),
+            (vec![(0, big); 4], vec![4], 0),
+            (vec![(0, big); 5], vec![4, 1], 0),
+            (vec![(0, big + 1); 4], vec![3, 1], 0),
+            // 24 hours apart still fits; a millisecond more starts a new batch.
+            (vec![(24 * HOUR, 1), (0, 1)], vec![2], 0),
+            (vec![(24 * HOUR + 1, 1), (0, 1)], vec![1, 1], 0),
+            (vec![(30 * HOUR, 1), (20 * HOUR, 1), (0, 1)], vec![2, 1], 0),
+            // Older than 14 days: not sent, counted; exactly 14 days is sent (in a batch of
+            // its own: it is more than 24 hours before the next).
+            (
+                vec![(MAX_AGE_MS + 1, 1), (MAX_AGE_MS, 1), (0, 1)],
+                vec![1, 1],
+                1,
+            ),
+            (vec![(MAX_AGE_MS + 1, 1), (1, 1), (0, 1)], vec![2], 1),
+        ];
+        for (lines, sizes, too_old) in cases {
+            let input: Vec<Line> = lines
+                .iter()
+                .map(|(age, len)| line(NOW - age, *len))
+                .collect();
+            let got = plan(input, NOW);
+            let got_sizes: Vec<usize> = got.batches.iter().map(Vec::len).collect();
+            assert_eq!(
+                (got_sizes, got.too_old),
+                (sizes, too_old),
+                "{:?}",
+                &lines[..lines.len().min(5)]
+            );
+            for b in &got.batches {
+                assert!(b.iter().map(Line::cost).sum::<usize>() <= MAX_BATCH_BYTES);
+                assert!(b.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+            }
+        }
+    }
+
+    #[test]
+    fn chronological_and_stable() {
+        let l = |t, m: &str| Line {
+            timestamp: t,
+            message: m.into(),
+        };
+        let got = plan(
+            vec![l(NOW, "c"), l(NOW - 5, "a"), l(NOW, "d"), l(NOW - 5, "b")],
+            NOW,
+        );
+        let order: Vec<&str> = got.batches[0].iter().map(|l| l.message.as_str()).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn queue_drops_oldest_beyond_its_bound_and_counts() {
+        let mut q = Queue::new(100);
+        for t in 0..15 {
+            q.push(line(t, 10));
+        }
+        assert_eq!((q.len(), q.bytes(), q.take_dropped()), (10, 100, 5));
+        assert_eq!(q.take_dropped(), 0);
+        let taken = q.take();
+        assert_eq!(taken.first().map(|l| l.timestamp), Some(5));
+        assert!(q.is_empty());
+        // Requeued lines go before newer ones; the oldest are dropped first.
+        q.push(line(100, 10));
+        q.requeue(taken);
+        assert_eq!((q.len(), q.take_dropped()), (10, 1));
+        let order: Vec<i64> = q.take().iter().map(|l| l.timestamp).collect();
+        assert_eq!(order, [6, 7, 8, 9, 10, 11, 12, 13, 14, 100]);
+    }
+
+    #[test]
+    fn long_lines_are_cut_on_a_character_boundary() {
+        let s = "é".repeat(MAX_EVENT_BYTES); // 2 bytes each
+        let c = cut(s);
+        assert!(c.len() <= MAX_EVENT_BYTES && c.len() >= MAX_EVENT_BYTES - 1);
+        assert_eq!(cut("short".into()), "short");
+    }
+
+    #[test]
+    fn stream_is_never_a_release() {
+        assert_eq!(stream_name("i-0abc"), "i-0abc/~agent");
+        assert!(AGENT_MARKER.parse::<skiff_release::Tag>().is_err());
+    }
+
+    #[test]
+    fn the_senders_own_stack_is_not_shipped() {
+        for (target, want) in [
+            ("skiff_agent::supervise", true),
+            ("agent", true),
+            ("aws_smithy_runtime::client", false),
+            ("aws_config::imds", false),
+            ("hyper_util::client", false),
+        ] {
+            assert_eq!(shipped(target), want, "{target}");
+        }
+    }
+
+    #[test]
+    fn the_writer_copies_each_line_and_keeps_stderr() {
+        let q = shared_queue();
+        {
+            let mut w = TeeWriter {
+                queue: Some(q.clone()),
+                copy: Vec::new(),
+            };
+            w.write_all(b"{\"msg\":\"one\"}\n").expect("write");
+        }
+        let lines = q.lock().expect("lock").take();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].message, "{\"msg\":\"one\"}");
+    }
+}
