@@ -63,6 +63,9 @@ pub struct Event {
 
 /// A stream name split into the instance and the release that wrote it. Streams not written
 /// by a skiff agent (no `/`) keep their whole name as the instance and `-` as the release.
+/// The agent's own lines are in `<instance>/~agent` (the agent's `shiplog::AGENT_MARKER`, never
+/// a release tag): their release reads `~agent`, they are shown by default, and
+/// `--release '~agent'` selects them alone.
 pub fn parse_stream(name: &str) -> (&str, &str) {
     match name.split_once('/') {
         Some((instance, tag)) if !instance.is_empty() && !tag.is_empty() => (instance, tag),
@@ -347,6 +350,7 @@ mod tests {
     fn stream_names_split() {
         let cases = [
             ("i-0abc/3f2c1ab", ("i-0abc", "3f2c1ab")),
+            ("i-0abc/~agent", ("i-0abc", "~agent")),
             ("host-1/v1.2_rc", ("host-1", "v1.2_rc")),
             ("skiff-agent", ("skiff-agent", "-")),
             ("/x", ("/x", "-")),
@@ -359,7 +363,7 @@ mod tests {
 
     #[test]
     fn selection() {
-        let names: Vec<String> = ["i-1/a", "i-1/b", "i-2/a", "i-10/a", "other"]
+        let names: Vec<String> = ["i-1/a", "i-1/b", "i-2/a", "i-10/a", "other", "i-1/~agent"]
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
@@ -367,7 +371,8 @@ mod tests {
         type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a [&'a str]>);
         let cases: &[Case<'_>] = &[
             (None, None, None),
-            (Some("i-1"), None, Some(&["i-1/a", "i-1/b"])),
+            (Some("i-1"), None, Some(&["i-1/a", "i-1/b", "i-1/~agent"])),
+            (None, Some("~agent"), Some(&["i-1/~agent"])),
             (None, Some("a"), Some(&["i-1/a", "i-2/a", "i-10/a"])),
             (Some("i-1"), Some("b"), Some(&["i-1/b"])),
             (Some("i-3"), None, Some(&[])),
