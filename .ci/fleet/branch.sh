@@ -29,6 +29,8 @@ py=$ci/venv-moto/bin/python
 aws_cli=$ci/venv-awscli/bin/aws
 gw=10.201.0.1 db_port=3307 lb=http://127.0.0.1:8880
 repo=skiff-fleet/app # box.py down deletes this repository's tags from the registry
+# An outer make (make test) must not leak its flags or variables into the makes run here.
+unset MAKEFLAGS MFLAGS MAKELEVEL
 say() { printf '[branch] %s\n' "$*"; }
 fail() { say "FAIL: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || fail "run as root (network namespaces, dockerd)"
