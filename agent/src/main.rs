@@ -159,16 +159,35 @@ async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow:
     spawn_signal_handler(cancel.clone());
     // The agent's own lines to its stream in the app's group; sends on its own task and never
     // holds up the agent (see shiplog.rs). Stopped after the loop, with one last send.
+    // An ECR image without a [registry] section pulls with tokens from
+    // ecr:GetAuthorizationToken, through the standard AWS chain, with either source.
+    let ecr = match &cfg.registry {
+        Some(_) => None,
+        None => skiff_release::EcrRegistry::of_image(&cfg.app.image),
+    };
+    // One SDK configuration (one HTTP client and credentials cache) for every AWS use.
+    let sdk = match (&cfg.release.source, &ecr, &cfg.app.logs.ship) {
+        (SourceConfig::File { .. }, None, None) => None,
+        _ => {
+            // Without aws.region, the logs' region spares a lookup in the instance metadata.
+            let region = cfg
+                .aws
+                .region
+                .as_deref()
+                .or_else(|| cfg.app.logs.ship.as_ref().and_then(|s| s.region.as_deref()));
+            Some(skiff_agent::aws::sdk_config(region).await)
+        }
+    };
     let ship_cancel = CancellationToken::new();
-    let shipper = match (&cfg.app.logs.ship, queue) {
-        (Some(ship), Some(queue)) => {
-            let client = shiplog::Shipper::client(ship).await;
+    let shipper = match (&cfg.app.logs.ship, queue, &sdk) {
+        (Some(ship), Some(queue), Some(sdk)) => {
+            let client = shiplog::Shipper::client(sdk, ship);
             let shipper = shiplog::Shipper::new(client, ship, queue);
             Some(tokio::spawn(shipper.run(ship_cancel.clone())))
         }
         _ => None,
     };
-    let result = serve_app(cfg, runtime, listener, cancel).await;
+    let result = serve_app(cfg, runtime, listener, ecr, sdk, cancel).await;
     ship_cancel.cancel();
     if let Some(s) = shipper {
         let _ = s.await;
@@ -180,18 +199,10 @@ async fn serve_app(
     cfg: Arc<Config>,
     runtime: DockerRuntime,
     listener: tokio::net::TcpListener,
+    ecr: Option<skiff_release::EcrRegistry>,
+    sdk: Option<aws_config::SdkConfig>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    // An ECR image without a [registry] section pulls with tokens from
-    // ecr:GetAuthorizationToken, through the standard AWS chain, with either source.
-    let ecr = match &cfg.registry {
-        Some(_) => None,
-        None => skiff_release::EcrRegistry::of_image(&cfg.app.image),
-    };
-    let sdk = match (&cfg.release.source, &ecr) {
-        (SourceConfig::File { .. }, None) => None,
-        _ => Some(skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await),
-    };
     // One set of metrics, counted by the loop, the prober and the fleet, served on /metrics.
     let metrics = Arc::new(Metrics::new());
     let pull_tokens = ecr.zip(sdk.as_ref()).map(|(registry, sdk)| {

@@ -349,10 +349,13 @@ impl Shipper {
         }
     }
 
-    /// A client for the group's region and endpoint, from the agent's one SDK configuration.
-    pub async fn client(ship: &AwsLogs) -> Client {
-        let sdk = crate::aws::sdk_config(ship.region.as_deref()).await;
-        let mut b = aws_sdk_cloudwatchlogs::config::Builder::from(&sdk);
+    /// A client for the group's region and endpoint, from the agent's one SDK configuration
+    /// (sharing its HTTP client and credentials: a second one would cost idle memory).
+    pub fn client(sdk: &aws_config::SdkConfig, ship: &AwsLogs) -> Client {
+        let mut b = aws_sdk_cloudwatchlogs::config::Builder::from(sdk);
+        if let Some(r) = &ship.region {
+            b = b.region(aws_config::Region::new(r.clone()));
+        }
         if let Some(e) = &ship.endpoint {
             b = b.endpoint_url(e);
         }
