@@ -154,7 +154,8 @@ and the commands that finish the job."))]
   ctl --json logs --log-group /skiff/master/app --since 30m | jq -r .message
 
 The log group is the stack output LogGroup (or --log-group / SKIFF_LOG_GROUP). Each host writes
-one stream per release, named <instance>/<tag>. Ctrl-C ends --follow.")]
+one stream per release, named <instance>/<tag>, and its agent's own lines in <instance>/~agent
+(release ~agent). Ctrl-C ends --follow.")]
     Logs {
         /// Keep printing new lines as they arrive (polls CloudWatch every few seconds).
         #[arg(long)]
@@ -165,9 +166,9 @@ one stream per release, named <instance>/<tag>. Ctrl-C ends --follow.")]
         /// Only this instance's lines (the EC2 instance id).
         #[arg(long, value_name = "ID", value_parser = parse_instance)]
         instance: Option<String>,
-        /// Only the lines of this release.
-        #[arg(long, value_name = "TAG", value_parser = parse_tag)]
-        release: Option<Tag>,
+        /// Only the lines of this release (`~agent`: only the agents' own lines).
+        #[arg(long, value_name = "TAG", value_parser = parse_log_release)]
+        release: Option<String>,
         /// The log group (overrides the stack output LogGroup).
         #[arg(long, env = "SKIFF_LOG_GROUP")]
         log_group: Option<String>,
@@ -258,6 +259,14 @@ fn parse_instance(s: &str) -> Result<String, String> {
     } else {
         Err("an instance id like i-0123456789abcdef0 (letters, digits, '_', '.', '-')".into())
     }
+}
+
+/// A release tag, or `~agent` for the agents' own stream.
+fn parse_log_release(s: &str) -> Result<String, String> {
+    if s == skiff_ctl::logs::AGENT_RELEASE {
+        return Ok(s.to_owned());
+    }
+    parse_tag(s).map(|t| t.to_string())
 }
 
 fn parse_tag(s: &str) -> Result<Tag, String> {
@@ -370,10 +379,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             log_group,
             poll,
         } => {
-            let filter = skiff_ctl::logs::Filter {
-                instance,
-                release: release.map(|t| t.to_string()),
-            };
+            let filter = skiff_ctl::logs::Filter { instance, release };
             logs_cmd(g, log_group, filter, since, follow, poll).await
         }
         Command::Status => status_cmd(g, &connect(g).await?).await,

@@ -443,3 +443,90 @@ fn bad_input_is_explained() {
         started.elapsed()
     );
 }
+
+/// An agent's own stream, `<instance>/~agent` (written by the agent's shiplog; here by the
+/// test, as the agent writes it: agent/tests/agentlogs.rs checks the agent's side), is shown
+/// by default, interleaved with the app's lines, with release `~agent`; `--release` picks it
+/// alone or leaves it out.
+#[test]
+fn the_agents_stream_is_shown_as_release_agent_and_interleaved() {
+    use aws_sdk_cloudwatchlogs::types::InputLogEvent;
+    let name = unique("skiff-it-agentstream");
+    let group_name = format!("/skiff-it/{name}/app");
+    let group = LogGroup::create(&group_name);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let put = |stream: &str, lines: &[(i64, &str)]| {
+        group
+            .rt
+            .block_on(
+                group
+                    .client
+                    .create_log_stream()
+                    .log_group_name(&group_name)
+                    .log_stream_name(stream)
+                    .send(),
+            )
+            .expect("create stream");
+        let events = lines
+            .iter()
+            .map(|(t, m)| {
+                InputLogEvent::builder()
+                    .timestamp(now - 60_000 + t)
+                    .message(*m)
+                    .build()
+                    .expect("event")
+            })
+            .collect();
+        group
+            .rt
+            .block_on(
+                group
+                    .client
+                    .put_log_events()
+                    .log_group_name(&group_name)
+                    .log_stream_name(stream)
+                    .set_log_events(Some(events))
+                    .send(),
+            )
+            .expect("put events");
+    };
+    put(
+        "i-aaa/~agent",
+        &[(0, "agent started"), (200, "promoted v1")],
+    );
+    put("i-aaa/v1", &[(100, "app-started"), (300, "serving")]);
+
+    let args = ["logs", "--log-group", &group_name, "--since", "5m"];
+    let read = |extra: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(extra);
+        let out = ctl(&a);
+        assert!(out.status.success(), "{}", text(&out));
+        fields(&stdout(&out))
+    };
+    let got = read(&[]);
+    let want: Vec<(String, String, String)> = [
+        ("i-aaa", "~agent", "agent started"),
+        ("i-aaa", "v1", "app-started"),
+        ("i-aaa", "~agent", "promoted v1"),
+        ("i-aaa", "v1", "serving"),
+    ]
+    .iter()
+    .map(|(i, r, m)| ((*i).into(), (*r).into(), (*m).into()))
+    .collect();
+    assert_eq!(got, want);
+    let messages = |extra: &[&str]| {
+        read(extra)
+            .into_iter()
+            .map(|(_, _, m)| m)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        messages(&["--release", "~agent"]),
+        ["agent started", "promoted v1"]
+    );
+    assert_eq!(messages(&["--release", "v1"]), ["app-started", "serving"]);
+}
