@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::AwsLogs;
 
 /// The agent's stream name after `<instance>/`: not a release tag (see the module doc).
-pub const AGENT_MARKER: &str = "~agent";
+pub const AGENT_MARKER: &str = skiff_release::log_stream::AGENT;
 
 /// Memory the queue may hold (message bytes); older lines beyond it are dropped.
 pub const QUEUE_BYTES: usize = 1024 * 1024;

@@ -20,9 +20,9 @@ pub const OUTPUT_LOG_GROUP: &str = "LogGroup";
 /// https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_FilterLogEvents.html
 pub const MAX_STREAMS: usize = 100;
 
-/// The release shown for an agent's own stream `<instance>/~agent` (the agent's
-/// `shiplog::AGENT_MARKER`; no release tag can contain `~`).
-pub const AGENT_RELEASE: &str = "~agent";
+/// The release shown for an agent's own stream `<instance>/~agent` (the contract's
+/// `log_stream::AGENT`; no release tag can contain `~`).
+pub const AGENT_RELEASE: &str = skiff_release::log_stream::AGENT;
 
 /// Lines read in one go before ctl stops and says to narrow the window.
 pub const MAX_EVENTS: usize = 100_000;

@@ -21,6 +21,14 @@ pub use registry::EcrRegistry;
 /// The instance tag the agent sets to the release it runs healthy, and `ctl status` reads.
 pub const INSTANCE_TAG_KEY: &str = "skiff:release";
 
+/// CloudWatch Logs streams the agent writes and `ctl logs` reads: `<instance>/<tag>` for the
+/// app's output of a release, `<instance>/~agent` for the agent's own lines.
+pub mod log_stream {
+    /// The agent's own stream after `<instance>/`. No release tag can contain `~` (Docker's
+    /// tag grammar), and CloudWatch forbids only `:` and `*` in stream names.
+    pub const AGENT: &str = "~agent";
+}
+
 /// The labels the agent puts on the app's container and reads back (adoption, the crash
 /// journal, pruning).
 pub mod label {
