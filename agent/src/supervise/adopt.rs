@@ -220,16 +220,13 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(sup.run(cancel.clone()));
         sleep(Duration::from_secs(5)).await;
-        assert!(
-            fleet.healthy.lock().expect("lock").is_empty(),
-            "not healthy yet"
-        );
+        assert!(fleet.healthy_tags().is_empty(), "not healthy yet");
         // The prober's verdict (the app answers its health path).
         state.send_modify(|s| s.app.ok = true);
         sleep(Duration::from_secs(5)).await;
         cancel.cancel();
         task.await.expect("join");
-        assert_eq!(*fleet.healthy.lock().expect("lock"), ["v1"]);
+        assert_eq!(fleet.healthy_tags(), ["v1"]);
     }
 
     /// Killed after stopping the old container: the never-started new one is started only
@@ -285,12 +282,8 @@ mod tests {
         );
         assert_eq!(journal.read().expect("read"), None, "journal cleared");
         assert!(
-            fleet
-                .healthy
-                .lock()
-                .expect("lock")
-                .iter()
-                .all(|t| t != "v2")
+            !fleet.healthy_tags().iter().any(|t| t == "v2"),
+            "v2 is never reported healthy"
         );
         let snap = state.borrow();
         assert_eq!(

@@ -178,6 +178,13 @@ pub(super) struct RecordingFleet {
     pub(super) failed: Arc<Mutex<Vec<String>>>,
 }
 
+impl RecordingFleet {
+    /// The tags reported healthy, in order.
+    pub(super) fn healthy_tags(&self) -> Vec<String> {
+        self.healthy.lock().expect("lock").clone()
+    }
+}
+
 impl Fleet for RecordingFleet {
     async fn release_healthy(&self, release: &Release) {
         self.healthy

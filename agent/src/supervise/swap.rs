@@ -339,12 +339,8 @@ mod tests {
         assert_eq!(ids, ["adopted"], "the unused new container is removed");
         assert!(w.containers[0].running);
         assert!(
-            fleet
-                .healthy
-                .lock()
-                .expect("lock")
-                .iter()
-                .all(|t| t != "v2")
+            !fleet.healthy_tags().iter().any(|t| t == "v2"),
+            "v2 is never reported healthy"
         );
         let snap = state.borrow();
         assert!(!snap.draining, "un-drained after the abort");
