@@ -211,7 +211,11 @@ fn sigkill_at_every_step_of_a_swap_ends_with_one_healthy_container() {
                     .collect();
                 let healthy_v1 = matches!(fx.healthz(), Some((200, ref b)) if b["tag"] == "v1");
                 let journal_gone = !state_dir.join(format!("swap-{}.json", fx.id)).exists();
-                if running.len() == 1 && healthy_v1 && journal_gone {
+                // Killed before the swap reached its gate (after create), the restarted agent
+                // rightly tries the release again: settled means the bad tag was tried and
+                // rejected, not merely that v1 serves between adoption and the retry.
+                let rejected = fx.status_or_null()["failed_release"]["tag"] == tag.as_str();
+                if running.len() == 1 && healthy_v1 && journal_gone && rejected {
                     // Settled: the bad release must not come back later either.
                     thread::sleep(Duration::from_secs(2));
                     let still = matches!(fx.healthz(), Some((200, ref b)) if b["tag"] == "v1");

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub mod image;
+pub mod instance_tags;
 pub mod registry;
 pub use image::{ImageRef, ImageRefError};
 pub use registry::EcrRegistry;
