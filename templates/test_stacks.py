@@ -622,9 +622,10 @@ def app_secret_scope_checks(text, t):
     check("app: kms:Decrypt only through SSM",
           "kms:ViaService" in str(by_sid["DecryptSecureStringsThroughSsm"].get("Condition")))
     tag_cond = by_sid["TagOwnInstanceWithRelease"].get("Condition", {})
-    check("app: CreateTags limited to its group and the skiff:release key",
+    check("app: CreateTags limited to its group and the agent's keys (skiff:release, pulled, failed)",
           "aws:ResourceTag/aws:autoscaling:groupName" in tag_cond.get("StringEquals", {})
-          and tag_cond.get("ForAllValues:StringEquals", {}).get("aws:TagKeys") == ["skiff:release"],
+          and sorted(tag_cond.get("ForAllValues:StringEquals", {}).get("aws:TagKeys", []))
+          == ["skiff:failed", "skiff:pulled", "skiff:release"],
           str(tag_cond))
     hook = by_sid["AnswerOwnLifecycleHooks"]
     # Which actions the agent needs is proven by running it under this policy

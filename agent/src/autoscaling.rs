@@ -16,13 +16,13 @@ use std::time::Duration;
 use aws_config::SdkConfig;
 use aws_config::imds;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
-use skiff_release::{INSTANCE_TAG_KEY, Release, Tag};
+use skiff_release::{INSTANCE_TAG_KEY, Release, Tag, instance_tags};
 use tokio::time::{Instant, sleep, timeout};
 
 pub use self::hook::{Attempt, HOOK_RETRY_FOR, NextStep, classify, next_step};
 use self::hook::{Hook, Progress};
 use crate::backoff::Backoff;
-use crate::fleet::Fleet;
+use crate::fleet::{Answers, Fleet, Instructions};
 use crate::metrics::{FleetErrorKind, Metrics};
 
 mod hook;
@@ -31,6 +31,8 @@ mod hook;
 /// `InstanceMetadataTags: enabled` in the launch template's metadata options:
 /// https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html
 pub const GROUP_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
+/// Where the instance's own tags are, one path per key (same page).
+pub const TAGS_PATH: &str = "/latest/meta-data/tags/instance";
 /// Attempts per instance tagging; transient AWS failures are retried with backoff.
 const ATTEMPTS: u32 = 3;
 /// Upper bound for one fleet action, retries included: the supervision loop waits on it.
@@ -75,6 +77,12 @@ struct OnEc2 {
     autoscaling: aws_sdk_autoscaling::Client,
     group: Mutex<Option<String>>,
     tagged: Mutex<Option<Tag>>,
+    /// The last instructions read; a failed read leaves them standing.
+    seen: Mutex<Instructions>,
+    /// Instruction values that are not releases, already warned about: (key, value).
+    warned: Mutex<Vec<(&'static str, String)>>,
+    /// Answers already delivered: (key, value).
+    answered: Mutex<Vec<(&'static str, String)>>,
     launch: Hook,
     terminate: Hook,
     /// Failed calls are counted here (`skiff_agent_fleet_errors_total`).
@@ -156,6 +164,9 @@ impl AwsFleet {
                 autoscaling,
                 group: Mutex::new(None),
                 tagged: Mutex::new(None),
+                seen: Mutex::new(Instructions::default()),
+                warned: Mutex::new(Vec::new()),
+                answered: Mutex::new(Vec::new()),
                 launch: Hook::new(hook),
                 terminate: Hook::new(None),
                 metrics: Arc::new(Metrics::new()),
@@ -287,14 +298,24 @@ impl OnEc2 {
         {
             return Ok(());
         }
+        self.put_tag(INSTANCE_TAG_KEY, tag.as_str()).await?;
+        if let Ok(mut t) = self.tagged.lock() {
+            *t = Some(tag.clone());
+        }
+        Ok(())
+    }
+
+    /// CreateTags `key=value` on this instance (it overwrites an existing value), bounded and
+    /// retried like every fleet action.
+    async fn put_tag(&self, key: &str, value: &str) -> Result<(), FleetError> {
         bounded(|| async {
             self.ec2
                 .create_tags()
                 .resources(&self.instance_id)
                 .tags(
                     aws_sdk_ec2::types::Tag::builder()
-                        .key(INSTANCE_TAG_KEY)
-                        .value(tag.as_str())
+                        .key(key)
+                        .value(value)
                         .build(),
                 )
                 .send()
@@ -311,11 +332,73 @@ impl OnEc2 {
                     )
                 })
         })
-        .await?;
-        if let Ok(mut t) = self.tagged.lock() {
-            *t = Some(tag.clone());
+        .await
+    }
+
+    /// Answer `key=release` once (a value already delivered is not sent again); false when
+    /// it could not be delivered.
+    async fn answer(&self, key: &'static str, release: &Release) -> bool {
+        let value = instance_tags::encode(release);
+        let done =
+            |a: &Vec<(&'static str, String)>| a.iter().any(|(k, v)| *k == key && *v == value);
+        if self.answered.lock().map(|a| done(&a)).unwrap_or(false) {
+            return true;
         }
-        Ok(())
+        match self.put_tag(key, &value).await {
+            Ok(()) => {
+                tracing::info!(key, value = %value, "answered on the instance tags");
+                if let Ok(mut a) = self.answered.lock() {
+                    a.retain(|(k, _)| *k != key);
+                    a.push((key, value));
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.fleet_error(e.metric_kind());
+                tracing::warn!(error = %e, key, value = %value, "could not answer on the instance tags; will retry");
+                false
+            }
+        }
+    }
+
+    /// The instance tag `key` from the metadata: `Ok(None)` when absent (404), `Err` when the
+    /// metadata did not answer.
+    async fn read_tag(&self, key: &str) -> Result<Option<String>, String> {
+        let path = format!("{TAGS_PATH}/{key}");
+        match self.imds.get(path.clone()).await {
+            Ok(v) => {
+                let v = v.as_ref().trim();
+                Ok((!v.is_empty()).then(|| v.to_owned()))
+            }
+            // An absent tag answers 404:
+            // https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html
+            Err(imds::client::error::ImdsError::ErrorResponse(r))
+                if r.response().status().as_u16() == 404 =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(format!("{path}: {e}")),
+        }
+    }
+
+    /// The release in tag `key`; `Err` when the metadata did not answer. A value that is not a
+    /// release is ignored, with one warning per value.
+    async fn read_release(&self, key: &'static str) -> Result<Option<Release>, String> {
+        let Some(value) = self.read_tag(key).await? else {
+            return Ok(None);
+        };
+        match instance_tags::decode(&value) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                let mut warned = self.warned.lock().map_err(|e| e.to_string())?;
+                if !warned.iter().any(|(k, v)| *k == key && *v == value) {
+                    tracing::warn!(key, value = %value, error = %e, "ignoring an instance tag that is not a release (expected `tag` or `tag@sha256:<hex>`, as `ctl release` writes it): fix or remove the tag");
+                    warned.retain(|(k, _)| *k != key);
+                    warned.push((key, value));
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// The group name from the instance tags in IMDS (no Auto Scaling permission needed);
@@ -402,6 +485,80 @@ impl Fleet for AwsFleet {
     async fn drained(&self) {
         let Some(on) = &self.on_ec2 else { return };
         on.complete(&on.terminate, "CONTINUE").await;
+    }
+
+    fn coordinated(&self) -> bool {
+        self.on_ec2.is_some()
+    }
+
+    /// Two reads of the local metadata service a turn: no AWS API call, so nothing grows
+    /// with the fleet's size.
+    async fn instructions(&self) -> Instructions {
+        let Some(on) = &self.on_ec2 else {
+            return Instructions::default();
+        };
+        let last = on.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let read = |key| async move {
+            match on.read_release(key).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    on.metrics.fleet_error(FleetErrorKind::Metadata);
+                    tracing::debug!(error = %e, key, "cannot read an instruction; the last one stands");
+                    None
+                }
+            }
+        };
+        let target = read(instance_tags::TARGET).await.unwrap_or(last.target);
+        let pull = read(instance_tags::PULL).await.unwrap_or(last.pull);
+        let now = Instructions { target, pull };
+        if let Ok(mut s) = on.seen.lock() {
+            *s = now.clone();
+        }
+        now
+    }
+
+    async fn answers(&self) -> Answers {
+        let Some(on) = &self.on_ec2 else {
+            return Answers::default();
+        };
+        let read = |key| async move {
+            on.read_release(key).await.unwrap_or_else(|e| {
+                on.metrics.fleet_error(FleetErrorKind::Metadata);
+                tracing::debug!(error = %e, key, "cannot read an earlier answer");
+                None
+            })
+        };
+        let answers = Answers {
+            pulled: read(instance_tags::PULLED).await,
+            failed: read(instance_tags::FAILED).await,
+        };
+        // What the tags already say is not written again.
+        if let Ok(mut a) = on.answered.lock() {
+            let known = [
+                (instance_tags::PULLED, &answers.pulled),
+                (instance_tags::FAILED, &answers.failed),
+            ];
+            for (key, r) in known {
+                if let Some(r) = r {
+                    a.push((key, instance_tags::encode(r)));
+                }
+            }
+        }
+        answers
+    }
+
+    async fn pulled(&self, release: &Release) -> bool {
+        match &self.on_ec2 {
+            Some(on) => on.answer(instance_tags::PULLED, release).await,
+            None => true,
+        }
+    }
+
+    async fn failed(&self, release: &Release) -> bool {
+        match &self.on_ec2 {
+            Some(on) => on.answer(instance_tags::FAILED, release).await,
+            None => true,
+        }
     }
 
     async fn retry_pending(&self) {

@@ -1,12 +1,32 @@
-//! The fleet seam: what the fleet is told about this host (instance tag, lifecycle hooks) and
-//! whether it is terminating the host. `AwsFleet` (in `autoscaling`) speaks EC2 and Auto
-//! Scaling; local mode uses [`NoFleet`].
+//! The fleet seam: what the fleet is told about this host (instance tags, lifecycle hooks),
+//! whether it is terminating the host, and what a coordinated rollout (`ctl release --strategy
+//! in-place`) asks of it. `AwsFleet` (in `autoscaling`) speaks EC2 and Auto Scaling; local mode
+//! uses [`NoFleet`].
 
 use std::future::Future;
 
+use serde::Serialize;
 use skiff_release::Release;
 
-/// What the fleet is told about this host.
+/// What a coordinated rollout asks of this host now (instance tags `skiff:target` and
+/// `skiff:pull`, written by ctl). Absent = nothing asked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Instructions {
+    /// The release this host must run now.
+    pub target: Option<Release>,
+    /// A release to pull ahead of its switch, without running it.
+    pub pull: Option<Release>,
+}
+
+/// What this host answered before (instance tags `skiff:pulled` and `skiff:failed`): read once
+/// at start so a restarted agent neither repeats a pull nor retries a release that failed here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answers {
+    pub pulled: Option<Release>,
+    pub failed: Option<Release>,
+}
+
+/// What the fleet is told about this host, and what it asks of it.
 pub trait Fleet: Send + Sync + 'static {
     /// The release is running and healthy on this host.
     fn release_healthy(&self, release: &Release) -> impl Future<Output = ()> + Send;
@@ -21,9 +41,35 @@ pub trait Fleet: Send + Sync + 'static {
     fn retry_pending(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// Whether releases on this host are coordinated by the fleet (an instance of an Auto
+    /// Scaling group): the parameter then applies at boot only, and a running host swaps
+    /// only when [`Fleet::instructions`] names a target.
+    fn coordinated(&self) -> bool {
+        false
+    }
+    /// The rollout's current instructions; read every loop turn, so it must be local and
+    /// cheap. A read that fails is "no news": the last instructions seen stand.
+    fn instructions(&self) -> impl Future<Output = Instructions> + Send {
+        async { Instructions::default() }
+    }
+    /// This host's earlier answers (read once at start).
+    fn answers(&self) -> impl Future<Output = Answers> + Send {
+        async { Answers::default() }
+    }
+    /// Answer a pull instruction: `release` is on the host. False when the answer could not
+    /// be delivered (the loop tries again later).
+    fn pulled(&self, _release: &Release) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+    /// Report that `release` failed here (its pull cannot succeed, or it failed the health
+    /// gate and the host rolled back). False when the report could not be delivered.
+    fn failed(&self, _release: &Release) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
 }
 
-/// No fleet: local development, or a host outside any Auto Scaling Group.
+/// No fleet: local development, or a host outside any Auto Scaling Group. No instructions;
+/// the release source alone decides.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoFleet;
 

@@ -1,6 +1,12 @@
-//! The agent's decisions, kept pure: given what the release source asks for and what the
-//! container runtime shows, what happens next; and given the published state, what the health
-//! endpoint answers. The loop in `supervise` executes what these return.
+//! The agent's decisions, kept pure: given what the release source (and, on a fleet, the
+//! rollout's instructions) ask for and what the container runtime shows, what happens next;
+//! whether a pull instruction is to be carried out; and given the published state, what the
+//! health endpoint answers. The loop in `supervise` executes what these return.
+//!
+//! On a fleet (an instance of an Auto Scaling group) releases are coordinated by `ctl`: the
+//! parameter is followed only while nothing of the app runs (boot), and a running container
+//! swaps only for the instance's `skiff:target`. `update = "in-place"` is not honoured there:
+//! every host swapping on its own poll would drain the whole fleet at once.
 //!
 //! Longer than ~400 lines on purpose: the decisions are ~150 lines and the rest is their
 //! tables, which belong next to them.
@@ -21,6 +27,10 @@ pub struct Current {
 pub struct Situation<'a> {
     /// The release the source names, if one was ever read successfully.
     pub desired: Option<&'a Release>,
+    /// Releases are coordinated by the fleet (see the module doc).
+    pub fleet: bool,
+    /// On a fleet: the release the rollout names for this host (`skiff:target`).
+    pub target: Option<&'a Release>,
     /// The container the agent manages, if any.
     pub current: Option<&'a Current>,
     pub mode: UpdateMode,
@@ -70,9 +80,39 @@ pub fn decide(s: &Situation<'_>) -> Action {
     }
 }
 
+/// The release the host follows and how: the source's in the configured mode; on a fleet the
+/// target (swapped to in place) or else the source's at boot only. A target that failed here
+/// counts as none.
+fn followed<'a>(s: &Situation<'a>) -> (Option<&'a Release>, UpdateMode) {
+    if !s.fleet {
+        return (s.desired, s.mode);
+    }
+    match s.target {
+        Some(t) if !s.failed.is_some_and(|f| f.same_version(t)) => (Some(t), UpdateMode::InPlace),
+        _ => (s.desired, UpdateMode::Boot),
+    }
+}
+
 /// What the release and the container ask for, before backoff and termination hold it back.
 fn wanted(s: &Situation<'_>) -> Action {
-    let desired = match s.desired {
+    let (followed, mode) = followed(s);
+    let action = wanted_of(s, followed, mode);
+    // A target reached while the parameter names another release: reported, not acted on.
+    match (action, s.desired, s.current) {
+        (Action::Keep, Some(d), Some(c))
+            if s.fleet
+                && s.target.is_some()
+                && !c.release.same_version(d)
+                && !s.failed.is_some_and(|f| f.same_version(d)) =>
+        {
+            Action::Stale
+        }
+        (action, _, _) => action,
+    }
+}
+
+fn wanted_of(s: &Situation<'_>, desired: Option<&Release>, mode: UpdateMode) -> Action {
+    let desired = match desired {
         // A failed release found pinned (from its container's labels, after a restart) is the
         // same release as its unpinned tag.
         Some(d) if !s.failed.is_some_and(|f| f.same_version(d)) => Some(d),
@@ -84,7 +124,7 @@ fn wanted(s: &Situation<'_>) -> Action {
         (None, Some(c)) => restart_if_stopped(c),
         (Some(d), None) => Action::Deploy(d.clone()),
         (Some(d), Some(c)) if c.release.same_version(d) => restart_if_stopped(c),
-        (Some(d), Some(c)) => match (s.mode, c.running, s.at_start) {
+        (Some(d), Some(c)) => match (mode, c.running, s.at_start) {
             // At start with nothing serving, the boot release is applied in either mode.
             (_, false, true) => Action::Deploy(d.clone()),
             (UpdateMode::InPlace, true, _) => Action::Replace(d.clone()),
@@ -93,6 +133,31 @@ fn wanted(s: &Situation<'_>) -> Action {
             (UpdateMode::Boot, false, false) => Action::Restart,
         },
     }
+}
+
+/// What a pull instruction needs (all pure inputs of [`pull_wanted`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullSituation<'a> {
+    /// The rollout's pull instruction (`skiff:pull`).
+    pub pull: Option<&'a Release>,
+    /// The value last answered as pulled.
+    pub pulled: Option<&'a Release>,
+    /// A release that failed here: it is not pulled again.
+    pub failed: Option<&'a Release>,
+    /// A failed pull (or answer) waits on its backoff.
+    pub waiting: bool,
+    pub terminating: bool,
+}
+
+/// The release to pull now, if any: the instruction, until it was answered with exactly its
+/// value (ctl compares the tag values), unless it failed here or the host is held back.
+pub fn pull_wanted(s: &PullSituation<'_>) -> Option<Release> {
+    let p = s.pull?;
+    let answered = s
+        .pulled
+        .is_some_and(|a| a.tag == p.tag && a.digest == p.digest);
+    let failed = s.failed.is_some_and(|f| f.same_version(p));
+    (!answered && !failed && !s.waiting && !s.terminating).then(|| p.clone())
 }
 
 fn restart_if_stopped(c: &Current) -> Action {
@@ -254,6 +319,8 @@ mod tests {
         ];
         for (desired, current, mode, at_start, failed, want) in table {
             let s = Situation {
+                fleet: false,
+                target: None,
                 desired,
                 current,
                 mode,
@@ -345,6 +412,8 @@ mod tests {
         ];
         for r in table {
             let s = Situation {
+                fleet: false,
+                target: None,
                 desired: Some(&v2),
                 current: r.current,
                 mode: r.mode,
@@ -359,6 +428,8 @@ mod tests {
         // Same release, exited: restarted only once the restart backoff has passed.
         for (restart_waiting, want) in [(false, Restart), (true, Keep)] {
             let s = Situation {
+                fleet: false,
+                target: None,
                 desired: Some(&v1),
                 current: Some(&down),
                 mode: InPlace,
@@ -369,6 +440,158 @@ mod tests {
                 terminating: false,
             };
             assert_eq!(decide(&s), want, "{s:?}");
+        }
+    }
+
+    /// On a fleet the parameter applies at boot only and a running host swaps for its target
+    /// alone, whatever `update` says; off a fleet the target is never followed and today's
+    /// rules apply (`make dev` with `update = "in-place"` swaps on the file).
+    #[test]
+    fn fleet_decisions() {
+        let (v1, v2, v3) = (rel("v1"), rel("v2"), rel("v3"));
+        let up = |r: &Release| Current {
+            release: r.clone(),
+            running: true,
+        };
+        let down = |r: &Release| Current {
+            release: r.clone(),
+            running: false,
+        };
+        let (v1_up, v1_down, v2_up) = (up(&v1), down(&v1), up(&v2));
+        const FLEET: bool = true;
+        const LOCAL: bool = false;
+        // fleet, mode, parameter, target, current, at_start, failed => action
+        type Row<'a> = (
+            bool,
+            UpdateMode,
+            Option<&'a Release>,
+            Option<&'a Release>,
+            Option<&'a Current>,
+            bool,
+            Option<&'a Release>,
+            Action,
+        );
+        #[rustfmt::skip]
+        let table: Vec<Row<'_>> = vec![
+            // boot: nothing runs, the parameter applies in either mode
+            (FLEET, Boot, Some(&v2), None, None, true, None, Deploy(v2.clone())),
+            (FLEET, InPlace, Some(&v2), None, None, true, None, Deploy(v2.clone())),
+            (FLEET, Boot, Some(&v2), None, Some(&v1_down), true, None, Deploy(v2.clone())),
+            // nothing runs and a target is set (e.g. the container was removed): the target
+            (FLEET, Boot, Some(&v2), Some(&v3), None, true, None, Deploy(v3.clone())),
+            (FLEET, Boot, Some(&v2), Some(&v3), None, false, None, Deploy(v3.clone())),
+            // a running container: a parameter change alone never swaps, in either mode
+            (FLEET, Boot, Some(&v2), None, Some(&v1_up), false, None, Stale),
+            (FLEET, InPlace, Some(&v2), None, Some(&v1_up), false, None, Stale),
+            (FLEET, InPlace, Some(&v2), None, Some(&v1_up), true, None, Stale),
+            // ... an exited one is restarted, not replaced by the parameter's release
+            (FLEET, InPlace, Some(&v2), None, Some(&v1_down), false, None, Restart),
+            // off a fleet: in-place follows the parameter, targets mean nothing
+            (LOCAL, InPlace, Some(&v2), None, Some(&v1_up), false, None, Replace(v2.clone())),
+            (LOCAL, InPlace, Some(&v2), Some(&v3), Some(&v1_up), false, None, Replace(v2.clone())),
+            (LOCAL, Boot, Some(&v2), Some(&v3), Some(&v1_up), false, None, Stale),
+            (LOCAL, Boot, Some(&v1), Some(&v3), Some(&v1_up), false, None, Keep),
+            // a target that differs from what runs is swapped to, in either mode
+            (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, InPlace, Some(&v2), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, Boot, Some(&v1), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, Boot, None, Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_down), false, None, Deploy(v2.clone())),
+            // target reached: kept; a parameter naming something else is reported stale
+            (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_up), false, None, Keep),
+            (FLEET, InPlace, Some(&v2), Some(&v1), Some(&v1_up), false, None, Stale),
+            (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_down), false, None, Restart),
+            // a target that failed here is not retried (nor is the parameter naming it)
+            (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
+            (FLEET, InPlace, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
+            (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_down), false, Some(&v2), Restart),
+            (FLEET, Boot, Some(&v1), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
+            // ctl's revert: the target names the release that ran before
+            (FLEET, Boot, Some(&v2), Some(&v1), Some(&v2_up), false, None, Replace(v1.clone())),
+            (FLEET, Boot, Some(&v1), Some(&v1), Some(&v2_up), false, None, Replace(v1.clone())),
+            (FLEET, Boot, Some(&v2), Some(&v1), Some(&v1_up), false, Some(&v2), Keep),
+            // after a failed target, the next one is followed
+            (FLEET, Boot, Some(&v3), Some(&v3), Some(&v1_up), false, Some(&v2), Replace(v3.clone())),
+        ];
+        for (fleet, mode, desired, target, current, at_start, failed, want) in table {
+            let s = Situation {
+                desired,
+                fleet,
+                target,
+                current,
+                mode,
+                at_start,
+                failed,
+                deploy_waiting: false,
+                restart_waiting: false,
+                terminating: false,
+            };
+            assert_eq!(decide(&s), want, "{s:?}");
+        }
+        // A target is held back like any release while a deploy waits or the host terminates.
+        for (deploy_waiting, terminating) in [(true, false), (false, true)] {
+            let s = Situation {
+                desired: Some(&v1),
+                fleet: FLEET,
+                target: Some(&v2),
+                current: Some(&v1_up),
+                mode: Boot,
+                at_start: false,
+                failed: None,
+                deploy_waiting,
+                restart_waiting: false,
+                terminating,
+            };
+            assert_eq!(decide(&s), Keep, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn pull_instructions() {
+        let v2 = rel("v2");
+        let v2_pinned = Release::new(
+            "v2".parse().expect("tag"),
+            Some(
+                "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                    .parse()
+                    .expect("digest"),
+            ),
+        );
+        // pull, pulled, failed, waiting, terminating => pull
+        type Row<'a> = (
+            Option<&'a Release>,
+            Option<&'a Release>,
+            Option<&'a Release>,
+            bool,
+            bool,
+            Option<&'a Release>,
+        );
+        #[rustfmt::skip]
+        let table: Vec<Row<'_>> = vec![
+            (None, None, None, false, false, None),
+            (None, Some(&v2), None, false, false, None),
+            (Some(&v2), None, None, false, false, Some(&v2)),
+            // answered with exactly this value: done
+            (Some(&v2), Some(&v2), None, false, false, None),
+            // ctl compares values: a pinned instruction is answered again
+            (Some(&v2_pinned), Some(&v2), None, false, false, Some(&v2_pinned)),
+            (Some(&v2), Some(&v2_pinned), None, false, false, Some(&v2)),
+            // failed here (either form): not pulled again
+            (Some(&v2), None, Some(&v2), false, false, None),
+            (Some(&v2_pinned), None, Some(&v2), false, false, None),
+            // held back by its backoff, or by termination
+            (Some(&v2), None, None, true, false, None),
+            (Some(&v2), None, None, false, true, None),
+        ];
+        for (pull, pulled, failed, waiting, terminating, want) in table {
+            let s = PullSituation {
+                pull,
+                pulled,
+                failed,
+                waiting,
+                terminating,
+            };
+            assert_eq!(pull_wanted(&s).as_ref(), want, "{s:?}");
         }
     }
 
@@ -388,6 +611,8 @@ mod tests {
             running: true,
         };
         let s = Situation {
+            fleet: false,
+            target: None,
             desired: Some(&pinned),
             current: Some(&cur),
             mode: InPlace,
@@ -415,6 +640,8 @@ mod tests {
             running: true,
         };
         let s = Situation {
+            fleet: false,
+            target: None,
             desired: Some(&rel("v2")),
             current: Some(&cur),
             mode: InPlace,

@@ -6,6 +6,7 @@ use serde::Serialize;
 use skiff_release::Release;
 
 use crate::config::UpdateMode;
+use crate::fleet::Instructions;
 use crate::reconcile::{HealthInputs, HealthStatus, health_status};
 
 /// What the agent knows, as published by the loop. Never holds environment values.
@@ -15,6 +16,14 @@ pub struct Snapshot {
     pub update: UpdateMode,
     /// The release the source names.
     pub desired: Option<Release>,
+    /// Releases are coordinated by the fleet (an Auto Scaling group): the source applies at
+    /// boot only, a running host swaps for its target.
+    pub coordinated: bool,
+    /// What the fleet's rollout last asked of this host (instance tags `skiff:target`,
+    /// `skiff:pull`).
+    pub instructions: Instructions,
+    /// The pull instruction last answered (`skiff:pulled`).
+    pub pulled: Option<Release>,
     pub running: Option<Running>,
     /// The release that ran before the current one (kept on the host for rollback).
     pub previous: Option<Release>,
@@ -80,6 +89,9 @@ impl Snapshot {
             source,
             update,
             desired: None,
+            coordinated: false,
+            instructions: Instructions::default(),
+            pulled: None,
             running: None,
             previous: None,
             failed_release: None,

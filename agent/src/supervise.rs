@@ -11,6 +11,8 @@
 mod adopt;
 #[cfg(test)]
 mod fakes;
+#[cfg(test)]
+mod rollout_tests;
 mod steps;
 mod swap;
 #[cfg(test)]
@@ -30,10 +32,10 @@ use self::steps::Steps;
 use crate::backoff::{Backoff, jitter};
 use crate::config::Config;
 use crate::credentials::PullTokens;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Instructions};
 use crate::journal::Journal;
 use crate::metrics::{self, DrainReason, Metrics};
-use crate::reconcile::{self, Action, Current, Situation};
+use crate::reconcile::{self, Action, Current, PullSituation, Situation};
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::{ReleaseSource, SourceError};
 use crate::state::{Running, Snapshot};
@@ -69,6 +71,14 @@ pub struct Supervisor<R, S, F> {
     next_poll: Instant,
     /// Deploys that failed to prepare or were aborted: no new release while it waits.
     deploy: Backoff,
+    /// What the fleet's rollout asks of this host, as last read (every turn).
+    instructions: Instructions,
+    /// The pull instruction answered last.
+    pulled: Option<Release>,
+    /// The failed release last reported to the fleet.
+    failed_reported: Option<Release>,
+    /// Pulls and answers to the fleet that failed: retried after this backoff.
+    answers: Backoff,
     /// Drained for termination: the host serves no new release and reports draining.
     terminating: bool,
     next_termination_check: Instant,
@@ -109,6 +119,10 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             poll,
             next_poll: now,
             deploy: Backoff::new(RETRY_FIRST, RETRY_CAP),
+            instructions: Instructions::default(),
+            pulled: None,
+            failed_reported: None,
+            answers: Backoff::new(RETRY_FIRST, RETRY_CAP),
             terminating: false,
             next_termination_check: now,
             reported: None,
@@ -157,6 +171,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 tracing::info_span!("swap", from = %old.release, to = %new.release, resumed = true);
             self.resume_swap(old, new, &all).instrument(span).await;
         }
+        if self.fleet.coordinated() {
+            self.join_fleet().await;
+        }
         loop {
             if Instant::now() >= self.next_poll {
                 self.poll().instrument(tracing::info_span!("poll")).await;
@@ -170,10 +187,17 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             }
             self.fleet.retry_pending().await;
             self.report_healthy().await;
+            if self.fleet.coordinated() {
+                self.read_instructions().await;
+            }
             let action = self.decide();
             // Not raced with cancellation: a swap interrupted between stopping the old container
             // and starting the new one would leave the host with no app. Each step is bounded.
             self.execute(action).await;
+            if self.fleet.coordinated() {
+                self.report_failed().await;
+                self.pull_ahead().await;
+            }
             if cancel.is_cancelled() {
                 break;
             }
@@ -211,6 +235,8 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         });
         let action = reconcile::decide(&Situation {
             desired: self.desired.as_ref(),
+            fleet: self.fleet.coordinated(),
+            target: self.instructions.target.as_ref(),
             current: current.as_ref(),
             mode: self.steps.cfg.release.update,
             at_start: self.at_start,
@@ -223,6 +249,115 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.at_start = false;
         }
         action
+    }
+
+    /// On a fleet: say once that `update = "in-place"` is not honoured, and recover what this
+    /// host answered before a restart (so a failed release is not tried again, nor a pull
+    /// repeated).
+    async fn join_fleet(&mut self) {
+        self.publish(|s| s.coordinated = true);
+        if self.steps.cfg.release.update == crate::config::UpdateMode::InPlace {
+            tracing::warn!(
+                "update = \"in-place\" is not honoured here: uncoordinated in-place swaps are disabled on an Auto Scaling group; use `ctl release --strategy in-place` (the parameter applies at boot, a running host swaps when ctl targets it)"
+            );
+        }
+        let answers = self.fleet.answers().await;
+        if self.failed.is_none()
+            && let Some(failed) = answers.failed
+        {
+            tracing::info!(release = %failed, "this host reported the release failed before: it is not tried again");
+            let r = failed.clone();
+            self.publish(|s| s.failed_release = Some(r));
+            self.failed_reported = Some(failed.clone());
+            self.failed = Some(failed);
+        }
+        if let Some(pulled) = answers.pulled {
+            let r = pulled.clone();
+            self.publish(|s| s.pulled = Some(r));
+            self.pulled = Some(pulled);
+        }
+    }
+
+    /// The rollout's instructions, from the fleet (the instance metadata: local, no AWS call).
+    async fn read_instructions(&mut self) {
+        let now = self.fleet.instructions().await;
+        if now != self.instructions {
+            tracing::info!(
+                target = now.target.as_ref().map(tracing::field::display),
+                pull = now.pull.as_ref().map(tracing::field::display),
+                "instructions from the fleet"
+            );
+            let seen = now.clone();
+            self.publish(|s| s.instructions = seen);
+            self.instructions = now;
+        }
+    }
+
+    /// Tell the fleet about a release that failed here, once (retried with backoff when the
+    /// report does not get through).
+    async fn report_failed(&mut self) {
+        let Some(failed) = self.failed.clone() else {
+            return;
+        };
+        if self.failed_reported.as_ref() == Some(&failed) || self.answers.is_waiting() {
+            return;
+        }
+        if self.fleet.failed(&failed).await {
+            self.failed_reported = Some(failed);
+            self.answers.reset();
+        } else {
+            self.answers.fail();
+        }
+    }
+
+    /// Carry out a pull instruction: the image only, no container; then answer it.
+    async fn pull_ahead(&mut self) {
+        let Some(release) = reconcile::pull_wanted(&PullSituation {
+            pull: self.instructions.pull.as_ref(),
+            pulled: self.pulled.as_ref(),
+            failed: self.failed.as_ref(),
+            waiting: self.answers.is_waiting(),
+            terminating: self.terminating,
+        }) else {
+            return;
+        };
+        let span = tracing::info_span!("pull", release = %release);
+        async {
+            let started = Instant::now();
+            match self.steps.pull(&release).await {
+                Ok(_) => {
+                    tracing::info!(
+                        pull_ms = started.elapsed().as_millis() as u64,
+                        "pulled ahead of the switch"
+                    );
+                    if self.fleet.pulled(&release).await {
+                        let r = release.clone();
+                        self.publish(|s| s.pulled = Some(r));
+                        self.pulled = Some(release);
+                        self.answers.reset();
+                    } else {
+                        self.answers.fail();
+                    }
+                }
+                Err(e) if !e.is_retryable() => {
+                    tracing::error!(error = %e, "the release cannot be pulled here; reporting it failed");
+                    let (r, msg) = (release.clone(), format!("release {release}: {e}"));
+                    self.publish(|s| {
+                        s.failed_release = Some(r);
+                        s.last_error = Some(msg);
+                    });
+                    self.failed = Some(release);
+                    self.report_failed().await;
+                }
+                Err(e) => {
+                    let wait = self.answers.fail();
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot pull ahead; retrying");
+                    self.record_error(format!("release {release}: {e}"));
+                }
+            }
+        }
+        .instrument(span)
+        .await
     }
 
     async fn poll(&mut self) {
@@ -323,7 +458,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     async fn execute(&mut self, action: Action) {
         let stale = action == Action::Stale;
         if stale != self.state.borrow().stale {
-            if stale {
+            if stale && self.fleet.coordinated() {
+                tracing::info!(
+                    desired = self.desired.as_ref().map(tracing::field::display),
+                    "desired release differs from the running one; on an Auto Scaling group it applies on the next instance, or when `ctl release --strategy in-place` targets this one"
+                );
+            } else if stale {
                 tracing::info!(
                     desired = self.desired.as_ref().map(tracing::field::display),
                     "desired release differs from the running one; update = \"boot\" applies it on the next instance"

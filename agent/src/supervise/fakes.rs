@@ -1,6 +1,7 @@
 //! Test doubles for the loop's orchestration tests: an engine that keeps containers in memory
-//! (and can be told to fail a stop, a pull, or crash on start), a source that answers one value
-//! then another, and a fleet that records what it was told.
+//! (and can be told to fail a stop, a pull, or crash on start), an app on loopback whose health
+//! follows that engine's running containers, a source that answers one value then another, and
+//! a fleet that records what it was told and hands out the instructions a test sets.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use skiff_release::Release;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::fleet::Fleet;
+use crate::fleet::{Answers, Fleet, Instructions};
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
 };
@@ -28,6 +29,12 @@ pub(super) struct World {
     pub(super) fail_stop: bool,
     /// `ensure_image` fails with a retryable error (registry away).
     pub(super) fail_pull: bool,
+    /// `ensure_image` of these tags fails for good (a digest mismatch).
+    pub(super) bad_images: Vec<String>,
+    /// Running containers of these tags fail the app's health check (see [`serve_app`]).
+    pub(super) unhealthy: Vec<String>,
+    /// Image references passed to `ensure_image`, in order.
+    pub(super) pulls: Vec<String>,
     /// Ids passed to `start`, in order.
     pub(super) started_ids: Vec<String>,
 }
@@ -48,10 +55,19 @@ impl ContainerRuntime for FakeRuntime {
         release: &Release,
         _auth: Option<&RegistryAuth>,
     ) -> Result<LocalImage, RuntimeError> {
-        if self.world().fail_pull {
+        let mut w = self.world();
+        w.pulls.push(release.image_ref(repository));
+        if w.fail_pull {
             return Err(RuntimeError::PullImage {
                 image: repository.to_owned(),
                 detail: "registry unreachable".into(),
+            });
+        }
+        if w.bad_images.iter().any(|t| t == release.tag.as_str()) {
+            return Err(RuntimeError::DigestMismatch {
+                image: release.image_ref(repository),
+                expected: "sha256:1111".into(),
+                found: "sha256:2222".into(),
             });
         }
         Ok(LocalImage {
@@ -171,18 +187,95 @@ pub(super) fn running(tag: &str) -> ContainerState {
     }
 }
 
-/// Records what the fleet was told.
+/// A config whose app is on `port` (see [`serve_app`]), with a short drain and gate.
+pub(super) fn config_at(update: &str, port: u16) -> Arc<Config> {
+    Arc::new(
+        Config::parse(&format!(
+            "[app]\nname='t'\nimage='r/app'\nport={port}\nhealth_path='/health'\nstart_timeout='1s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='{update}'\ndrain='200ms'\n[health]\nlisten='127.0.0.1:2'\n"
+        ))
+        .expect("config"),
+    )
+}
+
+/// The app on loopback: answers its health path 200 while `runtime` has a running container
+/// whose tag is not in `unhealthy`, 503 otherwise. Returns the port.
+pub(super) async fn serve_app(runtime: FakeRuntime) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = sock.read(&mut buf).await;
+            let ok = {
+                let w = runtime.world();
+                w.containers
+                    .iter()
+                    .any(|c| c.running && !w.unhealthy.iter().any(|t| t == c.release.tag.as_str()))
+            };
+            let status = if ok { "200 OK" } else { "503 Unavailable" };
+            let resp =
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+    });
+    port
+}
+
+/// Records what the fleet was told; hands out the instructions a test sets. Coordinated (an
+/// Auto Scaling group's instance) only when made with [`RecordingFleet::coordinated`].
 #[derive(Debug, Default, Clone)]
 pub(super) struct RecordingFleet {
     pub(super) healthy: Arc<Mutex<Vec<String>>>,
     pub(super) failed: Arc<Mutex<Vec<String>>>,
+    pub(super) coordinated: bool,
+    pub(super) instructions: Arc<Mutex<Instructions>>,
+    /// What `answers` returns (the tags found at start).
+    pub(super) answers: Arc<Mutex<Answers>>,
+    /// Values answered `skiff:pulled` / `skiff:failed`, in order.
+    pub(super) pulled: Arc<Mutex<Vec<String>>>,
+    pub(super) failed_here: Arc<Mutex<Vec<String>>>,
+    /// Reads of the instructions.
+    pub(super) reads: Arc<Mutex<u32>>,
 }
 
 impl RecordingFleet {
+    pub(super) fn coordinated() -> Self {
+        RecordingFleet {
+            coordinated: true,
+            ..Default::default()
+        }
+    }
+
     /// The tags reported healthy, in order.
     pub(super) fn healthy_tags(&self) -> Vec<String> {
         self.healthy.lock().expect("lock").clone()
     }
+
+    /// Set `skiff:target` (`None`: remove it).
+    pub(super) fn target(&self, tag: Option<&str>) {
+        self.instructions.lock().expect("lock").target = tag.map(rel);
+    }
+
+    /// Set `skiff:pull`.
+    pub(super) fn pull(&self, tag: Option<&str>) {
+        self.instructions.lock().expect("lock").pull = tag.map(rel);
+    }
+
+    pub(super) fn pulled_values(&self) -> Vec<String> {
+        self.pulled.lock().expect("lock").clone()
+    }
+
+    pub(super) fn failed_values(&self) -> Vec<String> {
+        self.failed_here.lock().expect("lock").clone()
+    }
+}
+
+pub(super) fn rel(tag: &str) -> Release {
+    Release::new(tag.parse().expect("tag"), None)
 }
 
 impl Fleet for RecordingFleet {
@@ -202,6 +295,33 @@ impl Fleet for RecordingFleet {
         false
     }
     async fn drained(&self) {}
+    fn coordinated(&self) -> bool {
+        self.coordinated
+    }
+    async fn instructions(&self) -> Instructions {
+        if !self.coordinated {
+            return Instructions::default();
+        }
+        *self.reads.lock().expect("lock") += 1;
+        self.instructions.lock().expect("lock").clone()
+    }
+    async fn answers(&self) -> Answers {
+        self.answers.lock().expect("lock").clone()
+    }
+    async fn pulled(&self, release: &Release) -> bool {
+        self.pulled
+            .lock()
+            .expect("lock")
+            .push(skiff_release::instance_tags::encode(release));
+        true
+    }
+    async fn failed(&self, release: &Release) -> bool {
+        self.failed_here
+            .lock()
+            .expect("lock")
+            .push(skiff_release::instance_tags::encode(release));
+        true
+    }
 }
 
 pub(super) fn source(first: &str, rest: &str) -> FakeSource {

@@ -18,7 +18,8 @@ use crate::journal::{Journal, SwapIntent};
 use crate::metrics::Metrics;
 use crate::probe;
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, RegistryAuth, RuntimeError, labels_for,
+    ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
+    labels_for,
 };
 use crate::source::{ReleaseSource, SourceError};
 use crate::state::Snapshot;
@@ -79,24 +80,7 @@ pub(crate) struct Steps<R, S> {
 impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
     /// Pull the image, gather the environment and create (not start) the container.
     pub(crate) async fn prepare(&self, release: &Release) -> Result<ContainerState, DeployError> {
-        let started = Instant::now();
-        let image = match &self.pull_tokens {
-            // An ECR image without a [registry] section: a token, renewed once when refused.
-            Some(tokens) => {
-                credentials::ensure_image(&self.runtime, tokens, &self.cfg.app.image, release)
-                    .await?
-            }
-            None => {
-                let auth = self.registry_auth().await?;
-                self.runtime
-                    .ensure_image(&self.cfg.app.image, release, auth.as_ref())
-                    .await?
-            }
-        };
-        self.metrics.pulled(started.elapsed());
-        let pull_ms = started.elapsed().as_millis() as u64;
-        self.state
-            .send_modify(|s| s.timings.pull_ms = Some(pull_ms));
+        let image = self.pull(release).await?;
         let running = Release::new(
             release.tag.clone(),
             release.digest.clone().or(image.digest.clone()),
@@ -120,6 +104,30 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
             started: false,
             created: 0,
         })
+    }
+
+    /// Make the release's image present on the host (pulled, or checked against the registry);
+    /// nothing is created. Also what a rollout's pull instruction runs ahead of its switch.
+    pub(crate) async fn pull(&self, release: &Release) -> Result<LocalImage, DeployError> {
+        let started = Instant::now();
+        let image = match &self.pull_tokens {
+            // An ECR image without a [registry] section: a token, renewed once when refused.
+            Some(tokens) => {
+                credentials::ensure_image(&self.runtime, tokens, &self.cfg.app.image, release)
+                    .await?
+            }
+            None => {
+                let auth = self.registry_auth().await?;
+                self.runtime
+                    .ensure_image(&self.cfg.app.image, release, auth.as_ref())
+                    .await?
+            }
+        };
+        self.metrics.pulled(started.elapsed());
+        let pull_ms = started.elapsed().as_millis() as u64;
+        self.state
+            .send_modify(|s| s.timings.pull_ms = Some(pull_ms));
+        Ok(image)
     }
 
     async fn registry_auth(&self) -> Result<Option<RegistryAuth>, DeployError> {
