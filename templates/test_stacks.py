@@ -654,6 +654,15 @@ def app_secret_scope_checks(text, t):
           and str(d_by_sid["WriteOwnRelease"]["Resource"]).endswith("/skiff/${Environment}/release'}")
           and "ssm:DeleteParameter" in d_by_sid["HoldOwnReleaseLock"]["Action"]
           and str(d_by_sid["HoldOwnReleaseLock"]["Resource"]).endswith("/skiff/${Environment}/release-lock'}"))
+    steer = d_by_sid["SteerOwnInstances"]
+    steer_cond = steer.get("Condition", {})
+    check("app: deployer tags (in place) only its group's instances, only skiff:target and skiff:pull",
+          steer["Action"] == "ec2:CreateTags"
+          and steer_cond.get("StringEquals", {}).get("aws:ResourceTag/aws:autoscaling:groupName")
+          == {"Fn::Sub": "skiff-${Environment}"}
+          and sorted(steer_cond.get("ForAllValues:StringEquals", {}).get("aws:TagKeys", []))
+          == ["skiff:pull", "skiff:target"],
+          str(steer))
 
     policy_checks("app", text, t)
 
@@ -704,8 +713,12 @@ def app_release_checks(text, t):
           o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
     missing = {"ReleaseParameter", "AutoScalingGroup", "ImageRepository", "LoadBalancerDNS",
                "LifecycleHook", "DeployerPolicyArn", "LogGroup", "TargetGroup",
-               "ReleaseAlarmNames"} - set(o)
+               "ReleaseAlarmNames", "ReleaseStrategy"} - set(o)
     check("app: outputs ctl and Jenkins read are declared", not missing, f"missing {missing}")
+    equal("app: ReleaseStrategy: refresh by default, or in-place; ctl reads the output",
+          (p["ReleaseStrategy"].get("Default"), p["ReleaseStrategy"].get("AllowedValues"),
+           o["ReleaseStrategy"]["Value"]),
+          ("refresh", ["refresh", "in-place"], {"Ref": "ReleaseStrategy"}))
 
 
 
@@ -976,6 +989,8 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: ImageRepository output", out.get("ImageRepository"),
           f"{account}.dkr.ecr.{REGION}.amazonaws.com/skiff-app")
     equal("app create: LifecycleHook output", out.get("LifecycleHook"), "skiff-launch")
+    equal("app create: ReleaseStrategy output is refresh by default", out.get("ReleaseStrategy"),
+          "refresh")
     # moto's CloudFormation has no AWS::CloudWatch::Alarm: the release alarms are checked statically
     # (app_alarm_checks) and created by the ctl tests through PutMetricAlarm.
     equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition), "

@@ -24,6 +24,10 @@ pub struct Deployment {
     pub target_group: Option<String>,
     /// The alarms the stack defines for a release (output ReleaseAlarmNames); empty without.
     pub alarms: Vec<String>,
+    /// The stack's release strategy (output ReleaseStrategy: refresh or in-place), when it
+    /// names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
 }
 
 /// What the command line gave: a stack, direct values, or both (direct values win).
@@ -67,6 +71,7 @@ pub fn combine(
         .target_group
         .clone()
         .or_else(|| from_stack(OUTPUT_TARGET_GROUP));
+    let strategy = from_stack(crate::inplace::OUTPUT_STRATEGY);
     let alarms = from_stack(OUTPUT_ALARMS)
         .map(|v| crate::alarms::parse_list(&v))
         .unwrap_or_default();
@@ -93,6 +98,7 @@ pub fn combine(
                 image,
                 target_group,
                 alarms,
+                strategy,
             })
         }
         _ => Err(DeploymentError::Missing {

@@ -8,6 +8,8 @@
 //! - [`refresh`]: instance refreshes of the Auto Scaling Group, and the pure follow decision.
 //! - [`lock`]: the release lock, an SSM parameter created only when absent.
 //! - [`history`]: what the parameter's history says, and the rollback target (pure).
+//! - [`inplace`]: the in-place strategy: batches, verdicts, the instance-tag channel (pure),
+//!   and the AWS adapter of the instances it switches.
 //! - [`ship`]: the release procedure (verify, lock, write, refresh, roll back).
 //! - [`signal`]: SIGINT/SIGTERM as a stop request; a second one exits at once.
 //! - [`progress`]: the events printed, and the journal a second signal reports from.
@@ -20,6 +22,7 @@ pub mod aws;
 pub mod deployment;
 pub mod exit;
 pub mod history;
+pub mod inplace;
 pub mod lock;
 pub mod logs;
 pub mod progress;

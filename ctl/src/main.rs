@@ -31,6 +31,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use skiff_ctl::deployment::{self, Deployment, Locator};
 use skiff_ctl::exit::ExitCode;
+use skiff_ctl::inplace::{self, AwsHosts, BatchSize, InPlaceError, RolloutPlan, Strategy};
 use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
 use skiff_ctl::progress::{Journal, Printer, Stream};
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
@@ -210,10 +211,27 @@ struct ReleaseOpts {
     /// Who releases (recorded); default BUILD_USER, then USER.
     #[arg(long)]
     released_by: Option<String>,
-    /// Wait this long after the last instance is replaced before the refresh (and the
-    /// release) succeeds; the release alarms keep watching meanwhile.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// How the release reaches the instances: `refresh` (an instance refresh replaces them)
+    /// or `in-place` (ctl swaps the container on the running instances, batch by batch).
+    /// Default: the stack output ReleaseStrategy, else refresh.
+    #[arg(long, value_parser = parse_strategy)]
+    strategy: Option<Strategy>,
+    /// In place: instances per batch, a number (2) or a percentage of the group (25%).
+    /// Default: 1 for groups of up to 4 instances, 25 % (rounded up) for larger ones.
+    #[arg(long, value_name = "N|P%", value_parser = parse_batch)]
+    batch: Option<BatchSize>,
+    /// Refresh: wait this long after the last instance is replaced before the refresh (and the
+    /// release) succeeds; the release alarms keep watching meanwhile. In place (also
+    /// `--bake`): per batch, once it is healthy, with its target health watched.
+    #[arg(long, alias = "bake", value_parser = humantime::parse_duration)]
     bake_time: Option<Duration>,
+    /// In place: longest a batch may take to run the release healthy (also the longest wait
+    /// for a revert).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    batch_timeout: Duration,
+    /// In place: longest the pull on every instance may take before anything is switched.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pull_timeout: Duration,
     /// Percent of healthy capacity kept during the refresh.
     #[arg(long, default_value_t = 100)]
     min_healthy: i32,
@@ -267,6 +285,14 @@ fn parse_log_release(s: &str) -> Result<String, String> {
         return Ok(s.to_owned());
     }
     parse_tag(s).map(|t| t.to_string())
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    s.parse().map_err(|e: InPlaceError| e.to_string())
+}
+
+fn parse_batch(s: &str) -> Result<BatchSize, String> {
+    s.parse().map_err(|e: InPlaceError| e.to_string())
 }
 
 fn parse_tag(s: &str) -> Result<Tag, String> {
@@ -506,6 +532,30 @@ async fn release(
     let ctl = ctl_prefix(g, &c.deployment);
     let alarms = skiff_ctl::alarms::choose(opts.no_alarms, &opts.alarms, &c.deployment.alarms)
         .map_err(|e| exit(ExitCode::Refused, e))?;
+    let strategy = inplace::choose_strategy(opts.strategy, c.deployment.strategy.as_deref())
+        .map_err(|e| exit(ExitCode::Refused, e))?;
+    let rollout = match strategy {
+        Strategy::Refresh => None,
+        Strategy::InPlace if opts.no_wait => {
+            return Err(exit(
+                ExitCode::Refused,
+                "--no-wait cannot be used with the in-place strategy: ctl drives every batch; leave out --no-wait (or use --strategy refresh)",
+            ));
+        }
+        Strategy::InPlace => Some(RolloutPlan {
+            batch: opts.batch,
+            bake: opts.bake_time.unwrap_or_default(),
+            batch_timeout: opts.batch_timeout,
+            pull_timeout: opts.pull_timeout,
+        }),
+    };
+    let hosts = AwsHosts {
+        asg: c.deployment.asg.clone(),
+        target_group: c.deployment.target_group.clone(),
+        autoscaling: c.autoscaling.clone(),
+        ec2: c.ec2.clone(),
+        elb: c.elb.clone(),
+    };
     let req = Request {
         target,
         released_by: released_by(opts),
@@ -525,6 +575,7 @@ async fn release(
             checkpoint_delay: opts.checkpoint_delay,
             alarms: alarms.alarms,
         },
+        rollout,
         ctl: ctl.clone(),
     };
     // The journal is what a second signal reports from; it sees every event the printer does.
@@ -545,7 +596,7 @@ async fn release(
     let mut stop =
         skiff_ctl::signal::listen(on_second).context("cannot listen for SIGINT/SIGTERM")?;
     let mut printer = Printer::new(g.json);
-    let result = ship::ship(&fleet, &req, &mut stop, &mut |e| {
+    let result = ship::ship_with(&fleet, &hosts, &req, &mut stop, &mut |e| {
         if let Ok(mut j) = journal.lock() {
             j.record(&e);
         }

@@ -7,6 +7,7 @@ use std::io::{IsTerminal, Write};
 
 use skiff_release::Release;
 
+use crate::inplace::RolloutStep;
 use crate::ship::{Event, Outcome, Purpose};
 
 /// Prints events.
@@ -116,6 +117,7 @@ impl Printer {
             Event::RollingBack { reason, to } => {
                 eprintln!("failed: {reason}\nrolling back to {to}")
             }
+            Event::Rollout(step) => eprintln!("{}", rollout_line(step)),
             Event::Progress { .. } => {}
         }
     }
@@ -124,6 +126,74 @@ impl Printer {
         if self.bar_open {
             eprintln!();
             self.bar_open = false;
+        }
+    }
+}
+
+/// One line per in-place step, `in-place:` first, for people and the fleet box's bench. Pure.
+pub fn rollout_line(step: &RolloutStep) -> String {
+    let list = |ids: &[String]| {
+        if ids.is_empty() {
+            "none".to_owned()
+        } else {
+            ids.join(" ")
+        }
+    };
+    match step {
+        RolloutStep::Plan {
+            release,
+            instances,
+            on_target,
+            batches,
+            bake_secs,
+        } => format!(
+            "in-place: {release} on {instances} instance(s): {} batch(es) [{}], bake {bake_secs}s; already on it: {}",
+            batches.len(),
+            batches
+                .iter()
+                .map(|b| b.join(" "))
+                .collect::<Vec<_>>()
+                .join("] ["),
+            list(on_target)
+        ),
+        RolloutStep::Pulling { release, instances } => {
+            format!("in-place: pull {release} on {}", list(instances))
+        }
+        RolloutStep::Pulled { instances, secs } => {
+            format!("in-place: pulled on {} in {secs}s", list(instances))
+        }
+        RolloutStep::Switching {
+            batch,
+            batches,
+            release,
+            instances,
+        } => format!(
+            "in-place: batch {batch}/{batches}: switch {} to {release}",
+            list(instances)
+        ),
+        RolloutStep::Healthy {
+            batch,
+            batches,
+            instances,
+            secs,
+        } => format!(
+            "in-place: batch {batch}/{batches}: {} healthy on the new release in {secs}s",
+            list(instances)
+        ),
+        RolloutStep::Baked {
+            batch,
+            batches,
+            secs,
+        } => format!("in-place: batch {batch}/{batches}: baked {secs}s"),
+        RolloutStep::LateJoiners { instances } => format!(
+            "in-place: joined during the rollout, switched last: {}",
+            list(instances)
+        ),
+        RolloutStep::Reverting { to, instances, .. } => {
+            format!("in-place: revert {} to {to}", list(instances))
+        }
+        RolloutStep::Reverted { instances, secs } => {
+            format!("in-place: {} back in {secs}s", list(instances))
         }
     }
 }
@@ -156,6 +226,19 @@ pub fn outcome_text(outcome: &Outcome) -> (Stream, String) {
         } => (
             Stream::Stdout,
             format!("released {release} (instance refresh {refresh_id} successful)"),
+        ),
+        Outcome::RolledOut {
+            release,
+            instances,
+            switched,
+            batches,
+            secs,
+        } => (
+            Stream::Stdout,
+            format!(
+                "released {release} in place: {} instance(s) run it, {switched} switched in {batches} batch(es) in {secs}s",
+                instances.len()
+            ),
         ),
         Outcome::RolledBack { reason, to } => (
             Stream::Stderr,
@@ -193,6 +276,9 @@ pub struct Journal {
     written: Option<(Purpose, i64, String)>,
     /// The last refresh started: why, id.
     refresh: Option<(Purpose, String)>,
+    /// In place: the instances switched to the new release, and those told to go back.
+    switched: Vec<String>,
+    reverting: Vec<String>,
 }
 
 impl Journal {
@@ -212,6 +298,12 @@ impl Journal {
             } => self.written = Some((*purpose, *version, value.clone())),
             Event::RefreshStarted { purpose, id, .. } => {
                 self.refresh = Some((*purpose, id.clone()))
+            }
+            Event::Rollout(RolloutStep::Switching { instances, .. }) => {
+                self.switched.extend(instances.iter().cloned())
+            }
+            Event::Rollout(RolloutStep::Reverting { instances, .. }) => {
+                self.reverting = instances.clone()
             }
             _ => {}
         }
@@ -249,6 +341,22 @@ impl Journal {
                         finish.push(format!(
                             "wait until `{ctl} status` shows refresh {id} ended (or `{ctl} status` to see it)"
                         ));
+                    }
+                    None if !self.switched.is_empty() => {
+                        state.push(format!(
+                            "in place: switched to it (skiff:target): {}",
+                            self.switched.join(" ")
+                        ));
+                        if let Some(r) = self
+                            .written
+                            .as_ref()
+                            .and_then(|(_, _, value)| Release::parse(value).ok())
+                        {
+                            finish.push(format!(
+                                "`{ctl} release --tag {}` to finish the rollout (it skips the instances already on it)",
+                                r.tag
+                            ));
+                        }
                     }
                     None => state.push("no instance refresh was started".into()),
                 }

@@ -13,6 +13,7 @@ use tokio::time::{Instant, sleep};
 
 use crate::exit::ExitCode;
 use crate::history::{self, Kind, TargetError};
+use crate::inplace::{InPlaceError, InPlaceFleet, NoInPlace, RolloutPlan, RolloutStep};
 use crate::lock::{self, Holder, LockError, LockRecord, ReleaseLock, Released};
 use crate::refresh::{self, FollowEnd, InstanceRefresher, RefreshError, RefreshInfo, RefreshPlan};
 use crate::registry::{DigestResolver, RegistryError};
@@ -49,6 +50,9 @@ pub struct Request {
     /// How long to wait for the lock (and a running refresh) to be free; zero: do not wait.
     pub wait_lock: Duration,
     pub plan: RefreshPlan,
+    /// `Some`: the in-place strategy (ctl switches the running instances batch by batch)
+    /// instead of an instance refresh.
+    pub rollout: Option<RolloutPlan>,
     /// How to call ctl for this deployment, for the commands printed as advice.
     pub ctl: String,
 }
@@ -121,6 +125,8 @@ pub enum Event {
         reason: String,
         to: String,
     },
+    /// A step of an in-place rollout.
+    Rollout(RolloutStep),
 }
 
 /// How a release ended, when it got as far as acting.
@@ -134,6 +140,14 @@ pub enum Outcome {
     Released {
         refresh_id: String,
         release: String,
+    },
+    /// In place: every InService instance runs the release and is healthy.
+    RolledOut {
+        release: String,
+        instances: Vec<String>,
+        switched: usize,
+        batches: usize,
+        secs: f64,
     },
     RolledBack {
         reason: String,
@@ -157,9 +171,10 @@ pub enum Outcome {
 impl Outcome {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Outcome::DryRun | Outcome::Started { .. } | Outcome::Released { .. } => {
-                ExitCode::Success
-            }
+            Outcome::DryRun
+            | Outcome::Started { .. }
+            | Outcome::Released { .. }
+            | Outcome::RolledOut { .. } => ExitCode::Success,
             Outcome::RolledBack { .. } => ExitCode::RolledBack,
             Outcome::Interrupted {
                 restored: Some(_),
@@ -195,6 +210,8 @@ pub enum ShipError {
     #[error("{0}")]
     Refresh(RefreshError),
     #[error("{0}")]
+    InPlace(#[from] InPlaceError),
+    #[error("{0}")]
     Read(StoreError),
     #[error("{0}")]
     Target(#[from] TargetError),
@@ -214,6 +231,7 @@ impl ShipError {
             ShipError::Resolve(_)
             | ShipError::Lock(_)
             | ShipError::Refresh(_)
+            | ShipError::InPlace(_)
             | ShipError::Read(_)
             | ShipError::Target(_)
             | ShipError::Interrupted { .. } => ExitCode::Refused,
@@ -270,6 +288,24 @@ where
     D: DigestResolver,
     L: ReleaseLock,
 {
+    ship_with(fleet, &NoInPlace, req, stop, emit).await
+}
+
+/// [`ship`], with the instances an in-place rollout (`req.rollout`) switches.
+pub async fn ship_with<S, R, D, L, H>(
+    fleet: &Fleet<'_, S, R, D, L>,
+    hosts: &H,
+    req: &Request,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Result<Outcome, ShipError>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    D: DigestResolver,
+    L: ReleaseLock,
+    H: InPlaceFleet,
+{
     let new = match &req.target {
         Target::Tag { tag, verify: true } => {
             let digest = fleet.resolver.resolve(fleet.image, tag).await?;
@@ -289,7 +325,7 @@ where
         Target::Rollback { .. } => None,
     };
     if req.dry_run {
-        return dry_run(fleet, req, new, emit).await;
+        return dry_run(fleet, hosts, req, new, emit).await;
     }
     let what = match (&new, &req.target) {
         (Some(r), _) => r.to_string(),
@@ -297,7 +333,7 @@ where
         (None, _) => "rollback".into(),
     };
     let ours = acquire(fleet, req, &what, stop, emit).await?;
-    let result = locked(fleet, req, new, stop, emit).await;
+    let result = locked(fleet, hosts, req, new, stop, emit).await;
     let name = fleet.lock.name().to_owned();
     match lock::release(fleet.lock, &ours).await {
         Ok(Released::Deleted) => emit(Event::Unlocked { lock: name }),
@@ -321,8 +357,9 @@ where
 }
 
 /// Show the plan without taking the lock or writing; say when the lock is held.
-async fn dry_run<S, R, D, L>(
+async fn dry_run<S, R, D, L, H>(
     fleet: &Fleet<'_, S, R, D, L>,
+    hosts: &H,
     req: &Request,
     new: Option<Release>,
     emit: &mut dyn FnMut(Event),
@@ -331,6 +368,7 @@ where
     S: ReleaseStore,
     R: InstanceRefresher,
     L: ReleaseLock,
+    H: InPlaceFleet,
 {
     match fleet.lock.read().await {
         Ok(Some(v)) => emit(Event::LockHeld {
@@ -361,6 +399,10 @@ where
         old: previous.map(|p| p.value),
         new: new.to_value(),
     });
+    if let Some(plan) = &req.rollout {
+        let hosts = hosts.hosts().await?;
+        emit(Event::Rollout(rollout::plan_step(&hosts, &new, plan)));
+    }
     Ok(Outcome::DryRun)
 }
 
@@ -492,8 +534,9 @@ struct Mine {
 }
 
 /// The lock is held: read, write, roll.
-async fn locked<S, R, D, L>(
+async fn locked<S, R, D, L, H>(
     fleet: &Fleet<'_, S, R, D, L>,
+    hosts: &H,
     req: &Request,
     new: Option<Release>,
     stop: &mut Stop,
@@ -502,6 +545,7 @@ async fn locked<S, R, D, L>(
 where
     S: ReleaseStore,
     R: InstanceRefresher,
+    H: InPlaceFleet,
 {
     let new = target_release(fleet, req, new).await?;
     let previous = fleet.store.read().await.map_err(ShipError::Read)?;
@@ -510,6 +554,11 @@ where
         old: previous.as_ref().map(|p| p.value.clone()),
         new: new.to_value(),
     });
+    // In place: the group can be read and tagged before anything is written.
+    let before = match &req.rollout {
+        Some(_) => Some(hosts.hosts().await?),
+        None => None,
+    };
     if let Some(signal) = stop.requested() {
         return Err(ShipError::Interrupted {
             signal: signal.into(),
@@ -533,6 +582,9 @@ where
         mine,
         previous: previous.and_then(|p| p.release),
     };
+    if let (Some(plan), Some(before)) = (&req.rollout, before) {
+        return Ok(rollout::roll(&run, hosts, plan, before, stop, emit).await);
+    }
     if let Some(signal) = stop.requested() {
         return Ok(run
             .restore_only(
@@ -1026,5 +1078,6 @@ where
     }
 }
 
+mod rollout;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use aws_sdk_ec2::types::Filter;
-use skiff_release::Tag;
+use skiff_release::{Release, Tag, instance_tags};
 use time::OffsetDateTime;
 
 use crate::aws;
@@ -26,6 +26,12 @@ pub struct InstanceView {
     /// Auto Scaling's health status (Healthy/Unhealthy).
     pub health: Option<String>,
     pub release: Option<String>,
+    /// `skiff:target`: the release ctl told it to run (in place), `tag[@digest]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `skiff:failed`: a release that failed there (its agent rolled back or could not pull).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     /// The target group's state of this instance's target (`healthy`, `unhealthy`, `initial`,
     /// `draining`, `unused`, `unavailable`); `None` when target health is unknown.
     pub target_health: Option<String>,
@@ -86,6 +92,48 @@ pub fn drift(desired: Option<&Tag>, instances: &[InstanceView]) -> Vec<String> {
         .collect()
 }
 
+/// An in-place rollout as the instances' tags show it: how many run the parameter's release,
+/// which were told to run it and do not yet, which report it failed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RolloutView {
+    /// The parameter's release (`tag[@digest]`), which an in-place rollout writes first.
+    pub release: String,
+    pub on: usize,
+    pub of: usize,
+    /// Told to run it (skiff:target), not reporting it yet.
+    pub pending: Vec<String>,
+    /// Report it failed (skiff:failed).
+    pub failed: Vec<String>,
+    /// Told to run another release (skiff:target names something else).
+    pub elsewhere: Vec<String>,
+}
+
+/// The rollout line, when any instance carries a `skiff:target` (the in-place strategy is or
+/// was in use). Pure.
+pub fn rollout(desired: Option<&Release>, instances: &[InstanceView]) -> Option<RolloutView> {
+    let want = desired?;
+    if instances.iter().all(|i| i.target.is_none()) {
+        return None;
+    }
+    let named = |v: &Option<String>| crate::inplace::names(v.as_deref(), want);
+    let runs = |i: &InstanceView| i.release.as_deref() == Some(want.tag.as_str());
+    let ids = |f: &dyn Fn(&InstanceView) -> bool| {
+        instances
+            .iter()
+            .filter(|i| f(i))
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>()
+    };
+    Some(RolloutView {
+        release: want.to_string(),
+        on: instances.iter().filter(|i| runs(i)).count(),
+        of: instances.len(),
+        failed: ids(&|i| named(&i.failed)),
+        pending: ids(&|i| named(&i.target) && !runs(i) && !named(&i.failed)),
+        elsewhere: ids(&|i| i.target.is_some() && !named(&i.target)),
+    })
+}
+
 /// Put each target's health beside its instance; an instance that is no target of the group
 /// is `unused` (not registered), as the load balancer says of such a target. Pure.
 pub fn merge_target_health(views: &mut [InstanceView], targets: &[TargetHealth]) {
@@ -133,6 +181,8 @@ pub async fn instances(
             lifecycle: i.lifecycle_state().map(|s| s.as_str().to_owned()),
             health: i.health_status().map(str::to_owned),
             release: None,
+            target: None,
+            failed: None,
             target_health: None,
             target_reason: None,
         })
@@ -152,6 +202,8 @@ pub async fn instances(
             Filter::builder()
                 .name("key")
                 .values(RELEASE_TAG_KEY)
+                .values(instance_tags::TARGET)
+                .values(instance_tags::FAILED)
                 .build(),
         )
         .into_paginator()
@@ -165,7 +217,13 @@ pub async fn instances(
                 .iter_mut()
                 .find(|v| Some(v.id.as_str()) == t.resource_id())
             {
-                v.release = t.value().map(str::to_owned);
+                let value = t.value().map(str::to_owned);
+                match t.key() {
+                    Some(RELEASE_TAG_KEY) => v.release = value,
+                    Some(instance_tags::TARGET) => v.target = value,
+                    Some(instance_tags::FAILED) => v.failed = value,
+                    _ => {}
+                }
             }
         }
     }
@@ -230,6 +288,8 @@ pub struct Report {
     /// The same, in words.
     pub target_health_note: Option<String>,
     pub drift: Vec<String>,
+    /// The in-place rollout, when the instances carry skiff:target tags.
+    pub rollout: Option<RolloutView>,
 }
 
 /// Read the release, the refresh, the lock, the instances and their target health. Only the
@@ -274,6 +334,7 @@ where
     };
     let desired = current.as_ref().and_then(|s| s.release.as_ref());
     let drift = drift(desired.map(|r| &r.tag), &instances);
+    let rollout = rollout(desired, &instances);
     Ok(Report {
         deployment: d.clone(),
         release: current.as_ref().map(|s| s.value.clone()),
@@ -288,6 +349,7 @@ where
         target_health_note: target_health_error.as_ref().map(ToString::to_string),
         target_health_error,
         drift,
+        rollout,
     })
 }
 
@@ -337,10 +399,39 @@ pub fn render(r: &Report) -> String {
         (None, Some(e)) => writeln!(s, "lock       unknown: {e}"),
         (None, None) => writeln!(s, "lock       free"),
     };
+    if let Some(ro) = &r.rollout {
+        let _ = write!(
+            s,
+            "rollout    {} of {} instances run {} (in place)",
+            ro.on, ro.of, ro.release
+        );
+        let mut notes = Vec::new();
+        if !ro.pending.is_empty() {
+            notes.push(format!("pending: {}", ro.pending.join(" ")));
+        }
+        if !ro.failed.is_empty() {
+            notes.push(format!("FAILED: {}", ro.failed.join(" ")));
+        }
+        if !ro.elsewhere.is_empty() {
+            notes.push(format!(
+                "told to run another release: {}",
+                ro.elsewhere.join(" ")
+            ));
+        }
+        let _ = writeln!(
+            s,
+            "{}",
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
+            }
+        );
+    }
     let _ = writeln!(
         s,
-        "\n{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  RELEASE",
-        "INSTANCE", "ZONE", "LIFECYCLE", "HEALTH", "TARGET"
+        "\n{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  {:<16}  SKIFF:TARGET",
+        "INSTANCE", "ZONE", "LIFECYCLE", "HEALTH", "TARGET HEALTH", "RELEASE"
     );
     for i in &r.instances {
         let dash = || "-".to_string();
@@ -349,9 +440,14 @@ pub fn render(r: &Report) -> String {
             (Some(h), _) => h.clone(),
             (None, _) => "?".into(),
         };
+        let told = match (&i.target, &i.failed) {
+            (Some(t), Some(f)) if t == f => format!("{t} (FAILED)"),
+            (Some(t), _) => t.clone(),
+            (None, _) => dash(),
+        };
         let _ = writeln!(
             s,
-            "{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  {}{}",
+            "{:<20}  {:<12}  {:<12}  {:<10}  {:<38}  {:<16}  {told}{}",
             i.id,
             i.zone.clone().unwrap_or_else(dash),
             i.lifecycle.clone().unwrap_or_else(dash),
@@ -390,6 +486,8 @@ mod tests {
             lifecycle: None,
             health: None,
             release: release.map(Into::into),
+            target: None,
+            failed: None,
             target_health: None,
             target_reason: None,
         }
@@ -460,6 +558,7 @@ mod tests {
                 image: "r/app".into(),
                 target_group: Some("arn:tg".into()),
                 alarms: vec!["a-5xx".into()],
+                strategy: None,
             },
             release: Some("v1".into()),
             desired_tag: Some("v1".into()),
@@ -473,6 +572,7 @@ mod tests {
             instances,
             target_health_note: err.as_ref().map(ToString::to_string),
             target_health_error: err,
+            rollout: None,
         }
     }
 
@@ -491,7 +591,7 @@ mod tests {
                     "TARGET",
                     "healthy",
                     "unhealthy (Target.Timeout)",
-                    "v0  <- drift",
+                    "v0                -  <- drift",
                     "alarms     a-5xx",
                     "targets    arn:tg",
                 ],
@@ -520,6 +620,68 @@ mod tests {
             for needle in lacks {
                 assert!(!text.contains(needle), "{name}: {needle:?} in\n{text}");
             }
+        }
+    }
+
+    #[test]
+    fn rollout_table() {
+        let v2: Release = "v2".parse().map(|t| Release::new(t, None)).expect("tag");
+        let told = |id: &str, release: &str, target: Option<&str>, failed: Option<&str>| {
+            let mut i = inst(id, Some(release));
+            i.target = target.map(Into::into);
+            i.failed = failed.map(Into::into);
+            i
+        };
+        // (name, instances, (on, of, pending, failed, elsewhere) or no rollout line)
+        type Want<'a> = Option<(usize, usize, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>)>;
+        let table: Vec<(&str, Vec<InstanceView>, Want<'_>)> = vec![
+            (
+                "no skiff:target anywhere: refresh, no rollout line",
+                vec![told("a", "v1", None, None)],
+                None,
+            ),
+            (
+                "half way",
+                vec![
+                    told("a", "v2", Some("v2"), None),
+                    told("b", "v1", Some("v2"), None),
+                    told("c", "v1", None, None),
+                ],
+                Some((1, 3, vec!["b"], vec![], vec![])),
+            ),
+            (
+                "failed on one, reverted (told v1) on another",
+                vec![
+                    told("a", "v1", Some("v2"), Some("v2")),
+                    told("b", "v1", Some("v1"), None),
+                ],
+                Some((0, 2, vec![], vec!["a"], vec!["b"])),
+            ),
+        ];
+        for (name, instances, want) in table {
+            let got = rollout(Some(&v2), &instances);
+            let got = got.map(|r| (r.on, r.of, r.pending, r.failed, r.elsewhere));
+            let want = want.map(|(on, of, p, f, e)| {
+                let v = |x: Vec<&str>| x.into_iter().map(String::from).collect::<Vec<_>>();
+                (on, of, v(p), v(f), v(e))
+            });
+            assert_eq!(got, want, "{name}");
+        }
+        assert_eq!(rollout(None, &[told("a", "v1", Some("v1"), None)]), None);
+
+        let instances = vec![
+            told("i-a", "v2", Some("v2"), None),
+            told("i-b", "v1", Some("v2"), Some("v2")),
+        ];
+        let mut r = report(instances.clone(), None);
+        r.rollout = rollout(Some(&v2), &instances);
+        let text = render(&r);
+        for needle in [
+            "rollout    1 of 2 instances run v2 (in place); FAILED: i-b",
+            "SKIFF:TARGET",
+            "v2 (FAILED)",
+        ] {
+            assert!(text.contains(needle), "no {needle:?} in\n{text}");
         }
     }
 }

@@ -150,6 +150,7 @@ fn request(timeout: Duration) -> Request {
         poll: Duration::from_millis(10),
         wait_lock: Duration::ZERO,
         plan: RefreshPlan::default(),
+        rollout: None,
         ctl: "ctl".into(),
     }
 }

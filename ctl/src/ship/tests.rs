@@ -236,6 +236,7 @@ fn request() -> Request {
         poll: Duration::from_secs(15),
         wait_lock: Duration::ZERO,
         plan: RefreshPlan::default(),
+        rollout: None,
         ctl: "ctl --stack s".into(),
     }
 }

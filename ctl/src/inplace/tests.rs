@@ -1,0 +1,518 @@
+use super::*;
+
+const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+const D3: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+
+fn rel(v: &str) -> Release {
+    instance_tags::decode(v).expect(v)
+}
+
+fn host(id: &str, tags: &[(&str, &str)]) -> Host {
+    let mut h = Host {
+        id: id.into(),
+        ..Host::default()
+    };
+    for (k, v) in tags {
+        h.set(k, v);
+    }
+    h
+}
+
+fn ids(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn healthy(v: &[(&str, &str)]) -> Health {
+    Some(
+        v.iter()
+            .map(|(id, s)| ((*id).to_owned(), (*s).to_owned()))
+            .collect(),
+    )
+}
+
+#[test]
+fn strategy_table() {
+    type Row<'a> = (Option<Strategy>, Option<&'a str>, Result<Strategy, &'a str>);
+    let table: Vec<Row<'_>> = vec![
+        (None, None, Ok(Strategy::Refresh)),
+        (None, Some("in-place"), Ok(Strategy::InPlace)),
+        (None, Some("refresh"), Ok(Strategy::Refresh)),
+        (
+            Some(Strategy::Refresh),
+            Some("in-place"),
+            Ok(Strategy::Refresh),
+        ),
+        (Some(Strategy::InPlace), None, Ok(Strategy::InPlace)),
+        (
+            None,
+            Some("rolling"),
+            Err("pass --strategy refresh|in-place"),
+        ),
+    ];
+    for (flag, output, want) in table {
+        match (choose_strategy(flag, output), want) {
+            (Ok(got), Ok(w)) => assert_eq!(got, w, "{flag:?} {output:?}"),
+            (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{e}"),
+            (got, want) => panic!("{flag:?} {output:?}: got {got:?}, want {want:?}"),
+        }
+    }
+    assert!("inplace".parse::<Strategy>().is_err());
+    assert_eq!(Strategy::InPlace.to_string(), "in-place");
+}
+
+#[test]
+fn batch_flag_table() {
+    let ok = [
+        ("1", BatchSize::Count(1)),
+        ("3", BatchSize::Count(3)),
+        ("25%", BatchSize::Percent(25)),
+        ("100%", BatchSize::Percent(100)),
+        (" 1% ", BatchSize::Percent(1)),
+    ];
+    for (s, want) in ok {
+        assert_eq!(s.parse::<BatchSize>(), Ok(want), "{s}");
+    }
+    for bad in ["0", "0%", "101%", "-1", "x", "", "%", "2.5", "25 %%", "1e3"] {
+        let e = bad.parse::<BatchSize>().expect_err(bad);
+        assert!(
+            e.to_string().contains("a number of instances (e.g. 2)"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn batch_len_table() {
+    let table: Vec<(Option<BatchSize>, usize, usize)> = vec![
+        // default: one at a time up to 4, then 25 % rounded up
+        (None, 0, 1),
+        (None, 1, 1),
+        (None, 3, 1),
+        (None, 4, 1),
+        (None, 5, 2),
+        (None, 6, 2),
+        (None, 8, 2),
+        (None, 9, 3),
+        (None, 100, 25),
+        (Some(BatchSize::Count(2)), 3, 2),
+        (Some(BatchSize::Count(10)), 3, 3),
+        (Some(BatchSize::Percent(50)), 3, 2),
+        (Some(BatchSize::Percent(1)), 3, 1),
+        (Some(BatchSize::Percent(100)), 6, 6),
+        (Some(BatchSize::Percent(34)), 6, 3),
+    ];
+    for (size, group, want) in table {
+        assert_eq!(batch_len(size, group), want, "{size:?} of {group}");
+    }
+}
+
+#[test]
+fn plan_table() {
+    let t = rel("v2");
+    // name, hosts, --batch, already on it, batches
+    type Row<'a> = (
+        &'a str,
+        Vec<Host>,
+        Option<BatchSize>,
+        Vec<&'a str>,
+        Vec<Vec<&'a str>>,
+    );
+    let table: Vec<Row<'_>> = vec![
+        (
+            "fresh: one per batch",
+            vec![
+                host("a", &[("skiff:release", "v1")]),
+                host("b", &[("skiff:release", "v1")]),
+                host("c", &[("skiff:release", "v1")]),
+            ],
+            None,
+            vec![],
+            vec![vec!["a"], vec!["b"], vec!["c"]],
+        ),
+        (
+            "re-run after a partial rollout: the ones on T are skipped",
+            vec![
+                host("a", &[("skiff:release", "v2"), ("skiff:target", "v2")]),
+                host("b", &[("skiff:release", "v1"), ("skiff:target", "v2")]),
+                host("c", &[("skiff:release", "v1")]),
+            ],
+            None,
+            vec!["a"],
+            vec![vec!["b"], vec!["c"]],
+        ),
+        (
+            "booted from the parameter during the rollout: runs T without a target, skipped",
+            vec![
+                host("a", &[("skiff:release", "v2")]),
+                host("b", &[("skiff:release", "v1")]),
+            ],
+            Some(BatchSize::Count(2)),
+            vec!["a"],
+            vec![vec!["b"]],
+        ),
+        (
+            "runs T's tag but is told another release: switched again",
+            vec![host(
+                "a",
+                &[("skiff:release", "v2"), ("skiff:target", "v1")],
+            )],
+            None,
+            vec![],
+            vec![vec!["a"]],
+        ),
+        (
+            "nothing reported yet: switched",
+            vec![host("a", &[]), host("b", &[])],
+            Some(BatchSize::Percent(100)),
+            vec![],
+            vec![vec!["a", "b"]],
+        ),
+        ("empty group", vec![], None, vec![], vec![]),
+    ];
+    for (name, hosts, batch, on, batches) in table {
+        let p = plan(&hosts, &t, batch);
+        assert_eq!(p.on_target, ids(&on), "{name}");
+        let want: Vec<Vec<String>> = batches.iter().map(|b| ids(b)).collect();
+        assert_eq!(p.batches, want, "{name}");
+    }
+}
+
+#[test]
+fn names_compares_tag_and_digest() {
+    let t = rel(&format!("v2@{D2}"));
+    assert!(names(Some(&format!("v2@{D2}")), &t));
+    assert!(names(Some(&format!(" v2@{D2} ")), &t));
+    assert!(!names(Some("v2"), &t), "no digest is not the same release");
+    assert!(!names(Some(&format!("v2@{D3}")), &t), "other digest");
+    assert!(!names(Some("v3"), &rel("v2")));
+    assert!(!names(Some("{bad"), &t));
+    assert!(!names(None, &t));
+}
+
+#[test]
+fn pull_verdict_table() {
+    let t = rel(&format!("v2@{D2}"));
+    let tv = format!("v2@{D2}");
+    let table: Vec<(&str, Vec<Host>, Vec<&str>, Verdict)> = vec![
+        (
+            "all pulled",
+            vec![
+                host("a", &[("skiff:pulled", &tv)]),
+                host("b", &[("skiff:pulled", &tv)]),
+            ],
+            vec!["a", "b"],
+            Verdict::Done,
+        ),
+        (
+            "one still pulling (pulled an older release)",
+            vec![
+                host("a", &[("skiff:pulled", &tv)]),
+                host("b", &[("skiff:pulled", "v1")]),
+            ],
+            vec!["a", "b"],
+            Verdict::Pending(vec![("b".into(), "pulled v1".into())]),
+        ),
+        (
+            "one failed: the rollout stops before switching",
+            vec![
+                host("a", &[("skiff:pulled", &tv)]),
+                host("b", &[("skiff:failed", &tv)]),
+            ],
+            vec!["a", "b"],
+            Verdict::Failed("b".into(), format!("its agent could not pull {t}")),
+        ),
+        (
+            "an old failure of another release does not count",
+            vec![host("a", &[("skiff:failed", "v1"), ("skiff:pulled", &tv)])],
+            vec!["a"],
+            Verdict::Done,
+        ),
+        (
+            "an instance that left the group is not waited for",
+            vec![host("a", &[("skiff:pulled", &tv)])],
+            vec!["a", "gone"],
+            Verdict::Done,
+        ),
+    ];
+    for (name, hosts, want_ids, want) in table {
+        assert_eq!(pull_verdict(&hosts, &ids(&want_ids), &t), want, "{name}");
+    }
+}
+
+#[test]
+fn batch_verdict_table() {
+    let t = rel("v2");
+    let table: Vec<(&str, Vec<Host>, Health, Verdict)> = vec![
+        (
+            "runs T and healthy",
+            vec![host("a", &[("skiff:release", "v2")])],
+            healthy(&[("a", "healthy")]),
+            Verdict::Done,
+        ),
+        (
+            "runs T, the load balancer still checks",
+            vec![host("a", &[("skiff:release", "v2")])],
+            healthy(&[("a", "initial")]),
+            Verdict::Pending(vec![("a".into(), "target initial".into())]),
+        ),
+        (
+            "healthy but still on V (draining soon)",
+            vec![host("a", &[("skiff:release", "v1")])],
+            healthy(&[("a", "healthy")]),
+            Verdict::Pending(vec![("a".into(), "runs v1".into())]),
+        ),
+        (
+            "not registered with the target group",
+            vec![host("a", &[("skiff:release", "v2")])],
+            healthy(&[]),
+            Verdict::Pending(vec![("a".into(), "target not registered".into())]),
+        ),
+        (
+            "no target group: the agent's word",
+            vec![host("a", &[("skiff:release", "v2")])],
+            None,
+            Verdict::Done,
+        ),
+        (
+            "the agent reports T failed",
+            vec![host(
+                "a",
+                &[("skiff:release", "v1"), ("skiff:failed", "v2")],
+            )],
+            healthy(&[("a", "healthy")]),
+            Verdict::Failed(
+                "a".into(),
+                "v2 failed its health gate there and the agent rolled it back".into(),
+            ),
+        ),
+    ];
+    for (name, hosts, health, want) in table {
+        assert_eq!(
+            batch_verdict(&hosts, &health, &ids(&["a"]), &t),
+            want,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn bake_verdict_table() {
+    let t = rel("v2");
+    let on = |id: &str| host(id, &[("skiff:release", "v2")]);
+    let table: Vec<(&str, Vec<Host>, Health, Option<&str>)> = vec![
+        (
+            "all healthy",
+            vec![on("a"), on("b")],
+            healthy(&[("a", "healthy"), ("b", "healthy")]),
+            None,
+        ),
+        (
+            "an earlier batch goes unhealthy",
+            vec![on("a"), on("b")],
+            healthy(&[("a", "unhealthy"), ("b", "healthy")]),
+            Some("a"),
+        ),
+        (
+            "draining during the bake is a failure",
+            vec![on("a"), on("b")],
+            healthy(&[("a", "healthy"), ("b", "draining")]),
+            Some("b"),
+        ),
+        (
+            "no longer reports T",
+            vec![on("a"), host("b", &[("skiff:release", "v1")])],
+            healthy(&[("a", "healthy"), ("b", "healthy")]),
+            Some("b"),
+        ),
+        (
+            "an instance that left the group is not a failure",
+            vec![on("a")],
+            healthy(&[("a", "healthy")]),
+            None,
+        ),
+    ];
+    for (name, hosts, health, failed) in table {
+        let got = bake_verdict(&hosts, &health, &ids(&["a", "b"]), &t);
+        match (got, failed) {
+            (Verdict::Done, None) => {}
+            (Verdict::Failed(id, _), Some(want)) => assert_eq!(id, want, "{name}"),
+            (got, want) => panic!("{name}: got {got:?}, want failure of {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn to_revert_table() {
+    let t = rel("v2");
+    let hosts = vec![
+        host("a", &[("skiff:release", "v2"), ("skiff:target", "v2")]),
+        host("b", &[("skiff:release", "v1"), ("skiff:target", "v2")]),
+        host("c", &[("skiff:release", "v1")]),
+        host("d", &[("skiff:release", "v2")]),
+        host("e", &[("skiff:release", "v1"), ("skiff:target", "v1")]),
+    ];
+    let table: Vec<(&str, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "the switched ones, and any on T",
+            vec!["a"],
+            vec!["a", "b", "d"],
+        ),
+        (
+            "a switched one still on V is reverted too",
+            vec!["c"],
+            vec!["a", "b", "c", "d"],
+        ),
+        (
+            "a switched one that left the group is not",
+            vec!["gone"],
+            vec!["a", "b", "d"],
+        ),
+    ];
+    for (name, switched, want) in table {
+        assert_eq!(to_revert(&hosts, &ids(&switched), &t), ids(&want), "{name}");
+    }
+}
+
+#[test]
+fn revert_verdict_table() {
+    let v = rel("v1");
+    let table: Vec<(&str, Vec<Host>, Verdict)> = vec![
+        (
+            "back on V",
+            vec![host(
+                "a",
+                &[("skiff:release", "v1"), ("skiff:failed", "v2")],
+            )],
+            Verdict::Done,
+        ),
+        (
+            "still on T",
+            vec![host("a", &[("skiff:release", "v2")])],
+            Verdict::Pending(vec![("a".into(), "runs v2".into())]),
+        ),
+        (
+            "V failed there too",
+            vec![host(
+                "a",
+                &[("skiff:release", "v2"), ("skiff:failed", "v1")],
+            )],
+            Verdict::Failed("a".into(), "its agent reports v1 failed".into()),
+        ),
+        ("left the group", vec![], Verdict::Done),
+    ];
+    for (name, hosts, want) in table {
+        assert_eq!(revert_verdict(&hosts, &ids(&["a"]), &v), want, "{name}");
+    }
+}
+
+#[test]
+fn pending_in_words() {
+    assert_eq!(describe_pending(&[]), "none");
+    assert_eq!(
+        describe_pending(&[
+            ("i-a".into(), "runs v1".into()),
+            ("i-b".into(), "target initial".into())
+        ]),
+        "i-a (runs v1), i-b (target initial)"
+    );
+    assert_eq!(secs(Duration::from_millis(4249)), 4.2);
+}
+
+/// A scripted fleet: each read returns the next state (the last one repeats).
+struct Script {
+    reads: std::sync::Mutex<Vec<Result<Vec<Host>, InPlaceError>>>,
+}
+
+impl InPlaceFleet for Script {
+    async fn hosts(&self) -> Result<Vec<Host>, InPlaceError> {
+        let mut r = self.reads.lock().expect("lock");
+        if r.len() > 1 {
+            r.remove(0)
+        } else {
+            r[0].clone()
+        }
+    }
+    async fn tag(&self, _: &[String], _: &str, _: &str) -> Result<(), InPlaceError> {
+        Ok(())
+    }
+    async fn health(&self) -> Result<Health, InPlaceError> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waits_are_bounded_and_stoppable() {
+    let t = rel("v2");
+    let on = vec![host("a", &[("skiff:release", "v2")])];
+    let off = vec![host("a", &[("skiff:release", "v1")])];
+    let a = ids(&["a"]);
+    let judge = |h: &[Host], hh: &Health| batch_verdict(h, hh, &a, &t);
+    let (_h, mut stop) = Stop::new();
+    let poll = Duration::from_secs(1);
+    let timeout = Duration::from_secs(10);
+
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![Ok(off.clone()), Ok(off.clone()), Ok(on.clone())]),
+    };
+    assert_eq!(
+        wait_for(&f, timeout, poll, false, &mut stop, judge).await,
+        Waited::Done
+    );
+
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![Ok(off.clone())]),
+    };
+    let start = Instant::now();
+    assert_eq!(
+        wait_for(&f, timeout, poll, false, &mut stop, judge).await,
+        Waited::TimedOut(vec![("a".into(), "runs v1".into())])
+    );
+    assert!(start.elapsed() >= timeout && start.elapsed() < timeout + poll);
+
+    // A bake holds for the whole time, and fails at once when the verdict fails.
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![Ok(on.clone())]),
+    };
+    let bake = |h: &[Host], hh: &Health| bake_verdict(h, hh, &a, &t);
+    let start = Instant::now();
+    assert_eq!(
+        wait_for(&f, timeout, poll, true, &mut stop, bake).await,
+        Waited::Done
+    );
+    assert!(start.elapsed() >= timeout);
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![Ok(on.clone()), Ok(off.clone())]),
+    };
+    assert!(matches!(
+        wait_for(&f, timeout, poll, true, &mut stop, bake).await,
+        Waited::Failed(id, _) if id == "a"
+    ));
+
+    // Reads failing again and again end the wait; a few are waited out.
+    let err = || Err(InPlaceError::DescribeTags("throttled".into()));
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![err(), err(), Ok(on.clone())]),
+    };
+    assert_eq!(
+        wait_for(&f, timeout, poll, false, &mut stop, judge).await,
+        Waited::Done
+    );
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![err()]),
+    };
+    assert!(matches!(
+        wait_for(&f, timeout, poll, false, &mut stop, judge).await,
+        Waited::Unreadable(e) if e.contains("throttled")
+    ));
+
+    // A stop request ends it.
+    let (handle, mut stop) = Stop::new();
+    let f = Script {
+        reads: std::sync::Mutex::new(vec![Ok(off.clone())]),
+    };
+    handle.stop("SIGTERM");
+    assert_eq!(
+        wait_for(&f, timeout, poll, false, &mut stop, judge).await,
+        Waited::Stopped("SIGTERM")
+    );
+}

@@ -1,0 +1,434 @@
+//! The in-place rollout, once the parameter holds the new release (see [`crate::inplace`]):
+//! pull on every instance to switch, then batch by batch switch, wait healthy, bake; late
+//! joiners last. A failure or the first signal reverts every switched instance and writes the
+//! previous record back under the same rules as the refresh path ([`Run::put_back`]).
+
+use skiff_release::{Release, instance_tags};
+use tokio::time::Instant;
+
+use super::{Event, Outcome, Run};
+use crate::inplace::{
+    self, Host, InPlaceFleet, RolloutPlan, RolloutStep, Waited, describe_pending, secs, wait_for,
+};
+use crate::refresh::InstanceRefresher;
+use crate::signal::Stop;
+use crate::store::ReleaseStore;
+
+/// The plan as an event (also what `--dry-run` shows).
+pub(super) fn plan_step(hosts: &[Host], new: &Release, plan: &RolloutPlan) -> RolloutStep {
+    let p = inplace::plan(hosts, new, plan.batch);
+    RolloutStep::Plan {
+        release: new.to_string(),
+        instances: hosts.len(),
+        on_target: p.on_target,
+        batches: p.batches,
+        bake_secs: secs(plan.bake),
+    }
+}
+
+fn took(since: Instant) -> f64 {
+    secs(since.elapsed())
+}
+
+/// Why a batch or the bake did not end well, in words; `None` when it did.
+enum Failure {
+    Reason(String),
+    Stopped(&'static str),
+}
+
+fn failure(what: &str, waited: Waited, timeout: std::time::Duration) -> Option<Failure> {
+    match waited {
+        Waited::Done => None,
+        Waited::Failed(id, why) => Some(Failure::Reason(format!("{what}: {id}: {why}"))),
+        Waited::TimedOut(pending) => Some(Failure::Reason(format!(
+            "{what}: not done within {}: {}",
+            humantime::format_duration(timeout),
+            describe_pending(&pending)
+        ))),
+        Waited::Stopped(signal) => Some(Failure::Stopped(signal)),
+        Waited::Unreadable(e) => Some(Failure::Reason(format!(
+            "{what}: the fleet cannot be read: {e}"
+        ))),
+    }
+}
+
+pub(super) async fn roll<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    before: Vec<Host>,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Outcome
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let started = Instant::now();
+    let new = run.new;
+    let value = instance_tags::encode(new);
+    let poll = run.req.poll.min(inplace::MAX_POLL);
+    let first = inplace::plan(&before, new, plan.batch);
+    emit(Event::Rollout(plan_step(&before, new, plan)));
+    let todo: Vec<String> = first.batches.concat();
+
+    // Pull everywhere first: a failure here switches nothing.
+    if !todo.is_empty() {
+        emit(Event::Rollout(RolloutStep::Pulling {
+            release: new.to_string(),
+            instances: todo.clone(),
+        }));
+        let t = Instant::now();
+        if let Err(e) = fleet.tag(&todo, instance_tags::PULL, &value).await {
+            return run
+                .restore_only(format!("{e}; no instance was switched"), emit)
+                .await;
+        }
+        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, |hosts, _| {
+            inplace::pull_verdict(hosts, &todo, new)
+        })
+        .await;
+        match failure(&format!("pull of {new}"), waited, plan.pull_timeout) {
+            None => emit(Event::Rollout(RolloutStep::Pulled {
+                instances: todo.clone(),
+                secs: took(t),
+            })),
+            Some(Failure::Reason(why)) => {
+                return run
+                    .restore_only(format!("{why}; no instance was switched"), emit)
+                    .await;
+            }
+            Some(Failure::Stopped(signal)) => {
+                emit(Event::Stopping {
+                    signal: signal.into(),
+                });
+                return run
+                    .restore_only(
+                        format!("stopped by {signal} during the pull; no instance was switched"),
+                        emit,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    let mut switched: Vec<String> = Vec::new();
+    let mut batches = first.batches;
+    let mut total = batches.len();
+    let mut n = 0;
+    let mut round = 0;
+    loop {
+        for batch in batches {
+            n += 1;
+            emit(Event::Rollout(RolloutStep::Switching {
+                batch: n,
+                batches: total,
+                release: new.to_string(),
+                instances: batch.clone(),
+            }));
+            let t = Instant::now();
+            switched.extend(batch.iter().cloned());
+            if let Err(e) = fleet.tag(&batch, instance_tags::TARGET, &value).await {
+                return revert(run, fleet, plan, &switched, format!("batch {n}: {e}"), emit).await;
+            }
+            let waited = wait_for(fleet, plan.batch_timeout, poll, false, stop, |hosts, h| {
+                inplace::batch_verdict(hosts, h, &batch, new)
+            })
+            .await;
+            match failure(
+                &format!("batch {n} of {total} ({new})"),
+                waited,
+                plan.batch_timeout,
+            ) {
+                None => emit(Event::Rollout(RolloutStep::Healthy {
+                    batch: n,
+                    batches: total,
+                    instances: batch.clone(),
+                    secs: took(t),
+                })),
+                Some(f) => return fail(run, fleet, plan, &switched, f, emit).await,
+            }
+            if !plan.bake.is_zero() {
+                let t = Instant::now();
+                let waited = wait_for(fleet, plan.bake, poll, true, stop, |hosts, h| {
+                    inplace::bake_verdict(hosts, h, &switched, new)
+                })
+                .await;
+                match failure(&format!("bake of batch {n} ({new})"), waited, plan.bake) {
+                    None => emit(Event::Rollout(RolloutStep::Baked {
+                        batch: n,
+                        batches: total,
+                        secs: took(t),
+                    })),
+                    Some(f) => return fail(run, fleet, plan, &switched, f, emit).await,
+                }
+            }
+        }
+        // Instances that joined meanwhile: those booted from the parameter run the release
+        // already; any other is switched too.
+        let now = match read_hosts(fleet).await {
+            Ok(h) => h,
+            Err(e) => {
+                return Outcome::NotRolledBack {
+                    reason: format!(
+                        "every batch runs {new}, but the group cannot be read again for instances that joined meanwhile: {e}"
+                    ),
+                    advice: format!(
+                        "run `{} release --tag {}` again: it skips the instances on {new} and switches the rest",
+                        run.ctl(),
+                        new.tag
+                    ),
+                };
+            }
+        };
+        let late: Vec<Vec<String>> = inplace::plan(&now, new, plan.batch)
+            .batches
+            .into_iter()
+            .map(|b| b.into_iter().filter(|id| !switched.contains(id)).collect())
+            .filter(|b: &Vec<String>| !b.is_empty())
+            .collect();
+        if late.is_empty() {
+            let instances: Vec<String> = now.iter().map(|h| h.id.clone()).collect();
+            return confirm(run, instances, switched.len(), n, took(started)).await;
+        }
+        round += 1;
+        if round > inplace::late_rounds() {
+            return Outcome::NotRolledBack {
+                reason: format!(
+                    "instances keep joining the group without {new}: {}",
+                    late.concat().join(", ")
+                ),
+                advice: format!(
+                    "the parameter holds {new}; once the group is stable run `{} release --tag {}` again, which switches only the rest",
+                    run.ctl(),
+                    new.tag
+                ),
+            };
+        }
+        emit(Event::Rollout(RolloutStep::LateJoiners {
+            instances: late.concat(),
+        }));
+        total += late.len();
+        batches = late;
+    }
+}
+
+/// Read the group, with a few tries.
+async fn read_hosts<H: InPlaceFleet>(fleet: &H) -> Result<Vec<Host>, inplace::InPlaceError> {
+    let mut tries = 0;
+    loop {
+        match fleet.hosts().await {
+            Ok(h) => return Ok(h),
+            Err(e) if tries >= 2 => return Err(e),
+            Err(e) => {
+                tries += 1;
+                tracing::warn!("{e}; trying again");
+                tokio::time::sleep(inplace::MAX_POLL).await;
+            }
+        }
+    }
+}
+
+async fn fail<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    switched: &[String],
+    f: Failure,
+    emit: &mut dyn FnMut(Event),
+) -> Outcome
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let reason = match f {
+        Failure::Reason(r) => r,
+        Failure::Stopped(signal) => {
+            emit(Event::Stopping {
+                signal: signal.into(),
+            });
+            format!("stopped by {signal}")
+        }
+    };
+    revert(run, fleet, plan, switched, reason, emit).await
+}
+
+/// Tag the previous release back on every switched instance (and any other that runs the new
+/// one), wait until they run it, and write the previous record back (only over this run's own
+/// write). A signal during the revert does not stop it; a second one exits at once.
+async fn revert<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    switched: &[String],
+    reason: String,
+    emit: &mut dyn FnMut(Event),
+) -> Outcome
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let new = run.new;
+    let Some(prev) = run.previous.as_ref().filter(|_| run.req.rollback) else {
+        return Outcome::NotRolledBack {
+            reason: format!(
+                "{reason}; switched to {new} and left so: {}",
+                switched.join(", ")
+            ),
+            advice: run.advice_new(),
+        };
+    };
+    emit(Event::RollingBack {
+        reason: reason.clone(),
+        to: prev.to_string(),
+    });
+    let hosts = match read_hosts(fleet).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("{e}; reverting the switched instances only");
+            switched
+                .iter()
+                .map(|id| Host {
+                    id: id.clone(),
+                    ..Host::default()
+                })
+                .collect()
+        }
+    };
+    let ids = inplace::to_revert(&hosts, switched, new);
+    emit(Event::Rollout(RolloutStep::Reverting {
+        reason: reason.clone(),
+        to: prev.to_string(),
+        instances: ids.clone(),
+    }));
+    let t = Instant::now();
+    let tagged = fleet
+        .tag(&ids, instance_tags::TARGET, &instance_tags::encode(prev))
+        .await;
+    // The first signal already came or cannot stop this: wait on a stop nobody triggers.
+    let (_never, mut unstoppable) = Stop::new();
+    let waited = match tagged {
+        Ok(()) => {
+            wait_for(
+                fleet,
+                plan.batch_timeout,
+                run.req.poll.min(inplace::MAX_POLL),
+                false,
+                &mut unstoppable,
+                |hosts, _| inplace::revert_verdict(hosts, &ids, prev),
+            )
+            .await
+        }
+        Err(e) => Waited::Unreadable(e.to_string()),
+    };
+    let reverted = match &waited {
+        Waited::Done => {
+            emit(Event::Rollout(RolloutStep::Reverted {
+                instances: ids.clone(),
+                secs: took(t),
+            }));
+            None
+        }
+        other => Some(match failure("revert", other.clone(), plan.batch_timeout) {
+            Some(Failure::Reason(r)) => r,
+            _ => "revert: interrupted".into(),
+        }),
+    };
+    if let Err(g) = run.put_back(prev, emit).await {
+        let reason = match &reverted {
+            None => reason,
+            Some(why) => format!("{reason}; {why}"),
+        };
+        return run.not_put_back(reason, prev, g);
+    }
+    match reverted {
+        None => Outcome::RolledBack {
+            reason,
+            to: prev.to_string(),
+        },
+        Some(why) => Outcome::NotRolledBack {
+            reason: format!("{reason}; {why}"),
+            advice: format!(
+                "the parameter holds {prev} again and skiff:target names it on {}; see which instance does not run it with `{} status`, then `{} rollback --to {}` to try again",
+                ids.join(", "),
+                run.ctl(),
+                run.ctl(),
+                prev.tag
+            ),
+        },
+    }
+}
+
+/// Every batch is healthy: the parameter must still hold this release.
+async fn confirm<S, R, D, L>(
+    run: &Run<'_, '_, S, R, D, L>,
+    instances: Vec<String>,
+    switched: usize,
+    batches: usize,
+    secs: f64,
+) -> Outcome
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+{
+    match run.fleet.store.read().await {
+        Ok(Some(s)) if s.version == run.mine.version && s.value == run.mine.value => {
+            Outcome::RolledOut {
+                release: run.new.to_string(),
+                instances,
+                switched,
+                batches,
+                secs,
+            }
+        }
+        Ok(other) => Outcome::NotRolledBack {
+            reason: format!(
+                "every instance runs {}, but {}",
+                run.new,
+                run.changed(other).await
+            ),
+            advice: format!(
+                "instances started after that change run what it holds; see `{} status` and `{} history`",
+                run.ctl(),
+                run.ctl()
+            ),
+        },
+        Err(e) => Outcome::NotRolledBack {
+            reason: format!(
+                "every instance runs {}, but the parameter cannot be read back: {e}",
+                run.new
+            ),
+            advice: format!(
+                "check that it holds {} with `{} status`",
+                run.new,
+                run.ctl()
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod verdicts {
+    use super::*;
+
+    #[test]
+    fn failure_words() {
+        let t = std::time::Duration::from_secs(5);
+        assert!(failure("x", Waited::Done, t).is_none());
+        let Some(Failure::Reason(r)) = failure(
+            "batch 1 of 3 (v2)",
+            Waited::TimedOut(vec![("i-a".into(), "runs v1".into())]),
+            t,
+        ) else {
+            panic!("a timeout is a failure");
+        };
+        assert_eq!(r, "batch 1 of 3 (v2): not done within 5s: i-a (runs v1)");
+        assert!(matches!(
+            failure("x", Waited::Stopped("SIGTERM"), t),
+            Some(Failure::Stopped("SIGTERM"))
+        ));
+    }
+}

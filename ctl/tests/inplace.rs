@@ -1,0 +1,624 @@
+//! The in-place strategy (issue 13) with the real `ctl` binary against the emulator on :5055
+//! (moto: EC2 instance tags, the Auto Scaling group, the target group's health). A small fake
+//! agent runs beside it: it reads only the tags ctl writes (`skiff:pull`, `skiff:target`) and
+//! answers as the agent does (`skiff:pulled`, `skiff:release`, `skiff:failed`) through moto's
+//! CreateTags, remembering the order in which it saw each instruction.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{Filter, RequestLaunchTemplateData, Tag as Ec2Tag};
+use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
+use common::*;
+use skiff_release::instance_tags;
+
+const V1: &str = r#"{"tag":"v1"}"#;
+
+struct Group {
+    asg: aws_sdk_autoscaling::Client,
+    ec2: aws_sdk_ec2::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    ssm: aws_sdk_ssm::Client,
+    name: String,
+    tg: String,
+    param: String,
+}
+
+/// A group of `n` InService instances registered with a target group of their own, each
+/// reporting v1, and the release parameter holding v1.
+async fn group(prefix: &str, n: i32) -> Group {
+    let sdk = moto_sdk().await;
+    let (asg, ec2) = (
+        aws_sdk_autoscaling::Client::new(&sdk),
+        aws_sdk_ec2::Client::new(&sdk),
+    );
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let name = unique(prefix);
+    let vpc = ec2.describe_vpcs().send().await.expect("vpcs").vpcs()[0]
+        .vpc_id()
+        .expect("vpc")
+        .to_owned();
+    let digits: String = name.chars().filter(char::is_ascii_digit).collect();
+    let tg_name = format!("ip{}", &digits[digits.len().saturating_sub(30)..]);
+    let tg = elb
+        .create_target_group()
+        .name(&tg_name)
+        .protocol(ProtocolEnum::Http)
+        .port(8080)
+        .vpc_id(vpc)
+        .target_type(TargetTypeEnum::Instance)
+        .send()
+        .await
+        .expect("target group")
+        .target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_owned();
+    let ami = ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("images")
+        .images()[0]
+        .image_id()
+        .expect("ami")
+        .to_owned();
+    let lt = ec2
+        .create_launch_template()
+        .launch_template_name(&name)
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("launch template");
+    let lt_id = lt
+        .launch_template()
+        .and_then(|l| l.launch_template_id())
+        .expect("lt id")
+        .to_owned();
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name(&name)
+        .min_size(0)
+        .max_size(n * 2 + 1)
+        .desired_capacity(n)
+        .availability_zones("us-east-1a")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(lt_id)
+                .build(),
+        )
+        .target_group_arns(&tg)
+        .send()
+        .await
+        .expect("group");
+    let param = format!("/{name}/release");
+    put_parameter(&ssm, &param, V1).await;
+    let g = Group {
+        asg,
+        ec2,
+        elb,
+        ssm,
+        name,
+        tg,
+        param,
+    };
+    for id in g.instances().await {
+        g.tag(&id, instance_tags::RELEASE, "v1").await;
+    }
+    g
+}
+
+impl Group {
+    async fn instances(&self) -> Vec<String> {
+        let out = self
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.name)
+            .send()
+            .await
+            .expect("describe group");
+        let mut ids: Vec<String> = out.auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn tag(&self, id: &str, key: &str, value: &str) {
+        self.ec2
+            .create_tags()
+            .resources(id)
+            .tags(Ec2Tag::builder().key(key).value(value).build())
+            .send()
+            .await
+            .expect("tag");
+    }
+
+    /// instance -> key -> value, for the skiff tags.
+    async fn tags(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let ids = self.instances().await;
+        let out = self
+            .ec2
+            .describe_tags()
+            .filters(
+                Filter::builder()
+                    .name("resource-id")
+                    .set_values(Some(ids))
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe tags");
+        let mut m: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for t in out.tags() {
+            let (Some(id), Some(k), Some(v)) = (t.resource_id(), t.key(), t.value()) else {
+                continue;
+            };
+            if k.starts_with("skiff:") {
+                m.entry(id.into()).or_default().insert(k.into(), v.into());
+            }
+        }
+        m
+    }
+
+    fn base(&self) -> Vec<String> {
+        [
+            "--parameter",
+            &self.param,
+            "--asg",
+            &self.name,
+            "--image",
+            "127.0.0.1:5000/skiff/app",
+            "--target-group",
+            &self.tg,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    async fn delete(&self) {
+        let _ = self
+            .asg
+            .delete_auto_scaling_group()
+            .auto_scaling_group_name(&self.name)
+            .force_delete(true)
+            .send()
+            .await;
+        let _ = self
+            .ec2
+            .delete_launch_template()
+            .launch_template_name(&self.name)
+            .send()
+            .await;
+        let _ = self
+            .elb
+            .delete_target_group()
+            .target_group_arn(&self.tg)
+            .send()
+            .await;
+        delete_param(&self.ssm, &self.param).await;
+        delete_param(&self.ssm, &format!("{}-lock", self.param)).await;
+    }
+}
+
+/// What the fake agent saw and did, in order: (instance, what).
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    log: Vec<(String, String)>,
+}
+
+/// A fake agent for every instance of the group: it reads only skiff:pull and skiff:target
+/// (as the agent reads them from the instance metadata) and answers with skiff:pulled,
+/// skiff:release (the tag) or, for a release in `fails` on that instance, skiff:failed (it
+/// keeps running what it ran, and never retries that release). `delay` is the time a switch
+/// takes.
+struct FakeAgent {
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAgent {
+    fn start(
+        ec2: aws_sdk_ec2::Client,
+        ids: Vec<String>,
+        fails: Vec<(String, String)>,
+        delay: Duration,
+    ) -> FakeAgent {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            // What each instance runs and what it failed, as the agent would remember.
+            let mut failed: BTreeSet<(String, String)> = BTreeSet::new();
+            loop {
+                let Ok(out) = ec2
+                    .describe_tags()
+                    .filters(
+                        Filter::builder()
+                            .name("resource-id")
+                            .set_values(Some(ids.clone()))
+                            .build(),
+                    )
+                    .filters(
+                        Filter::builder()
+                            .name("key")
+                            .values(instance_tags::PULL)
+                            .values(instance_tags::TARGET)
+                            .values(instance_tags::PULLED)
+                            .values(instance_tags::RELEASE)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let mut tags: BTreeMap<(String, String), String> = BTreeMap::new();
+                for t in out.tags() {
+                    if let (Some(id), Some(k), Some(v)) = (t.resource_id(), t.key(), t.value()) {
+                        tags.insert((id.into(), k.into()), v.into());
+                    }
+                }
+                let get = |id: &str, k: &str| tags.get(&(id.to_owned(), k.to_owned())).cloned();
+                for id in &ids {
+                    let answer = |k: &'static str, v: String| {
+                        let ec2 = ec2.clone();
+                        let id = id.clone();
+                        async move {
+                            ec2.create_tags()
+                                .resources(id)
+                                .tags(Ec2Tag::builder().key(k).value(v).build())
+                                .send()
+                                .await
+                                .expect("answer");
+                        }
+                    };
+                    if let Some(pull) = get(id, instance_tags::PULL)
+                        .filter(|p| get(id, instance_tags::PULLED).as_ref() != Some(p))
+                    {
+                        log.lock()
+                            .expect("log")
+                            .log
+                            .push((id.clone(), format!("pull {pull}")));
+                        answer(instance_tags::PULLED, pull).await;
+                    }
+                    let Some(target) = get(id, instance_tags::TARGET) else {
+                        continue;
+                    };
+                    let Ok(want) = instance_tags::decode(&target) else {
+                        continue;
+                    };
+                    let runs = get(id, instance_tags::RELEASE);
+                    if runs.as_deref() == Some(want.tag.as_str())
+                        || failed.contains(&(id.clone(), target.clone()))
+                    {
+                        continue;
+                    }
+                    log.lock()
+                        .expect("log")
+                        .log
+                        .push((id.clone(), format!("switch {target}")));
+                    tokio::time::sleep(delay).await;
+                    if fails.contains(&(id.clone(), want.tag.to_string())) {
+                        failed.insert((id.clone(), target.clone()));
+                        answer(instance_tags::FAILED, target).await;
+                    } else {
+                        answer(instance_tags::RELEASE, want.tag.to_string()).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        FakeAgent { seen, task }
+    }
+
+    fn log(&self) -> Vec<(String, String)> {
+        self.seen.lock().expect("log").log.clone()
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run_ctl(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl(&args)
+    })
+    .await
+    .expect("ctl")
+}
+
+fn args(g: &Group, tail: &[&str]) -> Vec<String> {
+    let mut a = g.base();
+    a.extend(tail.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+const FAST: [&str; 4] = ["--poll", "200ms", "--batch-timeout", "20s"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_place_release_rollback_and_a_failing_release() {
+    let g = group("skiff-ctl-ip", 3).await;
+    let ids = g.instances().await;
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let agent = FakeAgent::start(
+        g.ec2.clone(),
+        ids.clone(),
+        vec![(ids[0].clone(), "v3".into())],
+        Duration::from_millis(300),
+    );
+
+    // Dry run: the plan, nothing tagged.
+    let out = run_ctl(args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+            "--dry-run",
+        ],
+    ))
+    .await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!(
+            "3 batch(es) [{}] [{}] [{}]",
+            ids[0], ids[1], ids[2]
+        )),
+        "{t}"
+    );
+    assert!(
+        agent.log().is_empty(),
+        "a dry run tags nothing: {:?}",
+        agent.log()
+    );
+
+    // The release: pulled everywhere first, then one instance at a time.
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+        ],
+    );
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("released v2 in place: 3 instance(s) run it, 3 switched in 3 batch(es)"),
+        "{t}"
+    );
+    for (n, id) in ids.iter().enumerate() {
+        assert!(
+            t.contains(&format!("in-place: batch {}/3: switch {id} to v2", n + 1))
+                && t.contains(&format!(
+                    "in-place: batch {}/3: {id} healthy on the new release in",
+                    n + 1
+                )),
+            "{t}"
+        );
+    }
+    let log = agent.log();
+    let want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.clone(), "pull v2".to_owned()))
+        .chain(ids.iter().map(|id| (id.clone(), "switch v2".to_owned())))
+        .collect();
+    assert_eq!(log, want, "pull on all, then switch in batch order");
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:release"], "v2", "{tags:?}");
+        assert_eq!(tags[id]["skiff:target"], "v2", "{tags:?}");
+    }
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert!(value.contains(r#""tag":"v2""#), "{value}");
+
+    // status: the rollout line and each instance's skiff:target.
+    let mut a = g.base();
+    a.push("status".into());
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert!(
+        t.contains("rollout    3 of 3 instances run v2 (in place)"),
+        "{t}"
+    );
+    assert!(t.contains("SKIFF:TARGET"), "{t}");
+
+    // A release that fails its health gate on the first instance: only the first batch is
+    // touched, it is told v2 again, the parameter holds v2 again, exit 1.
+    let before = agent.log().len();
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v3",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+            "--json",
+        ],
+    );
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "rolled back: {t}");
+    let switches: Vec<(String, String)> = agent.log()[before..]
+        .iter()
+        .filter(|(_, what)| what.starts_with("switch"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        switches,
+        vec![(ids[0].clone(), "switch v3".to_owned())],
+        "only the first batch was switched: {t}"
+    );
+    let tags = g.tags().await;
+    assert_eq!(
+        tags[&ids[0]]["skiff:target"], "v2",
+        "told to go back: {tags:?}"
+    );
+    assert_eq!(tags[&ids[0]]["skiff:failed"], "v3", "{tags:?}");
+    for id in &ids[1..] {
+        assert_eq!(tags[id]["skiff:target"], "v2", "never told v3: {tags:?}");
+        assert_eq!(tags[id]["skiff:pulled"], "v3", "but pulled it: {tags:?}");
+    }
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert!(value.contains(r#""tag":"v2""#), "{value}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "rollout")
+        .filter_map(|e| e["step"].as_str())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            "plan",
+            "pulling",
+            "pulled",
+            "switching",
+            "reverting",
+            "reverted"
+        ],
+        "{t}"
+    );
+    let last = events.last().expect("outcome");
+    assert_eq!(last["outcome"], "rolled_back", "{t}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&ids[0]) && r.contains("health gate")),
+        "{t}"
+    );
+
+    // ctl rollback in place: back to v1 on every instance.
+    let mut a = args(&g, &["rollback", "--strategy", "in-place"]);
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("released v1 in place"), "{t}");
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:release"], "v1", "{tags:?}");
+    }
+    drop(agent);
+    g.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release() {
+    let g = group("skiff-ctl-ipk", 3).await;
+    let ids = g.instances().await;
+    // Slow switches, so that ctl is killed while the second batch switches.
+    let agent = FakeAgent::start(g.ec2.clone(), ids.clone(), vec![], Duration::from_secs(2));
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+        ],
+    );
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut child = ctl_command(&a, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ctl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tags = g.tags().await;
+        if tags
+            .get(&ids[0])
+            .and_then(|t| t.get("skiff:release"))
+            .is_some_and(|r| r == "v2")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first batch never done: {tags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().expect("SIGKILL ctl");
+    let _ = child.wait();
+
+    // status says so: the rollout is half way.
+    let mut s = g.base();
+    s.push("status".into());
+    let out = run_ctl(s).await;
+    let t = text(&out);
+    assert!(
+        t.contains(" of 3 instances run v2 (in place)") && !t.contains("3 of 3"),
+        "{t}"
+    );
+
+    // The lock of the killed run is cleared, then the same release converges.
+    let mut u = g.base();
+    u.extend(["unlock".to_owned(), "--force".to_owned()]);
+    assert_eq!(run_ctl(u).await.status.code(), Some(0));
+    let before = agent.log().len();
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+        ],
+    );
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains(&format!("already on it: {}", ids[0])), "{t}");
+    let again: Vec<String> = agent.log()[before..]
+        .iter()
+        .filter(|(_, what)| what.starts_with("switch"))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(!again.contains(&ids[0]), "not switched twice: {again:?}");
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:release"], "v2", "{tags:?}");
+    }
+    drop(agent);
+    g.delete().await;
+}
