@@ -622,3 +622,76 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     drop(agent);
     g.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_rollout_reverts_the_switched_instances() {
+    let g = group("skiff-ctl-ips", 3).await;
+    let ids = g.instances().await;
+    let agent = FakeAgent::start(g.ec2.clone(), ids.clone(), vec![], Duration::from_secs(1));
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+        ],
+    );
+    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let child = ctl_command(&a, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ctl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tags = g.tags().await;
+        if tags
+            .get(&ids[0])
+            .and_then(|t| t.get("skiff:release"))
+            .is_some_and(|r| r == "v2")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first batch never done: {tags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("ctl");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "reverted: {t}");
+    assert!(t.contains("stopped by SIGTERM"), "{t}");
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:release"], "v1", "back on v1: {tags:?}");
+        assert_ne!(
+            tags[id].get("skiff:target").map(String::as_str),
+            Some("v2"),
+            "no instance is still told v2: {tags:?}"
+        );
+    }
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert!(value.contains(r#""tag":"v1""#), "{value}");
+    assert!(
+        read_param(&g.ssm, &format!("{}-lock", g.param))
+            .await
+            .is_none(),
+        "lock let go"
+    );
+    drop(agent);
+    g.delete().await;
+}
