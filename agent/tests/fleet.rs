@@ -13,84 +13,20 @@ use aws_smithy_mocks::{Rule, RuleMode, create_mock_http_client, mock};
 use skiff_agent::autoscaling::{ACTION_LIMIT, AwsFleet, GROUP_TAG_PATH, HOOK_RETRY_FOR};
 use skiff_agent::fleet::Fleet;
 use skiff_release::Release;
+use support::imds::{Imds, Tags};
 use support::interceptor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep};
 
 async fn moto_sdk() -> aws_config::SdkConfig {
     support::sdk_at(support::MOTO).await
 }
 
-/// A tiny IMDSv2: answers the token PUT, and GETs only with that token; serves the group as the
-/// `aws:autoscaling:groupName` instance tag when given (404 otherwise, as EC2 does when instance
-/// tags are not enabled in the metadata). Returns its URL and the request lines it saw.
+/// The IMDSv2 stand-in, serving the group as the `aws:autoscaling:groupName` instance tag when
+/// given (404 otherwise, as EC2 does when instance tags are not enabled in the metadata).
+/// Returns its URL and the request lines it saw.
 async fn fake_imds(instance_id: String, group: Option<&str>) -> (String, Arc<Mutex<Vec<String>>>) {
-    fake_imds_in(instance_id, group, Arc::new(Mutex::new("InService".into()))).await
-}
-
-/// As [`fake_imds`], also serving the target lifecycle state held in `lifecycle`.
-async fn fake_imds_in(
-    instance_id: String,
-    group: Option<&str>,
-    lifecycle: Arc<Mutex<String>>,
-) -> (String, Arc<Mutex<Vec<String>>>) {
-    let group = group.map(str::to_owned);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let id = instance_id.clone();
-            let group = group.clone();
-            let log = log.clone();
-            let state = lifecycle.lock().expect("lock").clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => n += k,
-                    }
-                }
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let line = req.lines().next().unwrap_or_default().to_owned();
-                log.lock().expect("lock").push(line.clone());
-                let has_token = req
-                    .lines()
-                    .any(|l| l.eq_ignore_ascii_case("x-aws-ec2-metadata-token: tok-123"));
-                let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-                    ["PUT", "/latest/api/token"] => ("200 OK", "tok-123".to_owned()),
-                    ["GET", _] if !has_token => ("401 Unauthorized", String::new()),
-                    ["GET", "/latest/meta-data/instance-id"] => ("200 OK", id),
-                    ["GET", "/latest/meta-data/placement/region"] => {
-                        ("200 OK", "us-east-1".to_owned())
-                    }
-                    [
-                        "GET",
-                        "/latest/meta-data/autoscaling/target-lifecycle-state",
-                    ] => ("200 OK", state),
-                    ["GET", path] if path == GROUP_TAG_PATH && group.is_some() => {
-                        ("200 OK", group.unwrap_or_default())
-                    }
-                    _ => ("404 Not Found", String::new()),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nx-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    (url, seen)
+    let imds = Imds::serve(&instance_id, group, Tags::Held).await;
+    (imds.url, imds.seen)
 }
 
 fn release(tag: &str) -> Release {
@@ -346,15 +282,11 @@ async fn without_the_group_tag_in_metadata_no_hook_call_is_made_and_the_error_sa
 async fn termination_is_read_from_imds_and_the_terminate_hook_completed_once_drained() {
     let results = Arc::new(Mutex::new(Vec::new()));
     let complete = recording_complete(results.clone());
-    let lifecycle = Arc::new(Mutex::new("InService".to_owned()));
-    let (url, _seen) = fake_imds_in("i-1".into(), Some("app-asg"), lifecycle.clone()).await;
-    let imds = aws_config::imds::Client::builder()
-        .endpoint(&url)
-        .expect("endpoint")
-        .build();
+    let stand_in = Imds::serve("i-1", Some("app-asg"), Tags::Held).await;
+    let lifecycle = stand_in.lifecycle.clone();
     let fleet = AwsFleet::with_clients(
         "i-1".into(),
-        imds,
+        stand_in.client(),
         mocked_ec2(),
         mocked_autoscaling(&complete),
         None,
@@ -662,4 +594,291 @@ async fn the_launch_hook_is_completed_in_the_emulator_and_the_instance_goes_in_s
         .await;
     assert_eq!(state.as_deref(), Some("Pending:Wait"), "{before:?}");
     assert_eq!(after, [(id, Some("InService".to_owned()))]);
+}
+
+/// The rollout's instructions are the instance tags `skiff:target` and `skiff:pull` in the
+/// metadata: absent = none; a value that is not a release is ignored; a metadata service in
+/// trouble is no news (the last instructions stand) and is counted.
+#[tokio::test]
+async fn instructions_are_read_from_the_instance_tags_in_the_metadata() {
+    use skiff_agent::fleet::Instructions;
+    use skiff_release::instance_tags::{PULL, TARGET};
+    let imds = Imds::serve("i-1", Some("app-asg"), Tags::Held).await;
+    let metrics = Arc::new(skiff_agent::metrics::Metrics::new());
+    let fleet = AwsFleet::with_clients(
+        "i-1".into(),
+        imds.client(),
+        mocked_ec2(),
+        mocked_autoscaling(&recording_complete(Arc::default())),
+        None,
+    )
+    .with_metrics(metrics.clone());
+    assert!(fleet.coordinated());
+    assert_eq!(fleet.instructions().await, Instructions::default());
+
+    let pinned = "v3@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    imds.set_tag(TARGET, "v2");
+    imds.set_tag(PULL, pinned);
+    let want = Instructions {
+        target: Some(release("v2")),
+        pull: Some(skiff_release::instance_tags::decode(pinned).expect("pinned")),
+    };
+    assert_eq!(fleet.instructions().await, want);
+    assert_eq!(
+        imds.requests_for(&format!("/latest/meta-data/tags/instance/{TARGET}")),
+        2,
+        "one metadata read per key and turn"
+    );
+
+    // The metadata service in trouble: the last instructions stand.
+    imds.tags_broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(fleet.instructions().await, want);
+    imds.tags_broken
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let errors = metrics.encode(
+        &skiff_agent::state::Snapshot::new("t".into(), skiff_agent::config::UpdateMode::Boot),
+        str::to_owned,
+    );
+    assert!(
+        errors.lines().any(
+            |l| l.starts_with("skiff_agent_fleet_errors_total{kind=\"metadata\"} ")
+                && !l.ends_with(" 0")
+        ),
+        "{errors}"
+    );
+
+    // Not a release: ignored, the other key still read.
+    imds.set_tag(TARGET, "not a tag!");
+    imds.remove_tag(PULL);
+    assert_eq!(fleet.instructions().await, Instructions::default());
+    // Removed (or empty): none.
+    imds.set_tag(TARGET, "");
+    assert_eq!(fleet.instructions().await, Instructions::default());
+}
+
+/// Off EC2 there is no rollout to follow.
+#[tokio::test]
+async fn a_disabled_fleet_is_not_coordinated_and_has_no_instructions() {
+    let fleet = AwsFleet::disabled();
+    assert!(!fleet.coordinated());
+    assert_eq!(
+        fleet.instructions().await,
+        skiff_agent::fleet::Instructions::default()
+    );
+    assert!(fleet.pulled(&release("v1")).await);
+    assert!(!skiff_agent::fleet::NoFleet.coordinated());
+}
+
+/// The answers are instance tags in moto's EC2 (`skiff:pulled`, `skiff:failed`), read back
+/// through the metadata at the agent's start.
+#[tokio::test]
+async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
+    use skiff_release::instance_tags::{FAILED, PULLED};
+    let sdk = moto_sdk().await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let ami = ec2
+        .describe_images()
+        .send()
+        .await
+        .expect("describe images")
+        .images()
+        .iter()
+        .find_map(|i| i.image_id().map(str::to_owned))
+        .expect("an AMI");
+    let id = ec2
+        .run_instances()
+        .image_id(ami)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("run instance")
+        .instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned();
+    let imds = Imds::serve(&id, Some("app-asg"), Tags::Ec2(support::MOTO.into())).await;
+    let fleet = AwsFleet::discover(&imds.client(), &sdk, None, None).await;
+    let pinned = skiff_release::instance_tags::decode(
+        "v2@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    )
+    .expect("pinned");
+    let fresh = fleet.answers().await;
+    let pulled = fleet.pulled(&pinned).await;
+    let failed = fleet.failed(&release("v3")).await;
+    let tags = ec2
+        .describe_tags()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-id")
+                .values(&id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe tags");
+    let value = |key: &str| {
+        tags.tags()
+            .iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .map(str::to_owned)
+    };
+    // A restarted agent reads them back.
+    let again = AwsFleet::discover(&imds.client(), &sdk, None, None)
+        .await
+        .answers()
+        .await;
+    ec2.terminate_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .expect("clean up");
+    assert_eq!(fresh, skiff_agent::fleet::Answers::default());
+    assert!(pulled && failed);
+    assert_eq!(value(PULLED).as_deref(), Some(pinned.to_string().as_str()));
+    assert_eq!(value(FAILED).as_deref(), Some("v3"));
+    assert_eq!(again.pulled, Some(pinned));
+    assert_eq!(again.failed, Some(release("v3")));
+}
+
+/// The real agent on a fleet host: the Docker engine, the local registry, SSM and EC2 in moto,
+/// and the metadata stand-in serving the instance's live moto tags. With `update = "in-place"`
+/// configured, a parameter written without ctl swaps nothing; the tags ctl writes do: a pull
+/// answered `skiff:pulled` with no container, a target switched to and answered
+/// `skiff:release`, a target that fails its gate answered `skiff:failed` with the host back on
+/// the release before, and a revert.
+#[test]
+fn the_agent_follows_its_instance_tags_and_not_the_parameter_while_it_runs() {
+    use skiff_release::instance_tags::{FAILED, PULL, PULLED, RELEASE, TARGET};
+    use support::{AWS_ENV, Agent, Fixture, Moto, wait_for};
+    let moto = Moto::connect();
+    let mut fx = Fixture::new("rollout");
+    fx.image("v1", true);
+    fx.image("v2", true);
+    fx.image("v3", false);
+    let instance = moto.run_instance();
+    let parameter = format!("/{}/release", fx.id);
+    moto.put(&parameter, "v1", false);
+    let imds = Imds::on_thread(
+        &instance,
+        Some("skiff-it-group"),
+        Tags::Ec2(support::MOTO.into()),
+    );
+    let config = fx.write_config(&format!(
+        r#"[app]
+name = "{id}"
+image = "{repo}"
+port = {app_port}
+health_path = "/health"
+start_timeout = "4s"
+stop_timeout = "2s"
+[release]
+source = "ssm"
+parameter = "{parameter}"
+poll_interval = "300ms"
+update = "in-place"
+drain = "300ms"
+[health]
+listen = "127.0.0.1:{health_port}"
+interval = "200ms"
+[aws]
+region = "us-east-1"
+"#,
+        id = fx.id,
+        repo = fx.repo,
+        app_port = fx.app_port,
+        health_port = fx.health_port,
+    ));
+    let mut env = AWS_ENV.to_vec();
+    env.push(("AWS_ENDPOINT_URL", support::MOTO));
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url.as_str()));
+    let agent = Agent::start(&config, &env);
+    let long = Duration::from_secs(60);
+    let tag_is =
+        |key: &str, value: &str| moto.tags(&instance).get(key).map(String::as_str) == Some(value);
+    let context = || {
+        format!(
+            "{:#}\ntags {:?}\n{}",
+            fx.status_or_null(),
+            moto.tags(&instance),
+            agent.logs()
+        )
+    };
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fx.wait_healthy("v1", long);
+        wait_for(long, "skiff:release=v1", || tag_is(RELEASE, "v1"), context);
+        let v1_container = fx.running_container();
+        assert!(
+            agent.logs().contains("ctl release --strategy in-place"),
+            "update = in-place is not honoured on a fleet, and the log says what to do"
+        );
+
+        // A parameter written without ctl: no running host swaps.
+        moto.put(&parameter, "v2", false);
+        wait_for(
+            long,
+            "stale reported",
+            || fx.status()["stale"] == true,
+            context,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(fx.running_container(), v1_container, "{}", context());
+        assert_eq!(fx.containers().len(), 1, "{}", context());
+
+        // Pull ahead: answered, no container.
+        moto.tag(&instance, PULL, "v2");
+        wait_for(long, "skiff:pulled=v2", || tag_is(PULLED, "v2"), context);
+        assert_eq!(fx.containers().len(), 1, "{}", context());
+        assert_eq!(fx.status()["instructions"]["pull"]["tag"], "v2");
+
+        // Switch.
+        moto.tag(&instance, TARGET, "v2");
+        fx.wait_healthy("v2", long);
+        wait_for(long, "skiff:release=v2", || tag_is(RELEASE, "v2"), context);
+        assert_eq!(fx.status()["instructions"]["target"]["tag"], "v2");
+
+        // A target that never becomes healthy: back on v2, reported failed, not retried.
+        moto.tag(&instance, PULL, "v3");
+        wait_for(long, "skiff:pulled=v3", || tag_is(PULLED, "v3"), context);
+        moto.tag(&instance, TARGET, "v3");
+        wait_for(long, "skiff:failed=v3", || tag_is(FAILED, "v3"), context);
+        fx.wait_healthy("v2", long);
+        assert!(tag_is(RELEASE, "v2"), "{}", context());
+        let after_failure = fx.containers().len();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            fx.containers().len(),
+            after_failure,
+            "v3 not retried: {}",
+            context()
+        );
+        assert_eq!(
+            fx.healthz().map(|(c, b)| (c, b["tag"].clone())),
+            Some((200, "v2".into()))
+        );
+
+        // ctl's revert to the release before.
+        moto.tag(&instance, TARGET, "v1");
+        fx.wait_healthy("v1", long);
+        wait_for(long, "skiff:release=v1", || tag_is(RELEASE, "v1"), context);
+        // The parameter still names v2: reported, not applied.
+        wait_for(
+            long,
+            "stale reported",
+            || fx.status()["stale"] == true,
+            context,
+        );
+        assert_eq!(
+            fx.healthz().map(|(c, b)| (c, b["tag"].clone())),
+            Some((200, "v1".into()))
+        );
+    }));
+    moto.terminate(&instance);
+    moto.delete_path(&format!("/{}", fx.id));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }

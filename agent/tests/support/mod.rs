@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod imds;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -527,10 +529,11 @@ pub fn interceptor(
     )
 }
 
-/// SSM in the moto emulator, through the real AWS SDK.
+/// SSM and EC2 in the moto emulator, through the real AWS SDK.
 pub struct Moto {
     rt: tokio::runtime::Runtime,
     pub ssm: aws_sdk_ssm::Client,
+    pub ec2: aws_sdk_ec2::Client,
 }
 
 pub const AWS_ENV: [(&str, &str); 4] = [
@@ -553,8 +556,83 @@ impl Moto {
         let conf = rt.block_on(sdk_at(MOTO));
         Moto {
             ssm: aws_sdk_ssm::Client::new(&conf),
+            ec2: aws_sdk_ec2::Client::new(&conf),
             rt,
         }
+    }
+
+    /// A new EC2 instance (terminate it with [`Moto::terminate`]).
+    pub fn run_instance(&self) -> String {
+        self.rt.block_on(async {
+            let ami = self
+                .ec2
+                .describe_images()
+                .send()
+                .await
+                .expect("describe images")
+                .images()
+                .iter()
+                .find_map(|i| i.image_id().map(str::to_owned))
+                .expect("moto has an AMI");
+            self.ec2
+                .run_instances()
+                .image_id(ami)
+                .min_count(1)
+                .max_count(1)
+                .send()
+                .await
+                .expect("run instance")
+                .instances()[0]
+                .instance_id()
+                .expect("instance id")
+                .to_owned()
+        })
+    }
+
+    pub fn terminate(&self, instance: &str) {
+        let _ = self
+            .rt
+            .block_on(self.ec2.terminate_instances().instance_ids(instance).send());
+    }
+
+    /// CreateTags `key=value` on `instance`, as ctl does.
+    pub fn tag(&self, instance: &str, key: &str, value: &str) {
+        self.rt
+            .block_on(
+                self.ec2
+                    .create_tags()
+                    .resources(instance)
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key(key)
+                            .value(value)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .expect("create tags");
+    }
+
+    /// The instance's tags.
+    pub fn tags(&self, instance: &str) -> std::collections::BTreeMap<String, String> {
+        let out = self
+            .rt
+            .block_on(
+                self.ec2
+                    .describe_tags()
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("resource-id")
+                            .values(instance)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .expect("describe tags");
+        out.tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect()
     }
 
     pub fn put(&self, name: &str, value: &str, secure: bool) {
