@@ -5,6 +5,12 @@
 //! completes it with ABANDON. Off EC2 (no IMDS) it logs once and does nothing, like
 //! [`NoFleet`](crate::fleet::NoFleet). SDK types and errors stay in this module.
 //!
+//! On EC2 the host's releases are coordinated ([`Fleet::coordinated`]): the rollout's
+//! instructions are the instance tags `skiff:target` and `skiff:pull`, read from the instance
+//! metadata every loop turn (local, no AWS API call), and the answers `skiff:pulled` and
+//! `skiff:failed` are written with CreateTags like `skiff:release` (the tag keys and value form
+//! are `skiff_release::instance_tags`).
+//!
 //! A hook completion that fails for a transient reason is retried with exponential backoff and
 //! jitter: within one call for at most [`ACTION_LIMIT`] (the supervision loop waits on it), then
 //! on later loop turns through [`Fleet::retry_pending`], until it succeeds, Auto Scaling says the

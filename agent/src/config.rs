@@ -155,7 +155,8 @@ pub enum SourceConfig {
 pub enum UpdateMode {
     /// Apply the release at start only; fleets roll by instance replacement.
     Boot,
-    /// Apply changed releases while running, draining first.
+    /// Apply changed releases while running, draining first. Not honoured on an Auto Scaling
+    /// group, where `ctl release --strategy in-place` coordinates the swaps (see `reconcile`).
     InPlace,
 }
 

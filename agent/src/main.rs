@@ -4,7 +4,9 @@
 //! local development, a file; runs that image from the configured repository as this host's one
 //! container with host networking; serves `/healthz` (for the load balancer), `/status` and the
 //! Prometheus `/metrics` on `health.listen`; keeps the app running (restarts with backoff, in-place updates with drain and
-//! rollback) and fails static when AWS, the registry or Docker are away.
+//! rollback) and fails static when AWS, the registry or Docker are away. On an Auto Scaling
+//! group the parameter applies at boot, and running hosts swap when `ctl release --strategy
+//! in-place` targets them through their instance tags (read from the instance metadata).
 //!
 //! Configuration: one TOML file, `--config` (default `/etc/skiff/agent.toml`); see README.md.
 //! Logs: JSON lines when stderr is not a terminal, text when it is; `RUST_LOG` filters.

@@ -794,7 +794,8 @@ region = "us-east-1"
     let mut env = AWS_ENV.to_vec();
     env.push(("AWS_ENDPOINT_URL", support::MOTO));
     env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url.as_str()));
-    let agent = Agent::start(&config, &env);
+    // Behind a lock: the agent is restarted mid-rollout.
+    let agent = Mutex::new(Agent::start(&config, &env));
     let long = Duration::from_secs(60);
     let tag_is =
         |key: &str, value: &str| moto.tags(&instance).get(key).map(String::as_str) == Some(value);
@@ -803,7 +804,7 @@ region = "us-east-1"
             "{:#}\ntags {:?}\n{}",
             fx.status_or_null(),
             moto.tags(&instance),
-            agent.logs()
+            agent.lock().expect("lock").logs()
         )
     };
 
@@ -812,7 +813,11 @@ region = "us-east-1"
         wait_for(long, "skiff:release=v1", || tag_is(RELEASE, "v1"), context);
         let v1_container = fx.running_container();
         assert!(
-            agent.logs().contains("ctl release --strategy in-place"),
+            agent
+                .lock()
+                .expect("lock")
+                .logs()
+                .contains("ctl release --strategy in-place"),
             "update = in-place is not honoured on a fleet, and the log says what to do"
         );
 
@@ -859,6 +864,41 @@ region = "us-east-1"
             fx.healthz().map(|(c, b)| (c, b["tag"].clone())),
             Some((200, "v2".into()))
         );
+
+        // The agent restarts while the failed target still stands: it adopts v2 and neither
+        // tries v3 again nor loses its answer.
+        {
+            let mut a = agent.lock().expect("lock");
+            a.sigterm();
+            *a = Agent::start(&config, &env);
+        }
+        fx.wait_healthy("v2", long);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            fx.containers().len(),
+            after_failure,
+            "v3 not retried after a restart: {}",
+            context()
+        );
+        assert!(
+            agent
+                .lock()
+                .expect("lock")
+                .logs()
+                .contains("it is not tried again"),
+            "{}",
+            context()
+        );
+        assert!(
+            !agent
+                .lock()
+                .expect("lock")
+                .logs()
+                .contains("draining before the update"),
+            "no swap after the restart: {}",
+            context()
+        );
+        assert_eq!(fx.status()["failed_release"]["tag"], "v3");
 
         // ctl's revert to the release before.
         moto.tag(&instance, TARGET, "v1");
