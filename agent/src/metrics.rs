@@ -85,6 +85,26 @@ pub enum ProbeFailure {
     NoAnswer,
 }
 
+/// An instruction of a coordinated rollout the host carried out (see `fleet::Instructions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstructionKind {
+    /// A swap to `skiff:target` started.
+    Target,
+    /// A `skiff:pull` pulled and answered.
+    Pull,
+}
+
+impl InstructionKind {
+    const ALL: [InstructionKind; 2] = [InstructionKind::Target, InstructionKind::Pull];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            InstructionKind::Target => "target",
+            InstructionKind::Pull => "pull",
+        }
+    }
+}
+
 /// What went wrong talking to the fleet (EC2 / Auto Scaling / instance metadata).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FleetErrorKind {
@@ -241,6 +261,7 @@ pub struct Metrics {
     drains: Family<ReasonLabels, Counter>,
     source_errors: Family<KindLabels, Counter>,
     fleet_errors: Family<KindLabels, Counter>,
+    instructions: Family<KindLabels, Counter>,
     last_poll: Gauge<f64, AtomicU64>,
     /// The scrape buffer (kept between scrapes) and the release the info metric names now;
     /// one lock, so two scrapes never interleave their updates.
@@ -348,6 +369,12 @@ impl Metrics {
             "Failed calls to instance metadata, EC2 and Auto Scaling, by kind",
             fleet_errors.clone(),
         );
+        let instructions = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "instructions",
+            "Instructions of a coordinated rollout carried out, by kind (target: a swap started; pull: pulled and answered)",
+            instructions.clone(),
+        );
         let last_poll = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "last_poll_success_timestamp_seconds",
@@ -379,6 +406,9 @@ impl Metrics {
         for k in FleetErrorKind::ALL {
             fleet_errors.get_or_create_owned(&KindLabels { kind: k.as_str() });
         }
+        for k in InstructionKind::ALL {
+            instructions.get_or_create_owned(&KindLabels { kind: k.as_str() });
+        }
         Metrics {
             registry,
             release,
@@ -393,6 +423,7 @@ impl Metrics {
             drains,
             source_errors,
             fleet_errors,
+            instructions,
             last_poll,
             scrape: Mutex::new(Scrape {
                 buffer: String::with_capacity(8 * 1024),
@@ -452,6 +483,14 @@ impl Metrics {
 
     pub fn fleet_error(&self, kind: FleetErrorKind) {
         self.fleet_errors
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn instruction(&self, kind: InstructionKind) {
+        self.instructions
             .get_or_create(&KindLabels {
                 kind: kind.as_str(),
             })
@@ -598,6 +637,7 @@ mod tests {
             ("skiff_agent_drains_total{", 2),
             ("skiff_agent_source_errors_total{", 6),
             ("skiff_agent_fleet_errors_total{", 5),
+            ("skiff_agent_instructions_total{", 2),
         ] {
             let lines = samples(&empty, name);
             assert_eq!(lines.len(), n, "{name}: {lines:?}");
@@ -623,6 +663,7 @@ mod tests {
         }));
         m.source_error(INVALID_VALUE);
         m.fleet_error(FleetErrorKind::LifecycleHook);
+        m.instruction(InstructionKind::Pull);
         m.last_poll.set(1_700_000_000.25);
         let t = text(&m, &snap);
         // Every family is described, with its type (an empty family shows nothing at all).
@@ -639,6 +680,7 @@ mod tests {
             ("skiff_agent_drains_total", "counter"),
             ("skiff_agent_source_errors_total", "counter"),
             ("skiff_agent_fleet_errors_total", "counter"),
+            ("skiff_agent_instructions_total", "counter"),
             ("skiff_agent_last_poll_success_timestamp_seconds", "gauge"),
         ] {
             assert!(
@@ -743,6 +785,13 @@ mod tests {
             (
                 "skiff_agent_fleet_errors_total{kind=\"tag\"}",
                 &["skiff_agent_fleet_errors_total{kind=\"tag\"} 0"],
+            ),
+            (
+                "skiff_agent_instructions_total",
+                &[
+                    "skiff_agent_instructions_total{kind=\"pull\"} 1",
+                    "skiff_agent_instructions_total{kind=\"target\"} 0",
+                ],
             ),
             (
                 "skiff_agent_last_poll_success_timestamp_seconds",

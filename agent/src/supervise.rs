@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::credentials::PullTokens;
 use crate::fleet::{Fleet, Instructions};
 use crate::journal::Journal;
-use crate::metrics::{self, DrainReason, Metrics};
+use crate::metrics::{self, DrainReason, InstructionKind, Metrics};
 use crate::reconcile::{self, Action, Current, PullSituation, Situation};
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::{ReleaseSource, SourceError};
@@ -331,6 +331,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                         "pulled ahead of the switch"
                     );
                     if self.fleet.pulled(&release).await {
+                        self.steps.metrics.instruction(InstructionKind::Pull);
                         let r = release.clone();
                         self.publish(|s| s.pulled = Some(r));
                         self.pulled = Some(release);
@@ -470,6 +471,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 );
             }
             self.publish(|s| s.stale = stale);
+        }
+        if let Action::Deploy(r) | Action::Replace(r) = &action
+            && self.fleet.coordinated()
+            && self.instructions.target.as_ref() == Some(r)
+        {
+            self.steps.metrics.instruction(InstructionKind::Target);
         }
         match action {
             Action::Keep | Action::Stale => {}

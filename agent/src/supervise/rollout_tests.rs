@@ -3,6 +3,7 @@
 //! that answers, so the swap tests run in real time against [`serve_app`] on loopback, with a
 //! short drain and gate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Supervisor;
 use crate::fleet::Answers;
+use crate::metrics::Metrics;
 use crate::supervise::fakes::{
     FakeRuntime, RecordingFleet, config, config_at, rel, running, serve_app, source,
 };
@@ -23,17 +25,18 @@ async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// v1 runs healthy on a fleet host, adopted and reported; returns the fleet, the engine, the
-/// published state and the running loop.
-async fn serving_v1(
-    unhealthy: &[&str],
-) -> (
-    RecordingFleet,
-    FakeRuntime,
-    std::sync::Arc<tokio::sync::watch::Sender<crate::state::Snapshot>>,
-    CancellationToken,
-    tokio::task::JoinHandle<()>,
-) {
+/// A fleet host's loop, running.
+struct Host {
+    fleet: RecordingFleet,
+    runtime: FakeRuntime,
+    state: Arc<tokio::sync::watch::Sender<crate::state::Snapshot>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// v1 runs healthy on a fleet host, adopted and reported.
+async fn serving_v1(unhealthy: &[&str]) -> Host {
     let runtime = FakeRuntime::default();
     {
         let mut w = runtime.world();
@@ -42,12 +45,14 @@ async fn serving_v1(
     }
     let port = serve_app(runtime.clone()).await;
     let fleet = RecordingFleet::coordinated();
+    let metrics = Arc::new(Metrics::new());
     let sup = Supervisor::new(
         config_at("boot", port),
         runtime.clone(),
         source("v1", "v1"),
         fleet.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     let state = sup.state();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(sup.run(cancel.clone()));
@@ -55,7 +60,14 @@ async fn serving_v1(
         fleet.healthy_tags() == ["v1"]
     })
     .await;
-    (fleet, runtime, state, cancel, task)
+    Host {
+        fleet,
+        runtime,
+        state,
+        metrics,
+        cancel,
+        task,
+    }
 }
 
 fn running_tag(state: &tokio::sync::watch::Sender<crate::state::Snapshot>) -> Option<String> {
@@ -68,7 +80,14 @@ fn running_tag(state: &tokio::sync::watch::Sender<crate::state::Snapshot>) -> Op
 
 #[tokio::test]
 async fn a_target_is_swapped_to_promoted_and_reported_healthy() {
-    let (fleet, runtime, state, cancel, task) = serving_v1(&[]).await;
+    let Host {
+        fleet,
+        runtime,
+        state,
+        metrics,
+        cancel,
+        task,
+    } = serving_v1(&[]).await;
     fleet.target(Some("v2"));
     until(Duration::from_secs(10), "v2 healthy", || {
         running_tag(&state).as_deref() == Some("v2") && fleet.healthy_tags() == ["v1", "v2"]
@@ -90,6 +109,11 @@ async fn a_target_is_swapped_to_promoted_and_reported_healthy() {
         "the parameter is not what runs, but no swap is pending"
     );
     assert!(fleet.failed_values().is_empty());
+    let metrics = metrics.encode(&snap, str::to_owned);
+    assert!(
+        metrics.contains("skiff_agent_instructions_total{kind=\"target\"} 1\n"),
+        "{metrics}"
+    );
     let w = runtime.world();
     let old = w.containers.iter().find(|c| c.id == "adopted");
     assert!(
@@ -101,7 +125,14 @@ async fn a_target_is_swapped_to_promoted_and_reported_healthy() {
 #[tokio::test]
 async fn a_target_that_fails_the_gate_is_reported_failed_once_and_the_host_is_back_on_the_old_release()
  {
-    let (fleet, runtime, state, cancel, task) = serving_v1(&["v2"]).await;
+    let Host {
+        fleet,
+        runtime,
+        state,
+        cancel,
+        task,
+        ..
+    } = serving_v1(&["v2"]).await;
     fleet.target(Some("v2"));
     until(Duration::from_secs(10), "v2 reported failed", || {
         fleet.failed_values() == ["v2"]
@@ -135,7 +166,14 @@ async fn a_target_that_fails_the_gate_is_reported_failed_once_and_the_host_is_ba
 
 #[tokio::test]
 async fn a_target_naming_the_previous_release_swaps_back() {
-    let (fleet, runtime, state, cancel, task) = serving_v1(&[]).await;
+    let Host {
+        fleet,
+        runtime,
+        state,
+        cancel,
+        task,
+        ..
+    } = serving_v1(&[]).await;
     fleet.target(Some("v2"));
     until(Duration::from_secs(10), "v2 healthy", || {
         running_tag(&state).as_deref() == Some("v2")
