@@ -5,6 +5,7 @@
     box.py down                                  # idempotent: leaves nothing behind
     box.py status
     box.py env                                   # the shell lines to run ctl against the box
+    box.py imds-delay [--samples 10]             # CreateTags -> the tag visible in a host's IMDS
 
 What `up` builds (all state under /var/lib/skiff-fleet and /run/skiff-fleet):
   * a bridge skfbr0 (10.201.0.1/24) standing in for the VPC's private subnets;
@@ -50,6 +51,7 @@ STATE = os.environ.get("SKIFF_FLEET_STATE", "/var/lib/skiff-fleet")
 RUN_DIR = os.environ.get("SKIFF_FLEET_RUN", "/run/skiff-fleet")
 BRIDGE, GATEWAY, PREFIX = "skfbr0", "10.201.0.1", "10.201.0"
 EMULATOR_PORT, IMDS_PORT, LB_PORT, HAPROXY_SLOTS = 5060, 8169, 8880, 16
+TAGS_MAX_AGE = 0.5  # seconds the box's IMDS serves an instance's tags from its cache
 ENDPOINT = f"http://{GATEWAY}:{EMULATOR_PORT}"
 REGION = "us-east-1"
 ENV_NAME = "fleet"
@@ -236,7 +238,7 @@ def create_stack(c, tag, instances, params_extra):
     p = {"Environment": ENV_NAME, "VpcId": vpc, "PublicSubnetIds": ",".join(subnets[:2]),
          "PrivateSubnetIds": ",".join(subnets[2:]), "CertificateArn": cert, "AmiId": ami,
          "InitialTag": tag, "MinSize": instances, "MaxSize": max(2 * instances, 2),
-         "ImageRepositoryName": REPO, "DrainSeconds": 5, "StopTimeoutSeconds": 5,
+         "ImageRepositoryName": REPO, "DrainSeconds": int(os.environ.get("FLEET_DRAIN", 5)), "StopTimeoutSeconds": 5,
          "StartTimeoutSeconds": 15, "LaunchHookTimeoutSeconds": 120,
          "DatabaseHost": "db.example.internal", "DatabaseSecretArn": secret}
     p.update(params_extra)
@@ -520,6 +522,8 @@ class Host:
         for cmd in (["addr", "add", f"{self.ip}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
                     ["link", "set", "lo", "up"], ["route", "add", "default", "via", GATEWAY]):
             run("ip", "-n", self.ns, *cmd)
+        with open(os.path.join(self.run, "address"), "w") as f:
+            f.write(self.ip)  # for the scenarios: the host's address (agent port, IMDS caller)
         with open(os.path.join(self.dir, "daemon.json"), "w") as f:
             f.write("{}\n")  # not the machine's /etc/docker/daemon.json
         # nsenter --net, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
@@ -729,11 +733,78 @@ class Imds:
                 # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadata-service.html
                 if not host or self.headers.get("X-aws-ec2-metadata-token") != host.token:
                     return self.reply(401, "")
-                body = ctl.metadata(host, self.path)
+                try:
+                    body = ctl.metadata(host, self.path)
+                except Exception as e:  # the emulator away: the caller retries, as it would on EC2
+                    print(f"{time.strftime('%H:%M:%S')} {host.id}: IMDS {self.path}: {e}", flush=True)
+                    return self.reply(500, "")
                 return self.reply(404, "") if body is None else self.reply(200, body)
 
         self.server = http.server.ThreadingHTTPServer((GATEWAY, IMDS_PORT), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+# Polls the box's IMDS from inside a host's namespace (the IMDS tells hosts apart by address):
+# reads lines "<key> <value>" on stdin, answers each with the monotonic time (CLOCK_MONOTONIC is
+# system-wide) at which tags/instance/<key> first read <value>, or "timeout".
+IMDS_PROBE = r"""
+import sys, time, urllib.request
+base = sys.argv[1]
+def call(path, method="GET", headers=None):
+    req = urllib.request.Request(base + path, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+_, token = call("/latest/api/token", "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+print("ready", flush=True)
+for line in sys.stdin:
+    key, value = line.split()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        code, body = call("/latest/meta-data/tags/instance/" + key, headers={"X-aws-ec2-metadata-token": token})
+        if code == 200 and body == value:
+            print(time.monotonic(), flush=True)
+            break
+        time.sleep(0.01)
+    else:
+        print("timeout", flush=True)
+"""
+
+
+def imds_tag_delay(box, instance_id, samples=10, key="skiff-box:probe"):
+    """CreateTags (as the emulator's administrator) -> the value visible in the box's IMDS, as
+    the host of `instance_id` reads it: `samples` delays in seconds (None for one not seen
+    within 10 s). The probe tag is deleted afterwards."""
+    with open(os.path.join(RUN_DIR, "hosts", instance_id, "address")) as f:
+        ip = f.read().strip()
+    ns = next((n.split()[0] for n in run("ip", "netns", "list").stdout.splitlines()
+               if n.startswith("skf-") and ip in run("ip", "-n", n.split()[0], "-4", "-o", "addr").stdout), None)
+    if not ns:
+        raise BoxError(f"{instance_id}: no namespace holds {ip}")
+    ec2 = admin_clients(box)("ec2")
+    p = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", sys.executable, "-c", IMDS_PROBE,
+                          f"http://{GATEWAY}:{IMDS_PORT}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    delays = []
+    try:
+        if p.stdout.readline().strip() != "ready":
+            raise BoxError(f"{instance_id}: the IMDS probe did not start")
+        for _ in range(samples):
+            value = uuid.uuid4().hex[:12]
+            p.stdin.write(f"{key} {value}\n")
+            p.stdin.flush()
+            t0 = time.monotonic()
+            ec2.create_tags(Resources=[instance_id], Tags=[{"Key": key, "Value": value}])
+            seen = p.stdout.readline().strip()
+            delays.append(None if seen == "timeout" else float(seen) - t0)
+            time.sleep(0.3)  # not in step with the cache
+    finally:
+        p.stdin.close()
+        p.wait(15)
+        ec2.delete_tags(Resources=[instance_id], Tags=[{"Key": key}])
+    return delays
 
 
 def haproxy_cmd(command):
@@ -810,6 +881,9 @@ class Controller:
         self.last_states = {}
         self.c = admin_clients(box)
         self.asg = self.c("autoscaling")
+        self.ec2 = self.c("ec2")  # made here once: the IMDS threads share it (boto3 clients are thread safe)
+        self.tags = {}  # instance id -> (read at, {key: value}): the IMDS tags cache
+        self.tags_lock = threading.Lock()
         self.group = box["outputs"]["AutoScalingGroup"]
         self.hosts = {}  # instance id -> Host
         self.leaving = set()  # indices of hosts being torn down
@@ -823,6 +897,30 @@ class Controller:
     def host_by_ip(self, ip):
         with self.lock:
             return next((h for h in self.hosts.values() if h.ip == ip), None)
+
+    def instance_tags(self, instance_id):
+        """The instance's live EC2 tags, as the instance metadata's tags/instance category shows
+        them: read from the emulator (DescribeTags on the instance), cached at most TAGS_MAX_AGE
+        so that agents polling their tags every second cost one call per instance and second.
+        AWS: "If you add or remove an instance tag, the instance metadata is updated while the
+        instance is running" (no delay given):
+        https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/work-with-tags-in-IMDS.html"""
+        now = time.monotonic()
+        with self.tags_lock:
+            cached = self.tags.get(instance_id)
+            if cached and now - cached[0] < TAGS_MAX_AGE:
+                return cached[1]
+        tags, token = {}, None
+        while True:
+            page = self.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}],
+                                          **({"NextToken": token} if token else {}))
+            tags.update({t["Key"]: t["Value"] for t in page["Tags"]})
+            token = page.get("NextToken")
+            if not token:
+                break
+        with self.tags_lock:
+            self.tags[instance_id] = (now, tags)
+        return tags
 
     def states(self):
         g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[self.group])["AutoScalingGroups"]
@@ -844,10 +942,10 @@ class Controller:
         if path == md + f"iam/security-credentials/{role}":
             return json.dumps(dict(host.creds, Code="Success", Type="AWS-HMAC",
                                    LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        if path == md + "tags/instance/aws:autoscaling:groupName":
-            return self.group
         if path.rstrip("/") == md + "tags/instance":
-            return "aws:autoscaling:groupName"
+            return "\n".join(sorted(self.instance_tags(host.id)))
+        if path.startswith(md + "tags/instance/"):
+            return self.instance_tags(host.id).get(path[len(md + "tags/instance/"):])
         if path == md + "autoscaling/target-lifecycle-state":
             # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
             state = self.last_states.get(host.id)
@@ -1131,6 +1229,8 @@ def main():
     sub.add_parser("status")
     sub.add_parser("env")
     sub.add_parser("controller")
+    d = sub.add_parser("imds-delay", help="CreateTags -> visible in a host's IMDS, in seconds")
+    d.add_argument("--samples", type=int, default=10)
     pu = sub.add_parser("push")
     pu.add_argument("tag")
     pu.add_argument("--unhealthy", action="store_true", help="an image whose /health never passes")
@@ -1145,6 +1245,15 @@ def main():
         if args.cmd == "push":
             print(push_image(args.tag, healthy=not args.unhealthy))
             return 0
+        if args.cmd == "imds-delay":
+            box = load_box()
+            if not box or not controller_alive():
+                raise BoxError("no box: make fleet")
+            iid = sorted(Controller(box).states())[0]
+            d = sorted(x for x in imds_tag_delay(box, iid, args.samples) if x is not None)
+            print(f"{iid}: {len(d)}/{args.samples} seen; min {d[0]:.3f} s, median {d[len(d) // 2]:.3f} s,"
+                  f" max {d[-1]:.3f} s (the box's IMDS caches tags {TAGS_MAX_AGE} s)" if d else "never seen")
+            return 0 if len(d) == args.samples else 1
         if args.cmd == "env":
             box = load_box()
             if not box:
