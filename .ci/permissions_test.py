@@ -15,6 +15,9 @@ it creates two app stacks from templates/app.yaml (environments A and B), then:
   * ctl: an IAM user with the stack's DeployerPolicy (output DeployerPolicyArn) runs
     `ctl release`, `status`, `history`, `rollback` against stack A; the test stands in for the
     agents of the replacement instances (it completes their lifecycle hooks as administrator).
+  * ctl in place (issue 13): `ctl release --strategy in-place` under the same policy tags
+    skiff:pull/skiff:target on the group's instance (a stand-in agent answers as administrator);
+    the deployer may tag no other key, and no instance outside the group.
 
 Prints one line per check and 'N passed, N failed'; exits 1 on any failure. Everything it
 creates carries a fresh run id and is removed at the end (containers and images skiff-it-*).
@@ -253,6 +256,13 @@ class Imds:
                                    LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         if path == md + "tags/instance/aws:autoscaling:groupName":
             return self.group
+        if path.startswith(md + "tags/instance/"):
+            # The instance's other tags, live from EC2 (the agent reads skiff:target and
+            # skiff:pull every turn; absent = 404).
+            key = path[len(md + "tags/instance/"):]
+            found = self.world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [self.instance_id]},
+                                                          {"Name": "key", "Values": [key]}])["Tags"]
+            return found[0]["Value"] if found else None
         if path == md + "tags/instance":
             return "aws:autoscaling:groupName"
         if path == md + "autoscaling/target-lifecycle-state":
@@ -435,6 +445,16 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
         tags = world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]},
                                                 {"Name": "key", "Values": ["skiff:release"]}])["Tags"]
         check("agent: instance tagged skiff:release=<tag>", [t["Value"] for t in tags] == [tag], str(tags))
+        # An in-place rollout's pull instruction (issue 13), read from the instance tags in IMDS,
+        # is answered skiff:pulled under the instance role (TagOwnInstanceWithRelease's keys).
+        world.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "skiff:pull", "Value": tag}])
+
+        def pulled():
+            return [t["Value"] for t in world.ec2.describe_tags(
+                Filters=[{"Name": "resource-id", "Values": [instance_id]},
+                         {"Name": "key", "Values": ["skiff:pulled"]}])["Tags"]]
+        check("agent: a pull instruction (skiff:pull) answered skiff:pulled under the instance role",
+              wait_until("skiff:pulled", lambda: pulled() == [tag], 30), str(pulled()))
         running = docker("ps", "--filter", f"name={app_name}", "--format", "{{.Names}}").stdout.split()
         check("agent: the release's container runs", len(running) == 1, str(running))
         if running:
@@ -649,10 +669,74 @@ def ctl_checks(world, stack_a, tags, tmp):
         check("ctl: after the rollback the group is back to one instance in service",
               wait_until("settled", lambda: list(world.group_instances(group).values()) == ["InService"], 15),
               str(world.group_instances(group)))
+        inplace_checks(world, stack, group, env, key, tags)
     finally:
         answerer.close()
     status_target_health_checks(world, stack, group, env, managed_document(world, arn))
     usage_report(world, "deployer policy", f":user/{user}", [managed_document(world, arn)])
+
+
+def inplace_checks(world, stack, group, env, key, tags):
+    """ctl release --strategy in-place (issue 13) under the deployer policy: ctl tags skiff:pull
+    and skiff:target on the group's instances (statement SteerOwnInstances) and reads the answers,
+    which a stand-in agent writes here as the administrator. The deployer may tag no other key,
+    and no instance outside the group."""
+    stop = threading.Event()
+
+    def agent():
+        while not stop.wait(0.3):
+            try:
+                ids = list(world.group_instances(group))
+                if not ids:
+                    continue
+                seen = {}
+                for t in world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": ids}])["Tags"]:
+                    seen.setdefault(t["ResourceId"], {})[t["Key"]] = t["Value"]
+                for iid, kv in seen.items():
+                    answer = []
+                    if "skiff:pull" in kv and kv.get("skiff:pulled") != kv["skiff:pull"]:
+                        answer.append({"Key": "skiff:pulled", "Value": kv["skiff:pull"]})
+                    want = kv.get("skiff:target", "").split("@")[0]
+                    if want and kv.get("skiff:release") != want:
+                        answer.append({"Key": "skiff:release", "Value": want})
+                    if answer:
+                        world.ec2.create_tags(Resources=[iid], Tags=answer)
+            except botocore.exceptions.ClientError:
+                pass
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    try:
+        p = subprocess.run([CTL, "--stack", stack, "release", "--tag", tags[1], "--strategy", "in-place",
+                            "--pull-timeout", "60s", "--batch-timeout", "60s"], env=env,
+                           capture_output=True, text=True, timeout=180)
+        text = p.stdout + p.stderr
+        denials = access_denials(text)
+        check(f"ctl release --strategy in-place under the deployer policy (exit {p.returncode})",
+              p.returncode == 0 and not denials and "in place" in p.stdout,
+              ("denied: " + "; ".join(f"{a} on {r or '?'}" for a, r in denials) + " | " if denials else "")
+              + text.strip()[-600:])
+        ids = list(world.group_instances(group))
+        told = {t["ResourceId"]: t["Value"] for t in world.ec2.describe_tags(
+            Filters=[{"Name": "resource-id", "Values": ids}, {"Name": "key", "Values": ["skiff:target"]}])["Tags"]}
+        check("ctl in place: every instance of the group is told the release (skiff:target)",
+              ids and all(told.get(i, "").split("@")[0] == tags[1] for i in ids), str(told))
+    finally:
+        stop.set()
+        thread.join(5)
+    ec2 = session(key["AccessKeyId"], key["SecretAccessKey"]).client("ec2", endpoint_url=ENDPOINT)
+    ids = list(world.group_instances(group))
+    if ids:
+        check("deployer: may not tag another key on the group's instances",
+              denied(lambda: ec2.create_tags(Resources=ids[:1], Tags=[{"Key": "Name", "Value": "x"}])) is not None)
+    ami = world.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    outside = world.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    try:
+        check("deployer: may not tag skiff:target on an instance outside the group",
+              denied(lambda: ec2.create_tags(Resources=[outside],
+                                             Tags=[{"Key": "skiff:target", "Value": tags[1]}])) is not None)
+    finally:
+        world.ec2.terminate_instances(InstanceIds=[outside])
 
 
 def status_target_health_checks(world, stack, group, env, deployer_doc):

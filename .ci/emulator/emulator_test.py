@@ -244,6 +244,21 @@ def main():
         seen = elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
         check("and healthy once reported healthy",
               [d["TargetHealth"]["State"] for d in seen] == ["healthy"], str(seen))
+        # A refresh's new instances are registered with the group's target groups (ctl's in-place
+        # strategy waits for their target health).
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName="g7", MinSize=0, MaxSize=2, DesiredCapacity=1, TargetGroupARNs=[tg],
+            LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"])
+        (g7_old, _), = states("g7").items()
+        asg.start_instance_refresh(AutoScalingGroupName="g7", Preferences={
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and g7_old in states("g7"):
+            time.sleep(0.2)
+        g7_new = set(states("g7"))
+        registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}
+        check("a refresh registers the instances it launches with the group's target group",
+              g7_new and g7_old not in g7_new and g7_new <= registered, f"group {g7_new}, registered {registered}")
 
         # A scale-out while a launch-before-terminate refresh runs: one more instance, no old
         # instance terminated early, the refresh still completes.

@@ -703,6 +703,10 @@ def _step_refresh(backend, group, now: float) -> None:
                 before = {s.instance.id for s in group.instance_states}
                 group.replace_autoscaling_group_instances(arg, group.get_propagated_tags())
                 r.launched += [s.instance.id for s in group.instance_states if s.instance.id not in before]
+                # The group registers the instances it launches with its target groups, those of
+                # a refresh too (moto does so only on its own capacity changes).
+                # https://docs.aws.amazon.com/autoscaling/ec2/userguide/attach-load-balancer-asg.html
+                backend.update_attached_target_groups(group.name)
             elif action == "terminate":
                 for iid in arg:
                     _begin_termination(backend, group, iid)
