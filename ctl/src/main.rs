@@ -99,11 +99,13 @@ enum Command {
   ctl --stack app-master release --tag 3f2c1ab --wait-lock 15m
   ctl --stack app-master release --tag 3f2c1ab --checkpoints 25,50 --checkpoint-delay 5m --alarm app-5xx
   ctl --stack app-master release --tag 3f2c1ab --no-wait --json
+  ctl --stack app-master release --tag 3f2c1ab --strategy in-place --batch 25% --bake 30s
 
 Signals: the first SIGINT/SIGTERM cancels the refresh, waits for it to stop, puts the previous
 release back (only if the parameter still holds this release) and starts the refresh that rolls
-the replaced instances back (exit 1); a second one exits at once (exit 3), printing the state
-and the commands that finish the job."))]
+the replaced instances back (exit 1); in place it tells the switched instances the previous
+release, waits until they run it and puts it back in the parameter (exit 1). A second one exits
+at once (exit 3), printing the state and the commands that finish the job."))]
     Release {
         /// The image tag to release (Docker tag grammar, e.g. the git commit).
         #[arg(long, value_parser = parse_tag)]
