@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +50,9 @@ import box as fleet  # noqa: E402
 from load import Load  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]
+ALL = "1,5,2,7,4,6,3,8,10,11,12,13,9"
+REFRESH_BENCH = []  # (scenario name, ctl wall s, model s, failed requests): refresh releases
+IMDS_DELAY = []
 URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
 results = []
 BENCH = []  # (scenario, wall s, release s or None, model s or None)
@@ -168,6 +172,7 @@ def release(box, rate, tag, n, warmup):
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     m = model(box, warmup)
     sc.release, sc.model = refresh_seconds(box), m
+    REFRESH_BENCH.append((sc.name, took, m, counts.failed))
     sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s (model {m:.0f} s + engine/pull/start;"
                    f" ctl checks every 15 s)", counts.line(),
                    f"replaced {len(before - after)}/{len(before)}"]
@@ -284,8 +289,513 @@ def rollback(box, rate, to, n, warmup):
     sc.check(set(now) == {to}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     sc.release, sc.model = refresh_seconds(box), model(box, warmup)
+    REFRESH_BENCH.append((sc.name, took, sc.model, counts.failed))
     sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
+
+
+# --- in place (issue 13): ctl steers the running instances through their EC2 tags -------------
+
+SKIFF_TAGS = ("skiff:target", "skiff:pull", "skiff:pulled", "skiff:failed", "skiff:release")
+INPLACE_BENCH = []  # (what, instances, wall s, floor s or None, failed requests, terms)
+
+
+def tag_part(value):
+    """The tag of a tag value `tag[@digest]` (instance_tags::encode), or None."""
+    return value.split("@")[0] if value else None
+
+
+def host_ip(iid):
+    try:
+        with open(os.path.join(fleet.RUN_DIR, "hosts", iid, "address")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def agent_status(box, ip, timeout=1.0):
+    """The agent's /status (JSON) through its address, or None."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{box['settings']['health_port']}/status", timeout=timeout) as r:
+            return json.load(r)
+    except (OSError, ValueError):
+        return None
+
+
+def release_of(status, field="running"):
+    """The tag of a /status release field (`running` holds {"release": {...}}, `pulled` a release)."""
+    v = (status or {}).get(field)
+    if isinstance(v, dict) and "release" in v:
+        v = v["release"]
+    if isinstance(v, dict):
+        return v.get("tag")
+    return tag_part(v) if isinstance(v, str) else None
+
+
+def skiff_tags(box, ids):
+    """{instance: {skiff:* key: value}} from the emulator (as the administrator)."""
+    if not ids:
+        return {}
+    ec2 = fleet.admin_clients(box)("ec2")
+    out = {i: {} for i in ids}
+    for t in ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": sorted(ids)},
+                                        {"Name": "key", "Values": list(SKIFF_TAGS)}])["Tags"]:
+        out.setdefault(t["ResourceId"], {})[t["Key"]] = t["Value"]
+    return out
+
+
+def drain_seconds():
+    """[release] drain of the agents' rendered config (what the user data wrote from
+    DrainSeconds), read from any host of the box."""
+    hosts = os.path.join(fleet.STATE, "hosts")
+    for iid in sorted(os.listdir(hosts)) if os.path.isdir(hosts) else []:
+        try:
+            with open(os.path.join(hosts, iid, "etc-skiff", "agent.toml")) as f:
+                m = re.search(r'(?m)^drain\s*=\s*"(\d+)s"', f.read())
+            if m:
+                return float(m.group(1))
+        except OSError:
+            continue
+    return None
+
+
+class Watch:
+    """Follows the fleet every 0.5 s while a scenario runs: each instance's skiff:* tags, its
+    agent's /status (the release running, whether its app passes, the timings the agent
+    measured) and whether HAProxy sends it traffic; keeps when each value changed."""
+
+    def __init__(self, box, ids):
+        self.box, self.ids = box, list(ids)
+        self.events = []  # (t monotonic, instance, what, value)
+        self.last = {}
+        self.pull_ms, self.start_ms = {}, {}  # (instance, tag) -> ms, as the agent measured
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.errors = []
+        self.asg = fleet.admin_clients(box)("autoscaling")
+
+    def start(self):
+        self.sample()
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(10)
+        return self
+
+    def note(self, iid, what, value, now):
+        if self.last.get((iid, what), "-") != value:
+            self.last[(iid, what)] = value
+            self.events.append((now, iid, what, value))
+
+    def sample(self):
+        now = time.monotonic()
+        try:
+            tags = skiff_tags(self.box, self.ids)
+        except Exception as e:  # recorded; a gap in the watch is not a scenario failure
+            self.errors.append(f"tags: {e}")
+            tags = None
+        up = set(fleet.lb_up())
+        try:
+            g = self.asg.describe_auto_scaling_groups(
+                AutoScalingGroupNames=[self.box["outputs"]["AutoScalingGroup"]])["AutoScalingGroups"][0]
+            members = {i["InstanceId"]: f"{i['LifecycleState']}/{i['HealthStatus']}" for i in g["Instances"]}
+            for iid in self.ids:
+                self.note(iid, "asg", members.get(iid, "gone"), now)
+            for iid in set(members) - set(self.ids):
+                self.note(iid, "asg", members[iid], now)  # launched meanwhile
+        except Exception as e:
+            self.errors.append(f"group: {e}")
+        for iid in self.ids:
+            if tags is not None:
+                for k in SKIFF_TAGS:
+                    self.note(iid, k, tags.get(iid, {}).get(k), now)
+            ip = host_ip(iid)
+            self.note(iid, "lb", bool(ip and ip in up), now)
+            st = agent_status(self.box, ip) if ip else None
+            if st is None:
+                continue
+            running = release_of(st)
+            serving = running if st.get("status") == "healthy" else None
+            self.note(iid, "serving", serving, now)  # the agent's word: running healthy
+            timings = st.get("timings") or {}
+            pulled = release_of(st, "pulled")
+            if pulled and timings.get("pull_ms") is not None:
+                self.pull_ms.setdefault((iid, pulled), timings["pull_ms"])
+            if serving and timings.get("start_to_healthy_ms") is not None:
+                self.start_ms.setdefault((iid, serving), timings["start_to_healthy_ms"])
+
+    def run(self):
+        while not self.stopping.wait(0.5):
+            self.sample()
+
+    def first(self, iid, what, value, after=0.0):
+        return next((t for t, i, w, v in self.events if i == iid and w == what and v == value and t >= after), None)
+
+    def changes(self, iid, what, after=0.0):
+        return [(t, v) for t, i, w, v in self.events if i == iid and w == what and t > after]
+
+    def auto_scaling(self, after=0.0):
+        """What Auto Scaling did to the fleet meanwhile: instances marked Unhealthy or gone, and
+        instances launched, with when (s after `after`)."""
+        out = []
+        for t, i, w, v in self.events:
+            if w == "asg" and t > after and (i in self.ids and v != "InService/Healthy" or i not in self.ids):
+                out.append(f"{i} {v} at +{t - after:.1f} s")
+        return out
+
+    def batches(self, tag, after=0.0):
+        """Instances told skiff:target=<tag> after `after`, grouped by when (ctl tags a batch at once)."""
+        told = sorted((t, i) for t, i, w, v in self.events if w == "skiff:target" and tag_part(v) == tag and t > after)
+        out = []
+        for t, i in told:
+            if out and t - out[-1][0] < 2.0 and i not in out[-1][1]:
+                out[-1][1].append(i)
+            elif not any(i in b for _, b in out):
+                out.append((t, [i]))
+        return out
+
+
+def ctl_stream(box, *args, kill_when=None, timeout=900):
+    """The real ctl, its output lines timestamped as they come (progress goes to stderr);
+    kill_when(lines) -> True SIGKILLs it. Returns (exit code, [(t, line)], seconds, killed)."""
+    env = dict(os.environ, **fleet.ctl_env(box), BUILD_USER="fleet-scenarios")
+    t0 = time.monotonic()
+    p = subprocess.Popen([box["ctl"], *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, killed = [], []
+
+    def read():
+        for line in p.stdout:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = t0 + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        if kill_when and not killed and kill_when(lines):
+            p.kill()
+            killed.append(time.monotonic())
+        time.sleep(0.1)
+    if p.poll() is None:
+        p.kill()
+    rc = p.wait()
+    reader.join(5)
+    took = time.monotonic() - t0
+    LAST_CTL[:] = [f"ctl {' '.join(args)} (exit {rc}, {took:.1f} s)", "\n".join(x for _, x in lines)]
+    return rc, lines, took, bool(killed)
+
+
+def inplace_floor(box, watch, tag, bake, after):
+    """The floor of an in-place release from what the box measured: the pull on every instance
+    at once (the slowest, as its agent measured it), then per batch the slowest start-to-healthy
+    (the agent's), the load balancer's detection of a healthy target (HealthyThresholdCount x
+    interval, from the template) and the drain (the rendered config), and the bake."""
+    s = box["settings"]
+    batches = watch.batches(tag, after)
+    pulls = [watch.pull_ms.get((i, tag)) for i in watch.ids]
+    known = [p for p in pulls if p is not None]
+    pull = max(known) / 1000 if known else None
+    detect = s["healthy"] * s["interval"]
+    drain = drain_seconds()
+    per = []
+    for _, ids in batches:
+        starts = [watch.start_ms.get((i, tag)) for i in ids]
+        start = max(x for x in starts if x is not None) / 1000 if any(x is not None for x in starts) else None
+        per.append(start)
+    if pull is None or any(x is None for x in per) or drain is None:
+        return None, (f"floor unknown: pull {pulls}, start-to-healthy per batch {per}, drain {drain}")
+    floor = pull + sum(x + detect + drain + bake for x in per)
+    terms = (f"floor {floor:.1f} s = pull {pull:.1f} + {len(per)} batch(es) x (start-to-healthy "
+             f"{'/'.join(f'{x:.1f}' for x in per)} + LB detection {detect} + drain {drain:.0f} + bake {bake:g})")
+    return floor, terms
+
+
+def batch_times(watch, tag, after, serving_tag=None):
+    """Per batch: told skiff:target -> the last of its instances in the load balancer again and
+    serving the release (agent's word), in seconds."""
+    out = []
+    for t, ids in watch.batches(tag, after):
+        ends = []
+        for i in ids:
+            s = watch.first(i, "serving", serving_tag or tag, t)
+            lb_down = next((x for x, v in watch.changes(i, "lb", t) if not v), None)
+            lb_up = next((x for x, v in watch.changes(i, "lb", lb_down or t) if v), None) if lb_down else None
+            ends.append(max(x for x in (s, lb_up) if x is not None) if s or lb_up else None)
+        out.append(None if None in ends else max(ends) - t)
+    return out
+
+
+def auto_scaling_quiet(sc, watch, t0):
+    """The rollout must not have made Auto Scaling act: with the group's HealthCheckType ELB an
+    instance whose target the load balancer reports unhealthy is replaced
+    (https://docs.aws.amazon.com/autoscaling/ec2/userguide/as-add-elb-healthcheck.html)."""
+    acted = watch.auto_scaling(t0)
+    sc.check(not acted, "Auto Scaling acted during the rollout (HealthCheckType ELB): " + "; ".join(acted[:8]))
+
+
+def stack_instances(box):
+    return sorted(i for i, st in group(box).items() if st == "InService")
+
+
+def inplace_release(box, rate, tag, n, number, bake=0, extra=()):
+    """Scenarios 8 and 9: ctl release --strategy in-place on n instances under load."""
+    previous = parameter(box)[0]
+    sc = Scenario(number, f"in-place release {previous} -> {tag} on {n} instances")
+    fleet.push_image(tag)
+    ids = stack_instances(box)
+    sc.check(len(ids) == n, f"{len(ids)} instances InService, not {n}")
+    watch = Watch(box, ids).start()
+    t0 = time.monotonic()
+    (rc, lines, took, _), counts = with_load(
+        box, rate, lambda: ctl_stream(box, "release", "--tag", tag, "--strategy", "in-place",
+                                      "--bake", f"{bake}s", *extra))
+    time.sleep(1)
+    watch.stop()
+    out = "\n".join(x for _, x in lines)
+    auto_scaling_quiet(sc, watch, t0)
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
+    sc.check(set(stack_instances(box)) == set(ids), f"instances changed: {ids} -> {stack_instances(box)}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == tag for i in ids),
+             f"skiff:release: {[tags[i].get('skiff:release') for i in ids]}")
+    sc.check(len(fleet.lb_up()) == n, f"the load balancer serves {fleet.lb_up()}")
+    now = served()
+    sc.check(set(now) == {tag}, f"the load balancer serves {now}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    floor, terms = inplace_floor(box, watch, tag, bake, t0)
+    per_batch = batch_times(watch, tag, t0)
+    sizes = [len(b) for _, b in watch.batches(tag, t0)]
+    ratio = f"{took / floor:.2f}x the floor" if floor else "ratio unknown"
+    sc.figures += [f"ctl {took:.1f} s, {ratio}; {terms}",
+                   f"batches {sizes}, told -> serving and in the LB: {', '.join(f'{x:.1f}' if x else '?' for x in per_batch)} s",
+                   counts.line()]
+    if watch.errors:
+        sc.figures.append(f"watch gaps: {len(watch.errors)} ({watch.errors[0]})")
+    INPLACE_BENCH.append((f"in-place {previous} -> {tag}", n, took, floor, counts.failed, terms))
+    sc.done()
+    return previous
+
+
+def inplace_unhealthy(box, rate, bad, n):
+    """Scenario 10: a release that never becomes healthy, in place: only the first batch is
+    touched; its instance is back on the previous release (serving, in the load balancer) within
+    15 s of the failure being known (ctl's progress line), the parameter holds it again, ctl
+    exits 1 (ctl/README: failed, the previous release back), 0 failed requests."""
+    good = parameter(box)[0]
+    sc = Scenario(10, f"in-place release {bad} that never becomes healthy")
+    fleet.push_image(bad, healthy=False)
+    ids = stack_instances(box)
+    watch = Watch(box, ids).start()
+    t0 = time.monotonic()
+    (rc, lines, took, _), counts = with_load(
+        box, rate, lambda: ctl_stream(box, "release", "--tag", bad, "--strategy", "in-place"))
+    # the reverted instance back in the load balancer (HealthyThresholdCount checks)
+    batches = watch.batches(bad, t0)
+    touched = [i for _, b in batches for i in b]
+    fleet.wait_until(lambda: all(host_ip(i) in fleet.lb_up() for i in touched), 30, 0.5)
+    time.sleep(1)
+    watch.stop()
+    out = "\n".join(x for _, x in lines)
+    auto_scaling_quiet(sc, watch, t0)
+    sc.check(rc == 1, f"ctl exit {rc}, documented 1 (failed, previous release back): {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == good, f"parameter holds {parameter(box)[1]}, not {good}")
+    sc.check(len(batches) == 1 and len(touched) == 1,
+             f"told {bad}: {[(round(t - t0, 1), b) for t, b in batches]} (expected the first batch, 1 instance)")
+    for i in ids:
+        if i not in touched:
+            sc.check(not watch.changes(i, "serving", t0) and not [v for _, v in watch.changes(i, "lb", t0) if not v],
+                     f"{i} (not in the first batch) changed: serving {watch.changes(i, 'serving', t0)}, "
+                     f"LB {watch.changes(i, 'lb', t0)}")
+    failure_line = next(((t, x) for t, x in lines if "in-place" in x and re.search(r"fail|revert", x, re.I)), None)
+    failed_tag = min((watch.first(i, "skiff:failed", v, t0) or math.inf for i in touched
+                      for v in {v for _, ii, w, v in watch.events if ii == i and w == "skiff:failed" and tag_part(v) == bad}),
+                     default=math.inf)
+    back = []
+    for i in touched:
+        known = failure_line[0] if failure_line else None
+        serving = watch.first(i, "serving", good, (batches[0][0] if batches else t0))
+        lb = next((t for t, v in watch.changes(i, "lb", batches[0][0]) if v and t >= (serving or 0)), None) if batches else None
+        back.append((i, known, serving, lb))
+    for i, known, serving, lb in back:
+        sc.check(known is not None, f"no ctl progress line about the failure: {out.strip()[-400:]}")
+        sc.check(lb is not None, f"{i} not back in the load balancer on {good}")
+        if known is not None and lb is not None:
+            sc.check(lb - known <= 15, f"{i} back in the LB {lb - known:.1f} s after the failure was known (> 15 s)")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == good for i in ids), f"skiff:release: {tags}")
+    sc.check(bad not in counts.releases, f"{bad} served {counts.releases[bad]} responses")
+    now = served()
+    sc.check(set(now) == {good}, f"the load balancer serves {now}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    for i, known, serving, lb in back:
+        rel = lambda x: f"{x - known:+.1f} s" if x is not None and known is not None else "?"
+        sc.figures.append(f"{i}: failure known (ctl line) at +{(known or t0) - t0:.1f} s (skiff:failed at "
+                          f"+{failed_tag - t0:.1f} s); serving {good} again {rel(serving)}, in the LB {rel(lb)}")
+    sc.figures += [f"ctl exit {rc} after {took:.1f} s", counts.line()]
+    if failure_line:
+        sc.figures.append(f"line: {failure_line[1].strip()[:120]}")
+    sc.done()
+
+
+def inplace_rollback(box, rate, to, n):
+    """Scenario 11: ctl rollback --strategy in-place after a good in-place release."""
+    sc = Scenario(11, f"in-place rollback {parameter(box)[0]} -> {to}")
+    ids = stack_instances(box)
+    watch = Watch(box, ids).start()
+    t0 = time.monotonic()
+    (rc, lines, took, _), counts = with_load(box, rate, lambda: ctl_stream(box, "rollback", "--strategy", "in-place"))
+    time.sleep(1)
+    watch.stop()
+    out = "\n".join(x for _, x in lines)
+    auto_scaling_quiet(sc, watch, t0)
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == to, f"parameter holds {parameter(box)[1]}, want {to}")
+    sc.check(set(stack_instances(box)) == set(ids), f"instances changed: {ids} -> {stack_instances(box)}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == to for i in ids), f"skiff:release: {tags}")
+    now = served()
+    sc.check(set(now) == {to}, f"the load balancer serves {now}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    per_batch = batch_times(watch, to, t0)
+    floor, terms = inplace_floor(box, watch, to, 0, t0)
+    sc.figures += [f"ctl {took:.1f} s; per batch told -> serving and in the LB: "
+                   f"{', '.join(f'{x:.1f}' if x else '?' for x in per_batch)} s (goal <= 15 s)", terms, counts.line()]
+    INPLACE_BENCH.append((f"in-place rollback -> {to}", n, took, floor, counts.failed, terms))
+    sc.done()
+
+
+def inplace_killed(box, rate, tag, n):
+    """Scenario 12: ctl SIGKILLed once the first batch switched; `ctl status` shows the
+    half-switched rollout; `ctl unlock --force`; the same release again converges, skipping
+    the instance already on it; 0 failed requests throughout."""
+    sc = Scenario(12, f"ctl SIGKILLed mid in-place release -> {tag}, then run again")
+    fleet.push_image(tag)
+    ids = stack_instances(box)
+    watch = Watch(box, ids).start()
+    load = Load(URL, rate).start()
+    t0 = time.monotonic()
+    try:
+        switched = lambda lines: any(i for i in ids if watch.last.get((i, "skiff:release")) == tag)
+        rc, lines, took, killed = ctl_stream(box, "release", "--tag", tag, "--strategy", "in-place", kill_when=switched)
+        first = [i for i in ids if watch.last.get((i, "skiff:release")) == tag]
+        src, status_out, _ = ctl(box, "status")
+        urc, unlock_out, _ = ctl(box, "unlock", "--force")
+        t_rerun = time.monotonic()
+        rrc, rlines, rtook, _ = ctl_stream(box, "release", "--tag", tag, "--strategy", "in-place")
+    finally:
+        time.sleep(1)
+        counts = load.stop()
+        watch.stop()
+    rout = "\n".join(x for _, x in rlines)
+    auto_scaling_quiet(sc, watch, t0)
+    sc.check(killed, f"ctl was not killed (exit {rc}): {chr(10).join(x for _, x in lines)[-400:]}")
+    sc.check(len(first) >= 1, f"no instance on {tag} when ctl was killed")
+    sc.check(src == 0, f"ctl status exit {src}")
+    m = re.search(r"(?m)^rollout\s+(\d+) of (\d+) instances run (\S+)", status_out)
+    sc.check(m and int(m.group(1)) == len(first) and int(m.group(2)) == n and tag_part(m.group(3)) == tag,
+             f"ctl status does not show {len(first)} of {n} on {tag}: {status_out.strip()[-500:]}")
+    sc.check(urc == 0, f"ctl unlock --force exit {urc}: {unlock_out.strip()[-300:]}")
+    sc.check(rrc == 0, f"the re-run: ctl exit {rrc}: {rout.strip()[-600:]}")
+    sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == tag for i in ids), f"skiff:release: {tags}")
+    for i in first:
+        sc.check(not [v for _, v in watch.changes(i, "lb", t_rerun) if not v] and not watch.changes(i, "serving", t_rerun),
+                 f"{i} (on {tag} before the re-run) was switched again: LB {watch.changes(i, 'lb', t_rerun)}")
+    sc.check(re.search(r"already on it: (?!none)", rout), f"the re-run's plan skips nothing: {rout.strip()[:300]}")
+    now = served()
+    sc.check(set(now) == {tag}, f"the load balancer serves {now}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    rollout = m.group(0) if m else "no rollout line"
+    sc.figures += [f"killed after {took:.1f} s with {first} on {tag}; status: '{rollout}'",
+                   f"re-run {rtook:.1f} s", counts.line()]
+    sc.done()
+
+
+def set_agent_config(box, texts):
+    """Write each host's agent.toml ({instance: text}) and restart its agent (SIGKILL; the
+    box's supervisor restarts it as systemd would); wait until each answers healthy again."""
+    for i, text in texts.items():
+        with open(os.path.join(fleet.STATE, "hosts", i, "etc-skiff", "agent.toml"), "w") as f:
+            f.write(text)
+        with open(os.path.join(fleet.RUN_DIR, "hosts", i, "agent.pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, 9)
+    time.sleep(1)
+    return fleet.wait_until(lambda: all((agent_status(box, host_ip(i)) or {}).get("status") == "healthy"
+                                        for i in texts), 60, 0.5)
+
+
+def uncoordinated(box, rate, tag, n, poll=2):
+    """Scenario 13: the parameter written without ctl on the fleet stack (as the emulator's
+    administrator), every agent configured `update = "in-place"` with a `poll_interval` of
+    `poll` s: within 3 poll intervals no instance swaps (all still on the old release, the agent
+    reports it stale), and each agent said at start that uncoordinated swaps are disabled."""
+    sc = Scenario(13, f"parameter -> {tag} without ctl, agents on update = in-place")
+    fleet.push_image(tag)
+    ids = stack_instances(box)
+    old, old_value = parameter(box)
+    name = box["outputs"]["ReleaseParameter"]
+    ssm = fleet.admin_clients(box)("ssm")
+    originals = {}
+    for i in ids:
+        with open(os.path.join(fleet.STATE, "hosts", i, "etc-skiff", "agent.toml")) as f:
+            originals[i] = f.read()
+    uncoordinated_config = {i: re.sub(r'(?m)^poll_interval\s*=.*$', f'poll_interval = "{poll}s"',
+                                      re.sub(r'(?m)^update\s*=.*$', 'update = "in-place"', t))
+                            for i, t in originals.items()}
+    load = Load(URL, rate).start()
+    try:
+        ok = set_agent_config(box, uncoordinated_config)
+        sc.check(ok, "agents not healthy again after the restart with update = in-place")
+        fleet.wait_until(lambda: len(fleet.lb_up()) == n, 30, 0.5)
+        watch = Watch(box, ids).start()
+        t0 = time.monotonic()
+        ssm.put_parameter(Name=name, Value=tag, Type="String", Overwrite=True)
+        time.sleep(3 * poll + 2)
+        statuses = {i: agent_status(box, host_ip(i)) or {} for i in ids}
+        watch.stop()
+    finally:
+        ssm.put_parameter(Name=name, Value=old_value, Type="String", Overwrite=True)
+        restored = set_agent_config(box, originals)
+        fleet.wait_until(lambda: len(fleet.lb_up()) == n, 30, 0.5)
+        time.sleep(1)
+        counts = load.stop()
+    sc.check(restored, "agents not healthy again with the template's config")
+    auto_scaling_quiet(sc, watch, t0)
+    for i in ids:
+        st = statuses.get(i, {})
+        sc.check(release_of(st) == old and st.get("stale") is True,
+                 f"{i}: runs {release_of(st)}, stale {st.get('stale')} (want {old}, stale)")
+        sc.check(not watch.changes(i, "serving", t0) and not [v for _, v in watch.changes(i, "lb", t0) if not v],
+                 f"{i} swapped or left the LB: serving {watch.changes(i, 'serving', t0)}, LB {watch.changes(i, 'lb', t0)}")
+        with open(os.path.join(fleet.STATE, "hosts", i, "agent.log")) as f:
+            said = "uncoordinated in-place swaps are disabled" in f.read()
+        sc.check(said, f"{i}: the agent did not warn that update = in-place is not honoured")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == old for i in ids), f"skiff:release: {tags}")
+    sc.check(tag not in counts.releases, f"{tag} served {counts.releases[tag]} responses")
+    sc.check(parameter(box)[0] == old, f"parameter not restored: {parameter(box)[1]}")
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
+    sc.figures += [f"{3 * poll + 2} s after the write (poll {poll} s): all {n} on {old}, stale", counts.line()]
+    sc.done()
+
+
+def scale_to(box, n, timeout=240):
+    name = box["outputs"]["AutoScalingGroup"]
+    fleet.admin_clients(box)("autoscaling").set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n,
+                                                                 HonorCooldown=False)
+    return settle(box, n, timeout)
+
+
+def imds_delay(box):
+    """CreateTags -> visible in a host's IMDS (the box's 0.5 s tags cache plus the call)."""
+    iid = stack_instances(box)[0]
+    d = sorted(x for x in fleet.imds_tag_delay(box, iid, 10) if x is not None)
+    return (f"IMDS tag propagation in the box ({iid}, {len(d)}/10 seen): min {d[0]:.2f} s, median "
+            f"{d[len(d) // 2]:.2f} s, max {d[-1]:.2f} s (cache {fleet.TAGS_MAX_AGE} s)") if d else "IMDS tags never seen"
 
 
 class Dependencies:
@@ -469,6 +979,40 @@ def bench_table(box, warmup):
           "start, pull, app start, hook and poll latencies")
 
 
+def scale_then(box, n, fn):
+    """The group scaled to n (new instances boot on the parameter's release), settled, then fn."""
+    sc_ok = scale_to(box, n)
+    if not sc_ok:
+        sc = Scenario(9, f"scale to {n}")
+        sc.check(False, f"the group did not settle at {n}: {group(box)}, LB {fleet.lb_up()}")
+        sc.done()
+        return None
+    return fn()
+
+
+def strategies_table(box, warmup):
+    """Both strategies side by side in this box run: wall time (ctl's), floor, ratio, failed."""
+    s = box["settings"]
+    rows = [(f"refresh {name.split(' ', 2)[-1]}", int(box["params"]["MinSize"]), wall, model, failed)
+            for name, wall, model, failed in REFRESH_BENCH]
+    rows += [(what, n, wall, floor, failed) for what, n, wall, floor, failed, _ in INPLACE_BENCH]
+    if not rows:
+        return
+    print(f"\nstrategies: group HealthCheckType {box.get('asg_health_check', 'ELB (template)')}, "
+          f"boot delay {box['boot_delay']} s, drain {box['params']['DrainSeconds']} s, health check "
+          f"{s['interval']} s x {s['healthy']}/{s['unhealthy']}, refresh warm-up {warmup} s; "
+          + (IMDS_DELAY[0] if IMDS_DELAY else "IMDS delay not measured"))
+    print(f"{'strategy and release':44} {'inst':>4} {'wall s':>7} {'floor s':>8} {'ratio':>6} {'failed':>6}")
+    for what, n, wall, floor, failed in rows:
+        print(f"{what[:44]:44} {n:4d} {wall:7.1f} {'' if floor is None else f'{floor:.1f}':>8} "
+              f"{'' if not floor else f'{wall / floor:.2f}':>6} {failed:6d}")
+    print("wall = ctl's run; refresh floor = the model (boot delay + warm-up + drain, one launch-before-terminate"
+          " batch); in-place floor = slowest pull + per batch (slowest start-to-healthy + HealthyThresholdCount x"
+          " interval + drain + bake)")
+    for what, n, wall, floor, failed, terms in INPLACE_BENCH:
+        print(f"  {what} ({n}): {terms}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=20, help="requests per second through the LB")
@@ -477,13 +1021,15 @@ def main():
                          "interval + 2, the time a new target needs before it serves)")
     ap.add_argument("--keep", action="store_true", help="leave the box up afterwards")
     ap.add_argument("--bench", action="store_true", help="print wall and release times vs the model")
-    ap.add_argument("--only", default="1,5,2,7,4,6,3", help="scenarios to run (run in the order 1 5 2 7 4 6 3)")
+    ap.add_argument("--only", default=ALL, help=f"scenarios to run (run in the order {ALL.replace(',', ' ')})")
     a = ap.parse_args()
     only = set(a.only.replace(" ", "").split(","))
-    if not only <= set("1234567") or not only:
-        ap.error(f"--only takes scenario numbers 1..7 separated by commas, not {a.only!r}")
+    if not only <= set(ALL.split(",")) or not only:
+        ap.error(f"--only takes scenario numbers 1..13 separated by commas, not {a.only!r}")
     if only & {"2", "7"} and "1" not in only:
         ap.error("scenarios 2 and 7 follow scenario 1's release: add 1 to --only")
+    if "11" in only and "8" not in only:
+        ap.error("scenario 11 rolls back scenario 8's release: add 8 to --only")
     started = time.monotonic()
     if not (fleet.load_box() and fleet.controller_alive()):
         rc = subprocess.run([sys.executable, fleet.__file__, "up"]).returncode
@@ -509,9 +1055,19 @@ def main():
             ("7", lambda: rollback(box, a.rate, previous, n, a.warmup)),
             ("4", lambda: agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)),
             ("6", lambda: engine_killed(box, a.rate, n)),
-            ("3", lambda: scale_out(box, a.rate, f"r{RUN}s", n, a.warmup))]
+            ("3", lambda: scale_out(box, a.rate, f"r{RUN}s", n, a.warmup)),
+            ("8", lambda: inplace.update(before=inplace_release(box, a.rate, f"r{RUN}i", n, 8))),
+            ("10", lambda: inplace_unhealthy(box, a.rate, f"r{RUN}ibad", n)),
+            ("11", lambda: inplace_rollback(box, a.rate, inplace["before"], n)),
+            ("12", lambda: inplace_killed(box, a.rate, f"r{RUN}ik", n)),
+            ("13", lambda: uncoordinated(box, a.rate, f"r{RUN}iu", n)),
+            ("9", lambda: scale_then(box, 2 * n, lambda: inplace_release(box, a.rate, f"r{RUN}i6", 2 * n, 9)))]
+    inplace = {}
     watch = Dependencies().start()
     try:
+        if only & {"8", "9", "10", "11", "12", "13"}:
+            IMDS_DELAY[:] = [imds_delay(box)]
+            print(IMDS_DELAY[0], flush=True)
         for number, run_scenario in plan:
             if number not in only:
                 continue
@@ -539,6 +1095,8 @@ def main():
     ok = sum(results)
     if a.bench and BENCH:
         bench_table(box, a.warmup)
+    if a.bench:
+        strategies_table(box, a.warmup)
     print(f"{ok} passed, {len(results) - ok} failed ({time.monotonic() - started:.0f} s in all)")
     return 0 if results and all(results) else 1
 
