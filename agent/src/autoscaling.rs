@@ -343,8 +343,9 @@ impl OnEc2 {
 
     /// Answer `key=release` once (a value already delivered is not sent again); false when
     /// it could not be delivered.
-    async fn answer(&self, key: &'static str, release: &Release) -> bool {
-        let value = instance_tags::encode(release);
+    /// Answer `key` with `value` (an empty value withdraws an answer: the tag stays, empty,
+    /// since the instance role may not delete tags; readers treat it as absent).
+    async fn answer(&self, key: &'static str, value: String) -> bool {
         let done =
             |a: &Vec<(&'static str, String)>| a.iter().any(|(k, v)| *k == key && *v == value);
         if self.answered.lock().map(|a| done(&a)).unwrap_or(false) {
@@ -555,14 +556,20 @@ impl Fleet for AwsFleet {
 
     async fn pulled(&self, release: &Release) -> bool {
         match &self.on_ec2 {
-            Some(on) => on.answer(instance_tags::PULLED, release).await,
+            Some(on) => {
+                on.answer(instance_tags::PULLED, instance_tags::encode(release))
+                    .await
+            }
             None => true,
         }
     }
 
-    async fn failed(&self, release: &Release) -> bool {
+    async fn failed(&self, release: Option<&Release>) -> bool {
         match &self.on_ec2 {
-            Some(on) => on.answer(instance_tags::FAILED, release).await,
+            Some(on) => {
+                let value = release.map(instance_tags::encode).unwrap_or_default();
+                on.answer(instance_tags::FAILED, value).await
+            }
             None => true,
         }
     }

@@ -62,8 +62,10 @@ pub trait Fleet: Send + Sync + 'static {
         async { true }
     }
     /// Report that `release` failed here (its pull cannot succeed, or it failed the health
-    /// gate and the host rolled back). False when the report could not be delivered.
-    fn failed(&self, _release: &Release) -> impl Future<Output = bool> + Send {
+    /// gate and the host rolled back); `None` withdraws the report (the host forgot the
+    /// failure: an instruction moved to another release). False when the report could not be
+    /// delivered.
+    fn failed(&self, _release: Option<&Release>) -> impl Future<Output = bool> + Send {
         async { true }
     }
 }

@@ -160,6 +160,18 @@ pub fn pull_wanted(s: &PullSituation<'_>) -> Option<Release> {
     (!answered && !failed && !s.waiting && !s.terminating).then(|| p.clone())
 }
 
+/// Whether new instructions make the host forget that `failed` failed here: an instruction
+/// (target or pull) names another release. Called only when the instructions change, so a
+/// release that fails again under unchanged instructions stays failed (no retry loop); ctl's
+/// revert (the target back on the previous release) thus lets a later rollout of the same
+/// release try again, and ctl clears a failed pull by pointing the pull elsewhere first.
+pub fn forgets_failure(failed: &Release, now: &crate::fleet::Instructions) -> bool {
+    [now.target.as_ref(), now.pull.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|r| !r.same_version(failed))
+}
+
 fn restart_if_stopped(c: &Current) -> Action {
     if c.running {
         Action::Keep
@@ -543,6 +555,31 @@ mod tests {
                 terminating,
             };
             assert_eq!(decide(&s), Keep, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_is_forgotten_when_an_instruction_moves_to_another_release() {
+        use crate::fleet::Instructions;
+        let (v1, v2) = (rel("v1"), rel("v2"));
+        let at = |target: Option<&Release>, pull: Option<&Release>| Instructions {
+            target: target.cloned(),
+            pull: pull.cloned(),
+        };
+        // failed v2; instructions now => forgotten
+        let table = [
+            (at(None, None), false),
+            (at(Some(&v2), None), false),
+            (at(None, Some(&v2)), false),
+            (at(Some(&v2), Some(&v2)), false),
+            // ctl's revert: the target back on v1, the pull still names v2
+            (at(Some(&v1), Some(&v2)), true),
+            // ctl clearing a failed pull before trying the release again
+            (at(None, Some(&v1)), true),
+            (at(Some(&v1), None), true),
+        ];
+        for (now, want) in table {
+            assert_eq!(forgets_failure(&v2, &now), want, "{now:?}");
         }
     }
 

@@ -77,6 +77,9 @@ pub struct Supervisor<R, S, F> {
     pulled: Option<Release>,
     /// The failed release last reported to the fleet.
     failed_reported: Option<Release>,
+    /// The failure report is to be withdrawn (an instruction moved on; see
+    /// [`reconcile::forgets_failure`]).
+    withdraw_failed: bool,
     /// Pulls and answers to the fleet that failed: retried after this backoff.
     answers: Backoff,
     /// Drained for termination: the host serves no new release and reports draining.
@@ -122,6 +125,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             instructions: Instructions::default(),
             pulled: None,
             failed_reported: None,
+            withdraw_failed: false,
             answers: Backoff::new(RETRY_FIRST, RETRY_CAP),
             terminating: false,
             next_termination_check: now,
@@ -282,6 +286,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     async fn read_instructions(&mut self) {
         let now = self.fleet.instructions().await;
         if now != self.instructions {
+            if let Some(f) = self.failed.take_if(|f| reconcile::forgets_failure(f, &now)) {
+                tracing::info!(release = %f, "an instruction names another release: forgetting that this one failed here (a later rollout of it is tried again)");
+                self.failed_reported = None;
+                self.withdraw_failed = true;
+                self.publish(|s| s.failed_release = None);
+            }
             tracing::info!(
                 target = now.target.as_ref().map(tracing::field::display),
                 pull = now.pull.as_ref().map(tracing::field::display),
@@ -296,14 +306,26 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// Tell the fleet about a release that failed here, once (retried with backoff when the
     /// report does not get through).
     async fn report_failed(&mut self) {
-        let Some(failed) = self.failed.clone() else {
-            return;
-        };
-        if self.failed_reported.as_ref() == Some(&failed) || self.answers.is_waiting() {
+        if self.answers.is_waiting() {
             return;
         }
-        if self.fleet.failed(&failed).await {
+        let Some(failed) = self.failed.clone() else {
+            if self.withdraw_failed {
+                if self.fleet.failed(None).await {
+                    self.withdraw_failed = false;
+                    self.answers.reset();
+                } else {
+                    self.answers.fail();
+                }
+            }
+            return;
+        };
+        if self.failed_reported.as_ref() == Some(&failed) {
+            return;
+        }
+        if self.fleet.failed(Some(&failed)).await {
             self.failed_reported = Some(failed);
+            self.withdraw_failed = false;
             self.answers.reset();
         } else {
             self.answers.fail();

@@ -706,7 +706,15 @@ async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
     .expect("pinned");
     let fresh = fleet.answers().await;
     let pulled = fleet.pulled(&pinned).await;
-    let failed = fleet.failed(&release("v3")).await;
+    let failed = fleet.failed(Some(&release("v3"))).await;
+    let describe = || {
+        ec2.describe_tags().filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-id")
+                .values(&id)
+                .build(),
+        )
+    };
     let tags = ec2
         .describe_tags()
         .filters(
@@ -730,6 +738,19 @@ async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
         .await
         .answers()
         .await;
+    // A withdrawn failure leaves the tag empty (the role may not delete tags), read as none.
+    let withdrawn = fleet.failed(None).await;
+    let after = describe().send().await.expect("describe tags");
+    let failed_after = after
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(FAILED))
+        .and_then(|t| t.value())
+        .map(str::to_owned);
+    let forgotten = AwsFleet::discover(&imds.client(), &sdk, None, None)
+        .await
+        .answers()
+        .await;
     ec2.terminate_instances()
         .instance_ids(&id)
         .send()
@@ -741,6 +762,10 @@ async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
     assert_eq!(value(FAILED).as_deref(), Some("v3"));
     assert_eq!(again.pulled, Some(pinned));
     assert_eq!(again.failed, Some(release("v3")));
+    assert!(withdrawn);
+    assert_eq!(failed_after.as_deref(), Some(""));
+    assert_eq!(forgotten.failed, None);
+    assert_eq!(forgotten.pulled, again.pulled);
 }
 
 /// The real agent on a fleet host: the Docker engine, the local registry, SSM and EC2 in moto,

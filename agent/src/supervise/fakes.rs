@@ -315,11 +315,12 @@ impl Fleet for RecordingFleet {
             .push(skiff_release::instance_tags::encode(release));
         true
     }
-    async fn failed(&self, release: &Release) -> bool {
-        self.failed_here
-            .lock()
-            .expect("lock")
-            .push(skiff_release::instance_tags::encode(release));
+    async fn failed(&self, release: Option<&Release>) -> bool {
+        self.failed_here.lock().expect("lock").push(
+            release
+                .map(skiff_release::instance_tags::encode)
+                .unwrap_or_default(),
+        );
         true
     }
 }

@@ -342,3 +342,39 @@ async fn a_restarted_agent_does_not_retry_a_target_that_failed_here() {
     assert!(fleet.failed_values().is_empty(), "not reported again");
     assert!(fleet.pulled_values().is_empty(), "not answered again");
 }
+
+/// ctl's revert (the target back on v1) withdraws the failure report, so a later rollout of
+/// the same release (its cause fixed outside the image, e.g. a setting) is tried again.
+#[tokio::test]
+async fn after_the_revert_the_failure_is_withdrawn_and_a_later_rollout_of_it_is_tried_again() {
+    let Host {
+        fleet,
+        runtime,
+        state,
+        cancel,
+        task,
+        ..
+    } = serving_v1(&["v2"]).await;
+    fleet.target(Some("v2"));
+    until(Duration::from_secs(10), "v2 reported failed", || {
+        fleet.failed_values() == ["v2"]
+    })
+    .await;
+    fleet.target(Some("v1"));
+    until(Duration::from_secs(5), "the failure withdrawn", || {
+        fleet.failed_values() == ["v2", ""]
+    })
+    .await;
+    assert!(state.borrow().failed_release.is_none());
+    assert_eq!(running_tag(&state).as_deref(), Some("v1"));
+    runtime.world().unhealthy.clear();
+    fleet.target(Some("v2"));
+    until(Duration::from_secs(15), "v2 healthy", || {
+        running_tag(&state).as_deref() == Some("v2")
+    })
+    .await;
+    cancel.cancel();
+    task.await.expect("join");
+    assert_eq!(fleet.healthy_tags(), ["v1", "v2"]);
+    assert_eq!(fleet.failed_values(), ["v2", ""], "not reported again");
+}
