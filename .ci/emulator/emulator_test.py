@@ -222,6 +222,14 @@ def main():
         time.sleep(2.2)
         check("a target in its first checks (initial) is kept", health("g4") == {
             i: ("InService", "Healthy") for i in replacement}, str(health("g4")))
+        # ctl's in-place rollout holds HealthCheck and ReplaceUnhealthy while instances swap.
+        asg.suspend_processes(AutoScalingGroupName="g4", ScalingProcesses=["HealthCheck", "ReplaceUnhealthy"])
+        report("g4", {i: "unhealthy" for i in replacement})
+        time.sleep(2.2)
+        check("with HealthCheck/ReplaceUnhealthy suspended an unhealthy target is kept", health("g4") == {
+            i: ("InService", "Healthy") for i in replacement}, str(health("g4")))
+        report("g4", {i: "healthy" for i in replacement})
+        asg.resume_processes(AutoScalingGroupName="g4", ScalingProcesses=["HealthCheck", "ReplaceUnhealthy"])
 
         asg.create_auto_scaling_group(
             AutoScalingGroupName="g5", MinSize=0, MaxSize=2, DesiredCapacity=1, HealthCheckType="EC2",

@@ -234,6 +234,12 @@ def _autoscaling(resp, action: str) -> list[policy.Check] | None:
     name = _param(resp, "AutoScalingGroupName")
     if name:
         return [_group_check(resp, action, name)]
+    if action in ("CreateOrUpdateTags", "DeleteTags"):
+        # Tags name their group in ResourceId (ResourceType auto-scaling-group).
+        names = sorted({t.get("ResourceId", "") for t in _param(resp, "Tags", []) or []
+                        if isinstance(t, dict)})
+        if names:
+            return [_group_check(resp, action, n) for n in names]
     return None
 
 
@@ -909,6 +915,12 @@ def _patch_target_health() -> None:
 def _apply_elb_health(backend, group, now: float) -> None:
     targets = TARGET_HEALTH.get((backend.account_id, backend.region_name, group.name))
     if not targets:
+        return
+    # Suspended HealthCheck marks no instance Unhealthy, suspended ReplaceUnhealthy replaces none
+    # (here both: nothing is acted on while either is suspended).
+    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/as-suspend-resume-processes.html
+    suspended = {p["ProcessName"] for p in group.suspended_processes}
+    if suspended & {"HealthCheck", "ReplaceUnhealthy"}:
         return
     view = {s.instance.id: (s.lifecycle_state, getattr(s, "skiff_in_service_since", None))
             for s in group.instance_states}

@@ -66,6 +66,15 @@ pub enum InPlaceError {
     },
     #[error("cannot read the target health ({0})")]
     TargetHealth(String),
+    #[error(
+        "cannot {what} the processes {processes} of Auto Scaling Group {asg} ({detail}); the deployer needs autoscaling:SuspendProcesses and autoscaling:ResumeProcesses on the group (the stack's DeployerPolicy allows them)"
+    )]
+    Hold {
+        what: &'static str,
+        processes: String,
+        asg: String,
+        detail: String,
+    },
 }
 
 impl FromStr for Strategy {
@@ -210,6 +219,60 @@ pub trait InPlaceFleet {
     ) -> impl Future<Output = Result<(), InPlaceError>> + Send;
     /// The target group's health of its targets.
     fn health(&self) -> impl Future<Output = Result<Health, InPlaceError>> + Send;
+    /// The group's suspended Auto Scaling processes, and those a ctl in-place run marked as
+    /// its own (the group tag [`HELD_TAG`]).
+    fn held(&self) -> impl Future<Output = Result<Held, InPlaceError>> + Send;
+    /// Suspend (`true`: mark them ours first) or resume (`false`: then unmark) these processes.
+    fn hold(
+        &self,
+        processes: &[String],
+        suspend: bool,
+    ) -> impl Future<Output = Result<(), InPlaceError>> + Send;
+}
+
+/// The Auto Scaling processes held while instances swap in place: a swapping instance drains
+/// (the load balancer calls it unhealthy for a few seconds), and with `HealthCheckType: ELB` the
+/// group would mark it Unhealthy and replace it. Suspending HealthCheck stops the marking,
+/// ReplaceUnhealthy the replacing.
+/// https://docs.aws.amazon.com/autoscaling/ec2/userguide/as-suspend-resume-processes.html
+pub const HELD: [&str; 2] = ["HealthCheck", "ReplaceUnhealthy"];
+
+/// The group tag naming the processes a ctl in-place run suspended (`:`-separated): a run
+/// that was killed left them suspended, and the next run knows they are ctl's to resume.
+pub const HELD_TAG: &str = "skiff:held-processes";
+
+/// Between the processes in [`HELD_TAG`]'s value (a character every tag value allows; a space
+/// would do on AWS, but trips the emulator's request signing).
+pub const MARK_SEPARATOR: &str = ":";
+
+/// The processes named in [`HELD_TAG`]'s value. Pure.
+pub fn parse_mark(value: &str) -> Vec<String> {
+    value
+        .split(|c: char| c == ':' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The group's suspended processes and ctl's mark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub suspended: Vec<String>,
+    pub marked: Vec<String>,
+}
+
+/// The processes this rollout holds (suspends, and resumes at the end): [`HELD`] minus those
+/// someone else suspended (left as they are), where a process suspended under ctl's mark (a
+/// killed run) counts as ctl's. Pure.
+pub fn to_hold(now: &Held) -> Vec<String> {
+    HELD.iter()
+        .filter(|p| {
+            let suspended = now.suspended.iter().any(|a| a == *p);
+            let marked = now.marked.iter().any(|a| a == *p);
+            !suspended || marked
+        })
+        .map(|p| (*p).to_owned())
+        .collect()
 }
 
 /// A fleet for the refresh strategy, which never rolls in place.
@@ -225,6 +288,12 @@ impl InPlaceFleet for NoInPlace {
     }
     async fn health(&self) -> Result<Health, InPlaceError> {
         Ok(None)
+    }
+    async fn held(&self) -> Result<Held, InPlaceError> {
+        Ok(Held::default())
+    }
+    async fn hold(&self, _processes: &[String], _suspend: bool) -> Result<(), InPlaceError> {
+        Ok(())
     }
 }
 
@@ -341,6 +410,98 @@ impl InPlaceFleet for AwsHosts {
             .await
             .map_err(|e| InPlaceError::TargetHealth(e.to_string()))?;
         Ok(Some(targets.into_iter().map(|t| (t.id, t.state)).collect()))
+    }
+
+    async fn held(&self) -> Result<Held, InPlaceError> {
+        let out = self
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.asg)
+            .send()
+            .await
+            .map_err(|e| InPlaceError::DescribeGroup {
+                asg: self.asg.clone(),
+                detail: aws::describe(&e),
+            })?;
+        let group = out
+            .auto_scaling_groups()
+            .first()
+            .ok_or_else(|| InPlaceError::NoGroup {
+                asg: self.asg.clone(),
+            })?;
+        Ok(Held {
+            suspended: group
+                .suspended_processes()
+                .iter()
+                .filter_map(|p| p.process_name().map(str::to_owned))
+                .collect(),
+            marked: group
+                .tags()
+                .iter()
+                .filter(|t| t.key() == Some(HELD_TAG))
+                .filter_map(|t| t.value())
+                .flat_map(parse_mark)
+                .collect(),
+        })
+    }
+
+    async fn hold(&self, processes: &[String], suspend: bool) -> Result<(), InPlaceError> {
+        if processes.is_empty() {
+            return Ok(());
+        }
+        let fail = |what: &'static str, detail: String| InPlaceError::Hold {
+            what,
+            processes: processes.join(" "),
+            asg: self.asg.clone(),
+            detail,
+        };
+        // https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_CreateOrUpdateTags.html
+        let tag = |value: Option<String>| {
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&self.asg)
+                .resource_type("auto-scaling-group")
+                .key(HELD_TAG)
+                .set_value(value)
+                .propagate_at_launch(false)
+                .build()
+        };
+        if suspend {
+            self.autoscaling
+                .create_or_update_tags()
+                .tags(tag(Some(processes.join(MARK_SEPARATOR))))
+                .send()
+                .await
+                .map_err(|e| fail("mark as ctl's", aws::describe(&e)))?;
+        }
+        let done = if suspend {
+            self.autoscaling
+                .suspend_processes()
+                .auto_scaling_group_name(&self.asg)
+                .set_scaling_processes(Some(processes.to_vec()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| aws::describe(&e))
+        } else {
+            self.autoscaling
+                .resume_processes()
+                .auto_scaling_group_name(&self.asg)
+                .set_scaling_processes(Some(processes.to_vec()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| aws::describe(&e))
+        };
+        done.map_err(|detail| fail(if suspend { "suspend" } else { "resume" }, detail))?;
+        if !suspend {
+            self.autoscaling
+                .delete_tags()
+                .tags(tag(None))
+                .send()
+                .await
+                .map_err(|e| fail("unmark", aws::describe(&e)))?;
+        }
+        Ok(())
     }
 }
 
@@ -504,31 +665,16 @@ pub fn to_revert(hosts: &[Host], switched: &[String], new: &Release) -> Vec<Stri
     ids
 }
 
-/// The revert: done when each of `ids` still in the group reports `prev` running. Pure.
-pub fn revert_verdict(hosts: &[Host], ids: &[String], prev: &Release) -> Verdict {
-    let mut pending = Vec::new();
-    for id in ids {
-        let Some(h) = hosts.iter().find(|h| &h.id == id) else {
-            continue;
-        };
-        if names(h.failed.as_deref(), prev) {
-            return Verdict::Failed(id.clone(), format!("its agent reports {prev} failed"));
-        }
-        if !runs(h, prev) {
-            pending.push((
-                id.clone(),
-                format!(
-                    "runs {}",
-                    h.release.as_deref().unwrap_or("(nothing reported)")
-                ),
-            ));
-        }
+/// The revert: done when each of `ids` still in the group reports `prev` running and the load
+/// balancer calls it healthy again (only then are the group's health checks resumed). Pure.
+pub fn revert_verdict(hosts: &[Host], health: &Health, ids: &[String], prev: &Release) -> Verdict {
+    let failed = hosts
+        .iter()
+        .find(|h| ids.contains(&h.id) && names(h.failed.as_deref(), prev));
+    if let Some(h) = failed {
+        return Verdict::Failed(h.id.clone(), format!("its agent reports {prev} failed"));
     }
-    if pending.is_empty() {
-        Verdict::Done
-    } else {
-        Verdict::Pending(pending)
-    }
+    batch_verdict(hosts, health, ids, prev)
 }
 
 // --- waiting ---------------------------------------------------------------------------------
@@ -660,6 +806,17 @@ pub enum RolloutStep {
         batch: usize,
         batches: usize,
         secs: f64,
+    },
+    /// Auto Scaling processes suspended for the swaps (`already`: suspended before, by someone
+    /// else, left so).
+    Held {
+        processes: Vec<String>,
+        already: Vec<String>,
+    },
+    /// The processes suspended for the swaps, resumed (`error`: they could not be).
+    Resumed {
+        processes: Vec<String>,
+        error: Option<String>,
     },
     /// Instances that joined the group during the rollout without the release.
     LateJoiners {

@@ -185,6 +185,30 @@ pub fn rollout_line(step: &RolloutStep) -> String {
             batches,
             secs,
         } => format!("in-place: batch {batch}/{batches}: baked {secs}s"),
+        RolloutStep::Held { processes, already } => format!(
+            "in-place: the group's {} held while instances swap{}",
+            if processes.is_empty() {
+                "health checks (already suspended) are".to_owned()
+            } else {
+                format!("processes {} are", processes.join(" "))
+            },
+            if already.is_empty() {
+                String::new()
+            } else {
+                format!(" (suspended before, left so: {})", already.join(" "))
+            }
+        ),
+        RolloutStep::Resumed {
+            processes,
+            error: None,
+        } => format!("in-place: resumed {}", processes.join(" ")),
+        RolloutStep::Resumed {
+            processes,
+            error: Some(e),
+        } => format!(
+            "warning: in-place: {e}; resume them: aws autoscaling resume-processes --auto-scaling-group-name <group> --scaling-processes {}",
+            processes.join(" ")
+        ),
         RolloutStep::LateJoiners { instances } => format!(
             "in-place: joined during the rollout, switched last: {}",
             list(instances)

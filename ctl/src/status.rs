@@ -151,12 +151,19 @@ pub fn merge_target_health(views: &mut [InstanceView], targets: &[TargetHealth])
     }
 }
 
-/// The group's instances with their reported releases.
+/// The group's suspended Auto Scaling processes, and which of them a ctl in-place run holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Processes {
+    pub suspended: Vec<String>,
+    pub held_by_ctl: Vec<String>,
+}
+
+/// The group's instances with their reported releases, and its suspended processes.
 pub async fn instances(
     autoscaling: &aws_sdk_autoscaling::Client,
     ec2: &aws_sdk_ec2::Client,
     asg: &str,
-) -> Result<Vec<InstanceView>, StatusError> {
+) -> Result<(Vec<InstanceView>, Processes), StatusError> {
     let out = autoscaling
         .describe_auto_scaling_groups()
         .auto_scaling_group_names(asg)
@@ -187,8 +194,24 @@ pub async fn instances(
             target_reason: None,
         })
         .collect();
+    let mut processes = Processes {
+        suspended: group
+            .suspended_processes()
+            .iter()
+            .filter_map(|p| p.process_name().map(str::to_owned))
+            .collect(),
+        held_by_ctl: group
+            .tags()
+            .iter()
+            .filter(|t| t.key() == Some(crate::inplace::HELD_TAG))
+            .filter_map(|t| t.value())
+            .flat_map(crate::inplace::parse_mark)
+            .collect(),
+    };
+    processes.suspended.sort();
+    processes.held_by_ctl.sort();
     if views.is_empty() {
-        return Ok(views);
+        return Ok((views, processes));
     }
     let mut pages = ec2
         .describe_tags()
@@ -228,7 +251,7 @@ pub async fn instances(
         }
     }
     views.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(views)
+    Ok((views, processes))
 }
 
 /// Every target of the target group with its health (DescribeTargetHealth without targets
@@ -290,6 +313,9 @@ pub struct Report {
     pub drift: Vec<String>,
     /// The in-place rollout, when the instances carry skiff:target tags.
     pub rollout: Option<RolloutView>,
+    /// The group's suspended processes (an in-place rollout holds HealthCheck and
+    /// ReplaceUnhealthy while it runs).
+    pub processes: Processes,
 }
 
 /// Read the release, the refresh, the lock, the instances and their target health. Only the
@@ -317,7 +343,7 @@ where
         Ok(r) => (r, None),
         Err(e) => (None, Some(e.to_string())),
     };
-    let mut instances = instances(autoscaling, ec2, &d.asg).await?;
+    let (mut instances, processes) = instances(autoscaling, ec2, &d.asg).await?;
     let target_health_error = match &d.target_group {
         None => Some(TargetHealthError::NoTargetGroup),
         Some(tg) => match target_health(elb, tg).await {
@@ -350,6 +376,7 @@ where
         target_health_error,
         drift,
         rollout,
+        processes,
     })
 }
 
@@ -399,6 +426,30 @@ pub fn render(r: &Report) -> String {
         (None, Some(e)) => writeln!(s, "lock       unknown: {e}"),
         (None, None) => writeln!(s, "lock       free"),
     };
+    if !r.processes.suspended.is_empty() {
+        let ours: Vec<&String> = r
+            .processes
+            .suspended
+            .iter()
+            .filter(|p| r.processes.held_by_ctl.contains(p))
+            .collect();
+        let _ = writeln!(
+            s,
+            "suspended  {}{}",
+            r.processes.suspended.join(" "),
+            if ours.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (held by an in-place rollout: {}; the next in-place release resumes them at its end if that one was killed)",
+                    ours.iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            }
+        );
+    }
     if let Some(ro) = &r.rollout {
         let _ = write!(
             s,
@@ -573,6 +624,7 @@ mod tests {
             target_health_note: err.as_ref().map(ToString::to_string),
             target_health_error: err,
             rollout: None,
+            processes: Processes::default(),
         }
     }
 
@@ -675,8 +727,13 @@ mod tests {
         ];
         let mut r = report(instances.clone(), None);
         r.rollout = rollout(Some(&v2), &instances);
+        r.processes = Processes {
+            suspended: vec!["HealthCheck".into(), "AZRebalance".into()],
+            held_by_ctl: vec!["HealthCheck".into()],
+        };
         let text = render(&r);
         for needle in [
+            "suspended  HealthCheck AZRebalance (held by an in-place rollout: HealthCheck;",
             "rollout    1 of 2 instances run v2 (in place); FAILED: i-b",
             "SKIFF:TARGET",
             "v2 (FAILED)",

@@ -217,7 +217,35 @@ impl Group {
 #[derive(Debug, Default, Clone)]
 struct Seen {
     log: Vec<(String, String)>,
+    /// The group's suspended processes at each switch.
+    held: Vec<Vec<String>>,
 }
+
+/// The group's suspended processes (sorted) and ctl's mark on the group.
+async fn processes(g: &Group) -> (Vec<String>, Option<String>) {
+    let out = g
+        .asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(&g.name)
+        .send()
+        .await
+        .expect("describe group");
+    let group = &out.auto_scaling_groups()[0];
+    let mut p: Vec<String> = group
+        .suspended_processes()
+        .iter()
+        .filter_map(|p| p.process_name().map(str::to_owned))
+        .collect();
+    p.sort();
+    let mark = group
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some("skiff:held-processes"))
+        .and_then(|t| t.value().map(str::to_owned));
+    (p, mark)
+}
+
+const HELD: [&str; 2] = ["HealthCheck", "ReplaceUnhealthy"];
 
 /// A fake agent for every instance of the group: it reads only skiff:pull and skiff:target
 /// (as the agent reads them from the instance metadata) and answers with skiff:pulled,
@@ -231,13 +259,23 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn start(
-        ec2: aws_sdk_ec2::Client,
+        g: &Group,
         ids: Vec<String>,
         fails: Vec<(String, String)>,
         delay: Duration,
     ) -> FakeAgent {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let log = seen.clone();
+        let ec2 = g.ec2.clone();
+        let observer = Group {
+            asg: g.asg.clone(),
+            ec2: g.ec2.clone(),
+            elb: g.elb.clone(),
+            ssm: g.ssm.clone(),
+            name: g.name.clone(),
+            tg: g.tg.clone(),
+            param: g.param.clone(),
+        };
         let task = tokio::spawn(async move {
             // What each instance runs and what it failed, as the agent would remember.
             let mut failed: BTreeSet<(String, String)> = BTreeSet::new();
@@ -306,10 +344,13 @@ impl FakeAgent {
                     {
                         continue;
                     }
-                    log.lock()
-                        .expect("log")
-                        .log
-                        .push((id.clone(), format!("switch {target}")));
+                    // Not the agent's business: the test's view of the group while it swaps.
+                    let (held, _) = processes(&observer).await;
+                    {
+                        let mut l = log.lock().expect("log");
+                        l.log.push((id.clone(), format!("switch {target}")));
+                        l.held.push(held);
+                    }
                     tokio::time::sleep(delay).await;
                     if fails.contains(&(id.clone(), want.tag.to_string())) {
                         failed.insert((id.clone(), target.clone()));
@@ -326,6 +367,10 @@ impl FakeAgent {
 
     fn log(&self) -> Vec<(String, String)> {
         self.seen.lock().expect("log").log.clone()
+    }
+
+    fn held(&self) -> Vec<Vec<String>> {
+        self.seen.lock().expect("log").held.clone()
     }
 }
 
@@ -358,7 +403,7 @@ async fn in_place_release_rollback_and_a_failing_release() {
     let ids = g.instances().await;
     assert_eq!(ids.len(), 3, "{ids:?}");
     let agent = FakeAgent::start(
-        g.ec2.clone(),
+        &g,
         ids.clone(),
         vec![(ids[0].clone(), "v3".into())],
         Duration::from_millis(300),
@@ -437,6 +482,12 @@ async fn in_place_release_rollback_and_a_failing_release() {
     }
     let value = read_param(&g.ssm, &g.param).await.expect("parameter");
     assert!(value.contains(r#""tag":"v2""#), "{value}");
+    let held = agent.held();
+    assert!(
+        held.len() == 3 && held.iter().all(|h| h == &HELD),
+        "the group's health checks held during every swap: {held:?}"
+    );
+    assert_eq!(processes(&g).await, (vec![], None), "resumed, unmarked");
 
     // status: the rollout line and each instance's skiff:target.
     let mut a = g.base();
@@ -450,7 +501,15 @@ async fn in_place_release_rollback_and_a_failing_release() {
     assert!(t.contains("SKIFF:TARGET"), "{t}");
 
     // A release that fails its health gate on the first instance: only the first batch is
-    // touched, it is told v2 again, the parameter holds v2 again, exit 1.
+    // touched, it is told v2 again, the parameter holds v2 again, exit 1. Someone suspended
+    // ReplaceUnhealthy meanwhile: left so.
+    g.asg
+        .suspend_processes()
+        .auto_scaling_group_name(&g.name)
+        .scaling_processes("ReplaceUnhealthy")
+        .send()
+        .await
+        .expect("suspend");
     let before = agent.log().len();
     let mut a = args(
         &g,
@@ -505,14 +564,28 @@ async fn in_place_release_rollback_and_a_failing_release() {
             "plan",
             "pulling",
             "pulled",
+            "held",
             "switching",
             "reverting",
-            "reverted"
+            "reverted",
+            "resumed"
         ],
         "{t}"
     );
     let last = events.last().expect("outcome");
     assert_eq!(last["outcome"], "rolled_back", "{t}");
+    assert_eq!(
+        processes(&g).await,
+        (vec!["ReplaceUnhealthy".to_owned()], None),
+        "only ctl's own hold resumed: {t}"
+    );
+    g.asg
+        .resume_processes()
+        .auto_scaling_group_name(&g.name)
+        .scaling_processes("ReplaceUnhealthy")
+        .send()
+        .await
+        .expect("resume");
     assert!(
         last["reason"]
             .as_str()
@@ -540,7 +613,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     let g = group("skiff-ctl-ipk", 3).await;
     let ids = g.instances().await;
     // Slow switches, so that ctl is killed while the second batch switches.
-    let agent = FakeAgent::start(g.ec2.clone(), ids.clone(), vec![], Duration::from_secs(2));
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(2));
     let mut a = args(
         &g,
         &[
@@ -577,6 +650,12 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     }
     child.kill().expect("SIGKILL ctl");
     let _ = child.wait();
+    let held = HELD.map(String::from).to_vec();
+    assert_eq!(
+        processes(&g).await,
+        (held, Some("HealthCheck:ReplaceUnhealthy".to_owned())),
+        "the killed run's hold stays, marked as ctl's"
+    );
 
     // status says so: the rollout is half way.
     let mut s = g.base();
@@ -585,6 +664,10 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     let t = text(&out);
     assert!(
         t.contains(" of 3 instances run v2 (in place)") && !t.contains("3 of 3"),
+        "{t}"
+    );
+    assert!(
+        t.contains("held by an in-place rollout: HealthCheck ReplaceUnhealthy"),
         "{t}"
     );
 
@@ -615,6 +698,11 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
         .map(|(id, _)| id.clone())
         .collect();
     assert!(!again.contains(&ids[0]), "not switched twice: {again:?}");
+    assert_eq!(
+        processes(&g).await,
+        (vec![], None),
+        "the re-run resumed the killed run's hold: {t}"
+    );
     let tags = g.tags().await;
     for id in &ids {
         assert_eq!(tags[id]["skiff:release"], "v2", "{tags:?}");
@@ -627,7 +715,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
 async fn sigterm_mid_rollout_reverts_the_switched_instances() {
     let g = group("skiff-ctl-ips", 3).await;
     let ids = g.instances().await;
-    let agent = FakeAgent::start(g.ec2.clone(), ids.clone(), vec![], Duration::from_secs(1));
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(1));
     let mut a = args(
         &g,
         &[
@@ -692,6 +780,7 @@ async fn sigterm_mid_rollout_reverts_the_switched_instances() {
             .is_none(),
         "lock let go"
     );
+    assert_eq!(processes(&g).await, (vec![], None), "resumed: {t}");
     drop(agent);
     g.delete().await;
 }

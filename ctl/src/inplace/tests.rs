@@ -376,18 +376,26 @@ fn to_revert_table() {
 #[test]
 fn revert_verdict_table() {
     let v = rel("v1");
-    let table: Vec<(&str, Vec<Host>, Verdict)> = vec![
+    let table: Vec<(&str, Vec<Host>, Health, Verdict)> = vec![
         (
-            "back on V",
+            "back on V and healthy",
             vec![host(
                 "a",
                 &[("skiff:release", "v1"), ("skiff:failed", "v2")],
             )],
+            healthy(&[("a", "healthy")]),
             Verdict::Done,
+        ),
+        (
+            "back on V, the load balancer not yet",
+            vec![host("a", &[("skiff:release", "v1")])],
+            healthy(&[("a", "unhealthy")]),
+            Verdict::Pending(vec![("a".into(), "target unhealthy".into())]),
         ),
         (
             "still on T",
             vec![host("a", &[("skiff:release", "v2")])],
+            healthy(&[("a", "healthy")]),
             Verdict::Pending(vec![("a".into(), "runs v2".into())]),
         ),
         (
@@ -396,12 +404,17 @@ fn revert_verdict_table() {
                 "a",
                 &[("skiff:release", "v2"), ("skiff:failed", "v1")],
             )],
+            None,
             Verdict::Failed("a".into(), "its agent reports v1 failed".into()),
         ),
-        ("left the group", vec![], Verdict::Done),
+        ("left the group", vec![], None, Verdict::Done),
     ];
-    for (name, hosts, want) in table {
-        assert_eq!(revert_verdict(&hosts, &ids(&["a"]), &v), want, "{name}");
+    for (name, hosts, health, want) in table {
+        assert_eq!(
+            revert_verdict(&hosts, &health, &ids(&["a"]), &v),
+            want,
+            "{name}"
+        );
     }
 }
 
@@ -437,6 +450,70 @@ impl InPlaceFleet for Script {
     }
     async fn health(&self) -> Result<Health, InPlaceError> {
         Ok(None)
+    }
+    async fn held(&self) -> Result<Held, InPlaceError> {
+        Ok(Held::default())
+    }
+    async fn hold(&self, _: &[String], _: bool) -> Result<(), InPlaceError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn mark_values() {
+    assert_eq!(
+        parse_mark("HealthCheck:ReplaceUnhealthy"),
+        ids(&["HealthCheck", "ReplaceUnhealthy"])
+    );
+    assert_eq!(
+        parse_mark(" HealthCheck ReplaceUnhealthy"),
+        ids(&["HealthCheck", "ReplaceUnhealthy"])
+    );
+    assert_eq!(parse_mark(""), Vec::<String>::new());
+    assert_eq!(HELD.join(MARK_SEPARATOR), "HealthCheck:ReplaceUnhealthy");
+}
+
+#[test]
+fn to_hold_table() {
+    // suspended, marked as ctl's, the processes this run holds (and resumes)
+    let table: Vec<(Vec<&str>, Vec<&str>, Vec<&str>)> = vec![
+        (vec![], vec![], vec!["HealthCheck", "ReplaceUnhealthy"]),
+        (
+            vec!["AZRebalance"],
+            vec![],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+        ),
+        (vec!["ReplaceUnhealthy"], vec![], vec!["HealthCheck"]),
+        (
+            vec!["HealthCheck", "ReplaceUnhealthy", "Launch"],
+            vec![],
+            vec![],
+        ),
+        // a killed run left them suspended under ctl's mark: ctl's again
+        (
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+        ),
+        // someone else's suspension is not ctl's even if a mark names another process
+        (
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["ReplaceUnhealthy"],
+            vec!["ReplaceUnhealthy"],
+        ),
+        // a mark without the suspension (killed between mark and suspend)
+        (
+            vec![],
+            vec!["HealthCheck"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+        ),
+    ];
+    for (suspended, marked, want) in table {
+        let now = Held {
+            suspended: ids(&suspended),
+            marked: ids(&marked),
+        };
+        assert_eq!(to_hold(&now), ids(&want), "{now:?}");
     }
 }
 

@@ -113,8 +113,62 @@ where
         }
     }
 
+    // Swapping instances drain: the group's health checks are held until the end (also of a
+    // revert), so that it does not replace them meanwhile.
+    let now = match fleet.held().await {
+        Ok(a) => a,
+        Err(e) => {
+            return run
+                .restore_only(format!("{e}; no instance was switched"), emit)
+                .await;
+        }
+    };
+    let held = inplace::to_hold(&now);
+    let already: Vec<String> = now
+        .suspended
+        .into_iter()
+        .filter(|p| inplace::HELD.contains(&p.as_str()) && !held.contains(p))
+        .collect();
+    if let Err(e) = fleet.hold(&held, true).await {
+        return run
+            .restore_only(format!("{e}; no instance was switched"), emit)
+            .await;
+    }
+    emit(Event::Rollout(RolloutStep::Held {
+        processes: held.clone(),
+        already,
+    }));
+    let outcome = switch(run, fleet, plan, first.batches, started, stop, emit).await;
+    if !held.is_empty() {
+        let error = fleet.hold(&held, false).await.err().map(|e| e.to_string());
+        emit(Event::Rollout(RolloutStep::Resumed {
+            processes: held,
+            error,
+        }));
+    }
+    outcome
+}
+
+/// The batches, the late joiners, and on failure the revert.
+async fn switch<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    batches: Vec<Vec<String>>,
+    started: Instant,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Outcome
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let new = run.new;
+    let value = instance_tags::encode(new);
+    let poll = run.req.poll.min(inplace::MAX_POLL);
     let mut switched: Vec<String> = Vec::new();
-    let mut batches = first.batches;
+    let mut batches = batches;
     let mut total = batches.len();
     let mut n = 0;
     let mut round = 0;
@@ -318,7 +372,7 @@ where
                 run.req.poll.min(inplace::MAX_POLL),
                 false,
                 &mut unstoppable,
-                |hosts, _| inplace::revert_verdict(hosts, &ids, prev),
+                |hosts, h| inplace::revert_verdict(hosts, h, &ids, prev),
             )
             .await
         }
