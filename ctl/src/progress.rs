@@ -303,6 +303,8 @@ pub struct Journal {
     /// In place: the instances switched to the new release, and those told to go back.
     switched: Vec<String>,
     reverting: Vec<String>,
+    /// In place: the group's processes suspended for the swaps and not resumed yet.
+    held: Vec<String>,
 }
 
 impl Journal {
@@ -329,6 +331,8 @@ impl Journal {
             Event::Rollout(RolloutStep::Reverting { instances, .. }) => {
                 self.reverting = instances.clone()
             }
+            Event::Rollout(RolloutStep::Held { processes, .. }) => self.held = processes.clone(),
+            Event::Rollout(RolloutStep::Resumed { error: None, .. }) => self.held.clear(),
             _ => {}
         }
     }
@@ -408,6 +412,16 @@ impl Journal {
                 );
                 back(&mut finish);
             }
+        }
+        if !self.held.is_empty() {
+            state.push(format!(
+                "the group's {} stay suspended (marked skiff:held-processes)",
+                self.held.join(" ")
+            ));
+            finish.push(format!(
+                "the next in-place `{ctl} release` resumes them at its end (or `aws autoscaling resume-processes --scaling-processes {}`)",
+                self.held.join(" ")
+            ));
         }
         let mut out = format!("state: {}.", state.join("; "));
         if !finish.is_empty() {
@@ -505,6 +519,30 @@ mod tests {
                     written(Purpose::Rollback, 8, V1),
                 ],
                 &["no rollback refresh was started", "`ctl rollback --to v1`"],
+            ),
+            (
+                "in place, killed while holding the group's health checks",
+                vec![
+                    locked(),
+                    plan(),
+                    written(Purpose::Release, 7, V2),
+                    Event::Rollout(RolloutStep::Held {
+                        processes: vec!["HealthCheck".into(), "ReplaceUnhealthy".into()],
+                        already: vec![],
+                    }),
+                    Event::Rollout(RolloutStep::Switching {
+                        batch: 1,
+                        batches: 2,
+                        release: "v2".into(),
+                        instances: vec!["i-a".into()],
+                    }),
+                ],
+                &[
+                    "in place: switched to it (skiff:target): i-a",
+                    "`ctl release --tag v2` to finish the rollout",
+                    "HealthCheck ReplaceUnhealthy stay suspended",
+                    "`ctl rollback --to v1`",
+                ],
             ),
             (
                 "first release ever, lock already let go",
