@@ -27,8 +27,9 @@ use crate::signal::Stop;
 pub const OUTPUT_STRATEGY: &str = "ReleaseStrategy";
 /// Consecutive failed reads of the fleet a wait tolerates before it gives up.
 const READ_FAILURES: u32 = 5;
-/// Longest pause between two reads of the fleet while waiting.
-pub const MAX_POLL: Duration = Duration::from_secs(2);
+/// Longest pause between two reads of the fleet while waiting (3 read calls each; `--poll` can
+/// only shorten it).
+pub const MAX_POLL: Duration = Duration::from_secs(1);
 /// Rounds of late joiners switched at the end before the rollout says what is left.
 const LATE_ROUNDS: usize = 3;
 
