@@ -6,7 +6,9 @@
 //! release lock, writes the release record to the SSM parameter, reads it back, rolls every
 //! instance of the Auto Scaling Group by an instance refresh that watches the stack's release
 //! alarms, follows it, and on failure, an alarm, a signal or the timeout puts the previous
-//! record back (only over its own write) and rolls the fleet to it. `status` (with each
+//! record back (only over its own write) and rolls the fleet to it. With `--strategy in-place`
+//! (default: the stack output ReleaseStrategy) it swaps the container on the running instances
+//! instead, batch by batch through their instance tags (`inplace`, `ship::rollout`). `status` (with each
 //! instance's target health), `history`, `rollback`, `unlock`, `logs` and `completions`
 //! complete the set.
 //!

@@ -108,7 +108,7 @@ impl Printer {
                 }
             ),
             Event::Stopping { signal } => eprintln!(
-                "{signal}: stopping; cancelling the refresh and putting the previous release back (a second signal exits at once)"
+                "{signal}: stopping; cancelling the refresh (in place: telling the switched instances) and putting the previous release back (a second signal exits at once)"
             ),
             Event::Cancelling { id } => eprintln!("cancelling instance refresh {id}"),
             Event::LockUnknown { detail } => {
