@@ -796,6 +796,11 @@ pub enum RolloutStep {
         release: String,
         instances: Vec<String>,
     },
+    /// A wait (`pull`, `batch N/M`, `revert`) still waits for these, each time that changes.
+    Waiting {
+        what: String,
+        pending: String,
+    },
     /// The batch runs the release and the load balancer calls it healthy.
     Healthy {
         batch: usize,

@@ -180,6 +180,9 @@ pub fn rollout_line(step: &RolloutStep) -> String {
             "in-place: batch {batch}/{batches}: {} healthy on the new release in {secs}s",
             list(instances)
         ),
+        RolloutStep::Waiting { what, pending } => {
+            format!("in-place: {what}: waiting for {pending}")
+        }
         RolloutStep::Baked {
             batch,
             batches,

@@ -8,7 +8,8 @@ use tokio::time::Instant;
 
 use super::{Event, Outcome, Run};
 use crate::inplace::{
-    self, Host, InPlaceFleet, RolloutPlan, RolloutStep, Waited, describe_pending, secs, wait_for,
+    self, Host, InPlaceFleet, RolloutPlan, RolloutStep, Verdict, Waited, describe_pending, secs,
+    wait_for,
 };
 use crate::refresh::InstanceRefresher;
 use crate::signal::Stop;
@@ -23,6 +24,29 @@ pub(super) fn plan_step(hosts: &[Host], new: &Release, plan: &RolloutPlan) -> Ro
         on_target: p.on_target,
         batches: p.batches,
         bake_secs: secs(plan.bake),
+    }
+}
+
+/// `judge`, reporting what it still waits for each time that changes.
+fn noting<'a>(
+    what: String,
+    emit: &'a mut dyn FnMut(Event),
+    mut judge: impl FnMut(&[Host], &inplace::Health) -> Verdict + 'a,
+) -> impl FnMut(&[Host], &inplace::Health) -> Verdict + 'a {
+    let mut last = String::new();
+    move |hosts, health| {
+        let verdict = judge(hosts, health);
+        if let Verdict::Pending(p) = &verdict {
+            let pending = describe_pending(p);
+            if pending != last {
+                emit(Event::Rollout(RolloutStep::Waiting {
+                    what: what.clone(),
+                    pending: pending.clone(),
+                }));
+                last = pending;
+            }
+        }
+        verdict
     }
 }
 
@@ -85,10 +109,10 @@ where
                 .restore_only(format!("{e}; no instance was switched"), emit)
                 .await;
         }
-        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, |hosts, _| {
+        let judge = noting("pull".into(), emit, |hosts, _| {
             inplace::pull_verdict(hosts, &todo, new)
-        })
-        .await;
+        });
+        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, judge).await;
         match failure(&format!("pull of {new}"), waited, plan.pull_timeout) {
             None => emit(Event::Rollout(RolloutStep::Pulled {
                 instances: todo.clone(),
@@ -186,10 +210,10 @@ where
             if let Err(e) = fleet.tag(&batch, instance_tags::TARGET, &value).await {
                 return revert(run, fleet, plan, &switched, format!("batch {n}: {e}"), emit).await;
             }
-            let waited = wait_for(fleet, plan.batch_timeout, poll, false, stop, |hosts, h| {
+            let judge = noting(format!("batch {n}/{total}"), emit, |hosts, h| {
                 inplace::batch_verdict(hosts, h, &batch, new)
-            })
-            .await;
+            });
+            let waited = wait_for(fleet, plan.batch_timeout, poll, false, stop, judge).await;
             match failure(
                 &format!("batch {n} of {total} ({new})"),
                 waited,
@@ -372,7 +396,9 @@ where
                 run.req.poll.min(inplace::MAX_POLL),
                 false,
                 &mut unstoppable,
-                |hosts, h| inplace::revert_verdict(hosts, h, &ids, prev),
+                noting("revert".into(), emit, |hosts, h| {
+                    inplace::revert_verdict(hosts, h, &ids, prev)
+                }),
             )
             .await
         }
@@ -467,6 +493,41 @@ where
 #[cfg(test)]
 mod verdicts {
     use super::*;
+
+    #[test]
+    fn waits_say_what_they_wait_for_when_it_changes() {
+        let mut seen = Vec::new();
+        let mut emit = |e: Event| seen.push(e);
+        let mut script = vec![
+            Verdict::Pending(vec![("i-a".into(), "runs v1".into())]),
+            Verdict::Pending(vec![("i-a".into(), "runs v1".into())]),
+            Verdict::Pending(vec![("i-a".into(), "target initial".into())]),
+            Verdict::Done,
+        ]
+        .into_iter();
+        {
+            let mut judge = noting("batch 1/2".into(), &mut emit, |_, _| {
+                script.next().unwrap_or(Verdict::Done)
+            });
+            for _ in 0..4 {
+                judge(&[], &None);
+            }
+        }
+        let lines: Vec<String> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rollout(step) => Some(crate::progress::rollout_line(step)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "in-place: batch 1/2: waiting for i-a (runs v1)",
+                "in-place: batch 1/2: waiting for i-a (target initial)",
+            ]
+        );
+    }
 
     #[test]
     fn failure_words() {
