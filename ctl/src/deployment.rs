@@ -159,6 +159,7 @@ mod tests {
             (OUTPUT_IMAGE.into(), "reg.example/app".into()),
             (OUTPUT_TARGET_GROUP.into(), "arn:tg".into()),
             (OUTPUT_ALARMS.into(), "a-5xx, a-hosts,".into()),
+            (crate::inplace::OUTPUT_STRATEGY.into(), "in-place".into()),
             ("Other".into(), "x".into()),
         ]
     }
@@ -233,6 +234,7 @@ mod tests {
         let d = combine(&only_stack, Some(&outs())).expect("deployment");
         assert_eq!(d.target_group.as_deref(), Some("arn:tg"));
         assert_eq!(d.alarms, vec!["a-5xx".to_owned(), "a-hosts".to_owned()]);
+        assert_eq!(d.strategy.as_deref(), Some("in-place"));
         let given = Locator {
             target_group: Some("arn:mine".into()),
             ..only_stack
@@ -246,9 +248,17 @@ mod tests {
         );
         let older: Vec<(String, String)> = outs()
             .into_iter()
-            .filter(|(k, _)| k != OUTPUT_TARGET_GROUP && k != OUTPUT_ALARMS)
+            .filter(|(k, _)| {
+                k != OUTPUT_TARGET_GROUP
+                    && k != OUTPUT_ALARMS
+                    && k != crate::inplace::OUTPUT_STRATEGY
+            })
             .collect();
         let d = combine(&given, Some(&older)).expect("a stack without them still works");
+        assert_eq!(
+            d.strategy, None,
+            "an older stack: refresh (choose_strategy)"
+        );
         assert_eq!(
             (d.target_group.as_deref(), d.alarms.len()),
             (Some("arn:mine"), 0)
