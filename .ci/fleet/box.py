@@ -1159,7 +1159,7 @@ def down(args):
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     forget_images()
     if os.path.isdir(STATE):
-        for name in ("controller.log", "emulator.log"):
+        for name in ("controller.log", "emulator.log", "ctl.log"):
             if os.path.exists(os.path.join(STATE, name)):
                 os.makedirs(os.path.join(STATE, "logs"), exist_ok=True)
                 os.replace(os.path.join(STATE, name), os.path.join(STATE, "logs", name))

@@ -483,6 +483,9 @@ def ctl_stream(box, *args, kill_when=None, timeout=900):
     reader.join(5)
     took = time.monotonic() - t0
     LAST_CTL[:] = [f"ctl {' '.join(args)} (exit {rc}, {took:.1f} s)", "\n".join(x for _, x in lines)]
+    with open(os.path.join(fleet.STATE, "ctl.log"), "a") as f:  # every run in full, timed (logs/ after down)
+        f.write(f"=== {time.strftime('%H:%M:%S')} {LAST_CTL[0]}\n"
+                + "".join(f"+{t - t0:6.1f} {x}\n" for t, x in lines))
     return rc, lines, took, bool(killed)
 
 
@@ -509,6 +512,20 @@ def inplace_floor(box, watch, tag, bake, after):
     terms = (f"floor {floor:.1f} s = pull {pull:.1f} + {len(per)} batch(es) x (start-to-healthy "
              f"{'/'.join(f'{x:.1f}' for x in per)} + LB detection {detect} + drain {drain:.0f} + bake {bake:g})")
     return floor, terms
+
+
+def lb_lag(watch, tag, after):
+    """Per switched instance: the agent serving `tag` -> back in the load balancer, in seconds
+    (the load balancer's detection as it happened; HAProxy's next check lands anywhere within
+    the interval, so it is (HealthyThresholdCount - 1) to HealthyThresholdCount intervals)."""
+    out = []
+    for _, ids in watch.batches(tag, after):
+        for i in ids:
+            s = watch.first(i, "serving", tag, after)
+            up = next((t for t, v in watch.changes(i, "lb", s) if v), None) if s else None
+            if s and up:
+                out.append(up - s)
+    return out
 
 
 def batch_times(watch, tag, after, serving_tag=None):
@@ -568,7 +585,9 @@ def inplace_release(box, rate, tag, n, number, bake=0, extra=()):
     per_batch = batch_times(watch, tag, t0)
     sizes = [len(b) for _, b in watch.batches(tag, t0)]
     ratio = f"{took / floor:.2f}x the floor" if floor else "ratio unknown"
+    lags = lb_lag(watch, tag, t0)
     sc.figures += [f"ctl {took:.1f} s, {ratio}; {terms}",
+                   "LB up after the agent's healthy: " + (", ".join(f"{x:.1f}" for x in lags) + " s" if lags else "?"),
                    f"batches {sizes}, told -> serving and in the LB: {', '.join(f'{x:.1f}' if x else '?' for x in per_batch)} s",
                    counts.line()]
     if watch.errors:
