@@ -187,7 +187,7 @@ dev: ## run the app and an agent locally (.ci/dev.sh)
 	@$(say) "running .ci/dev.sh"
 	bash .ci/dev.sh
 
-.PHONY: fleet fleet-down fleet-scenarios
+.PHONY: fleet fleet-down fleet-scenarios fleet-bench
 fleet: ## a 3-instance fleet behind a load balancer on this machine (.ci/fleet; README)
 	bash .ci/fleet/fleet.sh up
 
@@ -196,6 +196,9 @@ fleet-down: ## tear the fleet of `make fleet` down, leaving nothing behind
 
 fleet-scenarios: ## release scenarios on the fleet with the real ctl, one line each
 	bash .ci/fleet/fleet.sh scenarios
+
+fleet-bench: ## every fleet scenario, then refresh and in-place releases side by side (wall, floor, ratio)
+	bash .ci/fleet/fleet.sh bench
 
 .PHONY: fleet-branch
 fleet-branch: ## the branch flow in the fleet box with the real app: create-stack, integration, releases, delete-stack

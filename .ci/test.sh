@@ -48,7 +48,7 @@ step "permissions under enforced IAM" bash .ci/permissions-test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
 step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
 step "Makefile" bash .ci/make-check.sh
-step "fleet scenarios" env SKIP_SETUP=1 bash .ci/fleet/fleet.sh scenarios
+step "fleet scenarios (refresh and in place)" env SKIP_SETUP=1 bash .ci/fleet/fleet.sh scenarios
 step "fleet branch flow (make create-stack, integration, releases, delete-stack)" env SKIP_SETUP=1 bash .ci/fleet/branch.sh
 
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then

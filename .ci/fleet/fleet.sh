@@ -2,10 +2,13 @@
 # The fleet in a box (.ci/fleet/box.py) from a fresh clone: setup, build, then the box.
 #   fleet.sh up          # make fleet: .ci/setup.sh (idempotent), agent and ctl built, 3 instances up
 #   fleet.sh down        # make fleet-down: nothing of the box left; safe to rerun
-#   fleet.sh scenarios   # make fleet-scenarios: the release scenarios (box up, run, down); a step
-#                        # of .ci/test.sh; the box goes down even when a scenario fails or the
-#                        # run outlives FLEET_TIMEOUT (600 s), and down checks nothing is left
-#   fleet.sh bench       # the scenarios with a table: wall time per scenario, release vs model
+#   fleet.sh scenarios   # make fleet-scenarios: the release scenarios, refresh and in place (box
+#                        # up, run, down); a step of .ci/test.sh; the box goes down even when a
+#                        # scenario fails or the run outlives FLEET_TIMEOUT (1200 s), and down
+#                        # checks nothing is left
+#   fleet.sh bench       # make fleet-bench: every scenario (also in place on 6 instances and a
+#                        # refresh on 6), then tables: wall time per scenario, release vs model,
+#                        # both strategies side by side (wall, floor, ratio, failed requests)
 # Env: FLEET_INSTANCES (3, at most 6), FLEET_BOOT_DELAY (2 s; 25 models AL2023's launch),
 # FLEET_TAG (v1: the first release), SKIP_SETUP=1 to skip .ci/setup.sh, CARGO_TARGET_DIR.
 # Extra arguments go to scenarios.py (--only 1,7, --rate 20, --warmup 5).
@@ -24,8 +27,8 @@ case "$cmd" in
     [ "$cmd" = bench ] && set -- --bench "$@"
     rc=0
     # scenarios.py takes the box down itself; this is for a run that was killed or timed out.
-    timeout -k 30 "${FLEET_TIMEOUT:-600}" "$py" .ci/fleet/scenarios.py "$@" || rc=$?
-    [ "$rc" = 124 ] && echo "fleet: the scenarios outlived FLEET_TIMEOUT=${FLEET_TIMEOUT:-600} s" >&2
+    timeout -k 30 "${FLEET_TIMEOUT:-1200}" "$py" .ci/fleet/scenarios.py "$@" || rc=$?
+    [ "$rc" = 124 ] && echo "fleet: the scenarios outlived FLEET_TIMEOUT=${FLEET_TIMEOUT:-1200} s" >&2
     "$py" .ci/fleet/box.py down >/dev/null || { "$py" .ci/fleet/box.py down; rc=1; }
     exit "$rc" ;;
   down)

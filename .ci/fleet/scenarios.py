@@ -25,8 +25,30 @@ stack's deployer policy, while load.py sends a steady rate through the load bala
                 new instance boots on the release the parameter names, the release completes,
                 0 failed requests; then back to n
 
-    scenarios.py --bench        # also a table: wall time per scenario, release time vs model
-    scenarios.py --only 1,7     # a subset (in this order: 1 5 2 7 4 6 3)
+In place (issue 13; ctl release --strategy in-place; a watch follows every instance's skiff:*
+tags, its agent's /status, the load balancer and Auto Scaling every 0.5 s; Auto Scaling acting
+on any instance during a rollout fails the scenario):
+
+  8  in-place release on n instances: 0 failed, every instance kept and on the new release,
+                parameter on it; ctl's wall time next to the floor (the slowest pull, then per
+                batch the slowest start-to-healthy, HealthyThresholdCount x interval, the drain
+                and the bake)
+  10 never healthy, in place: only the first batch told, its instance back in the load balancer
+                on the previous release within 15 s of ctl's failure line, parameter on it, ctl
+                exit 1, the bad release served nothing, 0 failed
+  11 in-place rollback: ctl rollback --strategy in-place after 8: back, per batch time, 0 failed
+  12 ctl SIGKILLed once the first batch switched: ctl status shows "1 of n"; ctl unlock --force;
+                the same release again converges without switching the first instance again
+  13 the parameter written without ctl while every agent runs update = "in-place" with a 2 s
+                poll: within 3 polls nothing swaps (all stale on the old release), each agent
+                warned at start; then the template's config back
+  9  in-place release after scaling the group to 2n (6 with the default 3): as 8
+  14 refresh release on the 2n instances (bench only): the side by side at 2n
+
+    scenarios.py --bench        # all of them, then tables: wall time per scenario, release time
+                                # vs model, and both strategies side by side (wall, floor, ratio)
+    scenarios.py --only 1,7     # a subset (in this order: 1 5 2 7 4 6 3 8 10 11 12 13 9 14);
+                                # default without --bench: all but 9 and 14
 
 Prints one line per scenario with its figures, then 'N passed, N failed'; exits 1 on a failure.
 Tags are new per run (r<run>a, r<run>bad), so a leftover image or record cannot pass a check.
@@ -50,8 +72,9 @@ import box as fleet  # noqa: E402
 from load import Load  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]
-ALL = "1,5,2,7,4,6,3,8,10,11,12,13,9"
-REFRESH_BENCH = []  # (scenario name, ctl wall s, model s, failed requests): refresh releases
+ALL = "1,5,2,7,4,6,3,8,10,11,12,13,9,14"
+CI = "1,5,2,7,4,6,3,8,10,11,12,13"  # the default without --bench: not the 6-instance ones
+REFRESH_BENCH = []  # (scenario name, instances, ctl wall s, model s, failed requests): refresh releases
 IMDS_DELAY = []
 URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
 results = []
@@ -154,8 +177,8 @@ def with_load(box, rate, fn):
     return out, counts
 
 
-def release(box, rate, tag, n, warmup):
-    sc = Scenario(1, f"release {parameter(box)[0]} -> {tag}")
+def release(box, rate, tag, n, warmup, number=1):
+    sc = Scenario(number, f"release {parameter(box)[0]} -> {tag}" + (f" on {n} instances" if number != 1 else ""))
     fleet.push_image(tag)
     before = set(group(box))
     (rc, out, took), counts = with_load(box, rate, lambda: ctl(box, "release", "--tag", tag, "--warmup", f"{warmup}s",
@@ -172,7 +195,7 @@ def release(box, rate, tag, n, warmup):
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     m = model(box, warmup)
     sc.release, sc.model = refresh_seconds(box), m
-    REFRESH_BENCH.append((sc.name, took, m, counts.failed))
+    REFRESH_BENCH.append((sc.name, n, took, m, counts.failed))
     sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s (model {m:.0f} s + engine/pull/start;"
                    f" ctl checks every 15 s)", counts.line(),
                    f"replaced {len(before - after)}/{len(before)}"]
@@ -289,7 +312,7 @@ def rollback(box, rate, to, n, warmup):
     sc.check(set(now) == {to}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     sc.release, sc.model = refresh_seconds(box), model(box, warmup)
-    REFRESH_BENCH.append((sc.name, took, sc.model, counts.failed))
+    REFRESH_BENCH.append((sc.name, n, took, sc.model, counts.failed))
     sc.figures += [f"ctl {took:.1f} s, refresh {sc.release:.1f} s", counts.line(), f"replaced {len(before - after)}/{len(before)}"]
     sc.done()
 
@@ -1012,8 +1035,7 @@ def scale_then(box, n, fn):
 def strategies_table(box, warmup):
     """Both strategies side by side in this box run: wall time (ctl's), floor, ratio, failed."""
     s = box["settings"]
-    rows = [(f"refresh {name.split(' ', 2)[-1]}", int(box["params"]["MinSize"]), wall, model, failed)
-            for name, wall, model, failed in REFRESH_BENCH]
+    rows = [(f"refresh {name.split(' on ')[0]}", n, wall, model, failed) for name, n, wall, model, failed in REFRESH_BENCH]
     rows += [(what, n, wall, floor, failed) for what, n, wall, floor, failed, _ in INPLACE_BENCH]
     if not rows:
         return
@@ -1040,11 +1062,15 @@ def main():
                          "interval + 2, the time a new target needs before it serves)")
     ap.add_argument("--keep", action="store_true", help="leave the box up afterwards")
     ap.add_argument("--bench", action="store_true", help="print wall and release times vs the model")
-    ap.add_argument("--only", default=ALL, help=f"scenarios to run (run in the order {ALL.replace(',', ' ')})")
+    ap.add_argument("--only", default=None, help=f"scenarios to run (run in the order {ALL.replace(',', ' ')}; "
+                    f"default {CI}, with --bench all)")
     a = ap.parse_args()
+    a.only = a.only or (ALL if a.bench else CI)
     only = set(a.only.replace(" ", "").split(","))
     if not only <= set(ALL.split(",")) or not only:
-        ap.error(f"--only takes scenario numbers 1..13 separated by commas, not {a.only!r}")
+        ap.error(f"--only takes scenario numbers 1..14 separated by commas, not {a.only!r}")
+    if "14" in only and "9" not in only:
+        ap.error("scenario 14 releases on the 6 instances of scenario 9: add 9 to --only")
     if only & {"2", "7"} and "1" not in only:
         ap.error("scenarios 2 and 7 follow scenario 1's release: add 1 to --only")
     if "11" in only and "8" not in only:
@@ -1080,7 +1106,8 @@ def main():
             ("11", lambda: inplace_rollback(box, a.rate, inplace["before"], n)),
             ("12", lambda: inplace_killed(box, a.rate, f"r{RUN}ik", n)),
             ("13", lambda: uncoordinated(box, a.rate, f"r{RUN}iu", n)),
-            ("9", lambda: scale_then(box, 2 * n, lambda: inplace_release(box, a.rate, f"r{RUN}i6", 2 * n, 9)))]
+            ("9", lambda: scale_then(box, 2 * n, lambda: inplace_release(box, a.rate, f"r{RUN}i6", 2 * n, 9))),
+            ("14", lambda: release(box, a.rate, f"r{RUN}r6", 2 * n, a.warmup, number=14))]
     inplace = {}
     watch = Dependencies().start()
     try:
