@@ -589,6 +589,31 @@ pub fn pull_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdict {
     }
 }
 
+/// The instances of `ids` whose agent reports `new` failed from an earlier run: the agent
+/// forgets a failure only when an instruction moves to another release, so this run first
+/// points their pull elsewhere ([`withdrawn_verdict`]) to try the release afresh. Pure.
+pub fn failed_before(hosts: &[Host], ids: &[String], new: &Release) -> Vec<String> {
+    hosts
+        .iter()
+        .filter(|h| ids.contains(&h.id) && names(h.failed.as_deref(), new))
+        .map(|h| h.id.clone())
+        .collect()
+}
+
+/// Done when none of `ids` reports `new` failed any more (its agent withdrew the answer). An
+/// instance no longer in the group is not waited for. Pure.
+pub fn withdrawn_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdict {
+    let pending: Vec<(String, String)> = failed_before(hosts, ids, new)
+        .into_iter()
+        .map(|id| (id, format!("still reports {new} failed")))
+        .collect();
+    if pending.is_empty() {
+        Verdict::Done
+    } else {
+        Verdict::Pending(pending)
+    }
+}
+
 /// A batch switched to `new`: done when each reports it running AND the load balancer calls it
 /// healthy; failed when one's agent reports `new` failed (it rolled itself back). Pure.
 pub fn batch_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {

@@ -190,6 +190,37 @@ fn names_compares_tag_and_digest() {
 }
 
 #[test]
+fn failures_from_an_earlier_run_are_withdrawn_before_the_pull() {
+    let t = rel(&format!("v2@{D2}"));
+    let tv = format!("v2@{D2}");
+    let hosts = vec![
+        host("a", &[("skiff:failed", &tv)]),
+        host("b", &[("skiff:failed", "v1")]),
+        host("c", &[("skiff:failed", "")]),
+        host("d", &[("skiff:failed", &format!("v2@{D3}"))]),
+        host("e", &[]),
+    ];
+    let all = ids(&["a", "b", "c", "d", "e", "gone"]);
+    assert_eq!(
+        failed_before(&hosts, &all, &t),
+        ["a"],
+        "only a failure of this release"
+    );
+    assert_eq!(
+        failed_before(&hosts, &ids(&["b", "e"]), &t),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        withdrawn_verdict(&hosts, &all, &t),
+        Verdict::Pending(vec![("a".into(), format!("still reports {t} failed"))])
+    );
+    // The agent withdrew it (empty value) or the instance left: done.
+    let withdrawn = vec![host("a", &[("skiff:failed", "")])];
+    assert_eq!(withdrawn_verdict(&withdrawn, &all, &t), Verdict::Done);
+    assert_eq!(withdrawn_verdict(&[], &all, &t), Verdict::Done);
+}
+
+#[test]
 fn pull_verdict_table() {
     let t = rel(&format!("v2@{D2}"));
     let tv = format!("v2@{D2}");

@@ -97,6 +97,58 @@ where
     emit(Event::Rollout(plan_step(&before, new, plan)));
     let todo: Vec<String> = first.batches.concat();
 
+    // A failure an agent reported for this release in an earlier run stands until an
+    // instruction moves to another release (the agent's rule): point the pull of those hosts
+    // at the release before and wait until they withdraw it, so this run tries it afresh.
+    let stale = inplace::failed_before(&before, &todo, new);
+    if let (false, Some(prev)) = (stale.is_empty(), run.previous.as_ref()) {
+        emit(Event::Rollout(RolloutStep::Pulling {
+            release: prev.to_string(),
+            instances: stale.clone(),
+        }));
+        let t = Instant::now();
+        if let Err(e) = fleet
+            .tag(&stale, instance_tags::PULL, &instance_tags::encode(prev))
+            .await
+        {
+            return run
+                .restore_only(format!("{e}; no instance was switched"), emit)
+                .await;
+        }
+        let judge = noting(
+            format!("{new} failed before: withdrawn"),
+            emit,
+            |hosts, _| inplace::withdrawn_verdict(hosts, &stale, new),
+        );
+        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, judge).await;
+        match failure(
+            &format!("withdrawing an earlier failure of {new}"),
+            waited,
+            plan.pull_timeout,
+        ) {
+            None => emit(Event::Rollout(RolloutStep::Pulled {
+                instances: stale.clone(),
+                secs: took(t),
+            })),
+            Some(Failure::Reason(why)) => {
+                return run
+                    .restore_only(format!("{why}; no instance was switched"), emit)
+                    .await;
+            }
+            Some(Failure::Stopped(signal)) => {
+                emit(Event::Stopping {
+                    signal: signal.into(),
+                });
+                return run
+                    .restore_only(
+                        format!("stopped by {signal} before the pull; no instance was switched"),
+                        emit,
+                    )
+                    .await;
+            }
+        }
+    }
+
     // Pull everywhere first: a failure here switches nothing.
     if !todo.is_empty() {
         emit(Event::Rollout(RolloutStep::Pulling {
