@@ -65,6 +65,14 @@ pub enum InPlaceError {
         ids: String,
         detail: String,
     },
+    #[error(
+        "tag {tag} now names {new_digest}, but the fleet knows it as {old_digest}: instances report the tag they run, not its digest, so an in-place switch between the two could not be checked; release it with --strategy refresh, or push the image under a new tag"
+    )]
+    Retagged {
+        tag: String,
+        old_digest: String,
+        new_digest: String,
+    },
     #[error("cannot read the target health ({0})")]
     TargetHealth(String),
     #[error(
@@ -587,6 +595,33 @@ pub fn pull_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdict {
     } else {
         Verdict::Pending(pending)
     }
+}
+
+/// Refuse an in-place switch to a tag that the parameter (`previous`) or an instance's target
+/// already names with another digest: the agents answer with the tag only, so the switch
+/// would look done before it happened. Pure.
+pub fn check_retagged(
+    new: &Release,
+    previous: Option<&Release>,
+    hosts: &[Host],
+) -> Result<(), InPlaceError> {
+    let known = hosts
+        .iter()
+        .filter_map(|h| h.target.as_deref())
+        .filter_map(|v| instance_tags::decode(v).ok())
+        .chain(previous.cloned());
+    for old in known {
+        if let (true, Some(a), Some(b)) = (old.tag == new.tag, &old.digest, &new.digest)
+            && a != b
+        {
+            return Err(InPlaceError::Retagged {
+                tag: new.tag.to_string(),
+                old_digest: a.to_string(),
+                new_digest: b.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The instances of `ids` whose agent reports `new` failed from an earlier run: the agent

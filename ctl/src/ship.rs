@@ -556,7 +556,12 @@ where
     });
     // In place: the group can be read and tagged before anything is written.
     let before = match &req.rollout {
-        Some(_) => Some(hosts.hosts().await?),
+        Some(_) => {
+            let h = hosts.hosts().await?;
+            let known = previous.as_ref().and_then(|p| p.release.as_ref());
+            crate::inplace::check_retagged(&new, known, &h)?;
+            Some(h)
+        }
         None => None,
     };
     if let Some(signal) = stop.requested() {

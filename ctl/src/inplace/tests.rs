@@ -190,6 +190,36 @@ fn names_compares_tag_and_digest() {
 }
 
 #[test]
+fn a_tag_that_names_another_digest_now_is_refused_in_place() {
+    let (v2d2, v2d3, v2, v1d3) = (
+        rel(&format!("v2@{D2}")),
+        rel(&format!("v2@{D3}")),
+        rel("v2"),
+        rel(&format!("v1@{D3}")),
+    );
+    let targeted = |v: &str| vec![host("a", &[("skiff:target", v)])];
+    // new, previous, hosts => refused
+    let table: Vec<(&Release, Option<&Release>, Vec<Host>, bool)> = vec![
+        (&v2d3, Some(&v2d2), vec![], true),
+        (&v2d3, None, targeted(&format!("v2@{D2}")), true),
+        (&v2d3, Some(&v1d3), targeted(&format!("v1@{D3}")), false),
+        (&v2d2, Some(&v2d2), targeted(&format!("v2@{D2}")), false),
+        // unpinned on either side: nothing to tell apart
+        (&v2, Some(&v2d2), vec![], false),
+        (&v2d3, Some(&v2), targeted("v2"), false),
+        (&v2d3, None, targeted("not a release!"), false),
+    ];
+    for (new, previous, hosts, refused) in table {
+        let got = check_retagged(new, previous, &hosts);
+        assert_eq!(
+            got.is_err(),
+            refused,
+            "{new} over {previous:?} {hosts:?}: {got:?}"
+        );
+    }
+}
+
+#[test]
 fn failures_from_an_earlier_run_are_withdrawn_before_the_pull() {
     let t = rel(&format!("v2@{D2}"));
     let tv = format!("v2@{D2}");
