@@ -91,8 +91,6 @@ where
 {
     let started = Instant::now();
     let new = run.new;
-    let value = instance_tags::encode(new);
-    let poll = run.req.poll.min(inplace::MAX_POLL);
     let first = inplace::plan(&before, new, plan.batch);
     emit(Event::Rollout(plan_step(&before, new, plan)));
     let todo: Vec<String> = first.batches.concat();
@@ -102,90 +100,27 @@ where
     // at the release before and wait until they withdraw it, so this run tries it afresh.
     let stale = inplace::failed_before(&before, &todo, new);
     if let (false, Some(prev)) = (stale.is_empty(), run.previous.as_ref()) {
-        emit(Event::Rollout(RolloutStep::Pulling {
-            release: prev.to_string(),
-            instances: stale.clone(),
-        }));
-        let t = Instant::now();
-        if let Err(e) = fleet
-            .tag(&stale, instance_tags::PULL, &instance_tags::encode(prev))
-            .await
-        {
-            return run
-                .restore_only(format!("{e}; no instance was switched"), emit)
-                .await;
-        }
-        let judge = noting(
-            format!("{new} failed before: withdrawn"),
-            emit,
-            |hosts, _| inplace::withdrawn_verdict(hosts, &stale, new),
-        );
-        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, judge).await;
-        match failure(
-            &format!("withdrawing an earlier failure of {new}"),
-            waited,
-            plan.pull_timeout,
-        ) {
-            None => emit(Event::Rollout(RolloutStep::Pulled {
-                instances: stale.clone(),
-                secs: took(t),
-            })),
-            Some(Failure::Reason(why)) => {
-                return run
-                    .restore_only(format!("{why}; no instance was switched"), emit)
-                    .await;
-            }
-            Some(Failure::Stopped(signal)) => {
-                emit(Event::Stopping {
-                    signal: signal.into(),
-                });
-                return run
-                    .restore_only(
-                        format!("stopped by {signal} before the pull; no instance was switched"),
-                        emit,
-                    )
-                    .await;
-            }
+        let phase = Pull {
+            release: prev,
+            ids: &stale,
+            what: format!("withdrawing an earlier failure of {new}"),
+        };
+        let judge =
+            |hosts: &[Host], _: &inplace::Health| inplace::withdrawn_verdict(hosts, &stale, new);
+        if let Err(end) = pull(run, fleet, plan, phase, stop, emit, judge).await {
+            return end;
         }
     }
-
     // Pull everywhere first: a failure here switches nothing.
     if !todo.is_empty() {
-        emit(Event::Rollout(RolloutStep::Pulling {
-            release: new.to_string(),
-            instances: todo.clone(),
-        }));
-        let t = Instant::now();
-        if let Err(e) = fleet.tag(&todo, instance_tags::PULL, &value).await {
-            return run
-                .restore_only(format!("{e}; no instance was switched"), emit)
-                .await;
-        }
-        let judge = noting("pull".into(), emit, |hosts, _| {
-            inplace::pull_verdict(hosts, &todo, new)
-        });
-        let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, judge).await;
-        match failure(&format!("pull of {new}"), waited, plan.pull_timeout) {
-            None => emit(Event::Rollout(RolloutStep::Pulled {
-                instances: todo.clone(),
-                secs: took(t),
-            })),
-            Some(Failure::Reason(why)) => {
-                return run
-                    .restore_only(format!("{why}; no instance was switched"), emit)
-                    .await;
-            }
-            Some(Failure::Stopped(signal)) => {
-                emit(Event::Stopping {
-                    signal: signal.into(),
-                });
-                return run
-                    .restore_only(
-                        format!("stopped by {signal} during the pull; no instance was switched"),
-                        emit,
-                    )
-                    .await;
-            }
+        let phase = Pull {
+            release: new,
+            ids: &todo,
+            what: format!("pull of {new}"),
+        };
+        let judge = |hosts: &[Host], _: &inplace::Health| inplace::pull_verdict(hosts, &todo, new);
+        if let Err(end) = pull(run, fleet, plan, phase, stop, emit, judge).await {
+            return end;
         }
     }
 
@@ -342,6 +277,67 @@ where
         total += late.len();
         batches = late;
     }
+}
+
+/// A pull phase: `skiff:pull=release` on `ids`, then wait (at most `--pull-timeout`) until
+/// `judge` says done. Nothing is switched yet, so any failure or a stop restores the parameter
+/// and ends the run (the `Err`).
+struct Pull<'a> {
+    release: &'a Release,
+    ids: &'a [String],
+    what: String,
+}
+
+async fn pull<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    phase: Pull<'_>,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+    judge: impl FnMut(&[Host], &inplace::Health) -> Verdict,
+) -> Result<(), Outcome>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let Pull { release, ids, what } = phase;
+    emit(Event::Rollout(RolloutStep::Pulling {
+        release: release.to_string(),
+        instances: ids.to_vec(),
+    }));
+    let t = Instant::now();
+    let poll = run.req.poll.min(inplace::MAX_POLL);
+    let why = match fleet
+        .tag(ids, instance_tags::PULL, &instance_tags::encode(release))
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok(()) => {
+            let judge = noting(what.clone(), emit, judge);
+            let waited = wait_for(fleet, plan.pull_timeout, poll, false, stop, judge).await;
+            match failure(&what, waited, plan.pull_timeout) {
+                None => {
+                    emit(Event::Rollout(RolloutStep::Pulled {
+                        instances: ids.to_vec(),
+                        secs: took(t),
+                    }));
+                    return Ok(());
+                }
+                Some(Failure::Reason(why)) => why,
+                Some(Failure::Stopped(signal)) => {
+                    emit(Event::Stopping {
+                        signal: signal.into(),
+                    });
+                    format!("stopped by {signal} during the {what}")
+                }
+            }
+        }
+    };
+    Err(run
+        .restore_only(format!("{why}; no instance was switched"), emit)
+        .await)
 }
 
 /// Read the group, with a few tries.
