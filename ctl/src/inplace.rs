@@ -73,6 +73,10 @@ pub enum InPlaceError {
         old_digest: String,
         new_digest: String,
     },
+    #[error(
+        "the group has no InService instance, so nothing can be switched in place (and nothing would show the release works); scale the group out first, or release with --strategy refresh"
+    )]
+    NoInstances,
     #[error("cannot read the target health ({0})")]
     TargetHealth(String),
     #[error(
@@ -652,6 +656,24 @@ pub fn withdrawn_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdi
 /// A batch switched to `new`: done when each reports it running AND the load balancer calls it
 /// healthy; failed when one's agent reports `new` failed (it rolled itself back). Pure.
 pub fn batch_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
+    // An instance that left the group is not waited for, but proves nothing: a batch whose
+    // every instance left shows `new` healthy nowhere (e.g. the group replaced them).
+    if let Some(first) = ids.first()
+        && !ids.iter().any(|id| hosts.iter().any(|h| &h.id == id))
+    {
+        return Verdict::Failed(
+            first.clone(),
+            format!(
+                "every instance of the batch left the group before it ran {new} healthy: nothing shows it works"
+            ),
+        );
+    }
+    runs_healthy_verdict(hosts, health, ids, new)
+}
+
+/// Each of `ids` still in the group runs `release` and is healthy to the load balancer; one
+/// whose agent reports `release` failed fails. Instances that left are not waited for. Pure.
+fn runs_healthy_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
     let mut pending = Vec::new();
     for id in ids {
         let Some(h) = hosts.iter().find(|h| &h.id == id) else {
@@ -735,7 +757,8 @@ pub fn revert_verdict(hosts: &[Host], health: &Health, ids: &[String], prev: &Re
     if let Some(h) = failed {
         return Verdict::Failed(h.id.clone(), format!("its agent reports {prev} failed"));
     }
-    batch_verdict(hosts, health, ids, prev)
+    // An instance that left the group has nothing left to revert.
+    runs_healthy_verdict(hosts, health, ids, prev)
 }
 
 // --- waiting ---------------------------------------------------------------------------------

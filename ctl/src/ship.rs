@@ -558,6 +558,9 @@ where
     let before = match &req.rollout {
         Some(_) => {
             let h = hosts.hosts().await?;
+            if h.is_empty() {
+                return Err(crate::inplace::InPlaceError::NoInstances.into());
+            }
             let known = previous.as_ref().and_then(|p| p.release.as_ref());
             crate::inplace::check_retagged(&new, known, &h)?;
             Some(h)

@@ -346,6 +346,15 @@ fn batch_verdict_table() {
                 "v2 failed its health gate there and the agent rolled it back".into(),
             ),
         ),
+        (
+            "the batch's instance left the group (e.g. replaced): proves nothing",
+            vec![host("other", &[("skiff:release", "v2")])],
+            healthy(&[("other", "healthy")]),
+            Verdict::Failed(
+                "a".into(),
+                "every instance of the batch left the group before it ran v2 healthy: nothing shows it works".into(),
+            ),
+        ),
     ];
     for (name, hosts, health, want) in table {
         assert_eq!(
@@ -354,6 +363,12 @@ fn batch_verdict_table() {
             "{name}"
         );
     }
+    // One of two left: the other decides.
+    let hosts = vec![host("b", &[("skiff:release", "v2")])];
+    assert_eq!(
+        batch_verdict(&hosts, &healthy(&[("b", "healthy")]), &ids(&["a", "b"]), &t),
+        Verdict::Done
+    );
 }
 
 #[test]
