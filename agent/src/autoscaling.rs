@@ -16,6 +16,7 @@
 //! on later loop turns through [`Fleet::retry_pending`], until it succeeds, Auto Scaling says the
 //! action is no longer active, or [`HOOK_RETRY_FOR`] has passed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +83,9 @@ struct OnEc2 {
     ec2: aws_sdk_ec2::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     group: Mutex<Option<String>>,
+    /// The instance metadata says this instance is in no Auto Scaling group (no
+    /// `aws:autoscaling:groupName` tag): releases are not coordinated here.
+    outside_group: AtomicBool,
     tagged: Mutex<Option<Tag>>,
     /// The last instructions read; a failed read leaves them standing.
     seen: Mutex<Instructions>,
@@ -169,6 +173,7 @@ impl AwsFleet {
                 ec2,
                 autoscaling,
                 group: Mutex::new(None),
+                outside_group: AtomicBool::new(false),
                 tagged: Mutex::new(None),
                 seen: Mutex::new(Instructions::default()),
                 warned: Mutex::new(Vec::new()),
@@ -218,17 +223,22 @@ impl AwsFleet {
         }
     }
 
-    /// With a hook to complete, say at start (not at the first hook) when the group is unknown.
+    /// Read the group at start: with a hook to complete, say now (not at the first hook) when
+    /// it is unknown; an instance in no group is not coordinated.
     async fn check_group(&self) {
         let Some(on) = &self.on_ec2 else { return };
-        if on.launch.name.is_none() && on.terminate.name.is_none() {
-            return;
-        }
+        let hooks = on.launch.name.is_some() || on.terminate.name.is_some();
         match on.group().await {
             Ok(group) => tracing::info!(%group, "Auto Scaling Group from instance metadata"),
-            Err((e, _)) => {
+            Err((e, _)) if hooks => {
                 tracing::warn!(error = %e, "lifecycle hooks cannot be completed until this is fixed")
             }
+            Err((e, _)) => tracing::info!(error = %e, "no Auto Scaling Group"),
+        }
+        if on.outside_group.load(Ordering::Relaxed) {
+            tracing::info!(
+                "in no Auto Scaling group: releases are not coordinated by ctl here, the parameter applies as `update` says"
+            );
         }
     }
 
@@ -430,6 +440,7 @@ impl OnEc2 {
             Err(imds::client::error::ImdsError::ErrorResponse(r))
                 if r.response().status().as_u16() == 404 =>
             {
+                self.outside_group.store(true, Ordering::Relaxed);
                 return Err(fail(
                     "the instance metadata has no tag aws:autoscaling:groupName: enable instance \
                      tags in metadata (launch template MetadataOptions InstanceMetadataTags: \
@@ -494,8 +505,12 @@ impl Fleet for AwsFleet {
         on.complete(&on.terminate, "CONTINUE").await;
     }
 
+    /// An instance of an Auto Scaling group: on EC2, unless the instance metadata says there is
+    /// no group (a metadata error counts as a group, the safe side: no uncoordinated swaps).
     fn coordinated(&self) -> bool {
-        self.on_ec2.is_some()
+        self.on_ec2
+            .as_ref()
+            .is_some_and(|on| !on.outside_group.load(Ordering::Relaxed))
     }
 
     /// Two reads of the local metadata service a turn: no AWS API call, so nothing grows

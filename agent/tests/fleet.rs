@@ -255,7 +255,13 @@ async fn without_the_group_tag_in_metadata_no_hook_call_is_made_and_the_error_sa
         mocked_autoscaling(&complete),
         Some("skiff-launch".into()),
     );
+    assert!(
+        fleet.coordinated(),
+        "before the metadata said so: a group (the safe side)"
+    );
     let err = fleet.group().await.expect_err("no tag").to_string();
+    // An instance in no group (a standalone host) follows the parameter as configured.
+    assert!(!fleet.coordinated());
     assert!(
         err.contains("InstanceMetadataTags") && err.contains("aws:autoscaling:groupName"),
         "{err}"
