@@ -1,0 +1,246 @@
+//! The in-place rollout's decisions, all pure: which instances need switching and in which
+//! batches, every wait's verdict from the instances' tags and the load balancer's view, and
+//! what to revert. Their tables are in `inplace/tests.rs`.
+
+use super::*;
+
+/// Whether tag value `value` names `release` (same tag and digest). Pure.
+pub fn names(value: Option<&str>, release: &Release) -> bool {
+    value
+        .and_then(|v| instance_tags::decode(v).ok())
+        .is_some_and(|r| r.tag == release.tag && r.digest == release.digest)
+}
+
+/// Whether `host`'s agent reports `release` running healthy. Pure.
+pub fn runs(host: &Host, release: &Release) -> bool {
+    host.release.as_deref() == Some(release.tag.as_str())
+}
+
+/// The load balancer's word on `id`: healthy, or what it says instead. Pure.
+fn lb_state<'h>(health: &'h Health, id: &str) -> Result<(), &'h str> {
+    match health {
+        None => Ok(()),
+        Some(map) => match map.get(id).map(String::as_str) {
+            Some("healthy") => Ok(()),
+            Some(other) => Err(other),
+            None => Err("not registered"),
+        },
+    }
+}
+
+/// Which instances need switching, in batches; and which already run the release (skipped, so
+/// a re-run after an interrupted rollout converges). Pure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    pub on_target: Vec<String>,
+    pub batches: Vec<Vec<String>>,
+}
+
+pub fn plan(hosts: &[Host], new: &Release, batch: Option<BatchSize>) -> Plan {
+    let (done, todo): (Vec<&Host>, Vec<&Host>) = hosts
+        .iter()
+        .partition(|h| runs(h, new) && (h.target.is_none() || names(h.target.as_deref(), new)));
+    let len = batch_len(batch, hosts.len());
+    Plan {
+        on_target: done.iter().map(|h| h.id.clone()).collect(),
+        batches: todo
+            .chunks(len)
+            .map(|c| c.iter().map(|h| h.id.clone()).collect())
+            .collect(),
+    }
+}
+
+/// Where a wait stands. Pure result of the verdict functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Done,
+    /// Still waiting on these (id and what it shows).
+    Pending(Vec<(String, String)>),
+    /// This instance failed: why.
+    Failed(String, String),
+}
+
+/// The pull on `ids`: done when each has pulled `new` (or runs it); failed when one reports it
+/// failed. An instance no longer in the group is not waited for. Pure.
+pub fn pull_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdict {
+    let mut pending = Vec::new();
+    for id in ids {
+        let Some(h) = hosts.iter().find(|h| &h.id == id) else {
+            continue;
+        };
+        if names(h.failed.as_deref(), new) {
+            return Verdict::Failed(id.clone(), format!("its agent could not pull {new}"));
+        }
+        if !(names(h.pulled.as_deref(), new) || runs(h, new)) {
+            pending.push((
+                id.clone(),
+                format!("pulled {}", h.pulled.as_deref().unwrap_or("nothing yet")),
+            ));
+        }
+    }
+    if pending.is_empty() {
+        Verdict::Done
+    } else {
+        Verdict::Pending(pending)
+    }
+}
+
+/// Refuse an in-place switch to a tag that the parameter (`previous`) or an instance's target
+/// already names with another digest: the agents answer with the tag only, so the switch
+/// would look done before it happened. Pure.
+pub fn check_retagged(
+    new: &Release,
+    previous: Option<&Release>,
+    hosts: &[Host],
+) -> Result<(), InPlaceError> {
+    let known = hosts
+        .iter()
+        .filter_map(|h| h.target.as_deref())
+        .filter_map(|v| instance_tags::decode(v).ok())
+        .chain(previous.cloned());
+    for old in known {
+        if let (true, Some(a), Some(b)) = (old.tag == new.tag, &old.digest, &new.digest)
+            && a != b
+        {
+            return Err(InPlaceError::Retagged {
+                tag: new.tag.to_string(),
+                old_digest: a.to_string(),
+                new_digest: b.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The instances of `ids` whose agent reports `new` failed from an earlier run: the agent
+/// forgets a failure only when an instruction moves to another release, so this run first
+/// points their pull elsewhere ([`withdrawn_verdict`]) to try the release afresh. Pure.
+pub fn failed_before(hosts: &[Host], ids: &[String], new: &Release) -> Vec<String> {
+    hosts
+        .iter()
+        .filter(|h| ids.contains(&h.id) && names(h.failed.as_deref(), new))
+        .map(|h| h.id.clone())
+        .collect()
+}
+
+/// Done when none of `ids` reports `new` failed any more (its agent withdrew the answer). An
+/// instance no longer in the group is not waited for. Pure.
+pub fn withdrawn_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdict {
+    let pending: Vec<(String, String)> = failed_before(hosts, ids, new)
+        .into_iter()
+        .map(|id| (id, format!("still reports {new} failed")))
+        .collect();
+    if pending.is_empty() {
+        Verdict::Done
+    } else {
+        Verdict::Pending(pending)
+    }
+}
+
+/// A batch switched to `new`: done when each reports it running AND the load balancer calls it
+/// healthy; failed when one's agent reports `new` failed (it rolled itself back). Pure.
+pub fn batch_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
+    // An instance that left the group is not waited for, but proves nothing: a batch whose
+    // every instance left shows `new` healthy nowhere (e.g. the group replaced them).
+    if let Some(first) = ids.first()
+        && !ids.iter().any(|id| hosts.iter().any(|h| &h.id == id))
+    {
+        return Verdict::Failed(
+            first.clone(),
+            format!(
+                "every instance of the batch left the group before it ran {new} healthy: nothing shows it works"
+            ),
+        );
+    }
+    runs_healthy_verdict(hosts, health, ids, new)
+}
+
+/// Each of `ids` still in the group runs `release` and is healthy to the load balancer; one
+/// whose agent reports `release` failed fails. Instances that left are not waited for. Pure.
+fn runs_healthy_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
+    let mut pending = Vec::new();
+    for id in ids {
+        let Some(h) = hosts.iter().find(|h| &h.id == id) else {
+            continue;
+        };
+        if names(h.failed.as_deref(), new) {
+            return Verdict::Failed(
+                id.clone(),
+                format!("{new} failed its health gate there and the agent rolled it back"),
+            );
+        }
+        let lb = lb_state(health, id);
+        match (runs(h, new), lb) {
+            (true, Ok(())) => {}
+            (true, Err(state)) => pending.push((id.clone(), format!("target {state}"))),
+            (false, _) => pending.push((
+                id.clone(),
+                format!(
+                    "runs {}",
+                    h.release.as_deref().unwrap_or("(nothing reported)")
+                ),
+            )),
+        }
+    }
+    if pending.is_empty() {
+        Verdict::Done
+    } else {
+        Verdict::Pending(pending)
+    }
+}
+
+/// While baking: every switched instance still in the group must run `new` and be healthy to
+/// the load balancer; the first that is not fails the batch. Pure.
+pub fn bake_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
+    for id in ids {
+        let Some(h) = hosts.iter().find(|h| &h.id == id) else {
+            continue;
+        };
+        if names(h.failed.as_deref(), new) {
+            return Verdict::Failed(id.clone(), format!("its agent reports {new} failed"));
+        }
+        if !runs(h, new) {
+            return Verdict::Failed(
+                id.clone(),
+                format!(
+                    "it no longer reports {new} (reports {})",
+                    h.release.as_deref().unwrap_or("nothing")
+                ),
+            );
+        }
+        if let Err(state) = lb_state(health, id) {
+            return Verdict::Failed(
+                id.clone(),
+                format!("the load balancer marks it {state} during the bake"),
+            );
+        }
+    }
+    Verdict::Done
+}
+
+/// The instances to tag back to the previous release: the ones this run switched, and any
+/// instance in the group that runs or was told to run `new` (e.g. booted from the parameter
+/// during the rollout). Sorted, no duplicates. Pure.
+pub fn to_revert(hosts: &[Host], switched: &[String], new: &Release) -> Vec<String> {
+    let mut ids: Vec<String> = hosts
+        .iter()
+        .filter(|h| switched.contains(&h.id) || names(h.target.as_deref(), new) || runs(h, new))
+        .map(|h| h.id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The revert: done when each of `ids` still in the group reports `prev` running and the load
+/// balancer calls it healthy again (only then are the group's health checks resumed). Pure.
+pub fn revert_verdict(hosts: &[Host], health: &Health, ids: &[String], prev: &Release) -> Verdict {
+    let failed = hosts
+        .iter()
+        .find(|h| ids.contains(&h.id) && names(h.failed.as_deref(), prev));
+    if let Some(h) = failed {
+        return Verdict::Failed(h.id.clone(), format!("its agent reports {prev} failed"));
+    }
+    // An instance that left the group has nothing left to revert.
+    runs_healthy_verdict(hosts, health, ids, prev)
+}
