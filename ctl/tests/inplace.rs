@@ -397,6 +397,23 @@ fn args(g: &Group, tail: &[&str]) -> Vec<String> {
 
 const FAST: [&str; 4] = ["--poll", "200ms", "--batch-timeout", "20s"];
 
+/// `ctl release --tag <tag> --skip-verify --strategy in-place <extra> <FAST>` on `g`.
+fn release_in_place(g: &Group, tag: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = args(
+        g,
+        &[
+            "release",
+            "--tag",
+            tag,
+            "--skip-verify",
+            "--strategy",
+            "in-place",
+        ],
+    );
+    a.extend(extra.iter().chain(FAST.iter()).map(|s| (*s).to_owned()));
+    a
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_place_release_rollback_and_a_failing_release() {
     let g = group("skiff-ctl-ip", 3).await;
@@ -439,18 +456,7 @@ async fn in_place_release_rollback_and_a_failing_release() {
     );
 
     // The release: pulled everywhere first, then one instance at a time.
-    let mut a = args(
-        &g,
-        &[
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--strategy",
-            "in-place",
-        ],
-    );
-    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a = release_in_place(&g, "v2", &[]);
     let out = run_ctl(a).await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
@@ -511,19 +517,7 @@ async fn in_place_release_rollback_and_a_failing_release() {
         .await
         .expect("suspend");
     let before = agent.log().len();
-    let mut a = args(
-        &g,
-        &[
-            "release",
-            "--tag",
-            "v3",
-            "--skip-verify",
-            "--strategy",
-            "in-place",
-            "--json",
-        ],
-    );
-    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a = release_in_place(&g, "v3", &["--json"]);
     let out = run_ctl(a).await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "rolled back: {t}");
@@ -615,18 +609,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     let ids = g.instances().await;
     // Slow switches, so that ctl is killed while the second batch switches.
     let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(2));
-    let mut a = args(
-        &g,
-        &[
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--strategy",
-            "in-place",
-        ],
-    );
-    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a = release_in_place(&g, "v2", &[]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let mut child = ctl_command(&a, &[])
         .stdout(std::process::Stdio::null())
@@ -677,18 +660,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     u.extend(["unlock".to_owned(), "--force".to_owned()]);
     assert_eq!(run_ctl(u).await.status.code(), Some(0));
     let before = agent.log().len();
-    let mut a = args(
-        &g,
-        &[
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--strategy",
-            "in-place",
-        ],
-    );
-    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a = release_in_place(&g, "v2", &[]);
     let out = run_ctl(a).await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
@@ -717,18 +689,7 @@ async fn sigterm_mid_rollout_reverts_the_switched_instances() {
     let g = group("skiff-ctl-ips", 3).await;
     let ids = g.instances().await;
     let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(1));
-    let mut a = args(
-        &g,
-        &[
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--strategy",
-            "in-place",
-        ],
-    );
-    a.extend(FAST.iter().map(|s| (*s).to_owned()));
+    let a = release_in_place(&g, "v2", &[]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let child = ctl_command(&a, &[])
         .stdout(std::process::Stdio::piped())
