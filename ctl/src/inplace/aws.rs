@@ -26,8 +26,9 @@ pub const KEYS: [&str; 5] = [
     instance_tags::FAILED,
 ];
 
-impl InPlaceFleet for AwsHosts {
-    async fn hosts(&self) -> Result<Vec<Host>, InPlaceError> {
+impl AwsHosts {
+    /// The group, as DescribeAutoScalingGroups tells it (instances, suspended processes, tags).
+    async fn group(&self) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, InPlaceError> {
         let out = self
             .autoscaling
             .describe_auto_scaling_groups()
@@ -38,12 +39,18 @@ impl InPlaceFleet for AwsHosts {
                 asg: self.asg.clone(),
                 detail: aws::describe(&e),
             })?;
-        let group = out
-            .auto_scaling_groups()
+        out.auto_scaling_groups()
             .first()
+            .cloned()
             .ok_or_else(|| InPlaceError::NoGroup {
                 asg: self.asg.clone(),
-            })?;
+            })
+    }
+}
+
+impl InPlaceFleet for AwsHosts {
+    async fn hosts(&self) -> Result<Vec<Host>, InPlaceError> {
+        let group = self.group().await?;
         let mut hosts: Vec<Host> = group
             .instances()
             .iter()
@@ -122,22 +129,7 @@ impl InPlaceFleet for AwsHosts {
     }
 
     async fn held(&self) -> Result<Held, InPlaceError> {
-        let out = self
-            .autoscaling
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.asg)
-            .send()
-            .await
-            .map_err(|e| InPlaceError::DescribeGroup {
-                asg: self.asg.clone(),
-                detail: aws::describe(&e),
-            })?;
-        let group = out
-            .auto_scaling_groups()
-            .first()
-            .ok_or_else(|| InPlaceError::NoGroup {
-                asg: self.asg.clone(),
-            })?;
+        let group = self.group().await?;
         Ok(Held {
             suspended: group
                 .suspended_processes()
