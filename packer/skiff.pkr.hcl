@@ -100,6 +100,7 @@ build {
     execute_command = "chmod +x {{ .Path }}; sudo -E {{ .Vars }} bash {{ .Path }}"
     scripts = [
       "${path.root}/scripts/10-docker.sh",
+      "${path.root}/scripts/15-nftables.sh",
       "${path.root}/scripts/20-agent.sh",
     ]
   }

@@ -5,8 +5,10 @@
 #   * test/docker.pkr.hcl runs the same uploads and scripts as skiff.pkr.hcl (compared here)
 #     with the docker builder on the local Debian image, commits it, and the image is checked:
 #     the agent runs, the unit passes `systemd-analyze verify`, Docker and the agent are enabled
-#     at boot, the agent's user is in the docker group, /etc/docker/daemon.json rotates container
-#     logs (`local` driver) and enables live-restore, and the image's dockerd applies it;
+#     at boot, the agent's user is in the docker group, the agent's libraries resolve and nft runs
+#     (swap = "handover"), the unit grants CAP_NET_ADMIN and no other capability,
+#     /etc/docker/daemon.json rotates container logs (`local` driver) and enables live-restore,
+#     and the image's dockerd applies it;
 #   * the unit's sandbox still reaches the Docker socket: a read-only /run and an unprivileged
 #     uid in the docker group, as ProtectSystem=strict and User=/SupplementaryGroups= give it.
 #
@@ -129,6 +131,26 @@ else
   # shellcheck disable=SC2016 # expanded in the image, not here
   step "image: agent binary is root-owned 0755" \
     in_image sh -c '[ "$(stat -c %U:%a /usr/local/bin/agent)" = root:755 ]'
+  # swap = "handover" (15-nftables.sh): the libraries the agent links resolve, the nft command
+  # is there for operators, nftables.service is not enabled (its static ruleset would flush the
+  # agent's redirect), and the unit grants CAP_NET_ADMIN and nothing else.
+  # shellcheck disable=SC2016 # expanded in the image, not here
+  step "image: every library the agent links resolves (ldd: none not found)" \
+    in_image sh -c 'ldd /usr/local/bin/agent; ! ldd /usr/local/bin/agent | grep -q "not found"'
+  step "image: nft --version runs (nftables installed)" in_image nft --version
+  step "image: libnftnl11 and libmnl0 installed" in_image dpkg-query -W libnftnl11 libmnl0
+  step "image: nftables.service not enabled at boot" \
+    in_image sh -c '! systemctl is-enabled nftables.service'
+  unit_caps() {
+    in_image grep -E '^(CapabilityBoundingSet|AmbientCapabilities|RestrictAddressFamilies)=' \
+      /etc/systemd/system/skiff-agent.service >"$work/caps.out" || return 1
+    cat "$work/caps.out"
+    grep -qx 'CapabilityBoundingSet=CAP_NET_ADMIN' "$work/caps.out" &&
+      grep -qx 'AmbientCapabilities=CAP_NET_ADMIN' "$work/caps.out" &&
+      [ "$(grep -c '^CapabilityBoundingSet=\|^AmbientCapabilities=' "$work/caps.out")" = 2 ] &&
+      grep -q '^RestrictAddressFamilies=.*AF_NETLINK' "$work/caps.out"
+  }
+  step "image: the unit grants CAP_NET_ADMIN only (ambient and bounding), AF_NETLINK allowed" unit_caps
   verify_unit() {
     in_image systemd-analyze verify /etc/systemd/system/skiff-agent.service >"$work/verify.out" 2>&1
     local rc=$?

@@ -57,6 +57,7 @@ build {
     execute_command = "chmod +x {{ .Path }}; {{ .Vars }} bash {{ .Path }}"
     scripts = [
       "${var.packer_dir}/scripts/10-docker.sh",
+      "${var.packer_dir}/scripts/15-nftables.sh",
       "${var.packer_dir}/scripts/20-agent.sh",
     ]
   }
