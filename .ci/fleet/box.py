@@ -873,9 +873,18 @@ global
     pidfile {RUN_DIR}/haproxy.pid
 defaults
     mode http
+    # Keep-alive on both sides, as an ALB: clients keep their connections, and the connections to
+    # the targets are pooled and reused by any request (`http-reuse always`), idle up to the
+    # ALB's connection idle timeout (60 s by default, client and target connections alike). A
+    # target that closes a pooled connection as a request arrives costs that request a 502, as
+    # on an ALB (no retry here either).
+    # https://docs.aws.amazon.com/elasticloadbalancing/latest/application/edit-load-balancer-attributes.html#connection-idle-timeout
+    option http-keep-alive
+    http-reuse always
     timeout connect 2s
     timeout client 60s
     timeout server 60s
+    timeout http-keep-alive 60s
     # an ALB does not retry a request on another target
     retries 0
 frontend lb
@@ -887,7 +896,7 @@ backend app
     option httpchk GET {s['path']}
     http-check expect status 200
     timeout check {s['timeout']}s
-    default-server check port {s['health_port']} inter {s['interval']}s fastinter {s['interval']}s downinter {s['interval']}s rise {s['healthy']} fall {s['unhealthy']}
+    default-server check port {s['health_port']} inter {s['interval']}s fastinter {s['interval']}s downinter {s['interval']}s rise {s['healthy']} fall {s['unhealthy']} pool-purge-delay 60s
     server-template h 1-{HAPROXY_SLOTS} 0.0.0.0:{s['app_port']} disabled
 """
     path = os.path.join(STATE, "haproxy.cfg")

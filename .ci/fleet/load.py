@@ -1,19 +1,36 @@
 #!/usr/bin/env python3
 """A bounded load generator at a steady rate: every request counted.
 
-    load.py [--url http://127.0.0.1:8880/] [--rate 20] [--seconds 30]
+    load.py [--url http://127.0.0.1:8880/] [--rate 20] [--seconds 30] [--keepalive [--connections 32]]
 
-Sends `rate` requests per second (each on a new connection, 5 s timeout, at most 64 in flight:
-a request that finds no free worker is counted as an error, never queued), and prints
-ok / non-2xx / connection errors and how many responses each release served
-(`release=<tag>` in the body). As a module: Load(url, rate).start() ... .stop() -> Counts.
+Sends `rate` requests per second and prints ok / non-2xx / connection errors and how many
+responses each release served (`release=<tag>` in the body). A request that finds no free worker
+is counted as an error, never queued; every request has a 5 s timeout.
+
+  * default: each request on a new connection, at most 64 in flight;
+  * --keepalive: `connections` workers, each keeping one HTTP/1.1 connection to the load balancer
+    and sending its requests on it (as browsers and API clients do); a connection the server side
+    closed (`Connection: close`) is reopened for the next request. A request that fails is NOT
+    retried, not even on a reused connection: every failure counts.
+
+As a module: Load(url, rate).start() ... .stop() -> Counts (in this process), or
+ProcessLoad(url, rate, keepalive=True) with the same methods: the generator in a process of its
+own, so that the caller's threads (boto3, watches) do not share its interpreter lock at 200/s.
+`--seconds 0` runs until stdin closes; `--json` prints the counts as one JSON document.
 """
 
 import argparse
+import http.client
+import json
+import os
+import queue
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +44,7 @@ class Counts:
         self.releases = Counter()
         self.statuses = Counter()
         self.first_failure = None
+        self.connects = 0  # connections opened (keep-alive: how often a connection was not reused)
         self.lock = threading.Lock()
 
     @property
@@ -35,8 +53,23 @@ class Counts:
 
     def line(self):
         rel = ", ".join(f"{k}: {v}" for k, v in sorted(self.releases.items()))
+        conns = f", {self.connects} connections opened" if self.connects else ""
         return (f"{self.sent} requests, {self.ok} ok, {self.non_2xx} non-2xx, {self.errors} errors"
-                f" (releases seen: {rel or 'none'})")
+                f" (releases seen: {rel or 'none'}{conns})")
+
+    def to_json(self):
+        return {"sent": self.sent, "ok": self.ok, "non_2xx": self.non_2xx, "errors": self.errors,
+                "releases": dict(self.releases), "statuses": {str(k): v for k, v in self.statuses.items()},
+                "first_failure": self.first_failure, "connects": self.connects}
+
+    @classmethod
+    def from_json(cls, d):
+        c = cls()
+        c.sent, c.ok, c.non_2xx, c.errors = d["sent"], d["ok"], d["non_2xx"], d["errors"]
+        c.releases.update(d["releases"])
+        c.statuses.update({int(k): v for k, v in d["statuses"].items()})
+        c.first_failure, c.connects = d["first_failure"], d["connects"]
+        return c
 
 
 class Load:
@@ -100,18 +133,120 @@ class Load:
         return self.counts
 
 
+class KeepAliveLoad(Load):
+    """`connections` workers, each with one persistent HTTP/1.1 connection; the ticker hands a
+    request to a free worker or counts it as an error (no free worker), as Load does."""
+
+    def __init__(self, url, rate, timeout=5.0, connections=32):
+        super().__init__(url, rate, timeout)
+        u = urllib.parse.urlsplit(url)
+        self.host, self.port = u.hostname, u.port or 80
+        self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self.slots = threading.BoundedSemaphore(connections)
+        self.pool = None
+        self.tickets = queue.Queue()
+        self.workers = [threading.Thread(target=self._worker, daemon=True) for _ in range(connections)]
+
+    def start(self):
+        for w in self.workers:
+            w.start()
+        return super().start()
+
+    def _tick(self):
+        start, n = time.monotonic(), 0
+        while not self.stopping.is_set():
+            n += 1
+            delay = start + n / self.rate - time.monotonic()
+            if delay > 0 and self.stopping.wait(delay):
+                break
+            with self.counts.lock:
+                self.counts.sent += 1
+            if self.slots.acquire(blocking=False):
+                self.tickets.put(1)
+            else:
+                self._record(None, "no free connection (responses slower than the rate allows)")
+
+    def _worker(self):
+        conn = None
+        while True:
+            if self.tickets.get() is None:
+                break
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                    with self.counts.lock:
+                        self.counts.connects += 1
+                conn.request("GET", self.path)
+                r = conn.getresponse()
+                body = r.read().decode(errors="replace")
+                if r.will_close:  # the server side said Connection: close
+                    conn.close()
+                    conn = None
+                if 200 <= r.status < 300:
+                    self._record(r.status, body=body)
+                else:
+                    self._record(r.status)
+            except Exception as e:  # reset, closed under the request, timeout
+                self._record(None, f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+            finally:
+                self.slots.release()
+        if conn is not None:
+            conn.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        for _ in self.workers:
+            self.tickets.put(None)
+        for w in self.workers:
+            w.join(self.timeout + 1)  # bounded: each request has its timeout
+        return self.counts
+
+
+class ProcessLoad:
+    """Load or KeepAliveLoad in a child process (`load.py --seconds 0 --json`): start() ...
+    stop() -> Counts, the same as in process."""
+
+    def __init__(self, url, rate, keepalive=True, connections=32):
+        self.cmd = [sys.executable, os.path.abspath(__file__), "--url", url, "--rate", str(rate),
+                    "--seconds", "0", "--json"] + (["--keepalive", "--connections", str(connections)] if keepalive else [])
+        self.p = None
+
+    def start(self):
+        self.p = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def stop(self):
+        out, _ = self.p.communicate("", timeout=60)  # stdin closed: the child stops and reports
+        try:
+            return Counts.from_json(json.loads(out.strip().splitlines()[-1]))
+        except (ValueError, IndexError, KeyError):
+            c = Counts()
+            c.errors, c.first_failure = 1, f"the load process exited {self.p.returncode} without counts: {out[-300:]!r}"
+            return c
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8880/")
     ap.add_argument("--rate", type=float, default=20)
-    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--seconds", type=float, default=30, help="0: until stdin closes")
+    ap.add_argument("--keepalive", action="store_true", help="persistent connections, one per worker")
+    ap.add_argument("--connections", type=int, default=32, help="workers (connections) with --keepalive")
+    ap.add_argument("--json", action="store_true", help="the counts as one JSON document")
     a = ap.parse_args()
-    if a.rate <= 0 or a.seconds <= 0:
-        ap.error("--rate and --seconds must be positive")
-    load = Load(a.url, a.rate).start()
-    time.sleep(a.seconds)
+    if a.rate <= 0 or a.seconds < 0 or a.connections < 1:
+        ap.error("--rate and --connections must be positive, --seconds not negative")
+    load = (KeepAliveLoad(a.url, a.rate, connections=a.connections) if a.keepalive else Load(a.url, a.rate)).start()
+    if a.seconds:
+        time.sleep(a.seconds)
+    else:
+        sys.stdin.read()
     c = load.stop()
-    print(c.line())
+    print(json.dumps(c.to_json()) if a.json else c.line(), flush=True)
     return 1 if c.failed else 0
 
 
