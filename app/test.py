@@ -15,11 +15,13 @@ its database. The TLS tests need the same. Without them they skip. test.sh provi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -755,6 +757,168 @@ class TlsTests(unittest.TestCase):
         self.assertIn("certificate verify failed", proc.stderr)
         self.assertIn(TLS_OTHER_CA, proc.stderr)
         self.assertNotIn(DatabaseUrl.parse(TLS_URL).password, proc.stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length from a raw socket: (status, headers, body).
+    Raises ConnectionError when the server closed the connection before a whole response."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the response's headers: {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of the response's body")
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """True when the server closes the connection (EOF or reset) within `within` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+class Gunicorn:
+    """The app as the image runs it: gunicorn with gunicorn.conf.py, on sqlite in a temporary
+    directory, the port from PORT. Stopped (and killed if need be) by stop()."""
+
+    def __init__(self, tmp: str, **env: str):
+        self.port = free_port()
+        self.log = open(os.path.join(tmp, "gunicorn.log"), "w+")
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+        child_env.update(PORT=str(self.port), HOST="127.0.0.1",
+                         SQLITE_PATH=os.path.join(tmp, "app.db"), **env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"],
+            cwd=HERE, env=child_env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"gunicorn did not listen on {self.port}:\n{self.output()}")
+                time.sleep(0.1)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: app\r\n\r\n".encode()
+
+
+@unittest.skipIf(TEST_URL, "the server's behaviour is checked once, on sqlite")
+class ServeTests(unittest.TestCase):
+    """What skiff's handover needs from the app as served (README.md, "The handover contract"):
+    the port from PORT, connections kept alive (longer than the load balancer's idle timeout),
+    and on SIGTERM the request in flight finished while idle connections are closed at once."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="skiff-app-serve-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def serve(self, **env: str) -> Gunicorn:
+        server = Gunicorn(self.tmp, **env)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_settings_keep_alive_past_the_alb_idle_timeout_and_stop_before_the_agent_kills(self):
+        spec = importlib.util.spec_from_file_location("gunicorn_conf", os.path.join(HERE, "gunicorn.conf.py"))
+        conf = importlib.util.module_from_spec(spec)
+        with mock.patch.dict(os.environ, {"WEB_THREADS": "1"}):
+            spec.loader.exec_module(conf)
+        self.assertGreater(conf.keepalive, 60, "keep-alive must outlast the ALB's 60 s idle timeout")
+        self.assertLess(conf.graceful_timeout, 30, "must end before the agent's default stop_timeout")
+        # Even with one thread: not the sync worker, which keeps no connection alive.
+        self.assertEqual(conf.worker_class, "worker.HandoverWorker")
+
+    def test_listens_on_port_from_the_environment(self):
+        server = self.serve(WEB_CONCURRENCY="1")
+        with server.connect() as sock:
+            sock.sendall(get("/health"))
+            status, _, body = read_response(sock)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["status"], "ok")
+        self.assertIn(f"Listening at: http://127.0.0.1:{server.port}", server.output())
+
+    def test_one_connection_serves_two_requests_also_after_an_idle_pause(self):
+        # One thread: gunicorn would pick its sync worker (no keep-alive) were the class not named.
+        server = self.serve(WEB_CONCURRENCY="1", WEB_THREADS="1")
+        with server.connect() as sock:
+            sock.sendall(get("/health"))
+            status, headers, _ = read_response(sock)
+            self.assertEqual(status, 200)
+            self.assertNotEqual(headers.get("connection", "").lower(), "close")
+            # Longer than gunicorn's default keep-alive (2 s), which would have closed it by now.
+            self.assertFalse(closed_by_peer(sock, 3), "the idle connection was closed within 3 s")
+            sock.sendall(get("/ready"))
+            status, _, body = read_response(sock)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["status"], "ready")
+
+    def test_sigterm_finishes_the_request_in_flight_and_closes_idle_connections_at_once(self):
+        # One worker, so that the idle connection and the request in flight share it: that is
+        # where gthread alone would leave the idle one open until the slow request ended.
+        server = self.serve(WEB_CONCURRENCY="1")
+        idle = server.connect()
+        self.addCleanup(idle.close)
+        idle.sendall(get("/health"))
+        self.assertEqual(read_response(idle)[0], 200)
+
+        # A request in flight: headers and half of the body sent, the app waiting for the rest.
+        body = json.dumps({"body": "written across a SIGTERM"}).encode()
+        slow = server.connect()
+        self.addCleanup(slow.close)
+        slow.sendall(b"POST /notes HTTP/1.1\r\nHost: app\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.5)
+
+        server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        self.assertTrue(closed_by_peer(idle, 2), "the idle kept-alive connection stayed open after SIGTERM")
+        self.assertLess(time.monotonic() - sent, 1.5)
+        self.assertIsNone(server.proc.poll(), "gunicorn exited with a request in flight")
+
+        time.sleep(1)
+        slow.sendall(body[10:])
+        status, headers, answer = read_response(slow)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual(json.loads(answer)["body"], "written across a SIGTERM")
+        self.assertTrue(closed_by_peer(slow, 5), "the connection stayed open after its response")
+        self.assertEqual(server.proc.wait(15), 0, server.output())
 
 
 class CapturedLogs(logging.Handler):
