@@ -158,22 +158,54 @@ def template_settings(stack_params):
 
 # --- images --------------------------------------------------------------------------------
 
-def push_image(tag, healthy=True):
-    """The test app as REPO:tag: busybox httpd on $PORT whose page names the release and the
-    host's address; healthy=False leaves out /health (404: never becomes healthy)."""
+APPS = ("busybox", "graceful")
+GRACEFUL_BASE = "skiff-ci/graceful-app:1"
+_graceful_base_checked = []
+
+
+def default_app():
+    """The test app the box's releases are built from: the box's own (FLEET_APP at `up`), else
+    FLEET_APP, else busybox."""
+    box = load_box() or {}
+    return box.get("app") or os.environ.get("FLEET_APP", "busybox")
+
+
+def push_image(tag, healthy=True, app=None, fail_after=None):
+    """The test app as REPO:tag, whose page names the release and the host's address, on $PORT:
+      * busybox: busybox httpd; no keep-alive (every response closes its connection), and as
+        PID 1 without a handler it ignores SIGTERM (the engine kills it after the stop timeout);
+      * graceful: .ci/images/graceful-app.py: keep-alive, and on SIGTERM finishes what is in
+        flight, closes each kept-alive connection after its next response, and exits.
+    healthy=False: /health never passes (busybox: 404, graceful: 500); fail_after=S (graceful
+    only): /health fails from S seconds after its first pass on (a release that fails after the
+    agent's gate)."""
+    app = app or default_app()
+    if app not in APPS:
+        raise BoxError(f"app {app!r}: one of {', '.join(APPS)}")
     ctx = os.path.join(STATE, "image", tag)
     shutil.rmtree(ctx, ignore_errors=True)
     os.makedirs(os.path.join(ctx, "www"))
-    if healthy:
-        with open(os.path.join(ctx, "www", "health"), "w") as f:
-            f.write("ok\n")
-    page = ('a=$(ip -o -4 addr show eth0 2>/dev/null | awk \'{print $4}\'); '
-            'echo "release=$SKIFF_RELEASE_TAG host=${a%/*}" > /www/index.html; '
-            'exec httpd -f -p $PORT -h /www')
+    if app == "busybox":
+        if fail_after is not None:
+            raise BoxError("fail_after needs the graceful app")
+        if healthy:
+            with open(os.path.join(ctx, "www", "health"), "w") as f:
+                f.write("ok\n")
+        page = ('a=$(ip -o -4 addr show eth0 2>/dev/null | awk \'{print $4}\'); '
+                'echo "release=$SKIFF_RELEASE_TAG host=${a%/*}" > /www/index.html; '
+                'exec httpd -f -p $PORT -h /www')
+        dockerfile = (f"FROM skiff-ci/busybox:1\nLABEL skiff.fleet.tag={tag}\n"
+                      "COPY www /www\n"
+                      f"CMD [\"/bin/sh\", \"-c\", {json.dumps(page)}]\n")
+    else:
+        if not _graceful_base_checked:  # idempotent: rebuilt only when graceful-app.py changed
+            run("bash", os.path.join(ROOT, ".ci", "images", "graceful-app.sh"))
+            _graceful_base_checked.append(True)
+        knobs = ([] if healthy else ["UNHEALTHY=1"]) + ([] if fail_after is None else [f"FAIL_AFTER={fail_after:g}"])
+        dockerfile = (f"FROM {GRACEFUL_BASE}\nLABEL skiff.fleet.tag={tag}\n"
+                      + (f"ENV {' '.join(knobs)}\n" if knobs else ""))
     with open(os.path.join(ctx, "Dockerfile"), "w") as f:
-        f.write(f"FROM skiff-ci/busybox:1\nLABEL skiff.fleet.tag={tag}\n"
-                "COPY www /www\n"
-                f"CMD [\"/bin/sh\", \"-c\", {json.dumps(page)}]\n")
+        f.write(dockerfile)
     ref = f"{LOCAL_REGISTRY}/{REPO}:{tag}"
     env = dict(os.environ, DOCKER_BUILDKIT="0")
     # No RUN step: nothing runs at build time, so the build needs no network (nor docker0).
@@ -232,6 +264,17 @@ def drain_seconds(t):
     tg = t["Resources"]["TargetGroup"]["Properties"]
     return (int(tg["UnhealthyThresholdCount"]) * int(tg["HealthCheckIntervalSeconds"])
             + int(tg["HealthCheckTimeoutSeconds"]))
+
+
+def swap_mode(stack_params):
+    """The stack's SwapMode (its parameter, else the template's default), or None when the
+    template has no such parameter."""
+    from test_stacks import load_template
+
+    _, t = load_template(TEMPLATE)
+    if "SwapMode" not in t["Parameters"]:
+        return None
+    return stack_params.get("SwapMode") or t["Parameters"]["SwapMode"].get("Default")
 
 
 def create_stack(c, tag, instances, params_extra):
@@ -438,14 +481,22 @@ def up(args):
     os.makedirs(STATE, exist_ok=True)
     os.makedirs(RUN_DIR, exist_ok=True)
     tag = args.tag
-    say(f"pushing the test image {ECR_HOST}/{REPO}:{tag}")
-    push_image(tag)
+    app = os.environ.get("FLEET_APP", "busybox")
+    say(f"pushing the test image {ECR_HOST}/{REPO}:{tag} ({app} app)")
+    push_image(tag, app=app)
     bridge_up()
     say(f"starting the emulator (IAM enforced) on {ENDPOINT}")
     admin = start_emulator()
-    box = {"admin": admin, "agent": agent, "ctl": ctl, "boot_delay": args.boot_delay, "initial_tag": tag}
+    box = {"admin": admin, "agent": agent, "ctl": ctl, "boot_delay": args.boot_delay, "initial_tag": tag,
+           "app": app}
+    extra = {}
+    if os.environ.get("FLEET_SWAP_MODE"):
+        # the stack parameter SwapMode (handover | drain), when the template has it
+        extra["SwapMode"] = os.environ["FLEET_SWAP_MODE"]
     say(f"creating stack {STACK} from templates/app.yaml ({args.instances} instances)")
-    box.update(create_stack(admin_clients(box), tag, args.instances, {}))
+    box.update(create_stack(admin_clients(box), tag, args.instances, extra))
+    box["swap_mode"] = swap_mode(box["params"])
+    say(f"swap mode: {box['swap_mode'] or 'none (the template has no SwapMode parameter)'}")
     check_type = os.environ.get("FLEET_ASG_HEALTH_CHECK")
     if check_type:
         # A diagnostic deviation from the template, said at every `up` and in the scenarios'
@@ -865,6 +916,35 @@ def lb_up():
     return [addr for addr, op, admin in servers.values() if op == 2 and not admin & 0x3B]
 
 
+def lb_stats():
+    """HAProxy's counters per server of the backend (`show stat`): name (h<slot>) -> {field:
+    value}; among them status (UP, DOWN, DRAIN, MAINT...), chkfail (failed checks), chkdown
+    (UP -> DOWN transitions), hrsp_5xx, eresp, econ."""
+    lines = haproxy_cmd("show stat").splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    fields = lines[0][2:].split(",")
+    out = {}
+    for line in lines[1:]:
+        row = dict(zip(fields, line.split(",")))
+        if row.get("pxname") == "app" and row.get("svname") not in ("BACKEND", "FRONTEND", None):
+            out[row["svname"]] = row
+    return out
+
+
+def host_redirect(ns, app="app"):
+    """Where the agent's nftables redirect (table `ip skiff_<app>`) in namespace `ns` sends the
+    public port: {public port: slot}, {} when there is no such table."""
+    p = run("nsenter", f"--net=/var/run/netns/{ns}", "nft", "list", "table", "ip", f"skiff_{app}",
+            check=False)
+    out = {}
+    for line in p.stdout.splitlines() if p.returncode == 0 else []:
+        m = re.search(r"dport (\d+)\b.*\D(\d+)\s*$", line)
+        if m and "dnat" in line or m and "redirect" in line:
+            out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
 def write_haproxy_config(box):
     s = box["settings"]
     cfg = f"""# The ALB of stack {STACK}: written by .ci/fleet/box.py from templates/app.yaml's target group.
@@ -1267,6 +1347,9 @@ def main():
     pu = sub.add_parser("push")
     pu.add_argument("tag")
     pu.add_argument("--unhealthy", action="store_true", help="an image whose /health never passes")
+    pu.add_argument("--app", choices=APPS, default=None, help="the test app (default: the box's, FLEET_APP)")
+    pu.add_argument("--fail-after", type=float, default=None,
+                    help="graceful app: /health fails this many seconds after its first pass")
     args = ap.parse_args()
     if args.cmd == "up" and not 1 <= args.instances <= 6:
         print("fleet: --instances must be 1..6 (2 cores)", file=sys.stderr)
@@ -1276,7 +1359,7 @@ def main():
         return 1
     try:
         if args.cmd == "push":
-            print(push_image(args.tag, healthy=not args.unhealthy))
+            print(push_image(args.tag, healthy=not args.unhealthy, app=args.app, fail_after=args.fail_after))
             return 0
         if args.cmd == "imds-delay":
             box = load_box()
