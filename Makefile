@@ -187,6 +187,22 @@ dev: ## run the app and an agent locally (.ci/dev.sh)
 	@$(say) "running .ci/dev.sh"
 	bash .ci/dev.sh
 
+# Undoes what `make dev` leaves running (its agent stops with Ctrl-C): the app containers (label
+# skiff.app=skiff-dev) and the agent's port redirect (agent remove-redirect, which needs root like
+# make dev). Images, Docker and the local registry stay (tests use them too). Safe to rerun.
+.PHONY: dev-down
+dev-down: ## remove what `make dev` left: its app containers and the agent's port redirect
+	@dir=$${DEV_DIR:-.dev}; config=$$dir/agent.toml; agent=$(CARGO_TARGET_DIR)/debug/agent; \
+	abs=$$(cd "$$dir" 2>/dev/null && pwd) || abs=; \
+	if [ -n "$$abs" ] && pgrep -f -- "run --config $$abs/agent.toml" >/dev/null; then \
+	  $(say) "the agent of make dev still runs (it would start the app again): stop it with Ctrl-C first" >&2; exit 1; fi; \
+	ids=$$(docker ps -aq --filter label=skiff.app=skiff-dev 2>/dev/null | tr '\n' ' '); \
+	if [ -n "$$ids" ]; then $(say) "removing the dev app containers: $$ids"; docker rm -f $$ids >/dev/null; \
+	else $(say) "no dev app containers"; fi; \
+	if [ ! -f "$$config" ]; then $(say) "no $$config: no redirect of make dev to remove"; \
+	elif [ ! -x "$$agent" ]; then $(say) "no agent at $$agent to remove the redirect with: build it (cargo build -p skiff-agent)" >&2; exit 1; \
+	else $(say) "$$agent remove-redirect --config $$config"; "$$agent" remove-redirect --config "$$config"; fi
+
 .PHONY: fleet fleet-down fleet-scenarios fleet-bench
 fleet: ## a 3-instance fleet behind a load balancer on this machine (.ci/fleet; README)
 	bash .ci/fleet/fleet.sh up

@@ -3,21 +3,26 @@
 # registry (installing them if missing), builds the agent and the app image (tagged with the git
 # hash and the branch, pushed to 127.0.0.1:5000), writes the release file, and runs the agent in
 # the foreground with the file source on the local Docker engine. Ctrl-C stops the agent; the
-# app keeps running, as on a host.
+# app keeps running, as on a host. The agent swaps by handover, as on the AMI (it runs as root, so
+# it may set its nftables redirect): each container on a slot port, DEV_APP_PORT redirected to
+# the serving one. `make dev-down` removes the containers and the redirect.
 #
 #   DEV_APP_PORT (8080)  DEV_HEALTH_PORT (8081)  DEV_UPDATE (in-place)  DEV_DIR (.dev)
+#   DEV_SLOT_A (DEV_APP_PORT + 10)  DEV_SLOT_B (DEV_APP_PORT + 11)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 app_port=${DEV_APP_PORT:-8080}
 health_port=${DEV_HEALTH_PORT:-8081}
+slot_a=${DEV_SLOT_A:-$((app_port + 10))}
+slot_b=${DEV_SLOT_B:-$((app_port + 11))}
 update=${DEV_UPDATE:-in-place}
 dir=$(mkdir -p "${DEV_DIR:-.dev}" && cd "${DEV_DIR:-.dev}" && pwd)
 say() { printf '[dev] %s\n' "$*"; }
 
-for port in "$app_port" "$health_port"; do
+for port in "$app_port" "$health_port" "$slot_a" "$slot_b"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && ! docker ps -q --filter label=skiff.app=skiff-dev 2>/dev/null | grep -q .; then
-    echo "dev: port $port is taken by another program: set DEV_APP_PORT / DEV_HEALTH_PORT" >&2; exit 1
+    echo "dev: port $port is taken by another program: set DEV_APP_PORT / DEV_HEALTH_PORT / DEV_SLOT_A / DEV_SLOT_B" >&2; exit 1
   fi
 done
 
@@ -48,6 +53,8 @@ health_path = "/health"
 detail_path = "/ready"
 start_timeout = "30s"
 stop_timeout = "10s"
+swap = "handover"
+slots = [$slot_a, $slot_b]
 env = { LOG_LEVEL = "info" }
 
 [release]
@@ -69,6 +76,6 @@ cat <<MSG
 [dev]   app:     curl http://127.0.0.1:$app_port/
 [dev]   health:  curl http://127.0.0.1:$health_port/healthz   detail: curl http://127.0.0.1:$health_port/status
 [dev]   release another build in place:  echo <tag> > $dir/release
-[dev]   clean up: docker rm -f \$(docker ps -aq --filter label=skiff.app=skiff-dev)
+[dev]   clean up (containers and the port redirect):  make dev-down
 MSG
 exec "$agent" run --config "$dir/agent.toml"
