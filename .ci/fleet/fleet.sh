@@ -6,9 +6,10 @@
 #                        # up, run, down); a step of .ci/test.sh; the box goes down even when a
 #                        # scenario fails or the run outlives FLEET_TIMEOUT (1200 s), and down
 #                        # checks nothing is left
-#   fleet.sh bench       # make fleet-bench: every scenario (also in place on 6 instances and a
-#                        # refresh on 6), then tables: wall time per scenario, release vs model,
-#                        # both strategies side by side (wall, floor, ratio, failed requests)
+#   fleet.sh bench       # make fleet-bench: every scenario (also in place, handover and a
+#                        # refresh on 6 instances), then tables: wall time per scenario, release
+#                        # vs model, the strategies side by side (wall, floor, ratio, failed
+#                        # requests); FLEET_TIMEOUT 2400 s
 # Env: FLEET_INSTANCES (3, at most 6), FLEET_BOOT_DELAY (2 s; 25 models AL2023's launch),
 # FLEET_TAG (v1: the first release), SKIP_SETUP=1 to skip .ci/setup.sh, CARGO_TARGET_DIR.
 # Extra arguments go to scenarios.py (--only 1,7, --rate 20, --warmup 5).
@@ -26,9 +27,11 @@ case "$cmd" in
     if [ "$cmd" = up ]; then exec "$py" .ci/fleet/box.py up; fi
     [ "$cmd" = bench ] && set -- --bench "$@"
     rc=0
+    # The bench runs two boxes (drain, then handover) and the 6-instance releases: longer.
+    limit=${FLEET_TIMEOUT:-$([ "$cmd" = bench ] && echo 2400 || echo 1200)}
     # scenarios.py takes the box down itself; this is for a run that was killed or timed out.
-    timeout -k 30 "${FLEET_TIMEOUT:-1200}" "$py" .ci/fleet/scenarios.py "$@" || rc=$?
-    [ "$rc" = 124 ] && echo "fleet: the scenarios outlived FLEET_TIMEOUT=${FLEET_TIMEOUT:-1200} s" >&2
+    timeout -k 30 "$limit" "$py" .ci/fleet/scenarios.py "$@" || rc=$?
+    [ "$rc" = 124 ] && echo "fleet: the scenarios outlived FLEET_TIMEOUT=$limit s" >&2
     "$py" .ci/fleet/box.py down >/dev/null || { "$py" .ci/fleet/box.py down; rc=1; }
     exit "$rc" ;;
   down)

@@ -59,6 +59,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -69,11 +70,12 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import box as fleet  # noqa: E402
-from load import Load  # noqa: E402
+from load import Load, ProcessLoad  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]
-ALL = "1,5,2,7,4,6,3,8,10,11,12,13,9,14"
+ALL = "1,5,2,7,4,6,3,8,10,11,12,13,9,14,15,16,17,18,19,20,21"
 CI = "1,5,2,7,4,6,3,8,10,11,12,13"  # the default without --bench: not the 6-instance ones
+HANDOVER = {"15", "16", "17", "18", "19", "20", "21"}  # on a box of their own (SwapMode handover)
 REFRESH_BENCH = []  # (scenario name, instances, ctl wall s, model s, failed requests): refresh releases
 IMDS_DELAY = []
 URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
@@ -480,9 +482,10 @@ class Watch:
         return out
 
 
-def ctl_stream(box, *args, kill_when=None, timeout=900):
+def ctl_stream(box, *args, kill_when=None, sig=signal.SIGKILL, timeout=900):
     """The real ctl, its output lines timestamped as they come (progress goes to stderr);
-    kill_when(lines) -> True SIGKILLs it. Returns (exit code, [(t, line)], seconds, killed)."""
+    kill_when(lines) -> True sends it `sig` (SIGKILL; once). Returns (exit code, [(t, line)],
+    seconds, killed)."""
     env = dict(os.environ, **fleet.ctl_env(box), BUILD_USER="fleet-scenarios")
     t0 = time.monotonic()
     p = subprocess.Popen([box["ctl"], *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -497,7 +500,7 @@ def ctl_stream(box, *args, kill_when=None, timeout=900):
     deadline = t0 + timeout
     while p.poll() is None and time.monotonic() < deadline:
         if kill_when and not killed and kill_when(lines):
-            p.kill()
+            p.send_signal(sig)
             killed.append(time.monotonic())
         time.sleep(0.1)
     if p.poll() is None:
@@ -1010,6 +1013,319 @@ def scale_out(box, rate, tag, n, warmup):
     sc.done()
 
 
+# --- handover (issue 17): the new container on the idle slot, the redirect flipped -----------
+
+HANDOVER_BENCH = []  # (what, instances, wall s, floor s or None, failed requests, terms)
+HANDOVER_LOAD = []  # how the handover scenarios' load was made, for the table
+# Each request holds 20 ms in the graceful app: at 200/s some are always in flight when an old
+# container gets its SIGTERM.
+HANDOVER_PATH = "/?sleep=0.02"
+
+
+def host_ns(iid):
+    """The host's namespace: skf-N holds 10.201.0.(10+N) (box.py Host)."""
+    ip = host_ip(iid)
+    return f"skf-{int(ip.rsplit('.', 1)[1]) - 10}" if ip else None
+
+
+def app_containers(iid):
+    """The host's running containers: [(id, PORT from its environment)]."""
+    sock = f"unix://{os.path.join(fleet.RUN_DIR, 'hosts', iid, 'docker.sock')}"
+    ids = fleet.run("docker", "-H", sock, "ps", "-q", check=False).stdout.split()
+    out = []
+    for cid in ids:
+        p = fleet.run("docker", "-H", sock, "inspect", "-f", "{{json .Config.Env}}", cid, check=False)
+        try:
+            env = json.loads(p.stdout or "[]")
+        except ValueError:
+            env = []
+        out.append((cid[:12], next((e[5:] for e in env if e.startswith("PORT=")), None)))
+    return out
+
+
+def handover_settled(box, ids, timeout=30):
+    """Wait until every host runs one container (the old one got its SIGTERM `hold` after the
+    flip and exits within its grace); returns (settled, seconds waited)."""
+    t = time.monotonic()
+    ok = fleet.wait_until(lambda: all(len(app_containers(i)) == 1 for i in ids), timeout, 0.5)
+    return bool(ok), time.monotonic() - t
+
+
+def check_redirects(sc, box, ids):
+    """Each host: one app container running, and the agent's redirect sends the app port to the
+    slot that container listens on (its PORT)."""
+    port = box["settings"]["app_port"]
+    slots = []
+    for i in ids:
+        running = app_containers(i)
+        red = fleet.host_redirect(host_ns(i))
+        ports = [p for _, p in running]
+        sc.check(len(running) == 1 and str(red.get(port)) in ports,
+                 f"{i}: running {running}, redirect {red} (want one container, :{port} -> its PORT)")
+        slots.append(red.get(port))
+    return slots
+
+
+class TargetView:
+    """HAProxy's own view of the instances' targets across a scenario: its counters (`show stat`)
+    at the start and at the end (UP -> DOWN transitions, failed checks, 5xx, response and
+    connection errors per server), beside the Watch's samples every 0.5 s."""
+
+    def __init__(self, ids):
+        self.ids = ids
+        self.before = self.snapshot()
+
+    def snapshot(self):
+        stats, servers = fleet.lb_stats(), fleet.lb_servers()
+        out = {}
+        for i in self.ids:
+            ip = host_ip(i)
+            name = next((n for n, (addr, _, admin) in servers.items() if addr == ip and not admin & 0x3B), None)
+            if name in stats:
+                out[i] = stats[name]
+        return out
+
+    def check(self, sc, watch, t0):
+        after = self.snapshot()
+        notes = []
+        for i in self.ids:
+            b, a = self.before.get(i), after.get(i)
+            if not (b and a):
+                sc.check(False, f"{i}: no HAProxy server for it (start {bool(b)}, end {bool(a)})")
+                continue
+            d = {k: int(a.get(k) or 0) - int(b.get(k) or 0) for k in ("chkdown", "chkfail", "hrsp_5xx", "eresp", "econ")}
+            sc.check(d["chkdown"] == 0 and a["status"].startswith("UP"),
+                     f"{i}: HAProxy took the target out ({d['chkdown']} UP -> DOWN, status now {a['status']})")
+            out = [round(t - t0, 1) for t, v in watch.changes(i, "lb", t0) if not v]
+            sc.check(not out, f"{i}: HAProxy did not send it traffic at +{out} s")
+            if any(d.values()):
+                notes.append(f"{i}: " + ", ".join(f"{k} +{v}" for k, v in d.items() if v))
+        return "every target UP in HAProxy throughout" + (f" ({'; '.join(notes)})" if notes else " (0 failed checks)")
+
+
+def handover_load(rate):
+    """Keep-alive clients at `rate` through the load balancer, in a process of their own."""
+    HANDOVER_LOAD[:] = [f"{rate:g}/s keep-alive on 64 connections, GET {HANDOVER_PATH}"]
+    return ProcessLoad(URL.rstrip("/") + HANDOVER_PATH, rate, keepalive=True, connections=64).start()
+
+
+def handover_floor(watch, tag, bake, after):
+    """The floor of a handover release: the slowest pull (all at once), then per batch the
+    slowest start-to-healthy (the agent's gate on the slot) and the bake. No load-balancer term:
+    the target never changes state."""
+    batches = watch.batches(tag, after)
+    known = [watch.pull_ms[(i, tag)] for i in watch.ids if (i, tag) in watch.pull_ms]
+    per = []
+    for _, ids in batches:
+        starts = [watch.start_ms[(i, tag)] for i in ids if (i, tag) in watch.start_ms]
+        per.append(max(starts) / 1000 if starts else None)
+    if not known or not per or None in per:
+        return None, f"floor unknown: pulls {known}, start-to-healthy per batch {per}"
+    pull = max(known) / 1000
+    floor = pull + sum(x + bake for x in per)
+    return floor, (f"floor {floor:.1f} s = pull {pull:.1f} + {len(per)} batch(es) x (start-to-healthy "
+                   f"{'/'.join(f'{x:.1f}' for x in per)} + bake {bake:g})")
+
+
+def handover_run(box, rate, ids, ctl_args, on_watch=None, **kw):
+    """ctl under the keep-alive load, the load kept on until every old container exited (its
+    SIGTERM comes `hold` after the flip, possibly after ctl's end: the pooled connections close
+    then) + 1 s. Returns (rc, lines, took, killed, counts, watch, view, t0, settle seconds)."""
+    view = TargetView(ids)
+    watch = Watch(box, ids).start()
+    if on_watch:
+        on_watch(watch)
+    load = handover_load(rate)
+    t0 = time.monotonic()
+    try:
+        rc, lines, took, killed = ctl_stream(box, *ctl_args, **kw)
+        settled, waited = handover_settled(box, ids)
+        time.sleep(1)
+    finally:
+        counts = load.stop()
+        watch.stop()
+    return rc, lines, took, killed, counts, watch, view, t0, (settled, waited)
+
+
+def handover_common(sc, box, ids, watch, view, t0, counts, settled):
+    auto_scaling_quiet(sc, watch, t0)
+    sc.check(settled[0], f"old containers still running {settled[1]:.0f} s after ctl: "
+                         f"{ {i: app_containers(i) for i in ids} }")
+    slots = check_redirects(sc, box, ids)
+    targets = view.check(sc, watch, t0)
+    sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure}; "
+                                 f"statuses {dict(counts.statuses)})")
+    return targets, slots
+
+
+def handover_release(box, rate, tag, n, number, rollback_to=None, bake=0):
+    """Scenarios 15, 18 and 21: a handover release (or `ctl rollback`) on n instances under the
+    keep-alive load: exit 0, every instance kept and on the release, every target UP in HAProxy
+    throughout, each host on one container the redirect points at, 0 failed requests."""
+    previous = parameter(box)[0]
+    target = rollback_to or tag
+    sc = Scenario(number, f"handover {'rollback' if rollback_to else 'release'} {previous} -> {target} on {n} instances")
+    if not rollback_to:
+        fleet.push_image(tag)
+    ids = stack_instances(box)
+    sc.check(len(ids) == n, f"{len(ids)} instances InService, not {n}")
+    args = (("rollback", "--strategy", "in-place") if rollback_to else
+            ("release", "--tag", tag, "--strategy", "in-place", "--bake", f"{bake}s"))
+    rc, lines, took, _, counts, watch, view, t0, settled = handover_run(box, rate, ids, args)
+    out = "\n".join(x for _, x in lines)
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == target, f"parameter holds {parameter(box)[1]}")
+    sc.check(set(stack_instances(box)) == set(ids), f"instances changed: {ids} -> {stack_instances(box)}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == target for i in ids),
+             f"skiff:release: {[tags[i].get('skiff:release') for i in ids]}")
+    targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
+    now = served()
+    sc.check(set(now) == {target}, f"the load balancer serves {now}")
+    floor, terms = handover_floor(watch, target, bake, t0)
+    per_batch = batch_times(watch, target, t0)
+    ratio = f"{took / floor:.2f}x the floor" if floor else "ratio unknown"
+    sc.figures += [f"ctl {took:.1f} s, {ratio}; {terms}",
+                   f"batches {[len(b) for _, b in watch.batches(target, t0)]}, told -> serving: "
+                   f"{', '.join(f'{x:.1f}' if x else '?' for x in per_batch)} s",
+                   f"old containers gone {settled[1]:.1f} s after ctl; slots now {slots}", targets, counts.line()]
+    HANDOVER_BENCH.append((f"handover {'rollback ' if rollback_to else ''}{previous} -> {target}", n, took, floor,
+                           counts.failed, terms))
+    sc.done()
+    return previous
+
+
+def handover_failing(box, rate, bad, n, number, fail_after=None):
+    """Scenarios 16 and 17: a release that never passes the gate on its slot (16), or passes it
+    and fails `fail_after` s later, within the hold, so that the agent flips the canary back
+    (17). Both: only the first batch told, ctl exit 1 (ctl/README: failed, previous release back),
+    parameter back, every instance on the previous release and one container, every target UP in
+    HAProxy throughout, 0 failed requests; 16: the bad release served nothing."""
+    good = parameter(box)[0]
+    what = "never passes its gate" if fail_after is None else f"fails {fail_after:g} s after its gate"
+    sc = Scenario(number, f"handover release {bad} that {what}")
+    fleet.push_image(bad, healthy=fail_after is not None, fail_after=fail_after)
+    ids = stack_instances(box)
+    rc, lines, took, _, counts, watch, view, t0, settled = handover_run(
+        box, rate, ids, ("release", "--tag", bad, "--strategy", "in-place"))
+    out = "\n".join(x for _, x in lines)
+    batches = watch.batches(bad, t0)
+    touched = [i for _, b in batches for i in b]
+    sc.check(rc == 1, f"ctl exit {rc}, documented 1 (failed, previous release back): {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == good, f"parameter holds {parameter(box)[1]}, not {good}")
+    sc.check(len(touched) == 1, f"told {bad}: {[(round(t - t0, 1), b) for t, b in batches]} (expected the first batch)")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == good for i in ids), f"skiff:release: {tags}")
+    for i in ids:
+        if i not in touched:
+            sc.check(not watch.changes(i, "serving", t0), f"{i} (not in the first batch) changed: "
+                                                         f"{watch.changes(i, 'serving', t0)}")
+    if fail_after is None:
+        sc.check(bad not in counts.releases, f"{bad} served {counts.releases[bad]} responses")
+    targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
+    now = served()
+    sc.check(set(now) == {good}, f"the load balancer serves {now}")
+    for i in touched:
+        told = next((t for t, v in watch.changes(i, "skiff:target", t0) if tag_part(v) == bad), None)
+        failed = next((t for t, v in watch.changes(i, "skiff:failed", t0) if tag_part(v) == bad), None)
+        on_bad = watch.first(i, "serving", bad, t0)
+        back = watch.first(i, "serving", good, on_bad or told or t0)
+        rel = lambda x: f"+{x - t0:.1f} s" if x else "never"
+        sc.figures.append(f"{i}: told {rel(told)}, serving {bad} (agent) {rel(on_bad)}, skiff:failed "
+                          f"{rel(failed)}, serving {good} again {rel(back) if on_bad else 'throughout'}")
+    line = next((x for _, x in lines if "in-place" in x and re.search(r"fail|revert", x, re.I)), None)
+    sc.figures += [f"ctl exit {rc} after {took:.1f} s", f"{bad} served {counts.releases.get(bad, 0)} responses",
+                   targets, counts.line()] + ([f"line: {line.strip()[:140]}"] if line else [])
+    sc.done()
+
+
+def handover_agent_killed(box, rate, tag, n):
+    """Scenario 19: the agent of the first batch's instance SIGKILLed mid-swap (once the new
+    container runs beside the old one), restarted as systemd would: it finds its swap journal
+    and finishes the swap (gate, flip) or reverts it; the release completes (exit 0), 0 failed
+    requests, every target UP in HAProxy throughout (the redirect is kernel state: it serves
+    while the agent is away)."""
+    sc = Scenario(19, f"agent SIGKILLed mid-handover -> {tag}")
+    fleet.push_image(tag)
+    ids = stack_instances(box)
+    killed = []
+    stop = threading.Event()
+    port = box["settings"]["app_port"]
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline and not killed:
+            for i in ids:
+                try:
+                    tags = skiff_tags(box, [i])[i]
+                except Exception:
+                    tags = {}
+                if tag_part(tags.get("skiff:target")) != tag:
+                    continue
+                running = app_containers(i)
+                if len(running) >= 2:
+                    with open(os.path.join(fleet.RUN_DIR, "hosts", i, "agent.pid")) as f:
+                        os.kill(int(f.read()), signal.SIGKILL)
+                    killed.append((i, time.monotonic(), running, fleet.host_redirect(host_ns(i)).get(port)))
+                    return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        rc, lines, took, _, counts, watch, view, t0, settled = handover_run(
+            box, rate, ids, ("release", "--tag", tag, "--strategy", "in-place"))
+    finally:
+        stop.set()
+        t.join(5)
+    out = "\n".join(x for _, x in lines)
+    sc.check(killed, "no agent was caught mid-swap (two containers running) to kill")
+    sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == tag for i in ids), f"skiff:release: {tags}")
+    targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
+    now = served()
+    sc.check(set(now) == {tag}, f"the load balancer serves {now}")
+    if killed:
+        i, at, running, red = killed[0]
+        sc.figures.append(f"killed the agent of {i} at +{at - t0:.1f} s with {len(running)} containers "
+                          f"(PORTs {[p for _, p in running]}) and the redirect on :{red}")
+    sc.figures += [f"ctl exit {rc} after {took:.1f} s", targets, counts.line()]
+    sc.done()
+
+
+def handover_ctl_stopped(box, rate, tag, n):
+    """Scenario 20: ctl SIGTERMed (a Jenkins abort) once the first batch's instance reports the
+    release: ctl tells the switched instances the previous release, waits until they report it,
+    writes it back and exits 1 (ctl/README, Signals); 0 failed requests, every target UP in
+    HAProxy throughout."""
+    good = parameter(box)[0]
+    sc = Scenario(20, f"ctl SIGTERMed mid handover release -> {tag}")
+    fleet.push_image(tag)
+    ids = stack_instances(box)
+    holder = []
+
+    def switched(lines):
+        return bool(holder and any(holder[0].last.get((i, "skiff:release")) == tag for i in ids))
+
+    rc, lines, took, stopped, counts, watch, view, t0, settled = handover_run(
+        box, rate, ids, ("release", "--tag", tag, "--strategy", "in-place"), on_watch=holder.append,
+        kill_when=switched, sig=signal.SIGTERM)
+    out = "\n".join(x for _, x in lines)
+    first = [i for i in ids if watch.first(i, "skiff:release", tag, t0)]
+    sc.check(stopped, f"ctl was not stopped (exit {rc}): {out.strip()[-400:]}")
+    sc.check(rc == 1, f"ctl exit {rc}, documented 1 after a signal (previous release back): {out.strip()[-600:]}")
+    sc.check(parameter(box)[0] == good, f"parameter holds {parameter(box)[1]}, not {good}")
+    tags = skiff_tags(box, ids)
+    sc.check(all(tags[i].get("skiff:release") == good for i in ids), f"skiff:release: {tags}")
+    targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
+    now = served()
+    sc.check(set(now) == {good}, f"the load balancer serves {now}")
+    sc.figures += [f"SIGTERM once {first} ran {tag}; ctl exit {rc} after {took:.1f} s", targets, counts.line()]
+    sc.done()
+
+
 def bench_table(box, warmup):
     s = box["settings"]
     print(f"\nbench: {box['params']['MinSize']} instances, boot delay {box['boot_delay']} s, warm-up {warmup} s, "
@@ -1024,11 +1340,11 @@ def bench_table(box, warmup):
           "start, pull, app start, hook and poll latencies")
 
 
-def scale_then(box, n, fn):
+def scale_then(box, n, fn, number=9):
     """The group scaled to n (new instances boot on the parameter's release), settled, then fn."""
     sc_ok = scale_to(box, n)
     if not sc_ok:
-        sc = Scenario(9, f"scale to {n}")
+        sc = Scenario(number, f"scale to {n}")
         sc.check(False, f"the group did not settle at {n}: {group(box)}, LB {fleet.lb_up()}")
         sc.done()
         return None
@@ -1040,6 +1356,7 @@ def strategies_table(box, warmup):
     s = box["settings"]
     rows = [(f"refresh {name.split(' on ')[0]}", n, wall, model, failed) for name, n, wall, model, failed in REFRESH_BENCH]
     rows += [(what, n, wall, floor, failed) for what, n, wall, floor, failed, _ in INPLACE_BENCH]
+    rows += [(what, n, wall, floor, failed) for what, n, wall, floor, failed, _ in HANDOVER_BENCH]
     if not rows:
         return
     print(f"\nstrategies: group HealthCheckType {box.get('asg_health_check', 'ELB (template)')}, "
@@ -1053,13 +1370,45 @@ def strategies_table(box, warmup):
     print("wall = ctl's run; refresh floor = the model (boot delay + warm-up + drain, one launch-before-terminate"
           " batch); in-place floor = slowest pull + per batch (slowest start-to-healthy + HealthyThresholdCount x"
           " interval + drain + bake)")
-    for what, n, wall, floor, failed, terms in INPLACE_BENCH:
+    print("handover floor = slowest pull + per batch (slowest start-to-healthy + bake): the target never changes"
+          f" state; handover load: {HANDOVER_LOAD[0] if HANDOVER_LOAD else 'none'}")
+    for what, n, wall, floor, failed, terms in INPLACE_BENCH + HANDOVER_BENCH:
         print(f"  {what} ({n}): {terms}")
+    wide = [r for r in rows if r[1] >= 6]
+    if wide:
+        print(f"\nside by side on {wide[0][1]} instances:")
+        print(f"{'strategy':22} {'wall s':>7} {'floor s':>8} {'ratio':>6} {'failed':>6}")
+        for what, n, wall, floor, failed in wide:
+            kind = "refresh" if what.startswith("refresh") else "handover" if what.startswith("handover") else "in place (drain)"
+            print(f"{kind:22} {wall:7.1f} {'' if floor is None else f'{floor:.1f}':>8} "
+                  f"{'' if not floor else f'{wall / floor:.2f}':>6} {failed:6d}")
+
+
+def phase_box(phase):
+    """The box for a phase: `drain` (scenarios 1-14: SwapMode drain, the busybox app) or
+    `handover` (15-21: SwapMode handover, the graceful app). A box up with the same settings
+    is kept; another is taken down first. Returns the box or None (and why)."""
+    env = dict(os.environ, FLEET_SWAP_MODE=phase, FLEET_APP="busybox" if phase == "drain" else "graceful")
+    box = fleet.load_box()
+    if box and fleet.controller_alive():
+        if box.get("app", "busybox") == env["FLEET_APP"] and box.get("swap_mode") in (phase, None):
+            return box, None
+        subprocess.run([sys.executable, fleet.__file__, "down"])
+    rc = subprocess.run([sys.executable, fleet.__file__, "up"], env=env).returncode
+    if rc != 0:
+        return None, f"the box ({phase}) did not come up"
+    box = fleet.load_box()
+    if phase == "handover" and box.get("swap_mode") != "handover":
+        return None, (f"the stack's swap mode is {box.get('swap_mode')!r}: the template "
+                      f"({fleet.TEMPLATE}) has no SwapMode parameter yet, or another default")
+    return box, None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=20, help="requests per second through the LB")
+    ap.add_argument("--handover-rate", type=float, default=200,
+                    help="keep-alive requests per second through the LB in the handover scenarios")
     ap.add_argument("--warmup", type=int, default=None,
                     help="ctl --warmup seconds (default: the target group's HealthyThresholdCount x "
                          "interval + 2, the time a new target needs before it serves)")
@@ -1071,62 +1420,28 @@ def main():
     a.only = a.only or (ALL if a.bench else CI)
     only = set(a.only.replace(" ", "").split(","))
     if not only <= set(ALL.split(",")) or not only:
-        ap.error(f"--only takes scenario numbers 1..14 separated by commas, not {a.only!r}")
+        ap.error(f"--only takes scenario numbers 1..21 separated by commas, not {a.only!r}")
     if "14" in only and "9" not in only:
         ap.error("scenario 14 releases on the 6 instances of scenario 9: add 9 to --only")
     if only & {"2", "7"} and "1" not in only:
         ap.error("scenarios 2 and 7 follow scenario 1's release: add 1 to --only")
     if "11" in only and "8" not in only:
         ap.error("scenario 11 rolls back scenario 8's release: add 8 to --only")
+    if "18" in only and "15" not in only:
+        ap.error("scenario 18 rolls back scenario 15's release: add 15 to --only")
     started = time.monotonic()
-    if not (fleet.load_box() and fleet.controller_alive()):
-        rc = subprocess.run([sys.executable, fleet.__file__, "up"]).returncode
-        if rc != 0:
-            print("scenarios: the box did not come up", file=sys.stderr)
-            return 1
-    box = fleet.load_box()
-    n = int(box["params"]["MinSize"])
-    if a.warmup is None:
-        # Launch before terminate: the old instances start draining once the new ones are warm.
-        # A warm-up shorter than the new targets' first HealthyThresholdCount checks leaves the
-        # load balancer with nothing to send to (measured: failed requests); ctl's default, 30 s,
-        # covers the template's 2 x 5 s.
-        a.warmup = box["settings"]["healthy"] * box["settings"]["interval"] + 2
-    if not settle(box, n, 60):
-        print(f"scenarios: the box is not settled ({group(box)}); `box.py down` and retry", file=sys.stderr)
-        return 1
-    previous = parameter(box)[0]
-    good, bad = f"r{RUN}a", f"r{RUN}bad"
-    plan = [("1", lambda: release(box, a.rate, good, n, a.warmup)),
-            ("5", lambda: aws_away(box, a.rate, n)),
-            ("2", lambda: unhealthy(box, a.rate, good, bad, n, a.warmup)),
-            ("7", lambda: rollback(box, a.rate, previous, n, a.warmup)),
-            ("4", lambda: agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)),
-            ("6", lambda: engine_killed(box, a.rate, n)),
-            ("3", lambda: scale_out(box, a.rate, f"r{RUN}s", n, a.warmup)),
-            ("8", lambda: inplace.update(before=inplace_release(box, a.rate, f"r{RUN}i", n, 8))),
-            ("10", lambda: inplace_unhealthy(box, a.rate, f"r{RUN}ibad", n)),
-            ("11", lambda: inplace_rollback(box, a.rate, inplace["before"], n)),
-            ("12", lambda: inplace_killed(box, a.rate, f"r{RUN}ik", n)),
-            ("13", lambda: uncoordinated(box, a.rate, f"r{RUN}iu", n)),
-            ("9", lambda: scale_then(box, 2 * n, lambda: inplace_release(box, a.rate, f"r{RUN}i6", 2 * n, 9))),
-            ("14", lambda: release(box, a.rate, f"r{RUN}r6", 2 * n, a.warmup, number=14))]
-    inplace = {}
     watch = Dependencies().start()
+    box = None
     try:
-        if only & {"8", "9", "10", "11", "12", "13"}:
-            IMDS_DELAY[:] = [imds_delay(box)]
-            print(IMDS_DELAY[0], flush=True)
-        for number, run_scenario in plan:
-            if number not in only:
+        for phase, numbers in (("drain", only - HANDOVER), ("handover", only & HANDOVER)):
+            if not numbers:
                 continue
-            # What the box depends on and does not run itself (the registries of setup.sh):
-            # restarted through setup.sh when down, and said so, never silently.
-            restarted = fleet.ensure_dependencies()
-            if restarted:
-                print(f"scenarios: before scenario {number}: restarted by .ci/setup.sh: {'; '.join(restarted)}",
-                      flush=True)
-            run_scenario()
+            box, why = phase_box(phase)
+            if not box:
+                print(f"scenarios: {why}: scenarios {' '.join(sorted(numbers, key=int))} not run", file=sys.stderr)
+                results.extend([False] * len(numbers))
+                continue
+            run_phase(box, phase, numbers, a)
     except Exception as e:
         import traceback
 
@@ -1143,11 +1458,61 @@ def main():
             subprocess.run([sys.executable, fleet.__file__, "down"])
     ok = sum(results)
     if a.bench and BENCH:
-        bench_table(box, a.warmup)
-    if a.bench:
+        bench_table(box or {}, a.warmup)
+    if a.bench and box:
         strategies_table(box, a.warmup)
     print(f"{ok} passed, {len(results) - ok} failed ({time.monotonic() - started:.0f} s in all)")
     return 0 if results and all(results) else 1
+
+
+def run_phase(box, phase, only, a):
+    n = int(box["params"]["MinSize"])
+    if a.warmup is None:
+        # Launch before terminate: the old instances start draining once the new ones are warm.
+        # A warm-up shorter than the new targets' first HealthyThresholdCount checks leaves the
+        # load balancer with nothing to send to (measured: failed requests); ctl's default, 30 s,
+        # covers the template's 2 x 5 s.
+        a.warmup = box["settings"]["healthy"] * box["settings"]["interval"] + 2
+    if not settle(box, n, 60):
+        raise RuntimeError(f"the box ({phase}) is not settled ({group(box)}); `box.py down` and retry")
+    previous = parameter(box)[0]
+    good, bad = f"r{RUN}a", f"r{RUN}bad"
+    hr = a.handover_rate
+    plan = [("1", lambda: release(box, a.rate, good, n, a.warmup)),
+            ("5", lambda: aws_away(box, a.rate, n)),
+            ("2", lambda: unhealthy(box, a.rate, good, bad, n, a.warmup)),
+            ("7", lambda: rollback(box, a.rate, previous, n, a.warmup)),
+            ("4", lambda: agent_killed(box, a.rate, f"r{RUN}k", n, a.warmup)),
+            ("6", lambda: engine_killed(box, a.rate, n)),
+            ("3", lambda: scale_out(box, a.rate, f"r{RUN}s", n, a.warmup)),
+            ("8", lambda: inplace.update(before=inplace_release(box, a.rate, f"r{RUN}i", n, 8))),
+            ("10", lambda: inplace_unhealthy(box, a.rate, f"r{RUN}ibad", n)),
+            ("11", lambda: inplace_rollback(box, a.rate, inplace["before"], n)),
+            ("12", lambda: inplace_killed(box, a.rate, f"r{RUN}ik", n)),
+            ("13", lambda: uncoordinated(box, a.rate, f"r{RUN}iu", n)),
+            ("9", lambda: scale_then(box, 2 * n, lambda: inplace_release(box, a.rate, f"r{RUN}i6", 2 * n, 9))),
+            ("14", lambda: release(box, a.rate, f"r{RUN}r6", 2 * n, a.warmup, number=14)),
+            ("15", lambda: inplace.update(hbefore=handover_release(box, hr, f"r{RUN}h", n, 15))),
+            ("16", lambda: handover_failing(box, hr, f"r{RUN}hbad", n, 16)),
+            ("17", lambda: handover_failing(box, hr, f"r{RUN}hlate", n, 17, fail_after=2)),
+            ("18", lambda: handover_release(box, hr, None, n, 18, rollback_to=inplace["hbefore"])),
+            ("19", lambda: handover_agent_killed(box, hr, f"r{RUN}hk", n)),
+            ("20", lambda: handover_ctl_stopped(box, hr, f"r{RUN}ht", n)),
+            ("21", lambda: scale_then(box, 2 * n, lambda: handover_release(box, hr, f"r{RUN}h6", 2 * n, 21), 21))]
+    inplace = {}
+    if only & {"8", "9", "10", "11", "12", "13"}:
+        IMDS_DELAY[:] = [imds_delay(box)]
+        print(IMDS_DELAY[0], flush=True)
+    for number, run_scenario in plan:
+        if number not in only:
+            continue
+        # What the box depends on and does not run itself (the registries of setup.sh):
+        # restarted through setup.sh when down, and said so, never silently.
+        restarted = fleet.ensure_dependencies()
+        if restarted:
+            print(f"scenarios: before scenario {number}: restarted by .ci/setup.sh: {'; '.join(restarted)}",
+                  flush=True)
+        run_scenario()
 
 
 if __name__ == "__main__":
