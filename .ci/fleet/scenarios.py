@@ -1248,7 +1248,7 @@ def handover_agent_killed(box, rate, tag, n):
     sc = Scenario(19, f"agent SIGKILLed mid-handover -> {tag}")
     fleet.push_image(tag)
     ids = stack_instances(box)
-    killed = []
+    killed, holder = [], []
     stop = threading.Event()
     port = box["settings"]["app_port"]
 
@@ -1256,11 +1256,7 @@ def handover_agent_killed(box, rate, tag, n):
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline and not killed:
             for i in ids:
-                try:
-                    tags = skiff_tags(box, [i])[i]
-                except Exception:
-                    tags = {}
-                if tag_part(tags.get("skiff:target")) != tag:
+                if not holder or tag_part(holder[0].last.get((i, "skiff:target"))) != tag:
                     continue
                 running = app_containers(i)
                 if len(running) >= 2:
@@ -1268,13 +1264,13 @@ def handover_agent_killed(box, rate, tag, n):
                         os.kill(int(f.read()), signal.SIGKILL)
                     killed.append((i, time.monotonic(), running, fleet.host_redirect(host_ns(i)).get(port)))
                     return
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
         rc, lines, took, _, counts, watch, view, t0, settled = handover_run(
-            box, rate, ids, ("release", "--tag", tag, "--strategy", "in-place"))
+            box, rate, ids, ("release", "--tag", tag, "--strategy", "in-place"), on_watch=holder.append)
     finally:
         stop.set()
         t.join(5)
