@@ -471,7 +471,9 @@ def policy_check_self_test(app_text, app_t):
 CONFIG_NUMBERS = {"AppPort": ("app", "port"), "AgentPort": ("health", "listen"),
                   "StartTimeoutSeconds": ("app", "start_timeout"),
                   "StopTimeoutSeconds": ("app", "stop_timeout"),
-                  "DrainSeconds": ("release", "drain")}
+                  "DrainSeconds": ("release", "drain"),
+                  "SlotPortA": ("app", "slots"), "SlotPortB": ("app", "slots")}
+PORTS = ("AppPort", "AgentPort", "SlotPortA", "SlotPortB")
 HOOK_MARGIN = 60
 
 
@@ -558,7 +560,7 @@ def app_bounds_checks(text, t):
     check("app: durations' MinValue >= 1 (the agent refuses zero durations)",
           all(p[k].get("MinValue", 0) >= 1 for k in CONFIG_NUMBERS if k.endswith("Seconds")))
     check("app: ports within 1-65535",
-          all(1 <= p[k]["MinValue"] and p[k]["MaxValue"] <= 65535 for k in ("AppPort", "AgentPort")))
+          all(1 <= p[k]["MinValue"] and p[k]["MaxValue"] <= 65535 for k in PORTS))
     terminate = {h["LifecycleHookName"]: h
                  for h in g["LifecycleHookSpecificationList"]}["skiff-terminate"]["HeartbeatTimeout"]
     need = p["DrainSeconds"]["MaxValue"] + p["StopTimeoutSeconds"]["MaxValue"] + HOOK_MARGIN
@@ -573,6 +575,13 @@ def app_bounds_checks(text, t):
           any("AppPort" in d for d in rules_refuse(t, {"AppPort": 9000, "AgentPort": 9000})))
     equal("app: Rules accept the defaults (and a certificate for the own load balancer)",
           rules_refuse(t, {"CertificateArn": "arn:aws:acm:us-east-1:123456789012:certificate/t"}), [])
+    for clash in ({"SlotPortA": 9000, "SlotPortB": 9000}, {"SlotPortA": 8080}, {"SlotPortB": 8080},
+                  {"SlotPortA": 8081}, {"SlotPortB": 8081}):
+        check(f"app: Rules refuse slot ports that collide: {clash}", bool(rules_refuse(t, clash)))
+    equal("app: slot ports default to 8090 and 8091, SwapMode to handover (or drain)",
+          (p["SlotPortA"].get("Default"), p["SlotPortB"].get("Default"),
+           p["SwapMode"].get("Default"), p["SwapMode"].get("AllowedValues")),
+          (8090, 8091, "handover", ["handover", "drain"]))
     check("app: Rules refuse DatabaseHost without DatabaseSecretArn",
           bool(rules_refuse(t, {"DatabaseHost": "db.example.com"})))
     check("app: Rules refuse DatabaseSecretArn or DatabaseSecurityGroupId without DatabaseHost",
@@ -713,12 +722,14 @@ def app_release_checks(text, t):
           o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
     missing = {"ReleaseParameter", "AutoScalingGroup", "ImageRepository", "LoadBalancerDNS",
                "LifecycleHook", "DeployerPolicyArn", "LogGroup", "TargetGroup",
-               "ReleaseAlarmNames", "ReleaseStrategy"} - set(o)
+               "ReleaseAlarmNames", "ReleaseStrategy", "SwapMode"} - set(o)
     check("app: outputs ctl and Jenkins read are declared", not missing, f"missing {missing}")
     equal("app: ReleaseStrategy: refresh by default, or in-place; ctl reads the output",
           (p["ReleaseStrategy"].get("Default"), p["ReleaseStrategy"].get("AllowedValues"),
            o["ReleaseStrategy"]["Value"]),
           ("refresh", ["refresh", "in-place"], {"Ref": "ReleaseStrategy"}))
+    equal("app: SwapMode output is the parameter (ctl reads how the hosts swap)",
+          o["SwapMode"]["Value"], {"Ref": "SwapMode"})
 
 
 
@@ -818,7 +829,8 @@ def moto_app_body(app_text):
 
 def expected_agent_config(env, account, database, **over):
     v = {"AppPort": 8080, "AgentPort": 8081, "StartTimeoutSeconds": 60,
-         "StopTimeoutSeconds": 30, "DrainSeconds": 15}
+         "StopTimeoutSeconds": 30, "DrainSeconds": 15, "SwapMode": "handover",
+         "SlotPortA": 8090, "SlotPortB": 8091}
     v.update(over)
     return {
         "app": {
@@ -829,6 +841,8 @@ def expected_agent_config(env, account, database, **over):
             "detail_path": "/ready",
             "start_timeout": f"{v['StartTimeoutSeconds']}s",
             "stop_timeout": f"{v['StopTimeoutSeconds']}s",
+            "swap": v["SwapMode"],
+            "slots": [v["SlotPortA"], v["SlotPortB"]],
             "env": database,
             "env_path": f"/skiff/{env}/env/",
         },
@@ -991,6 +1005,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: LifecycleHook output", out.get("LifecycleHook"), "skiff-launch")
     equal("app create: ReleaseStrategy output is refresh by default", out.get("ReleaseStrategy"),
           "refresh")
+    equal("app create: SwapMode output is handover by default", out.get("SwapMode"), "handover")
     # moto's CloudFormation has no AWS::CloudWatch::Alarm: the release alarms are checked statically
     # (app_alarm_checks) and created by the ctl tests through PutMetricAlarm.
     equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition), "
@@ -1118,13 +1133,16 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     # --- finding 5: what `ctl release` writes survives a stack update
     ssm.put_parameter(Name=release, Value=f"rel{RUN}", Type="String", Overwrite=True)
     app_params.update(StopTimeoutSeconds=45, MaxSize=6)
-    cfn.update_stack(StackName=app_stack, TemplateBody=body, Parameters=params(app_params),
+    # SwapMode for this update only: the stacks below start from app_params with the default.
+    cfn.update_stack(StackName=app_stack, TemplateBody=body, Parameters=params({**app_params, "SwapMode": "drain"}),
                      Capabilities=["CAPABILITY_IAM"])
     stack = wait_stack(app_stack, "UPDATE_COMPLETE")
     equal("app update: status", stack["StackStatus"], "UPDATE_COMPLETE")
     equal("app update: the release ctl wrote survives the update", release_value(release), f"rel{RUN}")
     out2 = outputs(stack)
-    equal("app update: outputs unchanged", out2, out)
+    equal("app update: outputs unchanged but SwapMode", {k: v for k, v in out2.items() if k != "SwapMode"},
+          {k: v for k, v in out.items() if k != "SwapMode"})
+    equal("app update: SwapMode output follows the parameter", out2.get("SwapMode"), "drain")
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
@@ -1133,8 +1151,9 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
     toml_text, config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
-    equal("app update: agent config has the new stop timeout",
-          config, expected_agent_config(env, account, own_db_env, StopTimeoutSeconds=45))
+    equal("app update: agent config has the new stop timeout and swap mode",
+          config, expected_agent_config(env, account, own_db_env, StopTimeoutSeconds=45, SwapMode="drain"))
+    check_agent_accepts("app update (swap = drain)", toml_text)
 
     # --- database stack: create (a database to share)
     db_body = strip_output(db_text, "SecretArn")
@@ -1244,11 +1263,14 @@ def boundary_tests(app_t, body, base_params, shared, account, cleanup):
     p = app_t["Parameters"]
     lo = {k: p[k]["MinValue"] for k in CONFIG_NUMBERS}
     hi = {k: p[k]["MaxValue"] for k in CONFIG_NUMBERS}
-    # The two ports cannot be equal (Rules): at the minimum the agent's is one above, at the
-    # maximum one below, and the crossed corner puts each port at the other's extreme.
-    lo["AgentPort"] += 1
-    hi["AgentPort"] -= 1
-    crossed = {"AppPort": p["AppPort"]["MaxValue"], "AgentPort": p["AgentPort"]["MinValue"]}
+    # No two ports may be equal (Rules): at the minimum the agent's is one above the app's and the
+    # slots two and three above, at the maximum as many below, and the crossed corner puts the app
+    # and agent ports at each other's extreme, with the slots next to them.
+    for i, k in enumerate(PORTS):
+        lo[k] += i
+        hi[k] -= i
+    crossed = {"AppPort": p["AppPort"]["MaxValue"], "AgentPort": p["AgentPort"]["MinValue"],
+               "SlotPortA": p["SlotPortA"]["MinValue"] + 1, "SlotPortB": p["SlotPortB"]["MaxValue"] - 1}
     for label, values in (("min", lo), ("max", hi), ("ports crossed", crossed)):
         env = f"t{RUN}-{label.split()[0]}"
         name = f"skiff-test-app-{RUN}-{label.split()[0]}"
@@ -1275,6 +1297,12 @@ def boundary_tests(app_t, body, base_params, shared, account, cleanup):
             same = toml_text.replace(f':{values["AgentPort"]}"', f':{values["AppPort"]}"')
             rc, _ = agent_check_config(same)
             equal("boundary: AppPort == AgentPort, which the Rules refuse, the agent refuses too", rc, 64)
+            slots = f'slots = [{values["SlotPortA"]}, {values["SlotPortB"]}]'
+            for what, clash in (("the two slots equal", f'slots = [{values["SlotPortA"]}, {values["SlotPortA"]}]'),
+                                ("a slot == AppPort", f'slots = [{values["AppPort"]}, {values["SlotPortB"]}]'),
+                                ("a slot == AgentPort", f'slots = [{values["SlotPortA"]}, {values["AgentPort"]}]')):
+                rc, _ = agent_check_config(toml_text.replace(slots, clash))
+                equal(f"boundary: {what}, which the Rules refuse, the agent refuses too", rc, 64)
         cfn.delete_stack(StackName=name)
         wait_stack(stack["StackId"], "DELETE_COMPLETE")
 
