@@ -138,10 +138,11 @@ class Server(ThreadingHTTPServer):
 
 def shutdown(server):
     t0 = time.monotonic()
+    with lock:
+        log(f"SIGTERM with {len(connections)} connection(s) open "
+            f"({sum(st == 'busy' for st in connections.values())} busy)")
     server.shutdown()  # serve_forever returns: no new connection is accepted
     server.server_close()  # the listener is closed: a connect is refused, not queued
-    with lock:
-        log(f"SIGTERM: listener closed, {len(connections)} connection(s) open")
     deadline = t0 + GRACE
     while time.monotonic() < deadline:
         with lock:
