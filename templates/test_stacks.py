@@ -578,6 +578,9 @@ def app_bounds_checks(text, t):
     for clash in ({"SlotPortA": 9000, "SlotPortB": 9000}, {"SlotPortA": 8080}, {"SlotPortB": 8080},
                   {"SlotPortA": 8081}, {"SlotPortB": 8081}):
         check(f"app: Rules refuse slot ports that collide: {clash}", bool(rules_refuse(t, clash)))
+    equal("app: Rules let a drain stack keep any slots (its config has none)",
+          rules_refuse(t, {"SwapMode": "drain", "SlotPortA": 8080, "SlotPortB": 8080,
+                           "CertificateArn": "arn:aws:acm:us-east-1:123456789012:certificate/t"}), [])
     equal("app: slot ports default to 8090 and 8091, SwapMode to handover (or drain)",
           (p["SlotPortA"].get("Default"), p["SlotPortB"].get("Default"),
            p["SwapMode"].get("Default"), p["SwapMode"].get("AllowedValues")),
@@ -842,7 +845,8 @@ def expected_agent_config(env, account, database, **over):
             "start_timeout": f"{v['StartTimeoutSeconds']}s",
             "stop_timeout": f"{v['StopTimeoutSeconds']}s",
             "swap": v["SwapMode"],
-            "slots": [v["SlotPortA"], v["SlotPortB"]],
+            # Only with handover: the agent refuses slots with swap = "drain".
+            **({"slots": [v["SlotPortA"], v["SlotPortB"]]} if v["SwapMode"] == "handover" else {}),
             "env": database,
             "env_path": f"/skiff/{env}/env/",
         },
