@@ -28,6 +28,10 @@ pub struct Deployment {
     /// names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// How the stack's agents swap the container in place (output SwapMode: handover or
+    /// drain), when it names one; an older stack without it: drain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<String>,
 }
 
 /// What the command line gave: a stack, direct values, or both (direct values win).
@@ -72,6 +76,7 @@ pub fn combine(
         .clone()
         .or_else(|| from_stack(OUTPUT_TARGET_GROUP));
     let strategy = from_stack(crate::inplace::OUTPUT_STRATEGY);
+    let swap = from_stack(crate::inplace::OUTPUT_SWAP_MODE);
     let alarms = from_stack(OUTPUT_ALARMS)
         .map(|v| crate::alarms::parse_list(&v))
         .unwrap_or_default();
@@ -99,6 +104,7 @@ pub fn combine(
                 target_group,
                 alarms,
                 strategy,
+                swap,
             })
         }
         _ => Err(DeploymentError::Missing {
@@ -160,6 +166,7 @@ mod tests {
             (OUTPUT_TARGET_GROUP.into(), "arn:tg".into()),
             (OUTPUT_ALARMS.into(), "a-5xx, a-hosts,".into()),
             (crate::inplace::OUTPUT_STRATEGY.into(), "in-place".into()),
+            (crate::inplace::OUTPUT_SWAP_MODE.into(), "handover".into()),
             ("Other".into(), "x".into()),
         ]
     }
@@ -235,6 +242,7 @@ mod tests {
         assert_eq!(d.target_group.as_deref(), Some("arn:tg"));
         assert_eq!(d.alarms, vec!["a-5xx".to_owned(), "a-hosts".to_owned()]);
         assert_eq!(d.strategy.as_deref(), Some("in-place"));
+        assert_eq!(d.swap.as_deref(), Some("handover"));
         let given = Locator {
             target_group: Some("arn:mine".into()),
             ..only_stack
@@ -252,12 +260,17 @@ mod tests {
                 k != OUTPUT_TARGET_GROUP
                     && k != OUTPUT_ALARMS
                     && k != crate::inplace::OUTPUT_STRATEGY
+                    && k != crate::inplace::OUTPUT_SWAP_MODE
             })
             .collect();
         let d = combine(&given, Some(&older)).expect("a stack without them still works");
         assert_eq!(
             d.strategy, None,
             "an older stack: refresh (choose_strategy)"
+        );
+        assert_eq!(
+            d.swap, None,
+            "an older stack: drain (SwapMode::from_output)"
         );
         assert_eq!(
             (d.target_group.as_deref(), d.alarms.len()),

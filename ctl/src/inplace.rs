@@ -29,6 +29,13 @@ pub use verdict::*;
 
 /// The stack output naming the default strategy (template parameter ReleaseStrategy).
 pub const OUTPUT_STRATEGY: &str = "ReleaseStrategy";
+/// The stack output naming how the agents swap the container (`handover` or `drain`); a stack
+/// without it is older than handover: `drain`.
+pub const OUTPUT_SWAP_MODE: &str = "SwapMode";
+/// How long an agent keeps the old container after a handover's flip (its `hold`, 5 s by
+/// default), ready to flip back and answer `skiff:failed`: ctl watches the last batch at
+/// least this long before it calls the release done.
+pub const HANDOVER_HOLD: Duration = Duration::from_secs(5);
 /// Consecutive failed reads of the fleet a wait tolerates before it gives up.
 const READ_FAILURES: u32 = 5;
 /// Longest pause between two reads of the fleet while waiting (3 read calls each; `--poll` can
@@ -47,10 +54,55 @@ pub enum Strategy {
     InPlace,
 }
 
+/// How the agents swap the container on a host (stack output [`OUTPUT_SWAP_MODE`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwapMode {
+    /// `/healthz` reports draining, the load balancer takes the target out (its detection
+    /// window), the container is swapped, the load balancer trusts it again.
+    #[default]
+    Drain,
+    /// The new container starts on an idle port, passes its gate there, and a kernel redirect
+    /// flips the public port to it: the load balancer never sees the target unhealthy.
+    Handover,
+}
+
+impl SwapMode {
+    /// The stack output's value; none (an older stack) is drain. Pure.
+    pub fn from_output(output: Option<&str>) -> Result<SwapMode, InPlaceError> {
+        match output.map(str::trim) {
+            None | Some("drain") => Ok(SwapMode::Drain),
+            Some("handover") => Ok(SwapMode::Handover),
+            Some(other) => Err(InPlaceError::SwapMode(other.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for SwapMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SwapMode::Drain => "drain",
+            SwapMode::Handover => "handover",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InPlaceError {
     #[error("unknown strategy {0:?}: use refresh or in-place")]
     Strategy(String),
+    #[error(
+        "unknown swap mode {0:?} (stack output SwapMode): this ctl knows handover and drain; upgrade ctl, or release with --strategy refresh"
+    )]
+    SwapMode(String),
+    #[error(
+        "refused: the agents swap by drain, and batch {batch} ({ids}) holds every target the load balancer calls healthy ({healthy}); while they drain the load balancer fails open and sends requests to every target, the draining and unhealthy ones too. Pass a smaller --batch, scale the group out to at least 2 healthy instances, release with --strategy refresh, or pass --accept-downtime to swap them anyway"
+    )]
+    DrainAll {
+        batch: usize,
+        ids: String,
+        healthy: String,
+    },
     #[error(
         "--batch {0:?} is not a batch size: give a number of instances (e.g. 2) or a percentage of the group from 1% to 100% (e.g. 25%)"
     )]
@@ -157,7 +209,8 @@ impl FromStr for BatchSize {
 }
 
 /// Instances per batch for a group of `group`: the flag, or one for groups of up to 4 and 25 %
-/// (rounded up) for larger ones; never zero, never more than the group. Pure.
+/// (rounded up) for larger ones; never zero, never more than the group. With handover swaps
+/// the first batch is a canary of one before batches of this size ([`batches`]). Pure.
 pub fn batch_len(size: Option<BatchSize>, group: usize) -> usize {
     let n = match size {
         Some(BatchSize::Count(n)) => n,
@@ -168,10 +221,34 @@ pub fn batch_len(size: Option<BatchSize>, group: usize) -> usize {
     n.clamp(1, group.max(1))
 }
 
+/// `todo` (the instances to switch, in order) in batches for a group of `group`: of
+/// [`batch_len`] each; with `canary` (handover swaps) the first batch holds one instance. A
+/// drain swap takes its batch out of the load balancer, so its size is a capacity question;
+/// a handover takes nothing out, so only the blast radius of a bad release counts: one first,
+/// then the rest. Pure.
+pub fn batches(
+    todo: &[String],
+    size: Option<BatchSize>,
+    group: usize,
+    canary: bool,
+) -> Vec<Vec<String>> {
+    let len = batch_len(size, group);
+    let split = if canary && len > 1 { 1 } else { 0 };
+    let (first, rest) = todo.split_at(split.min(todo.len()));
+    std::iter::once(first.to_vec())
+        .filter(|b| !b.is_empty())
+        .chain(rest.chunks(len).map(<[String]>::to_vec))
+        .collect()
+}
+
 /// How an in-place rollout runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutPlan {
     pub batch: Option<BatchSize>,
+    /// How the agents swap (stack output SwapMode).
+    pub swap: SwapMode,
+    /// Drain: swap a batch that holds every healthy target anyway (`--accept-downtime`).
+    pub accept_downtime: bool,
     /// Per batch, after it is healthy; target health is watched meanwhile.
     pub bake: Duration,
     /// Longest a batch may take to run the release healthy (and the revert to report back).
@@ -184,6 +261,8 @@ impl Default for RolloutPlan {
     fn default() -> Self {
         RolloutPlan {
             batch: None,
+            swap: SwapMode::Drain,
+            accept_downtime: false,
             bake: Duration::ZERO,
             batch_timeout: Duration::from_secs(300),
             pull_timeout: Duration::from_secs(600),
@@ -412,6 +491,7 @@ pub enum RolloutStep {
     Plan {
         release: String,
         instances: usize,
+        swap: SwapMode,
         on_target: Vec<String>,
         batches: Vec<Vec<String>>,
         bake_secs: f64,
@@ -447,6 +527,11 @@ pub enum RolloutStep {
     Baked {
         batch: usize,
         batches: usize,
+        secs: f64,
+    },
+    /// Handover: every switched instance watched after the last batch for the agents' hold
+    /// (a flip back answers `skiff:failed`).
+    Settled {
         secs: f64,
     },
     /// Auto Scaling processes suspended for the swaps (`already`: suspended before, by someone

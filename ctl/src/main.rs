@@ -13,7 +13,7 @@
 //! complete the set.
 //!
 //! Configuration: `--stack` (read the ReleaseParameter, AutoScalingGroup, ImageRepository,
-//! TargetGroup and ReleaseAlarmNames outputs) or `--parameter`/`--asg`/`--image`/
+//! TargetGroup, ReleaseAlarmNames, ReleaseStrategy and SwapMode outputs) or `--parameter`/`--asg`/`--image`/
 //! `--target-group`, each also from `SKIFF_*` variables; the usual AWS settings (`--region`,
 //! `--profile`, `AWS_*`, `AWS_ENDPOINT_URL`).
 //!
@@ -33,7 +33,9 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use skiff_ctl::deployment::{self, Deployment, Locator};
 use skiff_ctl::exit::ExitCode;
-use skiff_ctl::inplace::{self, AwsHosts, BatchSize, InPlaceError, RolloutPlan, Strategy};
+use skiff_ctl::inplace::{
+    self, AwsHosts, BatchSize, InPlaceError, RolloutPlan, Strategy, SwapMode,
+};
 use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
 use skiff_ctl::progress::{Journal, Printer, Stream};
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
@@ -102,6 +104,7 @@ enum Command {
   ctl --stack app-master release --tag 3f2c1ab --checkpoints 25,50 --checkpoint-delay 5m --alarm app-5xx
   ctl --stack app-master release --tag 3f2c1ab --no-wait --json
   ctl --stack app-master release --tag 3f2c1ab --strategy in-place --batch 25% --bake 30s
+  ctl --stack app-one release --tag 3f2c1ab --strategy in-place --accept-downtime
 
 Signals: the first SIGINT/SIGTERM cancels the refresh, waits for it to stop, puts the previous
 release back (only if the parameter still holds this release) and starts the refresh that rolls
@@ -221,9 +224,19 @@ struct ReleaseOpts {
     #[arg(long, value_parser = parse_strategy)]
     strategy: Option<Strategy>,
     /// In place: instances per batch, a number (2) or a percentage of the group (25%).
-    /// Default: 1 for groups of up to 4 instances, 25 % (rounded up) for larger ones.
+    /// Default: 1 for groups of up to 4 instances, 25 % (rounded up) for larger ones. When
+    /// the agents swap by handover (stack output SwapMode) no target leaves the load
+    /// balancer, so batches are sized by blast radius: the first batch is always one instance
+    /// (a canary), the rest come in batches of this size. With drain swaps (the default, and
+    /// any stack without SwapMode) a batch that holds every healthy target is refused (exit
+    /// 2) unless --accept-downtime.
     #[arg(long, value_name = "N|P%", value_parser = parse_batch)]
     batch: Option<BatchSize>,
+    /// In place, drain swaps: swap a batch that holds every target the load balancer calls
+    /// healthy (a 1-instance group, --batch 100%) anyway. While it drains the load balancer
+    /// fails open and routes to every target: requests fail until the batch is back.
+    #[arg(long)]
+    accept_downtime: bool,
     /// Refresh: wait this long after the last instance is replaced before the refresh (and the
     /// release) succeeds; the release alarms keep watching meanwhile. In place (also
     /// `--bake`): per batch, once it is healthy, with its target health watched.
@@ -538,6 +551,11 @@ async fn release(
         .map_err(|e| exit(ExitCode::Refused, e))?;
     let strategy = inplace::choose_strategy(opts.strategy, c.deployment.strategy.as_deref())
         .map_err(|e| exit(ExitCode::Refused, e))?;
+    let swap = match strategy {
+        Strategy::Refresh => SwapMode::default(),
+        Strategy::InPlace => SwapMode::from_output(c.deployment.swap.as_deref())
+            .map_err(|e| exit(ExitCode::Refused, e))?,
+    };
     let rollout = match strategy {
         Strategy::Refresh => None,
         Strategy::InPlace if opts.no_wait => {
@@ -548,6 +566,8 @@ async fn release(
         }
         Strategy::InPlace => Some(RolloutPlan {
             batch: opts.batch,
+            swap,
+            accept_downtime: opts.accept_downtime,
             bake: opts.bake_time.unwrap_or_default(),
             batch_timeout: opts.batch_timeout,
             pull_timeout: opts.pull_timeout,

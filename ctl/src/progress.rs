@@ -143,11 +143,12 @@ pub fn rollout_line(step: &RolloutStep) -> String {
         RolloutStep::Plan {
             release,
             instances,
+            swap,
             on_target,
             batches,
             bake_secs,
         } => format!(
-            "in-place: {release} on {instances} instance(s): {} batch(es) [{}], bake {bake_secs}s; already on it: {}",
+            "in-place: {release} on {instances} instance(s), {swap} swaps: {} batch(es) [{}], bake {bake_secs}s; already on it: {}",
             batches.len(),
             batches
                 .iter()
@@ -188,6 +189,9 @@ pub fn rollout_line(step: &RolloutStep) -> String {
             batches,
             secs,
         } => format!("in-place: batch {batch}/{batches}: baked {secs}s"),
+        RolloutStep::Settled { secs } => format!(
+            "in-place: no agent flipped back within its handover hold: watched {secs}s after the last batch"
+        ),
         RolloutStep::Held { processes, already } => format!(
             "in-place: the group's {} held while instances swap{}",
             if processes.is_empty() {

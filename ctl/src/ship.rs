@@ -400,8 +400,9 @@ where
         new: new.to_value(),
     });
     if let Some(plan) = &req.rollout {
-        let hosts = hosts.hosts().await?;
-        emit(Event::Rollout(rollout::plan_step(&hosts, &new, plan)));
+        let h = hosts.hosts().await?;
+        emit(Event::Rollout(rollout::plan_step(&h, &new, plan)));
+        rollout::check_downtime(hosts, &h, &new, plan).await?;
     }
     Ok(Outcome::DryRun)
 }
@@ -556,13 +557,14 @@ where
     });
     // In place: the group can be read and tagged before anything is written.
     let before = match &req.rollout {
-        Some(_) => {
+        Some(plan) => {
             let h = hosts.hosts().await?;
             if h.is_empty() {
                 return Err(crate::inplace::InPlaceError::NoInstances.into());
             }
             let known = previous.as_ref().and_then(|p| p.release.as_ref());
             crate::inplace::check_retagged(&new, known, &h)?;
+            rollout::check_downtime(hosts, &h, &new, plan).await?;
             Some(h)
         }
         None => None,

@@ -610,6 +610,7 @@ mod tests {
                 target_group: Some("arn:tg".into()),
                 alarms: vec!["a-5xx".into()],
                 strategy: None,
+                swap: None,
             },
             release: Some("v1".into()),
             desired_tag: Some("v1".into()),

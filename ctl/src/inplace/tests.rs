@@ -170,7 +170,7 @@ fn plan_table() {
         ("empty group", vec![], None, vec![], vec![]),
     ];
     for (name, hosts, batch, on, batches) in table {
-        let p = plan(&hosts, &t, batch);
+        let p = plan(&hosts, &t, batch, false);
         assert_eq!(p.on_target, ids(&on), "{name}");
         let want: Vec<Vec<String>> = batches.iter().map(|b| ids(b)).collect();
         assert_eq!(p.batches, want, "{name}");
@@ -358,7 +358,7 @@ fn batch_verdict_table() {
     ];
     for (name, hosts, health, want) in table {
         assert_eq!(
-            batch_verdict(&hosts, &health, &ids(&["a"]), &t),
+            batch_verdict(&hosts, &health, &ids(&["a"]), &t, &DRAIN),
             want,
             "{name}"
         );
@@ -366,8 +366,345 @@ fn batch_verdict_table() {
     // One of two left: the other decides.
     let hosts = vec![host("b", &[("skiff:release", "v2")])];
     assert_eq!(
-        batch_verdict(&hosts, &healthy(&[("b", "healthy")]), &ids(&["a", "b"]), &t),
+        batch_verdict(
+            &hosts,
+            &healthy(&[("b", "healthy")]),
+            &ids(&["a", "b"]),
+            &t,
+            &DRAIN
+        ),
         Verdict::Done
+    );
+}
+
+const DRAIN: BatchWatch<'static> = BatchWatch {
+    swap: SwapMode::Drain,
+    earlier: &[],
+    before: &None,
+};
+
+#[test]
+fn handover_batch_verdict_table() {
+    let t = rel("v2");
+    let was = healthy(&[("a", "healthy"), ("e", "healthy")]);
+    let a_was_not = healthy(&[("a", "unhealthy"), ("e", "healthy")]);
+    let earlier = ids(&["e"]);
+    let unknown: Health = Some(Default::default());
+    let none: Health = None;
+    let on = |id: &str| host(id, &[("skiff:release", "v2")]);
+    // name, swap, LB before the switch, hosts now, LB now, verdict
+    type Row<'a> = (&'a str, SwapMode, &'a Health, Vec<Host>, Health, Verdict);
+    let table: Vec<Row<'_>> = vec![
+        (
+            "handover: reports T, still healthy: done at once",
+            SwapMode::Handover,
+            &was,
+            vec![on("a"), on("e")],
+            was.clone(),
+            Verdict::Done,
+        ),
+        (
+            "handover: still on V, still healthy: waits for the agent only",
+            SwapMode::Handover,
+            &was,
+            vec![host("a", &[("skiff:release", "v1")]), on("e")],
+            was.clone(),
+            Verdict::Pending(vec![("a".into(), "runs v1".into())]),
+        ),
+        (
+            "handover: healthy before, unhealthy after the report: failed, not waited for",
+            SwapMode::Handover,
+            &was,
+            vec![on("a"), on("e")],
+            healthy(&[("a", "unhealthy"), ("e", "healthy")]),
+            Verdict::Failed(
+                "a".into(),
+                "the load balancer calls it unhealthy during a handover (it called it healthy before the switch), which a handover never does; if its agent swaps by drain (an instance launched before the stack's SwapMode changed), replace the instances first (--strategy refresh)".into(),
+            ),
+        ),
+        (
+            "handover: a drain-swapping agent takes it out before it reports: failed at once",
+            SwapMode::Handover,
+            &was,
+            vec![host("a", &[("skiff:release", "v1")]), on("e")],
+            healthy(&[("a", "draining"), ("e", "healthy")]),
+            Verdict::Failed("a".into(), String::new()),
+        ),
+        (
+            "handover: unhealthy before the switch: waited for as with drain",
+            SwapMode::Handover,
+            &a_was_not,
+            vec![on("a"), on("e")],
+            a_was_not.clone(),
+            Verdict::Pending(vec![("a".into(), "target unhealthy".into())]),
+        ),
+        (
+            "handover: the view before unknown (empty): waited for",
+            SwapMode::Handover,
+            &unknown,
+            vec![on("a"), on("e")],
+            healthy(&[("a", "initial"), ("e", "healthy")]),
+            Verdict::Pending(vec![("a".into(), "target initial".into())]),
+        ),
+        (
+            "handover: no target group: the agent's word",
+            SwapMode::Handover,
+            &none,
+            vec![on("a"), on("e")],
+            None,
+            Verdict::Done,
+        ),
+        (
+            "handover: the gate failed (the agent never flipped): its failure, not the LB's",
+            SwapMode::Handover,
+            &was,
+            vec![host("a", &[("skiff:release", "v1"), ("skiff:failed", "v2")]), on("e")],
+            was.clone(),
+            Verdict::Failed(
+                "a".into(),
+                "v2 failed its health gate there and the agent rolled it back".into(),
+            ),
+        ),
+        (
+            "handover: an earlier batch flipped back within its hold and answered failed",
+            SwapMode::Handover,
+            &was,
+            vec![on("a"), host("e", &[("skiff:release", "v1"), ("skiff:failed", "v2")])],
+            was.clone(),
+            Verdict::Failed(
+                "e".into(),
+                "its agent reports v2 failed after its batch was done (it went back to the release before)".into(),
+            ),
+        ),
+        (
+            "drain: an earlier batch answering failed fails it too",
+            SwapMode::Drain,
+            &none,
+            vec![on("a"), host("e", &[("skiff:failed", "v2")])],
+            was.clone(),
+            Verdict::Failed("e".into(), String::new()),
+        ),
+        (
+            "drain: taken out after the report: waited for (detection window)",
+            SwapMode::Drain,
+            &none,
+            vec![on("a"), on("e")],
+            healthy(&[("a", "unhealthy"), ("e", "healthy")]),
+            Verdict::Pending(vec![("a".into(), "target unhealthy".into())]),
+        ),
+    ];
+    for (name, swap, before, hosts, health, want) in table {
+        let watch = BatchWatch {
+            swap,
+            earlier: &earlier,
+            before,
+        };
+        let got = batch_verdict(&hosts, &health, &ids(&["a"]), &t, &watch);
+        match (&got, &want) {
+            // An empty reason: only who failed is checked.
+            (Verdict::Failed(id, _), Verdict::Failed(w, why)) if why.is_empty() => {
+                assert_eq!(id, w, "{name}")
+            }
+            _ => assert_eq!(got, want, "{name}"),
+        }
+    }
+}
+
+#[test]
+fn swap_mode_from_the_stack_output() {
+    let table: Vec<(Option<&str>, Result<SwapMode, &str>)> = vec![
+        (None, Ok(SwapMode::Drain)),
+        (Some("drain"), Ok(SwapMode::Drain)),
+        (Some("handover"), Ok(SwapMode::Handover)),
+        (Some(" handover "), Ok(SwapMode::Handover)),
+        (Some("Handover"), Err("upgrade ctl")),
+        (Some("blue-green"), Err("unknown swap mode \"blue-green\"")),
+    ];
+    for (output, want) in table {
+        match (SwapMode::from_output(output), want) {
+            (Ok(got), Ok(w)) => assert_eq!(got, w, "{output:?}"),
+            (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{e}"),
+            (got, want) => panic!("{output:?}: got {got:?}, want {want:?}"),
+        }
+    }
+    assert_eq!(SwapMode::Handover.to_string(), "handover");
+}
+
+#[test]
+fn batches_table() {
+    let six = ids(&["a", "b", "c", "d", "e", "f"]);
+    // name, todo, --batch, group, canary (handover), batches
+    type Row<'a> = (
+        &'a str,
+        usize,
+        Option<BatchSize>,
+        usize,
+        bool,
+        Vec<Vec<&'a str>>,
+    );
+    let table: Vec<Row<'_>> = vec![
+        (
+            "drain, 6: 25 % rounded up, as before",
+            6,
+            None,
+            6,
+            false,
+            vec![vec!["a", "b"], vec!["c", "d"], vec!["e", "f"]],
+        ),
+        (
+            "handover, 6: a canary, then the rule",
+            6,
+            None,
+            6,
+            true,
+            vec![vec!["a"], vec!["b", "c"], vec!["d", "e"], vec!["f"]],
+        ),
+        (
+            "handover, 3: one at a time anyway",
+            3,
+            None,
+            3,
+            true,
+            vec![vec!["a"], vec!["b"], vec!["c"]],
+        ),
+        (
+            "handover, --batch 100%: the canary, then all the rest",
+            6,
+            Some(BatchSize::Percent(100)),
+            6,
+            true,
+            vec![vec!["a"], vec!["b", "c", "d", "e", "f"]],
+        ),
+        (
+            "handover, --batch 2 of 3",
+            3,
+            Some(BatchSize::Count(2)),
+            3,
+            true,
+            vec![vec!["a"], vec!["b", "c"]],
+        ),
+        (
+            "drain, --batch 2 of 3",
+            3,
+            Some(BatchSize::Count(2)),
+            3,
+            false,
+            vec![vec!["a", "b"], vec!["c"]],
+        ),
+        ("handover, 1 instance", 1, None, 1, true, vec![vec!["a"]]),
+        ("handover, nothing to do", 0, None, 4, true, vec![]),
+        (
+            "handover, 2 left of a group of 8 (re-run): canary then 2",
+            3,
+            None,
+            8,
+            true,
+            vec![vec!["a"], vec!["b", "c"]],
+        ),
+    ];
+    for (name, n, size, group, canary, want) in table {
+        let want: Vec<Vec<String>> = want.iter().map(|b| ids(b)).collect();
+        assert_eq!(batches(&six[..n], size, group, canary), want, "{name}");
+    }
+    // The plan takes the canary from the instances to switch, not from those already on T.
+    let t = rel("v2");
+    let hosts = vec![
+        host("a", &[("skiff:release", "v2")]),
+        host("b", &[("skiff:release", "v1")]),
+        host("c", &[("skiff:release", "v1")]),
+        host("d", &[("skiff:release", "v1")]),
+    ];
+    let p = plan(&hosts, &t, Some(BatchSize::Count(3)), true);
+    assert_eq!(p.on_target, ids(&["a"]));
+    assert_eq!(p.batches, vec![ids(&["b"]), ids(&["c", "d"])]);
+}
+
+#[test]
+fn drain_refuses_a_batch_of_every_healthy_target() {
+    let group = |n: &[&str]| -> Vec<Host> { n.iter().map(|id| host(id, &[])).collect() };
+    let b = |v: &[&[&str]]| -> Vec<Vec<String>> { v.iter().map(|x| ids(x)).collect() };
+    // name, batches, group, LB view, refused (batch number)
+    type Row<'a> = (&'a str, Vec<Vec<String>>, Vec<Host>, Health, Option<usize>);
+    let table: Vec<Row<'_>> = vec![
+        (
+            "a 1-instance group",
+            b(&[&["a"]]),
+            group(&["a"]),
+            healthy(&[("a", "healthy")]),
+            Some(1),
+        ),
+        (
+            "--batch 100% of 3",
+            b(&[&["a", "b", "c"]]),
+            group(&["a", "b", "c"]),
+            healthy(&[("a", "healthy"), ("b", "healthy"), ("c", "healthy")]),
+            Some(1),
+        ),
+        (
+            "one at a time of 3",
+            b(&[&["a"], &["b"], &["c"]]),
+            group(&["a", "b", "c"]),
+            healthy(&[("a", "healthy"), ("b", "healthy"), ("c", "healthy")]),
+            None,
+        ),
+        (
+            "the only healthy one of 2 (the other unhealthy) in a batch of its own",
+            b(&[&["a"], &["b"]]),
+            group(&["a", "b"]),
+            healthy(&[("a", "unhealthy"), ("b", "healthy")]),
+            Some(2),
+        ),
+        (
+            "an instance already on the release keeps serving",
+            b(&[&["b"]]),
+            group(&["a", "b"]),
+            healthy(&[("a", "healthy"), ("b", "healthy")]),
+            None,
+        ),
+        (
+            "a healthy target outside the group keeps serving",
+            b(&[&["a"]]),
+            group(&["a"]),
+            healthy(&[("a", "healthy"), ("other", "healthy")]),
+            None,
+        ),
+        (
+            "nothing healthy: nothing to take out",
+            b(&[&["a"]]),
+            group(&["a"]),
+            healthy(&[("a", "unhealthy")]),
+            None,
+        ),
+        (
+            "no target group: the whole group in one batch",
+            b(&[&["a", "b"]]),
+            group(&["a", "b"]),
+            None,
+            Some(1),
+        ),
+        (
+            "no target group: one of two",
+            b(&[&["a"], &["b"]]),
+            group(&["a", "b"]),
+            None,
+            None,
+        ),
+    ];
+    for (name, batches, hosts, health, refused) in table {
+        match (check_drain_all(&batches, &hosts, &health), refused) {
+            (Ok(()), None) => {}
+            (Err(InPlaceError::DrainAll { batch, .. }), Some(n)) => assert_eq!(batch, n, "{name}"),
+            (got, want) => panic!("{name}: got {got:?}, want refusal of batch {want:?}"),
+        }
+    }
+    let e = check_drain_all(&b(&[&["a"]]), &group(&["a"]), &healthy(&[("a", "healthy")]))
+        .expect_err("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("batch 1 (a)")
+            && msg.contains("--accept-downtime")
+            && msg.contains("fails open"),
+        "{msg}"
     );
 }
 
@@ -599,7 +936,7 @@ async fn waits_are_bounded_and_stoppable() {
     let on = vec![host("a", &[("skiff:release", "v2")])];
     let off = vec![host("a", &[("skiff:release", "v1")])];
     let a = ids(&["a"]);
-    let judge = |h: &[Host], hh: &Health| batch_verdict(h, hh, &a, &t);
+    let judge = |h: &[Host], hh: &Health| batch_verdict(h, hh, &a, &t, &DRAIN);
     let (_h, mut stop) = Stop::new();
     let poll = Duration::from_secs(1);
     let timeout = Duration::from_secs(10);

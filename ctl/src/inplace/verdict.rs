@@ -36,18 +36,50 @@ pub struct Plan {
     pub batches: Vec<Vec<String>>,
 }
 
-pub fn plan(hosts: &[Host], new: &Release, batch: Option<BatchSize>) -> Plan {
+/// `canary`: the first batch holds one instance ([`batches`]; handover swaps, not for the late
+/// joiners, whose rollout already had its canary).
+pub fn plan(hosts: &[Host], new: &Release, batch: Option<BatchSize>, canary: bool) -> Plan {
     let (done, todo): (Vec<&Host>, Vec<&Host>) = hosts
         .iter()
         .partition(|h| runs(h, new) && (h.target.is_none() || names(h.target.as_deref(), new)));
-    let len = batch_len(batch, hosts.len());
+    let todo: Vec<String> = todo.iter().map(|h| h.id.clone()).collect();
     Plan {
         on_target: done.iter().map(|h| h.id.clone()).collect(),
-        batches: todo
-            .chunks(len)
-            .map(|c| c.iter().map(|h| h.id.clone()).collect())
-            .collect(),
+        batches: batches(&todo, batch, hosts.len(), canary),
     }
+}
+
+/// Drain swaps: refuse batches of which one holds every target the load balancer calls
+/// healthy (without a target group: every instance of the group). While they drain nothing
+/// healthy is left, and an ALB then fails open, routing to every target, draining ones
+/// included. Nothing healthy at all: nothing to take out, not refused. Pure.
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/application/target-group-health-checks.html
+pub fn check_drain_all(
+    batches: &[Vec<String>],
+    hosts: &[Host],
+    health: &Health,
+) -> Result<(), InPlaceError> {
+    let healthy: Vec<&str> = match health {
+        Some(map) => map
+            .iter()
+            .filter(|(_, state)| state.as_str() == "healthy")
+            .map(|(id, _)| id.as_str())
+            .collect(),
+        None => hosts.iter().map(|h| h.id.as_str()).collect(),
+    };
+    if healthy.is_empty() {
+        return Ok(());
+    }
+    for (n, batch) in batches.iter().enumerate() {
+        if healthy.iter().all(|id| batch.iter().any(|b| b == id)) {
+            return Err(InPlaceError::DrainAll {
+                batch: n + 1,
+                ids: batch.join(" "),
+                healthy: healthy.join(" "),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where a wait stands. Pure result of the verdict functions.
@@ -137,9 +169,42 @@ pub fn withdrawn_verdict(hosts: &[Host], ids: &[String], new: &Release) -> Verdi
     }
 }
 
+/// What a batch's wait watches beside the batch itself.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchWatch<'a> {
+    pub swap: SwapMode,
+    /// The instances switched by the batches before: an agent that answers `new` failed after
+    /// its batch was done (a handover flipped back within the agent's hold) fails this one.
+    pub earlier: &'a [String],
+    /// The load balancer's view just before the batch was switched (handover: a target healthy
+    /// then must stay healthy).
+    pub before: &'a Health,
+}
+
 /// A batch switched to `new`: done when each reports it running AND the load balancer calls it
-/// healthy; failed when one's agent reports `new` failed (it rolled itself back). Pure.
-pub fn batch_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Release) -> Verdict {
+/// healthy; failed when one's agent reports `new` failed (it rolled itself back), also one of
+/// the batches before. Drain: a target the load balancer took out is waited for until it
+/// calls it healthy again (its detection window). Handover: nothing is waited for that the
+/// load balancer would have to notice; a target healthy before the switch that the load
+/// balancer calls anything else meanwhile fails the batch at once. Pure.
+pub fn batch_verdict(
+    hosts: &[Host],
+    health: &Health,
+    ids: &[String],
+    new: &Release,
+    watch: &BatchWatch<'_>,
+) -> Verdict {
+    let flipped_back = hosts
+        .iter()
+        .find(|h| watch.earlier.contains(&h.id) && names(h.failed.as_deref(), new));
+    if let Some(h) = flipped_back {
+        return Verdict::Failed(
+            h.id.clone(),
+            format!(
+                "its agent reports {new} failed after its batch was done (it went back to the release before)"
+            ),
+        );
+    }
     // An instance that left the group is not waited for, but proves nothing: a batch whose
     // every instance left shows `new` healthy nowhere (e.g. the group replaced them).
     if let Some(first) = ids.first()
@@ -152,7 +217,24 @@ pub fn batch_verdict(hosts: &[Host], health: &Health, ids: &[String], new: &Rele
             ),
         );
     }
-    runs_healthy_verdict(hosts, health, ids, new)
+    let verdict = runs_healthy_verdict(hosts, health, ids, new);
+    if watch.swap == SwapMode::Drain || matches!(verdict, Verdict::Failed(..)) {
+        return verdict;
+    }
+    for id in ids {
+        if hosts.iter().any(|h| &h.id == id)
+            && lb_state(watch.before, id).is_ok()
+            && let Err(state) = lb_state(health, id)
+        {
+            return Verdict::Failed(
+                id.clone(),
+                format!(
+                    "the load balancer calls it {state} during a handover (it called it healthy before the switch), which a handover never does; if its agent swaps by drain (an instance launched before the stack's SwapMode changed), replace the instances first (--strategy refresh)"
+                ),
+            );
+        }
+    }
+    verdict
 }
 
 /// Each of `ids` still in the group runs `release` and is healthy to the load balancer; one

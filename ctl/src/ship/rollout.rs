@@ -8,8 +8,8 @@ use tokio::time::Instant;
 
 use super::{Event, Outcome, Run};
 use crate::inplace::{
-    self, Host, InPlaceFleet, RolloutPlan, RolloutStep, Verdict, Waited, describe_pending, secs,
-    wait_for,
+    self, BatchWatch, Host, InPlaceError, InPlaceFleet, RolloutPlan, RolloutStep, SwapMode,
+    Verdict, Waited, describe_pending, secs, wait_for,
 };
 use crate::refresh::InstanceRefresher;
 use crate::signal::Stop;
@@ -17,14 +17,35 @@ use crate::store::ReleaseStore;
 
 /// The plan as an event (also what `--dry-run` shows).
 pub(super) fn plan_step(hosts: &[Host], new: &Release, plan: &RolloutPlan) -> RolloutStep {
-    let p = inplace::plan(hosts, new, plan.batch);
+    let p = first_plan(hosts, new, plan);
     RolloutStep::Plan {
         release: new.to_string(),
         instances: hosts.len(),
+        swap: plan.swap,
         on_target: p.on_target,
         batches: p.batches,
         bake_secs: secs(plan.bake),
     }
+}
+
+/// The batches of the rollout's first round (with handover a canary first).
+fn first_plan(hosts: &[Host], new: &Release, plan: &RolloutPlan) -> inplace::Plan {
+    inplace::plan(hosts, new, plan.batch, plan.swap == SwapMode::Handover)
+}
+
+/// Before anything is written: with drain swaps, refuse batches of which one would take every
+/// healthy target out at once, unless the downtime is accepted (`--accept-downtime`).
+pub(super) async fn check_downtime<H: InPlaceFleet>(
+    fleet: &H,
+    hosts: &[Host],
+    new: &Release,
+    plan: &RolloutPlan,
+) -> Result<(), InPlaceError> {
+    if plan.swap != SwapMode::Drain || plan.accept_downtime {
+        return Ok(());
+    }
+    let health = fleet.health().await?;
+    inplace::check_drain_all(&first_plan(hosts, new, plan).batches, hosts, &health)
 }
 
 /// `judge`, reporting what it still waits for each time that changes.
@@ -91,7 +112,7 @@ where
 {
     let started = Instant::now();
     let new = run.new;
-    let first = inplace::plan(&before, new, plan.batch);
+    let first = first_plan(&before, new, plan);
     emit(Event::Rollout(plan_step(&before, new, plan)));
     let todo: Vec<String> = first.batches.concat();
 
@@ -193,12 +214,27 @@ where
                 instances: batch.clone(),
             }));
             let t = Instant::now();
+            // Handover: the load balancer's view before the switch (a target healthy then must
+            // stay so); unreadable: none counts as healthy before, each is waited for.
+            let before = match plan.swap {
+                SwapMode::Handover => fleet.health().await.unwrap_or_else(|e| {
+                    tracing::warn!("{e}; waiting for each target of batch {n} to be healthy");
+                    Some(Default::default())
+                }),
+                SwapMode::Drain => None,
+            };
+            let earlier = switched.clone();
             switched.extend(batch.iter().cloned());
             if let Err(e) = fleet.tag(&batch, instance_tags::TARGET, &value).await {
                 return revert(run, fleet, plan, &switched, format!("batch {n}: {e}"), emit).await;
             }
+            let watch = BatchWatch {
+                swap: plan.swap,
+                earlier: &earlier,
+                before: &before,
+            };
             let judge = noting(format!("batch {n}/{total}"), emit, |hosts, h| {
-                inplace::batch_verdict(hosts, h, &batch, new)
+                inplace::batch_verdict(hosts, h, &batch, new, &watch)
             });
             let waited = wait_for(fleet, plan.batch_timeout, poll, false, stop, judge).await;
             match failure(
@@ -247,13 +283,16 @@ where
                 };
             }
         };
-        let late: Vec<Vec<String>> = inplace::plan(&now, new, plan.batch)
+        let late: Vec<Vec<String>> = inplace::plan(&now, new, plan.batch, false)
             .batches
             .into_iter()
             .map(|b| b.into_iter().filter(|id| !switched.contains(id)).collect())
             .filter(|b: &Vec<String>| !b.is_empty())
             .collect();
         if late.is_empty() {
+            if let Some(f) = settle(run, fleet, plan, &switched, stop, emit).await {
+                return fail(run, fleet, plan, &switched, f, emit).await;
+            }
             let instances: Vec<String> = now.iter().map(|h| h.id.clone()).collect();
             return confirm(run, instances, switched.len(), n, took(started)).await;
         }
@@ -277,6 +316,49 @@ where
         total += late.len();
         batches = late;
     }
+}
+
+/// Handover: the agents of the last batch may still flip back within their hold
+/// ([`inplace::HANDOVER_HOLD`]) and answer `skiff:failed`; unless the bake already covered it,
+/// watch every switched instance that long before the release counts as done.
+async fn settle<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    plan: &RolloutPlan,
+    switched: &[String],
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Option<Failure>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    if plan.swap != SwapMode::Handover || plan.bake >= inplace::HANDOVER_HOLD || switched.is_empty()
+    {
+        return None;
+    }
+    let new = run.new;
+    let t = Instant::now();
+    let poll = run.req.poll.min(inplace::MAX_POLL);
+    let waited = wait_for(
+        fleet,
+        inplace::HANDOVER_HOLD,
+        poll,
+        true,
+        stop,
+        |hosts, h| inplace::bake_verdict(hosts, h, switched, new),
+    )
+    .await;
+    let f = failure(
+        &format!("the agents' hold after the last batch ({new})"),
+        waited,
+        inplace::HANDOVER_HOLD,
+    );
+    if f.is_none() {
+        emit(Event::Rollout(RolloutStep::Settled { secs: took(t) }));
+    }
+    f
 }
 
 /// A pull phase: `skiff:pull=release` on `ids`, then wait (at most `--pull-timeout`) until
