@@ -22,7 +22,10 @@ need_root() {
 }
 
 # --- Debian packages -------------------------------------------------------------------------
-pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps)
+# The agent links libnftnl/libmnl (the handover's kernel redirect, through the nftnl crate);
+# nftables' own `nft` reads the redirect back in the tests, as a reader that is not ours.
+pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps
+  pkg-config libnftnl-dev libmnl-dev nftables)
 [ "$mode" = dev ] || pkgs+=(openssl haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
 # The agent metrics test starts a Prometheus of its own (never the package's service).
 [ "$mode" = dev ] || pkgs+=(prometheus)

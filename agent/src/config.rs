@@ -19,6 +19,9 @@ pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(86_400);
 pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
 pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(600);
+/// Handover: how long the old container keeps running after the flip, by default and at most.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(5);
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
 
 /// Round up to whole seconds (at least 1 s).
 fn whole_seconds_up(d: Duration) -> Duration {
@@ -62,6 +65,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppConfig {
+    /// How a running release is replaced by another: `swap` in `[app]`.
+    pub swap: Swap,
     /// Name of the managed app: prefix of container names and value of the `skiff.app` label.
     pub name: String,
     /// Image repository; the release picks the tag or digest.
@@ -79,6 +84,35 @@ pub struct AppConfig {
     pub detail_path: Option<String>,
     /// Rotation of the app container's logs.
     pub logs: LogRotation,
+}
+
+/// How the agent replaces a running container by a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    /// `/healthz` reports draining, the load balancer takes the host out, the old container
+    /// stops, the new one starts on the app's port and the load balancer trusts it again.
+    Drain,
+    /// The new container starts on the idle slot beside the old one, and a kernel redirect of
+    /// the app's port flips to it once it is healthy: the load balancer never sees a change.
+    Handover(Handover),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// The two ports containers listen on in turn (`PORT` in their environment).
+    pub slots: [u16; 2],
+    /// After the flip, the old container keeps running this long; a new one failing within
+    /// it is flipped back.
+    pub hold: Duration,
+}
+
+impl Swap {
+    pub fn handover(&self) -> Option<&Handover> {
+        match self {
+            Swap::Handover(h) => Some(h),
+            Swap::Drain => None,
+        }
+    }
 }
 
 /// Docker logging drivers that rotate files on the host (and keep `docker logs` working).
@@ -265,6 +299,15 @@ impl Config {
             problems.push(format!(
                 "health.listen port {} is the app's port: with host networking they must differ",
                 self.app.port
+            ));
+        }
+        if let Some(h) = self.app.swap.handover()
+            && h.slots.contains(&self.health.listen.port())
+        {
+            problems.push(format!(
+                "app.slots {:?} collide with the health port {}: pick two other ports",
+                h.slots,
+                self.health.listen.port()
             ));
         }
         let file_source = self.is_local();

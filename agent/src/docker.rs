@@ -24,7 +24,7 @@ use skiff_release::{ImageRef, ImageRefError, Release, label};
 use crate::hygiene::{LocalImageInfo, images_to_prune};
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
-    is_auth_message, release_from_labels, verify_digest,
+    is_auth_message, release_from_labels, slot_from_labels, verify_digest,
 };
 
 /// Bound on any single Engine API call except pulls.
@@ -187,7 +187,9 @@ impl ContainerRuntime for DockerRuntime {
                 let labels = s.labels.unwrap_or_default();
                 // A container whose labels were tampered with is not ours to manage.
                 let release = release_from_labels(&labels)?;
+                let slot = slot_from_labels(&labels);
                 Some(ContainerState {
+                    slot,
                     id: s.id?,
                     name: s
                         .names

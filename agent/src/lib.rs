@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;
+pub mod redirect;
 pub mod runtime;
 pub mod shiplog;
 pub mod source;

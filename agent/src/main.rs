@@ -12,7 +12,8 @@
 //! Logs: JSON lines when stderr is not a terminal, text when it is; `RUST_LOG` filters.
 //!
 //! Exit codes: 0 stopped by SIGTERM/SIGINT (the app keeps running); 64 invalid configuration
-//! (every problem is printed); 69 a required service could not be set up (health port taken,
+//! (every problem is printed, and for swap = "handover" what the host cannot do: no nftables
+//! NAT, no CAP_NET_ADMIN, a slot port taken); 69 a required service could not be set up (health port taken,
 //! Docker socket unusable); 1 any other error.
 
 use std::io::IsTerminal;
@@ -28,6 +29,7 @@ use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
 use skiff_agent::fleet::NoFleet;
 use skiff_agent::metrics::Metrics;
+use skiff_agent::redirect::{NftRedirect, PortRedirect};
 use skiff_agent::source::FileSource;
 use skiff_agent::ssm::SsmSource;
 use skiff_agent::supervise::Supervisor;
@@ -61,6 +63,12 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Remove the agent's kernel redirect of the app's port (swap = "handover"); the app's
+    /// containers are left alone. For `make dev-down`, or a host moved back to swap = "drain".
+    RemoveRedirect {
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
+        Command::RemoveRedirect { config } => remove_redirect(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,9 +102,91 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
-    Config::load(path)?;
+    let cfg = Config::load(path)?;
+    // What the config asks of this host: a handover needs the kernel's nftables NAT, the
+    // capability to change it, and slot ports nobody else holds.
+    let mut problems = Vec::new();
+    if let Err(e) = handover_redirect(&cfg) {
+        problems.push(e.0);
+    }
+    if let Some(h) = cfg.app.swap.handover() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let held = rt.block_on(slots_of_managed_containers(&cfg));
+        for slot in rt.block_on(slots_taken(h.slots, &held)) {
+            problems.push(format!(
+                "app.slots: port {slot} is taken by another process on this host: free it or pick other slots"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        }
+        .into());
+    }
     println!("{}: ok", path.display());
     Ok(())
+}
+
+fn remove_redirect(path: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let redirect = NftRedirect::new(&cfg.app.name, cfg.app.port);
+    redirect.remove().map_err(|e| Unavailable(e.to_string()))?;
+    println!(
+        "removed the redirect of port {} (nftables table ip {})",
+        cfg.app.port,
+        redirect.table_name()
+    );
+    Ok(())
+}
+
+/// The kernel redirect of a handover host, checked: the agent can read (and so, with the same
+/// capability, write) its table. `None` in drain mode.
+fn handover_redirect(cfg: &Config) -> Result<Option<Arc<dyn PortRedirect>>, Unavailable> {
+    if cfg.app.swap.handover().is_none() {
+        return Ok(None);
+    }
+    let redirect = NftRedirect::new(&cfg.app.name, cfg.app.port);
+    redirect
+        .pointing()
+        .map_err(|e| Unavailable(format!("app.swap = \"handover\": {e}")))?;
+    Ok(Some(Arc::new(redirect)))
+}
+
+/// Slots the app's own containers listen on (running ones), as the engine reports them; empty
+/// when the engine does not answer.
+async fn slots_of_managed_containers(cfg: &Config) -> Vec<u16> {
+    use skiff_agent::runtime::ContainerRuntime;
+    let Ok(runtime) = DockerRuntime::connect() else {
+        return Vec::new();
+    };
+    runtime
+        .list(&cfg.app.name)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.running)
+        .filter_map(|c| c.slot)
+        .collect()
+}
+
+/// Slots not `held` by the app's containers on which something accepts connections.
+async fn slots_taken(slots: [u16; 2], held: &[u16]) -> Vec<u16> {
+    let mut taken = Vec::new();
+    for slot in slots.into_iter().filter(|s| !held.contains(s)) {
+        let probe = tokio::net::TcpStream::connect(("127.0.0.1", slot));
+        if matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), probe).await,
+            Ok(Ok(_))
+        ) {
+            taken.push(slot);
+        }
+    }
+    taken
 }
 
 /// Logs go to stderr (journald under systemd) and, with a queue, also to CloudWatch Logs
@@ -149,6 +240,7 @@ async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow:
                 cfg.health.listen
             ))
         })?;
+    let redirect = handover_redirect(&cfg)?;
     let connected = DockerRuntime::connect().map_err(|e| Unavailable(e.to_string()))?;
     let runtime = match connected.clone().negotiate().await {
         Ok(r) => r,
@@ -189,7 +281,7 @@ async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow:
         }
         _ => None,
     };
-    let result = serve_app(cfg, runtime, listener, ecr, sdk, cancel).await;
+    let result = serve_app(cfg, runtime, listener, redirect, ecr, sdk, cancel).await;
     ship_cancel.cancel();
     if let Some(s) = shipper {
         let _ = s.await;
@@ -201,6 +293,7 @@ async fn serve_app(
     cfg: Arc<Config>,
     runtime: DockerRuntime,
     listener: tokio::net::TcpListener,
+    redirect: Option<Arc<dyn PortRedirect>>,
     ecr: Option<skiff_release::EcrRegistry>,
     sdk: Option<aws_config::SdkConfig>,
     cancel: CancellationToken,
@@ -221,6 +314,7 @@ async fn serve_app(
                 source,
                 NoFleet,
                 pull_tokens,
+                redirect,
                 metrics,
                 listener,
                 cancel,
@@ -247,6 +341,7 @@ async fn serve_app(
                 source,
                 fleet,
                 pull_tokens,
+                redirect,
                 metrics,
                 listener,
                 cancel,
@@ -266,6 +361,7 @@ async fn supervise<S, F>(
     source: S,
     fleet: F,
     pull_tokens: Option<PullTokens>,
+    redirect: Option<Arc<dyn PortRedirect>>,
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
@@ -284,8 +380,21 @@ where
     if let Some(tokens) = pull_tokens {
         supervisor = supervisor.with_pull_tokens(tokens);
     }
+    if let Some(r) = redirect {
+        supervisor = supervisor.with_redirect(r);
+    }
     // Adopt before answering health checks, so a running app is healthy from the first answer.
     supervisor.adopt().await;
+    if let Some(h) = cfg.app.swap.handover() {
+        let held = slots_of_managed_containers(&cfg).await;
+        let taken = slots_taken(h.slots, &held).await;
+        if !taken.is_empty() {
+            return Err(Unavailable(format!(
+                "app.slots: port(s) {taken:?} taken by another process on this host, so no new release could start there: free them or pick other slots (app.slots)"
+            ))
+            .into());
+        }
+    }
     let state = supervisor.state();
     tracing::info!(listen = %cfg.health.listen, app = %cfg.app.name, image = %cfg.app.image, "agent started");
     let server = tokio::spawn(health::serve(

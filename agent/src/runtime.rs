@@ -21,6 +21,9 @@ pub struct ContainerState {
     pub started: bool,
     /// Creation time, seconds since the epoch: newer containers are newer releases.
     pub created: i64,
+    /// Handover: the slot port it listens on (label `skiff.slot`); `None` when it listens on
+    /// the app's port itself (drain mode).
+    pub slot: Option<u16>,
 }
 
 /// The image a release resolved to on this host.
@@ -175,6 +178,11 @@ pub fn labels_for(app: &str, release: &Release) -> HashMap<String, String> {
         labels.insert(label::DIGEST.to_owned(), d.to_string());
     }
     labels
+}
+
+/// The slot a container listens on, from its labels.
+pub fn slot_from_labels(labels: &HashMap<String, String>) -> Option<u16> {
+    labels.get(label::SLOT)?.parse().ok().filter(|p| *p != 0)
 }
 
 /// Read the release back from a container's labels; `None` when they are missing or invalid.

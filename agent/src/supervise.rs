@@ -5,12 +5,14 @@
 //!
 //! The rooms: this file is the loop (poll, observe, termination, decide, execute, restart);
 //! `adopt` takes over what runs at start and finishes an interrupted swap; `swap` is a deploy or
-//! replace with its gate, promotion and rollback; `steps` are the engine-facing steps they use
+//! replace with its gate, promotion and rollback; `handover` is the replace of a handover host
+//! (new container on the idle slot, gate, flip of the kernel redirect, hold, old one stops); `steps` are the engine-facing steps they use
 //! (prepare, start and gate, remove, prune, journal). The published state is in `state`.
 
 mod adopt;
 #[cfg(test)]
 mod fakes;
+mod handover;
 #[cfg(test)]
 mod rollout_tests;
 mod steps;
@@ -36,6 +38,7 @@ use crate::fleet::{Fleet, Instructions};
 use crate::journal::Journal;
 use crate::metrics::{self, DrainReason, InstructionKind, Metrics};
 use crate::reconcile::{self, Action, Current, PullSituation, Situation};
+use crate::redirect::PortRedirect;
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::{ReleaseSource, SourceError};
 use crate::state::{Running, Snapshot};
@@ -106,6 +109,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 state: state.clone(),
                 pull_tokens: None,
                 journal: None,
+                redirect: None,
                 metrics: Arc::new(Metrics::new()),
             },
             fleet,
@@ -137,6 +141,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// Record swaps in progress in `journal`, and finish or revert one found there on start.
     pub fn with_journal(mut self, journal: Journal) -> Self {
         self.steps.journal = Some(journal);
+        self
+    }
+
+    /// Swap by handover through this redirect (hosts with `[app] swap = "handover"`).
+    pub fn with_redirect(mut self, redirect: Arc<dyn PortRedirect>) -> Self {
+        self.steps.redirect = Some(redirect);
         self
     }
 
@@ -173,7 +183,11 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         if let Some((old, new, all)) = self.interrupted.take() {
             let span =
                 tracing::info_span!("swap", from = %old.release, to = %new.release, resumed = true);
-            self.resume_swap(old, new, &all).instrument(span).await;
+            if self.steps.redirect.is_some() {
+                self.resume_handover(old, new).instrument(span).await;
+            } else {
+                self.resume_swap(old, new, &all).instrument(span).await;
+            }
         }
         if self.fleet.coordinated() {
             self.join_fleet().await;
@@ -526,6 +540,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         match self.steps.runtime.start(&cur.id).await {
             Ok(()) => {
                 tracing::warn!(tag = %cur.release.tag, container = %cur.id, attempt = self.restart.failures(), "restarted exited container");
+                // After a reboot the kernel's redirect is gone: written before the container
+                // can be reported healthy.
+                self.ensure_route(&cur);
                 if let Some(c) = self.current.as_mut() {
                     c.running = true;
                 }

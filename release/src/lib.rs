@@ -38,6 +38,9 @@ pub mod label {
     pub const TAG: &str = "skiff.tag";
     /// Present when the release is pinned.
     pub const DIGEST: &str = "skiff.digest";
+    /// Handover: the slot port the container listens on (its `PORT`); absent in drain mode,
+    /// where it listens on the app's port itself.
+    pub const SLOT: &str = "skiff.slot";
 }
 
 /// The environment the agent gives the app; names with [`env::RESERVED_PREFIX`] and

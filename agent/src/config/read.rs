@@ -28,6 +28,9 @@ pub(super) fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
     let log_driver: Option<String> = s.optional("log_driver");
     let log_max_size: String = s.optional("log_max_size").unwrap_or(defaults.max_size);
     let log_max_files: Option<u32> = s.optional("log_max_files");
+    let swap_mode: Option<String> = s.optional("swap");
+    let slots: Option<Vec<u16>> = s.optional("slots");
+    let hold = s.duration("hold", DEFAULT_HOLD, MAX_HOLD);
 
     if let Some(n) = &name
         && !valid_container_name(n)
@@ -101,8 +104,33 @@ pub(super) fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
             skiff_release::quote(p)
         ));
     }
+    let swap = match swap_mode.as_deref() {
+        None | Some("drain") => {
+            if slots.is_some() {
+                s.problem(
+                    "app.slots is for swap = \"handover\": remove it or set swap = \"handover\""
+                        .into(),
+                );
+            }
+            Some(Swap::Drain)
+        }
+        Some("handover") => handover_slots(&mut s, port, slots).map(|slots| {
+            Swap::Handover(Handover {
+                slots,
+                hold: hold.unwrap_or(DEFAULT_HOLD),
+            })
+        }),
+        Some(other) => {
+            s.problem(format!(
+                "app.swap {} must be \"handover\" (a kernel redirect flips the app's port to the new container; the app takes its port from PORT) or \"drain\" (the load balancer drains the host first)",
+                skiff_release::quote(other)
+            ));
+            None
+        }
+    };
     s.finish_with(|| {
         Some(AppConfig {
+            swap: swap?,
             name: name?,
             image: image?,
             port: port?,
@@ -341,4 +369,55 @@ pub fn valid_env_name(n: &str) -> bool {
     !b.is_empty()
         && (b[0].is_ascii_alphabetic() || b[0] == b'_')
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// `app.slots` for a handover: two distinct ports other than the app's own (the health port is
+/// checked across sections); by default the app's port + 10 and + 11.
+fn handover_slots(
+    s: &mut Section<'_>,
+    port: Option<u16>,
+    slots: Option<Vec<u16>>,
+) -> Option<[u16; 2]> {
+    let slots = match slots {
+        Some(v) => v,
+        None => {
+            let p = port?;
+            match (p.checked_add(10), p.checked_add(11)) {
+                (Some(a), Some(b)) => vec![a, b],
+                _ => {
+                    s.problem(format!(
+                        "app.port {p} leaves no room for the default slots (port + 10, + 11): set app.slots = [a, b]"
+                    ));
+                    return None;
+                }
+            }
+        }
+    };
+    let [a, b] = slots[..] else {
+        s.problem(format!(
+            "app.slots must name exactly two ports (e.g. [8090, 8091]), not {}",
+            slots.len()
+        ));
+        return None;
+    };
+    let mut ok = true;
+    if a == 0 || b == 0 {
+        s.problem("app.slots must be ports 1-65535".into());
+        ok = false;
+    }
+    if a == b {
+        s.problem(format!(
+            "app.slots [{a}, {b}]: the two slots must differ (the new container starts on the idle one while the old one serves)"
+        ));
+        ok = false;
+    }
+    if let Some(p) = port
+        && (a == p || b == p)
+    {
+        s.problem(format!(
+            "app.slots [{a}, {b}] collide with app.port {p}: the public port is the redirect itself; pick two other ports"
+        ));
+        ok = false;
+    }
+    ok.then_some([a, b])
 }

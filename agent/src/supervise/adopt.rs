@@ -12,6 +12,7 @@ use crate::fleet::Fleet;
 use crate::journal::Journal;
 use crate::metrics::{SwapKind, SwapOutcome};
 use crate::probe;
+use crate::redirect::Pointing;
 use crate::runtime::{ContainerRuntime, ContainerState};
 use crate::source::ReleaseSource;
 
@@ -63,11 +64,39 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             tracing::info!(from = %intent.from, to = %intent.to, "a swap was interrupted but its containers are gone; adopting what runs");
             self.steps.clear_journal();
         }
-        // Newest first; a running container wins over any stopped one.
-        found.sort_by_key(|c| (std::cmp::Reverse(c.running), std::cmp::Reverse(c.created)));
+        // Newest first; a running container wins over any stopped one; on a handover host the
+        // running one the redirect names wins over another running one.
+        let named = match self.steps.redirect.as_ref().map(|r| r.pointing()) {
+            Some(Ok(Pointing::Slot(s))) => Some(s),
+            _ => None,
+        };
+        found.sort_by_key(|c| {
+            (
+                std::cmp::Reverse(c.running),
+                std::cmp::Reverse(c.running && c.slot.is_some() && c.slot == named),
+                std::cmp::Reverse(c.created),
+            )
+        });
         let mut found = found.into_iter();
         self.current = found.next();
         self.previous = found.next();
+        if let Some(c) = self.current.clone() {
+            self.ensure_route(&c);
+        }
+        // Another running container (killed mid-handover without a journal): it gets no new
+        // connections; stopped now, it stays as the rollback target.
+        if let Some(p) = self.previous.as_mut().filter(|p| p.running) {
+            tracing::info!(container = %p.id, "a second running container of the app: stopping it (it receives no new connections)");
+            if self
+                .steps
+                .runtime
+                .stop(&p.id, self.steps.cfg.app.stop_timeout)
+                .await
+                .is_ok()
+            {
+                p.running = false;
+            }
+        }
         if let Some(c) = &self.current {
             // One probe now, so a running app is reported healthy from the first request.
             let ok = c.running
@@ -132,7 +161,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         tracing::info!(from = %old.release, to = %release, new_running = new.running, "finishing an interrupted swap: health gate, then promote or roll back");
         self.publish(|s| s.starting = true);
         let result = if new.running {
-            self.steps.wait_healthy(&new.id, Instant::now()).await
+            self.steps.wait_healthy(&new, Instant::now()).await
         } else {
             self.steps.start_and_wait(&new).await
         };

@@ -98,6 +98,7 @@ impl ContainerRuntime for FakeRuntime {
             running: false,
             started: false,
             created: 0,
+            slot: crate::runtime::slot_from_labels(&spec.labels),
         });
         Ok(id)
     }
@@ -184,6 +185,7 @@ pub(super) fn running(tag: &str) -> ContainerState {
         running: true,
         started: true,
         created: 1,
+        slot: None,
     }
 }
 
@@ -342,6 +344,7 @@ pub(super) fn stopped(id: &str, tag: &str, created: i64) -> ContainerState {
         running: false,
         started: true,
         created,
+        slot: None,
     }
 }
 

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use skiff_release::Release;
 use skiff_release::env as names;
+use skiff_release::{Release, label};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
@@ -17,6 +17,7 @@ use crate::credentials::{self, CredentialsError, PullError, PullTokens};
 use crate::journal::{Journal, SwapIntent};
 use crate::metrics::Metrics;
 use crate::probe;
+use crate::redirect::PortRedirect;
 use crate::runtime::{
     ContainerRuntime, ContainerSpec, ContainerState, LocalImage, RegistryAuth, RuntimeError,
     labels_for,
@@ -74,24 +75,35 @@ pub(crate) struct Steps<R, S> {
     pub(crate) pull_tokens: Option<PullTokens>,
     /// Where a swap in progress is recorded, so a restart finishes or reverts it.
     pub(crate) journal: Option<Journal>,
+    /// Handover hosts: the kernel redirect of the app's port to a slot.
+    pub(crate) redirect: Option<Arc<dyn PortRedirect>>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
 impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
-    /// Pull the image, gather the environment and create (not start) the container.
-    pub(crate) async fn prepare(&self, release: &Release) -> Result<ContainerState, DeployError> {
+    /// Pull the image, gather the environment and create (not start) the container; with a
+    /// `slot` (handover) it listens there, else on the app's port.
+    pub(crate) async fn prepare(
+        &self,
+        release: &Release,
+        slot: Option<u16>,
+    ) -> Result<ContainerState, DeployError> {
         let image = self.pull(release).await?;
         let running = Release::new(
             release.tag.clone(),
             release.digest.clone().or(image.digest.clone()),
         );
-        let env = self.container_env(&running).await?;
+        let env = self.container_env(&running, slot).await?;
         let name = container_name(&self.cfg.app.name, &running);
+        let mut labels = labels_for(&self.cfg.app.name, &running);
+        if let Some(s) = slot {
+            labels.insert(label::SLOT.to_owned(), s.to_string());
+        }
         let spec = ContainerSpec {
             name: name.clone(),
             image: image.reference.clone(),
             env,
-            labels: labels_for(&self.cfg.app.name, &running),
+            labels,
             stop_timeout: self.cfg.app.stop_timeout,
             logs: self.cfg.app.logs.clone(),
         };
@@ -103,6 +115,7 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
             running: false,
             started: false,
             created: 0,
+            slot,
         })
     }
 
@@ -155,7 +168,11 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
     }
 
     /// Static env, then the SSM path (which may override it), then what the agent sets itself.
-    async fn container_env(&self, release: &Release) -> Result<Vec<(String, String)>, DeployError> {
+    async fn container_env(
+        &self,
+        release: &Release,
+        slot: Option<u16>,
+    ) -> Result<Vec<(String, String)>, DeployError> {
         let mut env: Vec<(String, String)> = self
             .cfg
             .app
@@ -169,7 +186,8 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
                 env.push((k, v));
             }
         }
-        env.push((names::PORT.into(), self.cfg.app.port.to_string()));
+        let port = slot.unwrap_or(self.cfg.app.port);
+        env.push((names::PORT.into(), port.to_string()));
         env.push((names::APP.into(), self.cfg.app.name.clone()));
         env.push((names::RELEASE_TAG.into(), release.tag.to_string()));
         if let Some(d) = &release.digest {
@@ -178,33 +196,35 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
         Ok(env)
     }
 
-    /// Start `new` and wait (probing fast) until the app is healthy or `start_timeout` passes.
+    /// Where a container answers directly: its slot (handover), else the app's port.
+    pub(crate) fn addr_of(&self, c: &ContainerState) -> SocketAddr {
+        c.slot
+            .map_or(self.app_addr, |s| SocketAddr::from(([127, 0, 0, 1], s)))
+    }
+
+    /// Start `new` and wait (probing fast, on its own port) until the app is healthy or
+    /// `start_timeout` passes.
     pub(crate) async fn start_and_wait(&self, new: &ContainerState) -> Result<Duration, String> {
         let started = Instant::now();
         self.runtime
             .start(&new.id)
             .await
             .map_err(|e| e.to_string())?;
-        self.wait_healthy(&new.id, started).await
+        self.wait_healthy(new, started).await
     }
 
     pub(crate) async fn wait_healthy(
         &self,
-        id: &str,
+        c: &ContainerState,
         started: Instant,
     ) -> Result<Duration, String> {
+        let (id, addr) = (c.id.as_str(), self.addr_of(c));
         let timeout = self.cfg.app.start_timeout;
         let deadline = started + timeout;
         let mut last;
         let mut probes: u32 = 0;
         loop {
-            match probe::probe(
-                self.app_addr,
-                &self.cfg.app.health_path,
-                Duration::from_secs(1),
-            )
-            .await
-            {
+            match probe::probe(addr, &self.cfg.app.health_path, Duration::from_secs(1)).await {
                 // Accepted only from the container being promoted: a 200 while it is not
                 // running comes from someone else on the port.
                 Ok(code) if probe::is_success(code) => match self.runtime.is_running(id).await {

@@ -22,7 +22,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             s.starting = true;
             s.failed = false;
         });
-        let new = match self.steps.prepare(&release).await {
+        // Handover: the slot the stopped container (the rollback target) does not hold.
+        let slot = self.handover().map(|h| {
+            let holder = self.current.as_ref().or(self.previous.as_ref());
+            super::handover::idle_slot(h.slots, holder.and_then(|c| c.slot))
+        });
+        let new = match self.steps.prepare(&release, slot).await {
             Ok(c) => c,
             Err(e) => return self.deploy_failed_to_prepare(SwapKind::Start, &release, e),
         };
@@ -36,7 +41,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 .stop(&o.id, self.steps.cfg.app.stop_timeout)
                 .await;
         }
-        let outcome = match self.steps.start_and_wait(&new).await {
+        let gate = match self.steps.start_and_wait(&new).await {
+            Ok(elapsed) => self
+                .route_to(&new)
+                .map(|()| elapsed)
+                .map_err(|e| format!("the redirect could not be pointed at it: {e}")),
+            Err(why) => Err(why),
+        };
+        let outcome = match gate {
             Ok(elapsed) => {
                 self.promote(new, old, elapsed).await;
                 SwapOutcome::Promoted
@@ -54,7 +66,10 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         if self.current.is_none() {
             return;
         }
-        let new = match self.steps.prepare(&release).await {
+        if let Some(h) = self.handover() {
+            return self.hand_over(release, h).await;
+        }
+        let new = match self.steps.prepare(&release, None).await {
             Ok(c) => c,
             Err(e) => return self.deploy_failed_to_prepare(SwapKind::Update, &release, e),
         };
@@ -92,6 +107,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         self.steps.clear_journal();
     }
 
+    /// The handover settings when this host swaps by handover (config and a redirect).
+    pub(super) fn handover(&self) -> Option<crate::config::Handover> {
+        self.steps.redirect.as_ref()?;
+        self.steps.cfg.app.swap.handover().copied()
+    }
+
     /// The old container could not be stopped: it may still hold the port, so the new one is
     /// never started (its probe would be answered by the old app). The swap is undone, the
     /// host un-drained, and the release retried after the deploy backoff.
@@ -123,7 +144,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// The release could not be prepared (pull, env, create): the current container keeps
     /// running, and the release is retried after the deploy backoff, or never when retrying
     /// cannot help.
-    fn deploy_failed_to_prepare(&mut self, kind: SwapKind, release: &Release, e: DeployError) {
+    pub(super) fn deploy_failed_to_prepare(
+        &mut self,
+        kind: SwapKind,
+        release: &Release,
+        e: DeployError,
+    ) {
         self.steps.metrics.swap(kind, SwapOutcome::NotPrepared);
         if let DeployError::Source(s) = &e {
             self.steps
@@ -250,9 +276,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         };
         let started = Instant::now();
         let back = match self.steps.runtime.start(&old.id).await {
-            Ok(()) => self.steps.wait_healthy(&old.id, started).await,
+            Ok(()) => self.steps.wait_healthy(&old, started).await,
             Err(e) => Err(e.to_string()),
         };
+        if back.is_ok() {
+            self.ensure_route(&old);
+        }
         let msg = match &back {
             Ok(_) => {
                 tracing::warn!(tag = %old.release.tag, container = %old.id, "rolled back to the previous release");
@@ -383,6 +412,7 @@ mod tests {
             running: true,
             started: true,
             created: 3,
+            slot: None,
         };
         runtime.world().containers.push(new.clone());
         sup.promote(new, None, Duration::from_secs(1)).await;
