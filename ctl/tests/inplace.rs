@@ -251,7 +251,9 @@ const HELD: [&str; 2] = ["HealthCheck", "ReplaceUnhealthy"];
 /// (as the agent reads them from the instance metadata) and answers with skiff:pulled,
 /// skiff:release (the tag) or, for a release in `fails` on that instance, skiff:failed (it
 /// keeps running what it ran, and never retries that release). `delay` is the time a switch
-/// takes.
+/// takes. A release in `flip_back` on that instance is answered `skiff:release` first, then,
+/// a second later, `skiff:failed` with the release before reported again: a handover whose new
+/// container failed within the agent's hold after the flip.
 struct FakeAgent {
     seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
@@ -262,6 +264,7 @@ impl FakeAgent {
         g: &Group,
         ids: Vec<String>,
         fails: Vec<(String, String)>,
+        flip_back: Vec<(String, String)>,
         delay: Duration,
     ) -> FakeAgent {
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -355,6 +358,19 @@ impl FakeAgent {
                     if fails.contains(&(id.clone(), want.tag.to_string())) {
                         failed.insert((id.clone(), target.clone()));
                         answer(instance_tags::FAILED, target).await;
+                    } else if flip_back.contains(&(id.clone(), want.tag.to_string())) {
+                        failed.insert((id.clone(), target.clone()));
+                        answer(instance_tags::RELEASE, want.tag.to_string()).await;
+                        let before = runs.unwrap_or_default();
+                        let later = (
+                            answer(instance_tags::FAILED, target),
+                            answer(instance_tags::RELEASE, before),
+                        );
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            later.0.await;
+                            later.1.await;
+                        });
                     } else {
                         answer(instance_tags::RELEASE, want.tag.to_string()).await;
                     }
@@ -423,6 +439,7 @@ async fn in_place_release_rollback_and_a_failing_release() {
         &g,
         ids.clone(),
         vec![(ids[0].clone(), "v3".into())],
+        vec![],
         Duration::from_millis(300),
     );
 
@@ -608,7 +625,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     let g = group("skiff-ctl-ipk", 3).await;
     let ids = g.instances().await;
     // Slow switches, so that ctl is killed while the second batch switches.
-    let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(2));
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], vec![], Duration::from_secs(2));
     let a = release_in_place(&g, "v2", &[]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let mut child = ctl_command(&a, &[])
@@ -688,7 +705,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
 async fn sigterm_mid_rollout_reverts_the_switched_instances() {
     let g = group("skiff-ctl-ips", 3).await;
     let ids = g.instances().await;
-    let agent = FakeAgent::start(&g, ids.clone(), vec![], Duration::from_secs(1));
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], vec![], Duration::from_secs(1));
     let a = release_in_place(&g, "v2", &[]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let child = ctl_command(&a, &[])
@@ -743,6 +760,163 @@ async fn sigterm_mid_rollout_reverts_the_switched_instances() {
         "lock let go"
     );
     assert_eq!(processes(&g).await, (vec![], None), "resumed: {t}");
+    drop(agent);
+    g.delete().await;
+}
+
+/// A stack whose only business is its outputs (the deployment itself is given by flags, which
+/// win over them): `SwapMode` = `swap`, as templates/app.yaml names it.
+async fn swap_stack(g: &Group, swap: &str) -> (aws_sdk_cloudformation::Client, String) {
+    let cfn = aws_sdk_cloudformation::Client::new(&moto_sdk().await);
+    let stack = format!("{}-stack", g.name);
+    let template = serde_json::json!({
+        "Resources": {
+            "Anchor": {"Type": "AWS::SSM::Parameter", "Properties": {
+                "Name": format!("/{}/anchor", g.name), "Type": "String", "Value": "x"}}
+        },
+        "Outputs": {
+            "ReleaseStrategy": {"Value": "in-place"},
+            "SwapMode": {"Value": swap}
+        }
+    });
+    cfn.create_stack()
+        .stack_name(&stack)
+        .template_body(template.to_string())
+        .send()
+        .await
+        .expect("create stack");
+    (cfn, stack)
+}
+
+/// The rollout steps of a `--json` run, without the waits.
+fn steps(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "rollout" && e["step"] != "waiting")
+        .filter_map(|e| e["step"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handover_canary_first_no_target_ever_unhealthy_and_a_flip_back_reverts() {
+    let g = group("skiff-ctl-iph", 3).await;
+    let ids = g.instances().await;
+    let (cfn, stack) = swap_stack(&g, "handover").await;
+    // The last instance's agent flips v3 back within its hold, after answering it.
+    let agent = FakeAgent::start(
+        &g,
+        ids.clone(),
+        vec![],
+        vec![(ids[2].clone(), "v3".into())],
+        Duration::from_millis(300),
+    );
+    let with_stack = |tag: &str| {
+        let mut a = vec!["--stack".to_owned(), stack.clone()];
+        a.extend(release_in_place(&g, tag, &["--batch", "2", "--json"]));
+        a
+    };
+
+    // The stack says handover: a canary of one, then batches of 2, and no target is ever
+    // anything but healthy (the emulator's load balancer is told so, as a handover keeps it).
+    let out = run_ctl(with_stack("v2")).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!(
+            "handover swaps: 2 batch(es) [{}] [{} {}]",
+            ids[0], ids[1], ids[2]
+        )),
+        "{t}"
+    );
+    assert_eq!(
+        steps(&out),
+        [
+            "plan",
+            "pulling",
+            "pulled",
+            "held",
+            "switching",
+            "healthy",
+            "switching",
+            "healthy",
+            "settled",
+            "resumed"
+        ],
+        "{t}"
+    );
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:release"], "v2", "{tags:?}");
+    }
+
+    // v3 flips back on the last instance a second after it answered: the batch was done, the
+    // watch over the agents' hold sees skiff:failed and ctl reverts every switched instance.
+    let out = run_ctl(with_stack("v3")).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "reverted: {t}");
+    assert!(
+        t.contains(&ids[2]) && t.contains("reports v3 failed"),
+        "the flip back is the reason: {t}"
+    );
+    let steps = steps(&out);
+    assert!(
+        steps.ends_with(&[
+            "switching".to_owned(),
+            "healthy".to_owned(),
+            "reverting".to_owned(),
+            "reverted".to_owned(),
+            "resumed".to_owned()
+        ]),
+        "{steps:?} {t}"
+    );
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:target"], "v2", "told v2 again: {tags:?}");
+        assert_eq!(tags[id]["skiff:release"], "v2", "{tags:?}");
+    }
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert!(value.contains(r#""tag":"v2""#), "{value}");
+    drop(agent);
+    let _ = cfn.delete_stack().stack_name(&stack).send().await;
+    delete_param(&g.ssm, &format!("/{}/anchor", g.name)).await;
+    g.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_refuses_to_take_every_healthy_target_out_unless_the_downtime_is_accepted() {
+    // No stack, so no SwapMode: drain. One instance: its batch is every healthy target.
+    let g = group("skiff-ctl-ipd", 1).await;
+    let ids = g.instances().await;
+    let out = run_ctl(release_in_place(&g, "v2", &[])).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "refused: {t}");
+    assert!(
+        t.contains("holds every target the load balancer calls healthy")
+            && t.contains("--accept-downtime"),
+        "{t}"
+    );
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert_eq!(value, V1, "nothing written");
+    let tags = g.tags().await;
+    assert_eq!(
+        tags[&ids[0]].keys().collect::<Vec<_>>(),
+        ["skiff:release"],
+        "nothing tagged: {tags:?}"
+    );
+    assert!(
+        read_param(&g.ssm, &format!("{}-lock", g.param))
+            .await
+            .is_none(),
+        "lock let go"
+    );
+
+    // Accepted: it swaps.
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], vec![], Duration::from_millis(100));
+    let out = run_ctl(release_in_place(&g, "v2", &["--accept-downtime"])).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert_eq!(g.tags().await[&ids[0]]["skiff:release"], "v2");
     drop(agent);
     g.delete().await;
 }
