@@ -162,7 +162,10 @@ class World:
         p = {"Environment": env, "VpcId": vpc, "PublicSubnetIds": ",".join(public),
              "PrivateSubnetIds": ",".join(private), "CertificateArn": cert, "AmiId": ami,
              "InitialTag": tag, "AppPort": app_port, "AgentPort": agent_port, "DrainSeconds": 2,
-             "MinSize": 1, "MaxSize": 2, "StopTimeoutSeconds": 5}
+             "MinSize": 1, "MaxSize": 2, "StopTimeoutSeconds": 5,
+             # The agent runs here in the machine's own network namespace: a handover would
+             # redirect its port there. IAM is what this test checks; the box tests handover.
+             "SwapMode": "drain"}
         if "DatabaseHost" in declared:
             # An existing database (no RDS instance in the emulator); its secret is real.
             secret = self.sm.create_secret(Name=f"skiff-it-{env}-db",
