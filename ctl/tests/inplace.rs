@@ -817,16 +817,21 @@ async fn handover_canary_first_no_target_ever_unhealthy_and_a_flip_back_reverts(
         a
     };
 
-    // The stack says handover: a canary of one, then batches of 2, and no target is ever
-    // anything but healthy (the emulator's load balancer is told so, as a handover keeps it).
+    // The stack says handover: a canary of one, then batches of 2. No target is ever anything
+    // but healthy (the emulator calls every registered target healthy, as a handover keeps
+    // it): each batch is done once its agents answer, and the last is watched for the hold.
     let out = run_ctl(with_stack("v2")).await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
-    assert!(
-        t.contains(&format!(
-            "handover swaps: 2 batch(es) [{}] [{} {}]",
-            ids[0], ids[1], ids[2]
-        )),
+    let plan = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "rollout" && e["step"] == "plan")
+        .expect("plan");
+    assert_eq!(plan["swap"], "handover", "{t}");
+    assert_eq!(
+        plan["batches"],
+        serde_json::json!([[ids[0]], [ids[1], ids[2]]]),
         "{t}"
     );
     assert_eq!(
