@@ -170,7 +170,7 @@ def default_app():
     return box.get("app") or os.environ.get("FLEET_APP", "busybox")
 
 
-def push_image(tag, healthy=True, app=None, fail_after=None):
+def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
     """The test app as REPO:tag, whose page names the release and the host's address, on $PORT:
       * busybox: busybox httpd; no keep-alive (every response closes its connection), and as
         PID 1 without a handler it ignores SIGTERM (the engine kills it after the stop timeout);
@@ -178,7 +178,7 @@ def push_image(tag, healthy=True, app=None, fail_after=None):
         flight, closes each kept-alive connection after its next response, and exits.
     healthy=False: /health never passes (busybox: 404, graceful: 500); fail_after=S (graceful
     only): /health fails from S seconds after its first pass on (a release that fails after the
-    agent's gate)."""
+    agent's gate); slow_start=S (graceful only): /health 503 for its first S seconds."""
     app = app or default_app()
     if app not in APPS:
         raise BoxError(f"app {app!r}: one of {', '.join(APPS)}")
@@ -186,8 +186,8 @@ def push_image(tag, healthy=True, app=None, fail_after=None):
     shutil.rmtree(ctx, ignore_errors=True)
     os.makedirs(os.path.join(ctx, "www"))
     if app == "busybox":
-        if fail_after is not None:
-            raise BoxError("fail_after needs the graceful app")
+        if fail_after is not None or slow_start is not None:
+            raise BoxError("fail_after and slow_start need the graceful app")
         if healthy:
             with open(os.path.join(ctx, "www", "health"), "w") as f:
                 f.write("ok\n")
@@ -201,7 +201,8 @@ def push_image(tag, healthy=True, app=None, fail_after=None):
         if not _graceful_base_checked:  # idempotent: rebuilt only when graceful-app.py changed
             run("bash", os.path.join(ROOT, ".ci", "images", "graceful-app.sh"))
             _graceful_base_checked.append(True)
-        knobs = ([] if healthy else ["UNHEALTHY=1"]) + ([] if fail_after is None else [f"FAIL_AFTER={fail_after:g}"])
+        knobs = (([] if healthy else ["UNHEALTHY=1"]) + ([] if fail_after is None else [f"FAIL_AFTER={fail_after:g}"])
+                 + ([] if slow_start is None else [f"SLOW_START={slow_start:g}"]))
         dockerfile = (f"FROM {GRACEFUL_BASE}\nLABEL skiff.fleet.tag={tag}\n"
                       + (f"ENV {' '.join(knobs)}\n" if knobs else ""))
     with open(os.path.join(ctx, "Dockerfile"), "w") as f:

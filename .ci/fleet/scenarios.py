@@ -1109,10 +1109,24 @@ def handover_load(rate):
     return ProcessLoad(URL.rstrip("/") + HANDOVER_PATH, rate, keepalive=True, connections=64).start()
 
 
+def agent_hold():
+    """[app] hold of the agents' rendered config (5 s when absent, the agent's default)."""
+    hosts = os.path.join(fleet.STATE, "hosts")
+    for iid in sorted(os.listdir(hosts)) if os.path.isdir(hosts) else []:
+        try:
+            with open(os.path.join(hosts, iid, "etc-skiff", "agent.toml")) as f:
+                m = re.search(r'(?m)^hold\s*=\s*"(\d+)s"', f.read())
+            return float(m.group(1)) if m else 5.0
+        except OSError:
+            continue
+    return 5.0
+
+
 def handover_floor(watch, tag, bake, after):
     """The floor of a handover release: the slowest pull (all at once), then per batch the
-    slowest start-to-healthy (the agent's gate on the slot) and the bake. No load-balancer term:
-    the target never changes state."""
+    slowest start-to-healthy (the agent's gate on the slot) and the bake, and the agents' hold
+    after the last batch beyond the bake (ctl watches the last batch that long for a flip back:
+    ctl/src/inplace.rs HANDOVER_HOLD). No load-balancer term: the target never changes state."""
     batches = watch.batches(tag, after)
     known = [watch.pull_ms[(i, tag)] for i in watch.ids if (i, tag) in watch.pull_ms]
     per = []
@@ -1122,9 +1136,10 @@ def handover_floor(watch, tag, bake, after):
     if not known or not per or None in per:
         return None, f"floor unknown: pulls {known}, start-to-healthy per batch {per}"
     pull = max(known) / 1000
-    floor = pull + sum(x + bake for x in per)
+    hold = max(agent_hold() - bake, 0)
+    floor = pull + sum(x + bake for x in per) + hold
     return floor, (f"floor {floor:.1f} s = pull {pull:.1f} + {len(per)} batch(es) x (start-to-healthy "
-                   f"{'/'.join(f'{x:.1f}' for x in per)} + bake {bake:g})")
+                   f"{'/'.join(f'{x:.1f}' for x in per)} + bake {bake:g}) + the last batch's hold {hold:g}")
 
 
 def handover_run(box, rate, ids, ctl_args, on_watch=None, **kw):
@@ -1196,11 +1211,13 @@ def handover_release(box, rate, tag, n, number, rollback_to=None, bake=0):
 
 
 def handover_failing(box, rate, bad, n, number, fail_after=None):
-    """Scenarios 16 and 17: a release that never passes the gate on its slot (16), or passes it
-    and fails `fail_after` s later, within the hold, so that the agent flips the canary back
-    (17). Both: only the first batch told, ctl exit 1 (ctl/README: failed, previous release back),
-    parameter back, every instance on the previous release and one container, every target UP in
-    HAProxy throughout, 0 failed requests; 16: the bad release served nothing."""
+    """Scenarios 16 and 17: a release that never passes the gate on its slot (16: only the
+    canary told, the bad release serves nothing), or passes it and fails `fail_after` s later,
+    within the hold (17: the canary's agent flips back by itself and answers skiff:failed; ctl
+    may have told later batches meanwhile, the canary being done once it reported the release
+    healthy, and reverts them). Both: ctl exit 1 (ctl/README: failed, previous release back),
+    parameter back, every instance on the previous release and one container, every target UP
+    in HAProxy throughout, 0 failed requests."""
     good = parameter(box)[0]
     what = "never passes its gate" if fail_after is None else f"fails {fail_after:g} s after its gate"
     sc = Scenario(number, f"handover release {bad} that {what}")
@@ -1213,7 +1230,13 @@ def handover_failing(box, rate, bad, n, number, fail_after=None):
     touched = [i for _, b in batches for i in b]
     sc.check(rc == 1, f"ctl exit {rc}, documented 1 (failed, previous release back): {out.strip()[-600:]}")
     sc.check(parameter(box)[0] == good, f"parameter holds {parameter(box)[1]}, not {good}")
-    sc.check(len(touched) == 1, f"told {bad}: {[(round(t - t0, 1), b) for t, b in batches]} (expected the first batch)")
+    told_at = sorted((t, i) for t, i, w, v in watch.events if w == "skiff:target" and tag_part(v) == bad and t > t0)
+    canary = told_at[0][1] if told_at else None
+    if fail_after is None:
+        sc.check(len(touched) == 1, f"told {bad}: {[(round(t - t0, 1), b) for t, b in batches]} (expected the canary)")
+    else:
+        flipped_back = next((t for t, v in watch.changes(canary, "skiff:failed", t0) if tag_part(v) == bad), None)
+        sc.check(flipped_back is not None, f"the canary {canary} never answered skiff:failed={bad} (its agent's flip back)")
     tags = skiff_tags(box, ids)
     sc.check(all(tags[i].get("skiff:release") == good for i in ids), f"skiff:release: {tags}")
     for i in ids:
@@ -1234,37 +1257,45 @@ def handover_failing(box, rate, bad, n, number, fail_after=None):
         sc.figures.append(f"{i}: told {rel(told)}, serving {bad} (agent) {rel(on_bad)}, skiff:failed "
                           f"{rel(failed)}, serving {good} again {rel(back) if on_bad else 'throughout'}")
     line = next((x for _, x in lines if "in-place" in x and re.search(r"fail|revert", x, re.I)), None)
-    sc.figures += [f"ctl exit {rc} after {took:.1f} s", f"{bad} served {counts.releases.get(bad, 0)} responses",
+    sc.figures += [f"ctl exit {rc} after {took:.1f} s; told {len(told_at)} instance(s), canary {canary}",
+                   f"{bad} served {counts.releases.get(bad, 0)} responses",
                    targets, counts.line()] + ([f"line: {line.strip()[:140]}"] if line else [])
     sc.done()
 
 
 def handover_agent_killed(box, rate, tag, n):
-    """Scenario 19: the agent of the first batch's instance SIGKILLed mid-swap (once the new
-    container runs beside the old one), restarted as systemd would: it finds its swap journal
-    and finishes the swap (gate, flip) or reverts it; the release completes (exit 0), 0 failed
-    requests, every target UP in HAProxy throughout (the redirect is kernel state: it serves
-    while the agent is away)."""
-    sc = Scenario(19, f"agent SIGKILLed mid-handover -> {tag}")
-    fleet.push_image(tag)
+    """Scenario 19: agents SIGKILLed mid-swap, restarted as systemd would: the canary's before
+    the flip (the new container runs beside the old one and the redirect still names the old
+    slot; the release is slow to pass /health, 3 s, so that the kill lands there), the next
+    instance's after the flip, during the hold (both containers run, the redirect names the new
+    slot). Each restarted agent finds its swap and finishes it (gate, flip) or undoes it; the
+    release completes (exit 0), 0 failed requests, every target UP in HAProxy throughout (the
+    redirect is kernel state: it serves while the agent is away)."""
+    sc = Scenario(19, f"agents SIGKILLed mid-handover -> {tag}, before and after the flip")
+    fleet.push_image(tag, slow_start=3)
     ids = stack_instances(box)
     killed, holder = [], []
     stop = threading.Event()
     port = box["settings"]["app_port"]
 
     def killer():
+        # 1st kill: two containers and the redirect on the old one's PORT (before the flip);
+        # 2nd, on another instance: two containers and the redirect on the new one's (the hold).
         deadline = time.monotonic() + 300
-        while not stop.is_set() and time.monotonic() < deadline and not killed:
+        while not stop.is_set() and time.monotonic() < deadline and len(killed) < 2:
             for i in ids:
-                if not holder or tag_part(holder[0].last.get((i, "skiff:target"))) != tag:
+                if not holder or tag_part(holder[0].last.get((i, "skiff:target"))) != tag or i in [k[0] for k in killed]:
                     continue
                 running = app_containers(i)
-                if len(running) >= 2:
+                if len(running) < 2:
+                    continue
+                red = fleet.host_redirect(host_ns(i)).get(port)
+                newest = running[0][1]  # docker ps lists the newest first
+                if (str(red) != newest) == (not killed):
                     with open(os.path.join(fleet.RUN_DIR, "hosts", i, "agent.pid")) as f:
                         os.kill(int(f.read()), signal.SIGKILL)
-                    killed.append((i, time.monotonic(), running, fleet.host_redirect(host_ns(i)).get(port)))
-                    return
-            time.sleep(0.2)
+                    killed.append((i, time.monotonic(), running, red, "before the flip" if not killed else "during the hold"))
+            time.sleep(0.1)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -1275,7 +1306,8 @@ def handover_agent_killed(box, rate, tag, n):
         stop.set()
         t.join(5)
     out = "\n".join(x for _, x in lines)
-    sc.check(killed, "no agent was caught mid-swap (two containers running) to kill")
+    sc.check(len(killed) == 2, f"agents caught mid-swap and killed: {[(k[0], k[4]) for k in killed]} (want one "
+                               "before the flip and one during the hold)")
     sc.check(rc == 0, f"ctl exit {rc}: {out.strip()[-600:]}")
     sc.check(parameter(box)[0] == tag, f"parameter holds {parameter(box)[1]}")
     tags = skiff_tags(box, ids)
@@ -1283,10 +1315,9 @@ def handover_agent_killed(box, rate, tag, n):
     targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
     now = served()
     sc.check(set(now) == {tag}, f"the load balancer serves {now}")
-    if killed:
-        i, at, running, red = killed[0]
-        sc.figures.append(f"killed the agent of {i} at +{at - t0:.1f} s with {len(running)} containers "
-                          f"(PORTs {[p for _, p in running]}) and the redirect on :{red}")
+    for i, at, running, red, when in killed:
+        sc.figures.append(f"killed the agent of {i} {when} at +{at - t0:.1f} s ({len(running)} containers on "
+                          f"PORTs {[p for _, p in running]}, the redirect on :{red})")
     sc.figures += [f"ctl exit {rc} after {took:.1f} s", targets, counts.line()]
     sc.done()
 

@@ -17,6 +17,7 @@ Test knobs (environment, baked into a tag's image by `box.py push`):
   FAIL_AFTER=S   /health answers 500 from S seconds after its first 200 on (a release that
                  fails a few seconds after it passed the agent's gate)
   UNHEALTHY=1    /health always 500 (a release that never becomes healthy)
+  SLOW_START=S   /health 503 for the first S seconds after the start (a gate that takes a while)
 """
 
 import os
@@ -32,6 +33,8 @@ RELEASE = os.environ.get("SKIFF_RELEASE_TAG", "unknown")
 GRACE = float(os.environ.get("GRACE", "4"))
 FAIL_AFTER = float(os.environ["FAIL_AFTER"]) if os.environ.get("FAIL_AFTER") else None
 UNHEALTHY = os.environ.get("UNHEALTHY") == "1"
+SLOW_START = float(os.environ.get("SLOW_START") or 0)
+STARTED = time.monotonic()
 
 
 def host_address():
@@ -97,6 +100,8 @@ class Handler(BaseHTTPRequestHandler):
     def health(self):
         if UNHEALTHY:
             return 500
+        if time.monotonic() - STARTED < SLOW_START:
+            return 503
         if FAIL_AFTER is None:
             return 200
         now = time.monotonic()
