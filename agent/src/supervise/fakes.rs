@@ -37,6 +37,10 @@ pub(super) struct World {
     pub(super) pulls: Vec<String>,
     /// Ids passed to `start`, in order.
     pub(super) started_ids: Vec<String>,
+    /// Starts of a container on a port another running one held.
+    pub(super) port_conflicts: u32,
+    /// The slot listeners of running containers, by id (dropped when stopped or removed).
+    pub(super) listeners: std::collections::HashMap<String, tokio::task::AbortHandle>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,6 +49,45 @@ pub(super) struct FakeRuntime(Arc<Mutex<World>>);
 impl FakeRuntime {
     pub(super) fn world(&self) -> std::sync::MutexGuard<'_, World> {
         self.0.lock().expect("lock")
+    }
+
+    /// Container `id` listens on loopback `port` (false when the port is taken): answers its
+    /// health path 200 while it runs and its tag is not in `unhealthy`.
+    pub(super) fn listen(&self, id: &str, port: u16) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(std_listener) = std::net::TcpListener::bind(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = std_listener.set_nonblocking(true);
+        let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+            return false;
+        };
+        let (runtime, id) = (self.clone(), id.to_owned());
+        let task = tokio::spawn({
+            let id = id.clone();
+            async move {
+                while let Ok((mut sock, _)) = listener.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let ok = {
+                        let w = runtime.world();
+                        w.containers.iter().any(|c| {
+                            c.id == id
+                                && c.running
+                                && !w.unhealthy.iter().any(|t| t == c.release.tag.as_str())
+                        })
+                    };
+                    let status = if ok { "200 OK" } else { "503 Unavailable" };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                }
+            }
+        });
+        self.world().listeners.insert(id, task.abort_handle());
+        true
     }
 }
 
@@ -106,7 +149,26 @@ impl ContainerRuntime for FakeRuntime {
         let mut w = self.world();
         w.starts.push(Instant::now());
         w.started_ids.push(id.to_owned());
-        let crash = w.crash_on_start;
+        // One listener per host port (host networking): a container whose port another
+        // running one holds exits at once, as an app failing to bind does. A container on a
+        // slot really listens there (see `listen`); the others share the app's port.
+        let slot = w.containers.iter().find(|c| c.id == id).map(|c| c.slot);
+        let taken = match slot {
+            Some(Some(port)) => {
+                drop(w);
+                let bound = self.listen(id, port);
+                w = self.world();
+                !bound
+            }
+            _ => w
+                .containers
+                .iter()
+                .any(|c| c.id != id && c.running && Some(c.slot) == slot),
+        };
+        if taken {
+            w.port_conflicts += 1;
+        }
+        let crash = w.crash_on_start || taken;
         if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
             c.running = !crash;
             c.started = true;
@@ -126,12 +188,18 @@ impl ContainerRuntime for FakeRuntime {
         if let Some(c) = w.containers.iter_mut().find(|c| c.id == id) {
             c.running = false;
         }
+        if let Some(l) = w.listeners.remove(id) {
+            l.abort();
+        }
         Ok(())
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let mut w = self.world();
         w.removes += 1;
         w.containers.retain(|c| c.id != id);
+        if let Some(l) = w.listeners.remove(id) {
+            l.abort();
+        }
         Ok(())
     }
 }
@@ -353,5 +421,73 @@ pub(super) fn never_started(id: &str, tag: &str, created: i64) -> ContainerState
     ContainerState {
         started: false,
         ..stopped(id, tag, created)
+    }
+}
+
+/// The kernel redirect as a value: where it points, every point in order.
+#[derive(Debug, Default)]
+pub(super) struct RedirectWorld {
+    pub(super) pointing: Option<u16>,
+    pub(super) points: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct FakeRedirect(Arc<Mutex<RedirectWorld>>);
+
+impl FakeRedirect {
+    pub(super) fn world(&self) -> std::sync::MutexGuard<'_, RedirectWorld> {
+        self.0.lock().expect("lock")
+    }
+}
+
+impl crate::redirect::PortRedirect for FakeRedirect {
+    fn point(&self, slot: u16) -> Result<(), crate::redirect::RedirectError> {
+        let mut w = self.world();
+        w.pointing = Some(slot);
+        w.points.push(slot);
+        Ok(())
+    }
+    fn pointing(&self) -> Result<crate::redirect::Pointing, crate::redirect::RedirectError> {
+        Ok(self.world().pointing.map_or(
+            crate::redirect::Pointing::Nothing,
+            crate::redirect::Pointing::Slot,
+        ))
+    }
+    fn remove(&self) -> Result<(), crate::redirect::RedirectError> {
+        self.world().pointing = None;
+        Ok(())
+    }
+}
+
+/// Two free loopback ports for the slots: containers listen there once started (see
+/// [`FakeRuntime::listen`]).
+pub(super) fn free_slots() -> [u16; 2] {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let ports = [
+        a.local_addr().expect("addr").port(),
+        b.local_addr().expect("addr").port(),
+    ];
+    drop((a, b));
+    ports
+}
+
+/// A handover config on slots `slots` (see [`free_slots`]), with a short gate and hold.
+pub(super) fn handover_config(slots: [u16; 2]) -> Arc<Config> {
+    Arc::new(
+        Config::parse(&format!(
+            "[app]\nname='t'\nimage='r/app'\nport=1\nhealth_path='/health'\nstart_timeout='1s'\nswap='handover'\nslots=[{}, {}]\nhold='2s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='in-place'\n[health]\nlisten='127.0.0.1:2'\n",
+            slots[0], slots[1]
+        ))
+        .expect("config"),
+    )
+}
+
+/// A container running `tag` on `slot`.
+pub(super) fn on_slot(id: &str, tag: &str, slot: u16, running: bool) -> ContainerState {
+    ContainerState {
+        running,
+        slot: Some(slot),
+        ..stopped(id, tag, 1)
     }
 }
