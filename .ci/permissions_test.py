@@ -711,7 +711,9 @@ def inplace_checks(world, stack, group, env, key, tags):
     thread.start()
     try:
         p = subprocess.run([CTL, "--stack", stack, "release", "--tag", tags[1], "--strategy", "in-place",
-                            "--pull-timeout", "60s", "--batch-timeout", "60s"], env=env,
+                            "--pull-timeout", "60s", "--batch-timeout", "60s",
+                            # One instance swapped by drain: ctl refuses that unless told.
+                            "--accept-downtime"], env=env,
                            capture_output=True, text=True, timeout=180)
         text = p.stdout + p.stderr
         denials = access_denials(text)
