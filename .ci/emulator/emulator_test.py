@@ -4,7 +4,8 @@
 (Pending:Wait, CompleteLifecycleAction's validation, heartbeat timeout -> DefaultResult,
 Terminating:Wait), instance refresh (one at a time, Successful, Cancel, a scale-out while it
 runs), and ELB health checks (an unhealthy target replaced after the grace period, not before,
-not with HealthCheckType EC2). Prints one line per
+not with HealthCheckType EC2), and EC2's filter value limit (201 values refused with
+FilterLimitExceeded, 200 answered). Prints one line per
 check and 'N passed, N failed'."""
 
 import os
@@ -75,6 +76,14 @@ def main():
         def states(name):
             g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
             return {i["InstanceId"]: i["LifecycleState"] for i in g["Instances"]}
+
+        # EC2 refuses a filter with more than 200 values (limits.py); moto alone answers it.
+        ids = [f"i-{n:017x}" for n in range(201)]
+        got = error_of(lambda: ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": ids}]))
+        check("DescribeTags with 201 resource-id values: FilterLimitExceeded",
+              got is not None and got[0] == "FilterLimitExceeded", str(got))
+        got = error_of(lambda: ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": ids[:200]}]))
+        check("DescribeTags with 200 resource-id values is answered", got is None, str(got))
 
         launching, terminating = "autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"
         group("g1", [("launch", launching, 60, "ABANDON"), ("term", terminating, 60, "CONTINUE")])

@@ -14,6 +14,8 @@
 5. ELB health checks (health.py decides): the load balancer's view of each target, reported
    through POST /skiff-emulator/target-health, marks an InService instance Unhealthy after the
    grace period and replaces it (terminate hook, then a launch to keep the desired capacity).
+6. Request limits (limits.py decides): an EC2 filter with more than 200 values is refused with
+   FilterLimitExceeded before moto answers it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from moto.iam.models import iam_backends
 from moto.utilities.utils import get_partition
 
 import health
+import limits
 import policy
 import refresh as refresh_sm
 
@@ -350,12 +353,16 @@ def _kms(resp, action: str) -> list[policy.Check] | None:
     return None
 
 
-# CloudWatch Logs: actions on a group are authorized against the log-group ARN (no ":*"),
-# actions on a stream against the log-stream ARN inside its group.
+# CloudWatch Logs. The actions on a group's streams and events are not authorized against the
+# group's bare ARN (`log-group:NAME`): the ARN a policy must name for them is the one "with the
+# trailing :*" (`log-group:NAME:*`), and AWS's denials name the resource it checked,
+# `log-group:NAME:log-stream:` for DescribeLogStreams/FilterLogEvents (no stream) and
+# `log-group:NAME:log-stream:STREAM` for CreateLogStream/PutLogEvents/GetLogEvents. Only
+# TagResource/UntagResource/ListTagsForResource and the like take the bare ARN (not modelled).
+# https://docs.aws.amazon.com/AmazonCloudWatch/latest/logs/iam-access-control-overview-cwl.html
 # https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazoncloudwatchlogs.html
-LOGS_GROUP_ACTIONS = ("CreateLogStream", "DescribeLogStreams", "FilterLogEvents", "DeleteLogGroup",
-                      "PutRetentionPolicy", "DeleteLogStream")
-LOGS_STREAM_ACTIONS = ("PutLogEvents", "GetLogEvents")
+LOGS_GROUP_ACTIONS = ("DescribeLogStreams", "FilterLogEvents", "DeleteLogGroup", "PutRetentionPolicy")
+LOGS_STREAM_ACTIONS = ("CreateLogStream", "PutLogEvents", "GetLogEvents", "DeleteLogStream")
 
 
 def _logs(resp, action: str) -> list[policy.Check] | None:
@@ -364,12 +371,12 @@ def _logs(resp, action: str) -> list[policy.Check] | None:
         return None
     if group.startswith("arn:"):  # logGroupIdentifier may be the group's ARN (with ":*")
         group = group.split(":log-group:", 1)[1].removesuffix(":*")
-    group_arn = _arn(resp, "logs", f"log-group:{group}")
+    streams = _arn(resp, "logs", f"log-group:{group}:log-stream:")
     if action in LOGS_GROUP_ACTIONS:
-        return [policy.Check(f"logs:{action}", group_arn)]
+        return [policy.Check(f"logs:{action}", streams)]
     stream = _param(resp, "logStreamName")
     if action in LOGS_STREAM_ACTIONS and stream:
-        return [policy.Check(f"logs:{action}", f"{group_arn}:log-stream:{stream}")]
+        return [policy.Check(f"logs:{action}", f"{streams}{stream}")]
     return None
 
 
@@ -937,6 +944,26 @@ def _apply_elb_health(backend, group, now: float) -> None:
         group.set_desired_capacity(group.desired_capacity)
 
 
+def _patch_ec2_limits() -> None:
+    """Every EC2 request first passes AWS's request limits (limits.py): one over them is answered
+    with AWS's error, never by moto."""
+    from moto.ec2.responses import EC2Response
+
+    original = EC2Response.call_action
+
+    def call_action(self):
+        refused = limits.ec2_filter_limit(self.querystring)
+        if refused is None:
+            return original(self)
+        err = ProtocolError("ec2", refused[0], refused[1], status=400)
+        status, headers, body = self._transform_response(
+            self.response_headers, (err.description, {"status": err.code}))
+        headers, body = self._enrich_response(headers, body)
+        return status, headers, body
+
+    EC2Response.call_action = call_action
+
+
 def _patch_autoscaling_responses() -> None:
     for fn in (complete_lifecycle_action, record_lifecycle_action_heartbeat,
                start_instance_refresh, describe_instance_refreshes, cancel_instance_refresh):
@@ -1004,6 +1031,7 @@ def apply() -> None:
     _patch_capacity()
     _patch_target_health()
     _patch_autoscaling_responses()
+    _patch_ec2_limits()
 
 
 def bootstrap_admin(account_id: str, user: str = "skiff-ci-admin") -> dict:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Table tests of the emulator's pure parts: policy evaluation (policy.py), the instance
-refresh state machine (refresh.py) and the ELB health check rule (health.py). Prints one line per case and 'N passed, N failed'."""
+refresh state machine (refresh.py), the ELB health check rule (health.py) and AWS's request
+limits (limits.py). Prints one line per case and 'N passed, N failed'."""
 
 import os
 import sys
@@ -8,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import health  # noqa: E402
+import limits  # noqa: E402
 import policy  # noqa: E402
 import refresh  # noqa: E402
 from policy import Check  # noqa: E402
@@ -135,6 +137,38 @@ for name, check_type, grace, inst, targets, now, want in [
                                               {"i-1": targets} if targets else {}, now), want)
 case("health: only the unhealthy one of two", health.to_replace(
     "ELB", 0, {"a": ("InService", 0), "b": ("InService", 0)}, {"a": "healthy", "b": "unhealthy"}, 1), ["b"])
+
+# --- CloudWatch Logs: the ARN AWS checks for reads of a group's streams and events ----------
+# (extensions._logs: `log-group:NAME:log-stream:`); a policy naming the bare group ARN does not
+# cover it, the ARN "with the trailing :*" does.
+LG = "arn:aws:logs:us-east-1:123456789012:log-group:/skiff/a/app"
+for name, resource, check_arn, want in [
+    ("logs: FilterLogEvents not allowed by the bare group ARN", LG, f"{LG}:log-stream:", False),
+    ("logs: FilterLogEvents allowed by the group ARN with :*", f"{LG}:*", f"{LG}:log-stream:", True),
+    ("logs: :* covers the group's streams (GetLogEvents)", f"{LG}:*", f"{LG}:log-stream:i-1", True),
+    ("logs: another group's :* does not", "arn:aws:logs:us-east-1:123456789012:log-group:/skiff/b/app:*",
+     f"{LG}:log-stream:", False),
+]:
+    case(name, policy.evaluate([{"Effect": "Allow", "Action": "logs:FilterLogEvents", "Resource": resource}],
+                               [Check("logs:FilterLogEvents", check_arn)]).allowed, want)
+
+# --- request limits: EC2 filter values ----------------------------------------------------------
+def filters(*counts):
+    q = {}
+    for n, count in enumerate(counts, 1):
+        q[f"Filter.{n}.Name"] = [f"f{n}"]
+        q.update({f"Filter.{n}.Value.{m}": [f"v{m}"] for m in range(1, count + 1)})
+    return q
+
+
+for name, q, want in [
+    ("limits: 200 values in one filter pass", filters(200, 5), None),
+    ("limits: 201 values in one filter are refused", filters(5, 201),
+     ("FilterLimitExceeded", "The maximum number of filter values specified on a single call is 200 (filter f2 has 201)")),
+    ("limits: 150 + 150 in two filters pass (the limit is per filter)", filters(150, 150), None),
+    ("limits: no filter passes", {"ResourceId.1": ["i-1"]}, None),
+]:
+    case(name, limits.ec2_filter_limit(q), want)
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
