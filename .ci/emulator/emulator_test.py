@@ -84,6 +84,14 @@ def main():
               got is not None and got[0] == "FilterLimitExceeded", str(got))
         got = error_of(lambda: ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": ids[:200]}]))
         check("DescribeTags with 200 resource-id values is answered", got is None, str(got))
+        counter = boto3.session.Session(aws_access_key_id="counted", aws_secret_access_key="x",
+                                        region_name="us-east-1").client("ec2", endpoint_url=url)
+        counter.describe_tags()
+        error_of(lambda: counter.describe_tags(Filters=[{"Name": "resource-id", "Values": ids}]))
+        with urllib.request.urlopen(url + "/skiff-emulator/calls?key=counted", timeout=5) as r:
+            counted = json.load(r)
+        check("calls are counted per access key, refused ones too", counted == {"ec2:DescribeTags": 2},
+              str(counted))
 
         launching, terminating = "autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"
         group("g1", [("launch", launching, 60, "ABANDON"), ("term", terminating, 60, "CONTINUE")])

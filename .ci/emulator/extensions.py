@@ -15,7 +15,8 @@
    through POST /skiff-emulator/target-health, marks an InService instance Unhealthy after the
    grace period and replaces it (terminate hook, then a launch to keep the desired capacity).
 6. Request limits (limits.py decides): an EC2 filter with more than 200 values is refused with
-   FilterLimitExceeded before moto answers it.
+   FilterLimitExceeded before moto answers it. Every call is counted per access key and action
+   (GET /skiff-emulator/calls?key=AKID): tests measure what a tool asks of AWS.
 """
 
 from __future__ import annotations
@@ -944,6 +945,39 @@ def _apply_elb_health(backend, group, now: float) -> None:
         group.set_desired_capacity(group.desired_capacity)
 
 
+# Calls per caller (access key id) and action, refused ones too: a test that runs a tool under a
+# key of its own reads back what it asked (GET /skiff-emulator/calls?key=...).
+CALLS: collections.Counter = collections.Counter()
+
+
+def _count(resp) -> None:
+    auth = resp.headers.get("Authorization", "") if resp.headers else ""
+    key = auth.split("Credential=", 1)[1].split("/", 1)[0] if "Credential=" in auth else ""
+    try:
+        action = resp._get_action()
+    except Exception:
+        action = "?"
+    with LOCK:
+        CALLS[(key, f"{resp.service_name}:{action}")] += 1
+
+
+def calls(key: str) -> dict[str, int]:
+    with LOCK:
+        return {a: n for (k, a), n in sorted(CALLS.items()) if k == key}
+
+
+def _patch_call_counting() -> None:
+    from moto.core.responses import BaseResponse
+
+    original = BaseResponse.call_action
+
+    def call_action(self):
+        _count(self)
+        return original(self)
+
+    BaseResponse.call_action = call_action
+
+
 def _patch_ec2_limits() -> None:
     """Every EC2 request first passes AWS's request limits (limits.py): one over them is answered
     with AWS's error, never by moto."""
@@ -955,6 +989,7 @@ def _patch_ec2_limits() -> None:
         refused = limits.ec2_filter_limit(self.querystring)
         if refused is None:
             return original(self)
+        _count(self)
         err = ProtocolError("ec2", refused[0], refused[1], status=400)
         status, headers, body = self._transform_response(
             self.response_headers, (err.description, {"status": err.code}))
@@ -1022,6 +1057,7 @@ def _patch_change_set_outputs() -> None:
 
 
 def apply() -> None:
+    _patch_call_counting()  # first: the other patches of call_action wrap the counting one
     ActionAuthenticatorMixin._authenticate_and_authorize_normal_action = _authorize
     _patch_template_url()
     _patch_change_set_outputs()

@@ -17,6 +17,9 @@ Besides moto's API it serves:
             after the grace period is replaced (extensions.py, health.py)
     GET  /skiff-emulator/authorizations?principal=S  -> the extended checks made for callers whose
          ARN contains S: actions, resources, allowed, the statement (Sid) that allowed each
+    GET  /skiff-emulator/calls?key=AKID  -> {"<service>:<Action>": count} of the calls signed
+         with that access key id (any key works on the permissive server: a test that runs a
+         tool under a key of its own counts what it asked)
 POST /moto-api/reset is refused with --iam (it would drop the administrator): restart instead.
 """
 
@@ -83,6 +86,11 @@ def main() -> int:
 
             want = parse_qs(environ.get("QUERY_STRING", "")).get("principal", [""])[0]
             return answer("200 OK", [e for e in list(extensions.AUTH_LOG) if want in e["principal"]])
+        if path == "/skiff-emulator/calls":
+            from urllib.parse import parse_qs
+
+            key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]
+            return answer("200 OK", extensions.calls(key))
         if path == "/skiff-emulator/instance-credentials" and method == "POST":
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
