@@ -24,7 +24,8 @@ use crate::signal::Stop;
 
 mod aws;
 mod verdict;
-pub use aws::{AwsHosts, KEYS};
+pub use crate::group::KEYS;
+pub use aws::AwsHosts;
 pub use verdict::*;
 
 /// The stack output naming the default strategy (template parameter ReleaseStrategy).
@@ -144,6 +145,17 @@ pub enum InPlaceError {
         asg: String,
         detail: String,
     },
+}
+
+impl From<crate::group::GroupError> for InPlaceError {
+    fn from(e: crate::group::GroupError) -> Self {
+        use crate::group::GroupError as G;
+        match e {
+            G::DescribeGroup { asg, detail } => InPlaceError::DescribeGroup { asg, detail },
+            G::NoGroup { asg } => InPlaceError::NoGroup { asg },
+            G::DescribeTags { detail } => InPlaceError::DescribeTags(detail),
+        }
+    }
 }
 
 impl FromStr for Strategy {

@@ -3,6 +3,8 @@
 //!
 //! - [`alarms`]: the CloudWatch alarms a release watches, and why ctl (not the refresh) rolls back.
 //! - [`deployment`]: where the release parameter, the group and the image repository are.
+//! - [`group`]: the one reader of the group's instances and their skiff tags (status, every
+//!   in-place wait), within EC2's filter limit.
 //! - [`registry`]: resolve `image:tag` to its digest through the registry v2 API.
 //! - [`store`]: the release record in the SSM parameter, with its history.
 //! - [`refresh`]: instance refreshes of the Auto Scaling Group, and the pure follow decision.
@@ -21,6 +23,7 @@ pub mod alarms;
 pub mod aws;
 pub mod deployment;
 pub mod exit;
+pub mod group;
 pub mod history;
 pub mod inplace;
 pub mod lock;

@@ -5,12 +5,12 @@
 
 use std::fmt::Write;
 
-use aws_sdk_ec2::types::Filter;
 use skiff_release::{Release, Tag, instance_tags};
 use time::OffsetDateTime;
 
 use crate::aws;
 use crate::deployment::Deployment;
+use crate::group::{self, GroupError};
 use crate::lock::{self, Holder, ReleaseLock};
 use crate::refresh::{InstanceRefresher, RefreshInfo};
 use crate::store::{ReleaseStore, Stored};
@@ -54,12 +54,8 @@ pub const NOT_REGISTERED: &str = "Target.NotRegistered";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("cannot describe Auto Scaling Group {asg} ({detail})")]
-    DescribeGroup { asg: String, detail: String },
-    #[error("Auto Scaling Group {asg} does not exist; check --asg or the stack")]
-    NoGroup { asg: String },
-    #[error("cannot read the instance tags ({detail})")]
-    DescribeTags { detail: String },
+    #[error(transparent)]
+    Group(#[from] GroupError),
     #[error("cannot read the release parameter: {0}")]
     Read(String),
 }
@@ -158,100 +154,42 @@ pub struct Processes {
     pub held_by_ctl: Vec<String>,
 }
 
-/// The group's instances with their reported releases, and its suspended processes.
+/// The group's instances with their reported releases, and its suspended processes: one read
+/// of the group ([`group::read`], within EC2's filter limit).
 pub async fn instances(
     autoscaling: &aws_sdk_autoscaling::Client,
     ec2: &aws_sdk_ec2::Client,
     asg: &str,
 ) -> Result<(Vec<InstanceView>, Processes), StatusError> {
-    let out = autoscaling
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(asg)
-        .send()
-        .await
-        .map_err(|e| StatusError::DescribeGroup {
-            asg: asg.to_owned(),
-            detail: aws::describe(&e),
-        })?;
-    let group = out
-        .auto_scaling_groups()
-        .first()
-        .ok_or_else(|| StatusError::NoGroup {
-            asg: asg.to_owned(),
-        })?;
-    let mut views: Vec<InstanceView> = group
-        .instances()
+    let g = group::read(autoscaling, ec2, asg).await?;
+    let views = g
+        .members
         .iter()
-        .map(|i| InstanceView {
-            id: i.instance_id().unwrap_or_default().to_owned(),
-            zone: i.availability_zone().map(str::to_owned),
-            lifecycle: i.lifecycle_state().map(|s| s.as_str().to_owned()),
-            health: i.health_status().map(str::to_owned),
-            release: None,
-            target: None,
-            failed: None,
+        .map(|m| InstanceView {
+            id: m.id.clone(),
+            zone: m.zone.clone(),
+            lifecycle: m.lifecycle.clone(),
+            health: m.health.clone(),
+            release: m.tag(RELEASE_TAG_KEY),
+            target: m.tag(instance_tags::TARGET),
+            failed: m.tag(instance_tags::FAILED),
             target_health: None,
             target_reason: None,
         })
         .collect();
-    let mut processes = Processes {
-        suspended: group
-            .suspended_processes()
-            .iter()
-            .filter_map(|p| p.process_name().map(str::to_owned))
-            .collect(),
-        held_by_ctl: group
-            .tags()
-            .iter()
-            .filter(|t| t.key() == Some(crate::inplace::HELD_TAG))
-            .filter_map(|t| t.value())
-            .flat_map(crate::inplace::parse_mark)
-            .collect(),
-    };
-    processes.suspended.sort();
-    processes.held_by_ctl.sort();
-    if views.is_empty() {
-        return Ok((views, processes));
-    }
-    let mut pages = ec2
-        .describe_tags()
-        .filters(
-            Filter::builder()
-                .name("resource-id")
-                .set_values(Some(views.iter().map(|v| v.id.clone()).collect()))
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("key")
-                .values(RELEASE_TAG_KEY)
-                .values(instance_tags::TARGET)
-                .values(instance_tags::FAILED)
-                .build(),
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| StatusError::DescribeTags {
-            detail: aws::describe(&e),
-        })?;
-        for t in page.tags() {
-            if let Some(v) = views
-                .iter_mut()
-                .find(|v| Some(v.id.as_str()) == t.resource_id())
-            {
-                let value = t.value().map(str::to_owned);
-                match t.key() {
-                    Some(RELEASE_TAG_KEY) => v.release = value,
-                    Some(instance_tags::TARGET) => v.target = value,
-                    Some(instance_tags::FAILED) => v.failed = value,
-                    _ => {}
-                }
-            }
-        }
-    }
-    views.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok((views, processes))
+    let mut held_by_ctl: Vec<String> = g
+        .tags
+        .get(crate::inplace::HELD_TAG)
+        .map(|v| crate::inplace::parse_mark(v))
+        .unwrap_or_default();
+    held_by_ctl.sort();
+    Ok((
+        views,
+        Processes {
+            suspended: g.suspended,
+            held_by_ctl,
+        },
+    ))
 }
 
 /// Every target of the target group with its health (DescribeTargetHealth without targets

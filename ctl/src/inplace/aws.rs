@@ -1,13 +1,12 @@
 //! The AWS adapter of [`InPlaceFleet`](super::InPlaceFleet).
 
-use aws_sdk_ec2::types::{Filter, Tag as Ec2Tag};
-use skiff_release::instance_tags;
+use aws_sdk_ec2::types::Tag as Ec2Tag;
 
 use super::*;
-use crate::aws;
+use crate::{aws, group};
 
-/// The AWS adapter: Auto Scaling DescribeAutoScalingGroups, EC2 DescribeTags and CreateTags,
-/// ELBv2 DescribeTargetHealth.
+/// The AWS adapter: the group and its instances' tags through [`group::read`] (Auto Scaling
+/// DescribeAutoScalingGroups, EC2 DescribeTags), EC2 CreateTags, ELBv2 DescribeTargetHealth.
 #[derive(Debug, Clone)]
 pub struct AwsHosts {
     pub asg: String,
@@ -16,15 +15,6 @@ pub struct AwsHosts {
     pub ec2: aws_sdk_ec2::Client,
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
 }
-
-/// The tag keys the rollout reads.
-pub const KEYS: [&str; 5] = [
-    instance_tags::RELEASE,
-    instance_tags::TARGET,
-    instance_tags::PULL,
-    instance_tags::PULLED,
-    instance_tags::FAILED,
-];
 
 impl AwsHosts {
     /// The group, as DescribeAutoScalingGroups tells it (instances, suspended processes, tags).
@@ -49,54 +39,24 @@ impl AwsHosts {
 }
 
 impl InPlaceFleet for AwsHosts {
+    /// One read of the group ([`group::read`], within EC2's filter limit), its InService
+    /// instances kept.
     async fn hosts(&self) -> Result<Vec<Host>, InPlaceError> {
-        let group = self.group().await?;
-        let mut hosts: Vec<Host> = group
-            .instances()
-            .iter()
-            .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some("InService"))
-            .filter_map(|i| {
-                Some(Host {
-                    id: i.instance_id()?.to_owned(),
+        let g = group::read(&self.autoscaling, &self.ec2, &self.asg).await?;
+        Ok(g.members
+            .into_iter()
+            .filter(|m| m.lifecycle.as_deref() == Some("InService"))
+            .map(|m| {
+                let mut h = Host {
+                    id: m.id,
                     ..Host::default()
-                })
-            })
-            .collect();
-        if hosts.is_empty() {
-            return Ok(hosts);
-        }
-        // https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_DescribeTags.html
-        let mut pages = self
-            .ec2
-            .describe_tags()
-            .filters(
-                Filter::builder()
-                    .name("resource-id")
-                    .set_values(Some(hosts.iter().map(|h| h.id.clone()).collect()))
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("key")
-                    .set_values(Some(KEYS.iter().map(|k| (*k).to_owned()).collect()))
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| InPlaceError::DescribeTags(aws::describe(&e)))?;
-            for t in page.tags() {
-                let (Some(id), Some(key), Some(value)) = (t.resource_id(), t.key(), t.value())
-                else {
-                    continue;
                 };
-                if let Some(h) = hosts.iter_mut().find(|h| h.id == id) {
-                    h.set(key, value);
+                for (k, v) in &m.tags {
+                    h.set(k, v);
                 }
-            }
-        }
-        hosts.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(hosts)
+                h
+            })
+            .collect())
     }
 
     async fn tag(&self, ids: &[String], key: &str, value: &str) -> Result<(), InPlaceError> {

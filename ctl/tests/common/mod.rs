@@ -42,11 +42,11 @@ pub fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     ctl_command(args, env).output().expect("run ctl")
 }
 
-/// The real `ctl` binary set up against moto, to spawn.
+/// The real `ctl` binary set up against moto, to spawn; `env` is set last, so it may also
+/// replace these defaults (e.g. `AWS_ACCESS_KEY_ID`: the emulator counts calls per key).
 pub fn ctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ctl"));
     c.args(args)
-        .envs(env.iter().copied())
         .env("AWS_ENDPOINT_URL", MOTO)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -57,7 +57,8 @@ pub fn ctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
         .env_remove("SKIFF_IMAGE")
         .env_remove("SKIFF_TARGET_GROUP")
         .env_remove("AWS_PROFILE")
-        .env_remove("BUILD_TAG");
+        .env_remove("BUILD_TAG")
+        .envs(env.iter().copied());
     c
 }
 
