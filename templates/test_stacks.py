@@ -680,6 +680,84 @@ def app_secret_scope_checks(text, t):
 
 
 
+def _render(value, names):
+    """A policy value with Fn::Sub resolved from names (no other intrinsic is expected here)."""
+    if isinstance(value, list):
+        return [_render(v, names) for v in value]
+    if isinstance(value, dict) and set(value) == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):
+        return re.sub(r"\$\{([^}]+)\}", lambda m: names[m.group(1)], value["Fn::Sub"])
+    if isinstance(value, dict):
+        return {k: _render(v, names) for k, v in value.items()}
+    return value
+
+
+def app_narrow_grants_checks(text, t):
+    """Issue 18, finding 8: the grants narrowed, each shown by evaluating the rendered policy with
+    the emulator's IAM evaluation (.ci/emulator/policy.py) on the requests AWS would authorize,
+    with the condition keys AWS documents for them (which the emulator's request contexts do
+    not all carry yet: aws:TagKeys of Auto Scaling tagging, the SSM encryption context)."""
+    sys.path.insert(0, os.path.join(HERE, "..", ".ci", "emulator"))
+    import policy  # noqa: E402 (the emulator's evaluation, pure)
+
+    r = t["Resources"]
+    env, account, region = "feature-x", "123456789012", REGION
+    names = {"AWS::Partition": "aws", "AWS::Region": region, "AWS::AccountId": account,
+             "AWS::StackName": f"app-{env}", "Environment": env, "ImageRepositoryName": "skiff-app"}
+
+    def stmts(logical_id):
+        return _render(r[logical_id]["Properties"]["PolicyDocument"]["Statement"], names)
+
+    def allowed(statements, action, resource, context=None):
+        return policy.evaluate(statements, [policy.Check(action, resource, context or {})]).allowed
+
+    # The deployer's tags on its group: only the key ctl writes (skiff:held-processes).
+    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-tagging.html
+    #   (aws:TagKeys with ForAllValues on CreateOrUpdateTags and DeleteTags)
+    deployer = stmts("DeployerPolicy")
+    group = (f"arn:aws:autoscaling:{region}:{account}:autoScalingGroup:"
+             f"0f0e0d0c-0000-4000-8000-000000000000:autoScalingGroupName/skiff-{env}")
+    for action in ("autoscaling:CreateOrUpdateTags", "autoscaling:DeleteTags"):
+        check(f"app: the deployer may {action} skiff:held-processes on its group",
+              allowed(deployer, action, group, {"aws:TagKeys": ["skiff:held-processes"]}))
+        for keys in (["Name"], ["skiff:held-processes", "a b"], ["skiff/x"], ["skiff:target"]):
+            check(f"app: the deployer may not {action} {keys} on its group",
+                  not allowed(deployer, action, group, {"aws:TagKeys": keys}))
+    check("app: the deployer still suspends and resumes its group's processes",
+          allowed(deployer, "autoscaling:SuspendProcesses", group)
+          and allowed(deployer, "autoscaling:ResumeProcesses", group))
+
+    # kms:Decrypt only through SSM and only for this environment's parameters: SSM decrypts a
+    # SecureString with the encryption context PARAMETER_ARN = the parameter's ARN.
+    # https://docs.aws.amazon.com/kms/latest/developerguide/services-parameter-store.html
+    agent = stmts("AgentPolicy")
+    key = f"arn:aws:kms:{region}:{account}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    via = {"kms:ViaService": [f"ssm.{region}.amazonaws.com"]}
+
+    def param(e, rest):
+        return {"kms:EncryptionContext:PARAMETER_ARN": [f"arn:aws:ssm:{region}:{account}:parameter/skiff/{e}/{rest}"]}
+
+    check("app: kms:Decrypt through SSM of its own /skiff/<env>/env/ SecureString",
+          allowed(agent, "kms:Decrypt", key, {**via, **param(env, "env/TOKEN")}))
+    check("app: no kms:Decrypt through SSM of another environment's parameter",
+          not allowed(agent, "kms:Decrypt", key, {**via, **param("other", "env/TOKEN")}))
+    check("app: no kms:Decrypt through SSM of another /skiff/<env>x/ parameter (prefix)",
+          not allowed(agent, "kms:Decrypt", key, {**via, **param(env + "x", "env/TOKEN")}))
+    check("app: no kms:Decrypt outside SSM, even with its own parameter's context",
+          not allowed(agent, "kms:Decrypt", key, param(env, "env/TOKEN")))
+
+    # The instance role pulls, never pushes (Amazon ECR's pull policy: BatchGetImage and
+    # GetDownloadUrlForLayer; BatchCheckLayerAvailability is one of the push actions).
+    # https://docs.aws.amazon.com/AmazonECR/latest/userguide/image-push-iam.html
+    repo = f"arn:aws:ecr:{region}:{account}:repository/skiff-app"
+    check("app: the instance role pulls its image (BatchGetImage, GetDownloadUrlForLayer)",
+          allowed(agent, "ecr:BatchGetImage", repo) and allowed(agent, "ecr:GetDownloadUrlForLayer", repo))
+    role = agent + stmts("SessionManagerPolicy")
+    pushes = [a for a in ("ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload",
+                          "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage")
+              if allowed(role, a, repo)]
+    equal("app: the instance role has no ECR push action", pushes, [])
+
+
 def app_network_checks(text, t):
     """Who reaches the instances."""
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
@@ -1350,6 +1428,7 @@ def main():
                  lambda: app_bounds_checks(app_text, app_t),
                  lambda: app_instance_checks(app_text, app_t),
                  lambda: app_secret_scope_checks(app_text, app_t),
+                 lambda: app_narrow_grants_checks(app_text, app_t),
                  lambda: app_network_checks(app_text, app_t),
                  lambda: app_release_checks(app_text, app_t),
                  lambda: app_alarm_checks(app_text, app_t),
