@@ -758,6 +758,31 @@ def app_narrow_grants_checks(text, t):
     equal("app: the instance role has no ECR push action", pushes, [])
 
 
+def finding_12_checks(app_t, db_t):
+    """Issue 18, finding 12: MySQL 8.4 with its lifecycle support stated; no Graviton type for
+    the x86_64 AMI."""
+    for name, t, key in (("db", db_t, "EngineVersion"), ("app", app_t, "DatabaseEngineVersion")):
+        version = str(t["Parameters"][key]["Default"])
+        check(f"{name}: MySQL 8.4 by default, an exact minor version ({version})",
+              re.fullmatch(r"8\.4\.[0-9]+", version) is not None)
+        props = t["Resources"]["Database"]["Properties"]
+        equal(f"{name}: RDS Extended Support stated (disabled: no silent paid support)",
+              props.get("EngineLifecycleSupport"), "open-source-rds-extended-support-disabled")
+    pattern = app_t["Parameters"]["InstanceType"]["AllowedPattern"]
+    x86 = ["t3.small", "t3a.medium", "t2.micro", "m7i.large", "m7i-flex.large", "c7a.xlarge",
+           "g4dn.xlarge", "g6.xlarge", "r6idn.large", "m5zn.large", "u-6tb1.metal",
+           "u7i-12tb.224xlarge", "x2iedn.xlarge", "z1d.large", "i4i.large", "p5.48xlarge",
+           "inf2.xlarge", "trn1.2xlarge", "c5n.large", "m6in.large", "hpc7a.96xlarge", "d3en.xlarge"]
+    arm = ["t4g.small", "m7g.large", "m6gd.large", "c6gn.large", "c7gn.large", "r8g.large",
+           "x2gd.large", "im4gn.large", "is4gen.large", "a1.large", "g5g.xlarge", "hpc7g.4xlarge",
+           "i8g.large", "c8gd.large", "m8g.medium", "r7gd.large", "x8g.large",
+           "mac1.metal", "mac2.metal", "mac2-m2pro.metal"]
+    equal("app: InstanceType accepts x86_64 types",
+          [i for i in x86 if not re.fullmatch(pattern, i)], [])
+    equal("app: InstanceType refuses Graviton (arm64), a1 and mac types",
+          [i for i in arm if re.fullmatch(pattern, i)], [])
+
+
 def app_network_checks(text, t):
     """Who reaches the instances."""
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
@@ -1435,6 +1460,7 @@ def main():
                  lambda: app_database_checks(app_text, app_t),
                  lambda: database_settings_checks("app", app_t, "Database"),
                  lambda: same_database_settings(app_t, db_t),
+                 lambda: finding_12_checks(app_t, db_t),
                  lambda: db_template_checks(db_text, db_t),
                  lambda: policy_check_self_test(app_text, app_t)):
         try:
