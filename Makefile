@@ -5,7 +5,13 @@
 # Variables and their defaults:
 #   REGION       AWS region                        $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1
 #   BRANCH       git branch                        $BRANCH_NAME (Jenkins), else the checked-out branch
-#   ENV          environment = BRANCH sanitized    lowercase, [a-z0-9-], at most 40 characters
+#   ENV          environment of BRANCH             BRANCH when it is already lowercase [a-z0-9-], at most
+#                40 characters; else BRANCH sanitized (lowercased, runs of other characters -> -, cut
+#                to 32) + '--' + 6 hex of sha256(BRANCH): feature/Login -> feature-login--<hash>.
+#                No two branches share an environment ('--' is never in a sanitized name), and
+#                a branch whose environment or sanitized name is PROTECTED but which is not
+#                exactly that name (Master, master_, -master, Production) is refused by every
+#                target that acts on the branch; `make -s env-name` prints ENV or refuses
 #   STACK        the branch's CloudFormation stack app-$(ENV)
 #   HASH         image tag naming the commit       git rev-parse --short HEAD (CI passes the full hash)
 #   REPOSITORY   image repository name             skiff-app
@@ -45,8 +51,10 @@
 #   CA INSECURE  a private CA's PEM file, or 1 to skip certificate verification
 #   delete-stack only:
 #   FORCE        1: no question asked              empty: asks on a terminal, refuses without one
-#   PROTECTED    environments FORCE=1 cannot delete  master main production prod
-#   CONFIRM_PROTECTED  =<ENV> to delete a protected one anyway
+#   PROTECTED    protected environments            master main production prod
+#                only the branch of exactly that name reaches one; FORCE=1 cannot delete one;
+#                create-stack and update-stack reach one other than master only with CONFIRM_PROTECTED
+#   CONFIRM_PROTECTED  =<ENV> to delete a protected one anyway (or deploy one other than master)
 #   DELETE_TIMEOUT     seconds to wait for the stack's deletion   3600
 
 SHELL := bash
@@ -56,8 +64,20 @@ MAKEFLAGS += --no-print-directory
 
 REGION ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 BRANCH ?= $(or $(BRANCH_NAME),$(shell git rev-parse --abbrev-ref HEAD 2>/dev/null))
-# refs like feature/Login_Fix -> feature-login-fix: valid in a stack name, a parameter path and a tag
-ENV ?= $(shell printf '%s' '$(BRANCH)' | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$$//' | cut -c1-40 | sed -E 's/-+$$//')
+# The environment of a branch, valid in a stack name, a parameter path, a tag and a host name.
+# BRANCH_BASE: BRANCH lowercased, runs of other characters -> '-', no '-' at either end (empty
+# when it has no letter or digit). A branch that is exactly its BRANCH_BASE (and at most 40
+# characters) is its own environment; any other gets its base cut to 32 characters, '--' and 6 hex
+# of the raw name's sha256: Master, MASTER and master_ are three environments, none of them
+# master, and two long names sharing their first 40 characters are two environments. '--' never
+# occurs in a BRANCH_BASE, so no branch's own name can equal another's suffixed one.
+quote = '$(subst ','\'',$(1))'
+BRANCH_BASE := $(shell printf '%s' $(call quote,$(BRANCH)) | LC_ALL=C tr 'A-Z' 'a-z' | LC_ALL=C sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$$//')
+ifeq ($(origin ENV),undefined)
+ENV := $(shell b=$(call quote,$(BRANCH)); s=$(call quote,$(BRANCH_BASE)); \
+  if [ -z "$$s" ]; then :; elif [ "$$s" = "$$b" ] && [ -z "$${s:40}" ]; then printf '%s' "$$s"; \
+  else printf '%s--%s' "$$(printf '%s' "$$s" | cut -c1-32 | sed -E 's/-+$$//')" "$$(printf '%s' "$$b" | sha256sum | cut -c1-6)"; fi)
+endif
 STACK ?= app-$(ENV)
 HASH ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 REPOSITORY ?= skiff-app
@@ -128,9 +148,30 @@ define need_aws
 	fi
 endef
 
+# Fails the recipe unless BRANCH has an environment of its own: a detached HEAD, a name without
+# a letter or digit, and a name that folds onto a protected environment without being it.
 define need_branch
-	if [ -z "$(ENV)" ] || [ "$(BRANCH)" = HEAD ]; then \
-	  $(say) "cannot tell the branch (detached HEAD?): pass BRANCH=<name>" >&2; exit 1; fi
+	if [ "$(BRANCH)" = HEAD ] || [ -z $(call quote,$(BRANCH)) ]; then \
+	  $(say) "cannot tell the branch (detached HEAD?): pass BRANCH=<name>" >&2; exit 1; fi; \
+	if [ -z "$(ENV)" ]; then \
+	  $(say) "branch "$(call quote,$(BRANCH))" has no letter or digit to name an environment with" >&2; exit 1; fi; \
+	for p in $(PROTECTED); do \
+	  if { [ "$(ENV)" = "$$p" ] || [ "$(BRANCH_BASE)" = "$$p" ]; } && [ $(call quote,$(BRANCH)) != "$$p" ]; then \
+	    $(say) "branch "$(call quote,$(BRANCH))" would reach the protected environment $$p (PROTECTED=$(PROTECTED))," >&2; \
+	    $(say) "which only the branch named exactly $$p may: refused; rename the branch" >&2; exit 1; fi; \
+	done
+endef
+
+# need_branch, and for a target that deploys (create-stack, update-stack): a protected environment
+# other than master only with CONFIRM_PROTECTED=$(ENV), which Jenkins never passes, so that of all
+# the branches CI deploys only master reaches a protected environment.
+define need_deployable_branch
+	$(need_branch); \
+	for p in $(PROTECTED); do \
+	  if [ "$(ENV)" = "$$p" ] && [ "$$p" != master ] && [ '$(CONFIRM_PROTECTED)' != "$$p" ]; then \
+	    $(say) "$(ENV) is protected (PROTECTED=$(PROTECTED)) and only master deploys to one unasked:" >&2; \
+	    $(say) "if you really mean to deploy branch $(BRANCH) onto $(STACK), add CONFIRM_PROTECTED=$(ENV)" >&2; exit 1; fi; \
+	done
 endef
 
 .PHONY: help
@@ -139,6 +180,12 @@ help: ## list the targets (default)
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 18
 	@printf '\nnow: BRANCH=%s ENV=%s STACK=%s IMAGE=%s HASH=%s REGION=%s\n' \
 	  '$(BRANCH)' '$(ENV)' '$(STACK)' '$(IMAGE)' '$(HASH)' '$(REGION)'
+
+# What Jenkins asks first: the one definition of a branch's environment is this Makefile's.
+.PHONY: env-name
+env-name: ## print the environment (ENV) of BRANCH, or refuse a branch that may not have one
+	@$(need_branch)
+	@echo '$(ENV)'
 
 .PHONY: build
 build: ## build app/Dockerfile as $(IMAGE):$(HASH) and move $(IMAGE):$(ENV) to it
@@ -242,7 +289,7 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 # https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
-	@$(need_branch)
+	@$(need_deployable_branch)
 	@$(need_aws)
 	@overrides=(Environment=$(ENV)); owned=; \
 	if $(AWS) cloudformation describe-stacks --stack-name $(STACK) --region $(REGION) >/dev/null 2>&1; then \
@@ -301,7 +348,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 
 .PHONY: update-stack
 update-stack: ## release TAG to this branch's fleet: ctl --stack $(STACK) release --tag $(TAG) $(CTL_FLAGS)
-	@$(need_branch)
+	@$(need_deployable_branch)
 	@if [ -z "$(TAG)" ]; then \
 	  $(say) "which release? pass TAG=<image tag>, e.g. TAG=$(HASH) make update-stack" >&2; exit 1; fi
 	@if [ ! -x "$(CTL)" ] && ! command -v "$(CTL)" >/dev/null 2>&1; then \

@@ -12,6 +12,8 @@
 #      step bodies and the Jenkinsfile's functions run with recording stand-ins for sh,
 #      withCredentials, error, unstable, readFile...; the make targets each path calls, in order,
 #      and the build's result must be the expected ones, and no path calls ctl or aws directly.
+#      `make -s env-name` is answered by the real Makefile: a branch folding onto a protected
+#      environment (Master, master_, Production...) must stop there (issue 18, finding 5).
 # It is no substitute for Jenkins' own linter (which needs a Jenkins server and its plugins):
 # step names and their arguments are not checked, and the model knows only the steps used here.
 #
@@ -233,6 +235,17 @@ class Scenario {
     String result = 'SUCCESS'
 
     List answer(String script) {
+        // `make -s env-name` is answered by the real Makefile (SKIFF_MAKE_DIR) for the branch, so
+        // that the paths follow the one definition of a branch's environment, refusals included.
+        String dir = System.getenv('SKIFF_MAKE_DIR')
+        if (dir && script =~ /(?:^|&&\s*)make\s+-s\s+env-name\s*$/) {
+            def proc = ['make', '-s', '-C', dir, 'env-name'].execute(
+                ["PATH=${System.getenv('PATH')}", "BRANCH_NAME=${env.BRANCH_NAME ?: ''}"], new File(dir))
+            def out = new StringBuilder(), err = new StringBuilder()
+            proc.waitForProcessOutput(out, err)
+            if (proc.exitValue() != 0) messages << err.toString().trim()
+            return [null, proc.exitValue(), out.toString()]
+        }
         def a = answers.find { script =~ it[0] }
         return a ?: [null, 0, '']
     }
@@ -351,7 +364,13 @@ class Sim {
 Map<String, List<Map>> scenarioSets() {
     def commit = '0123456789abcdef0123456789abcdef01234567'
     def base = { Map extra -> [GIT_COMMIT: commit, BUILD_URL: 'https://jenkins/job/1/'] + extra }
-    def built = ['build', 'test', 'push']
+    def built = ['env-name', 'build', 'test', 'push']
+    // issue 18, finding 5: a branch folding onto a protected environment stops at make env-name
+    def refused = { String branch ->
+        [name: "branch ${branch}: refused by make env-name, nothing built, pushed or deployed".toString(),
+            env: base(BRANCH_NAME: branch), answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+            targets: ['env-name'], result: 'FAILURE', env_name: null]
+    }
     return [
         main: [
             [name: 'pull request (the PR gate only)', env: base(BRANCH_NAME: 'PR-42', CHANGE_ID: '42',
@@ -378,6 +397,15 @@ Map<String, List<Map>> scenarioSets() {
             [name: 'master, another release holds the lock (ctl 4): UNSTABLE, not tested', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/update-stack/, 2, '']], files: ['.ctl-exit': '4\n'],
                 targets: built + ['stack-status', 'update-stack'], result: 'UNSTABLE'],
+            refused('Master'), refused('MASTER'), refused('master_'), refused('-master'), refused('Production'),
+            [name: 'branch feature/login: its own environment, not feature-login\'s', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-branch', env_name: 'feature-login--df7c7a'],
+            [name: 'branch master: the environment master', env: base(BRANCH_NAME: 'master'),
+                answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-master', env_name: 'master'],
             [name: 'branch whose stack is being updated: FAILURE, nothing deployed', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'UPDATE_IN_PROGRESS\n']],
                 targets: built + ['stack-status'], result: 'FAILURE'],
@@ -416,6 +444,9 @@ List<String> judge(Map want, Scenario sc) {
                 problems << "${t} does not run with the stack config ${want.credential}: ${c.script}".toString()
             }
         }
+    }
+    if (want.containsKey('env_name') && sc.env.SKIFF_ENV != want.env_name) {
+        problems << "environment ${sc.env.SKIFF_ENV}, expected ${want.env_name}".toString()
     }
     if ('update-stack' in got && !(sc.command('update-stack').script =~ 'TAG="?\\$GIT_COMMIT')) {
         problems << "update-stack does not release \$GIT_COMMIT: ${sc.command('update-stack').script}".toString()
@@ -514,7 +545,7 @@ for (path in args) {
 System.exit(bad)
 GROOVY
 
-check() { groovy "$work/check.groovy" "$@"; }
+check() { SKIFF_MAKE_DIR=$root groovy "$work/check.groovy" "$@"; }
 
 if (($#)); then
   check "$@"
@@ -566,6 +597,9 @@ write("paths-main/ctl-direct", main, "make('update-stack TAG=\"$GIT_COMMIT\" ",
       "('\"$CARGO_TARGET_DIR/release/ctl\" release --tag \"$GIT_COMMIT\" ")
 # the teardown asks (no FORCE=1): it would hang or refuse in Jenkins
 write("paths-teardown/no-force", teardown, "FORCE=1 ", "")
+# the environment sanitized in Groovy instead of asked of make (Master would reach master)
+write("paths-main/env-in-groovy", main, "sh(script: 'make -s env-name', returnStdout: true).trim()",
+      "env.BRANCH_NAME.toLowerCase().replaceAll(/[^a-z0-9]+/, '-')")
 # any branch name goes through to the shell
 write("paths-teardown/no-validation", teardown, "if (!(branch ==~", "if (false && !(branch ==~")
 PY

@@ -22,6 +22,13 @@
 #      lock, env/..., its log group) while a neighbour's /skiff/<env>x/ stays; a rerun is a no-op.
 #      `make integration` without URL checks the stack's LoadBalancerDNS output (the checks
 #      themselves: app/integration-test.sh).
+#   0. environments (issue 18, finding 5; no AWS): no two branches share one (feature/login,
+#      feature-login, Feature-Login; two long names alike in their first 40 characters), every
+#      one fits the template's Environment pattern, a branch folding onto a protected one
+#      (Master, MASTER, master_, master., -master, Production, prod_) is refused by env-name,
+#      build, update-stack (before any AWS call; `make -n` does not name app-master either) and
+#      delete-stack (even with CONFIRM_PROTECTED=master), and a protected environment other than
+#      master (the branch production) is deployed only with CONFIRM_PROTECTED.
 # Every name carries a fresh run id; images, registry tags and moto resources it made are removed
 # on exit, also after a failure. Needs .ci/setup.sh's services (Docker, registry :5000, moto
 # :5055, the awscli venv); builds ctl (debug) when missing.
@@ -45,7 +52,8 @@ run=$(date +%s)$RANDOM
 repo_name=skiff-make-check-$run
 image=$registry/$repo_name
 branch=make-check/$run
-env_name=make-check-$run
+# Not the branch's own name ('/' replaced): sanitized, '--', 6 hex of the branch's sha256.
+env_name=make-check-$run--$(printf '%s' "$branch" | sha256sum | cut -c1-6)
 stack=app-$env_name
 work=$(mktemp -d)
 clone=$work/repo
@@ -114,6 +122,49 @@ git -C "$clone" checkout -q -b "$branch"
 cp "$root/Makefile" "$clone/Makefile"
 git -C "$clone" commit -q --allow-empty -am "make-check: the Makefile under test"
 hash1=$(git -C "$clone" rev-parse --short HEAD)
+
+# --- 0. environments --------------------------------------------------------------------------
+env_of() { mk -- -s env-name BRANCH="$1" && cat "$work/out"; }
+declare -A seen_env=()
+long=release/$(printf 'x%.0s' {1..40})
+for b in master feature-login feature/login Feature-Login feature_login "$long-a" "$long-b" \
+  "$(printf 'y%.0s' {1..40})" "$(printf 'y%.0s' {1..41})" master-hotfix master/hotfix; do
+  e=$(env_of "$b") || e="(refused: $(tail -n 2 "$work/out" | head -n 1))"
+  check "env-name: $b -> $e fits the template's Environment pattern" \
+    bash -c '[[ $1 =~ ^[a-z0-9][a-z0-9-]{0,39}$ ]]' _ "$e"
+  check "env-name: $b -> $e is no other branch's (${seen_env[$e]:-})" [ -z "${seen_env[$e]:-}" ]
+  seen_env[$e]=$b
+done
+check "env-name: a branch already in the sanitized form is its own environment" \
+  eval '[ "${seen_env[master]:-}" = master ] && [ "${seen_env[feature-login]:-}" = feature-login ]'
+check "env-name: feature/login -> feature-login--<6 hex of its sha256>" \
+  [ "${seen_env[feature-login--$(printf '%s' feature/login | sha256sum | cut -c1-6)]:-}" = feature/login ]
+for b in Master MASTER master_ master. -master Production PRODUCTION prod_ Main; do
+  mk -- -s env-name BRANCH="$b"; rc=$?
+  check "env-name refuses $b, which folds onto a protected environment (exit $rc)" \
+    eval '[ "$rc" != 0 ] && has "would reach the protected environment" && has "only the branch named exactly"'
+done
+mk -- -s env-name BRANCH=master ENV=master; rc=$?
+check "env-name accepts master itself (exit $rc)" eval '[ "$rc" = 0 ] && grep -qx master "$work/out"'
+mk -- -s env-name BRANCH=feature/x ENV=master; rc=$?
+check "an ENV=master given to another branch is refused (exit $rc)" [ "$rc" != 0 ]
+mk -- -n update-stack BRANCH=Master TAG=abc1234 CTL=/bin/true
+check "make -n update-stack BRANCH=Master does not name app-master" bash -c '! grep -qE "app-master( |$)" "$1"' _ "$work/out"
+mk "${moto_env[@]}" -- update-stack BRANCH=Master TAG=abc1234 AWS="$aws_cli" CTL="$ctl"; rc=$?
+check "update-stack BRANCH=Master is refused (exit $rc) before any AWS call" \
+  eval '[ "$rc" != 0 ] && has "protected environment master" && ! has "AWS identity" && ! has "release --tag"'
+mk -- build BRANCH=MASTER; rc=$?
+check "build BRANCH=MASTER is refused (it would move the :master tag) (exit $rc)" \
+  eval '[ "$rc" != 0 ] && has "protected environment master" && ! has "docker build"'
+mk "${moto_env[@]}" -- delete-stack BRANCH=master_ FORCE=1 CONFIRM_PROTECTED=master AWS="$aws_cli"; rc=$?
+check "delete-stack BRANCH=master_ is refused even with CONFIRM_PROTECTED=master (exit $rc)" \
+  eval '[ "$rc" != 0 ] && has "protected environment master" && ! has "AWS identity"'
+mk "${moto_env[@]}" -- update-stack BRANCH=production TAG=abc1234 AWS="$aws_cli" CTL="$ctl"; rc=$?
+check "update-stack of the branch production is refused without CONFIRM_PROTECTED (exit $rc)" \
+  eval '[ "$rc" != 0 ] && has "CONFIRM_PROTECTED=production" && ! has "AWS identity"'
+mk -- update-stack BRANCH=production TAG=abc1234 CONFIRM_PROTECTED=production AWS=/nonexistent/aws CTL="$ctl"; rc=$?
+check "... and goes on with CONFIRM_PROTECTED=production (to the credentials check here)" \
+  eval '! has "CONFIRM_PROTECTED=production" && has "no AWS credentials"'
 
 # --- 1. help ---------------------------------------------------------------------------------
 targets=$(sed -n 's/^\.PHONY: *//p' "$clone/Makefile" | tr ' ' '\n' | sed '/^$/d')
