@@ -1122,12 +1122,24 @@ def agent_hold():
     return 5.0
 
 
-def handover_floor(watch, tag, bake, after):
+def ctl_batches(lines, after_t=0.0):
+    """The batches as ctl ran them, from its progress lines (`in-place: batch k/N: switch i-a
+    i-b to T`): [(t, [instances])]. Handover batches follow each other within a second or two,
+    too fast to tell apart by the tags' timing (Watch.batches)."""
+    out = []
+    for t, x in lines:
+        m = re.search(r"in-place: batch \d+/\d+: switch (.+?) to \S+", x)
+        if m and t >= after_t:
+            out.append((t, m.group(1).split()))
+    return out
+
+
+def handover_floor(watch, tag, bake, after, lines=None):
     """The floor of a handover release: the slowest pull (all at once), then per batch the
     slowest start-to-healthy (the agent's gate on the slot) and the bake, and the agents' hold
     after the last batch beyond the bake (ctl watches the last batch that long for a flip back:
     ctl/src/inplace.rs HANDOVER_HOLD). No load-balancer term: the target never changes state."""
-    batches = watch.batches(tag, after)
+    batches = ctl_batches(lines) if lines else watch.batches(tag, after)
     known = [watch.pull_ms[(i, tag)] for i in watch.ids if (i, tag) in watch.pull_ms]
     per = []
     for _, ids in batches:
@@ -1197,12 +1209,13 @@ def handover_release(box, rate, tag, n, number, rollback_to=None, bake=0):
     targets, slots = handover_common(sc, box, ids, watch, view, t0, counts, settled)
     now = served()
     sc.check(set(now) == {target}, f"the load balancer serves {now}")
-    floor, terms = handover_floor(watch, target, bake, t0)
-    per_batch = batch_times(watch, target, t0)
+    floor, terms = handover_floor(watch, target, bake, t0, lines)
+    batches = ctl_batches(lines)
+    per_batch = [max((watch.first(i, "serving", target, t) or math.nan) - t for i in ids_) for t, ids_ in batches]
     ratio = f"{took / floor:.2f}x the floor" if floor else "ratio unknown"
     sc.figures += [f"ctl {took:.1f} s, {ratio}; {terms}",
-                   f"batches {[len(b) for _, b in watch.batches(target, t0)]}, told -> serving: "
-                   f"{', '.join(f'{x:.1f}' if x else '?' for x in per_batch)} s",
+                   f"batches {[len(b) for _, b in batches]}, switch line -> serving (agent): "
+                   f"{', '.join(f'{x:.1f}' for x in per_batch)} s",
                    f"old containers gone {settled[1]:.1f} s after ctl; slots now {slots}", targets, counts.line()]
     HANDOVER_BENCH.append((f"handover {'rollback ' if rollback_to else ''}{previous} -> {target}", n, took, floor,
                            counts.failed, terms))
