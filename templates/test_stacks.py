@@ -1208,7 +1208,8 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
                    for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])))
            for s in ship],
           [(["logs:CreateLogStream", "logs:PutLogEvents"],
-            sorted([f"log-group:{log_group}", f"log-group:{log_group}:log-stream:*"]))])
+            # The stream ARN only: AWS authorizes both actions against the stream.
+            sorted([f"log-group:{log_group}:log-stream:*"]))])
     deployer_arn = out.get("DeployerPolicyArn", "")
     doc = {}
     try:
