@@ -14,6 +14,8 @@ mod adopt;
 mod fakes;
 mod handover;
 #[cfg(test)]
+mod handover_tests;
+#[cfg(test)]
 mod rollout_tests;
 mod steps;
 mod swap;
