@@ -6,8 +6,9 @@
 //! The rooms: this file is the loop (poll, observe, termination, decide, execute, restart);
 //! `adopt` takes over what runs at start and finishes an interrupted swap; `swap` is a deploy or
 //! replace with its gate, promotion and rollback; `handover` is the replace of a handover host
-//! (new container on the idle slot, gate, flip of the kernel redirect, hold, old one stops); `steps` are the engine-facing steps they use
-//! (prepare, start and gate, remove, prune, journal). The published state is in `state`.
+//! (new container on the idle slot, gate, flip of the kernel redirect, hold, old one stops);
+//! `steps` are the engine-facing steps they use (prepare, start and gate, remove, prune,
+//! journal). The published state is in `state`.
 
 mod adopt;
 #[cfg(test)]

@@ -83,9 +83,10 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         if let Some(c) = self.current.clone() {
             self.ensure_route(&c);
         }
-        // Another running container (killed mid-handover without a journal): it gets no new
-        // connections; stopped now, it stays as the rollback target.
-        if let Some(p) = self.previous.as_mut().filter(|p| p.running) {
+        // Handover: another running container (killed mid-handover without a journal) gets no
+        // new connections; stopped now (gracefully), it stays as the rollback target.
+        let handover = self.steps.redirect.is_some();
+        if let Some(p) = self.previous.as_mut().filter(|p| handover && p.running) {
             tracing::info!(container = %p.id, "a second running container of the app: stopping it (it receives no new connections)");
             if self
                 .steps
