@@ -105,15 +105,9 @@ pub(super) fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
         ));
     }
     let swap = match swap_mode.as_deref() {
-        None | Some("drain") => {
-            if slots.is_some() {
-                s.problem(
-                    "app.slots is for swap = \"handover\": remove it or set swap = \"handover\""
-                        .into(),
-                );
-            }
-            Some(Swap::Drain)
-        }
+        // Slots and hold are read but unused with drain: a host moves between the two by the
+        // one key.
+        None | Some("drain") => Some(Swap::Drain),
         Some("handover") => handover_slots(&mut s, port, slots).map(|slots| {
             Swap::Handover(Handover {
                 slots,

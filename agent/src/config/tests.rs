@@ -86,6 +86,27 @@ file = "/tmp/release"
 "#;
 
 #[test]
+fn handover_takes_default_slots_and_hold() {
+    let c = Config::parse(
+        "[app]\nname='a'\nimage='r/a'\nport=8080\nswap='handover'\n[release]\nsource='file'\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.app.swap,
+        Swap::Handover(Handover {
+            slots: [8090, 8091],
+            hold: Duration::from_secs(5)
+        })
+    );
+    // Drain is the default, and slots are accepted (unused) with it.
+    let c = Config::parse(
+        "[app]\nname='a'\nimage='r/a'\nport=8080\nslots=[1, 2]\n[release]\nsource='file'\n",
+    )
+    .expect("valid");
+    assert_eq!(c.app.swap, Swap::Drain);
+}
+
+#[test]
 fn minimal_config_takes_defaults() {
     let c = Config::parse(MINIMAL).expect("valid");
     assert_eq!(c.app.health_path, "/health");
@@ -285,6 +306,31 @@ fn every_problem_is_reported() {
         (
             "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\n[registry]\nusername='u'\n",
             &["registry needs exactly one"],
+        ),
+        // Handover: slots that collide with each other, the app's port, the health port.
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\nswap='handover'\nslots=[90, 90]\n[release]\nsource='file'\n",
+            &["the two slots must differ"],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\nswap='handover'\nslots=[80, 90]\n[release]\nsource='file'\n",
+            &["collide with app.port 80"],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\nswap='handover'\nslots=[90, 8081]\n[release]\nsource='file'\n",
+            &["collide with the health port 8081"],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\nswap='handover'\nslots=[90]\nhold='1h'\n[release]\nsource='file'\n",
+            &["exactly two ports", "app.hold"],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=65530\nswap='handover'\n[release]\nsource='file'\n",
+            &["leaves no room for the default slots"],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\nswap='blue-green'\n[release]\nsource='file'\n",
+            &["app.swap \"blue-green\" must be \"handover\""],
         ),
     ];
     for (input, expected) in table {
