@@ -211,12 +211,20 @@ pub struct HealthInputs {
     /// The release failed to start and nothing else runs.
     pub failed: bool,
     pub has_release: bool,
+    /// A handover's hold: the old container still runs behind the new one and gets the port
+    /// back within a few hundred milliseconds if the new one fails.
+    pub holding: bool,
 }
 
 pub fn health_status(h: HealthInputs) -> HealthStatus {
     if h.draining {
         HealthStatus::Draining
     } else if h.has_container && h.container_running && h.app_ok {
+        HealthStatus::Healthy
+    } else if h.holding {
+        // The prober may see the new container fail before the hold's own probes flip back:
+        // the host still serves (the old container takes the port back), so the load balancer
+        // is not told otherwise for those few hundred milliseconds.
         HealthStatus::Healthy
     } else if h.starting {
         HealthStatus::Starting
@@ -701,9 +709,28 @@ mod tests {
             starting: false,
             failed: false,
             has_release: true,
+            holding: false,
         };
         let table = [
             (base, HealthStatus::Healthy),
+            // The new release fails during a handover's hold: the old one takes the port back.
+            (
+                HealthInputs {
+                    app_ok: false,
+                    holding: true,
+                    ..base
+                },
+                HealthStatus::Healthy,
+            ),
+            (
+                HealthInputs {
+                    app_ok: false,
+                    holding: true,
+                    draining: true,
+                    ..base
+                },
+                HealthStatus::Draining,
+            ),
             (
                 HealthInputs {
                     draining: true,

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub draining: bool,
     /// A deploy is in progress with nothing serving before it.
     pub starting: bool,
+    /// A handover's hold: the old container runs behind the new one (see `HealthInputs`).
+    pub holding: bool,
     /// The release could not be started and nothing else runs.
     pub failed: bool,
     pub app: AppHealth,
@@ -98,6 +100,7 @@ impl Snapshot {
             stale: false,
             draining: false,
             starting: false,
+            holding: false,
             failed: false,
             app: AppHealth::default(),
             app_detail: None,
@@ -116,6 +119,7 @@ impl Snapshot {
             starting: self.starting,
             failed: self.failed,
             has_release: self.desired.is_some(),
+            holding: self.holding,
         })
     }
 }

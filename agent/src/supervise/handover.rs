@@ -194,7 +194,10 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let mut old_running = old.clone();
         old_running.running = true;
         self.promote(new.clone(), Some(old_running), elapsed).await;
-        if let Err(why) = self.hold(&new, hold).await {
+        self.publish(|s| s.holding = true);
+        let held = self.hold(&new, hold).await;
+        self.publish(|s| s.holding = false);
+        if let Err(why) = held {
             return self.flip_back(release, new, old, why).await;
         }
         self.stop_old(&old).await;
