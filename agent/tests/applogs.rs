@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Agent, BASE_IMAGE, Fixture, MOTO, sh, wait_for};
+use support::{Agent, Fixture, MOTO, wait_for};
 
 const LONG: Duration = Duration::from_secs(60);
 const AWS: &str = "/var/lib/skiff-ci/venv-awscli/bin/aws";
@@ -170,25 +170,12 @@ impl Drop for LogGroup {
     }
 }
 
-/// An app that prints a line at start (and one per request to /hello), healthy at /health.
-fn printing_image(f: &Fixture, tag: &str) {
-    let ctx = f.dir.path().join(format!("ctx-print-{tag}"));
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        format!(
-            "FROM {BASE_IMAGE}\n\
-             RUN mkdir -p /www && echo ok > /www/health\n\
-             CMD [\"/bin/sh\", \"-c\", \"echo app-started release=$SKIFF_RELEASE_TAG; exec httpd -f -p $PORT -h /www\"]\n"
-        ),
-    )
-    .expect("dockerfile");
-    let reference = format!("{}:{tag}", f.repo);
-    sh(Command::new("docker")
-        .env("DOCKER_BUILDKIT", "0")
-        .args(["build", "-q", "-t", &reference])
-        .arg(&ctx));
-    sh(Command::new("docker").args(["push", "-q", &reference]));
+/// An app that prints a line at start, healthy at /health.
+fn printing_image(f: &mut Fixture, tag: &str) {
+    f.image_running(
+        tag,
+        "echo app-started release=$SKIFF_RELEASE_TAG; exec httpd -f -p $PORT -h /www",
+    );
 }
 
 fn logs_section(group: &str, endpoint: &str) -> String {
@@ -199,8 +186,8 @@ fn logs_section(group: &str, endpoint: &str) -> String {
 
 #[test]
 fn the_apps_output_reaches_cloudwatch_in_its_instance_and_release_stream() {
-    let f = Fixture::new("skiff-it-applogs");
-    printing_image(&f, "v1");
+    let mut f = Fixture::new("skiff-it-applogs");
+    printing_image(&mut f, "v1");
     let group = LogGroup::create(&format!("/skiff-it/{}/app", f.id));
     let engine = Engine::start(&f.id);
     let config = format!(
@@ -266,8 +253,8 @@ fn a_logging_problem_never_stops_the_release() {
         format!("http://127.0.0.1:{}", l.local_addr().expect("addr").port())
     };
     for (case, endpoint) in [("no such group", MOTO), ("CloudWatch away", dead.as_str())] {
-        let f = Fixture::new("skiff-it-applogs-bad");
-        printing_image(&f, "v1");
+        let mut f = Fixture::new("skiff-it-applogs-bad");
+        printing_image(&mut f, "v1");
         let engine = Engine::start(&f.id);
         let missing = format!("/skiff-it/{}/none", f.id);
         let config = format!(

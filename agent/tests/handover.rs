@@ -16,27 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use support::{Agent, BASE_IMAGE, Fixture, docker, free_port, http_get, sh, wait_for};
-
-/// The table's dnat port(s), as nftables' own reader shows them.
-fn redirect_ports(table: &str) -> Vec<u64> {
-    let Ok(out) = Command::new("nft")
-        .args(["-j", "list", "table", "ip", table])
-        .output()
-    else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["nftables"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e.get("dnat").and_then(|d| d["port"].as_u64()))
-        .collect()
-}
+use support::{Agent, Fixture, docker, free_port, http_get, nft_dnat_ports, sh, wait_for};
 
 /// Deletes the test's table, whatever happened.
 struct Table(String);
@@ -47,27 +27,6 @@ impl Drop for Table {
             .args(["delete", "table", "ip", &self.0])
             .output();
     }
-}
-
-/// Build and push `repo:tag` whose app runs `cmd` (a shell line; `$PORT` is its slot).
-fn image(f: &Fixture, tag: &str, cmd: &str) {
-    let ctx = f.dir.path().join(format!("ctx-{tag}"));
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        format!(
-            "FROM {BASE_IMAGE}\n\
-             RUN mkdir -p /www && echo ok > /www/health && echo release-{tag} > /www/index.html\n\
-             CMD [\"/bin/sh\", \"-c\", \"{cmd}\"]\n"
-        ),
-    )
-    .expect("dockerfile");
-    let reference = format!("{}:{tag}", f.repo);
-    sh(Command::new("docker")
-        .env("DOCKER_BUILDKIT", "0")
-        .args(["build", "-q", "-t", &reference])
-        .arg(&ctx));
-    docker(&["push", &reference]);
 }
 
 /// The slots of the running managed containers (label skiff.slot).
@@ -91,7 +50,7 @@ fn settled_on(f: &Fixture, table: &str, tag: &str) {
         || {
             let slots = running_slots(f);
             slots.len() == 1
-                && redirect_ports(table) == vec![slots[0], slots[0]]
+                && nft_dnat_ports(table) == vec![slots[0], slots[0]]
                 && http_get(&format!("127.0.0.1:{}", f.app_port), "/")
                     .is_some_and(|(c, b)| c == 200 && b.trim() == format!("release-{tag}"))
         },
@@ -99,7 +58,7 @@ fn settled_on(f: &Fixture, table: &str, tag: &str) {
             format!(
                 "slots {:?}, redirect {:?}, status {:#}",
                 running_slots(f),
-                redirect_ports(table),
+                nft_dnat_ports(table),
                 f.status_or_null()
             )
         },
@@ -115,21 +74,17 @@ fn the_agent_killed_at_each_step_of_a_handover_settles_with_no_request_lost() {
     {
         panic!("nft is missing: .ci/setup.sh installs nftables");
     }
-    let f = Fixture::new("ho");
+    let mut f = Fixture::new("ho");
     let (slot_a, slot_b) = (free_port(), free_port());
     let table = Table(format!("skiff_{}", f.id));
     let serve = "exec httpd -f -p $PORT -h /www";
-    image(&f, "v1", serve);
+    f.image_running("v1", serve);
     // Listens only after 3 s: the agent can be killed with both containers up, before the flip.
-    image(&f, "v2", &format!("sleep 3; {serve}"));
-    image(&f, "v3", serve);
+    f.image_running("v2", &format!("sleep 3; {serve}"));
+    f.image_running("v3", serve);
     // Ignores SIGTERM (tini forwards it to sh only): stops after stop_timeout, a long drain.
-    image(
-        &f,
-        "v4",
-        "trap '' TERM; httpd -f -p $PORT -h /www; sleep 600",
-    );
-    image(&f, "v5", serve);
+    f.image_running("v4", "trap '' TERM; httpd -f -p $PORT -h /www; sleep 600");
+    f.image_running("v5", serve);
     let extra = format!("swap = \"handover\"\nslots = [{slot_a}, {slot_b}]\nhold = \"2s\"\n");
     let config = f.write_config(&f.file_config("in-place", &extra));
     let state = f.dir.path().join("state");
@@ -172,7 +127,7 @@ fn the_agent_killed_at_each_step_of_a_handover_settles_with_no_request_lost() {
     );
     agent.sigkill();
     assert_eq!(
-        redirect_ports(&table.0),
+        nft_dnat_ports(&table.0),
         vec![u64::from(slot_a); 2],
         "not flipped yet"
     );
@@ -186,7 +141,7 @@ fn the_agent_killed_at_each_step_of_a_handover_settles_with_no_request_lost() {
         Duration::from_secs(30),
         "the flip to v3",
         || {
-            redirect_ports(&table.0)
+            nft_dnat_ports(&table.0)
                 .first()
                 .is_some_and(|p| *p != v2_slot)
         },
@@ -210,7 +165,7 @@ fn the_agent_killed_at_each_step_of_a_handover_settles_with_no_request_lost() {
         Duration::from_secs(30),
         "the flip to v5",
         || {
-            redirect_ports(&table.0)
+            nft_dnat_ports(&table.0)
                 .first()
                 .is_some_and(|p| *p != v4_slot)
         },

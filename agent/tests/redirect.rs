@@ -7,6 +7,8 @@
 //! `ip netns exec` and the `SKIFF_IT_REDIRECT_NS` variable set (the inner tests are `#[ignore]`d
 //! otherwise). Needs root; skipped with a message when `ip netns` is not usable.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
@@ -16,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use skiff_agent::redirect::{NftRedirect, Pointing, PortRedirect};
+use support::nft_dnat_ports;
 
 const PUBLIC: u16 = 8080;
 const SLOT_A: u16 = 8090;
@@ -194,26 +197,6 @@ fn from_outside(client: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The slot nftables' own reader sees in our table (every dnat's port), `None` without it.
-fn nft_reads(table: &str) -> Option<Vec<u64>> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "ip", table])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let ports = v["nftables"]
-        .as_array()?
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e.get("dnat").and_then(|d| d["port"].as_u64()))
-        .collect();
-    Some(ports)
-}
-
 /// Load: fresh connections from the host and from outside, in a loop until `stop`.
 fn load(
     client: String,
@@ -263,8 +246,8 @@ fn inner_flip_under_load() {
     redirect.point(SLOT_A).expect("point at A");
     assert_eq!(redirect.pointing().expect("read"), Pointing::Slot(SLOT_A));
     assert_eq!(
-        nft_reads(&table),
-        Some(vec![u64::from(SLOT_A); 2]),
+        nft_dnat_ports(&table),
+        vec![u64::from(SLOT_A); 2],
         "nft sees both rules"
     );
     assert_eq!(
@@ -339,7 +322,7 @@ fn inner_flip_under_load() {
     assert_eq!(redirect.pointing().expect("read"), Pointing::Inconsistent);
     redirect.point(SLOT_B).expect("rewrite");
     assert_eq!(redirect.pointing().expect("read"), Pointing::Slot(SLOT_B));
-    assert_eq!(nft_reads(&table), Some(vec![u64::from(SLOT_B); 2]));
+    assert_eq!(nft_dnat_ports(&table), vec![u64::from(SLOT_B); 2]);
 
     // As after a reboot: the kernel's tables are gone; read as nothing, written again.
     assert!(
@@ -360,7 +343,7 @@ fn inner_flip_under_load() {
     redirect.remove().expect("remove");
     redirect.remove().expect("remove twice");
     assert_eq!(redirect.pointing().expect("read"), Pointing::Nothing);
-    assert_eq!(nft_reads(&table), None, "the table is gone");
+    assert!(nft_dnat_ports(&table).is_empty(), "the table is gone");
 
     // The host's own connections to another host's port are not redirected (output matches
     // loopback only): from the host to the client's address, nothing listens on 8080 there.

@@ -131,6 +131,16 @@ impl Fixture {
     }
 
     pub fn image_in(&mut self, repo: &str, tag: &str, healthy: bool) -> String {
+        self.build(repo, tag, healthy, "exec httpd -f -p $PORT -h /www")
+    }
+
+    /// `repo:tag` (this test's repository), healthy, whose app is the shell line `cmd` (its
+    /// port is `$PORT`; the pages are in /www); returns the registry digest.
+    pub fn image_running(&mut self, tag: &str, cmd: &str) -> String {
+        self.build(&self.repo.clone(), tag, true, cmd)
+    }
+
+    fn build(&mut self, repo: &str, tag: &str, healthy: bool, cmd: &str) -> String {
         let ctx = self.dir.path().join(format!("ctx-{tag}"));
         std::fs::create_dir_all(&ctx).expect("ctx");
         let health = if healthy {
@@ -143,7 +153,7 @@ impl Fixture {
             format!(
                 "FROM {BASE_IMAGE}\n\
                  RUN mkdir -p /www && {health}echo release-{tag} > /www/index.html\n\
-                 CMD [\"/bin/sh\", \"-c\", \"exec httpd -f -p $PORT -h /www\"]\n"
+                 CMD [\"/bin/sh\", \"-c\", \"{cmd}\"]\n"
             ),
         )
         .expect("dockerfile");
@@ -396,6 +406,27 @@ pub fn wait_for(
         "timed out after {within:?} waiting for {what}; state:\n{}",
         context()
     );
+}
+
+/// The ports the dnat rules of nftables table `ip <table>` send to, as nftables' own reader
+/// (`nft -j`) shows them; empty without the table.
+pub fn nft_dnat_ports(table: &str) -> Vec<u64> {
+    let Ok(out) = Command::new("nft")
+        .args(["-j", "list", "table", "ip", table])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.get("dnat").and_then(|d| d["port"].as_u64()))
+        .collect()
 }
 
 /// A blocking HTTP/1.0 GET: (status, body), or None when nothing answers.
