@@ -143,6 +143,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             Err(why) => self.never_routed(&release, new, old, why).await,
             Ok(elapsed) => match self.route_to(&new) {
                 Err(e) => {
+                    // The batch is atomic, but its answer may be lost after the kernel took
+                    // it: make sure the port names the old container before the new one goes.
+                    self.ensure_route(&old);
                     let why = format!("the redirect could not be flipped to it: {e}");
                     self.never_routed(&release, new, old, why).await
                 }
