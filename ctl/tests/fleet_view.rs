@@ -6,7 +6,7 @@
 mod common;
 
 use aws_sdk_autoscaling::types::InstanceRefreshStatus;
-use aws_sdk_ec2::types::{RequestLaunchTemplateData, Tag as Ec2Tag};
+use aws_sdk_ec2::types::Tag as Ec2Tag;
 use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use common::*;
 
@@ -29,33 +29,7 @@ async fn fleet(prefix: &str, n: i32, target_group: Option<&str>) -> Fleet {
     );
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
     let group = unique(prefix);
-    let ami = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images")
-        .images()[0]
-        .image_id()
-        .expect("ami")
-        .to_owned();
-    let lt = ec2
-        .create_launch_template()
-        .launch_template_name(&group)
-        .launch_template_data(
-            RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template");
-    let lt_id = lt
-        .launch_template()
-        .and_then(|l| l.launch_template_id())
-        .expect("lt id")
-        .to_owned();
+    let lt_id = launch_template(&ec2, &group).await;
     asg.create_auto_scaling_group()
         .auto_scaling_group_name(&group)
         .min_size(0)

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{Filter, RequestLaunchTemplateData, Tag as Ec2Tag};
+use aws_sdk_ec2::types::{Filter, Tag as Ec2Tag};
 use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
 use common::*;
 use skiff_release::instance_tags;
@@ -58,33 +58,7 @@ async fn group(prefix: &str, n: i32) -> Group {
         .target_group_arn()
         .expect("arn")
         .to_owned();
-    let ami = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images")
-        .images()[0]
-        .image_id()
-        .expect("ami")
-        .to_owned();
-    let lt = ec2
-        .create_launch_template()
-        .launch_template_name(&name)
-        .launch_template_data(
-            RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template");
-    let lt_id = lt
-        .launch_template()
-        .and_then(|l| l.launch_template_id())
-        .expect("lt id")
-        .to_owned();
+    let lt_id = launch_template(&ec2, &name).await;
     asg.create_auto_scaling_group()
         .auto_scaling_group_name(&name)
         .min_size(0)

@@ -6,7 +6,7 @@
 
 mod common;
 
-use aws_sdk_ec2::types::{RequestLaunchTemplateData, Tag as Ec2Tag};
+use aws_sdk_ec2::types::Tag as Ec2Tag;
 use common::*;
 use skiff_ctl::inplace::{AwsHosts, InPlaceFleet};
 use skiff_release::instance_tags;
@@ -42,32 +42,7 @@ async fn status_and_the_in_place_read_of_250_instances_stay_within_the_filter_li
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let name = unique("skiff-ctl-scale");
-    let ami = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images")
-        .images()[0]
-        .image_id()
-        .expect("ami")
-        .to_owned();
-    let lt = ec2
-        .create_launch_template()
-        .launch_template_name(&name)
-        .launch_template_data(
-            RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template")
-        .launch_template()
-        .and_then(|l| l.launch_template_id())
-        .expect("lt id")
-        .to_owned();
+    let lt = launch_template(&ec2, &name).await;
     asg.create_auto_scaling_group()
         .auto_scaling_group_name(&name)
         .min_size(0)

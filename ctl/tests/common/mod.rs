@@ -22,6 +22,36 @@ pub async fn moto_sdk() -> aws_config::SdkConfig {
         .await
 }
 
+/// A launch template `name` of the emulator's first Amazon image, for an Auto Scaling group of
+/// test instances; returns its id.
+pub async fn launch_template(ec2: &aws_sdk_ec2::Client, name: &str) -> String {
+    let ami = ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("images")
+        .images()[0]
+        .image_id()
+        .expect("ami")
+        .to_owned();
+    ec2.create_launch_template()
+        .launch_template_name(name)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("launch template")
+        .launch_template()
+        .and_then(|l| l.launch_template_id())
+        .expect("lt id")
+        .to_owned()
+}
+
 /// A name no earlier run used.
 pub fn unique(prefix: &str) -> String {
     let nanos = SystemTime::now()
