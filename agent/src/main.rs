@@ -178,11 +178,7 @@ async fn slots_of_managed_containers(cfg: &Config) -> Vec<u16> {
 async fn slots_taken(slots: [u16; 2], held: &[u16]) -> Vec<u16> {
     let mut taken = Vec::new();
     for slot in slots.into_iter().filter(|s| !held.contains(s)) {
-        let probe = tokio::net::TcpStream::connect(("127.0.0.1", slot));
-        if matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(1), probe).await,
-            Ok(Ok(_))
-        ) {
+        if probe::accepts(slot).await {
             taken.push(slot);
         }
     }

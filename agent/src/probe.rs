@@ -140,6 +140,19 @@ pub fn detail_of(path: &str, fetched: Fetched) -> AppDetail {
     }
 }
 
+/// Whether something accepts TCP connections on loopback `port` within a second (a slot
+/// another process holds, before a container is started there).
+pub async fn accepts(port: u16) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
 pub fn is_success(code: u16) -> bool {
     (200..300).contains(&code)
 }

@@ -93,20 +93,6 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         }
     }
 
-    /// Whether something already answers on `slot` (another program, or a container this
-    /// agent could not stop): a new container there would not bind, and its gate would be
-    /// answered by the stranger.
-    async fn slot_taken(slot: u16) -> bool {
-        matches!(
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(("127.0.0.1", slot))
-            )
-            .await,
-            Ok(Ok(_))
-        )
-    }
-
     /// A container serves another release: start the new one on the idle slot, gate it
     /// there, flip, hold, then let the old one finish.
     pub(super) async fn hand_over(&mut self, release: Release, h: Handover) {
@@ -114,7 +100,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             return;
         };
         let slot = idle_slot(h.slots, serving.slot);
-        if Self::slot_taken(slot).await {
+        // Something already answering there (another program, or a container this agent could
+        // not stop) would take the new one's gate.
+        if probe::accepts(slot).await {
             let wait = self.deploy.fail();
             let msg = format!(
                 "release {release}: slot port {slot} is taken by another process, so the new container could not listen there; free it or change [app] slots (retrying in {}s)",

@@ -43,6 +43,20 @@ async fn run_for(
     state
 }
 
+/// v1 runs on the first slot, listening there, and the redirect names it.
+fn v1_serving() -> (FakeRuntime, FakeRedirect, [u16; 2]) {
+    let runtime = FakeRuntime::default();
+    let slots = free_slots();
+    runtime
+        .world()
+        .containers
+        .push(on_slot("old", "v1", slots[0], true));
+    assert!(runtime.listen("old", slots[0]));
+    let redirect = FakeRedirect::default();
+    redirect.world().pointing = Some(slots[0]);
+    (runtime, redirect, slots)
+}
+
 fn running_tags(runtime: &FakeRuntime) -> Vec<(String, Option<u16>)> {
     runtime
         .world()
@@ -55,15 +69,7 @@ fn running_tags(runtime: &FakeRuntime) -> Vec<(String, Option<u16>)> {
 
 #[tokio::test(start_paused = true)]
 async fn a_release_starts_beside_the_old_one_and_the_port_flips_after_its_gate() {
-    let runtime = FakeRuntime::default();
-    let slots = free_slots();
-    runtime
-        .world()
-        .containers
-        .push(on_slot("old", "v1", slots[0], true));
-    assert!(runtime.listen("old", slots[0]));
-    let redirect = FakeRedirect::default();
-    redirect.world().pointing = Some(slots[0]);
+    let (runtime, redirect, slots) = v1_serving();
     let state = run_for(&runtime, &redirect, slots, ("v1", "v2"), None, 30).await;
 
     assert_eq!(
@@ -94,16 +100,8 @@ async fn a_release_starts_beside_the_old_one_and_the_port_flips_after_its_gate()
 
 #[tokio::test(start_paused = true)]
 async fn a_release_that_fails_its_gate_is_never_routed_and_the_old_one_serves_untouched() {
-    let runtime = FakeRuntime::default();
-    let slots = free_slots();
-    {
-        let mut w = runtime.world();
-        w.containers.push(on_slot("old", "v1", slots[0], true));
-        w.unhealthy.push("v2".into());
-    }
-    assert!(runtime.listen("old", slots[0]));
-    let redirect = FakeRedirect::default();
-    redirect.world().pointing = Some(slots[0]);
+    let (runtime, redirect, slots) = v1_serving();
+    runtime.world().unhealthy.push("v2".into());
     let state = run_for(&runtime, &redirect, slots, ("v1", "v2"), None, 30).await;
 
     assert!(redirect.world().points.is_empty(), "never flipped");
@@ -126,15 +124,7 @@ async fn a_release_that_fails_its_gate_is_never_routed_and_the_old_one_serves_un
 
 #[tokio::test(start_paused = true)]
 async fn a_release_failing_after_the_flip_is_flipped_back_while_the_old_one_runs() {
-    let runtime = FakeRuntime::default();
-    let slots = free_slots();
-    runtime
-        .world()
-        .containers
-        .push(on_slot("old", "v1", slots[0], true));
-    assert!(runtime.listen("old", slots[0]));
-    let redirect = FakeRedirect::default();
-    redirect.world().pointing = Some(slots[0]);
+    let (runtime, redirect, slots) = v1_serving();
     // The new release turns unhealthy as soon as the port flips to it.
     let (r, rt) = (redirect.clone(), runtime.clone());
     tokio::spawn(async move {
