@@ -230,9 +230,9 @@ test: ## run the whole test suite (.ci/test.sh)
 	bash .ci/test.sh
 
 .PHONY: dev
-dev: ## run the app and an agent locally (.ci/dev.sh)
-	@$(say) "running .ci/dev.sh"
-	bash .ci/dev.sh
+dev: ## run the app and an agent locally (testbed/dev/dev.sh)
+	@$(say) "running testbed/dev/dev.sh"
+	bash testbed/dev/dev.sh
 
 # Undoes what `make dev` leaves running (its agent stops with Ctrl-C): the app containers (label
 # skiff.app=skiff-dev) and the agent's port redirect (agent remove-redirect, which needs root like
@@ -251,21 +251,21 @@ dev-down: ## remove what `make dev` left: its app containers and the agent's por
 	else $(say) "$$agent remove-redirect --config $$config"; "$$agent" remove-redirect --config "$$config"; fi
 
 .PHONY: fleet fleet-down fleet-scenarios fleet-bench
-fleet: ## a 3-instance fleet behind a load balancer on this machine (.ci/fleet; README)
-	bash .ci/fleet/fleet.sh up
+fleet: ## a 3-instance fleet behind a load balancer on this machine (testbed/fleet; README)
+	bash testbed/fleet/fleet.sh up
 
 fleet-down: ## tear the fleet of `make fleet` down, leaving nothing behind
-	bash .ci/fleet/fleet.sh down
+	bash testbed/fleet/fleet.sh down
 
 fleet-scenarios: ## release scenarios on the fleet with the real ctl, one line each
-	bash .ci/fleet/fleet.sh scenarios
+	bash testbed/fleet/fleet.sh scenarios
 
 fleet-bench: ## every fleet scenario, then refresh and in-place releases side by side (wall, floor, ratio)
-	bash .ci/fleet/fleet.sh bench
+	bash testbed/fleet/fleet.sh bench
 
 .PHONY: fleet-branch
 fleet-branch: ## the branch flow in the fleet box with the real app: create-stack, integration, releases, delete-stack
-	bash .ci/fleet/branch.sh
+	bash testbed/fleet/branch.sh
 
 .PHONY: lint
 lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
@@ -276,10 +276,10 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
 	packer fmt -check packer/test
 	packer validate -var agent_bin=/bin/true packer/skiff.pkr.hcl
 	@$(say) "shellcheck"
-	shellcheck -x packer/scripts/*.sh packer/test.sh templates/test.sh .ci/jenkinsfile-check.sh .ci/make-check.sh \
-	  app/integration-test.sh .ci/fleet/branch.sh
+	shellcheck -x packer/scripts/*.sh packer/test.sh templates/test.sh testbed/checks/jenkinsfile-check.sh testbed/checks/make-check.sh \
+	  app/integration-test.sh testbed/fleet/branch.sh
 	@$(say) "Jenkinsfile syntax"
-	bash .ci/jenkinsfile-check.sh
+	bash testbed/checks/jenkinsfile-check.sh
 
 # The release parameter is not the stack's (a stack update would write an old tag over ctl's):
 # created here once, before the stack, without --overwrite; from then on only ctl release writes it.

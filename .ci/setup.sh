@@ -3,7 +3,7 @@
 # Debian packages, the Python tools (in venvs under $SKIFF_CI_HOME), a Docker engine, a local
 # registry on 127.0.0.1:5000 (one with basic auth on :5001, one with token auth on :5002, an
 # ECR-shaped one with TLS on 123456789012.dkr.ecr.us-east-1.amazonaws.com:443), the
-# moto AWS emulator (with skiff's extensions, .ci/emulator) on 127.0.0.1:5055 and with IAM enforced
+# moto AWS emulator (with skiff's extensions, testbed/emulator) on 127.0.0.1:5055 and with IAM enforced
 # on :5056, and the offline base images the tests build on.
 # Safe to run again: each step checks before it acts. Prints what it does.
 # SKIFF_SETUP=dev installs only what `make dev` needs (Docker, the registry, the base images).
@@ -197,14 +197,14 @@ YML
 }
 [ "$mode" = dev ] || ecr_registry
 
-# --- moto (AWS API emulator), through skiff's launcher (.ci/emulator: extensions on) ---------------
+# --- moto (AWS API emulator), through skiff's launcher (testbed/emulator: extensions on) ---------------
 # :5055 permissive (dummy credentials work), :5056 with IAM enforced from the first request (its
 # administrator's keys: $SKIFF_CI_HOME/emulator-iam-admin.json). A server whose stamp (a hash of
 # the launcher's code) differs, or a plain moto_server, is stopped and started again.
 start_emulator() { # port, extra args...
   local port=$1; shift
   local stamp got pidfile="$SKIFF_CI_HOME/emulator-$port.pid" pid
-  stamp=$(cat "$here"/emulator/*.py | sha1sum | cut -c1-12)
+  stamp=$(cat "$here"/../testbed/emulator/*.py | sha1sum | cut -c1-12)
   got=$(curl -fs -m 2 "http://127.0.0.1:$port/skiff-emulator/version" 2>/dev/null | sed -n 's/.*"stamp": "\([0-9a-f]*\)".*/\1/p' || true)
   [ "$got" = "$stamp" ] && return
   if curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/moto-api/"; then
@@ -217,7 +217,7 @@ start_emulator() { # port, extra args...
   else
     say "starting the emulator on 127.0.0.1:$port $*"
   fi
-  nohup "$SKIFF_CI_HOME/venv-moto/bin/python" "$here/emulator/server.py" -H 127.0.0.1 -p "$port" \
+  nohup "$SKIFF_CI_HOME/venv-moto/bin/python" "$here/../testbed/emulator/server.py" -H 127.0.0.1 -p "$port" \
     --stamp "$stamp" "$@" >"$SKIFF_CI_HOME/emulator-$port.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 120); do curl -fs -o /dev/null -m 1 "http://127.0.0.1:$port/skiff-emulator/version" && return; sleep 0.5; done
@@ -229,7 +229,7 @@ if [ "$mode" != dev ]; then
 fi
 
 # --- Offline base images ---------------------------------------------------------------------
-for script in "$here"/images/*.sh; do
+for script in "$here"/../testbed/images/*.sh; do
   [ -e "$script" ] && bash "$script"
 done
 say "ready ($mode): docker $(docker version -f '{{.Server.Version}}'), registry :5000$([ "$mode" = dev ] || echo ', :5001, :5002, moto :5055, moto+IAM :5056')"

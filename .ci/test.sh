@@ -10,7 +10,7 @@
 #   packer/: validate, and the provisioning run with the docker builder;
 #   Jenkinsfiles: parsed by Groovy, their paths run against a model of Jenkins;
 #   Makefile: its targets against moto (create-stack, delete-stack, ...);
-#   the fleet box (.ci/fleet): the release scenarios with the real agent and ctl (a box that
+#   the fleet box (testbed/fleet): the release scenarios with the real agent and ctl (a box that
 #         swaps by drain, then one that swaps by handover), up and down;
 #         the branch flow through the Makefile with the real app (create-stack .. delete-stack).
 # Ends with one line "tests: N passed, N failed".
@@ -45,12 +45,12 @@ step "app unit tests (sqlite + MariaDB)" bash app/test.sh
 step "app image" bash app/image-test.sh
 step "app integration checks (make integration)" bash app/integration-test.sh
 step "templates" bash templates/test.sh
-step "permissions under enforced IAM" bash .ci/permissions-test.sh
+step "permissions under enforced IAM" bash testbed/permissions/permissions-test.sh
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
-step "Jenkinsfile" bash .ci/jenkinsfile-check.sh
-step "Makefile" bash .ci/make-check.sh
-step "fleet scenarios (refresh, in place by drain and by handover)" env SKIP_SETUP=1 bash .ci/fleet/fleet.sh scenarios
-step "fleet branch flow (make create-stack, integration, releases, delete-stack)" env SKIP_SETUP=1 bash .ci/fleet/branch.sh
+step "Jenkinsfile" bash testbed/checks/jenkinsfile-check.sh
+step "Makefile" bash testbed/checks/make-check.sh
+step "fleet scenarios (refresh, in place by drain and by handover)" env SKIP_SETUP=1 bash testbed/fleet/fleet.sh scenarios
+step "fleet branch flow (make create-stack, integration, releases, delete-stack)" env SKIP_SETUP=1 bash testbed/fleet/branch.sh
 
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
   echo "the tree is not clean after the tests:"; git status --short

@@ -12,7 +12,7 @@
 # recover without a restart of the container.
 # Removes the containers, images, registry tag, secret and server it made, whatever happens.
 # Every name, port and release value is new per run, so leftovers cannot answer for it.
-# Env: BASE (skiff-ci/python:3.11-bookworm; built by .ci/images/debian-python.sh when missing),
+# Env: BASE (skiff-ci/python:3.11-bookworm; built by testbed/images/debian-python.sh when missing),
 # AGENT_BIN ($CARGO_TARGET_DIR/release/agent: `cargo build --release -p skiff-agent`),
 # APP_DIR (this folder: the app to build), TEST_AWS_ENDPOINT_URL (http://127.0.0.1:5055).
 # Exits non-zero on any failure; the last line is "image-test: N passed, N failed".
@@ -29,7 +29,7 @@ registry=127.0.0.1:5000
 . "$here/testlib.sh"
 if ! docker image inspect "$base" >/dev/null 2>&1; then
   [ "$base" = skiff-ci/python:3.11-bookworm ] || { echo "image-test: no image $base" >&2; exit 1; }
-  bash "$here/../.ci/images/debian-python.sh"
+  bash "$here/../testbed/images/debian-python.sh"
 fi
 
 run_id="$(date +%s)-$$-$RANDOM"

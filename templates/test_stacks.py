@@ -641,7 +641,7 @@ def app_secret_scope_checks(text, t):
           str(tag_cond))
     hook = by_sid["AnswerOwnLifecycleHooks"]
     # Which actions the agent needs is proven by running it under this policy
-    # (.ci/permissions_test.py); here only where they apply.
+    # (testbed/permissions/permissions_test.py); here only where they apply.
     check("app: hook calls on its own group only",
           str(hook["Resource"]).endswith("autoScalingGroupName/skiff-${Environment}'}"),
           str(hook))
@@ -693,10 +693,10 @@ def _render(value, names):
 
 def app_narrow_grants_checks(text, t):
     """Issue 18, finding 8: the grants narrowed, each shown by evaluating the rendered policy with
-    the emulator's IAM evaluation (.ci/emulator/policy.py) on the requests AWS would authorize,
+    the emulator's IAM evaluation (testbed/emulator/policy.py) on the requests AWS would authorize,
     with the condition keys AWS documents for them (which the emulator's request contexts do
     not all carry yet: aws:TagKeys of Auto Scaling tagging, the SSM encryption context)."""
-    sys.path.insert(0, os.path.join(HERE, "..", ".ci", "emulator"))
+    sys.path.insert(0, os.path.join(HERE, "..", "testbed", "emulator"))
     import policy  # noqa: E402 (the emulator's evaluation, pure)
 
     r = t["Resources"]

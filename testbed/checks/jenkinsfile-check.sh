@@ -17,14 +17,14 @@
 # It is no substitute for Jenkins' own linter (which needs a Jenkins server and its plugins):
 # step names and their arguments are not checked, and the model knows only the steps used here.
 #
-# Usage: .ci/jenkinsfile-check.sh            check ./Jenkinsfile and ./Jenkinsfile.teardown, then
+# Usage: testbed/checks/jenkinsfile-check.sh            check ./Jenkinsfile and ./Jenkinsfile.teardown, then
 #                                             prove the checks reject broken copies; prints
 #                                             'N passed, N failed'
-#        .ci/jenkinsfile-check.sh FILE...    passes 1 and 2 on these files only
+#        testbed/checks/jenkinsfile-check.sh FILE...    passes 1 and 2 on these files only
 # Exit status: 0 all good, 1 otherwise. Installs groovy with apt when it is missing.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/.." && pwd)
+root=$(cd "$here/../.." && pwd)
 say() { printf '[jenkinsfile] %s\n' "$*"; }
 
 if ! command -v groovy >/dev/null 2>&1; then

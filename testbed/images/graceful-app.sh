@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # skiff-ci/graceful-app:1 — the fleet box's keep-alive app with a graceful SIGTERM
-# (.ci/images/graceful-app.py) on skiff-ci/python:3.11-bookworm (debian-python.sh, built before
+# (testbed/images/graceful-app.py) on skiff-ci/python:3.11-bookworm (debian-python.sh, built before
 # this one: setup.sh runs these scripts in name order). `box.py push --app graceful` builds each
 # release's tag on it. Built offline (no RUN step); skipped when present with the current app.py.
 set -euo pipefail

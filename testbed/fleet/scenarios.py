@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Release scenarios against the box (.ci/fleet/box.py) with the real ctl binary, under the
+"""Release scenarios against the box (testbed/fleet/box.py) with the real ctl binary, under the
 stack's deployer policy, while load.py sends a steady rate through the load balancer.
 
     scenarios.py [--rate 20] [--keep]     # brings the box up when it is not; --keep leaves it up

@@ -10,7 +10,7 @@
 #   DEV_APP_PORT (8080)  DEV_HEALTH_PORT (8081)  DEV_UPDATE (in-place)  DEV_DIR (.dev)
 #   DEV_SLOT_A (DEV_APP_PORT + 10)  DEV_SLOT_B (DEV_APP_PORT + 11)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 app_port=${DEV_APP_PORT:-8080}
 health_port=${DEV_HEALTH_PORT:-8081}
@@ -44,7 +44,7 @@ docker push -q "$repo:$tag" >/dev/null
 docker push -q "$repo:${branch:-dev}" >/dev/null
 
 cat >"$dir/agent.toml" <<TOML
-# Written by .ci/dev.sh: the agent's embedded local default.
+# Written by testbed/dev/dev.sh: the agent's embedded local default.
 [app]
 name = "skiff-dev"
 image = "$repo"

@@ -37,7 +37,7 @@
 # Conditions are given to check() in single quotes when they are to be evaluated there.
 # shellcheck disable=SC2016
 set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 ci_home=${SKIFF_CI_HOME:-/var/lib/skiff-ci}
 aws_cli=$ci_home/venv-awscli/bin/aws
@@ -292,8 +292,8 @@ check "create-stack passes the existing database to the stack" has "DatabaseHost
 status=$(stack_status)
 check "the stack is complete ($status)" [ "$status" = CREATE_COMPLETE ]
 # moto 5 computes no outputs for a stack made from a change set (`aws cloudformation deploy`);
-# the emulator does (.ci/emulator/extensions.py), and ctl reading them through make is proven in
-# the fleet box (.ci/fleet/branch.sh). An update-stack afterwards fails in moto (it cannot find
+# the emulator does (testbed/emulator/extensions.py), and ctl reading them through make is proven in
+# the fleet box (testbed/fleet/branch.sh). An update-stack afterwards fails in moto (it cannot find
 # the group the change set made); here, what the stack built is read from its resources.
 maws cloudformation describe-stack-resources --stack-name "$stack" \
   --query 'StackResources[].[LogicalResourceId,ResourceType,PhysicalResourceId]' >"$work/resources" 2>&1

@@ -9,7 +9,7 @@
 
 What `up` builds (all state under /var/lib/skiff-fleet and /run/skiff-fleet):
   * a bridge skfbr0 (10.201.0.1/24) standing in for the VPC's private subnets;
-  * skiff's emulator (.ci/emulator, IAM enforced) of its own on 10.201.0.1:5060;
+  * skiff's emulator (testbed/emulator, IAM enforced) of its own on 10.201.0.1:5060;
   * the app stack `app-fleet` created from the real templates/app.yaml (as the emulator's
     administrator), its release parameter created first as `make create-stack` does, and an
     IAM user holding the stack's DeployerPolicy (the credentials ctl runs with, as Jenkins');
@@ -174,7 +174,7 @@ def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
     """The test app as REPO:tag, whose page names the release and the host's address, on $PORT:
       * busybox: busybox httpd; no keep-alive (every response closes its connection), and as
         PID 1 without a handler it ignores SIGTERM (the engine kills it after the stop timeout);
-      * graceful: .ci/images/graceful-app.py: keep-alive, and on SIGTERM finishes what is in
+      * graceful: testbed/images/graceful-app.py: keep-alive, and on SIGTERM finishes what is in
         flight, closes each kept-alive connection after its next response, and exits.
     healthy=False: /health never passes (busybox: 404, graceful: 500); fail_after=S (graceful
     only): /health fails from S seconds after its first pass on (a release that fails after the
@@ -199,7 +199,7 @@ def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
                       f"CMD [\"/bin/sh\", \"-c\", {json.dumps(page)}]\n")
     else:
         if not _graceful_base_checked:  # idempotent: rebuilt only when graceful-app.py changed
-            run("bash", os.path.join(ROOT, ".ci", "images", "graceful-app.sh"))
+            run("bash", os.path.join(ROOT, "testbed", "images", "graceful-app.sh"))
             _graceful_base_checked.append(True)
         knobs = (([] if healthy else ["UNHEALTHY=1"]) + ([] if fail_after is None else [f"FAIL_AFTER={fail_after:g}"])
                  + ([] if slow_start is None else [f"SLOW_START={slow_start:g}"]))
@@ -232,7 +232,7 @@ def start_emulator():
     admin_file = os.path.join(STATE, "emulator-admin.json")
     py = os.path.join(CI_HOME, "venv-moto", "bin", "python")
     log = open(os.path.join(STATE, "emulator.log"), "w")
-    p = subprocess.Popen([py, os.path.join(ROOT, ".ci", "emulator", "server.py"), "-H", GATEWAY,
+    p = subprocess.Popen([py, os.path.join(ROOT, "testbed", "emulator", "server.py"), "-H", GATEWAY,
                           "--port", str(EMULATOR_PORT), "--iam", "--admin-file", admin_file],
                          stdout=log, stderr=log, start_new_session=True)
     with open(os.path.join(RUN_DIR, "emulator.pid"), "w") as f:
@@ -325,7 +325,7 @@ def create_stack(c, tag, instances, params_extra):
 
 def base(args):
     """The box without a stack (for a stack someone else creates, e.g. `make create-stack` in
-    .ci/fleet/branch.sh): the bridge, the emulator, and the network values a stack needs, printed
+    testbed/fleet/branch.sh): the bridge, the emulator, and the network values a stack needs, printed
     as shell lines (the emulator's administrator keys, VPC_ID, subnets, certificate, AMI)."""
     if load_box() or os.path.exists(RUN_DIR):
         say("a box is (half) up: tearing it down first")
@@ -561,11 +561,11 @@ def print_env(box):
     warmup = f"{s['healthy'] * s['interval'] + 2}s"  # the new targets' first checks, + 2 s
     print(f"""
   load balancer:  curl http://127.0.0.1:{LB_PORT}/
-  release:        {PY} .ci/fleet/box.py push v2        # a new test image tag
+  release:        {PY} testbed/fleet/box.py push v2        # a new test image tag
                   . {path}                  # deployer credentials, endpoint, stack
                   {box['ctl']} release --tag v2 --warmup {warmup}
                   {box['ctl']} status; {box['ctl']} history; {box['ctl']} rollback --warmup {warmup}
-  state:          python3 .ci/fleet/box.py status
+  state:          python3 testbed/fleet/box.py status
   down:           make fleet-down
 """, flush=True)
 
@@ -948,7 +948,7 @@ def host_redirect(ns, app="app"):
 
 def write_haproxy_config(box):
     s = box["settings"]
-    cfg = f"""# The ALB of stack {STACK}: written by .ci/fleet/box.py from templates/app.yaml's target group.
+    cfg = f"""# The ALB of stack {STACK}: written by testbed/fleet/box.py from templates/app.yaml's target group.
 global
     stats socket {RUN_DIR}/haproxy.sock mode 600 level admin
     pidfile {RUN_DIR}/haproxy.pid
@@ -1148,7 +1148,7 @@ class Controller:
     def report_health(self):
         """Feed the load balancer's view back to the emulator: with the group's HealthCheckType
         ELB the emulator replaces an instance reported unhealthy after the grace period
-        (.ci/emulator/health.py), as Auto Scaling does with the ALB's target health."""
+        (testbed/emulator/health.py), as Auto Scaling does with the ALB's target health."""
         targets = self.target_states(lb_servers(), time.monotonic())
         if targets == self.reported:
             return

@@ -41,7 +41,7 @@ if [ -z "${BRANCH_INNER:-}" ]; then
   rc=0
   BRANCH_INNER=1 timeout -k 30 "${BRANCH_TIMEOUT:-900}" bash "$0" || rc=$?
   [ "$rc" = 124 ] && say "the flow outlived BRANCH_TIMEOUT=${BRANCH_TIMEOUT:-900} s" >&2
-  "$py" .ci/fleet/box.py down >/dev/null || { "$py" .ci/fleet/box.py down; rc=1; }
+  "$py" testbed/fleet/box.py down >/dev/null || { "$py" testbed/fleet/box.py down; rc=1; }
   exit "$rc"
 fi
 
@@ -61,7 +61,7 @@ cleanup() {
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -9 "$pid" 2>/dev/null || true
   fi
-  "$py" .ci/fleet/box.py down >/dev/null 2>&1 || true
+  "$py" testbed/fleet/box.py down >/dev/null 2>&1 || true
   for i in "${images[@]}"; do docker rmi -f "$i" >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
@@ -70,7 +70,7 @@ mk() { make -C "$root" BRANCH="$branch" AWS="$aws_cli" "$@"; }
 
 # --- 1. the box without a stack, the database, the branch's env path ---------------------------
 say "box.py base: bridge, emulator (IAM enforced), network"
-"$py" .ci/fleet/box.py base >"$work/base.out" || { cat "$work/base.out" >&2; fail "box.py base failed"; }
+"$py" testbed/fleet/box.py base >"$work/base.out" || { cat "$work/base.out" >&2; fail "box.py base failed"; }
 grep '^export ' "$work/base.out" >"$work/admin.env"
 # shellcheck disable=SC1091
 . "$work/admin.env" # the emulator's administrator: the stack config credential (Jenkins')
@@ -148,7 +148,7 @@ mk create-stack HASH="$good1" VPC_ID="$VPC_ID" PUBLIC_SUBNETS="$PUBLIC_SUBNETS" 
 grep -q '^AutoScalingGroup' "$work/create.out" || fail "create-stack printed no AutoScalingGroup output"
 group=$(awk '$1 == "AutoScalingGroup" {print $2}' "$work/create.out")
 say "box.py adopt $stack (group $group): hosts boot as the group launches them"
-"$py" .ci/fleet/box.py adopt "$stack" --instances 2 --timeout 300 >"$work/adopt.out" ||
+"$py" testbed/fleet/box.py adopt "$stack" --instances 2 --timeout 300 >"$work/adopt.out" ||
   { cat "$work/adopt.out" >&2; fail "the box did not get 2 instances of $stack serving"; }
 deployer() { # the stack's DeployerPolicy (Jenkins' role), not the administrator
   local vars

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fleet box's well-behaved test app (image skiff-ci/graceful-app:1, .ci/images/graceful-app.sh):
+"""The fleet box's well-behaved test app (image skiff-ci/graceful-app:1, testbed/images/graceful-app.sh):
 what a handover swap expects of an app, and what the busybox test app does not do.
 
   * HTTP/1.1 with keep-alive (the load balancer pools its connections to the targets and reuses

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """skiff's AWS emulator: moto's server with skiff's extensions (extensions.py) applied.
 
-    python .ci/emulator/server.py --port 5055            # permissive, like moto_server
-    python .ci/emulator/server.py --port 5056 --iam      # IAM enforced from the first request
+    python testbed/emulator/server.py --port 5055            # permissive, like moto_server
+    python testbed/emulator/server.py --port 5056 --iam      # IAM enforced from the first request
 
 With --iam, an administrator user is created inside the process before it serves and its keys
 are written (mode 0600) to --admin-file (default $SKIFF_CI_HOME/emulator-iam-admin.json).

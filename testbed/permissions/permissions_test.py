@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Permissions proven by running: the agent and ctl under the policies the stack itself creates.
 
-Runs against skiff's IAM-enforcing emulator (.ci/emulator, 127.0.0.1:5056; setup.sh starts it)
+Runs against skiff's IAM-enforcing emulator (testbed/emulator, 127.0.0.1:5056; setup.sh starts it)
 with the real Docker engine and the real agent and ctl binaries. As the emulator's administrator
 it creates two app stacks from templates/app.yaml (environments A and B), then:
 
@@ -48,7 +48,7 @@ import botocore.config
 import botocore.exceptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "templates"))
 from test_stacks import load_template, outputs, params  # noqa: E402  (pure helpers)
 
@@ -500,7 +500,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
 def usage_report(world, who, principal, documents):
     """Print (not check) which statements of `documents` allowed what `principal` did, and the
     ones it never needed in this run: candidates for excess, or paths the run did not take."""
-    sys.path.insert(0, os.path.join(HERE, "emulator"))
+    sys.path.insert(0, os.path.join(ROOT, "testbed", "emulator"))
     import policy as emulator_policy
 
     with urllib.request.urlopen(f"{ENDPOINT}/skiff-emulator/authorizations?principal="

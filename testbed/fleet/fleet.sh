@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fleet in a box (.ci/fleet/box.py) from a fresh clone: setup, build, then the box.
+# The fleet in a box (testbed/fleet/box.py) from a fresh clone: setup, build, then the box.
 #   fleet.sh up          # make fleet: .ci/setup.sh (idempotent), agent and ctl built, 3 instances up
 #   fleet.sh down        # make fleet-down: nothing of the box left; safe to rerun
 #   fleet.sh scenarios   # make fleet-scenarios: the release scenarios, refresh and in place (box
@@ -24,18 +24,18 @@ case "$cmd" in
     [ "$(id -u)" = 0 ] || { echo "fleet: run as root (network namespaces, dockerd)" >&2; exit 1; }
     [ "${SKIP_SETUP:-}" = 1 ] || bash .ci/setup.sh
     cargo build -q --locked -p skiff-agent -p skiff-ctl
-    if [ "$cmd" = up ]; then exec "$py" .ci/fleet/box.py up; fi
+    if [ "$cmd" = up ]; then exec "$py" testbed/fleet/box.py up; fi
     [ "$cmd" = bench ] && set -- --bench "$@"
     rc=0
     # The bench runs two boxes (drain, then handover) and the 6-instance releases: longer.
     limit=${FLEET_TIMEOUT:-$([ "$cmd" = bench ] && echo 2400 || echo 1200)}
     # scenarios.py takes the box down itself; this is for a run that was killed or timed out.
-    timeout -k 30 "$limit" "$py" .ci/fleet/scenarios.py "$@" || rc=$?
+    timeout -k 30 "$limit" "$py" testbed/fleet/scenarios.py "$@" || rc=$?
     [ "$rc" = 124 ] && echo "fleet: the scenarios outlived FLEET_TIMEOUT=$limit s" >&2
-    "$py" .ci/fleet/box.py down >/dev/null || { "$py" .ci/fleet/box.py down; rc=1; }
+    "$py" testbed/fleet/box.py down >/dev/null || { "$py" testbed/fleet/box.py down; rc=1; }
     exit "$rc" ;;
   down)
-    if [ -x "$py" ]; then exec "$py" .ci/fleet/box.py down; fi
-    exec python3 .ci/fleet/box.py down ;;
+    if [ -x "$py" ]; then exec "$py" testbed/fleet/box.py down; fi
+    exec python3 testbed/fleet/box.py down ;;
   *) echo "usage: $0 up|down|scenarios|bench [scenarios.py options]" >&2; exit 64 ;;
 esac
