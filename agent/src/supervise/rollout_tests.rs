@@ -120,6 +120,10 @@ async fn a_target_is_swapped_to_promoted_and_reported_healthy() {
         old.is_some_and(|c| !c.running),
         "v1 kept stopped for a revert: {w:?}"
     );
+    assert_eq!(
+        w.port_conflicts, 0,
+        "v1 stopped before v2 started on the app's port: {w:?}"
+    );
 }
 
 #[tokio::test]

@@ -258,3 +258,63 @@ async fn a_dead_current_container_is_restarted_while_the_desired_release_cannot_
     cancel.cancel();
     task.await.expect("join");
 }
+
+/// The fake engine keeps the host's rule that one port has one listener: a swap that starts
+/// the new container before the old one stopped sees the new one exit at once (counted in
+/// `port_conflicts`), so the loop tests above cannot pass with that order.
+#[tokio::test]
+async fn the_fake_engine_lets_one_container_at_a_time_listen_on_a_port() {
+    use crate::runtime::ContainerRuntime;
+    use crate::supervise::fakes::{free_slots, on_slot, stopped};
+
+    // On the app's port (the drain swap): the old one runs, the new one is started first.
+    let runtime = FakeRuntime::default();
+    runtime.world().containers.push(running("v1"));
+    runtime.world().containers.push(stopped("new", "v2", 2));
+    runtime.start("new").await.expect("start");
+    {
+        let w = runtime.world();
+        assert_eq!(w.port_conflicts, 1, "{w:?}");
+        assert!(
+            w.containers.iter().any(|c| c.id == "new" && !c.running),
+            "the second listener exits: {w:?}"
+        );
+    }
+    // Stop first, then start: the port is free and the new one runs.
+    runtime
+        .stop("adopted", Duration::from_secs(1))
+        .await
+        .expect("stop");
+    runtime.start("new").await.expect("start");
+    {
+        let w = runtime.world();
+        assert_eq!(w.port_conflicts, 1, "no new conflict: {w:?}");
+        assert!(
+            w.containers.iter().any(|c| c.id == "new" && c.running),
+            "{w:?}"
+        );
+    }
+
+    // On a slot (the handover): the slot really listens, so a second container there exits.
+    let [slot, _] = free_slots();
+    let runtime = FakeRuntime::default();
+    runtime
+        .world()
+        .containers
+        .push(on_slot("a", "v1", slot, false));
+    runtime
+        .world()
+        .containers
+        .push(on_slot("b", "v2", slot, false));
+    runtime.start("a").await.expect("start");
+    runtime.start("b").await.expect("start");
+    let w = runtime.world();
+    assert_eq!(w.port_conflicts, 1, "{w:?}");
+    let running_ids: Vec<_> = w
+        .containers
+        .iter()
+        .filter(|c| c.running)
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(running_ids, ["a"], "{w:?}");
+}
