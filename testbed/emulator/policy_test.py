@@ -170,5 +170,60 @@ for name, q, want in [
 ]:
     case(name, limits.ec2_filter_limit(q), want)
 
+# --- request limits: which bucket a request draws from -----------------------------------------
+def rule(service, action, params=None):
+    r = limits.rate_rule(service, action, params or {})
+    return None if r is None else (r.family, r.size, r.refill, r.error)
+
+
+for name, got, want in [
+    ("rates: EC2 CreateTags has its own bucket, 100 refilled 10/s",
+     rule("ec2", "CreateTags", {"ResourceId.1": ["i-1"]}), ("ec2:CreateTags", 100, 10.0, "RequestLimitExceeded")),
+    ("rates: EC2 DescribeTags with a filter is non-mutating, 100 refilled 20/s",
+     rule("ec2", "DescribeTags", filters(3)), ("ec2:DescribeTags", 100, 20.0, "RequestLimitExceeded")),
+    ("rates: EC2 DescribeInstances without filter or page is unfiltered, 50 refilled 10/s",
+     rule("ec2", "DescribeInstances"), ("ec2:DescribeInstances", 50, 10.0, "RequestLimitExceeded")),
+    ("rates: EC2 DescribeInstances with MaxResults is non-mutating",
+     rule("ec2", "DescribeInstances", {"MaxResults": ["5"]}), ("ec2:DescribeInstances", 100, 20.0, "RequestLimitExceeded")),
+    ("rates: EC2 DeleteTags is mutating, 50 refilled 5/s",
+     rule("ec2", "DeleteTags"), ("ec2:DeleteTags", 50, 5.0, "RequestLimitExceeded")),
+    ("rates: ELB Describe* share one bucket, 40 refilled 10/s",
+     rule("elbv2", "DescribeTargetHealth"), ("elbv2:Describe*", 40, 10.0, "ThrottlingException")),
+    ("rates: ELB RegisterTargets is not modelled", rule("elbv2", "RegisterTargets"), None),
+    ("rates: SSM GetParameters shares GetParameter's 40 TPS",
+     rule("ssm", "GetParameters"), ("ssm:GetParameter*", 40, 40.0, "ThrottlingException")),
+    ("rates: SSM PutParameter is not modelled", rule("ssm", "PutParameter"), None),
+    ("rates: Auto Scaling writes share an assumed bucket",
+     rule("autoscaling", "CompleteLifecycleAction"), ("autoscaling:mutating", 20, 4.0, "Throttling")),
+    ("rates: IAM is not modelled", rule("iam", "GetRole"), None),
+]:
+    case(name, got, want)
+
+# A bucket of 100 refilled 10/s: 100 at once pass, the 101st is refused, 0.1 s later one passes;
+# accounts and Regions have buckets of their own.
+tags = limits.rate_rule("ec2", "CreateTags", {})
+b = limits.Buckets()
+case("buckets: a full bucket takes its size at once",
+     [b.take("1", "us-east-1", tags, 0.0) for _ in range(100)].count(True), 100)
+case("buckets: the next request is throttled", b.take("1", "us-east-1", tags, 0.0), False)
+case("buckets: another Region has its own bucket", b.take("1", "eu-west-1", tags, 0.0), True)
+case("buckets: another account has its own bucket", b.take("2", "us-east-1", tags, 0.0), True)
+case("buckets: one token back after 0.1 s", b.take("1", "us-east-1", tags, 0.1), True)
+case("buckets: and only one", b.take("1", "us-east-1", tags, 0.1), False)
+case("buckets: refill stops at the size",
+     [b.take("1", "us-east-1", tags, 1000.0) for _ in range(101)].count(True), 100)
+case("buckets: refusals are counted", b.throttled[("1", "us-east-1", "ec2:CreateTags")], 3)
+
+# --- quotas: targets per target group and per load balancer ------------------------------------
+for name, got, want in [
+    ("targets: 1,000 in a group pass", limits.targets_quota(999, 1, {"lb": 999}), None),
+    ("targets: the 1,001st in a group is refused", limits.targets_quota(1000, 1, {"lb": 1000})[0], "TooManyTargets"),
+    ("targets: a load balancer counts its other groups' targets",
+     limits.targets_quota(400, 200, {"lb": 900})[0], "TooManyTargets"),
+    ("targets: a group on no load balancer counts itself", limits.targets_quota(0, 1000, {}), None),
+    ("targets: re-registering (nothing new) always passes", limits.targets_quota(1000, 0, {"lb": 1000}), None),
+]:
+    case(name, got, want)
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
