@@ -292,7 +292,7 @@ check "create-stack passes the existing database to the stack" has "DatabaseHost
 status=$(stack_status)
 check "the stack is complete ($status)" [ "$status" = CREATE_COMPLETE ]
 # moto 5 computes no outputs for a stack made from a change set (`aws cloudformation deploy`);
-# the emulator does (testbed/emulator/extensions.py), and ctl reading them through make is proven in
+# the emulator does (testbed/emulator/cloudformation.py), and ctl reading them through make is proven in
 # the fleet box (testbed/fleet/branch.sh). An update-stack afterwards fails in moto (it cannot find
 # the group the change set made); here, what the stack built is read from its resources.
 maws cloudformation describe-stack-resources --stack-name "$stack" \

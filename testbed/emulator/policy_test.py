@@ -139,7 +139,7 @@ case("health: only the unhealthy one of two", health.to_replace(
     "ELB", 0, {"a": ("InService", 0), "b": ("InService", 0)}, {"a": "healthy", "b": "unhealthy"}, 1), ["b"])
 
 # --- CloudWatch Logs: the ARN AWS checks for reads of a group's streams and events ----------
-# (extensions._logs: `log-group:NAME:log-stream:`); a policy naming the bare group ARN does not
+# (auth._logs: `log-group:NAME:log-stream:`); a policy naming the bare group ARN does not
 # cover it, the ARN "with the trailing :*" does.
 LG = "arn:aws:logs:us-east-1:123456789012:log-group:/skiff/a/app"
 for name, resource, check_arn, want in [

@@ -14,7 +14,7 @@ Besides moto's API it serves:
     POST /skiff-emulator/target-health  {"group", "region", "targets": {instance id: state}}
          -> the load balancer's view of the group's targets (initial, healthy, unhealthy,
             draining, ...): with HealthCheckType ELB an InService instance reported unhealthy
-            after the grace period is replaced (extensions.py, health.py)
+            after the grace period is replaced (elb_health.py, health.py)
     GET  /skiff-emulator/authorizations?principal=S  -> the extended checks made for callers whose
          ARN contains S: actions, resources, allowed, the statement (Sid) that allowed each
     GET  /skiff-emulator/calls?key=AKID  -> {"<service>:<Action>": count} of the calls signed
@@ -55,11 +55,15 @@ def main() -> int:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import run_simple
 
+    import auth
+    import elb_health
     import extensions
+    import limits_gate
+    from lock import LOCK
 
     extensions.apply()
     if args.iam:
-        admin = extensions.bootstrap_admin(DEFAULT_ACCOUNT_ID)
+        admin = auth.bootstrap_admin(DEFAULT_ACCOUNT_ID)
         tmp = args.admin_file + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -85,18 +89,18 @@ def main() -> int:
             from urllib.parse import parse_qs
 
             want = parse_qs(environ.get("QUERY_STRING", "")).get("principal", [""])[0]
-            return answer("200 OK", [e for e in list(extensions.AUTH_LOG) if want in e["principal"]])
+            return answer("200 OK", [e for e in list(auth.AUTH_LOG) if want in e["principal"]])
         if path == "/skiff-emulator/calls":
             from urllib.parse import parse_qs
 
             key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]
-            return answer("200 OK", extensions.calls(key))
+            return answer("200 OK", limits_gate.calls(key))
         if path == "/skiff-emulator/instance-credentials" and method == "POST":
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
                 req = json.loads(environ["wsgi.input"].read(length))
-                with extensions.LOCK:
-                    creds = extensions.instance_credentials(
+                with LOCK:
+                    creds = auth.instance_credentials(
                         DEFAULT_ACCOUNT_ID, req.get("region", "us-east-1"), req["role_arn"],
                         req.get("instance_id", "i-emulated"))
                 return answer("200 OK", creds)
@@ -108,8 +112,8 @@ def main() -> int:
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
                 req = json.loads(environ["wsgi.input"].read(length))
-                with extensions.LOCK:
-                    extensions.report_target_health(DEFAULT_ACCOUNT_ID, req.get("region", "us-east-1"),
+                with LOCK:
+                    elb_health.report_target_health(DEFAULT_ACCOUNT_ID, req.get("region", "us-east-1"),
                                                     req["group"], req["targets"])
                 return answer("200 OK", {})
             except (KeyError, ValueError, TypeError, AttributeError) as e:
