@@ -5,8 +5,11 @@
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::refresh::RefreshState;
+use crate::lock::LockRecord;
+use crate::refresh::{RefreshInfo, RefreshState};
+use crate::store::Stored;
 use skiff_release::Digest;
+use tokio::time::{Instant, sleep};
 
 const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"}"#;
 const FOREIGN: &str = r#"{"tag":"hotfix","released_by":"someone"}"#;
