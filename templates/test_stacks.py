@@ -80,19 +80,8 @@ RUN = uuid.uuid4().hex[:8]
 SHARED_LB_FULL_NAME = {"Fn::Join": ["/", [{"Fn::Select": [i, {"Fn::Split": ["/", {"Ref": "SharedListenerArn"}]}]}
                                           for i in (1, 2, 3)]]}
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
-    return ok
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "testbed"))
+from kit.checks import check, summary  # noqa: E402
 
 
 def equal(name, got, want):
@@ -1481,8 +1470,7 @@ def main():
             except botocore.exceptions.ClientError:
                 pass  # already gone, e.g. a stack the test deleted itself
 
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

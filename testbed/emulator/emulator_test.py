@@ -9,7 +9,6 @@ FilterLimitExceeded, 200 answered). Prints one line per
 check and 'N passed, N failed'."""
 
 import os
-import socket
 import subprocess
 import sys
 import json
@@ -21,17 +20,9 @@ import boto3
 import botocore.exceptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+sys.path.insert(0, os.path.dirname(HERE))
+from kit.checks import check, summary  # noqa: E402
+from kit.net import free_port  # noqa: E402
 
 
 def error_of(call):
@@ -43,9 +34,7 @@ def error_of(call):
 
 
 def main():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -316,8 +305,7 @@ def main():
     finally:
         server.terminate()
         server.wait(10)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

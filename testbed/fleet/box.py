@@ -26,7 +26,6 @@ Exit codes: 0 done, 1 failed (the message says what to do), 64 bad arguments.
 
 import argparse
 import base64
-import http.server
 import json
 import os
 import re
@@ -44,6 +43,11 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "templates"))
+sys.path.insert(0, os.path.join(ROOT, "testbed"))
+from kit import emulator as kit_emulator  # noqa: E402
+from kit import imds as kit_imds  # noqa: E402
+from kit.emulator import session  # noqa: E402
+from kit.waits import wait_until  # noqa: E402
 
 CI_HOME = os.environ.get("SKIFF_CI_HOME", "/var/lib/skiff-ci")
 TARGET = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/skiff-target")
@@ -81,15 +85,6 @@ def run(*cmd, check=True, quiet=False, **kw):
     return p
 
 
-def wait_until(fn, timeout, every=0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
-
-
 def binary(name):
     """FLEET_AGENT_BIN / FLEET_CTL_BIN, else the debug build fleet.sh makes, else the release
     build. Not "the newest": the target directory is shared, and a build from another checkout
@@ -109,13 +104,6 @@ def load_box():
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def session(key, secret, token=None):
-    import boto3
-
-    return boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
-                                 aws_session_token=token, region_name=REGION)
 
 
 def admin_clients(box):
@@ -742,11 +730,7 @@ def teardown_host(ns, veth, run_dir, data_dir):
 
 
 def instance_credentials(box, instance_id):
-    req = urllib.request.Request(
-        f"{ENDPOINT}/skiff-emulator/instance-credentials", method="POST",
-        data=json.dumps({"role_arn": box["role_arn"], "instance_id": instance_id, "region": REGION}).encode())
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.load(r)
+    return kit_emulator.instance_credentials(ENDPOINT, box["role_arn"], instance_id, REGION)
 
 
 def render_config(box, host_dir, ns):
@@ -774,50 +758,6 @@ def render_config(box, host_dir, ns):
         with open(path, "w") as f:
             f.write(text)
     return path
-
-
-class Imds:
-    """IMDSv2 for every host, told apart by the caller's address (each host has its own)."""
-
-    def __init__(self, controller):
-        ctl = controller
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def reply(self, code, body, ttl=None):
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain")
-                if ttl:
-                    self.send_header("X-aws-ec2-metadata-token-ttl-seconds", ttl)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self):
-                host = ctl.host_by_ip(self.client_address[0])
-                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-                if host and self.path == "/latest/api/token" and ttl:
-                    return self.reply(200, host.token, ttl=ttl)
-                return self.reply(400 if host else 403, "")
-
-            def do_GET(self):
-                host = ctl.host_by_ip(self.client_address[0])
-                # HttpTokens: required (IMDSv2 only): no token, 401.
-                # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadata-service.html
-                if not host or self.headers.get("X-aws-ec2-metadata-token") != host.token:
-                    return self.reply(401, "")
-                try:
-                    body = ctl.metadata(host, self.path)
-                except Exception as e:  # the emulator away: the caller retries, as it would on EC2
-                    print(f"{time.strftime('%H:%M:%S')} {host.id}: IMDS {self.path}: {e}", flush=True)
-                    return self.reply(500, "")
-                return self.reply(404, "") if body is None else self.reply(200, body)
-
-        self.server = http.server.ThreadingHTTPServer((GATEWAY, IMDS_PORT), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 # Polls the box's IMDS from inside a host's namespace (the IMDS tells hosts apart by address):
@@ -1040,31 +980,15 @@ class Controller:
         g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[self.group])["AutoScalingGroups"]
         return {i["InstanceId"]: i["LifecycleState"] for i in (g[0]["Instances"] if g else [])}
 
-    def metadata(self, host, path):
-        md = "/latest/meta-data/"
-        role = self.box["role_name"]
-        if path == md + "instance-id":
-            return host.id
-        if path == md + "placement/region":
-            return REGION
-        if path == md + "placement/availability-zone":
-            return REGION + "a"
-        if path == md + "local-ipv4":
-            return host.ip
-        if path.rstrip("/") == md + "iam/security-credentials":
-            return role
-        if path == md + f"iam/security-credentials/{role}":
-            return json.dumps(dict(host.creds, Code="Success", Type="AWS-HMAC",
-                                   LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        if path.rstrip("/") == md + "tags/instance":
-            return "\n".join(sorted(self.instance_tags(host.id)))
-        if path.startswith(md + "tags/instance/"):
-            return self.instance_tags(host.id).get(path[len(md + "tags/instance/"):])
-        if path == md + "autoscaling/target-lifecycle-state":
-            # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
-            state = self.last_states.get(host.id)
-            return "Terminated" if state is None or state.startswith("Terminating") else "InService"
-        return None
+    def imds_instance(self, ip):
+        """The instance the box's IMDS answers for a caller's address (each host has its own)."""
+        host = self.host_by_ip(ip)
+        if host is None:
+            return None
+        return kit_imds.Instance(
+            id=host.id, role=self.box["role_name"], creds=host.creds, region=REGION, ip=host.ip,
+            token=host.token, tags=lambda: self.instance_tags(host.id),
+            lifecycle_state=lambda: self.last_states.get(host.id))
 
     def boot(self, host):
         try:
@@ -1203,7 +1127,8 @@ def controller(args):
         raise BoxError("no box: box.py up")
     ctl = Controller(box)
     signal.signal(signal.SIGTERM, lambda *a: ctl.stop.set())
-    Imds(ctl)
+    # IMDSv2 for every host, told apart by the caller's address.
+    kit_imds.Server((GATEWAY, IMDS_PORT), ctl.imds_instance)
     print(f"{time.strftime('%H:%M:%S')} controller following group {ctl.group}", flush=True)
     ctl.loop()
     return 0

@@ -27,12 +27,10 @@ AGENT_BIN / CTL_BIN (default $CARGO_TARGET_DIR/debug/{agent,ctl}), ECR_REGISTRY 
 """
 
 import base64
-import http.server
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,13 +41,18 @@ import urllib.parse
 import urllib.request
 import uuid
 
-import boto3
 import botocore.config
 import botocore.exceptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "templates"))
+sys.path.insert(0, os.path.join(ROOT, "testbed"))
+from kit import imds as kit_imds  # noqa: E402
+from kit.checks import TALLY, check  # noqa: E402
+from kit.emulator import instance_credentials, session  # noqa: E402
+from kit.net import free_port  # noqa: E402
+from kit.waits import wait_until  # noqa: E402
 from test_stacks import load_template, outputs, params  # noqa: E402  (pure helpers)
 
 ENDPOINT = os.environ.get("EMULATOR_IAM_ENDPOINT", "http://127.0.0.1:5056")
@@ -61,40 +64,6 @@ REGION = "us-east-1"
 ECR = os.environ.get("ECR_REGISTRY", f"123456789012.dkr.ecr.{REGION}.amazonaws.com")
 RUN = uuid.uuid4().hex[:8]
 NO_RETRY = botocore.config.Config(retries={"max_attempts": 1})
-
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}", flush=True)
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""), flush=True)
-    return ok
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, fn, timeout, every=0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
-
-
-def session(key, secret, token=None):
-    return boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
-                                 aws_session_token=token, region_name=REGION)
-
 
 def denied(call):
     """The AWS error code of `call`, or None when it succeeded."""
@@ -120,11 +89,7 @@ def admin_session():
 
 
 def emulator_credentials(role_arn, instance_id):
-    req = urllib.request.Request(
-        f"{ENDPOINT}/skiff-emulator/instance-credentials", method="POST",
-        data=json.dumps({"role_arn": role_arn, "instance_id": instance_id, "region": REGION}).encode())
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.load(r)
+    return instance_credentials(ENDPOINT, role_arn, instance_id, REGION)
 
 
 class World:
@@ -184,7 +149,7 @@ class World:
         self.cfn.create_stack(StackName=name, TemplateBody=text, Parameters=params(p),
                               Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"])
         self.cleanup.append(lambda: self.cfn.delete_stack(StackName=name))
-        stack = wait_until("stack", lambda: (lambda s: s if not s["StackStatus"].endswith("_IN_PROGRESS") else None)(
+        stack = wait_until(lambda: (lambda s: s if not s["StackStatus"].endswith("_IN_PROGRESS") else None)(
             self.cfn.describe_stacks(StackName=name)["Stacks"][0]), 120)
         return name, stack
 
@@ -201,82 +166,26 @@ class World:
 # --- a fake IMDSv2 serving the instance's identity, role credentials and lifecycle state -----
 
 class Imds:
+    """The kit's IMDSv2 for one instance on a port of its own, its tags live from EC2 (the agent
+    reads skiff:target and skiff:pull every turn); `seen` lists the requests."""
+
     def __init__(self, world, instance_id, group, role_name, role_arn):
-        self.world, self.instance_id, self.group = world, instance_id, group
-        self.role_name, self.role_arn = role_name, role_arn
-        self.token = uuid.uuid4().hex
         self.seen = []
-        self.creds = emulator_credentials(role_arn, instance_id)
-        imds = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        def tags():
+            found = world.ec2.describe_tags(
+                Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
+            return dict({t["Key"]: t["Value"] for t in found}, **{"aws:autoscaling:groupName": group})
 
-            def reply(self, code, body, ctype="text/plain", ttl=None):
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                if ttl:
-                    self.send_header("X-aws-ec2-metadata-token-ttl-seconds", ttl)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self):
-                imds.seen.append(f"PUT {self.path}")
-                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-                if self.path == "/latest/api/token" and ttl:
-                    return self.reply(200, imds.token, ttl=ttl)
-                return self.reply(400, "bad token request")
-
-            def do_GET(self):
-                imds.seen.append(f"GET {self.path}")
-                # IMDSv2 only (HttpTokens: required): no token, 401.
-                if self.headers.get("X-aws-ec2-metadata-token") != imds.token:
-                    return self.reply(401, "")
-                body = imds.answer(self.path)
-                if body is None:
-                    return self.reply(404, "")
-                return self.reply(200, body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def answer(self, path):
-        md = "/latest/meta-data/"
-        if path == md + "instance-id":
-            return self.instance_id
-        if path == md + "placement/region":
-            return REGION
-        if path == md + "placement/availability-zone":
-            return REGION + "a"
-        if path in (md + "iam/security-credentials/", md + "iam/security-credentials"):
-            return self.role_name
-        if path == md + f"iam/security-credentials/{self.role_name}":
-            return json.dumps(dict(self.creds, Code="Success", Type="AWS-HMAC",
-                                   LastUpdated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        if path == md + "tags/instance/aws:autoscaling:groupName":
-            return self.group
-        if path.startswith(md + "tags/instance/"):
-            # The instance's other tags, live from EC2 (the agent reads skiff:target and
-            # skiff:pull every turn; absent = 404).
-            key = path[len(md + "tags/instance/"):]
-            found = self.world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [self.instance_id]},
-                                                          {"Name": "key", "Values": [key]}])["Tags"]
-            return found[0]["Value"] if found else None
-        if path == md + "tags/instance":
-            return "aws:autoscaling:groupName"
-        if path == md + "autoscaling/target-lifecycle-state":
-            state = self.world.group_instances(self.group).get(self.instance_id)
-            # Auto Scaling sets the target state to Terminated when it terminates the instance.
-            # https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
-            return "Terminated" if state is None or state.startswith("Terminating") else "InService"
-        return None
+        instance = kit_imds.Instance(
+            id=instance_id, role=role_name, creds=emulator_credentials(role_arn, instance_id),
+            tags=tags, lifecycle_state=lambda: world.group_instances(group).get(instance_id),
+            region=REGION)
+        self.server = kit_imds.Server(("127.0.0.1", 0), lambda _address: instance, self.seen)
+        self.url = self.server.url
 
     def close(self):
-        self.server.shutdown()
+        self.server.close()
 
 
 def render_config(user_data_b64, tmp, app_name, env=None):
@@ -442,7 +351,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
     world.cleanup.append(lambda: [c and docker("rm", "-f", c, check_rc=False) for c in
                                   docker("ps", "-aq", "--filter", f"name={app_name}").stdout.split()])
     try:
-        in_service = wait_until("launch hook", lambda: world.group_instances(group).get(instance_id) == "InService", 90)
+        in_service = wait_until(lambda: world.group_instances(group).get(instance_id) == "InService", 90)
         check("agent: launch hook completed under the instance role (instance InService)", in_service,
               f"state {world.group_instances(group).get(instance_id)}")
         tags = world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]},
@@ -457,7 +366,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
                 Filters=[{"Name": "resource-id", "Values": [instance_id]},
                          {"Name": "key", "Values": ["skiff:pulled"]}])["Tags"]]
         check("agent: a pull instruction (skiff:pull) answered skiff:pulled under the instance role",
-              wait_until("skiff:pulled", lambda: pulled() == [tag], 30), str(pulled()))
+              wait_until(lambda: pulled() == [tag], 30), str(pulled()))
         running = docker("ps", "--filter", f"name={app_name}", "--format", "{{.Names}}").stdout.split()
         check("agent: the release's container runs", len(running) == 1, str(running))
         if running:
@@ -470,7 +379,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
               (world.group_instances(group).get(instance_id) or "").startswith("Terminating"),
               str(world.group_instances(group)))
         asked = time.monotonic()
-        gone = wait_until("terminate hook", lambda: instance_id not in world.group_instances(group), 60, 0.2)
+        gone = wait_until(lambda: instance_id not in world.group_instances(group), 60, 0.2)
         took = time.monotonic() - asked
         check("agent: terminate hook completed after draining (instance left the group)", gone,
               str(world.group_instances(group)))
@@ -493,7 +402,7 @@ def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
           imds.seen[:1] == ["PUT /latest/api/token"]
           and any(s.endswith(f"security-credentials/{role_name}") for s in imds.seen), str(imds.seen[:6]))
     usage_report(world, "instance role", f"assumed-role/{role_name}/", role_documents(world, role_name))
-    if failed:
+    if TALLY.failed:
         print("--- agent log (last 40 lines)\n" + "\n".join(text.splitlines()[-40:]) + "\n---")
 
 
@@ -618,7 +527,7 @@ def ctl_checks(world, stack_a, tags, tmp):
         # replace a real instance and status has one to show.
         world.asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=1)
         check("ctl: the group serves one instance again before the release",
-              wait_until("in service", lambda: list(world.group_instances(group).values()) == ["InService"], 30),
+              wait_until(lambda: list(world.group_instances(group).values()) == ["InService"], 30),
               str(world.group_instances(group)))
         before = set(world.group_instances(group))
         for name, args in [
@@ -670,7 +579,7 @@ def ctl_checks(world, stack_a, tags, tmp):
         value = world.ssm.get_parameter(Name=out["ReleaseParameter"])["Parameter"]["Value"]
         check("ctl: after the rollback the parameter names the previous release", tags[0] in value, value)
         check("ctl: after the rollback the group is back to one instance in service",
-              wait_until("settled", lambda: list(world.group_instances(group).values()) == ["InService"], 15),
+              wait_until(lambda: list(world.group_instances(group).values()) == ["InService"], 15),
               str(world.group_instances(group)))
         inplace_checks(world, stack, group, env, key, tags)
     finally:
@@ -795,8 +704,7 @@ def main():
         admin = admin_session()
     except OSError as e:
         check("emulator administrator keys readable", False, f"{e}: run .ci/setup.sh")
-        print(f"{passed} passed, {failed} failed")
-        return 1
+        return TALLY.summary()
     world = World(admin)
     env_a, env_b = f"pa{RUN}", f"pb{RUN}"
     tag = f"rel{RUN}"
@@ -833,8 +741,7 @@ def main():
             except Exception:
                 pass
         subprocess.run(["rm", "-rf", tmp])
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return TALLY.summary()
 
 
 if __name__ == "__main__":
