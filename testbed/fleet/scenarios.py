@@ -39,7 +39,7 @@ on any instance during a rollout fails the scenario):
   11 in-place rollback: ctl rollback --strategy in-place after 8: back, per batch time, 0 failed
   12 ctl SIGKILLed once the first batch switched: ctl status shows "1 of n"; ctl unlock --force;
                 the same release again converges without switching the first instance again
-  13 the parameter written without ctl while every agent runs update = "in-place" with a 2 s
+  13 the parameter written without ctl while every agent runs update = "follow" with a 2 s
                 poll: within 3 polls nothing swaps (all stale on the old release), each agent
                 warned at start; then the template's config back
   9  in-place release after scaling the group to 2n (6 with the default 3): as 8
@@ -84,6 +84,12 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import box as fleet  # noqa: E402
+import controller  # noqa: E402
+import images  # noqa: E402
+import loadbalancer  # noqa: E402
+import network  # noqa: E402
+import settings  # noqa: E402
+from kit.waits import wait_until  # noqa: E402
 from load import Load, ProcessLoad  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]
@@ -92,7 +98,7 @@ CI = "1,5,2,7,4,6,3,8,10,11,12,13,15,16,17,18,19,20"  # the default without --be
 HANDOVER = {"15", "16", "17", "18", "19", "20", "21"}  # on a box of their own (SwapMode handover)
 REFRESH_BENCH = []  # (scenario name, instances, ctl wall s, model s, failed requests): refresh releases
 IMDS_DELAY = []
-URL = f"http://127.0.0.1:{fleet.LB_PORT}/"
+URL = f"http://127.0.0.1:{settings.LB_PORT}/"
 results = []
 BENCH = []  # (scenario, wall s, release s or None, model s or None)
 LAST_CTL = []
@@ -104,7 +110,7 @@ def evidence():
     print("--- " + (LAST_CTL[0] if LAST_CTL else "no ctl run") + "\n" + (LAST_CTL[1][-3000:] if LAST_CTL else ""))
     for name in ("controller.log", "emulator.log"):
         try:
-            with open(os.path.join(fleet.STATE, name)) as f:
+            with open(os.path.join(settings.STATE, name)) as f:
                 print(f"--- {name} (last 40 lines)\n" + "".join(f.readlines()[-40:]))
         except OSError:
             pass
@@ -140,7 +146,7 @@ def ctl(box, *args, timeout=900):
 
 
 def parameter(box):
-    c = fleet.admin_clients(box)
+    c = settings.admin_clients(box)
     value = c("ssm").get_parameter(Name=box["outputs"]["ReleaseParameter"])["Parameter"]["Value"]
     try:
         return json.loads(value).get("tag"), value
@@ -149,13 +155,13 @@ def parameter(box):
 
 
 def group(box):
-    return fleet.Controller(box).states()
+    return controller.Controller(box).states()
 
 
 def settle(box, n, timeout=120):
     """Wait until the group has n instances, all InService, and the load balancer serves n."""
-    return fleet.wait_until(lambda: (lambda s: len(s) == n and set(s.values()) == {"InService"}
-                                     and len(fleet.lb_up()) == n)(group(box)), timeout, 1)
+    return wait_until(lambda: (lambda s: len(s) == n and set(s.values()) == {"InService"}
+                                     and len(loadbalancer.lb_up()) == n)(group(box)), timeout, 1)
 
 
 def served(n=12):
@@ -177,7 +183,7 @@ def model(box, warmup):
 
 def refresh_seconds(box):
     """StartTime to EndTime of the group's latest instance refresh."""
-    c = fleet.admin_clients(box)
+    c = settings.admin_clients(box)
     r = c("autoscaling").describe_instance_refreshes(
         AutoScalingGroupName=box["outputs"]["AutoScalingGroup"])["InstanceRefreshes"][0]
     return (r["EndTime"] - r["StartTime"]).total_seconds() if r.get("EndTime") else float("nan")
@@ -195,7 +201,7 @@ def with_load(box, rate, fn):
 
 def release(box, rate, tag, n, warmup, number=1):
     sc = Scenario(number, f"release {parameter(box)[0]} -> {tag}" + (f" on {n} instances" if number != 1 else ""))
-    fleet.push_image(tag)
+    images.push_image(tag)
     before = set(group(box))
     (rc, out, took), counts = with_load(box, rate, lambda: ctl(box, "release", "--tag", tag, "--warmup", f"{warmup}s",
                                                                "--timeout", "10m"))
@@ -224,7 +230,7 @@ def agent_killed(box, rate, tag, n, warmup):
     runs; systemd (modelled by the controller) restarts it, it adopts its container and answers
     the launch hook: the release goes through."""
     sc = Scenario(4, f"agent SIGKILLed mid-release {parameter(box)[0]} -> {tag}")
-    fleet.push_image(tag)
+    images.push_image(tag)
     before = set(group(box))
     killed = []
 
@@ -232,7 +238,7 @@ def agent_killed(box, rate, tag, n, warmup):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             for iid in set(group(box)) - before:
-                pidfile = os.path.join(fleet.RUN_DIR, "hosts", iid, "agent.pid")
+                pidfile = os.path.join(settings.RUN_DIR, "hosts", iid, "agent.pid")
                 try:
                     with open(pidfile) as f:
                         pid = int(f.read())
@@ -268,25 +274,25 @@ def agent_killed(box, rate, tag, n, warmup):
 def aws_away(box, rate, n, seconds=30):
     """Scenario 5: every host's way to the AWS endpoint (the emulator) rejected for `seconds`."""
     sc = Scenario(5, f"AWS unreachable from every instance for {seconds} s")
-    rule = ["OUTPUT", "-p", "tcp", "-d", fleet.GATEWAY, "--dport", str(fleet.EMULATOR_PORT), "-j", "REJECT"]
-    namespaces = [ln.split()[0] for ln in fleet.run("ip", "netns", "list").stdout.splitlines()
+    rule = ["OUTPUT", "-p", "tcp", "-d", settings.GATEWAY, "--dport", str(settings.EMULATOR_PORT), "-j", "REJECT"]
+    namespaces = [ln.split()[0] for ln in settings.run("ip", "netns", "list").stdout.splitlines()
                   if ln.startswith("skf-")]
     before = set(group(box))
     load = Load(URL, rate).start()
     blocked = []
     try:
         for ns in namespaces:
-            fleet.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-I", *rule)
+            settings.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-I", *rule)
             blocked.append(ns)
         time.sleep(seconds)
     finally:
         for ns in blocked:
-            fleet.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-D", *rule, check=False)
+            settings.run("nsenter", f"--net=/var/run/netns/{ns}", "iptables", "-D", *rule, check=False)
         time.sleep(1)
         counts = load.stop()
     sc.check(len(blocked) == n, f"blocked {len(blocked)} of {n} hosts ({namespaces})")
     sc.check(set(group(box)) == before, f"instances changed: {sorted(before)} -> {sorted(group(box))}")
-    sc.check(len(fleet.lb_up()) == n, f"the load balancer serves {fleet.lb_up()}")
+    sc.check(len(loadbalancer.lb_up()) == n, f"the load balancer serves {loadbalancer.lb_up()}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     sc.figures += [counts.line()]
     sc.done()
@@ -294,7 +300,7 @@ def aws_away(box, rate, n, seconds=30):
 
 def unhealthy(box, rate, good, bad, n, warmup):
     sc = Scenario(2, f"unhealthy release {bad}")
-    fleet.push_image(bad, healthy=False)
+    images.push_image(bad, healthy=False)
     (rc, out, took), counts = with_load(box, rate, lambda: ctl(box, "release", "--tag", bad, "--warmup", f"{warmup}s",
                                                                "--timeout", "10m"))
     sc.check(rc == 1, f"ctl exit {rc}, documented 1: {out.strip()[-400:]}")
@@ -304,7 +310,7 @@ def unhealthy(box, rate, good, bad, n, warmup):
     now = served()
     sc.check(set(now) == {good}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
-    c = fleet.admin_clients(box)
+    c = settings.admin_clients(box)
     refreshes = c("autoscaling").describe_instance_refreshes(
         AutoScalingGroupName=box["outputs"]["AutoScalingGroup"])["InstanceRefreshes"]
     failed = [r for r in refreshes if r["Status"] == "Failed"]
@@ -346,7 +352,7 @@ def tag_part(value):
 
 def host_ip(iid):
     try:
-        with open(os.path.join(fleet.RUN_DIR, "hosts", iid, "address")) as f:
+        with open(os.path.join(settings.RUN_DIR, "hosts", iid, "address")) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -375,7 +381,7 @@ def skiff_tags(box, ids):
     """{instance: {skiff:* key: value}} from the emulator (as the administrator)."""
     if not ids:
         return {}
-    ec2 = fleet.admin_clients(box)("ec2")
+    ec2 = settings.admin_clients(box)("ec2")
     out = {i: {} for i in ids}
     for t in ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": sorted(ids)},
                                         {"Name": "key", "Values": list(SKIFF_TAGS)}])["Tags"]:
@@ -386,7 +392,7 @@ def skiff_tags(box, ids):
 def drain_seconds():
     """[release] drain of the agents' rendered config (what the user data wrote from
     DrainSeconds), read from any host of the box."""
-    hosts = os.path.join(fleet.STATE, "hosts")
+    hosts = os.path.join(settings.STATE, "hosts")
     for iid in sorted(os.listdir(hosts)) if os.path.isdir(hosts) else []:
         try:
             with open(os.path.join(hosts, iid, "etc-skiff", "agent.toml")) as f:
@@ -411,7 +417,7 @@ class Watch:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.errors = []
-        self.asg = fleet.admin_clients(box)("autoscaling")
+        self.asg = settings.admin_clients(box)("autoscaling")
 
     def start(self):
         self.sample()
@@ -435,7 +441,7 @@ class Watch:
         except Exception as e:  # recorded; a gap in the watch is not a scenario failure
             self.errors.append(f"tags: {e}")
             tags = None
-        up = set(fleet.lb_up())
+        up = set(loadbalancer.lb_up())
         try:
             g = self.asg.describe_auto_scaling_groups(
                 AutoScalingGroupNames=[self.box["outputs"]["AutoScalingGroup"]])["AutoScalingGroups"][0]
@@ -523,7 +529,7 @@ def ctl_stream(box, *args, kill_when=None, sig=signal.SIGKILL, timeout=900):
     reader.join(5)
     took = time.monotonic() - t0
     LAST_CTL[:] = [f"ctl {' '.join(args)} (exit {rc}, {took:.1f} s)", "\n".join(x for _, x in lines)]
-    with open(os.path.join(fleet.STATE, "ctl.log"), "a") as f:  # every run in full, timed (logs/ after down)
+    with open(os.path.join(settings.STATE, "ctl.log"), "a") as f:  # every run in full, timed (logs/ after down)
         f.write(f"=== {time.strftime('%H:%M:%S')} {LAST_CTL[0]}\n"
                 + "".join(f"+{t - t0:6.1f} {x}\n" for t, x in lines))
     return rc, lines, took, bool(killed)
@@ -599,7 +605,7 @@ def inplace_release(box, rate, tag, n, number, bake=0, extra=()):
     """Scenarios 8 and 9: ctl release --strategy in-place on n instances under load."""
     previous = parameter(box)[0]
     sc = Scenario(number, f"in-place release {previous} -> {tag} on {n} instances")
-    fleet.push_image(tag)
+    images.push_image(tag)
     ids = stack_instances(box)
     sc.check(len(ids) == n, f"{len(ids)} instances InService, not {n}")
     watch = Watch(box, ids).start()
@@ -617,7 +623,7 @@ def inplace_release(box, rate, tag, n, number, bake=0, extra=()):
     tags = skiff_tags(box, ids)
     sc.check(all(tags[i].get("skiff:release") == tag for i in ids),
              f"skiff:release: {[tags[i].get('skiff:release') for i in ids]}")
-    sc.check(len(fleet.lb_up()) == n, f"the load balancer serves {fleet.lb_up()}")
+    sc.check(len(loadbalancer.lb_up()) == n, f"the load balancer serves {loadbalancer.lb_up()}")
     now = served()
     sc.check(set(now) == {tag}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
@@ -644,7 +650,7 @@ def inplace_unhealthy(box, rate, bad, n):
     exits 1 (ctl/README: failed, the previous release back), 0 failed requests."""
     good = parameter(box)[0]
     sc = Scenario(10, f"in-place release {bad} that never becomes healthy")
-    fleet.push_image(bad, healthy=False)
+    images.push_image(bad, healthy=False)
     ids = stack_instances(box)
     watch = Watch(box, ids).start()
     t0 = time.monotonic()
@@ -653,7 +659,7 @@ def inplace_unhealthy(box, rate, bad, n):
     # the reverted instance back in the load balancer (HealthyThresholdCount checks)
     batches = watch.batches(bad, t0)
     touched = [i for _, b in batches for i in b]
-    fleet.wait_until(lambda: all(host_ip(i) in fleet.lb_up() for i in touched), 30, 0.5)
+    wait_until(lambda: all(host_ip(i) in loadbalancer.lb_up() for i in touched), 30, 0.5)
     time.sleep(1)
     watch.stop()
     out = "\n".join(x for _, x in lines)
@@ -730,7 +736,7 @@ def inplace_killed(box, rate, tag, n):
     half-switched rollout; `ctl unlock --force`; the same release again converges, skipping
     the instance already on it; 0 failed requests throughout."""
     sc = Scenario(12, f"ctl SIGKILLed mid in-place release -> {tag}, then run again")
-    fleet.push_image(tag)
+    images.push_image(tag)
     ids = stack_instances(box)
     watch = Watch(box, ids).start()
     load = Load(URL, rate).start()
@@ -777,39 +783,39 @@ def set_agent_config(box, texts):
     """Write each host's agent.toml ({instance: text}) and restart its agent (SIGKILL; the
     box's supervisor restarts it as systemd would); wait until each answers healthy again."""
     for i, text in texts.items():
-        with open(os.path.join(fleet.STATE, "hosts", i, "etc-skiff", "agent.toml"), "w") as f:
+        with open(os.path.join(settings.STATE, "hosts", i, "etc-skiff", "agent.toml"), "w") as f:
             f.write(text)
-        with open(os.path.join(fleet.RUN_DIR, "hosts", i, "agent.pid")) as f:
+        with open(os.path.join(settings.RUN_DIR, "hosts", i, "agent.pid")) as f:
             pid = int(f.read())
         os.kill(pid, 9)
     time.sleep(1)
-    return fleet.wait_until(lambda: all((agent_status(box, host_ip(i)) or {}).get("status") == "healthy"
+    return wait_until(lambda: all((agent_status(box, host_ip(i)) or {}).get("status") == "healthy"
                                         for i in texts), 60, 0.5)
 
 
 def uncoordinated(box, rate, tag, n, poll=2):
     """Scenario 13: the parameter written without ctl on the fleet stack (as the emulator's
-    administrator), every agent configured `update = "in-place"` with a `poll_interval` of
+    administrator), every agent configured `update = "follow"` with a `poll_interval` of
     `poll` s: within 3 poll intervals no instance swaps (all still on the old release, the agent
     reports it stale), and each agent said at start that uncoordinated swaps are disabled."""
-    sc = Scenario(13, f"parameter -> {tag} without ctl, agents on update = in-place")
-    fleet.push_image(tag)
+    sc = Scenario(13, f"parameter -> {tag} without ctl, agents on update = follow")
+    images.push_image(tag)
     ids = stack_instances(box)
     old, old_value = parameter(box)
     name = box["outputs"]["ReleaseParameter"]
-    ssm = fleet.admin_clients(box)("ssm")
+    ssm = settings.admin_clients(box)("ssm")
     originals = {}
     for i in ids:
-        with open(os.path.join(fleet.STATE, "hosts", i, "etc-skiff", "agent.toml")) as f:
+        with open(os.path.join(settings.STATE, "hosts", i, "etc-skiff", "agent.toml")) as f:
             originals[i] = f.read()
     uncoordinated_config = {i: re.sub(r'(?m)^poll_interval\s*=.*$', f'poll_interval = "{poll}s"',
-                                      re.sub(r'(?m)^update\s*=.*$', 'update = "in-place"', t))
+                                      re.sub(r'(?m)^update\s*=.*$', 'update = "follow"', t))
                             for i, t in originals.items()}
     load = Load(URL, rate).start()
     try:
         ok = set_agent_config(box, uncoordinated_config)
-        sc.check(ok, "agents not healthy again after the restart with update = in-place")
-        fleet.wait_until(lambda: len(fleet.lb_up()) == n, 30, 0.5)
+        sc.check(ok, "agents not healthy again after the restart with update = follow")
+        wait_until(lambda: len(loadbalancer.lb_up()) == n, 30, 0.5)
         watch = Watch(box, ids).start()
         t0 = time.monotonic()
         ssm.put_parameter(Name=name, Value=tag, Type="String", Overwrite=True)
@@ -819,7 +825,7 @@ def uncoordinated(box, rate, tag, n, poll=2):
     finally:
         ssm.put_parameter(Name=name, Value=old_value, Type="String", Overwrite=True)
         restored = set_agent_config(box, originals)
-        fleet.wait_until(lambda: len(fleet.lb_up()) == n, 30, 0.5)
+        wait_until(lambda: len(loadbalancer.lb_up()) == n, 30, 0.5)
         time.sleep(1)
         counts = load.stop()
     sc.check(restored, "agents not healthy again with the template's config")
@@ -831,11 +837,11 @@ def uncoordinated(box, rate, tag, n, poll=2):
         sc.check(not watch.changes(i, "serving", t0) and not [v for _, v in watch.changes(i, "lb", t0) if not v],
                  f"{i} swapped or left the LB: serving {watch.changes(i, 'serving', t0)}, LB {watch.changes(i, 'lb', t0)}")
         try:
-            with open(os.path.join(fleet.STATE, "hosts", i, "agent.log")) as f:
+            with open(os.path.join(settings.STATE, "hosts", i, "agent.log")) as f:
                 said = "uncoordinated in-place swaps are disabled" in f.read()
         except OSError:
             said = False  # the instance is gone (replaced): its log is in logs/ after down
-        sc.check(said, f"{i}: the agent did not warn that update = in-place is not honoured")
+        sc.check(said, f"{i}: the agent did not warn that update = follow is not honoured")
     tags = skiff_tags(box, ids)
     sc.check(all(tags[i].get("skiff:release") == old for i in ids), f"skiff:release: {tags}")
     sc.check(tag not in counts.releases, f"{tag} served {counts.releases[tag]} responses")
@@ -847,7 +853,7 @@ def uncoordinated(box, rate, tag, n, poll=2):
 
 def scale_to(box, n, timeout=240):
     name = box["outputs"]["AutoScalingGroup"]
-    fleet.admin_clients(box)("autoscaling").set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n,
+    settings.admin_clients(box)("autoscaling").set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n,
                                                                  HonorCooldown=False)
     return settle(box, n, timeout)
 
@@ -855,9 +861,9 @@ def scale_to(box, n, timeout=240):
 def imds_delay(box):
     """CreateTags -> visible in a host's IMDS (the box's 0.5 s tags cache plus the call)."""
     iid = stack_instances(box)[0]
-    d = sorted(x for x in fleet.imds_tag_delay(box, iid, 10) if x is not None)
+    d = sorted(x for x in controller.imds_tag_delay(box, iid, 10) if x is not None)
     return (f"IMDS tag propagation in the box ({iid}, {len(d)}/10 seen): min {d[0]:.2f} s, median "
-            f"{d[len(d) // 2]:.2f} s, max {d[-1]:.2f} s (cache {fleet.TAGS_MAX_AGE} s)") if d else "IMDS tags never seen"
+            f"{d[len(d) // 2]:.2f} s, max {d[-1]:.2f} s (cache {settings.TAGS_MAX_AGE} s)") if d else "IMDS tags never seen"
 
 
 class Dependencies:
@@ -886,9 +892,9 @@ class Dependencies:
 
 def namespace_of(pid):
     """The box's network namespace (skf-N) a process runs in."""
-    for ln in fleet.run("ip", "netns", "list").stdout.splitlines():
+    for ln in settings.run("ip", "netns", "list").stdout.splitlines():
         ns = ln.split()[0]
-        if ns.startswith("skf-") and str(pid) in fleet.run("ip", "netns", "pids", ns, check=False).stdout.split():
+        if ns.startswith("skf-") and str(pid) in settings.run("ip", "netns", "pids", ns, check=False).stdout.split():
             return ns
     return None
 
@@ -896,7 +902,7 @@ def namespace_of(pid):
 def agent_interval(iid):
     """[health] interval of the agent's rendered config (the agent's own probe period)."""
     try:
-        with open(os.path.join(fleet.STATE, "hosts", iid, "etc-skiff", "agent.toml")) as f:
+        with open(os.path.join(settings.STATE, "hosts", iid, "etc-skiff", "agent.toml")) as f:
             text = f.read()
         m = re.search(r'(?ms)^\[health\].*?^interval\s*=\s*"(\d+)s"', text)
         return float(m.group(1)) if m else 2.0
@@ -912,14 +918,14 @@ def engine_killed(box, rate, n):
     (HealthCheckType ELB, after the grace period) replaces the instance through its hooks."""
     s = box["settings"]
     sc = Scenario(6, "one instance's Docker engine killed")
-    asg = fleet.admin_clients(box)("autoscaling")
+    asg = settings.admin_clients(box)("autoscaling")
     name = box["outputs"]["AutoScalingGroup"]
     before = group(box)
     victim = sorted(before)[0]
-    with open(os.path.join(fleet.RUN_DIR, "hosts", victim, "agent.pid")) as f:
+    with open(os.path.join(settings.RUN_DIR, "hosts", victim, "agent.pid")) as f:
         agent_pid = int(f.read())
     ns = namespace_of(agent_pid)
-    ip = fleet.run("ip", "-n", ns, "-4", "-o", "addr", "show", "eth0").stdout.split()[3].split("/")[0] if ns else None
+    ip = settings.run("ip", "-n", ns, "-4", "-o", "addr", "show", "eth0").stdout.split()[3].split("/")[0] if ns else None
     # The window in which the dead target still gets requests: the agent's next probe, then
     # UnhealthyThresholdCount failed checks (each within the interval, at most the timeout).
     window = agent_interval(victim) + s["unhealthy"] * s["interval"] + s["timeout"]
@@ -929,7 +935,7 @@ def engine_killed(box, rate, n):
     try:
         time.sleep(2)
         t0 = time.monotonic()
-        pids = [int(p) for p in fleet.run("ip", "netns", "pids", ns).stdout.split() if int(p) != agent_pid] if ns else []
+        pids = [int(p) for p in settings.run("ip", "netns", "pids", ns).stdout.split() if int(p) != agent_pid] if ns else []
         for pid in pids:
             try:
                 os.kill(pid, 9)
@@ -938,7 +944,7 @@ def engine_killed(box, rate, n):
 
         def watch():
             now = time.monotonic() - t0
-            up = fleet.lb_up()
+            up = loadbalancer.lb_up()
             if "out of the LB" not in marks and ip not in up:
                 marks["out of the LB"] = now
             g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
@@ -952,13 +958,13 @@ def engine_killed(box, rate, n):
                 marks["n serving"] = now
             return "n serving" in marks
 
-        fleet.wait_until(watch, 240, 0.25)
+        wait_until(watch, 240, 0.25)
     finally:
         time.sleep(1)
         counts = load.stop()
     sc.check(ns and pids, f"no namespace or engine found for {victim} (agent pid {agent_pid})")
     sc.check("Unhealthy" in marks, f"{victim} never marked Unhealthy: {group(box)}")
-    sc.check("n serving" in marks, f"no replacement serving behind the LB within 240 s: {group(box)}, LB {fleet.lb_up()}")
+    sc.check("n serving" in marks, f"no replacement serving behind the LB within 240 s: {group(box)}, LB {loadbalancer.lb_up()}")
     sc.check(settle(box, n, 120), f"group not back to {n} InService behind the LB: {group(box)}")
     sc.check(victim not in group(box), f"{victim} still in the group")
     sc.check(set(served()) == {parameter(box)[0]}, f"the load balancer serves {served()}")
@@ -974,8 +980,8 @@ def scale_out(box, rate, tag, n, warmup):
     launched): the scale-out instance boots on the parameter's (new) release; the refresh
     replaces the instances it started with and completes; 0 failed requests. Back to n after."""
     sc = Scenario(3, f"scale-out to {n + 1} during release {parameter(box)[0]} -> {tag}")
-    fleet.push_image(tag)
-    c = fleet.admin_clients(box)
+    images.push_image(tag)
+    c = settings.admin_clients(box)
     asg, ec2 = c("autoscaling"), c("ec2")
     name = box["outputs"]["AutoScalingGroup"]
     before = set(group(box))
@@ -1044,11 +1050,11 @@ def host_ns(iid):
 
 def app_containers(iid):
     """The host's running containers: [(id, PORT from its environment)]."""
-    sock = f"unix://{os.path.join(fleet.RUN_DIR, 'hosts', iid, 'docker.sock')}"
-    ids = fleet.run("docker", "-H", sock, "ps", "-q", check=False).stdout.split()
+    sock = f"unix://{os.path.join(settings.RUN_DIR, 'hosts', iid, 'docker.sock')}"
+    ids = settings.run("docker", "-H", sock, "ps", "-q", check=False).stdout.split()
     out = []
     for cid in ids:
-        p = fleet.run("docker", "-H", sock, "inspect", "-f", "{{json .Config.Env}}", cid, check=False)
+        p = settings.run("docker", "-H", sock, "inspect", "-f", "{{json .Config.Env}}", cid, check=False)
         try:
             env = json.loads(p.stdout or "[]")
         except ValueError:
@@ -1061,7 +1067,7 @@ def handover_settled(box, ids, timeout=30):
     """Wait until every host runs one container (the old one got its SIGTERM `hold` after the
     flip and exits within its grace); returns (settled, seconds waited)."""
     t = time.monotonic()
-    ok = fleet.wait_until(lambda: all(len(app_containers(i)) == 1 for i in ids), timeout, 0.5)
+    ok = wait_until(lambda: all(len(app_containers(i)) == 1 for i in ids), timeout, 0.5)
     return bool(ok), time.monotonic() - t
 
 
@@ -1072,7 +1078,7 @@ def check_redirects(sc, box, ids):
     slots = []
     for i in ids:
         running = app_containers(i)
-        red = fleet.host_redirect(host_ns(i))
+        red = network.host_redirect(host_ns(i))
         ports = [p for _, p in running]
         sc.check(len(running) == 1 and str(red.get(port)) in ports,
                  f"{i}: running {running}, redirect {red} (want one container, :{port} -> its PORT)")
@@ -1090,7 +1096,7 @@ class TargetView:
         self.before = self.snapshot()
 
     def snapshot(self):
-        stats, servers = fleet.lb_stats(), fleet.lb_servers()
+        stats, servers = loadbalancer.lb_stats(), loadbalancer.lb_servers()
         out = {}
         for i in self.ids:
             ip = host_ip(i)
@@ -1125,7 +1131,7 @@ def handover_load(rate):
 
 def agent_hold():
     """[app] hold of the agents' rendered config (5 s when absent, the agent's default)."""
-    hosts = os.path.join(fleet.STATE, "hosts")
+    hosts = os.path.join(settings.STATE, "hosts")
     for iid in sorted(os.listdir(hosts)) if os.path.isdir(hosts) else []:
         try:
             with open(os.path.join(hosts, iid, "etc-skiff", "agent.toml")) as f:
@@ -1207,7 +1213,7 @@ def handover_release(box, rate, tag, n, number, rollback_to=None, bake=0):
     target = rollback_to or tag
     sc = Scenario(number, f"handover {'rollback' if rollback_to else 'release'} {previous} -> {target} on {n} instances")
     if not rollback_to:
-        fleet.push_image(tag)
+        images.push_image(tag)
     ids = stack_instances(box)
     sc.check(len(ids) == n, f"{len(ids)} instances InService, not {n}")
     args = (("rollback", "--strategy", "in-place") if rollback_to else
@@ -1251,7 +1257,7 @@ def handover_failing(box, rate, bad, n, number, fail_after=None):
     good = parameter(box)[0]
     what = "never passes its gate" if fail_after is None else f"fails {fail_after:g} s after its gate"
     sc = Scenario(number, f"handover release {bad} that {what}")
-    fleet.push_image(bad, healthy=fail_after is not None, fail_after=fail_after)
+    images.push_image(bad, healthy=fail_after is not None, fail_after=fail_after)
     ids = stack_instances(box)
     rc, lines, took, _, counts, watch, view, t0, settled = handover_run(
         box, rate, ids, ("release", "--tag", bad, "--strategy", "in-place"))
@@ -1302,7 +1308,7 @@ def handover_agent_killed(box, rate, tag, n):
     release completes (exit 0), 0 failed requests, every target UP in HAProxy throughout (the
     redirect is kernel state: it serves while the agent is away)."""
     sc = Scenario(19, f"agents SIGKILLed mid-handover -> {tag}, before and after the flip")
-    fleet.push_image(tag, slow_start=3)
+    images.push_image(tag, slow_start=3)
     ids = stack_instances(box)
     killed, holder = [], []
     stop = threading.Event()
@@ -1319,10 +1325,10 @@ def handover_agent_killed(box, rate, tag, n):
                 running = app_containers(i)
                 if len(running) < 2:
                     continue
-                red = fleet.host_redirect(host_ns(i)).get(port)
+                red = network.host_redirect(host_ns(i)).get(port)
                 newest = running[0][1]  # docker ps lists the newest first
                 if (str(red) != newest) == (not killed):
-                    with open(os.path.join(fleet.RUN_DIR, "hosts", i, "agent.pid")) as f:
+                    with open(os.path.join(settings.RUN_DIR, "hosts", i, "agent.pid")) as f:
                         os.kill(int(f.read()), signal.SIGKILL)
                     killed.append((i, time.monotonic(), running, red, "before the flip" if not killed else "during the hold"))
             time.sleep(0.1)
@@ -1359,7 +1365,7 @@ def handover_ctl_stopped(box, rate, tag, n):
     HAProxy throughout."""
     good = parameter(box)[0]
     sc = Scenario(20, f"ctl SIGTERMed mid handover release -> {tag}")
-    fleet.push_image(tag)
+    images.push_image(tag)
     ids = stack_instances(box)
     holder = []
 
@@ -1402,7 +1408,7 @@ def scale_then(box, n, fn, number=9):
     sc_ok = scale_to(box, n)
     if not sc_ok:
         sc = Scenario(number, f"scale to {n}")
-        sc.check(False, f"the group did not settle at {n}: {group(box)}, LB {fleet.lb_up()}")
+        sc.check(False, f"the group did not settle at {n}: {group(box)}, LB {loadbalancer.lb_up()}")
         sc.done()
         return None
     return fn()
@@ -1447,18 +1453,18 @@ def phase_box(phase):
     `handover` (15-21: SwapMode handover, the graceful app). A box up with the same settings
     is kept; another is taken down first. Returns the box or None (and why)."""
     env = dict(os.environ, FLEET_SWAP_MODE=phase, FLEET_APP="busybox" if phase == "drain" else "graceful")
-    box = fleet.load_box()
-    if box and fleet.controller_alive():
+    box = settings.load_box()
+    if box and controller.controller_alive():
         if box.get("app", "busybox") == env["FLEET_APP"] and box.get("swap_mode") in (phase, None):
             return box, None
         subprocess.run([sys.executable, fleet.__file__, "down"])
     rc = subprocess.run([sys.executable, fleet.__file__, "up"], env=env).returncode
     if rc != 0:
         return None, f"the box ({phase}) did not come up"
-    box = fleet.load_box()
+    box = settings.load_box()
     if phase == "handover" and box.get("swap_mode") != "handover":
         return None, (f"the stack's swap mode is {box.get('swap_mode')!r}: the template "
-                      f"({fleet.TEMPLATE}) has no SwapMode parameter yet, or another default")
+                      f"({settings.TEMPLATE}) has no SwapMode parameter yet, or another default")
     return box, None
 
 
