@@ -16,6 +16,7 @@ patches its part (its `install()`), in this order:
 6. elb_health.py: the load balancer's view of each target (POST /skiff-emulator/target-health,
    health.py decides) marks an InService instance Unhealthy after the grace period and
    replaces it.
+7. kms.py: KMS Sign/Verify honour MessageType (a DIGEST is signed as given, not hashed again).
 Time decides too (hook timeouts, ELB health, refresh steps): `tick` applies it before every Auto
 Scaling request. errors.py renders AWS's errors in each protocol's shape; lock.py holds the lock.
 """
@@ -31,6 +32,7 @@ import auth
 import cloudformation
 import elb_health
 import instance_refresh
+import kms
 import lifecycle
 import limits_gate
 from lock import LOCK
@@ -74,4 +76,5 @@ def apply() -> None:
     lifecycle.install()
     instance_refresh.install()
     elb_health.install()
+    kms.install()
     _patch_autoscaling_responses()

@@ -14,7 +14,7 @@ https://docs.aws.amazon.com/kms/latest/APIReference/API_Verify.html
 - Verify of a signature that does not verify fails with KMSInvalidSignatureException.
 - Any other MessageType (`EXTERNAL_MU` is for ML-DSA keys, which moto does not model) is refused.
 
-Not modelled: grant tokens, dry runs, ML-DSA and SM2 keys. `apply()` patches moto's KMS
+Not modelled: grant tokens, dry runs, ML-DSA and SM2 keys. `install()` patches moto's KMS
 response handlers; the key material and the rest of moto's checks (key state, key usage,
 algorithm allowed for the key) stay moto's.
 """
@@ -66,7 +66,7 @@ def _scheme(key, algorithm: str, message: bytes, message_type: str):
     return (padding.PKCS1v15(), alg)
 
 
-def apply() -> None:
+def install() -> None:
     from moto.kms.exceptions import ValidationException
     from moto.kms.responses import KmsResponse
 
