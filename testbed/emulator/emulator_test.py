@@ -94,7 +94,7 @@ def main():
             ("wrong token", dict(AutoScalingGroupName="g1", LifecycleHookName="launch", LifecycleActionToken="00000000-0000-0000-0000-000000000000"),
              "No active Lifecycle Action"),
         ]:
-            err = error_of(lambda: asg.complete_lifecycle_action(LifecycleActionResult="CONTINUE", **kwargs))
+            err = error_of(lambda kwargs=kwargs: asg.complete_lifecycle_action(LifecycleActionResult="CONTINUE", **kwargs))
             check(f"CompleteLifecycleAction refuses: {name}", err is not None and err[0] == "ValidationError"
                   and want in err[1], str(err))
         check("RecordLifecycleActionHeartbeat on the waiting instance",
@@ -152,7 +152,7 @@ def main():
                             MetricName="HTTPCode_Target_5XX_Count", Statistic="Sum", Period=60,
                             EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold")
         group("ga", [("launch", launching, 60, "ABANDON")])
-        for (i, st) in states("ga").items():
+        for i in states("ga"):
             asg.complete_lifecycle_action(AutoScalingGroupName="ga", LifecycleHookName="launch",
                                           InstanceId=i, LifecycleActionResult="CONTINUE")
         rid = asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={

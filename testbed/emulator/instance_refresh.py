@@ -81,7 +81,7 @@ def start_instance_refresh(self) -> ActionResult:
         if any(r.active for r in _refreshes(backend, name)):
             raise AutoscalingClientError(
                 "InstanceRefreshInProgress",
-                f"An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.")
+                "An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.")
         prefs = self._get_param("Preferences") or {}
         why = refresh_sm.refuse(prefs, self._get_param("DesiredConfiguration"))
         if why:

@@ -28,7 +28,7 @@ def case(name, got, want):
 
 
 P = "arn:aws:ssm:us-east-1:123456789012:parameter"
-I = "arn:aws:ec2:us-east-1:123456789012:instance/i-1"
+INSTANCE = "arn:aws:ec2:us-east-1:123456789012:instance/i-1"
 READ_OWN = {"Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:GetParameters"],
             "Resource": f"{P}/skiff/a/*"}
 TAG_OWN = {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "arn:aws:ec2:*:*:instance/*",
@@ -51,16 +51,16 @@ for name, stmts, checks, want in [
     ("Resource * allows an action without resources", [STAR], [Check("ecr:GetAuthorizationToken", "*")], True),
     ("explicit deny beats an allow", [STAR, DENY_B], [Check("ssm:GetParameter", f"{P}/skiff/b/x")], False),
     ("nothing applies: implicit deny", [], [Check("ssm:GetParameter", f"{P}/skiff/a/x")], False),
-    ("condition met: tag own group's instance", [TAG_OWN], [Check("ec2:CreateTags", I, own_group)], True),
+    ("condition met: tag own group's instance", [TAG_OWN], [Check("ec2:CreateTags", INSTANCE, own_group)], True),
     ("condition not met (other group): not applicable", [TAG_OWN],
-     [Check("ec2:CreateTags", I, dict(own_group, **{"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-b"]}))], False),
+     [Check("ec2:CreateTags", INSTANCE, dict(own_group, **{"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-b"]}))], False),
     ("an Allow whose condition fails does not deny what another Allow allows (moto 5 denies)",
      [TAG_OWN, {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*"}],
-     [Check("ec2:CreateTags", I, {"aws:TagKeys": ["other"]})], True),
+     [Check("ec2:CreateTags", INSTANCE, {"aws:TagKeys": ["other"]})], True),
     ("ForAllValues: a second tag key is refused", [TAG_OWN],
-     [Check("ec2:CreateTags", I, dict(own_group, **{"aws:TagKeys": ["skiff:release", "Name"]}))], False),
+     [Check("ec2:CreateTags", INSTANCE, dict(own_group, **{"aws:TagKeys": ["skiff:release", "Name"]}))], False),
     ("ForAllValues: true without any key in the request", [TAG_OWN],
-     [Check("ec2:CreateTags", I, {"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-a"]})], True),
+     [Check("ec2:CreateTags", INSTANCE, {"aws:ResourceTag/aws:autoscaling:groupName": ["skiff-a"]})], True),
     ("absent key: StringEquals false (a direct kms:Decrypt has no kms:ViaService)", [KMS_VIA],
      [Check("kms:Decrypt", "arn:aws:kms:us-east-1:123456789012:key/k")], False),
     ("kms:Decrypt through SSM allowed", [KMS_VIA],

@@ -52,7 +52,7 @@ def lb_stats():
     fields = lines[0][2:].split(",")
     out = {}
     for line in lines[1:]:
-        row = dict(zip(fields, line.split(",")))
+        row = dict(zip(fields, line.split(","), strict=False))
         if row.get("pxname") == "app" and row.get("svname") not in ("BACKEND", "FRONTEND", None):
             out[row["svname"]] = row
     return out

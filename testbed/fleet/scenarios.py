@@ -683,7 +683,7 @@ def inplace_unhealthy(box, rate, bad, n):
         serving = watch.first(i, "serving", good, (batches[0][0] if batches else t0))
         lb = next((t for t, v in watch.changes(i, "lb", batches[0][0]) if v and t >= (serving or 0)), None) if batches else None
         back.append((i, known, serving, lb))
-    for i, known, serving, lb in back:
+    for i, known, _serving, lb in back:
         sc.check(known is not None, f"no ctl progress line about the failure: {out.strip()[-400:]}")
         sc.check(lb is not None, f"{i} not back in the load balancer on {good}")
         if known is not None and lb is not None:
@@ -695,7 +695,8 @@ def inplace_unhealthy(box, rate, bad, n):
     sc.check(set(now) == {good}, f"the load balancer serves {now}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     for i, known, serving, lb in back:
-        rel = lambda x: f"{x - known:+.1f} s" if x is not None and known is not None else "?"
+        def rel(x, known=known):
+            return f"{x - known:+.1f} s" if x is not None and known is not None else "?"
         sc.figures.append(f"{i}: failure known (ctl line) at +{(known or t0) - t0:.1f} s (skiff:failed at "
                           f"+{failed_tag - t0:.1f} s); serving {good} again {rel(serving)}, in the LB {rel(lb)}")
     sc.figures += [f"ctl exit {rc} after {took:.1f} s", counts.line()]
@@ -742,7 +743,8 @@ def inplace_killed(box, rate, tag, n):
     load = Load(URL, rate).start()
     t0 = time.monotonic()
     try:
-        switched = lambda lines: any(i for i in ids if watch.last.get((i, "skiff:release")) == tag)
+        def switched(lines):
+            return any(i for i in ids if watch.last.get((i, "skiff:release")) == tag)
         rc, lines, took, killed = ctl_stream(box, "release", "--tag", tag, "--strategy", "in-place", kill_when=switched)
         first = [i for i in ids if watch.last.get((i, "skiff:release")) == tag]
         src, status_out, _ = ctl(box, "status")
@@ -1289,7 +1291,8 @@ def handover_failing(box, rate, bad, n, number, fail_after=None):
         failed = next((t for t, v in watch.changes(i, "skiff:failed", t0) if tag_part(v) == bad), None)
         on_bad = watch.first(i, "serving", bad, t0)
         back = watch.first(i, "serving", good, on_bad or told or t0)
-        rel = lambda x: f"+{x - t0:.1f} s" if x else "never"
+        def rel(x):
+            return f"+{x - t0:.1f} s" if x else "never"
         sc.figures.append(f"{i}: told {rel(told)}, serving {bad} (agent) {rel(on_bad)}, skiff:failed "
                           f"{rel(failed)}, serving {good} again {rel(back) if on_bad else 'throughout'}")
     line = next((x for _, x in lines if "in-place" in x and re.search(r"fail|revert", x, re.I)), None)
@@ -1436,13 +1439,13 @@ def strategies_table(box, warmup):
     print("handover floor = slowest pull + per batch (slowest start-to-healthy + bake) + the last batch's hold beyond"
           f" the bake (ctl watches it): the target never changes state; handover load: "
           f"{HANDOVER_LOAD[0] if HANDOVER_LOAD else 'none'}")
-    for what, n, wall, floor, failed, terms in INPLACE_BENCH + HANDOVER_BENCH:
+    for what, n, _wall, _floor, _failed, terms in INPLACE_BENCH + HANDOVER_BENCH:
         print(f"  {what} ({n}): {terms}")
     wide = [r for r in rows if r[1] >= 6]
     if wide:
         print(f"\nside by side on {wide[0][1]} instances:")
         print(f"{'strategy':22} {'wall s':>7} {'floor s':>8} {'ratio':>6} {'failed':>6}")
-        for what, n, wall, floor, failed in wide:
+        for what, _n, wall, floor, failed in wide:
             kind = "refresh" if what.startswith("refresh") else "handover" if what.startswith("handover") else "in place (drain)"
             print(f"{kind:22} {wall:7.1f} {'' if floor is None else f'{floor:.1f}':>8} "
                   f"{'' if not floor else f'{wall / floor:.2f}':>6} {failed:6d}")

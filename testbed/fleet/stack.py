@@ -61,7 +61,7 @@ def start_emulator():
                 return json.load(r)
         except OSError:
             if p.poll() is not None:
-                raise BoxError(f"the emulator exited ({p.returncode}); see {STATE}/emulator.log")
+                raise BoxError(f"the emulator exited ({p.returncode}); see {STATE}/emulator.log") from None
             return None
 
     if not wait_until(ready, 60, 0.5):

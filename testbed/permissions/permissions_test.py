@@ -418,11 +418,11 @@ def usage_report(world, who, principal, documents):
     used = {}
     for entry in log:
         if entry["allowed"]:
-            for c, sid in zip(entry["checks"], entry["allowed_by"]):
+            for c, sid in zip(entry["checks"], entry["allowed_by"], strict=False):
                 used.setdefault(sid, set()).add(c["action"])
     stmts = emulator_policy.statements(documents)
     sids = [str(st.get("Sid") or f"#{i}") for i, st in enumerate(stmts)]
-    for sid, st in zip(sids, stmts):
+    for sid, st in zip(sids, stmts, strict=True):
         if sid in used:
             granted = st.get("Action", [])
             granted = [granted] if isinstance(granted, str) else granted
