@@ -268,16 +268,15 @@ fleet-branch: ## the branch flow in the fleet box with the real app: create-stac
 	bash testbed/fleet/branch.sh
 
 .PHONY: lint
-lint: ## lint what is not Rust: templates, packer, shell scripts, Jenkinsfile
+lint: ## lint what is not Rust: templates, packer, shell scripts, Python, Jenkinsfile
 	@$(say) "cfn-lint + checkov + moto stack tests (templates/test.sh)"
 	bash templates/test.sh
 	@$(say) "packer fmt and validate"
 	packer fmt -check packer
 	packer fmt -check packer/test
 	packer validate -var agent_bin=/bin/true packer/skiff.pkr.hcl
-	@$(say) "shellcheck"
-	shellcheck -x packer/scripts/*.sh packer/test.sh templates/test.sh testbed/checks/jenkinsfile-check.sh testbed/checks/make-check.sh \
-	  app/integration-test.sh testbed/fleet/branch.sh
+	@$(say) "shellcheck (every shell script) and ruff (every Python file)"
+	bash testbed/checks/lint.sh
 	@$(say) "Jenkinsfile syntax"
 	bash testbed/checks/jenkinsfile-check.sh
 

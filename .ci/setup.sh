@@ -27,6 +27,8 @@ need_root() {
 pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl procps
   pkg-config libnftnl-dev libmnl-dev nftables)
 [ "$mode" = dev ] || pkgs+=(openssl haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
+# The lint step's shell linter (testbed/checks/lint.sh; ruff comes from PyPI, below).
+[ "$mode" = dev ] || pkgs+=(shellcheck)
 # The agent metrics test starts a Prometheus of its own (never the package's service).
 [ "$mode" = dev ] || pkgs+=(prometheus)
 missing=()
@@ -57,6 +59,7 @@ if [ "$mode" != dev ]; then
   venv lint 'cfn-lint==1.*' 'checkov==3.*'
   venv app 'flask==3.*' 'gunicorn==23.*' 'pymysql==1.*' 'boto3==1.*'
   venv awscli 'awscli==1.*'
+  venv ruff 'ruff==0.17.5' # the Python linter (testbed/checks/lint.sh); pinned: a new release adds rules
 fi
 
 # --- Docker engine --------------------------------------------------------------------------
@@ -212,7 +215,7 @@ start_emulator() { # port, extra args...
     pid=$(ss -Hltnp "sport = :$port" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
     [ -n "$pid" ] || pid=$(cat "$pidfile" 2>/dev/null || true)
     say "restarting the emulator on :$port (stamp ${got:-none}, want $stamp; pid ${pid:-?})"
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
     for _ in $(seq 1 40); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$port/moto-api/" || break; sleep 0.25; done
   else
     say "starting the emulator on 127.0.0.1:$port $*"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: `make test` runs this, `.ci/run` runs `make test`.
 # Installs and starts what the tests need (.ci/setup.sh, idempotent), then:
+#   lint: shellcheck on every shell script, ruff on every Python file (testbed/checks/lint.sh);
 #   Rust: fmt check, clippy -D warnings, unit + integration tests (real Docker engine,
 #         real local registry, moto for AWS, HAProxy for the drain protocol);
 #   app/: unit tests on sqlite and a throwaway MariaDB, and the image built and run; the
@@ -15,15 +16,15 @@
 #         the branch flow through the Makefile with the real app (create-stack .. delete-stack).
 # Ends with one line "tests: N passed, N failed".
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 export CARGO_TERM_COLOR=never
 
 bash .ci/setup.sh || { echo "tests: 0 passed, 1 failed (setup)"; exit 1; }
 
 # Leftovers of interrupted earlier runs: test containers are named and labelled skiff-it-*.
-leftovers=$(docker ps -aq --filter name=skiff-it- 2>/dev/null || true)
-[ -n "$leftovers" ] && docker rm -f $leftovers >/dev/null 2>&1 || true
+mapfile -t leftovers < <(docker ps -aq --filter name=skiff-it- 2>/dev/null || true)
+if ((${#leftovers[@]})); then docker rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
 
 passed=0; failed=0; failures=()
 step() { # name, command...
@@ -37,6 +38,7 @@ step() { # name, command...
   fi
 }
 
+step "lint (shellcheck, ruff)" bash testbed/checks/lint.sh
 step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test" cargo test --workspace --locked --no-fail-fast

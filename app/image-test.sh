@@ -152,7 +152,7 @@ curl -fs -o /dev/null -m 2 "http://$registry/v2/" || { fail "no registry at $reg
 
 make_test_cas "$work/ca" || { fail "making the test CA"; finish; }
 db_port=$(free_port)
-mariadb_init "$db_dir" && mariadb_start "$db_dir" "$db_port" "$work/ca" || { fail "starting MariaDB"; finish; }
+if ! { mariadb_init "$db_dir" && mariadb_start "$db_dir" "$db_port" "$work/ca"; }; then fail "starting MariaDB"; finish; fi
 db_user="skiff_it_${run_id//[^0-9]/}"
 db_user=${db_user:0:32}
 db_password="pw-$RANDOM$RANDOM$RANDOM"
@@ -193,6 +193,7 @@ fi
 # The release the agent runs: this image plus the test CA, named by DATABASE_SSL_CA.
 mkdir -p "$work/it-image"
 cp "$work/ca/ca.pem" "$work/it-image/test-ca.pem"
+# shellcheck disable=SC2016 # $BUILD_ID is the Dockerfile's ARG, for docker build to expand
 printf 'FROM %s\nARG BUILD_ID=""\nLABEL skiff.build-id=$BUILD_ID\nCOPY test-ca.pem /etc/ssl/certs/skiff-test-ca.pem\n' "$tag" \
   >"$work/it-image/Dockerfile"
 if ! { DOCKER_BUILDKIT=0 docker build -q --build-arg "BUILD_ID=$run_id" -t "$it_repo:$it_tag" \

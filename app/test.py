@@ -818,7 +818,7 @@ class Gunicorn:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise AssertionError(f"gunicorn did not listen on {self.port}:\n{self.output()}")
+                    raise AssertionError(f"gunicorn did not listen on {self.port}:\n{self.output()}") from None
                 time.sleep(0.1)
 
     def connect(self) -> socket.socket:

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by test.sh and image-test.sh: a throwaway MariaDB server and a test CA.
 # Needs mariadb-server (mariadb-install-db, mariadbd, mariadb, mariadb-admin) and openssl.
 #

@@ -467,7 +467,7 @@ HOOK_MARGIN = 60
 
 
 def app_template_checks(text, t):
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    p, r = t["Parameters"], t["Resources"]
     tg = r["TargetGroup"]["Properties"]
     equal("app: health check goes to the agent port", tg["HealthCheckPort"], {"Ref": "AgentPort"})
     equal("app: agent port defaults to 8081", p["AgentPort"]["Default"], 8081)
@@ -536,9 +536,8 @@ def app_alarm_checks(text, t):
 
 def app_bounds_checks(text, t):
     """Finding 6: every value the parameters allow is one the agent accepts."""
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
+    p, r = t["Parameters"], t["Resources"]
     g = r["AutoScalingGroup"]["Properties"]
-    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     # --- finding 6: every value the parameters allow is one the agent accepts
     missing_bounds = [k for k in CONFIG_NUMBERS
                       if "MinValue" not in p[k] or "MaxValue" not in p[k]]
@@ -584,8 +583,7 @@ def app_bounds_checks(text, t):
 
 def app_instance_checks(text, t):
     """The launch template and the network."""
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
-    g = r["AutoScalingGroup"]["Properties"]
+    r = t["Resources"]
     lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     md = lt["MetadataOptions"]
@@ -601,9 +599,7 @@ def app_instance_checks(text, t):
 
 def app_secret_scope_checks(text, t):
     """Finding 3 (secret scope), the hooks (finding 2) and the deployer policy."""
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
-    g = r["AutoScalingGroup"]["Properties"]
-    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    r, o = t["Resources"], t["Outputs"]
     # --- finding 3: secret scope
     role = r["InstanceRole"]["Properties"]
     check("app: the instance role carries no managed policy (AmazonSSMManagedInstanceCore reads "
@@ -774,9 +770,7 @@ def finding_12_checks(app_t, db_t):
 
 def app_network_checks(text, t):
     """Who reaches the instances."""
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
-    g = r["AutoScalingGroup"]["Properties"]
-    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    r = t["Resources"]
     inst_sg = r["InstanceSecurityGroup"]["Properties"]
     check("app: instances have no inline ingress", "SecurityGroupIngress" not in inst_sg)
     ingress = [(k, v["Properties"]) for k, v in r.items()
@@ -806,8 +800,6 @@ def app_network_checks(text, t):
 def app_release_checks(text, t):
     """Finding 5: the stack does not own the release value."""
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
-    g = r["AutoScalingGroup"]["Properties"]
-    lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     # --- finding 5: the stack does not own the release value
     ssm_params = [k for k, v in r.items() if v["Type"] == "AWS::SSM::Parameter"]
     equal("app: no AWS::SSM::Parameter resource (the release value is ctl's, not the stack's)",
@@ -830,8 +822,7 @@ def app_release_checks(text, t):
 
 def app_database_checks(text, t):
     """Finding 7: a database by default."""
-    p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
-    g = r["AutoScalingGroup"]["Properties"]
+    p, r = t["Parameters"], t["Resources"]
     lt = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     # --- finding 7: a database by default
     db = r["Database"]
@@ -1123,7 +1114,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
           (tg["Port"], tg["HealthCheckPort"], tg["HealthCheckPath"], tg["HealthCheckIntervalSeconds"],
            tg["HealthCheckTimeoutSeconds"], tg["HealthyThresholdCount"], tg["UnhealthyThresholdCount"]),
           (8080, "8081", "/healthz", 5, 2, 2, 2))
-    listeners = {l["Port"]: l for l in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]}
+    listeners = {x["Port"]: x for x in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]}
     https, http = listeners.get(443, {}), listeners.get(80, {})
     check("app create: HTTPS listener with the certificate forwards to the target group",
           https.get("Protocol") == "HTTPS"

@@ -32,10 +32,13 @@ app_port=$((20000 + RANDOM % 5000)); health_port=$((app_port + 1))
 agent_pid=""
 scraper_pid=""
 cleanup() {
-  [ -n "$scraper_pid" ] && kill "$scraper_pid" 2>/dev/null || true
-  [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
-  docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") $(docker ps -aq --filter "name=$id") >/dev/null 2>&1 || true
-  docker rmi -f $(docker images -q "$repo") $(docker images -q "$ecr_repo") >/dev/null 2>&1 || true
+  if [ -n "$scraper_pid" ]; then kill "$scraper_pid" 2>/dev/null || true; fi
+  if [ -n "$agent_pid" ]; then kill "$agent_pid" 2>/dev/null || true; fi
+  local ids
+  mapfile -t ids < <(docker ps -aq --filter "label=skiff.app=$id"; docker ps -aq --filter "name=$id")
+  docker rm -f "${ids[@]}" >/dev/null 2>&1 || true
+  mapfile -t ids < <(docker images -q "$repo"; docker images -q "$ecr_repo")
+  docker rmi -f "${ids[@]}" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -82,7 +85,7 @@ TOML
 write_config
 
 bare=(); managed=()
-for i in $(seq 1 "$rounds"); do
+for _ in $(seq 1 "$rounds"); do
   t0=$(now_ms)
   docker run -d --name "$id-bare" --network host -e PORT=$app_port "$repo:v1" >/dev/null
   wait_200 "http://127.0.0.1:$app_port/health"
@@ -95,7 +98,8 @@ for i in $(seq 1 "$rounds"); do
   wait_200 "http://127.0.0.1:$health_port/healthz"
   managed+=($(( $(now_ms) - t0 )))
   kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
-  docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") >/dev/null
+  mapfile -t ids < <(docker ps -aq --filter "label=skiff.app=$id")
+  docker rm -f "${ids[@]}" >/dev/null
 done
 b=$(printf '%s\n' "${bare[@]}" | median); m=$(printf '%s\n' "${managed[@]}" | median)
 echo "start-to-healthy, image present, $rounds rounds (ms): bare docker run + 10ms polling: ${bare[*]} (median $b)"
@@ -173,7 +177,8 @@ PY
 
   # The same with the image in ECR: pulled with a token from ecr:GetAuthorizationToken.
   if getent hosts "${ecr_repo%%/*}" >/dev/null; then
-    docker rm -f $(docker ps -aq --filter "label=skiff.app=$id") >/dev/null
+    mapfile -t ids < <(docker ps -aq --filter "label=skiff.app=$id")
+    docker rm -f "${ids[@]}" >/dev/null
     sed -i "s|^image = .*|image = \"$ecr_repo\"|" "$work/agent.toml"
     AWS_ENDPOINT_URL=http://127.0.0.1:5055 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
       RUST_LOG=warn "$agent" run --config "$work/agent.toml" 2>>"$work/agent.log" &
