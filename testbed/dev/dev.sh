@@ -34,7 +34,7 @@ agent="$CARGO_TARGET_DIR/debug/agent"
 
 repo=127.0.0.1:5000/skiff/app
 hash=$(git rev-parse --short HEAD 2>/dev/null || echo dev)
-branch=$(git rev-parse --abbrev-ref HEAD 2>/dev/null | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9_.-]+/-/g')
+branch=$(git rev-parse --abbrev-ref HEAD 2>/dev/null | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9_.-]+/-/g')
 tag=$hash
 [ -z "$(git status --porcelain -- app 2>/dev/null)" ] || tag="$hash-dirty"
 say "building the app image $repo:$tag (and :${branch:-dev}) on the offline Debian base"
