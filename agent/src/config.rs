@@ -189,9 +189,11 @@ pub enum SourceConfig {
 pub enum UpdateMode {
     /// Apply the release at start only; fleets roll by instance replacement.
     Boot,
-    /// Apply changed releases while running, draining first. Not honoured on an Auto Scaling
-    /// group, where `ctl release --strategy in-place` coordinates the swaps (see `reconcile`).
-    InPlace,
+    /// Follow the source: apply changed releases while running, draining first, on the agent's
+    /// own polls (uncoordinated). Not honoured on an Auto Scaling group, where
+    /// `ctl release --strategy in-place` coordinates the swaps (see `reconcile`). Was spelled
+    /// `in-place`, which is refused now with a message naming `follow`.
+    Follow,
 }
 
 #[derive(Debug, Clone, PartialEq)]

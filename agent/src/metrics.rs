@@ -613,7 +613,7 @@ mod tests {
     #[test]
     fn exposition_text() {
         let m = Metrics::new();
-        let mut snap = Snapshot::new("file:/x".into(), UpdateMode::InPlace);
+        let mut snap = Snapshot::new("file:/x".into(), UpdateMode::Follow);
         let empty = text(&m, &snap);
         assert!(!empty.contains("# EOF"), "Prometheus text, not OpenMetrics");
         assert_eq!(

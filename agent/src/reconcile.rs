@@ -5,7 +5,7 @@
 //!
 //! On a fleet (an instance of an Auto Scaling group) releases are coordinated by `ctl`: the
 //! parameter is followed only while nothing of the app runs (boot), and a running container
-//! swaps only for the instance's `skiff:target`. `update = "in-place"` is not honoured there:
+//! swaps only for the instance's `skiff:target`. `update = "follow"` is not honoured there:
 //! every host swapping on its own poll would drain the whole fleet at once.
 //!
 //! Longer than ~400 lines on purpose: the decisions are ~150 lines and the rest is their
@@ -88,7 +88,7 @@ fn followed<'a>(s: &Situation<'a>) -> (Option<&'a Release>, UpdateMode) {
         return (s.desired, s.mode);
     }
     match s.target {
-        Some(t) if !s.failed.is_some_and(|f| f.same_version(t)) => (Some(t), UpdateMode::InPlace),
+        Some(t) if !s.failed.is_some_and(|f| f.same_version(t)) => (Some(t), UpdateMode::Follow),
         _ => (s.desired, UpdateMode::Boot),
     }
 }
@@ -127,8 +127,8 @@ fn wanted_of(s: &Situation<'_>, desired: Option<&Release>, mode: UpdateMode) -> 
         (Some(d), Some(c)) => match (mode, c.running, s.at_start) {
             // At start with nothing serving, the boot release is applied in either mode.
             (_, false, true) => Action::Deploy(d.clone()),
-            (UpdateMode::InPlace, true, _) => Action::Replace(d.clone()),
-            (UpdateMode::InPlace, false, false) => Action::Deploy(d.clone()),
+            (UpdateMode::Follow, true, _) => Action::Replace(d.clone()),
+            (UpdateMode::Follow, false, false) => Action::Deploy(d.clone()),
             (UpdateMode::Boot, true, _) => Action::Stale,
             (UpdateMode::Boot, false, false) => Action::Restart,
         },
@@ -274,11 +274,11 @@ mod tests {
             (None, Some(&v1_up), Boot, true, None, Keep),
             (None, Some(&v1_down), Boot, false, None, Restart),
             (Some(&v1), None, Boot, true, None, Deploy(v1.clone())),
-            (Some(&v1), None, InPlace, false, None, Deploy(v1.clone())),
+            (Some(&v1), None, Follow, false, None, Deploy(v1.clone())),
             // adopt: same release running, whatever the mode
             (Some(&v1), Some(&v1_up), Boot, true, None, Keep),
-            (Some(&v1), Some(&v1_up), InPlace, true, None, Keep),
-            (Some(&v1), Some(&v1_down), InPlace, false, None, Restart),
+            (Some(&v1), Some(&v1_up), Follow, true, None, Keep),
+            (Some(&v1), Some(&v1_down), Follow, false, None, Restart),
             (Some(&v1), Some(&v1_down), Boot, true, None, Restart),
             // changed release
             (Some(&v2), Some(&v1_up), Boot, true, None, Stale),
@@ -286,7 +286,7 @@ mod tests {
             (
                 Some(&v2),
                 Some(&v1_up),
-                InPlace,
+                Follow,
                 true,
                 None,
                 Replace(v2.clone()),
@@ -294,7 +294,7 @@ mod tests {
             (
                 Some(&v2),
                 Some(&v1_up),
-                InPlace,
+                Follow,
                 false,
                 None,
                 Replace(v2.clone()),
@@ -311,27 +311,20 @@ mod tests {
             (
                 Some(&v2),
                 Some(&v1_down),
-                InPlace,
+                Follow,
                 false,
                 None,
                 Deploy(v2.clone()),
             ),
             // a release that failed here is not retried; the current keeps running
-            (Some(&v2), Some(&v1_up), InPlace, false, Some(&v2), Keep),
-            (
-                Some(&v2),
-                Some(&v1_down),
-                InPlace,
-                false,
-                Some(&v2),
-                Restart,
-            ),
+            (Some(&v2), Some(&v1_up), Follow, false, Some(&v2), Keep),
+            (Some(&v2), Some(&v1_down), Follow, false, Some(&v2), Restart),
             (Some(&v2), None, Boot, false, Some(&v2), Keep),
             // ...until the desired release changes
             (
                 Some(&v2),
                 Some(&v1_up),
-                InPlace,
+                Follow,
                 false,
                 Some(&v1),
                 Replace(v2.clone()),
@@ -396,26 +389,20 @@ mod tests {
         const TERMINATING_RESTART_WAITS: (bool, bool, bool) = (false, true, true);
         // v2 desired in every row.
         let table = [
-            row(Some(&up), InPlace, false, FREE, Replace(v2.clone())),
-            row(Some(&up), InPlace, false, DEPLOY_WAITS, Keep),
-            row(Some(&up), InPlace, false, TERMINATING, Keep),
-            row(
-                Some(&up),
-                InPlace,
-                false,
-                RESTART_WAITS,
-                Replace(v2.clone()),
-            ),
-            row(Some(&down), InPlace, false, FREE, Deploy(v2.clone())),
-            row(Some(&down), InPlace, false, DEPLOY_WAITS, Restart),
-            row(Some(&down), InPlace, false, TERMINATING, Restart),
+            row(Some(&up), Follow, false, FREE, Replace(v2.clone())),
+            row(Some(&up), Follow, false, DEPLOY_WAITS, Keep),
+            row(Some(&up), Follow, false, TERMINATING, Keep),
+            row(Some(&up), Follow, false, RESTART_WAITS, Replace(v2.clone())),
+            row(Some(&down), Follow, false, FREE, Deploy(v2.clone())),
+            row(Some(&down), Follow, false, DEPLOY_WAITS, Restart),
+            row(Some(&down), Follow, false, TERMINATING, Restart),
             // the restart backoff holds the fail-static restart back too
-            row(Some(&down), InPlace, false, BOTH_WAIT, Keep),
-            row(Some(&down), InPlace, false, TERMINATING_RESTART_WAITS, Keep),
+            row(Some(&down), Follow, false, BOTH_WAIT, Keep),
+            row(Some(&down), Follow, false, TERMINATING_RESTART_WAITS, Keep),
             // a deploy of a new release is not a restart: the restart backoff does not hold it
             row(
                 Some(&down),
-                InPlace,
+                Follow,
                 false,
                 RESTART_WAITS,
                 Deploy(v2.clone()),
@@ -425,9 +412,9 @@ mod tests {
             row(Some(&down), Boot, false, FREE, Restart),
             row(Some(&down), Boot, false, RESTART_WAITS, Keep),
             row(Some(&up), Boot, false, DEPLOY_WAITS, Stale),
-            row(None, InPlace, false, FREE, Deploy(v2.clone())),
-            row(None, InPlace, false, DEPLOY_WAITS, Keep),
-            row(None, InPlace, false, RESTART_WAITS, Deploy(v2.clone())),
+            row(None, Follow, false, FREE, Deploy(v2.clone())),
+            row(None, Follow, false, DEPLOY_WAITS, Keep),
+            row(None, Follow, false, RESTART_WAITS, Deploy(v2.clone())),
             row(None, Boot, true, TERMINATING, Keep),
         ];
         for r in table {
@@ -452,7 +439,7 @@ mod tests {
                 target: None,
                 desired: Some(&v1),
                 current: Some(&down),
-                mode: InPlace,
+                mode: Follow,
                 at_start: false,
                 failed: None,
                 deploy_waiting: false,
@@ -465,7 +452,7 @@ mod tests {
 
     /// On a fleet the parameter applies at boot only and a running host swaps for its target
     /// alone, whatever `update` says; off a fleet the target is never followed and today's
-    /// rules apply (`make dev` with `update = "in-place"` swaps on the file).
+    /// rules apply (`make dev` with `update = "follow"` swaps on the file).
     #[test]
     fn fleet_decisions() {
         let (v1, v2, v3) = (rel("v1"), rel("v2"), rel("v3"));
@@ -495,35 +482,35 @@ mod tests {
         let table: Vec<Row<'_>> = vec![
             // boot: nothing runs, the parameter applies in either mode
             (FLEET, Boot, Some(&v2), None, None, true, None, Deploy(v2.clone())),
-            (FLEET, InPlace, Some(&v2), None, None, true, None, Deploy(v2.clone())),
+            (FLEET, Follow, Some(&v2), None, None, true, None, Deploy(v2.clone())),
             (FLEET, Boot, Some(&v2), None, Some(&v1_down), true, None, Deploy(v2.clone())),
             // nothing runs and a target is set (e.g. the container was removed): the target
             (FLEET, Boot, Some(&v2), Some(&v3), None, true, None, Deploy(v3.clone())),
             (FLEET, Boot, Some(&v2), Some(&v3), None, false, None, Deploy(v3.clone())),
             // a running container: a parameter change alone never swaps, in either mode
             (FLEET, Boot, Some(&v2), None, Some(&v1_up), false, None, Stale),
-            (FLEET, InPlace, Some(&v2), None, Some(&v1_up), false, None, Stale),
-            (FLEET, InPlace, Some(&v2), None, Some(&v1_up), true, None, Stale),
+            (FLEET, Follow, Some(&v2), None, Some(&v1_up), false, None, Stale),
+            (FLEET, Follow, Some(&v2), None, Some(&v1_up), true, None, Stale),
             // ... an exited one is restarted, not replaced by the parameter's release
-            (FLEET, InPlace, Some(&v2), None, Some(&v1_down), false, None, Restart),
-            // off a fleet: in-place follows the parameter, targets mean nothing
-            (LOCAL, InPlace, Some(&v2), None, Some(&v1_up), false, None, Replace(v2.clone())),
-            (LOCAL, InPlace, Some(&v2), Some(&v3), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, Follow, Some(&v2), None, Some(&v1_down), false, None, Restart),
+            // off a fleet: `follow` follows the parameter, targets mean nothing
+            (LOCAL, Follow, Some(&v2), None, Some(&v1_up), false, None, Replace(v2.clone())),
+            (LOCAL, Follow, Some(&v2), Some(&v3), Some(&v1_up), false, None, Replace(v2.clone())),
             (LOCAL, Boot, Some(&v2), Some(&v3), Some(&v1_up), false, None, Stale),
             (LOCAL, Boot, Some(&v1), Some(&v3), Some(&v1_up), false, None, Keep),
             // a target that differs from what runs is swapped to, in either mode
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
-            (FLEET, InPlace, Some(&v2), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
+            (FLEET, Follow, Some(&v2), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
             (FLEET, Boot, Some(&v1), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
             (FLEET, Boot, None, Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_down), false, None, Deploy(v2.clone())),
             // target reached: kept; a parameter naming something else is reported stale
             (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_up), false, None, Keep),
-            (FLEET, InPlace, Some(&v2), Some(&v1), Some(&v1_up), false, None, Stale),
+            (FLEET, Follow, Some(&v2), Some(&v1), Some(&v1_up), false, None, Stale),
             (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_down), false, None, Restart),
             // a target that failed here is not retried (nor is the parameter naming it)
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
-            (FLEET, InPlace, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
+            (FLEET, Follow, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_down), false, Some(&v2), Restart),
             (FLEET, Boot, Some(&v1), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),
             // ctl's revert: the target names the release that ran before
@@ -660,7 +647,7 @@ mod tests {
             target: None,
             desired: Some(&pinned),
             current: Some(&cur),
-            mode: InPlace,
+            mode: Follow,
             at_start: false,
             failed: None,
             deploy_waiting: false,
@@ -689,7 +676,7 @@ mod tests {
             target: None,
             desired: Some(&rel("v2")),
             current: Some(&cur),
-            mode: InPlace,
+            mode: Follow,
             at_start: false,
             failed: Some(&pinned),
             deploy_waiting: false,

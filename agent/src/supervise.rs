@@ -272,14 +272,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         action
     }
 
-    /// On a fleet: say once that `update = "in-place"` is not honoured, and recover what this
+    /// On a fleet: say once that `update = "follow"` is not honoured, and recover what this
     /// host answered before a restart (so a failed release is not tried again, nor a pull
     /// repeated).
     async fn join_fleet(&mut self) {
         self.publish(|s| s.coordinated = true);
-        if self.steps.cfg.release.update == crate::config::UpdateMode::InPlace {
+        if self.steps.cfg.release.update == crate::config::UpdateMode::Follow {
             tracing::warn!(
-                "update = \"in-place\" is not honoured here: uncoordinated in-place swaps are disabled on an Auto Scaling group; use `ctl release --strategy in-place` (the parameter applies at boot, a running host swaps when ctl targets it)"
+                "update = \"follow\" is not honoured here: uncoordinated in-place swaps are disabled on an Auto Scaling group; use `ctl release --strategy in-place` (the parameter applies at boot, a running host swaps when ctl targets it)"
             );
         }
         let answers = self.fleet.answers().await;

@@ -79,7 +79,7 @@ impl Drop for LogGroup {
 fn config(f: &Fixture, group: &str, endpoint: &str, instance: &str) -> String {
     format!(
         "{}\n[logs]\ndriver = \"awslogs\"\ngroup = \"{group}\"\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\ninstance = \"{instance}\"\n",
-        f.file_config("in-place", "")
+        f.file_config("follow", "")
     )
 }
 

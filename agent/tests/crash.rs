@@ -143,7 +143,7 @@ fn sigkill_at_every_step_of_a_swap_ends_with_one_healthy_container() {
     }
     fx.set_release("v1");
     let config = fx
-        .file_config("in-place", "")
+        .file_config("follow", "")
         .replace("drain = \"1s\"", "drain = \"2s\"");
     let config = fx.write_config(&config);
     let state_dir = fx.dir.path().join("state");

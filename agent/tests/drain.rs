@@ -39,8 +39,8 @@ fn two_agents_behind_haproxy_update_in_place_with_zero_failed_requests() {
     a.image("v2", true);
     a.set_release("v1");
     b.set_release("v1");
-    let config_a = a.write_config(&a.file_config("in-place", ""));
-    let config_b = b.write_config(&b.file_config("in-place", "").replace(&b.repo, &a.repo));
+    let config_a = a.write_config(&a.file_config("follow", ""));
+    let config_b = b.write_config(&b.file_config("follow", "").replace(&b.repo, &a.repo));
     let _agent_a = Agent::start(&config_a, &[]);
     let _agent_b = Agent::start(&config_b, &[]);
     a.wait_healthy("v1", LONG);

@@ -775,7 +775,7 @@ async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
 }
 
 /// The real agent on a fleet host: the Docker engine, the local registry, SSM and EC2 in moto,
-/// and the metadata stand-in serving the instance's live moto tags. With `update = "in-place"`
+/// and the metadata stand-in serving the instance's live moto tags. With `update = "follow"`
 /// configured, a parameter written without ctl swaps nothing; the tags ctl writes do: a pull
 /// answered `skiff:pulled` with no container, a target switched to and answered
 /// `skiff:release`, a target that fails its gate answered `skiff:failed` with the host back on
@@ -809,7 +809,7 @@ stop_timeout = "2s"
 source = "ssm"
 parameter = "{parameter}"
 poll_interval = "300ms"
-update = "in-place"
+update = "follow"
 drain = "300ms"
 [health]
 listen = "127.0.0.1:{health_port}"
@@ -849,7 +849,7 @@ region = "us-east-1"
                 .expect("lock")
                 .logs()
                 .contains("ctl release --strategy in-place"),
-            "update = in-place is not honoured on a fleet, and the log says what to do"
+            "update = follow is not honoured on a fleet, and the log says what to do"
         );
 
         // A parameter written without ctl: no running host swaps.

@@ -86,7 +86,7 @@ fn the_agent_killed_at_each_step_of_a_handover_settles_with_no_request_lost() {
     f.image_running("v4", "trap '' TERM; httpd -f -p $PORT -h /www; sleep 600");
     f.image_running("v5", serve);
     let extra = format!("swap = \"handover\"\nslots = [{slot_a}, {slot_b}]\nhold = \"2s\"\n");
-    let config = f.write_config(&f.file_config("in-place", &extra));
+    let config = f.write_config(&f.file_config("follow", &extra));
     let state = f.dir.path().join("state");
     let state_env = state.to_str().expect("utf-8").to_owned();
     let start = || Agent::start(&config, &[("STATE_DIRECTORY", state_env.as_str())]);

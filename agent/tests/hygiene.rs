@@ -74,7 +74,7 @@ fn old_images_of_the_app_are_pruned_after_a_healthy_release_and_nothing_else() {
     docker(&["create", "--name", &foreign.0, &at(0)]);
 
     fx.set_release(&t[1]);
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let agent = Agent::start(&config, &[]);
     fx.wait_healthy(&t[1], LONG);
     // Default rotation: Docker's `local` driver, 5 files of 20 MB.

@@ -75,7 +75,7 @@ fn in_place_update_then_a_release_that_never_becomes_healthy_rolls_back() {
     fx.image("v2", true);
     fx.image("broken", false);
     fx.set_release("v1");
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let _agent = Agent::start(&config, &[]);
     fx.wait_healthy("v1", LONG);
     let v1 = fx.running_container();
@@ -160,7 +160,7 @@ fn sigkilled_agent_adopts_its_container_without_restarting_it() {
     let mut fx = Fixture::new("adopt");
     fx.image("v1", true);
     fx.set_release("v1");
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let mut agent = Agent::start(&config, &[]);
     fx.wait_healthy("v1", LONG);
     let id = fx.running_container();
@@ -188,7 +188,7 @@ fn malformed_and_hostile_release_values_are_rejected_and_the_current_keeps_runni
     let mut fx = Fixture::new("hostile");
     fx.image("v1", true);
     fx.set_release("v1");
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let agent = Agent::start(&config, &[]);
     fx.wait_healthy("v1", LONG);
     let id = fx.running_container();
@@ -241,7 +241,7 @@ fn a_digest_that_does_not_match_is_refused_and_a_matching_one_runs() {
     fx.image("v1", true);
     let v2_digest = fx.image("v2", true);
     fx.set_release("v1");
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let agent = Agent::start(&config, &[]);
     fx.wait_healthy("v1", LONG);
     let id = fx.running_container();
@@ -333,7 +333,7 @@ fn an_unreachable_docker_engine_never_turns_a_healthy_host_unhealthy() {
     fx.set_release("v1");
     let engine = support::Proxy::start("unix:/var/run/docker.sock");
     let docker_host = format!("tcp://127.0.0.1:{}", engine.port);
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let agent = Agent::start(&config, &[("DOCKER_HOST", docker_host.as_str())]);
     fx.wait_healthy("v1", LONG);
     let id = fx.running_container();

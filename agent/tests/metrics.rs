@@ -194,7 +194,7 @@ fn prometheus_sees_releases_restarts_rollbacks_and_source_errors() {
     fx.image("v2", true);
     fx.image("broken", false);
     fx.set_release("v1");
-    let config = fx.write_config(&fx.file_config("in-place", ""));
+    let config = fx.write_config(&fx.file_config("follow", ""));
     let agent = Agent::start(&config, &[]);
     let prom = Prometheus::start(&fx.health_addr());
     let started = now_secs();

@@ -101,7 +101,7 @@ fn ssm_and_registry_unreachable_keep_the_current_release_serving() {
         &repo,
         &parameter,
         &format!("{base}/env/"),
-        "in-place",
+        "follow",
     ));
     let endpoint = format!("http://127.0.0.1:{}", ssm_proxy.port);
     let mut env = AWS_ENV.to_vec();

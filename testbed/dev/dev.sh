@@ -7,7 +7,7 @@
 # it may set its nftables redirect): each container on a slot port, DEV_APP_PORT redirected to
 # the serving one. `make dev-down` removes the containers and the redirect.
 #
-#   DEV_APP_PORT (8080)  DEV_HEALTH_PORT (8081)  DEV_UPDATE (in-place)  DEV_DIR (.dev)
+#   DEV_APP_PORT (8080)  DEV_HEALTH_PORT (8081)  DEV_UPDATE (follow)  DEV_DIR (.dev)
 #   DEV_SLOT_A (DEV_APP_PORT + 10)  DEV_SLOT_B (DEV_APP_PORT + 11)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +16,7 @@ app_port=${DEV_APP_PORT:-8080}
 health_port=${DEV_HEALTH_PORT:-8081}
 slot_a=${DEV_SLOT_A:-$((app_port + 10))}
 slot_b=${DEV_SLOT_B:-$((app_port + 11))}
-update=${DEV_UPDATE:-in-place}
+update=${DEV_UPDATE:-follow}
 dir=$(mkdir -p "${DEV_DIR:-.dev}" && cd "${DEV_DIR:-.dev}" && pwd)
 say() { printf '[dev] %s\n' "$*"; }
 

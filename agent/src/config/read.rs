@@ -174,10 +174,20 @@ pub(super) fn read_release(mut s: Section<'_>) -> Option<ReleaseConfig> {
     };
     let update = match update.as_str() {
         "boot" => Some(UpdateMode::Boot),
-        "in-place" => Some(UpdateMode::InPlace),
+        "follow" => Some(UpdateMode::Follow),
+        // The old name of "follow", which read as ctl's coordinated `--strategy in-place`.
+        "in-place" => {
+            s.problem(
+                "release.update \"in-place\" is now called \"follow\" (the agent swaps on its own \
+                 polls, uncoordinated): write update = \"follow\"; on an Auto Scaling group keep \
+                 \"boot\" and release with `ctl release --strategy in-place`"
+                    .to_owned(),
+            );
+            None
+        }
         other => {
             s.problem(format!(
-                "release.update {} must be \"boot\" or \"in-place\"",
+                "release.update {} must be \"boot\" or \"follow\"",
                 skiff_release::quote(other)
             ));
             None

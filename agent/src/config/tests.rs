@@ -232,7 +232,7 @@ log_max_files = 5
 source = "ssm"
 parameter = "/app/prod/release"
 poll_interval = "30s"
-update = "in-place"
+update = "follow"
 drain = "5s"
 [health]
 listen = "127.0.0.1:9000"
@@ -253,7 +253,7 @@ terminate_hook = "skiff-terminate"
             parameter: "/app/prod/release".into()
         }
     );
-    assert_eq!(c.release.update, UpdateMode::InPlace);
+    assert_eq!(c.release.update, UpdateMode::Follow);
     assert_eq!(c.health.interval, Duration::from_millis(500));
     assert_eq!(c.app.env.get("LOG_LEVEL").map(String::as_str), Some("info"));
     assert_eq!(c.aws.lifecycle_hook.as_deref(), Some("skiff-launch"));
@@ -331,6 +331,15 @@ fn every_problem_is_reported() {
         (
             "[app]\nname='a'\nimage='r/a'\nport=80\nswap='blue-green'\n[release]\nsource='file'\n",
             &["app.swap \"blue-green\" must be \"handover\""],
+        ),
+        // The uncoordinated mode's old name: refused, naming the new one.
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\nupdate='in-place'\n",
+            &["release.update \"in-place\" is now called \"follow\""],
+        ),
+        (
+            "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\nupdate='rolling'\n",
+            &["release.update \"rolling\" must be \"boot\" or \"follow\""],
         ),
     ];
     for (input, expected) in table {

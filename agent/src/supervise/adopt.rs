@@ -225,7 +225,7 @@ mod tests {
             let runtime = FakeRuntime::default();
             runtime.world().containers = containers.clone();
             let mut sup = Supervisor::new(
-                config("in-place"),
+                config("follow"),
                 runtime.clone(),
                 source("v1", "v1"),
                 NoFleet,
@@ -279,7 +279,7 @@ mod tests {
         }
         let fleet = RecordingFleet::default();
         let sup = Supervisor::new(
-            config("in-place"),
+            config("follow"),
             runtime.clone(),
             source("v2", "v2"),
             fleet.clone(),
@@ -343,7 +343,7 @@ mod tests {
         }
         // The desired release is v1 again: nothing else to do after the revert.
         let sup = Supervisor::new(
-            config("in-place"),
+            config("follow"),
             runtime.clone(),
             source("v1", "v1"),
             NoFleet,

@@ -476,7 +476,7 @@ pub(super) fn free_slots() -> [u16; 2] {
 pub(super) fn handover_config(slots: [u16; 2]) -> Arc<Config> {
     Arc::new(
         Config::parse(&format!(
-            "[app]\nname='t'\nimage='r/app'\nport=1\nhealth_path='/health'\nstart_timeout='1s'\nswap='handover'\nslots=[{}, {}]\nhold='2s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='in-place'\n[health]\nlisten='127.0.0.1:2'\n",
+            "[app]\nname='t'\nimage='r/app'\nport=1\nhealth_path='/health'\nstart_timeout='1s'\nswap='handover'\nslots=[{}, {}]\nhold='2s'\n[release]\nsource='file'\npoll_interval='10s'\nupdate='follow'\n[health]\nlisten='127.0.0.1:2'\n",
             slots[0], slots[1]
         ))
         .expect("config"),

@@ -272,10 +272,10 @@ async fn a_pull_that_cannot_succeed_is_reported_failed_and_its_target_never_swap
 }
 
 /// The old uncoordinated behaviour cannot happen on a fleet: a parameter change alone never
-/// swaps a running container, with `update = "in-place"` too.
+/// swaps a running container, with `update = "follow"` too.
 #[tokio::test(start_paused = true)]
 async fn a_parameter_change_on_a_fleet_never_swaps_a_running_container() {
-    for update in ["boot", "in-place"] {
+    for update in ["boot", "follow"] {
         let runtime = FakeRuntime::default();
         runtime.world().containers.push(running("v1"));
         let fleet = RecordingFleet::coordinated();

@@ -345,7 +345,7 @@ mod tests {
         }
         let fleet = RecordingFleet::default();
         let sup = Supervisor::new(
-            config("in-place"),
+            config("follow"),
             runtime.clone(),
             source("v1", "v2"),
             fleet.clone(),
@@ -393,7 +393,7 @@ mod tests {
         let runtime = FakeRuntime::default();
         runtime.world().containers.push(stopped("prev", "v0", 1));
         let sup = Supervisor::new(
-            config("in-place"),
+            config("follow"),
             runtime.clone(),
             source("v1", "v1"),
             NoFleet,

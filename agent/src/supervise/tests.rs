@@ -26,7 +26,7 @@ async fn an_unreachable_source_never_stops_the_running_container() {
         rest: Err(unreachable),
         reads: Mutex::new(0),
     };
-    let sup = Supervisor::new(config("in-place"), runtime.clone(), source, NoFleet);
+    let sup = Supervisor::new(config("follow"), runtime.clone(), source, NoFleet);
     let state = sup.state();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(sup.run(cancel.clone()));
@@ -134,7 +134,7 @@ async fn termination_drains_once_keeps_the_app_and_takes_no_new_release() {
         pending_after: start + Duration::from_secs(5),
         drained_at: drained_at.clone(),
     };
-    let sup = Supervisor::new(config("in-place"), runtime.clone(), source, fleet);
+    let sup = Supervisor::new(config("follow"), runtime.clone(), source, fleet);
     let state = sup.state();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(sup.run(cancel.clone()));
@@ -232,7 +232,7 @@ async fn a_dead_current_container_is_restarted_while_the_desired_release_cannot_
         w.fail_pull = true;
     }
     let sup = Supervisor::new(
-        config("in-place"),
+        config("follow"),
         runtime.clone(),
         source("v2", "v2"),
         NoFleet,
