@@ -1,7 +1,10 @@
 """The gate every request passes before moto answers it: it counts the call, then applies AWS's
 request limits (limits.py decides) and answers one over them with AWS's error, never by moto.
 
-A new limit plugs into `refusal`, the one function that sees every request. Calls are counted per
+The limits: EC2's 200 filter values (limits.py) and the request-rate buckets per account,
+Region and action family (throttle.py applies limits.py's rules; a throttled request is answered
+in its protocol: XML for query and EC2, JSON for SSM). throttle.py also installs the target
+quota on ELBv2's registration. A new limit plugs into `refusal`, the one function that sees every request. Calls are counted per
 caller (access key id) and action, refused ones too: a test that runs a tool under a key of its own
 reads back what it asked (GET /skiff-emulator/calls?key=AKID).
 """
@@ -10,9 +13,12 @@ from __future__ import annotations
 
 import collections
 
+from moto.core.exceptions import JsonRESTError
+
 from errors import ProtocolError
 from lock import LOCK
 import limits
+import throttle
 
 CALLS: collections.Counter = collections.Counter()
 
@@ -20,8 +26,16 @@ CALLS: collections.Counter = collections.Counter()
 def refusal(resp) -> tuple[str, str] | None:
     """(error code, message) of the limit this request breaks, else None."""
     if resp.service_name == "ec2":
-        return limits.ec2_filter_limit(resp.querystring)
-    return None
+        refused = limits.ec2_filter_limit(resp.querystring)
+        if refused:
+            return refused
+    try:
+        action = resp._get_action()
+    except Exception:
+        action = "?"
+    rule = throttle.admit(resp.service_name, action, resp.querystring or {},
+                          resp.current_account, resp.region)
+    return None if rule is None else (rule.error, limits.throttling_message(rule))
 
 
 def _count(resp) -> None:
@@ -52,10 +66,16 @@ def install() -> None:
         refused = refusal(self)
         if refused is None:
             return original(self)
-        err = ProtocolError(self.service_name, refused[0], refused[1], status=400)
+        if self.headers.get("X-Amz-Target"):  # JSON protocol (SSM): {"__type", "message"}
+            err = JsonRESTError(refused[0], refused[1])
+            extra = dict(err.get_headers() or [])
+        else:
+            err = ProtocolError(self.service_name, refused[0], refused[1], status=400)
+            extra = {}
         status, headers, body = self._transform_response(
-            self.response_headers, (err.description, {"status": err.code}))
+            self.response_headers, (err.description, {**extra, "status": err.code}))
         headers, body = self._enrich_response(headers, body)
         return status, headers, body
 
     BaseResponse.call_action = call_action
+    throttle.patch_target_quota()

@@ -17,6 +17,10 @@ Besides moto's API it serves:
             after the grace period is replaced (elb_health.py, health.py)
     GET  /skiff-emulator/authorizations?principal=S  -> the extended checks made for callers whose
          ARN contains S: actions, resources, allowed, the statement (Sid) that allowed each
+    GET  /skiff-emulator/rates  -> per request bucket (throttle.py): its size, refill, page, calls
+         per second and refusals
+    GET  /skiff-emulator/instance-metadata?group=G  -> each instance's tags and lifecycle state,
+         as its IMDS serves them (metadata.py; not an API call, draws from no bucket)
     GET  /skiff-emulator/calls?key=AKID  -> {"<service>:<Action>": count} of the calls signed
          with that access key id (any key works on the permissive server: a test that runs a
          tool under a key of its own counts what it asked)
@@ -95,6 +99,22 @@ def main() -> int:
 
             key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]
             return answer("200 OK", limits_gate.calls(key))
+        if path == "/skiff-emulator/rates":
+            import throttle
+
+            return answer("200 OK", throttle.rates())
+        if path == "/skiff-emulator/instance-metadata":
+            from urllib.parse import parse_qs
+
+            import metadata
+
+            q = parse_qs(environ.get("QUERY_STRING", ""))
+            try:
+                with LOCK:
+                    return answer("200 OK", metadata.group_instances(
+                        DEFAULT_ACCOUNT_ID, q.get("region", ["us-east-1"])[0], q["group"][0]))
+            except KeyError as e:
+                return answer("404 Not Found", {"error": f"no such group: {e}"})
         if path == "/skiff-emulator/instance-credentials" and method == "POST":
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
