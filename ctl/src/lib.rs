@@ -30,7 +30,7 @@ pub mod lock;
 pub mod logs;
 pub mod progress;
 pub mod refresh;
-pub mod registry;
+pub use skiff_registry as registry;
 pub mod ship;
 pub mod signal;
 pub mod status;

@@ -216,7 +216,7 @@ impl HttpRegistry {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(20))
-            .user_agent(concat!("skiff-ctl/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")));
         for cert in extra_roots.into_iter().flatten() {
             builder = builder.add_root_certificate(cert);
         }
@@ -334,7 +334,7 @@ async fn ecr_credentials(
         .get_authorization_token()
         .send()
         .await
-        .map_err(|e| fail(crate::aws::describe(&e)))?;
+        .map_err(|e| fail(describe(&e)))?;
     let token = out
         .authorization_data()
         .first()
@@ -355,6 +355,18 @@ pub fn decode_ecr_token(token: &str) -> Result<Credentials, String> {
             password: password.to_owned(),
         }),
         _ => Err("the authorization token is not of the form user:password".into()),
+    }
+}
+
+/// An AWS error as `Code: message` when the service answered with one, else its whole chain.
+fn describe<E>(err: &E) -> String
+where
+    E: aws_sdk_ecr::error::ProvideErrorMetadata + std::error::Error,
+{
+    match (err.code(), err.message()) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        (Some(code), None) => code.to_owned(),
+        _ => aws_smithy_types::error::display::DisplayErrorContext(err).to_string(),
     }
 }
 
