@@ -54,7 +54,6 @@ Prints one line per check and closes with 'N passed, N failed'; exits 1 on any f
 """
 
 import ast
-import base64
 import copy
 import json
 import os
@@ -81,6 +80,7 @@ SHARED_LB_FULL_NAME = {"Fn::Join": ["/", [{"Fn::Select": [i, {"Fn::Split": ["/",
                                           for i in (1, 2, 3)]]}
 
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "testbed"))
+from kit import userdata  # noqa: E402
 from kit.checks import check, summary  # noqa: E402
 
 
@@ -231,27 +231,12 @@ def agent_check_config(toml_text):
 def run_user_data(user_data_b64):
     """Run the launch template's user data with /etc/skiff and systemctl redirected; return the
     agent.toml text, its parsed form, the systemctl calls it made and the file's mode."""
-    script = base64.b64decode(user_data_b64).decode()
     with tempfile.TemporaryDirectory(prefix="skiff-userdata-") as tmp:
-        etc = os.path.join(tmp, "etc-skiff")
-        bindir = os.path.join(tmp, "bin")
-        os.mkdir(bindir)
-        calls = os.path.join(tmp, "systemctl.calls")
-        with open(os.path.join(bindir, "systemctl"), "w") as f:
-            f.write(f'#!/bin/sh\necho "$*" >>{calls}\n')
-        os.chmod(os.path.join(bindir, "systemctl"), 0o755)
-        assert "/etc/skiff" in script
-        script = script.replace("/etc/skiff", etc)
-        env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
-        proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"user data failed ({proc.returncode}): {proc.stderr}")
-        toml_path = os.path.join(etc, "agent.toml")
+        toml_path = userdata.run_user_data(user_data_b64, tmp)
         with open(toml_path) as f:
             text = f.read()
         mode = os.stat(toml_path).st_mode & 0o777
-        with open(calls) as f:
-            return text, tomllib.loads(text), [line.strip() for line in f], mode
+        return text, tomllib.loads(text), userdata.systemctl_calls(tmp), mode
 
 
 def check_agent_accepts(name, toml_text):

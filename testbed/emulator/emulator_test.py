@@ -9,7 +9,6 @@ FilterLimitExceeded, 200 answered). Prints one line per
 check and 'N passed, N failed'."""
 
 import os
-import subprocess
 import sys
 import json
 import time
@@ -22,7 +21,7 @@ import botocore.exceptions
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from kit.checks import check, summary  # noqa: E402
-from kit.net import free_port  # noqa: E402
+from kit.emulator import own_server  # noqa: E402
 
 
 def error_of(call):
@@ -34,17 +33,7 @@ def error_of(call):
 
 
 def main():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/skiff-emulator/version", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.25)
+    with own_server() as url:
         session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
                                         region_name="us-east-1")
         ec2, asg = session.client("ec2", endpoint_url=url), session.client("autoscaling", endpoint_url=url)
@@ -302,9 +291,6 @@ def main():
         check("the refresh completes with the new capacity, every old instance replaced",
               r["Status"] == "Successful" and len(final) == 3 and not old & set(final)
               and set(final.values()) == {"InService"}, f"{r['Status']} {final}")
-    finally:
-        server.terminate()
-        server.wait(10)
     return summary()
 
 

@@ -3,7 +3,6 @@ host for each (namespace, dockerd, the real agent with the launch template's use
 them IMDSv2 (testbed/kit/imds.py) with their role's credentials and live tags, puts InService
 hosts into HAProxy and reports HAProxy's view to the emulator as the target group's health."""
 
-import base64
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from network import teardown_host
 from settings import admin_clients, alive, BoxError, BRIDGE, ENDPOINT, GATEWAY, HAPROXY_SLOTS, IMDS_PORT, load_box, PREFIX, REGION, ROOT, run, RUN_DIR, STATE, TAGS_MAX_AGE
 from kit import emulator as kit_emulator  # noqa: E402
 from kit import imds as kit_imds  # noqa: E402
+from kit import userdata  # noqa: E402
 from kit.waits import wait_until  # noqa: E402
 
 
@@ -133,22 +133,19 @@ def instance_credentials(box, instance_id):
 
 def render_config(box, host_dir, ns):
     """Run the launch template's user data in the host's namespace (its IMDSv2 answers there)
-    with /etc/skiff redirected into the host's folder and a systemctl that does nothing (the
-    controller starts the agent). A [logs] section gets `endpoint` = the emulator: the engine's
-    awslogs driver would otherwise go to the regional CloudWatch Logs endpoint."""
+    with /etc/skiff redirected into the host's folder and a systemctl that only records (the
+    controller starts the agent; testbed/kit/userdata.py). A [logs] section gets `endpoint` =
+    the emulator: the engine's awslogs driver would otherwise go to the regional CloudWatch Logs
+    endpoint."""
     c = admin_clients(box)
     versions = c("ec2").describe_launch_template_versions(LaunchTemplateId=box["launch_template"])
     user_data = max(versions["LaunchTemplateVersions"], key=lambda v: v["VersionNumber"])["LaunchTemplateData"]["UserData"]
-    script = base64.b64decode(user_data).decode()
-    etc, bindir = os.path.join(host_dir, "etc-skiff"), os.path.join(host_dir, "bin")
-    os.makedirs(bindir, exist_ok=True)
-    with open(os.path.join(bindir, "systemctl"), "w") as f:
-        f.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(bindir, "systemctl"), 0o755)
-    run("nsenter", f"--net=/var/run/netns/{ns}", "bash", "-c", script.replace("/etc/skiff", etc),
-        env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
-                 AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://{GATEWAY}:{IMDS_PORT}"))
-    path = os.path.join(etc, "agent.toml")
+    try:
+        path = userdata.run_user_data(
+            user_data, host_dir, env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{GATEWAY}:{IMDS_PORT}"},
+            prefix=("nsenter", f"--net=/var/run/netns/{ns}"))
+    except (RuntimeError, ValueError) as e:
+        raise BoxError(f"{ns}: {e}") from None
     with open(path) as f:
         text = f.read()
     if re.search(r"(?m)^\[logs\]", text) and not re.search(r"(?m)^endpoint\s*=", text):

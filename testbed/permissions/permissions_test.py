@@ -24,6 +24,12 @@ creates carries a fresh run id and is removed at the end (containers and images 
 Environment: EMULATOR_IAM_ENDPOINT (default http://127.0.0.1:5056), SKIFF_CI_HOME,
 AGENT_BIN / CTL_BIN (default $CARGO_TARGET_DIR/debug/{agent,ctl}), ECR_REGISTRY (default
 123456789012.dkr.ecr.us-east-1.amazonaws.com).
+
+Why one file of about 750 lines: it is one story, told in the order above, on one World (two
+stacks, their users, keys and a cleanup list) that main builds once; every part reads the World
+and the parts before it left behind (the stacks' outputs, the pushed image, the instance's
+tags). What other tests share lives in testbed/kit (checks, waits, the IMDSv2 stand-in, the
+user-data runner, the emulator's sessions).
 """
 
 import base64
@@ -49,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "templates"))
 sys.path.insert(0, os.path.join(ROOT, "testbed"))
 from kit import imds as kit_imds  # noqa: E402
+from kit import userdata  # noqa: E402
 from kit.checks import TALLY, check  # noqa: E402
 from kit.emulator import instance_credentials, session  # noqa: E402
 from kit.net import free_port  # noqa: E402
@@ -189,18 +196,9 @@ class Imds:
 
 
 def render_config(user_data_b64, tmp, app_name, env=None):
-    """Run the launch template's user data with /etc/skiff and systemctl redirected (as
-    templates/test_stacks.py does); the container name gets this run's skiff-it- prefix."""
-    script = base64.b64decode(user_data_b64).decode()
-    etc, bindir = os.path.join(tmp, "etc-skiff"), os.path.join(tmp, "bin")
-    os.makedirs(bindir, exist_ok=True)
-    with open(os.path.join(bindir, "systemctl"), "w") as f:
-        f.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(bindir, "systemctl"), 0o755)
-    script = script.replace("/etc/skiff", etc)
-    subprocess.run(["bash", "-c", script], check=True, capture_output=True,
-                   env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", **(env or {})))
-    path = os.path.join(etc, "agent.toml")
+    """Run the launch template's user data with /etc/skiff and systemctl redirected (the kit's
+    userdata.py); the container name gets this run's skiff-it- prefix."""
+    path = userdata.run_user_data(user_data_b64, tmp, env)
     with open(path) as f:
         text = f.read()
     text = re.sub(r'(?m)^name = "[^"]*"', f'name = "{app_name}"', text, count=1)
