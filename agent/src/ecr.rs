@@ -82,19 +82,13 @@ impl TokenIssuer for EcrIssuer {
     }
 }
 
-/// `base64("AWS:<password>")` -> user `AWS` and the password. Pure.
+/// `base64("AWS:<password>")` -> user `AWS` and the password (skiff-registry decodes it, as it
+/// does for ctl). Pure.
 pub fn decode_token(token: &str) -> Result<RegistryAuth, String> {
-    let bytes = aws_smithy_types::base64::decode(token.trim())
-        .map_err(|_| "the authorization token is not base64".to_owned())?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| "the authorization token is not UTF-8 text".to_owned())?;
-    match text.split_once(':') {
-        Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(RegistryAuth {
-            username: user.to_owned(),
-            password: password.to_owned(),
-        }),
-        _ => Err("the authorization token is not of the form user:password".into()),
-    }
+    skiff_registry::decode_ecr_token(token).map(|c| RegistryAuth {
+        username: c.user,
+        password: c.password,
+    })
 }
 
 fn classify<E, R>(err: SdkError<E, R>, registry: &str) -> CredentialsError
@@ -194,38 +188,6 @@ mod tests {
         for (status, code) in [(400, "ThrottlingException"), (500, "ServerException")] {
             let e = issue_failing_with(status, code).await;
             assert!(e.is_retryable(), "{code}: {e}");
-        }
-    }
-
-    #[test]
-    fn tokens() {
-        let enc = |s: &str| aws_smithy_types::base64::encode(s);
-        let ok = |user: &str, pw: &str| {
-            Ok(RegistryAuth {
-                username: user.into(),
-                password: pw.into(),
-            })
-        };
-        let table = [
-            (
-                enc("AWS:123456789012-auth-token"),
-                ok("AWS", "123456789012-auth-token"),
-            ),
-            // Passwords may contain colons.
-            (enc("AWS:a:b=="), ok("AWS", "a:b==")),
-            (format!(" {}\n", enc("AWS:x")), ok("AWS", "x")),
-            (enc("AWS"), Err(())),
-            (enc("AWS:"), Err(())),
-            (enc(":pw"), Err(())),
-            ("not base64!".into(), Err(())),
-            (
-                aws_smithy_types::base64::encode([0xff, 0xfe, b':', b'x']),
-                Err(()),
-            ),
-            (String::new(), Err(())),
-        ];
-        for (token, want) in table {
-            assert_eq!(decode_token(&token).map_err(|_| ()), want, "{token:?}");
         }
     }
 }

@@ -537,10 +537,18 @@ mod tests {
                 enc("AWS:123456789012-auth-token"),
                 Some(("AWS", "123456789012-auth-token")),
             ),
-            (enc("AWS:a:b"), Some(("AWS", "a:b"))),
+            // Passwords may contain colons.
+            (enc("AWS:a:b=="), Some(("AWS", "a:b=="))),
+            (format!(" {}\n", enc("AWS:x")), Some(("AWS", "x"))),
             (enc("AWS"), None),
             (enc("AWS:"), None),
+            (enc(":pw"), None),
             ("%%%".to_owned(), None),
+            (
+                aws_smithy_types::base64::encode([0xff, 0xfe, b':', b'x']),
+                None,
+            ),
+            (String::new(), None),
         ];
         for (token, want) in table {
             let got = decode_ecr_token(&token).ok();
