@@ -10,130 +10,19 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use skiff_testkit::engine::Engine;
 use support::{Agent, Fixture, MOTO, wait_for};
 
 const LONG: Duration = Duration::from_secs(60);
 const AWS: &str = "/var/lib/skiff-ci/venv-awscli/bin/aws";
 
-struct Engine {
-    dir: PathBuf,
-    sock: String,
-    daemon: Child,
-    bridge: String,
-}
-
-/// Engines this test process started, for a bridge name and subnet of each one's own.
-static ENGINES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// A bridge of the engine's own. `--bridge=none` would make dockerd delete the host's default
-/// bridge `docker0` at start (it removes the default bridge interface when the bridge driver
-/// is disabled), which breaks every bridged container and build of the machine's engine.
-fn own_bridge() -> String {
-    let n = ENGINES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let pid = std::process::id();
-    let name = format!("sklg{}x{n}", pid % 100_000);
-    let ip = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    ip(&["link", "del", &name]); // a leftover of an earlier run with this pid, if any
-    // dockerd takes the bridge's own address (`--bip` and `--bridge` exclude each other).
-    let addr = format!("10.{}.{}.1/24", 200 + n % 50, pid % 250);
-    assert!(
-        ip(&["link", "add", &name, "type", "bridge"])
-            && ip(&["addr", "add", &addr, "dev", &name])
-            && ip(&["link", "set", &name, "up"]),
-        "cannot create the bridge {name} ({addr}) for the test's dockerd"
-    );
-    name
-}
-
-impl Engine {
-    fn start(name: &str) -> Engine {
-        let dir = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(dir.join("data")).expect("engine dir");
-        std::fs::write(dir.join("daemon.json"), "{}\n").expect("daemon.json");
-        let sock = format!("unix://{}", dir.join("docker.sock").display());
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd.log");
-        let bridge = own_bridge();
-        let daemon = Command::new("dockerd")
-            .args(["--config-file", &dir.join("daemon.json").to_string_lossy()])
-            .arg(format!("--bridge={bridge}"))
-            .args(["--iptables=false", "--ip6tables=false"])
-            .args(["--data-root", &dir.join("data").to_string_lossy()])
-            .args(["--exec-root", &dir.join("exec").to_string_lossy()])
-            .args(["--pidfile", &dir.join("docker.pid").to_string_lossy()])
-            .args(["-H", &sock])
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd (run .ci/setup.sh first)");
-        let engine = Engine {
-            dir,
-            sock,
-            daemon,
-            bridge,
-        };
-        wait_for(
-            LONG,
-            "the test's dockerd answers",
-            || engine.docker(&["version"]).status.success(),
-            || format!("see {}/dockerd.log", engine.dir.display()),
-        );
-        engine
-    }
-
-    fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("docker")
-            .args(["-H", &self.sock])
-            .args(args)
-            .output()
-            .expect("run docker")
-    }
-
-    /// The one container of app `app` (created by the agent): its id.
-    fn app_container(&self, app: &str) -> String {
-        let out = self.docker(&["ps", "-q", "--filter", &format!("label=skiff.app={app}")]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let ids = self.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker(&["rm", "-f", id]);
-        }
-        let _ = Command::new("kill")
-            .arg(self.daemon.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.daemon.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        // dockerd leaves its network namespace mounted under the exec root.
-        let _ = Command::new("umount")
-            .arg(self.dir.join("exec/netns/default"))
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-    }
+/// The one container of app `app` (created by the agent) in `engine`: its id.
+fn app_container(engine: &Engine, app: &str) -> String {
+    let out = engine.docker(&["ps", "-q", "--filter", &format!("label=skiff.app={app}")]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn aws(args: &[&str]) -> std::process::Output {
@@ -200,7 +89,7 @@ fn the_apps_output_reaches_cloudwatch_in_its_instance_and_release_stream() {
     f.wait_healthy("v1", LONG);
 
     // What the agent told Docker.
-    let id = engine.app_container(&f.id);
+    let id = app_container(&engine, &f.id);
     let inspect = engine.docker(&["inspect", "--format", "{{json .HostConfig.LogConfig}}", &id]);
     let log_config: serde_json::Value =
         serde_json::from_slice(&inspect.stdout).expect("LogConfig JSON");
@@ -270,7 +159,7 @@ fn a_logging_problem_never_stops_the_release() {
             "{case}: healthy {:.1} s after the agent started",
             started.elapsed().as_secs_f64()
         );
-        let id = engine.app_container(&f.id);
+        let id = app_container(&engine, &f.id);
         wait_for(
             Duration::from_secs(10),
             &format!("{case}: docker logs shows the app's line"),

@@ -13,7 +13,8 @@ use aws_smithy_mocks::{Rule, RuleMode, create_mock_http_client, mock};
 use skiff_agent::autoscaling::{ACTION_LIMIT, AwsFleet, GROUP_TAG_PATH, HOOK_RETRY_FOR};
 use skiff_agent::fleet::Fleet;
 use skiff_release::Release;
-use support::imds::{Imds, Tags};
+use skiff_testkit::emulator::Group;
+use skiff_testkit::imds::{Imds, Tags};
 use support::interceptor;
 use tokio::time::{Instant, sleep};
 
@@ -494,49 +495,9 @@ async fn the_terminate_hook_is_retried_like_the_launch_hook() {
 #[tokio::test]
 async fn the_launch_hook_is_completed_in_the_emulator_and_the_instance_goes_in_service() {
     let sdk = moto_sdk().await;
-    let ec2 = aws_sdk_ec2::Client::new(&sdk);
-    let asg = aws_sdk_autoscaling::Client::new(&sdk);
     let name = support::unique("skiff-it-hook");
-    let ami = ec2
-        .describe_images()
-        .send()
-        .await
-        .expect("describe images")
-        .images()
-        .iter()
-        .find_map(|i| i.image_id().map(str::to_owned))
-        .expect("an AMI");
-    let template = ec2
-        .create_launch_template()
-        .launch_template_name(&name)
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template");
-    let template_id = template
-        .launch_template()
-        .and_then(|t| t.launch_template_id())
-        .expect("template id")
-        .to_owned();
-    asg.create_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .min_size(0)
-        .max_size(1)
-        .desired_capacity(0)
-        .availability_zones("us-east-1a")
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(&template_id)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("group");
+    let group = Group::create(&sdk, &name, 0, None).await;
+    let (ec2, asg) = (group.ec2.clone(), group.asg.clone());
     asg.put_lifecycle_hook()
         .auto_scaling_group_name(&name)
         .lifecycle_hook_name("skiff-launch")
@@ -552,28 +513,7 @@ async fn the_launch_hook_is_completed_in_the_emulator_and_the_instance_goes_in_s
         .send()
         .await
         .expect("scale out");
-    let states = || async {
-        asg.describe_auto_scaling_groups()
-            .auto_scaling_group_names(&name)
-            .send()
-            .await
-            .expect("describe group")
-            .auto_scaling_groups()
-            .first()
-            .map(|g| {
-                g.instances()
-                    .iter()
-                    .map(|i| {
-                        (
-                            i.instance_id().unwrap_or_default().to_owned(),
-                            i.lifecycle_state().map(|s| s.as_str().to_owned()),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
-    let before = states().await;
+    let before = group.states().await;
     let (id, state) = before.first().cloned().expect("one instance");
 
     let fleet = AwsFleet::with_clients(
@@ -585,21 +525,11 @@ async fn the_launch_hook_is_completed_in_the_emulator_and_the_instance_goes_in_s
     )
     .with_group(&name);
     fleet.release_healthy(&release("v1")).await;
-    let after = states().await;
+    let after = group.states().await;
 
-    let _ = asg
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .force_delete(true)
-        .send()
-        .await;
-    let _ = ec2
-        .delete_launch_template()
-        .launch_template_id(&template_id)
-        .send()
-        .await;
-    assert_eq!(state.as_deref(), Some("Pending:Wait"), "{before:?}");
-    assert_eq!(after, [(id, Some("InService".to_owned()))]);
+    group.delete().await;
+    assert_eq!(state, "Pending:Wait", "{before:?}");
+    assert_eq!(after, [(id, "InService".to_owned())]);
 }
 
 /// The rollout's instructions are the instance tags `skiff:target` and `skiff:pull` in the
@@ -683,27 +613,7 @@ async fn answers_are_instance_tags_in_moto_and_read_back_at_start() {
     use skiff_release::instance_tags::{FAILED, PULLED};
     let sdk = moto_sdk().await;
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
-    let ami = ec2
-        .describe_images()
-        .send()
-        .await
-        .expect("describe images")
-        .images()
-        .iter()
-        .find_map(|i| i.image_id().map(str::to_owned))
-        .expect("an AMI");
-    let id = ec2
-        .run_instances()
-        .image_id(ami)
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await
-        .expect("run instance")
-        .instances()[0]
-        .instance_id()
-        .expect("instance id")
-        .to_owned();
+    let id = skiff_testkit::emulator::run_instance(&ec2).await;
     let imds = Imds::serve(&id, Some("app-asg"), Tags::Ec2(support::MOTO.into())).await;
     let fleet = AwsFleet::discover(&imds.client(), &sdk, None, None).await;
     let pinned = skiff_release::instance_tags::decode(

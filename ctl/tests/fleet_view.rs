@@ -9,68 +9,34 @@ use aws_sdk_autoscaling::types::InstanceRefreshStatus;
 use aws_sdk_ec2::types::Tag as Ec2Tag;
 use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use common::*;
+use skiff_testkit::emulator::Group;
 
 const V1: &str = r#"{"tag":"v1"}"#;
 
+/// An emulator group with the load balancer's client.
 struct Fleet {
-    asg: aws_sdk_autoscaling::Client,
-    ec2: aws_sdk_ec2::Client,
+    group: Group,
     elb: aws_sdk_elasticloadbalancingv2::Client,
-    group: String,
+}
+
+impl std::ops::Deref for Fleet {
+    type Target = Group;
+    fn deref(&self) -> &Group {
+        &self.group
+    }
 }
 
 /// A group of `n` instances (no hooks: InService at once) from a launch template of its own,
 /// attached to `target_group` when given.
 async fn fleet(prefix: &str, n: i32, target_group: Option<&str>) -> Fleet {
     let sdk = moto_sdk().await;
-    let (asg, ec2) = (
-        aws_sdk_autoscaling::Client::new(&sdk),
-        aws_sdk_ec2::Client::new(&sdk),
-    );
-    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
-    let group = unique(prefix);
-    let lt_id = launch_template(&ec2, &group).await;
-    asg.create_auto_scaling_group()
-        .auto_scaling_group_name(&group)
-        .min_size(0)
-        .max_size(n * 2 + 1)
-        .desired_capacity(n)
-        .availability_zones("us-east-1a")
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(lt_id)
-                .build(),
-        )
-        .set_target_group_arns(target_group.map(|t| vec![t.to_owned()]))
-        .send()
-        .await
-        .expect("group");
     Fleet {
-        asg,
-        ec2,
-        elb,
-        group,
+        group: Group::create(&sdk, &unique(prefix), n, target_group).await,
+        elb: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
     }
 }
 
 impl Fleet {
-    async fn instances(&self) -> Vec<String> {
-        let out = self
-            .asg
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.group)
-            .send()
-            .await
-            .expect("describe group");
-        let mut ids: Vec<String> = out.auto_scaling_groups()[0]
-            .instances()
-            .iter()
-            .filter_map(|i| i.instance_id().map(str::to_owned))
-            .collect();
-        ids.sort();
-        ids
-    }
-
     /// What the agent does once its release is healthy.
     async fn report_release(&self, id: &str, tag: &str) {
         self.ec2
@@ -83,19 +49,7 @@ impl Fleet {
     }
 
     async fn delete(&self) {
-        let _ = self
-            .asg
-            .delete_auto_scaling_group()
-            .auto_scaling_group_name(&self.group)
-            .force_delete(true)
-            .send()
-            .await;
-        let _ = self
-            .ec2
-            .delete_launch_template()
-            .launch_template_name(&self.group)
-            .send()
-            .await;
+        self.group.delete().await;
     }
 }
 
@@ -172,14 +126,14 @@ async fn status_shows_target_health_beside_the_release() {
         .send()
         .await
         .expect("deregister");
-    report_target_health(&f.group, serde_json::json!({ b: "unhealthy" })).await;
-    let param = format!("/{}/release", f.group);
+    report_target_health(&f.name, serde_json::json!({ b: "unhealthy" })).await;
+    let param = format!("/{}/release", f.name);
     put_parameter(&ssm, &param, V1).await;
     let base = [
         "--parameter",
         param.as_str(),
         "--asg",
-        f.group.as_str(),
+        f.name.as_str(),
         "--image",
         "127.0.0.1:5000/skiff/app",
     ];
@@ -259,7 +213,7 @@ async fn status_shows_target_health_beside_the_release() {
         "{t}"
     );
 
-    report_target_health(&f.group, serde_json::json!({})).await;
+    report_target_health(&f.name, serde_json::json!({})).await;
     f.delete().await;
     let _ = elb.delete_target_group().target_group_arn(&tg).send().await;
     delete_param(&ssm, &param).await;
@@ -272,7 +226,7 @@ async fn a_release_fails_and_rolls_back_when_a_stack_alarm_goes_to_alarm() {
     let cfn = aws_sdk_cloudformation::Client::new(&sdk);
     let f = fleet("skiff-ctl-alarm", 1, None).await;
     let before = f.instances().await;
-    let (alarm, other) = (format!("{}-5xx", f.group), format!("{}-hosts", f.group));
+    let (alarm, other) = (format!("{}-5xx", f.name), format!("{}-hosts", f.name));
     for name in [&alarm, &other] {
         cloudwatch(&[
             ("Action", "PutMetricAlarm"),
@@ -287,16 +241,16 @@ async fn a_release_fails_and_rolls_back_when_a_stack_alarm_goes_to_alarm() {
         ])
         .await;
     }
-    let param = format!("/{}/release", f.group);
+    let param = format!("/{}/release", f.name);
     put_parameter(&ssm, &param, V1).await;
     // The stack names the alarms (output ReleaseAlarmNames) as templates/app.yaml does.
-    let stack = f.group.clone();
+    let stack = f.name.clone();
     let template = serde_json::json!({
         "Resources": {"Nothing": {"Type": "AWS::SSM::Parameter", "Properties": {
             "Name": format!("{param}-unused"), "Type": "String", "Value": "x"}}},
         "Outputs": {
             "ReleaseParameter": {"Value": param},
-            "AutoScalingGroup": {"Value": f.group},
+            "AutoScalingGroup": {"Value": f.name},
             "ImageRepository": {"Value": "127.0.0.1:5000/skiff/app"},
             "ReleaseAlarmNames": {"Value": format!("{alarm},{other}")}
         }
@@ -350,7 +304,7 @@ async fn a_release_fails_and_rolls_back_when_a_stack_alarm_goes_to_alarm() {
     let refreshes = f
         .asg
         .describe_instance_refreshes()
-        .auto_scaling_group_name(&f.group)
+        .auto_scaling_group_name(&f.name)
         .send()
         .await
         .expect("refreshes");

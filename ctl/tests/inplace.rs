@@ -14,27 +14,31 @@ use aws_sdk_ec2::types::{Filter, Tag as Ec2Tag};
 use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
 use common::*;
 use skiff_release::instance_tags;
+use skiff_testkit::emulator::Group as Emulated;
 
 const V1: &str = r#"{"tag":"v1"}"#;
 
+/// An emulator group (see [`Emulated`]) with its target group and release parameter.
 struct Group {
-    asg: aws_sdk_autoscaling::Client,
-    ec2: aws_sdk_ec2::Client,
+    group: Emulated,
     elb: aws_sdk_elasticloadbalancingv2::Client,
     ssm: aws_sdk_ssm::Client,
-    name: String,
     tg: String,
     param: String,
+}
+
+impl std::ops::Deref for Group {
+    type Target = Emulated;
+    fn deref(&self) -> &Emulated {
+        &self.group
+    }
 }
 
 /// A group of `n` InService instances registered with a target group of their own, each
 /// reporting v1, and the release parameter holding v1.
 async fn group(prefix: &str, n: i32) -> Group {
     let sdk = moto_sdk().await;
-    let (asg, ec2) = (
-        aws_sdk_autoscaling::Client::new(&sdk),
-        aws_sdk_ec2::Client::new(&sdk),
-    );
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let name = unique(prefix);
@@ -58,30 +62,13 @@ async fn group(prefix: &str, n: i32) -> Group {
         .target_group_arn()
         .expect("arn")
         .to_owned();
-    let lt_id = launch_template(&ec2, &name).await;
-    asg.create_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .min_size(0)
-        .max_size(n * 2 + 1)
-        .desired_capacity(n)
-        .availability_zones("us-east-1a")
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(lt_id)
-                .build(),
-        )
-        .target_group_arns(&tg)
-        .send()
-        .await
-        .expect("group");
+    let group = Emulated::create(&sdk, &name, n, Some(&tg)).await;
     let param = format!("/{name}/release");
     put_parameter(&ssm, &param, V1).await;
     let g = Group {
-        asg,
-        ec2,
+        group,
         elb,
         ssm,
-        name,
         tg,
         param,
     };
@@ -92,23 +79,6 @@ async fn group(prefix: &str, n: i32) -> Group {
 }
 
 impl Group {
-    async fn instances(&self) -> Vec<String> {
-        let out = self
-            .asg
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.name)
-            .send()
-            .await
-            .expect("describe group");
-        let mut ids: Vec<String> = out.auto_scaling_groups()[0]
-            .instances()
-            .iter()
-            .filter_map(|i| i.instance_id().map(str::to_owned))
-            .collect();
-        ids.sort();
-        ids
-    }
-
     async fn tag(&self, id: &str, key: &str, value: &str) {
         self.ec2
             .create_tags()
@@ -163,19 +133,7 @@ impl Group {
     }
 
     async fn delete(&self) {
-        let _ = self
-            .asg
-            .delete_auto_scaling_group()
-            .auto_scaling_group_name(&self.name)
-            .force_delete(true)
-            .send()
-            .await;
-        let _ = self
-            .ec2
-            .delete_launch_template()
-            .launch_template_name(&self.name)
-            .send()
-            .await;
+        self.group.delete().await;
         let _ = self
             .elb
             .delete_target_group()
@@ -245,11 +203,9 @@ impl FakeAgent {
         let log = seen.clone();
         let ec2 = g.ec2.clone();
         let observer = Group {
-            asg: g.asg.clone(),
-            ec2: g.ec2.clone(),
+            group: g.group.clone(),
             elb: g.elb.clone(),
             ssm: g.ssm.clone(),
-            name: g.name.clone(),
             tg: g.tg.clone(),
             param: g.param.clone(),
         };

@@ -9,181 +9,53 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{MOTO, ctl, ctl_command, moto_sdk, text, unique};
+use skiff_testkit::engine::Engine;
 
 const BASE_IMAGE: &str = "skiff-ci/busybox:1";
 
-/// A dockerd of this test's own, with AWS credentials in its environment for the driver.
-struct Engine {
-    dir: PathBuf,
-    sock: String,
-    daemon: Child,
-    bridge: String,
+/// A dockerd of this test's own (see [`Engine`]) with the base image and a folder `sync`
+/// the containers share with the test.
+fn engine(name: &str) -> Engine {
+    let engine = Engine::start(name);
+    std::fs::create_dir_all(engine.dir.join("sync")).expect("sync dir");
+    engine.load_from_host(BASE_IMAGE);
+    engine
 }
 
-/// Engines this test process started, for a bridge name and subnet of each one's own.
-static ENGINES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// A bridge of the engine's own. `--bridge=none` would make dockerd delete the host's default
-/// bridge `docker0` at start (it removes the default bridge interface when the bridge driver
-/// is disabled), which breaks every bridged container and build of the machine's engine.
-fn own_bridge() -> String {
-    let n = ENGINES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let pid = std::process::id();
-    let name = format!("sklg{}x{n}", pid % 100_000);
-    let ip = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    ip(&["link", "del", &name]); // a leftover of an earlier run with this pid, if any
-    // dockerd takes the bridge's own address (`--bip` and `--bridge` exclude each other).
-    let addr = format!("10.{}.{}.1/24", 200 + n % 50, pid % 250);
-    assert!(
-        ip(&["link", "add", &name, "type", "bridge"])
-            && ip(&["addr", "add", &addr, "dev", &name])
-            && ip(&["link", "set", &name, "up"]),
-        "cannot create the bridge {name} ({addr}) for the test's dockerd"
-    );
-    name
-}
-
-impl Engine {
-    fn start(name: &str) -> Engine {
-        let dir = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(dir.join("data")).expect("engine dir");
-        std::fs::create_dir_all(dir.join("sync")).expect("sync dir");
-        std::fs::write(dir.join("daemon.json"), "{}\n").expect("daemon.json");
-        let sock = format!("unix://{}", dir.join("docker.sock").display());
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd.log");
-        let bridge = own_bridge();
-        let daemon = Command::new("dockerd")
-            .args(["--config-file", &dir.join("daemon.json").to_string_lossy()])
-            .arg(format!("--bridge={bridge}"))
-            .args(["--iptables=false", "--ip6tables=false"])
-            .args(["--data-root", &dir.join("data").to_string_lossy()])
-            .args(["--exec-root", &dir.join("exec").to_string_lossy()])
-            .args(["--pidfile", &dir.join("docker.pid").to_string_lossy()])
-            .args(["-H", &sock])
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd (run .ci/setup.sh first)");
-        let engine = Engine {
-            dir,
-            sock,
-            daemon,
-            bridge,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !engine.docker_ok(&["version"]) {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd did not answer in 60 s; see {}/dockerd.log",
-                engine.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        // The base image from the machine's engine, without a registry.
-        let mut save = Command::new("docker")
-            .args(["save", BASE_IMAGE])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("docker save");
-        let load = Command::new("docker")
-            .args(["-H", &engine.sock, "load", "-q"])
-            .stdin(save.stdout.take().expect("pipe"))
-            .output()
-            .expect("docker load");
-        let saved = save.wait().expect("docker save");
-        assert!(
-            saved.success() && load.status.success(),
-            "docker save {BASE_IMAGE} | docker load: {saved:?} {load:?}"
-        );
-        engine
+/// A container in `engine` logging through awslogs exactly as the agent configures it.
+fn run_logging(engine: &Engine, name: &str, group: &str, stream: &str, script: &str) {
+    let sync = format!("{}:/sync", engine.dir.join("sync").display());
+    let opts = [
+        format!("awslogs-group={group}"),
+        format!("awslogs-stream={stream}"),
+        "awslogs-region=us-east-1".into(),
+        format!("awslogs-endpoint={MOTO}"),
+        "awslogs-create-group=false".into(),
+        "mode=non-blocking".into(),
+        "max-buffer-size=4m".into(),
+    ];
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "-v",
+        &sync,
+    ];
+    args.extend(["--log-driver", "awslogs"]);
+    for o in &opts {
+        args.extend(["--log-opt", o]);
     }
-
-    fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("docker")
-            .args(["-H", &self.sock])
-            .args(args)
-            .output()
-            .expect("run docker")
-    }
-
-    fn docker_ok(&self, args: &[&str]) -> bool {
-        self.docker(args).status.success()
-    }
-
-    /// A container logging through awslogs exactly as the agent configures it.
-    fn run_logging(&self, name: &str, group: &str, stream: &str, script: &str) {
-        let sync = format!("{}:/sync", self.dir.join("sync").display());
-        let opts = [
-            format!("awslogs-group={group}"),
-            format!("awslogs-stream={stream}"),
-            "awslogs-region=us-east-1".into(),
-            format!("awslogs-endpoint={MOTO}"),
-            "awslogs-create-group=false".into(),
-            "mode=non-blocking".into(),
-            "max-buffer-size=4m".into(),
-        ];
-        let mut args = vec![
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "host",
-            "-v",
-            &sync,
-        ];
-        args.extend(["--log-driver", "awslogs"]);
-        for o in &opts {
-            args.extend(["--log-opt", o]);
-        }
-        args.extend([BASE_IMAGE, "sh", "-c", script]);
-        let out = self.docker(&args);
-        assert!(out.status.success(), "docker run {name}: {out:?}");
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let ids = self.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker(&["rm", "-f", id]);
-        }
-        // SIGTERM: dockerd stops its containerd and unmounts; SIGKILL only if it hangs.
-        let _ = Command::new("kill")
-            .arg(self.daemon.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.daemon.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        // dockerd leaves its network namespace mounted under the exec root.
-        let _ = Command::new("umount")
-            .arg(self.dir.join("exec/netns/default"))
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-    }
+    args.extend([BASE_IMAGE, "sh", "-c", script]);
+    let out = engine.docker(&args);
+    assert!(out.status.success(), "docker run {name}: {out:?}");
 }
 
 struct LogGroup {
@@ -243,18 +115,20 @@ fn awslogs_driver_ships_to_cloudwatch_and_ctl_logs_reads_it_back() {
     let name = unique("skiff-it-logs");
     let group_name = format!("/skiff-it/{name}/app");
     let group = LogGroup::create(&group_name);
-    let engine = Engine::start(&name);
+    let engine = engine(&name);
 
     // Two instances, printing in turns 0.4 s apart, b 0.2 s after a, both from the moment the
     // file /sync/go appears (so that docker run's own latency cannot reorder them).
     let wait_go = "while [ ! -e /sync/go ]; do sleep 0.05; done";
-    engine.run_logging(
+    run_logging(
+        &engine,
         &format!("{name}-a"),
         &group_name,
         "i-aaa/v1",
         &format!("{wait_go}; for n in 1 2 3; do echo \"a$n\"; sleep 0.4; done"),
     );
-    engine.run_logging(
+    run_logging(
+        &engine,
         &format!("{name}-b"),
         &group_name,
         "i-bbb/v2",
@@ -363,7 +237,8 @@ fn awslogs_driver_ships_to_cloudwatch_and_ctl_logs_reads_it_back() {
         "the earlier lines first: {seen:?}"
     );
     let printed = Instant::now();
-    engine.run_logging(
+    run_logging(
+        &engine,
         &format!("{name}-c"),
         &group_name,
         "i-aaa/v3",

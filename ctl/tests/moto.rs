@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use skiff_testkit::emulator::Group;
 
 const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"}"#;
 
@@ -143,50 +144,11 @@ async fn status_shows_instances_of_a_real_group_and_their_drift() {
     let sdk = moto_sdk().await;
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
-    let asg = aws_sdk_autoscaling::Client::new(&sdk);
     let name = unique("skiff-status");
     let param = format!("/{name}/release");
     put_parameter(&ssm, &param, V1).await;
-    let ami = ec2.describe_images().send().await.expect("images").images()[0]
-        .image_id()
-        .expect("ami")
-        .to_owned();
-    ec2.create_launch_template()
-        .launch_template_name(&name)
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template");
-    asg.create_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_name(&name)
-                .build(),
-        )
-        .min_size(2)
-        .max_size(2)
-        .desired_capacity(2)
-        .availability_zones("us-east-1a")
-        .send()
-        .await
-        .expect("group");
-    let group = asg
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(&name)
-        .send()
-        .await
-        .expect("describe");
-    let ids: Vec<String> = group.auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
+    let group = Group::create(&sdk, &name, 2, None).await;
+    let ids = group.instances().await;
     assert_eq!(ids.len(), 2);
     ec2.create_tags()
         .resources(&ids[0])
@@ -220,22 +182,7 @@ async fn status_shows_instances_of_a_real_group_and_their_drift() {
         "status",
     ]);
 
-    let _ = asg
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .force_delete(true)
-        .send()
-        .await;
-    let _ = ec2
-        .terminate_instances()
-        .set_instance_ids(Some(ids.clone()))
-        .send()
-        .await;
-    let _ = ec2
-        .delete_launch_template()
-        .launch_template_name(&name)
-        .send()
-        .await;
+    group.delete().await;
     delete_param(&ssm, &param).await;
 
     let t = text(&out);

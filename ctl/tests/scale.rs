@@ -10,6 +10,7 @@ use aws_sdk_ec2::types::Tag as Ec2Tag;
 use common::*;
 use skiff_ctl::inplace::{AwsHosts, InPlaceFleet};
 use skiff_release::instance_tags;
+use skiff_testkit::emulator::{Group, sdk_signed};
 
 const N: usize = 250;
 
@@ -23,52 +24,14 @@ async fn calls(key: &str) -> serde_json::Value {
         .expect("json")
 }
 
-/// Clients signing with access key `key` (moto on :5055 takes any).
-async fn sdk_as(key: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(MOTO)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-            key, "testing", None, None, "test",
-        ))
-        .load()
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_the_in_place_read_of_250_instances_stay_within_the_filter_limit() {
     let sdk = moto_sdk().await;
-    let asg = aws_sdk_autoscaling::Client::new(&sdk);
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let name = unique("skiff-ctl-scale");
-    let lt = launch_template(&ec2, &name).await;
-    asg.create_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .min_size(0)
-        .max_size(N as i32)
-        .desired_capacity(N as i32)
-        .availability_zones("us-east-1a")
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(&lt)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("group");
-    let mut ids: Vec<String> = asg
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(&name)
-        .send()
-        .await
-        .expect("describe group")
-        .auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    ids.sort();
+    let group = Group::create(&sdk, &name, N as i32, None).await;
+    let ids = group.instances().await;
     assert_eq!(ids.len(), N);
     // Every agent reports v1, the last one v2: tags of both chunks must come back.
     for (chunk, value) in [(&ids[..N - 1], "v1"), (&ids[N - 1..], "v2")] {
@@ -124,7 +87,7 @@ async fn status_and_the_in_place_read_of_250_instances_stay_within_the_filter_li
 
     // One tick of an in-place wait: the group's InService instances with their skiff tags.
     let key = unique("tick").replace('-', "");
-    let sdk = sdk_as(&key).await;
+    let sdk = sdk_signed(MOTO, &key).await;
     let hosts = AwsHosts {
         asg: name.clone(),
         target_group: None,
@@ -150,16 +113,6 @@ async fn status_and_the_in_place_read_of_250_instances_stay_within_the_filter_li
         })
     );
 
-    let _ = asg
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&name)
-        .force_delete(true)
-        .send()
-        .await;
-    let _ = ec2
-        .delete_launch_template()
-        .launch_template_id(&lt)
-        .send()
-        .await;
+    group.delete().await;
     delete_param(&ssm, &param).await;
 }

@@ -5,7 +5,8 @@
 
 #![allow(dead_code)]
 
-pub mod imds;
+pub use skiff_testkit::emulator::sdk_at;
+pub use skiff_testkit::wait::wait_for;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,7 +21,7 @@ pub const REGISTRY: &str = "127.0.0.1:5000";
 /// The registry with basic auth, and its password for user `skiff` (see .ci/setup.sh).
 pub const PRIVATE_REGISTRY: &str = "127.0.0.1:5001";
 pub const PRIVATE_PASSWORD: &str = "skiff-secret";
-pub const MOTO: &str = "http://127.0.0.1:5055";
+pub const MOTO: &str = skiff_testkit::emulator::ENDPOINT;
 pub const BASE_IMAGE: &str = "skiff-ci/busybox:1";
 
 /// A name no earlier or concurrent run uses.
@@ -388,26 +389,6 @@ impl Drop for Agent {
     }
 }
 
-/// Poll `check` until it holds; on timeout panic with `context()`.
-pub fn wait_for(
-    within: Duration,
-    what: &str,
-    mut check: impl FnMut() -> bool,
-    context: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "timed out after {within:?} waiting for {what}; state:\n{}",
-        context()
-    );
-}
-
 /// The ports the dnat rules of nftables table `ip <table>` send to, as nftables' own reader
 /// (`nft -j`) shows them; empty without the table.
 pub fn nft_dnat_ports(table: &str) -> Vec<u64> {
@@ -535,19 +516,6 @@ impl Proxy {
     }
 }
 
-/// An SDK config for an AWS endpoint of the test's (moto, or a listener of its own): us-east-1
-/// and moto's dummy credentials.
-pub async fn sdk_at(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await
-}
-
 /// aws-smithy-mocks rules for an SDK client (the SDK in use predates `mock_client!`'s test
 /// defaults, so clients are assembled by the tests).
 pub fn interceptor(
@@ -594,30 +562,8 @@ impl Moto {
 
     /// A new EC2 instance (terminate it with [`Moto::terminate`]).
     pub fn run_instance(&self) -> String {
-        self.rt.block_on(async {
-            let ami = self
-                .ec2
-                .describe_images()
-                .send()
-                .await
-                .expect("describe images")
-                .images()
-                .iter()
-                .find_map(|i| i.image_id().map(str::to_owned))
-                .expect("moto has an AMI");
-            self.ec2
-                .run_instances()
-                .image_id(ami)
-                .min_count(1)
-                .max_count(1)
-                .send()
-                .await
-                .expect("run instance")
-                .instances()[0]
-                .instance_id()
-                .expect("instance id")
-                .to_owned()
-        })
+        self.rt
+            .block_on(skiff_testkit::emulator::run_instance(&self.ec2))
     }
 
     pub fn terminate(&self, instance: &str) {

@@ -1,5 +1,5 @@
 //! Shared set-up for ctl's integration tests: moto clients, unique names, mocked clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod fake_autoscaling;
 pub mod token_service;
@@ -9,48 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client};
 
-pub const MOTO: &str = "http://127.0.0.1:5055";
+pub use skiff_testkit::emulator::sdk as moto_sdk;
 
-pub async fn moto_sdk() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(MOTO)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await
-}
-
-/// A launch template `name` of the emulator's first Amazon image, for an Auto Scaling group of
-/// test instances; returns its id.
-pub async fn launch_template(ec2: &aws_sdk_ec2::Client, name: &str) -> String {
-    let ami = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images")
-        .images()[0]
-        .image_id()
-        .expect("ami")
-        .to_owned();
-    ec2.create_launch_template()
-        .launch_template_name(name)
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template")
-        .launch_template()
-        .and_then(|l| l.launch_template_id())
-        .expect("lt id")
-        .to_owned()
-}
+pub const MOTO: &str = skiff_testkit::emulator::ENDPOINT;
 
 /// A name no earlier run used.
 pub fn unique(prefix: &str) -> String {

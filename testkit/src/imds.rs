@@ -15,7 +15,7 @@ const TAGS: &str = "/latest/meta-data/tags/instance";
 const TOKEN: &str = "tok-123";
 
 /// Where the instance tags come from.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Tags {
     /// A map the test holds (see [`Imds::tags`]).
     Held,
@@ -24,7 +24,7 @@ pub enum Tags {
 }
 
 /// A running stand-in. Dropping it does not stop it (it lives as long as its runtime).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Imds {
     pub url: String,
     /// The request lines seen, in order.
@@ -62,7 +62,9 @@ impl Imds {
         }
         let ec2 = match tags {
             Tags::Held => None,
-            Tags::Ec2(endpoint) => Some(aws_sdk_ec2::Client::new(&super::sdk_at(&endpoint).await)),
+            Tags::Ec2(endpoint) => Some(aws_sdk_ec2::Client::new(
+                &crate::emulator::sdk_at(&endpoint).await,
+            )),
         };
         let world = Arc::new(World {
             instance_id: instance_id.to_owned(),

@@ -1,0 +1,178 @@
+//! The AWS emulator (testbed/emulator: moto with skiff's extensions, started by
+//! `bash .ci/setup.sh`): SDK configs for it, and the fixtures tests build there.
+
+use aws_config::SdkConfig;
+
+/// The permissive server: any credentials, IAM never enforced.
+pub const ENDPOINT: &str = "http://127.0.0.1:5055";
+/// `ENDPOINT` without the scheme, for a raw TCP check.
+pub const ADDR: &str = "127.0.0.1:5055";
+
+/// An SDK config for `endpoint` (the emulator, or a listener of the test's own): us-east-1,
+/// signed with access key `key` (the emulator on :5055 takes any; it counts calls per key).
+pub async fn sdk_signed(endpoint: &str, key: &str) -> SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            key, "testing", None, None, "test",
+        ))
+        .load()
+        .await
+}
+
+/// An SDK config for `endpoint` with moto's dummy credentials.
+pub async fn sdk_at(endpoint: &str) -> SdkConfig {
+    sdk_signed(endpoint, "testing").await
+}
+
+/// An SDK config for the permissive emulator.
+pub async fn sdk() -> SdkConfig {
+    sdk_at(ENDPOINT).await
+}
+
+/// The emulator's first Amazon machine image.
+pub async fn image(ec2: &aws_sdk_ec2::Client) -> String {
+    ec2.describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("describe images")
+        .images()
+        .iter()
+        .find_map(|i| i.image_id().map(str::to_owned))
+        .expect("the emulator has an Amazon image")
+}
+
+/// A new EC2 instance of [`image`], outside any group; returns its id (terminate it when done).
+pub async fn run_instance(ec2: &aws_sdk_ec2::Client) -> String {
+    ec2.run_instances()
+        .image_id(image(ec2).await)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("run instance")
+        .instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned()
+}
+
+/// A launch template `name` of [`image`], for an Auto Scaling group of test instances;
+/// returns its id.
+pub async fn launch_template(ec2: &aws_sdk_ec2::Client, name: &str) -> String {
+    let ami = image(ec2).await;
+    ec2.create_launch_template()
+        .launch_template_name(name)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("launch template")
+        .launch_template()
+        .and_then(|l| l.launch_template_id())
+        .expect("launch template id")
+        .to_owned()
+}
+
+/// An Auto Scaling group `name` in us-east-1a from a launch template of its own (same name).
+/// Without hooks its instances are InService at once. [`Group::delete`] removes both.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub template_id: String,
+    pub asg: aws_sdk_autoscaling::Client,
+    pub ec2: aws_sdk_ec2::Client,
+}
+
+impl Group {
+    /// `desired` instances (room for a refresh to launch as many again), attached to
+    /// `target_group` when given.
+    pub async fn create(
+        sdk: &SdkConfig,
+        name: &str,
+        desired: i32,
+        target_group: Option<&str>,
+    ) -> Group {
+        let asg = aws_sdk_autoscaling::Client::new(sdk);
+        let ec2 = aws_sdk_ec2::Client::new(sdk);
+        let template_id = launch_template(&ec2, name).await;
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .min_size(0)
+            .max_size(desired * 2 + 1)
+            .desired_capacity(desired)
+            .availability_zones("us-east-1a")
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_id(&template_id)
+                    .build(),
+            )
+            .set_target_group_arns(target_group.map(|t| vec![t.to_owned()]))
+            .send()
+            .await
+            .expect("auto scaling group");
+        Group {
+            name: name.to_owned(),
+            template_id,
+            asg,
+            ec2,
+        }
+    }
+
+    /// The group's instances: (id, lifecycle state), in the group's order.
+    pub async fn states(&self) -> Vec<(String, String)> {
+        self.asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.name)
+            .send()
+            .await
+            .expect("describe group")
+            .auto_scaling_groups()
+            .first()
+            .map(|g| {
+                g.instances()
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.instance_id().unwrap_or_default().to_owned(),
+                            i.lifecycle_state()
+                                .map(|s| s.as_str().to_owned())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The group's instance ids, sorted.
+    pub async fn instances(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.states().await.into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Delete the group (and its instances) and its launch template; errors are ignored (a
+    /// test may have deleted them already).
+    pub async fn delete(&self) {
+        let _ = self
+            .asg
+            .delete_auto_scaling_group()
+            .auto_scaling_group_name(&self.name)
+            .force_delete(true)
+            .send()
+            .await;
+        let _ = self
+            .ec2
+            .delete_launch_template()
+            .launch_template_id(&self.template_id)
+            .send()
+            .await;
+    }
+}
