@@ -6,10 +6,10 @@ replaces it (terminate hook, then a launch to keep the desired capacity).
 
 from __future__ import annotations
 
-from moto.autoscaling import models as asg_models
 from moto.autoscaling.models import autoscaling_backends
 
 import health
+import lifecycle
 from lifecycle import begin_termination
 
 # The load balancer's view of each target, as the load balancer (the fleet box's controller,
@@ -90,17 +90,6 @@ def apply(backend, group, now: float) -> None:
 
 
 
-def _patch_group_delete() -> None:
-    """Deleting a group forgets its targets' health."""
-    original = asg_models.AutoScalingBackend.delete_auto_scaling_group
-
-    def delete_auto_scaling_group(self, group_name):
-        original(self, group_name)
-        TARGET_HEALTH.pop((self.account_id, self.region_name, group_name), None)
-
-    asg_models.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
-
-
 def install() -> None:
     _patch_target_health()
-    _patch_group_delete()
+    lifecycle.FORGET_GROUP.append(lambda key: TARGET_HEALTH.pop(key, None))  # a deleted group's targets

@@ -177,17 +177,7 @@ def _patch_capacity() -> None:
     asg_models.FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity
 
 
-def _patch_group_delete() -> None:
-    """Deleting a group deletes its refreshes' history, as in AWS."""
-    original = asg_models.AutoScalingBackend.delete_auto_scaling_group
-
-    def delete_auto_scaling_group(self, group_name):
-        original(self, group_name)
-        REFRESHES.pop((self.account_id, self.region_name, group_name), None)
-
-    asg_models.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
-
-
 def install() -> None:
     _patch_capacity()
-    _patch_group_delete()
+    # Deleting a group deletes its refreshes' history, as in AWS.
+    lifecycle.FORGET_GROUP.append(lambda key: REFRESHES.pop(key, None))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Callable
 
 from moto.autoscaling import models as asg_models
 from moto.autoscaling.exceptions import AutoscalingClientError
@@ -25,6 +26,10 @@ from lock import LOCK
 # Hooks a group declares in CloudFormation (LifecycleHookSpecificationList) while it is being
 # created: they hold its very first instances (cloudformation.py fills this).
 HOOK_SPECS: dict[tuple[str, str, str], list[dict]] = {}
+
+# Called with (account, region, group) once a group is deleted: each extension that keeps
+# something per group forgets it there.
+FORGET_GROUP: list[Callable[[tuple[str, str, str]], None]] = []
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -91,8 +96,8 @@ def install() -> None:
 
     asg_models.AutoScalingBackend.terminate_instance = terminate_instance
 
-    # Deleting a group deletes its hooks, as in AWS (instance_refresh and elb_health forget the
-    # group's refreshes and target health the same way).
+    # Deleting a group deletes its hooks, as in AWS, and what the other extensions keep about it
+    # (FORGET_GROUP: its refreshes' history, its targets' health).
     original_delete = asg_models.AutoScalingBackend.delete_auto_scaling_group
 
     def delete_auto_scaling_group(self, group_name):
@@ -100,6 +105,8 @@ def install() -> None:
         for key, hook in list(self.lifecycle_hooks.items()):
             if hook.auto_scaling_group_name == group_name:
                 del self.lifecycle_hooks[key]
+        for forget in FORGET_GROUP:
+            forget((self.account_id, self.region_name, group_name))
 
     asg_models.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
 
