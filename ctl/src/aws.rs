@@ -47,3 +47,152 @@ where
 pub fn code<E: ProvideErrorMetadata>(err: &E) -> Option<String> {
     err.code().map(str::to_owned)
 }
+
+/// The error codes AWS answers a request refused by a request-rate limit: EC2
+/// `RequestLimitExceeded`, ELB and SSM `ThrottlingException`, Auto Scaling `Throttling`.
+/// https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/userguide/elb-api-throttling.html
+pub fn is_throttling(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "RequestLimitExceeded"
+                | "ThrottlingException"
+                | "Throttling"
+                | "TooManyRequestsException"
+        )
+    )
+}
+
+/// How long ctl keeps retrying one throttled write (on top of the SDK's own attempts): long
+/// enough for a bucket drained by a thousand agents answering at once (CreateTags refills 10
+/// tokens a second) to take ctl's write, short of any wait's timeout.
+pub const WRITE_RETRY_FOR: Duration = Duration::from_secs(180);
+const WRITE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const WRITE_RETRY_CAP: Duration = Duration::from_secs(20);
+
+/// The wait before retry number `attempt` (1-based): "full jitter", a random share (`random`,
+/// any u64) of `first * 2^(attempt-1)` capped, so writers throttled together spread out.
+/// https://aws.amazon.com/builders-library/timeouts-retries-and-backoff-with-jitter/ Pure.
+pub fn retry_delay(attempt: u32, random: u64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(16);
+    let ceiling = WRITE_RETRY_FIRST
+        .saturating_mul(1u32 << exp)
+        .min(WRITE_RETRY_CAP);
+    let share = (random % 1_000) as u32;
+    ceiling * share / 1_000 + Duration::from_millis(50)
+}
+
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Run a write until it is not throttled, or [`WRITE_RETRY_FOR`] has passed (the last error is
+/// then returned). Other errors return at once (the SDK already retried transient ones).
+pub async fn write<T, E, F, Fut>(mut op: F) -> Result<T, E>
+where
+    E: ProvideErrorMetadata,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WRITE_RETRY_FOR;
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(e) if is_throttling(e.code()) => {
+                attempt += 1;
+                let wait = retry_delay(attempt, random());
+                if tokio::time::Instant::now() + wait >= deadline {
+                    return Err(e);
+                }
+                tracing::info!(attempt, "throttled by AWS; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_codes() {
+        for (code, want) in [
+            (Some("RequestLimitExceeded"), true),
+            (Some("ThrottlingException"), true),
+            (Some("Throttling"), true),
+            (Some("AccessDenied"), false),
+            (Some("ValidationError"), false),
+            (None, false),
+        ] {
+            assert_eq!(is_throttling(code), want, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn retry_delays_double_to_the_cap_with_full_jitter() {
+        let ms = |d: Duration| d.as_millis();
+        for (attempt, random, want) in [
+            (1, 0, 50),
+            (1, 999, 1_049),
+            (2, 500, 1_050),
+            (3, 999, 4_046),
+            (5, 999, 16_034),
+            (6, 999, 20_030),
+            (40, 999, 20_030),
+            (40, 1_500, 10_050),
+        ] {
+            assert_eq!(
+                ms(retry_delay(attempt, random)),
+                want,
+                "attempt {attempt} random {random}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_write_is_retried_until_it_passes_and_other_errors_are_not() {
+        use aws_smithy_types::error::ErrorMetadata;
+        let mut calls = 0;
+        let got: Result<u32, ErrorMetadata> = write(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 4 {
+                    Err(ErrorMetadata::builder()
+                        .code("RequestLimitExceeded")
+                        .build())
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(4));
+
+        let mut calls = 0;
+        let got: Result<(), ErrorMetadata> = write(|| {
+            calls += 1;
+            async { Err(ErrorMetadata::builder().code("AccessDenied").build()) }
+        })
+        .await;
+        assert_eq!(
+            got.err()
+                .and_then(|e| e.code().map(str::to_owned))
+                .as_deref(),
+            Some("AccessDenied")
+        );
+        assert_eq!(calls, 1);
+
+        let start = tokio::time::Instant::now();
+        let got: Result<(), ErrorMetadata> =
+            write(|| async { Err(ErrorMetadata::builder().code("Throttling").build()) }).await;
+        assert!(got.is_err());
+        assert!(start.elapsed() <= WRITE_RETRY_FOR, "{:?}", start.elapsed());
+    }
+}

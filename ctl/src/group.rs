@@ -75,6 +75,19 @@ pub fn chunks(ids: &[String]) -> std::slice::Chunks<'_, String> {
     ids.chunks(FILTER_VALUES_MAX)
 }
 
+/// DescribeTags calls a second ctl allows itself while it waits on a rollout: a quarter of the
+/// account's bucket refill (20 a second for a filtered Describe*,
+/// https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html), the rest is left
+/// to everything else in the account and Region.
+pub const DESCRIBE_TAGS_PER_SECOND: u32 = 5;
+
+/// The shortest pause between two reads of a group of `instances` that keeps a wait within
+/// [`DESCRIBE_TAGS_PER_SECOND`]: 0.4 s for 250 instances, 1 s for 1,000, 2 s for 2,000. Pure.
+pub fn read_interval(instances: usize) -> std::time::Duration {
+    let calls = instances.div_ceil(FILTER_VALUES_MAX) as u32;
+    std::time::Duration::from_millis(1000) * calls / DESCRIBE_TAGS_PER_SECOND
+}
+
 /// The AWS calls one [`read`] of a group of `instances` makes (one DescribeTags page per chunk:
 /// a chunk answers at most [`FILTER_VALUES_MAX`] x [`KEYS`] tags). Pure.
 pub fn calls(instances: usize) -> usize {
@@ -184,6 +197,17 @@ pub async fn instance_tags_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_intervals_keep_describe_tags_within_the_budget() {
+        for (instances, ms) in [(0, 0), (6, 200), (250, 400), (1000, 1000), (2000, 2000)] {
+            assert_eq!(
+                read_interval(instances).as_millis(),
+                ms,
+                "{instances} instances"
+            );
+        }
+    }
 
     #[test]
     fn chunks_and_calls_table() {

@@ -431,6 +431,9 @@ pub async fn wait_for<F: InPlaceFleet>(
     let deadline = Instant::now() + timeout;
     let mut failures = 0;
     let mut last = Vec::new();
+    // Reads are spaced so a big group's DescribeTags calls stay within ctl's share of the
+    // account's bucket (group::read_interval), whatever `poll` asks.
+    let mut spacing = Duration::ZERO;
     loop {
         let read = async {
             let hosts = fleet.hosts().await?;
@@ -440,6 +443,7 @@ pub async fn wait_for<F: InPlaceFleet>(
         match read.await {
             Ok((hosts, health)) => {
                 failures = 0;
+                spacing = crate::group::read_interval(hosts.len());
                 match judge(&hosts, &health) {
                     Verdict::Failed(id, why) => return Waited::Failed(id, why),
                     Verdict::Done if !hold => return Waited::Done,
@@ -464,7 +468,7 @@ pub async fn wait_for<F: InPlaceFleet>(
             };
         }
         tokio::select! {
-            _ = sleep(poll.min(deadline - now)) => {}
+            _ = sleep(poll.max(spacing).min(deadline - now)) => {}
             signal = stop.wait() => return Waited::Stopped(signal),
         }
     }

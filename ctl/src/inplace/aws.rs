@@ -62,18 +62,23 @@ impl InPlaceFleet for AwsHosts {
     async fn tag(&self, ids: &[String], key: &str, value: &str) -> Result<(), InPlaceError> {
         // CreateTags takes many resources in one call and overwrites an existing value.
         // https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CreateTags.html
+        // A throttled write is retried with backoff and jitter (aws::write): a thousand agents
+        // answering at once drain the account's CreateTags bucket, and a lost revert is worse
+        // than a late one.
         for chunk in ids.chunks(500) {
-            self.ec2
-                .create_tags()
-                .set_resources(Some(chunk.to_vec()))
-                .tags(Ec2Tag::builder().key(key).value(value).build())
-                .send()
-                .await
-                .map_err(|e| InPlaceError::Tag {
-                    key: key.to_owned(),
-                    ids: chunk.join(" "),
-                    detail: aws::describe(&e),
-                })?;
+            aws::write(|| {
+                self.ec2
+                    .create_tags()
+                    .set_resources(Some(chunk.to_vec()))
+                    .tags(Ec2Tag::builder().key(key).value(value).build())
+                    .send()
+            })
+            .await
+            .map_err(|e| InPlaceError::Tag {
+                key: key.to_owned(),
+                ids: chunk.join(" "),
+                detail: aws::describe(&e),
+            })?;
         }
         Ok(())
     }
@@ -127,38 +132,41 @@ impl InPlaceFleet for AwsHosts {
                 .build()
         };
         if suspend {
-            self.autoscaling
-                .create_or_update_tags()
-                .tags(tag(Some(processes.join(MARK_SEPARATOR))))
-                .send()
-                .await
-                .map_err(|e| fail("mark as ctl's", aws::describe(&e)))?;
+            aws::write(|| {
+                self.autoscaling
+                    .create_or_update_tags()
+                    .tags(tag(Some(processes.join(MARK_SEPARATOR))))
+                    .send()
+            })
+            .await
+            .map_err(|e| fail("mark as ctl's", aws::describe(&e)))?;
         }
         let done = if suspend {
-            self.autoscaling
-                .suspend_processes()
-                .auto_scaling_group_name(&self.asg)
-                .set_scaling_processes(Some(processes.to_vec()))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| aws::describe(&e))
+            aws::write(|| {
+                self.autoscaling
+                    .suspend_processes()
+                    .auto_scaling_group_name(&self.asg)
+                    .set_scaling_processes(Some(processes.to_vec()))
+                    .send()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| aws::describe(&e))
         } else {
-            self.autoscaling
-                .resume_processes()
-                .auto_scaling_group_name(&self.asg)
-                .set_scaling_processes(Some(processes.to_vec()))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| aws::describe(&e))
+            aws::write(|| {
+                self.autoscaling
+                    .resume_processes()
+                    .auto_scaling_group_name(&self.asg)
+                    .set_scaling_processes(Some(processes.to_vec()))
+                    .send()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| aws::describe(&e))
         };
         done.map_err(|detail| fail(if suspend { "suspend" } else { "resume" }, detail))?;
         if !suspend {
-            self.autoscaling
-                .delete_tags()
-                .tags(tag(None))
-                .send()
+            aws::write(|| self.autoscaling.delete_tags().tags(tag(None)).send())
                 .await
                 .map_err(|e| fail("unmark", aws::describe(&e)))?;
         }
