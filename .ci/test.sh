@@ -8,6 +8,7 @@
 #         integration checks (make integration) against two app processes behind HAProxy;
 #   templates/: cfn-lint, checkov, create/update/delete in moto;
 #   permissions: the agent and ctl under the stack's own roles and policies, IAM enforced (:5056);
+#   simulation: 250 simulated hosts and the real ctl against AWS's request limits (testbed/sim);
 #   packer/: validate, and the provisioning run with the docker builder;
 #   Jenkinsfiles: parsed by Groovy, their paths run against a model of Jenkins;
 #   Makefile: its targets against moto (create-stack, delete-stack, ...);
@@ -48,6 +49,9 @@ step "app image" bash app/image-test.sh
 step "app integration checks (make integration)" bash app/integration-test.sh
 step "templates" bash templates/test.sh
 step "permissions under enforced IAM" bash testbed/permissions/permissions-test.sh
+step "simulation: 250 hosts and ctl under AWS's request limits (testbed/sim)" \
+  "${SKIFF_CI_HOME:-/var/lib/skiff-ci}/venv-moto/bin/python" testbed/sim/sim.py --instances 250 --check \
+  --ctl "$CARGO_TARGET_DIR/debug/ctl"
 step "packer" env AGENT_BIN="$CARGO_TARGET_DIR/release/agent" bash packer/test.sh
 step "Jenkinsfile" bash testbed/checks/jenkinsfile-check.sh
 step "Makefile" bash testbed/checks/make-check.sh
