@@ -283,17 +283,11 @@ where
 
 /// Access and validation errors do not get better by retrying.
 fn retryable(code: Option<&str>) -> bool {
-    !matches!(
-        code,
-        Some(
-            "AccessDenied"
-                | "AccessDeniedException"
-                | "UnauthorizedOperation"
-                | "ValidationError"
-                | "InvalidInstanceID.NotFound"
-                | "InvalidInstanceID.Malformed"
-        )
-    )
+    !(code.is_some_and(skiff_release::access::is_denied)
+        || matches!(
+            code,
+            Some("ValidationError" | "InvalidInstanceID.NotFound" | "InvalidInstanceID.Malformed")
+        ))
 }
 
 fn detail<E: ProvideErrorMetadata + std::error::Error>(e: &E) -> String {

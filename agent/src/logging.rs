@@ -15,7 +15,7 @@ pub struct LogConfig {
 /// The stream a host writes a release's output to: `<instance>/<tag>`, so that `ctl logs` can
 /// name both on each line and filter by either. Neither part contains `/` (config and tag grammar).
 pub fn stream_name(instance: &str, tag: &str) -> String {
-    format!("{instance}/{tag}")
+    skiff_release::log_stream::name(instance, tag)
 }
 
 /// The log configuration of a container running release `tag`.

@@ -512,9 +512,7 @@ impl Shipper {
                 ShipError::Unreachable { group, detail }
             }
             SdkError::ServiceError(s)
-                if s.err().code().is_some_and(|c| {
-                    c.contains("AccessDenied") || c.contains("UnrecognizedClient")
-                }) =>
+                if s.err().code().is_some_and(skiff_release::access::is_denied) =>
             {
                 ShipError::Denied {
                     group,

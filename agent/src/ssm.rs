@@ -99,11 +99,7 @@ where
                         "write it with `ctl release --tag <tag>` or `aws ssm put-parameter --name {name} ...`"
                     ),
                 },
-                "AccessDeniedException"
-                | "UnrecognizedClientException"
-                | "InvalidSignatureException"
-                | "ExpiredTokenException"
-                | "KMSAccessDeniedException" => SourceError::Denied { what, detail },
+                c if skiff_release::access::is_denied(c) => SourceError::Denied { what, detail },
                 c if c.contains("Throttl")
                     || c == "InternalServerError"
                     || c == "ServiceUnavailable" =>

@@ -71,10 +71,7 @@ pub struct Event {
 /// a release tag): their release reads `~agent`, they are shown by default, and
 /// `--release '~agent'` selects them alone.
 pub fn parse_stream(name: &str) -> (&str, &str) {
-    match name.split_once('/') {
-        Some((instance, tag)) if !instance.is_empty() && !tag.is_empty() => (instance, tag),
-        _ => (name, "-"),
-    }
+    skiff_release::log_stream::split(name).unwrap_or((name, "-"))
 }
 
 /// The streams to read, or `None` for the whole group (no filter given).
@@ -263,9 +260,7 @@ impl CloudWatchLogs {
         let detail = aws::describe(e);
         match aws::code(e).as_deref() {
             Some("ResourceNotFoundException") => LogsError::NoGroup { group, detail },
-            Some("AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation") => {
-                LogsError::Denied { group, detail }
-            }
+            Some(c) if skiff_release::access::is_denied(c) => LogsError::Denied { group, detail },
             _ => LogsError::Read { group, detail },
         }
     }

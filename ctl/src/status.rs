@@ -207,9 +207,7 @@ pub async fn target_health(
         .map_err(|e| {
             let detail = aws::describe(&e);
             match aws::code(&e).as_deref() {
-                Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation") => {
-                    TargetHealthError::Denied(detail)
-                }
+                Some(c) if skiff_release::access::is_denied(c) => TargetHealthError::Denied(detail),
                 _ => TargetHealthError::Describe(detail),
             }
         })?;

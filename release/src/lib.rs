@@ -13,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod access;
 pub mod image;
 pub mod instance_tags;
 pub mod registry;
@@ -28,6 +29,19 @@ pub mod log_stream {
     /// The agent's own stream after `<instance>/`. No release tag can contain `~` (Docker's
     /// tag grammar), and CloudWatch forbids only `:` and `*` in stream names.
     pub const AGENT: &str = "~agent";
+
+    /// The stream `instance` writes `release`'s output (or, with [`AGENT`], its own lines) to:
+    /// `<instance>/<release>`. Neither part contains `/` (config and tag grammar).
+    pub fn name(instance: &str, release: &str) -> String {
+        format!("{instance}/{release}")
+    }
+
+    /// [`name`] read back: the instance and the release (or [`AGENT`]); `None` for a stream a
+    /// skiff agent did not name (no `/`, or an empty part).
+    pub fn split(name: &str) -> Option<(&str, &str)> {
+        name.split_once('/')
+            .filter(|(instance, release)| !instance.is_empty() && !release.is_empty())
+    }
 }
 
 /// The labels the agent puts on the app's container and reads back (adoption, the crash
