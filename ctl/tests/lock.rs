@@ -1,23 +1,32 @@
 //! The release lock through the real binary: the lock parameter in moto's SSM (whose
-//! PutParameter refuses to overwrite without Overwrite=true, as AWS does), Auto Scaling
-//! scripted by the fake, which like AWS runs one refresh at a time.
+//! PutParameter refuses to overwrite without Overwrite=true, as AWS does), the instance refresh
+//! in the emulator's Auto Scaling, which like AWS runs one refresh at a time per group.
 
 mod common;
 
 use std::process::Output;
+use std::time::{Duration, Instant};
 
-use common::fake_autoscaling::{FakeAutoScaling, Script};
 use common::*;
 use skiff_release::Release;
+use skiff_testkit::emulator::Group;
 
 const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","released_by":"seed"}"#;
 
-fn release_args<'a>(param: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
+/// The launch hook the race's group holds its replacements with.
+const HOOK: &str = "skiff-launch";
+
+/// A group of one instance in the emulator, for the release's refresh.
+async fn group(prefix: &str) -> Group {
+    Group::create(&moto_sdk().await, &unique(prefix), 1, None).await
+}
+
+fn release_args<'a>(param: &'a str, asg: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
     vec![
         "--parameter",
         param,
         "--asg",
-        "app-asg",
+        asg,
         "--image",
         "127.0.0.1:1/none/app",
         "release",
@@ -27,7 +36,7 @@ fn release_args<'a>(param: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
         "--released-by",
         by,
         "--poll",
-        "50ms",
+        "200ms",
         "--timeout",
         "60s",
     ]
@@ -52,29 +61,53 @@ async fn two_releases_started_together_one_releases_the_other_exits_4_without_wr
     for round in 0..3 {
         let param = format!("/{}/release", unique("race"));
         put_parameter(&ssm, &param, V1).await;
-        // Long enough (20 polls of 50 ms) that the second run tries while the first releases.
-        let mut states = vec!["Pending"];
-        states.extend(std::iter::repeat_n("InProgress", 20));
-        states.push("Successful");
-        let fake = FakeAutoScaling::start(Script {
-            refreshes: vec![states],
-            ..Script::default()
-        });
-        let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
-        let a = ctl_command(&release_args(&param, "va", "a"), &env)
+        // The winner's refresh cannot end before the loser has exited: its replacement waits
+        // in Pending:Wait for the launch hook, which the test completes (as the instance's
+        // agent would) only then. So the second run certainly tries while the first releases.
+        let g = group("race").await;
+        g.hold_launches(HOOK, 300).await;
+        let env = [];
+        let a = ctl_command(&release_args(&param, &g.name, "va", "a"), &env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn a");
-        let b = ctl_command(&release_args(&param, "vb", "b"), &env)
+        let mut b = ctl_command(&release_args(&param, &g.name, "vb", "b"), &env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn b");
+        let mut a = a;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut next_completion = Instant::now();
+        loop {
+            let exited = [
+                a.try_wait().expect("a").is_some(),
+                b.try_wait().expect("b").is_some(),
+            ];
+            if exited == [true, true] {
+                break;
+            }
+            // Every 500 ms at most: the emulator enforces Auto Scaling's request rate.
+            if exited.contains(&true) && Instant::now() >= next_completion {
+                g.complete_launches(HOOK, "CONTINUE").await;
+                next_completion = Instant::now() + Duration::from_millis(500);
+            }
+            if Instant::now() > deadline {
+                let _ = (a.kill(), b.kill());
+                panic!(
+                    "round {round}: not both exited within 60 s (exited: {exited:?}); {:?}",
+                    g.states().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let outs: Vec<(&str, Output)> = vec![
             ("a", a.wait_with_output().expect("a")),
             ("b", b.wait_with_output().expect("b")),
         ];
+        let refreshes = g.refreshes().await;
+        g.delete().await;
         let value = read_param(&ssm, &param).await.expect("value");
         let history = versions(&ssm, &param).await;
         let lock = read_param(&ssm, &format!("{param}-lock")).await;
@@ -108,7 +141,11 @@ async fn two_releases_started_together_one_releases_the_other_exits_4_without_wr
             "the seed and the winner's write only: {history:?}\n{t}"
         );
         assert_eq!(lock, None, "the winner let the lock go: {t}");
-        assert_eq!(fake.seen().starts.len(), 1, "{t}");
+        assert_eq!(
+            refreshes.len(),
+            1,
+            "one refresh started: {refreshes:?}\n{t}"
+        );
     }
 }
 
@@ -120,12 +157,9 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
     put_parameter(&ssm, &param, V1).await;
     let stale = r#"{"owner":"jenkins-app-master-41/123","release":"v0","acquired_at":"2020-01-01T00:00:00Z","expires_at":"2020-01-01T01:30:00Z"}"#;
     put_parameter(&ssm, &lock, stale).await;
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![vec!["Successful"]],
-        ..Script::default()
-    });
-    let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
-    let refused = ctl_env(&release_args(&param, "v2", "ci"), &env);
+    let g = group("stale").await;
+    let env = [];
+    let refused = ctl_env(&release_args(&param, &g.name, "v2", "ci"), &env);
     let t = text(&refused);
     assert_eq!(refused.status.code(), Some(4), "{t}");
     for needle in [
@@ -146,7 +180,7 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
         "--parameter",
         &param,
         "--asg",
-        "app-asg",
+        &g.name,
         "--image",
         "127.0.0.1:1/none/app",
     ];
@@ -165,9 +199,10 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced));
     assert_eq!(read_param(&ssm, &lock).await, None);
 
-    let released = ctl_env(&release_args(&param, "v2", "ci"), &env);
+    let released = ctl_env(&release_args(&param, &g.name, "v2", "ci"), &env);
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
+    g.delete().await;
     assert_eq!(released.status.code(), Some(0), "{}", text(&released));
     assert_eq!(Release::parse(&value).expect("record").tag.as_str(), "v2");
 }
@@ -180,12 +215,9 @@ async fn wait_lock_waits_for_a_held_lock_to_go() {
     put_parameter(&ssm, &param, V1).await;
     let held = r#"{"owner":"other@host/1","release":"v9","acquired_at":"2026-01-01T00:00:00Z","expires_at":"2999-01-01T00:00:00Z"}"#;
     put_parameter(&ssm, &lock, held).await;
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![vec!["Successful"]],
-        ..Script::default()
-    });
-    let env = [("AWS_ENDPOINT_URL_AUTO_SCALING", fake.url.as_str())];
-    let mut args = release_args(&param, "v2", "ci");
+    let g = group("waitlock").await;
+    let env = [];
+    let mut args = release_args(&param, &g.name, "v2", "ci");
     args.extend(["--wait-lock", "20s"]);
     let child = ctl_command(&args, &env)
         .stdout(std::process::Stdio::piped())
@@ -202,6 +234,7 @@ async fn wait_lock_waits_for_a_held_lock_to_go() {
     let out = child.wait_with_output().expect("wait");
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
+    g.delete().await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("waiting"), "{t}");

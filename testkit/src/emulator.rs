@@ -10,8 +10,11 @@ pub const ADDR: &str = "127.0.0.1:5055";
 
 /// An SDK config for `endpoint` (the emulator, or a listener of the test's own): us-east-1,
 /// signed with access key `key` (the emulator on :5055 takes any; it counts calls per key).
+/// The emulator enforces AWS's request rates per account and Region, which every test on the
+/// machine shares: a throttled call is retried up to ten times with the SDK's backoff.
 pub async fn sdk_signed(endpoint: &str, key: &str) -> SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(10))
         .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_ec2::config::Credentials::new(
@@ -156,6 +159,67 @@ impl Group {
         let mut ids: Vec<String> = self.states().await.into_iter().map(|(id, _)| id).collect();
         ids.sort();
         ids
+    }
+
+    /// A launch lifecycle hook `hook`: each instance the group launches waits in Pending:Wait
+    /// until the hook is completed (as an agent does once its release is healthy, see
+    /// [`Group::complete_launches`]) or `heartbeat_seconds` pass (AWS takes 30 to 7200:
+    /// https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html),
+    /// then `ABANDON`.
+    pub async fn hold_launches(&self, hook: &str, heartbeat_seconds: i32) {
+        self.asg
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(&self.name)
+            .lifecycle_hook_name(hook)
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(heartbeat_seconds)
+            .default_result("ABANDON")
+            .send()
+            .await
+            .expect("launch hook");
+    }
+
+    /// Complete the launch hook `hook` with `result` (`CONTINUE` or `ABANDON`) for every
+    /// instance waiting in Pending:Wait, as each one's agent would; returns their ids.
+    pub async fn complete_launches(&self, hook: &str, result: &str) -> Vec<String> {
+        let mut done = Vec::new();
+        for (id, state) in self.states().await {
+            if state != "Pending:Wait" {
+                continue;
+            }
+            self.asg
+                .complete_lifecycle_action()
+                .auto_scaling_group_name(&self.name)
+                .lifecycle_hook_name(hook)
+                .instance_id(&id)
+                .lifecycle_action_result(result)
+                .send()
+                .await
+                .expect("complete lifecycle action");
+            done.push(id);
+        }
+        done
+    }
+
+    /// The group's instance refreshes, newest first: (id, status).
+    pub async fn refreshes(&self) -> Vec<(String, String)> {
+        self.asg
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&self.name)
+            .send()
+            .await
+            .expect("describe instance refreshes")
+            .instance_refreshes()
+            .iter()
+            .map(|r| {
+                (
+                    r.instance_refresh_id().unwrap_or_default().to_owned(),
+                    r.status()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// Delete the group (and its instances) and its launch template; errors are ignored (a
