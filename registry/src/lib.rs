@@ -14,6 +14,10 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, WWW_AUTHENTICATE};
 use skiff_release::{Digest, EcrRegistry, ImageRef, Tag};
 
+mod oci;
+mod signatures;
+pub use signatures::CheckError;
+
 /// Every manifest type a tag may point at; the digest of whichever the registry holds is pinned.
 const ACCEPT_MANIFESTS: &str = "application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
@@ -69,6 +73,10 @@ pub enum RegistryError {
     EcrDenied { image: String, status: u16 },
     #[error("cannot use the registry CA {path}: {detail}; give a PEM certificate file")]
     Ca { path: String, detail: String },
+    #[error(
+        "the registry's answer for {image} is too large ({size} bytes, at most {max} are read); it is not what skiff stored there"
+    )]
+    TooLarge { image: String, size: u64, max: u64 },
 }
 
 /// Where a repository lives: registry host and the path within it.
