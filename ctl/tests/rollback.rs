@@ -1,12 +1,58 @@
 //! `ctl rollback` through the real binary and the same path as `ctl release`: the parameter
-//! and its history in moto's SSM, Auto Scaling scripted by the fake (moto has no instance
-//! refreshes). Each case checks the exit code and the parameter afterwards.
+//! and its history in moto's SSM, the instance refreshes in the emulator's Auto Scaling (a group
+//! of its own per case; a refresh fails as in AWS when a replacement's launch is abandoned by
+//! its lifecycle hook). Each case checks the exit code and the parameter afterwards.
 
 mod common;
 
-use common::fake_autoscaling::{FakeAutoScaling, Script};
+use std::time::Duration;
+
 use common::*;
 use skiff_release::Release;
+use skiff_testkit::emulator::Group;
+
+/// The launch hook the groups hold their replacements with.
+const HOOK: &str = "skiff-launch";
+
+/// A group of one instance whose replacements wait for the launch hook.
+async fn group(prefix: &str) -> Group {
+    let g = Group::create(&moto_sdk().await, &unique(prefix), 1, None).await;
+    g.hold_launches(HOOK, 300).await;
+    g
+}
+
+/// The instances' agents: every 300 ms (the emulator enforces Auto Scaling's request rate) the
+/// replacements waiting for the launch hook are answered: the first `abandon` of them with
+/// ABANDON (their release cannot start: the refresh fails), the rest with CONTINUE.
+fn agents(g: &Group, abandon: usize) -> tokio::task::JoinHandle<()> {
+    let g = g.clone();
+    tokio::spawn(async move {
+        let mut abandoned = 0;
+        loop {
+            let result = if abandoned < abandon {
+                "ABANDON"
+            } else {
+                "CONTINUE"
+            };
+            abandoned += g.complete_launches(HOOK, result).await.len();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// The `SkipMatching` preference of each refresh of the group, newest first.
+async fn skip_matching(g: &Group) -> Vec<Option<bool>> {
+    g.asg
+        .describe_instance_refreshes()
+        .auto_scaling_group_name(&g.name)
+        .send()
+        .await
+        .expect("describe instance refreshes")
+        .instance_refreshes()
+        .iter()
+        .map(|r| r.preferences().and_then(|p| p.skip_matching()))
+        .collect()
+}
 
 /// A release record whose digest is `c` repeated.
 fn record(tag: &str, c: char) -> String {
@@ -26,29 +72,29 @@ async fn seed(values: &[String]) -> (aws_sdk_ssm::Client, String) {
     (ssm, param)
 }
 
-/// `ctl rollback EXTRA...` with Auto Scaling answered by `fake`. The image is unreachable on
-/// purpose: a rollback pins a recorded digest and must not need the registry.
-fn rollback(fake: &FakeAutoScaling, param: &str, extra: &[&str]) -> std::process::Output {
+/// `ctl rollback EXTRA...` on group `g`. The image is unreachable on purpose: a rollback pins
+/// a recorded digest and must not need the registry.
+fn rollback(g: &Group, param: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "--parameter",
         param,
         "--asg",
-        "app-asg",
+        &g.name,
         "--image",
         "127.0.0.1:1/none/app",
         "rollback",
         "--released-by",
         "rollback-test",
         "--poll",
-        "10ms",
+        "200ms",
         "--timeout",
-        "30s",
+        "60s",
     ];
     args.extend_from_slice(extra);
-    ctl_env(&args, &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)])
+    ctl_env(&args, &[])
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_releases_the_chosen_record_from_the_history() {
     let cases: &[(&str, Vec<String>, &[&str], String)] = &[
         (
@@ -78,14 +124,24 @@ async fn rollback_releases_the_chosen_record_from_the_history() {
     ];
     for (name, history, extra, want) in cases {
         let (ssm, param) = seed(history).await;
-        let fake = FakeAutoScaling::start(Script {
-            before: Some("Successful"),
-            refreshes: vec![vec!["Pending", "InProgress", "Successful"]],
-            ..Script::default()
-        });
-        let out = rollback(&fake, &param, extra);
+        // The group's newest refresh before the rollback succeeded.
+        let g = group("rollback").await;
+        let answering = agents(&g, 0);
+        g.asg
+            .start_instance_refresh()
+            .auto_scaling_group_name(&g.name)
+            .send()
+            .await
+            .expect("earlier refresh");
+        while g.refreshes().await[0].1 != "Successful" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let out = tokio::task::block_in_place(|| rollback(&g, &param, extra));
         let value = read_param(&ssm, &param).await.expect("value");
         delete_param(&ssm, &param).await;
+        let (refreshes, skip) = (g.refreshes().await, skip_matching(&g).await);
+        answering.abort();
+        g.delete().await;
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{name}: {t}");
         let now = Release::parse(&value).expect("record");
@@ -97,29 +153,27 @@ async fn rollback_releases_the_chosen_record_from_the_history() {
         );
         assert_eq!(now.meta_str("released_by"), Some("rollback-test"), "{name}");
         assert!(now.meta_str("released_at").is_some(), "{name}");
-        let seen = fake.seen();
-        assert_eq!(seen.starts.len(), 1, "{name}: {:?}", seen.actions);
         assert_eq!(
-            seen.starts[0]
-                .get("Preferences.SkipMatching")
-                .map(String::as_str),
-            Some("false"),
-            "{name}: every instance is replaced"
+            refreshes.len(),
+            2,
+            "{name}: the earlier one and one: {refreshes:?}"
         );
+        assert_eq!(skip[0], Some(false), "{name}: every instance is replaced");
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_rollback_refresh_puts_the_current_record_back_and_exits_1() {
     let before = record("v2", 'b');
     let (ssm, param) = seed(&[record("v1", 'a'), before.clone()]).await;
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![vec!["InProgress", "Failed"], vec!["Successful"]],
-        ..Script::default()
-    });
-    let out = rollback(&fake, &param, &[]);
+    let g = group("rollfail").await;
+    let answering = agents(&g, 1);
+    let out = tokio::task::block_in_place(|| rollback(&g, &param, &[]));
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
+    let refreshes = g.refreshes().await;
+    answering.abort();
+    g.delete().await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("rolled back"), "{t}");
@@ -133,7 +187,7 @@ async fn a_failed_rollback_refresh_puts_the_current_record_back_and_exits_1() {
         "the record from before the rollback is back: {t}"
     );
     assert_eq!(now.meta_str("kind"), Some("compensation"), "{t}");
-    assert_eq!(fake.seen().starts.len(), 2, "{t}");
+    assert_eq!(refreshes.len(), 2, "{refreshes:?}\n{t}");
 }
 
 struct Refusal {
@@ -148,7 +202,7 @@ struct Refusal {
     needle: &'static str,
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
     let cases = [
         Refusal {
@@ -196,16 +250,23 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
         if let Some(l) = c.lock {
             put_parameter(&ssm, &lock, l).await;
         }
-        let fake = FakeAutoScaling::start(Script {
-            before: c.before,
-            refreshes: vec![vec!["Successful"]],
-            ..Script::default()
-        });
-        let out = rollback(&fake, &param, c.args);
+        // A refresh of the group's own, held by the launch hook no one answers.
+        let g = group("refusal").await;
+        if c.before.is_some() {
+            g.asg
+                .start_instance_refresh()
+                .auto_scaling_group_name(&g.name)
+                .send()
+                .await
+                .expect("running refresh");
+        }
+        let out = tokio::task::block_in_place(|| rollback(&g, &param, c.args));
         let value = read_param(&ssm, &param).await;
         let held = read_param(&ssm, &lock).await;
         delete_param(&ssm, &param).await;
         delete_param(&ssm, &lock).await;
+        let refreshes = g.refreshes().await;
+        g.delete().await;
         assert_eq!(held.as_deref(), c.lock, "{}: the lock is theirs", c.name);
         let (name, t) = (c.name, text(&out));
         assert_eq!(out.status.code(), Some(c.code), "{name}: {t}");
@@ -215,44 +276,46 @@ async fn rollback_refusals_exit_2_or_4_and_change_nothing() {
             c.history.last(),
             "{name}: parameter changed"
         );
-        assert_eq!(fake.seen().starts.len(), 0, "{name}");
+        assert_eq!(
+            refreshes.len(),
+            usize::from(c.before.is_some()),
+            "{name}: none started: {refreshes:?}"
+        );
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
     // v0 and v1 were good; v2's refresh fails and ctl puts v1 back: the history is
     // v0, v1, v2, v1. `ctl rollback` must go to v0, not to v2, which was rolled back.
     let (ssm, param) = seed(&[record("v0", 'a'), record("v1", 'b')]).await;
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![vec!["InProgress", "Failed"], vec!["Successful"]],
-        ..Script::default()
+    let g = group("compensated").await;
+    let answering = agents(&g, 1);
+    let failed = tokio::task::block_in_place(|| {
+        ctl_env(
+            &[
+                "--parameter",
+                &param,
+                "--asg",
+                &g.name,
+                "--image",
+                "127.0.0.1:1/none/app",
+                "release",
+                "--tag",
+                "v2",
+                "--skip-verify",
+                "--poll",
+                "200ms",
+            ],
+            &[],
+        )
     });
-    let failed = ctl_env(
-        &[
-            "--parameter",
-            &param,
-            "--asg",
-            "app-asg",
-            "--image",
-            "127.0.0.1:1/none/app",
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--poll",
-            "10ms",
-        ],
-        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
-    );
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![vec!["Successful"]],
-        ..Script::default()
-    });
-    let out = rollback(&fake, &param, &[]);
+    let out = tokio::task::block_in_place(|| rollback(&g, &param, &[]));
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
+    answering.abort();
+    g.delete().await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     let now = Release::parse(&value).expect("record");
@@ -261,22 +324,16 @@ async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
     assert_eq!(now.meta_str("kind"), Some("rollback"), "{t}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_by_someone_else_during_a_failing_release_is_not_overwritten() {
     let (ssm, param) = seed(&[record("v1", 'a')]).await;
-    let mut states = vec!["Pending"];
-    states.extend(std::iter::repeat_n("InProgress", 30));
-    states.push("Failed");
-    let fake = FakeAutoScaling::start(Script {
-        refreshes: vec![states, vec!["Successful"]],
-        ..Script::default()
-    });
+    let g = group("hotfix").await;
     let child = ctl_command(
         &[
             "--parameter",
             &param,
             "--asg",
-            "app-asg",
+            &g.name,
             "--image",
             "127.0.0.1:1/none/app",
             "release",
@@ -284,33 +341,48 @@ async fn a_write_by_someone_else_during_a_failing_release_is_not_overwritten() {
             "v2",
             "--skip-verify",
             "--poll",
-            "20ms",
+            "200ms",
         ],
-        &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
+        &[],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
     .expect("spawn");
-    // While the refresh runs (30 polls of 20 ms), someone releases a hotfix by hand.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while fake.seen().count("DescribeInstanceRefreshes") < 3 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", fake.seen());
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // While the refresh runs (its replacement waits for the launch hook), someone releases a
+    // hotfix by hand; then the replacement's launch is abandoned and the refresh fails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !g.states().await.iter().any(|(_, s)| s == "Pending:Wait") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            g.refreshes().await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let hotfix = record("hotfix", 'f');
     put_parameter(&ssm, &param, &hotfix).await;
-    let out = child.wait_with_output().expect("wait");
+    let during = g.refreshes().await;
+    let answering = agents(&g, 1);
+    let out = tokio::task::block_in_place(|| child.wait_with_output().expect("wait"));
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
+    let refreshes = g.refreshes().await;
+    answering.abort();
+    g.delete().await;
     let t = text(&out);
-    assert!(
-        fake.seen().count("DescribeInstanceRefreshes") > 30,
+    assert_eq!(
+        during.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
+        ["InProgress"],
         "the hotfix was written while the refresh ran: {t}"
     );
     assert_eq!(out.status.code(), Some(3), "{t}");
     assert!(t.contains("someone else changed the parameter"), "{t}");
     assert!(t.contains("hotfix"), "{t}");
     assert_eq!(value, hotfix, "not overwritten: {t}");
-    assert_eq!(fake.seen().starts.len(), 1, "no rollback refresh: {t}");
+    assert_eq!(
+        refreshes.len(),
+        1,
+        "no rollback refresh: {refreshes:?}\n{t}"
+    );
 }
