@@ -1,3 +1,6 @@
+//! Over 600 lines: the in-place decisions' tables (plans, verdicts, tags, retagging), one per
+//! decision of `inplace.rs`, which they sit beside.
+
 use super::*;
 
 const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";

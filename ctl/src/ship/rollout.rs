@@ -1,3 +1,6 @@
+//! Over 600 lines: one procedure (pull, batches, bake, late joiners, revert) whose steps share
+//! [`Run`] and the batch watch; its revert rules read best in one place.
+//!
 //! The in-place rollout, once the parameter holds the new release (see [`crate::inplace`]):
 //! pull on every instance to switch, then batch by batch switch, wait healthy, bake; late
 //! joiners last. A failure or the first signal reverts every switched instance and writes the
