@@ -32,6 +32,7 @@ pub mod progress;
 pub mod refresh;
 pub use skiff_registry as registry;
 pub mod ship;
+pub mod sign;
 pub mod signal;
 pub mod status;
 pub mod store;

@@ -1,0 +1,113 @@
+//! `ctl sign` as Jenkins runs it, against the real anonymous registry (:5000): a key file from
+//! `openssl genpkey`, the tag resolved to its digest, the signature pushed and then verified by
+//! the registry client as a host would; a key file that is not a private key is refused (exit 2)
+//! and pushes nothing.
+
+mod common;
+
+use std::process::Command;
+
+use common::unique;
+use skiff_ctl::registry::{CheckError, DigestResolver, HttpRegistry};
+use skiff_signature::{FileKey, MANIFEST_MEDIA_TYPE, SignatureError, blob_digest};
+
+fn ctl(image: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ctl"))
+        .arg("--image")
+        .arg(image)
+        .args(args)
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("SKIFF_STACK")
+        .output()
+        .expect("run ctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn sign_by_tag_with_a_key_file() {
+    let dir = std::env::temp_dir().join(unique("skiff-sign-cli-keys"));
+    std::fs::create_dir_all(&dir).expect("key dir");
+    let key_path = dir.join("signing.pem");
+    let status = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&key_path)
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let key = FileKey::from_pem(&std::fs::read_to_string(&key_path).expect("key")).expect("key");
+
+    let r = HttpRegistry::new(None).expect("client");
+    let repo = format!("127.0.0.1:5000/{}/app", unique("skiff-sign-cli"));
+    let config = b"{}";
+    r.put_blob(&repo, &blob_digest(config), config)
+        .await
+        .expect("blob");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
+                   "digest": blob_digest(config)},
+        "layers": [],
+    }))
+    .expect("json");
+    r.put_manifest(&repo, "v1", MANIFEST_MEDIA_TYPE, &manifest)
+        .await
+        .expect("image");
+    let digest = r
+        .resolve(&repo, &"v1".parse().expect("tag"))
+        .await
+        .expect("digest");
+
+    // Not a private key: refused before anything is pushed.
+    let public = dir.join("public.pem");
+    std::fs::write(&public, key.public().to_pem()).expect("write");
+    let (code, text) = ctl(
+        &repo,
+        &[
+            "sign",
+            "--tag",
+            "v1",
+            "--key-file",
+            public.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("PKCS#8"), "{text}");
+    match r.check_signature(&repo, &digest, &[key.public()]).await {
+        Err(CheckError::Refused(SignatureError::Unsigned { .. })) => {}
+        other => panic!("nothing may be pushed: {other:?}"),
+    }
+
+    let (code, text) = ctl(
+        &repo,
+        &[
+            "sign",
+            "--tag",
+            "v1",
+            "--key-file",
+            key_path.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&key.public().id()) && text.contains(digest.as_str()),
+        "{text}"
+    );
+    let signed = r
+        .check_signature(&repo, &digest, &[key.public()])
+        .await
+        .expect("signed");
+    assert_eq!(signed.key_id, key.public().id());
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
