@@ -224,6 +224,17 @@ push: ## push $(IMAGE):$(HASH) and :$(ENV) (to this account's ECR unless REGISTR
 	  docker push -q "$$remote:$$tag"; \
 	done
 
+.PHONY: sign
+sign: ## sign $(HASH)'s digest with SIGNING_KEY (PEM P-256 key file): ctl --stack $(STACK) sign (cosign's format)
+	@$(need_branch)
+	@if [ -z "$(SIGNING_KEY)" ]; then \
+	  $(say) "no signing key: pass SIGNING_KEY=<PEM PKCS#8 P-256 key file> (Jenkins: the skiff-signing-key file credential)" >&2; exit 1; fi
+	@if [ ! -x "$(CTL)" ] && ! command -v "$(CTL)" >/dev/null 2>&1; then \
+	  $(say) "no ctl at $(CTL): build it (cargo build --release -p skiff-ctl) or pass CTL=<path>" >&2; exit 1; fi
+	@# The repository comes from SKIFF_IMAGE when set, else the stack's ImageRepository output;
+	@# ctl asks ECR for its own token (ecr:GetAuthorizationToken, push rights on the repository).
+	$(CTL) --stack $(STACK) sign --tag $(HASH) --key-file "$(SIGNING_KEY)"
+
 .PHONY: test
 test: ## run the whole test suite (.ci/test.sh)
 	@$(say) "running .ci/test.sh"
