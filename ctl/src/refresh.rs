@@ -202,6 +202,38 @@ pub enum RefreshError {
         "cannot read the scaling activities of group {asg} ({detail}); check autoscaling:DescribeScalingActivities rights"
     )]
     Activities { asg: String, detail: String },
+    #[error("cannot refresh group {asg} within the load balancer's target quota: {detail}")]
+    TargetQuota { asg: String, detail: String },
+}
+
+/// Targets one target group takes (and one Application Load Balancer over all its target
+/// groups): https://docs.aws.amazon.com/elasticloadbalancing/latest/application/load-balancer-limits.html
+pub const TARGETS_PER_TARGET_GROUP: i32 = 1000;
+
+/// The MaxHealthyPercentage a refresh of a group of `desired` instances in a target group may
+/// use so that the instances it keeps and those it launches fit [`TARGETS_PER_TARGET_GROUP`]:
+/// `max` when it fits, lower when not, an error saying what to pass when nothing is left above
+/// `min` (a 1,000-instance group at 100 % / 200 % would register 2,000 targets and every launch
+/// past the quota fails). Targets other groups put in the same target group or load balancer are
+/// not counted: the quota is the group's alone here. Pure.
+pub fn max_healthy_within_targets(desired: i32, min: i32, max: i32) -> Result<i32, String> {
+    if desired <= 0 {
+        return Ok(max);
+    }
+    if desired > TARGETS_PER_TARGET_GROUP {
+        return Err(format!(
+            "its {desired} instances are more than the {TARGETS_PER_TARGET_GROUP} targets one target group takes; split the group"
+        ));
+    }
+    let fit = (TARGETS_PER_TARGET_GROUP * 100 / desired).min(200);
+    let allowed = max.min(fit);
+    if allowed <= min {
+        return Err(format!(
+            "{desired} instances may be at most {allowed} % of the group at once ({TARGETS_PER_TARGET_GROUP} targets), which leaves no room above --min-healthy {min}: pass --min-healthy {} or lower (terminate-first batches), or release with --strategy in-place",
+            allowed.saturating_sub(10).max(0)
+        ));
+    }
+    Ok(allowed)
 }
 
 /// [`InstanceRefresher`] over the Auto Scaling API.
@@ -217,6 +249,50 @@ impl AsgRefresher {
             client,
             asg: asg.into(),
         }
+    }
+}
+
+impl AsgRefresher {
+    /// `plan.max_healthy`, lowered to what the group's target group takes
+    /// ([`max_healthy_within_targets`]); the plan's own when the group cannot be read (the
+    /// refresh then fails on its launches, as it would without this check) or has no target
+    /// group.
+    async fn max_healthy_for_targets(&self, plan: &RefreshPlan) -> Result<i32, RefreshError> {
+        let group = match self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.asg)
+            .send()
+            .await
+        {
+            Ok(out) => out.auto_scaling_groups().first().cloned(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read group {} to size the refresh to the target quota ({}); starting with --max-healthy {}",
+                    self.asg,
+                    aws::describe(&e),
+                    plan.max_healthy
+                );
+                None
+            }
+        };
+        let Some(g) = group.filter(|g| !g.target_group_arns().is_empty()) else {
+            return Ok(plan.max_healthy);
+        };
+        let desired = g.desired_capacity().unwrap_or(0);
+        let allowed = max_healthy_within_targets(desired, plan.min_healthy, plan.max_healthy)
+            .map_err(|detail| RefreshError::TargetQuota {
+                asg: self.asg.clone(),
+                detail,
+            })?;
+        if allowed < plan.max_healthy {
+            tracing::warn!(
+                "group {}: {desired} instances at --max-healthy {} would pass the {TARGETS_PER_TARGET_GROUP}-target quota; refreshing with {allowed} %",
+                self.asg,
+                plan.max_healthy
+            );
+        }
+        Ok(allowed)
     }
 }
 
@@ -237,10 +313,11 @@ impl InstanceRefresher for AsgRefresher {
     }
 
     async fn start(&self, plan: &RefreshPlan) -> Result<String, RefreshError> {
+        let max_healthy = self.max_healthy_for_targets(plan).await?;
         let mut prefs = RefreshPreferences::builder()
             .skip_matching(false)
             .min_healthy_percentage(plan.min_healthy)
-            .max_healthy_percentage(plan.max_healthy)
+            .max_healthy_percentage(max_healthy)
             .instance_warmup(secs(plan.warmup));
         if !plan.checkpoints.is_empty() {
             prefs = prefs.set_checkpoint_percentages(Some(plan.checkpoints.clone()));
@@ -475,6 +552,29 @@ pub async fn follow<R: InstanceRefresher>(
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn max_healthy_fits_the_target_quota() {
+        let tooth = |r: Result<i32, String>| r.map_err(|e| e.split(':').next().map(str::to_owned));
+        for (desired, min, max, want) in [
+            (0, 100, 200, Ok(200)),
+            (6, 100, 200, Ok(200)),
+            (500, 100, 200, Ok(200)),
+            (600, 100, 200, Ok(166)),
+            (600, 100, 150, Ok(150)),
+            (1000, 90, 200, Ok(100)),
+            (1000, 100, 200, Err(Some("1000 instances may be at most 100 % of the group at once (1000 targets), which leaves no room above --min-healthy 100".to_owned()))),
+            (1001, 90, 200, Err(Some("its 1001 instances are more than the 1000 targets one target group takes; split the group".to_owned()))),
+        ] {
+            assert_eq!(
+                tooth(max_healthy_within_targets(desired, min, max)),
+                want,
+                "{desired} instances, {min}/{max}"
+            );
+        }
+        let advice = max_healthy_within_targets(1000, 100, 200).expect_err("no room");
+        assert!(advice.contains("--min-healthy 90 or lower"), "{advice}");
+    }
 
     #[test]
     fn judge_table() {

@@ -129,8 +129,13 @@ fn autoscaling(script: Script) -> (aws_sdk_autoscaling::Client, Arc<Mutex<Seen>>
     );
     let activities = mock!(aws_sdk_autoscaling::Client::describe_scaling_activities)
         .then_output(|| DescribeScalingActivitiesOutput::builder().build());
+    // The refresh reads the group to size MaxHealthy to the target quota: none here.
+    let group = mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_groups).then_output(|| {
+        aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsOutput::builder()
+            .build()
+    });
     (
-        mocked_autoscaling(&[&describe, &start, &cancel, &activities]),
+        mocked_autoscaling(&[&describe, &start, &cancel, &activities, &group]),
         seen,
     )
 }
