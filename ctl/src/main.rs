@@ -192,6 +192,27 @@ one stream per release, named <instance>/<tag>, and its agent's own lines in <in
         after_help = "Examples:\n  ctl completions bash > /etc/bash_completion.d/ctl\n  ctl completions zsh > ~/.zfunc/_ctl"
     )]
     Completions { shell: clap_complete::Shell },
+    /// Sign an image digest (cosign's format, key file) and push the signature beside it.
+    #[command(after_help = "Examples:
+  ctl --stack app-master sign --tag 3f2c1ab --key-file \"$SKIFF_SIGNING_KEY\"
+  ctl --image 127.0.0.1:5000/skiff/app sign --digest sha256:... --key-file signing.pem
+
+The key file is a PEM PKCS#8 P-256 private key (openssl genpkey -algorithm EC -pkeyopt
+ec_paramgen_curve:P-256); the signature is read back and checked with its public key.")]
+    Sign {
+        /// The tag to sign (resolved to its digest now).
+        #[arg(long, value_parser = parse_tag, conflicts_with = "digest", required_unless_present = "digest")]
+        tag: Option<Tag>,
+        /// The digest to sign.
+        #[arg(long)]
+        digest: Option<String>,
+        /// The private key (PEM PKCS#8, P-256).
+        #[arg(long, env = "SKIFF_SIGNING_KEY")]
+        key_file: std::path::PathBuf,
+        /// Registry user (basic auth or token service); password from SKIFF_REGISTRY_PASSWORD.
+        #[arg(long, env = "SKIFF_REGISTRY_USER")]
+        registry_user: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -429,6 +450,12 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             logs_cmd(g, log_group, filter, since, follow, poll).await
         }
         Command::Status => status_cmd(g, &connect(g).await?).await,
+        Command::Sign {
+            tag,
+            digest,
+            key_file,
+            registry_user,
+        } => sign_cmd(g, tag, digest, &key_file, registry_user).await,
         Command::History { limit } => {
             let c = connect(g).await?;
             let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
@@ -444,6 +471,53 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::Success)
         }
     }
+}
+
+/// `ctl sign`: the repository from --image, else the stack; see skiff_ctl::sign.
+async fn sign_cmd(
+    g: &Global,
+    tag: Option<Tag>,
+    digest: Option<String>,
+    key_file: &std::path::Path,
+    registry_user: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use skiff_ctl::sign::{self, Subject};
+    let subject = match (tag, digest) {
+        (Some(t), _) => Subject::Tag(t),
+        (None, Some(d)) => Subject::Digest(d.parse().map_err(|e| exit(ExitCode::Refused, e))?),
+        (None, None) => return Err(exit(ExitCode::Refused, "give --tag or --digest")),
+    };
+    let pem = std::fs::read_to_string(key_file).map_err(|e| {
+        exit(
+            ExitCode::Refused,
+            format!("cannot read the key file {}: {e}", key_file.display()),
+        )
+    })?;
+    let key = skiff_signature::FileKey::from_pem(&pem).map_err(|e| exit(ExitCode::Refused, e))?;
+    let sdk = skiff_ctl::aws::sdk_config(g.region.as_deref(), g.profile.as_deref()).await;
+    let repository = match &g.image {
+        Some(image) => image.clone(),
+        None => connect(g).await?.deployment.image.clone(),
+    };
+    let creds = registry_user.map(|user| Credentials {
+        user,
+        password: std::env::var("SKIFF_REGISTRY_PASSWORD").unwrap_or_default(),
+    });
+    let registry = HttpRegistry::new(creds)
+        .context("cannot set up the HTTP client")?
+        .with_ecr_tokens(sdk);
+    let signed = sign::sign(&registry, &repository, subject, &key)
+        .await
+        .map_err(|e| exit(ExitCode::Refused, e))?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&signed)?);
+    } else {
+        println!(
+            "signed {} with key {} ({})",
+            signed.image, signed.key_id, signed.signature_tag
+        );
+    }
+    Ok(ExitCode::Success)
 }
 
 /// `ctl logs`: only the log group is needed, not the release parameter nor the group.
