@@ -21,25 +21,6 @@ async fn group(prefix: &str) -> Group {
     g
 }
 
-/// The instances' agents: every 300 ms (the emulator enforces Auto Scaling's request rate) the
-/// replacements waiting for the launch hook are answered: the first `abandon` of them with
-/// ABANDON (their release cannot start: the refresh fails), the rest with CONTINUE.
-fn agents(g: &Group, abandon: usize) -> tokio::task::JoinHandle<()> {
-    let g = g.clone();
-    tokio::spawn(async move {
-        let mut abandoned = 0;
-        loop {
-            let result = if abandoned < abandon {
-                "ABANDON"
-            } else {
-                "CONTINUE"
-            };
-            abandoned += g.complete_launches(HOOK, result).await.len();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-}
-
 /// The `SkipMatching` preference of each refresh of the group, newest first.
 async fn skip_matching(g: &Group) -> Vec<Option<bool>> {
     g.asg
@@ -126,7 +107,7 @@ async fn rollback_releases_the_chosen_record_from_the_history() {
         let (ssm, param) = seed(history).await;
         // The group's newest refresh before the rollback succeeded.
         let g = group("rollback").await;
-        let answering = agents(&g, 0);
+        let answering = g.stand_in_agents(HOOK, 0);
         g.asg
             .start_instance_refresh()
             .auto_scaling_group_name(&g.name)
@@ -167,7 +148,7 @@ async fn a_failed_rollback_refresh_puts_the_current_record_back_and_exits_1() {
     let before = record("v2", 'b');
     let (ssm, param) = seed(&[record("v1", 'a'), before.clone()]).await;
     let g = group("rollfail").await;
-    let answering = agents(&g, 1);
+    let answering = g.stand_in_agents(HOOK, 1);
     let out = tokio::task::block_in_place(|| rollback(&g, &param, &[]));
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
@@ -290,7 +271,7 @@ async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
     // v0, v1, v2, v1. `ctl rollback` must go to v0, not to v2, which was rolled back.
     let (ssm, param) = seed(&[record("v0", 'a'), record("v1", 'b')]).await;
     let g = group("compensated").await;
-    let answering = agents(&g, 1);
+    let answering = g.stand_in_agents(HOOK, 1);
     let failed = tokio::task::block_in_place(|| {
         ctl_env(
             &[
@@ -363,7 +344,7 @@ async fn a_write_by_someone_else_during_a_failing_release_is_not_overwritten() {
     let hotfix = record("hotfix", 'f');
     put_parameter(&ssm, &param, &hotfix).await;
     let during = g.refreshes().await;
-    let answering = agents(&g, 1);
+    let answering = g.stand_in_agents(HOOK, 1);
     let out = tokio::task::block_in_place(|| child.wait_with_output().expect("wait"));
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;

@@ -201,6 +201,26 @@ impl Group {
         done
     }
 
+    /// Stand-in agents for the group's instances: every 300 ms (the emulator enforces Auto
+    /// Scaling's request rate) the instances waiting for launch hook `hook` are answered, the
+    /// first `abandon` of them with ABANDON (their release could not start: a refresh fails),
+    /// the rest with CONTINUE. Abort the task to stop them.
+    pub fn stand_in_agents(&self, hook: &str, abandon: usize) -> tokio::task::JoinHandle<()> {
+        let (g, hook) = (self.clone(), hook.to_owned());
+        tokio::spawn(async move {
+            let mut abandoned = 0;
+            loop {
+                let result = if abandoned < abandon {
+                    "ABANDON"
+                } else {
+                    "CONTINUE"
+                };
+                abandoned += g.complete_launches(&hook, result).await.len();
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        })
+    }
+
     /// The group's instance refreshes, newest first: (id, status).
     pub async fn refreshes(&self) -> Vec<(String, String)> {
         self.asg

@@ -1,11 +1,14 @@
-//! A scripted Auto Scaling endpoint for the real `ctl` binary. moto implements no instance
-//! refreshes, and `aws-smithy-mocks` reaches only clients built inside the test process, so the
-//! binary is pointed here with `AWS_ENDPOINT_URL_AUTO_SCALING` while SSM and EC2 stay on moto.
-//! It speaks just enough of the Auto Scaling query protocol (form body in, XML out) for
-//! DescribeInstanceRefreshes, StartInstanceRefresh, CancelInstanceRefresh,
-//! DescribeScalingActivities and DescribeAutoScalingGroups, one request per connection. Like Auto Scaling, it runs one refresh
-//! at a time: StartInstanceRefresh fails with InstanceRefreshInProgress while the newest refresh
-//! is active.
+//! A scripted Auto Scaling endpoint for the real `ctl` binary, kept only for what the emulator
+//! (testbed/emulator, whose instance refreshes the lock, rollback and first SIGTERM tests use)
+//! cannot be made to do on cue: a cancel that stays Cancelling, an API outage after N answers,
+//! and an abandoned launch reported in the scaling activities while the refresh still says
+//! InProgress (see `signals.rs`). `aws-smithy-mocks` reaches only clients built inside the test
+//! process, so the binary is pointed here with `AWS_ENDPOINT_URL_AUTO_SCALING` while SSM and EC2
+//! stay on the emulator. It speaks just enough of the Auto Scaling query protocol (form body
+//! in, XML out) for DescribeInstanceRefreshes, StartInstanceRefresh, CancelInstanceRefresh,
+//! DescribeScalingActivities and DescribeAutoScalingGroups, one request per connection. Like
+//! Auto Scaling, it runs one refresh at a time: StartInstanceRefresh fails with
+//! InstanceRefreshInProgress while the newest refresh is active.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
