@@ -5,26 +5,12 @@
 
 use std::future::Future;
 
-use serde::Serialize;
 use skiff_release::Release;
 
-/// What a coordinated rollout asks of this host now (instance tags `skiff:target` and
-/// `skiff:pull`, written by ctl). Absent = nothing asked.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Instructions {
-    /// The release this host must run now.
-    pub target: Option<Release>,
-    /// A release to pull ahead of its switch, without running it.
-    pub pull: Option<Release>,
-}
-
-/// What this host answered before (instance tags `skiff:pulled` and `skiff:failed`): read once
-/// at start so a restarted agent neither repeats a pull nor retries a release that failed here.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Answers {
-    pub pulled: Option<Release>,
-    pub failed: Option<Release>,
-}
+/// The protocol's instructions and answers live in the contract crate; the agent reads its
+/// earlier answers once at start so a restarted agent neither repeats a pull nor retries a
+/// release that failed here.
+pub use skiff_release::instance_tags::{Answers, Instructions};
 
 /// What the fleet is told about this host, and what it asks of it.
 pub trait Fleet: Send + Sync + 'static {

@@ -159,17 +159,9 @@ pub fn pull_wanted(s: &PullSituation<'_>) -> Option<Release> {
     (!answered && !failed && !s.waiting && !s.terminating).then(|| p.clone())
 }
 
-/// Whether new instructions make the host forget that `failed` failed here: an instruction
-/// (target or pull) names another release. Called only when the instructions change, so a
-/// release that fails again under unchanged instructions stays failed (no retry loop); ctl's
-/// revert (the target back on the previous release) thus lets a later rollout of the same
-/// release try again, and ctl clears a failed pull by pointing the pull elsewhere first.
-pub fn forgets_failure(failed: &Release, now: &crate::fleet::Instructions) -> bool {
-    [now.target.as_ref(), now.pull.as_ref()]
-        .into_iter()
-        .flatten()
-        .any(|r| !r.same_version(failed))
-}
+/// Whether new instructions make the host forget that `failed` failed here: the protocol's
+/// rule, kept in the contract crate so ctl and the agent read it in one place.
+pub use skiff_release::instance_tags::forgets_failure;
 
 fn restart_if_stopped(c: &Current) -> Action {
     if c.running {

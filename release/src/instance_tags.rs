@@ -40,6 +40,45 @@ pub fn decode(value: &str) -> Result<Release, ReleaseError> {
     }
 }
 
+/// Whether tag value `value` names `release` (same tag and digest). An absent, empty
+/// (withdrawn) or malformed value names none. ctl's verdicts read the agents' answers with it.
+pub fn names(value: Option<&str>, release: &Release) -> bool {
+    value
+        .and_then(|v| decode(v).ok())
+        .is_some_and(|r| r.tag == release.tag && r.digest == release.digest)
+}
+
+/// What a coordinated rollout asks of a host now ([`TARGET`] and [`PULL`], written by ctl).
+/// Absent = nothing asked.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Instructions {
+    /// The release this host must run now.
+    pub target: Option<Release>,
+    /// A release to pull ahead of its switch, without running it.
+    pub pull: Option<Release>,
+}
+
+/// What a host answered ([`PULLED`] and [`FAILED`], written by the agent). An answer is
+/// withdrawn by setting its tag empty (the instance role may not delete tags), and every
+/// reader takes an empty value as none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answers {
+    pub pulled: Option<Release>,
+    pub failed: Option<Release>,
+}
+
+/// The agent's rule for forgetting that `failed` failed on its host, which ctl relies on: new
+/// instructions (target or pull) name another release. Applied only when the instructions
+/// change, so a release that fails again under unchanged instructions stays failed (no retry
+/// loop); ctl's revert (the target back on the previous release) lets a later rollout of the
+/// same release try again, and ctl clears a failed pull by pointing the pull elsewhere first.
+pub fn forgets_failure(failed: &Release, now: &Instructions) -> bool {
+    [now.target.as_ref(), now.pull.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|r| !r.same_version(failed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

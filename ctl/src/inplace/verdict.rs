@@ -4,12 +4,8 @@
 
 use super::*;
 
-/// Whether tag value `value` names `release` (same tag and digest). Pure.
-pub fn names(value: Option<&str>, release: &Release) -> bool {
-    value
-        .and_then(|v| instance_tags::decode(v).ok())
-        .is_some_and(|r| r.tag == release.tag && r.digest == release.digest)
-}
+/// Whether tag value `value` names `release`: the protocol's reading, in the contract crate.
+pub use skiff_release::instance_tags::names;
 
 /// Whether `host`'s agent reports `release` running healthy. Pure.
 pub fn runs(host: &Host, release: &Release) -> bool {
