@@ -196,9 +196,12 @@ one stream per release, named <instance>/<tag>, and its agent's own lines in <in
     #[command(after_help = "Examples:
   ctl --stack app-master sign --tag 3f2c1ab --key-file \"$SKIFF_SIGNING_KEY\"
   ctl --image 127.0.0.1:5000/skiff/app sign --digest sha256:... --key-file signing.pem
+  ctl --stack app-master sign --tag 3f2c1ab --kms-key alias/skiff-signing --public-key signing.pub
 
 The key file is a PEM PKCS#8 P-256 private key (openssl genpkey -algorithm EC -pkeyopt
-ec_paramgen_curve:P-256); the signature is read back and checked with its public key.")]
+ec_paramgen_curve:P-256); a KMS key is an ECC_NIST_P256 SIGN_VERIFY key, of which ctl calls
+kms:Sign only (with the payload's SHA-256 as a DIGEST). The signature is read back and checked
+with the public key.")]
     Sign {
         /// The tag to sign (resolved to its digest now).
         #[arg(long, value_parser = parse_tag, conflicts_with = "digest", required_unless_present = "digest")]
@@ -207,8 +210,14 @@ ec_paramgen_curve:P-256); the signature is read back and checked with its public
         #[arg(long)]
         digest: Option<String>,
         /// The private key (PEM PKCS#8, P-256).
-        #[arg(long, env = "SKIFF_SIGNING_KEY")]
-        key_file: std::path::PathBuf,
+        #[arg(long, env = "SKIFF_SIGNING_KEY", required_unless_present = "kms_key")]
+        key_file: Option<std::path::PathBuf>,
+        /// Sign with this asymmetric KMS key (id, ARN or alias; ECC_NIST_P256) instead.
+        #[arg(long, conflicts_with = "key_file", requires = "public_key")]
+        kms_key: Option<String>,
+        /// The KMS key's public key (PEM), to check the signature read back (kms:Sign only).
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
         /// Registry user (basic auth or token service); password from SKIFF_REGISTRY_PASSWORD.
         #[arg(long, env = "SKIFF_REGISTRY_USER")]
         registry_user: Option<String>,
@@ -454,8 +463,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             tag,
             digest,
             key_file,
+            kms_key,
+            public_key,
             registry_user,
-        } => sign_cmd(g, tag, digest, &key_file, registry_user).await,
+        } => sign_cmd(g, tag, digest, (key_file, kms_key, public_key), registry_user).await,
         Command::History { limit } => {
             let c = connect(g).await?;
             let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
@@ -478,23 +489,43 @@ async fn sign_cmd(
     g: &Global,
     tag: Option<Tag>,
     digest: Option<String>,
-    key_file: &std::path::Path,
+    (key_file, kms_key, public_key): (
+        Option<std::path::PathBuf>,
+        Option<String>,
+        Option<std::path::PathBuf>,
+    ),
     registry_user: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    use skiff_ctl::sign::{self, Subject};
+    use skiff_ctl::sign::{self, Signer, Subject};
     let subject = match (tag, digest) {
         (Some(t), _) => Subject::Tag(t),
         (None, Some(d)) => Subject::Digest(d.parse().map_err(|e| exit(ExitCode::Refused, e))?),
         (None, None) => return Err(exit(ExitCode::Refused, "give --tag or --digest")),
     };
-    let pem = std::fs::read_to_string(key_file).map_err(|e| {
-        exit(
-            ExitCode::Refused,
-            format!("cannot read the key file {}: {e}", key_file.display()),
-        )
-    })?;
-    let key = skiff_signature::FileKey::from_pem(&pem).map_err(|e| exit(ExitCode::Refused, e))?;
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            exit(ExitCode::Refused, format!("cannot read {}: {e}", path.display()))
+        })
+    };
     let sdk = skiff_ctl::aws::sdk_config(g.region.as_deref(), g.profile.as_deref()).await;
+    let signer = match (key_file, kms_key, public_key) {
+        (_, Some(key_id), Some(public)) => Signer::Kms {
+            client: aws_sdk_kms::Client::new(&sdk),
+            key_id,
+            public: skiff_signature::TrustedKey::from_pem(&read(&public)?)
+                .map_err(|e| exit(ExitCode::Refused, e))?,
+        },
+        (Some(file), None, _) => Signer::File(
+            skiff_signature::FileKey::from_pem(&read(&file)?)
+                .map_err(|e| exit(ExitCode::Refused, e))?,
+        ),
+        _ => {
+            return Err(exit(
+                ExitCode::Refused,
+                "give --key-file, or --kms-key with --public-key",
+            ));
+        }
+    };
     let repository = match &g.image {
         Some(image) => image.clone(),
         None => connect(g).await?.deployment.image.clone(),
@@ -506,7 +537,7 @@ async fn sign_cmd(
     let registry = HttpRegistry::new(creds)
         .context("cannot set up the HTTP client")?
         .with_ecr_tokens(sdk);
-    let signed = sign::sign(&registry, &repository, subject, &key)
+    let signed = sign::sign(&registry, &repository, subject, &signer)
         .await
         .map_err(|e| exit(ExitCode::Refused, e))?;
     if g.json {
