@@ -139,6 +139,27 @@ def tag_part(value):
     return value.split("@")[0] if value else None
 
 
+def agent_answers(iid, key):
+    """The values the instance's agent says it wrote to tag `key` ("answered on the instance
+    tags" in its JSON log), in order. The watch samples tags every 0.5 s and can miss an answer
+    the agent withdraws within a second (a failure forgotten once ctl reverted the target); the
+    agent's own log cannot."""
+    try:
+        with open(os.path.join(settings.STATE, "hosts", iid, "agent.log")) as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    said = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("message") == "answered on the instance tags" and e.get("key") == key:
+            said.append(e.get("value", ""))
+    return said
+
+
 def host_ip(iid):
     try:
         with open(os.path.join(settings.RUN_DIR, "hosts", iid, "address")) as f:
