@@ -29,6 +29,8 @@ pkgs=(docker.io busybox-static docker-registry debootstrap apache2-utils curl pr
 [ "$mode" = dev ] || pkgs+=(openssl haproxy wrk mariadb-server jq packer python3-venv iproute2 systemd)
 # The lint step's shell linter (testbed/checks/lint.sh; ruff comes from PyPI, below).
 [ "$mode" = dev ] || pkgs+=(shellcheck)
+# The signature crate's interop test builds sigstore-rs with its OpenSSL backend (openssl-sys).
+[ "$mode" = dev ] || pkgs+=(libssl-dev)
 # The agent metrics test starts a Prometheus of its own (never the package's service).
 [ "$mode" = dev ] || pkgs+=(prometheus)
 missing=()
