@@ -466,7 +466,16 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             kms_key,
             public_key,
             registry_user,
-        } => sign_cmd(g, tag, digest, (key_file, kms_key, public_key), registry_user).await,
+        } => {
+            sign_cmd(
+                g,
+                tag,
+                digest,
+                (key_file, kms_key, public_key),
+                registry_user,
+            )
+            .await
+        }
         Command::History { limit } => {
             let c = connect(g).await?;
             let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
@@ -504,7 +513,10 @@ async fn sign_cmd(
     };
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path).map_err(|e| {
-            exit(ExitCode::Refused, format!("cannot read {}: {e}", path.display()))
+            exit(
+                ExitCode::Refused,
+                format!("cannot read {}: {e}", path.display()),
+            )
         })
     };
     let sdk = skiff_ctl::aws::sdk_config(g.region.as_deref(), g.profile.as_deref()).await;
