@@ -100,15 +100,19 @@ pub async fn read(
     ec2: &aws_sdk_ec2::Client,
     asg: &str,
 ) -> Result<Group, GroupError> {
-    let out = autoscaling
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(asg)
-        .send()
-        .await
-        .map_err(|e| GroupError::DescribeGroup {
-            asg: asg.to_owned(),
-            detail: aws::describe(&e),
-        })?;
+    // Throttled like a write, retried like one (aws::write): many ctl runs and agents share
+    // the account's Auto Scaling bucket, and one throttled read must not fail a release.
+    let out = aws::write(|| {
+        autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(asg)
+            .send()
+    })
+    .await
+    .map_err(|e| GroupError::DescribeGroup {
+        asg: asg.to_owned(),
+        detail: aws::describe(&e),
+    })?;
     let group = out
         .auto_scaling_groups()
         .first()

@@ -19,16 +19,18 @@ pub struct AwsHosts {
 impl AwsHosts {
     /// The group, as DescribeAutoScalingGroups tells it (instances, suspended processes, tags).
     async fn group(&self) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, InPlaceError> {
-        let out = self
-            .autoscaling
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.asg)
-            .send()
-            .await
-            .map_err(|e| InPlaceError::DescribeGroup {
-                asg: self.asg.clone(),
-                detail: aws::describe(&e),
-            })?;
+        // A throttled read is retried as a write is (aws::write): the account's bucket is shared.
+        let out = aws::write(|| {
+            self.autoscaling
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(&self.asg)
+                .send()
+        })
+        .await
+        .map_err(|e| InPlaceError::DescribeGroup {
+            asg: self.asg.clone(),
+            detail: aws::describe(&e),
+        })?;
         out.auto_scaling_groups()
             .first()
             .cloned()
