@@ -1,4 +1,7 @@
-"""The app's tests (stdlib unittest): configuration, migrations (also several migrators at once,
+"""Over 600 lines: one test module for one small app, each test short; split by endpoint it
+would repeat the database set-up.
+
+The app's tests (stdlib unittest): configuration, migrations (also several migrators at once,
 in threads and in processes), the endpoints, liveness and readiness, and TLS to MySQL.
 
 Runs against sqlite files in a temporary directory, or against MySQL/MariaDB when

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Create, update and delete the skiff stacks (app.yaml, database.yaml) in moto, and check them.
+"""Over 600 lines: one test of two templates whose resources refer to each other (stack
+outputs, roles, rules); the checks read one created stack.
+
+Create, update and delete the skiff stacks (app.yaml, database.yaml) in moto, and check them.
 
 Run by templates/test.sh with the venv that has moto's client side (boto3, PyYAML). Talks to the
 moto server at $MOTO_ENDPOINT (default http://127.0.0.1:5055) with dummy credentials in

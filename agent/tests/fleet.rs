@@ -1,3 +1,6 @@
+//! Over 600 lines: the tag protocol and the lifecycle hook against one emulator and IMDS
+//! stand-in, each case a short test over the shared set-up.
+//!
 //! AwsFleet: the instance tag against moto's EC2 with a fake IMDSv2 on loopback (which also
 //! serves the group name as an instance tag); the lifecycle hook with aws-smithy-mocks (moto does
 //! not implement CompleteLifecycleAction), its retries with paused time.

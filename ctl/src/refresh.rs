@@ -1,3 +1,6 @@
+//! Over 600 lines: about half is the pure decision's tables (what a refresh state means for a
+//! release) beside the adapter they check; splitting them would separate rule from cases.
+//!
 //! Instance refreshes of the Auto Scaling Group: start, observe, cancel, and the pure decision
 //! of what a refresh's state means for a release in progress. A running refresh is also the
 //! deploy lock: it ends by itself, so the lock cannot go stale.

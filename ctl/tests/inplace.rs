@@ -1,3 +1,6 @@
+//! Over 600 lines: each scenario needs the whole release end to end with the fake agent beside
+//! it; the scenarios share that agent and the group fixture.
+//!
 //! The in-place strategy (issue 13) with the real `ctl` binary against the emulator on :5055
 //! (moto: EC2 instance tags, the Auto Scaling group, the target group's health). A small fake
 //! agent runs beside it: it reads only the tags ctl writes (`skiff:pull`, `skiff:target`) and

@@ -1,3 +1,6 @@
+//! Over 600 lines: one client for three authentication flows and ECR, read and write, with
+//! the tables that pin each flow's rules; its parts share the challenge and the scopes.
+//!
 //! Resolve `repository:tag` to the manifest digest through the registry's v2 API, so a
 //! release pins exactly the image that exists now, and never names one that does not.
 //!

@@ -1,3 +1,6 @@
+//! Over 600 lines: the fixtures every agent integration test shares (images, registry, agent
+//! process, moto, a TCP proxy), kept together so each test file stays about its behaviour.
+//!
 //! Test fixtures for the agent's integration tests: versioned test images built offline and
 //! pushed to the real local registry, the real `agent` binary with a config of the test's own,
 //! and HTTP helpers. Every name is unique per test run, and everything a test made is removed
