@@ -21,25 +21,14 @@ async fn group(prefix: &str) -> Group {
     Group::create(&moto_sdk().await, &unique(prefix), 1, None).await
 }
 
-fn release_args<'a>(param: &'a str, asg: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
-    vec![
-        "--parameter",
+fn release_by<'a>(param: &'a str, asg: &'a str, tag: &'a str, by: &'a str) -> Vec<&'a str> {
+    release_args(
         param,
-        "--asg",
         asg,
-        "--image",
-        "127.0.0.1:1/none/app",
-        "release",
-        "--tag",
         tag,
-        "--skip-verify",
-        "--released-by",
-        by,
-        "--poll",
         "200ms",
-        "--timeout",
-        "60s",
-    ]
+        &["--released-by", by, "--timeout", "60s"],
+    )
 }
 
 async fn versions(ssm: &aws_sdk_ssm::Client, name: &str) -> Vec<String> {
@@ -67,12 +56,12 @@ async fn two_releases_started_together_one_releases_the_other_exits_4_without_wr
         let g = group("race").await;
         g.hold_launches(HOOK, 300).await;
         let env = [];
-        let a = ctl_command(&release_args(&param, &g.name, "va", "a"), &env)
+        let a = ctl_command(&release_by(&param, &g.name, "va", "a"), &env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn a");
-        let mut b = ctl_command(&release_args(&param, &g.name, "vb", "b"), &env)
+        let mut b = ctl_command(&release_by(&param, &g.name, "vb", "b"), &env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -159,7 +148,7 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
     put_parameter(&ssm, &lock, stale).await;
     let g = group("stale").await;
     let env = [];
-    let refused = ctl_env(&release_args(&param, &g.name, "v2", "ci"), &env);
+    let refused = ctl_env(&release_by(&param, &g.name, "v2", "ci"), &env);
     let t = text(&refused);
     assert_eq!(refused.status.code(), Some(4), "{t}");
     for needle in [
@@ -199,7 +188,7 @@ async fn a_stale_lock_is_reported_and_cleared_by_unlock() {
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced));
     assert_eq!(read_param(&ssm, &lock).await, None);
 
-    let released = ctl_env(&release_args(&param, &g.name, "v2", "ci"), &env);
+    let released = ctl_env(&release_by(&param, &g.name, "v2", "ci"), &env);
     let value = read_param(&ssm, &param).await.expect("value");
     delete_param(&ssm, &param).await;
     g.delete().await;
@@ -217,7 +206,7 @@ async fn wait_lock_waits_for_a_held_lock_to_go() {
     put_parameter(&ssm, &lock, held).await;
     let g = group("waitlock").await;
     let env = [];
-    let mut args = release_args(&param, &g.name, "v2", "ci");
+    let mut args = release_by(&param, &g.name, "v2", "ci");
     args.extend(["--wait-lock", "20s"]);
     let child = ctl_command(&args, &env)
         .stdout(std::process::Stdio::piped())

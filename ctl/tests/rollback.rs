@@ -273,23 +273,7 @@ async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
     let g = group("compensated").await;
     let answering = g.stand_in_agents(HOOK, 1);
     let failed = tokio::task::block_in_place(|| {
-        ctl_env(
-            &[
-                "--parameter",
-                &param,
-                "--asg",
-                &g.name,
-                "--image",
-                "127.0.0.1:1/none/app",
-                "release",
-                "--tag",
-                "v2",
-                "--skip-verify",
-                "--poll",
-                "200ms",
-            ],
-            &[],
-        )
+        ctl_env(&release_args(&param, &g.name, "v2", "200ms", &[]), &[])
     });
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
     let out = tokio::task::block_in_place(|| rollback(&g, &param, &[]));
@@ -309,27 +293,11 @@ async fn rollback_after_a_compensated_release_goes_to_the_last_good_release() {
 async fn a_write_by_someone_else_during_a_failing_release_is_not_overwritten() {
     let (ssm, param) = seed(&[record("v1", 'a')]).await;
     let g = group("hotfix").await;
-    let child = ctl_command(
-        &[
-            "--parameter",
-            &param,
-            "--asg",
-            &g.name,
-            "--image",
-            "127.0.0.1:1/none/app",
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--poll",
-            "200ms",
-        ],
-        &[],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("spawn");
+    let child = ctl_command(&release_args(&param, &g.name, "v2", "200ms", &[]), &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
     // While the refresh runs (its replacement waits for the launch hook), someone releases a
     // hotfix by hand; then the replacement's launch is abandoned and the refresh fails.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -23,22 +23,7 @@ const V1: &str = r#"{"tag":"v1","digest":"sha256:1111111111111111111111111111111
 
 fn start(fake: &FakeAutoScaling, param: &str) -> Child {
     ctl_command(
-        &[
-            "--parameter",
-            param,
-            "--asg",
-            "app-asg",
-            "--image",
-            "127.0.0.1:1/none/app",
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--poll",
-            "20ms",
-            "--timeout",
-            "120s",
-        ],
+        &release_args(param, "app-asg", "v2", "20ms", &["--timeout", "120s"]),
         &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
     )
     .stdout(Stdio::piped())
@@ -92,22 +77,7 @@ async fn sigterm_during_the_refresh_cancels_it_and_restores_the_previous_release
     let g = Group::create(&moto_sdk().await, &unique("sigterm"), 1, None).await;
     g.hold_launches(HOOK, 300).await;
     let child = ctl_command(
-        &[
-            "--parameter",
-            &param,
-            "--asg",
-            &g.name,
-            "--image",
-            "127.0.0.1:1/none/app",
-            "release",
-            "--tag",
-            "v2",
-            "--skip-verify",
-            "--poll",
-            "200ms",
-            "--timeout",
-            "120s",
-        ],
+        &release_args(&param, &g.name, "v2", "200ms", &["--timeout", "120s"]),
         &[],
     )
     .stdout(Stdio::piped())
@@ -270,24 +240,13 @@ async fn an_abandoned_launch_fails_the_release_at_once_not_at_the_timeout() {
         ..Script::default()
     });
     let child = ctl_command(
-        &[
-            "--parameter",
+        &release_args(
             &param,
-            "--asg",
             "app-asg",
-            "--image",
-            "127.0.0.1:1/none/app",
-            "release",
-            "--tag",
             "v2",
-            "--skip-verify",
-            "--poll",
             "20ms",
-            "--timeout",
-            "120s",
-            "--bake-time",
-            "5m",
-        ],
+            &["--timeout", "120s", "--bake-time", "5m"],
+        ),
         &[("AWS_ENDPOINT_URL_AUTO_SCALING", &fake.url)],
     )
     .stdout(Stdio::piped())

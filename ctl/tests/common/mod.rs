@@ -13,6 +13,33 @@ pub use skiff_testkit::emulator::sdk as moto_sdk;
 
 pub const MOTO: &str = skiff_testkit::emulator::ENDPOINT;
 
+/// `ctl release --tag TAG` on group `asg`, the release in `param`, for an image ctl never
+/// resolves (`--skip-verify`), checking every `poll`, then `extra`.
+pub fn release_args<'a>(
+    param: &'a str,
+    asg: &'a str,
+    tag: &'a str,
+    poll: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "--parameter",
+        param,
+        "--asg",
+        asg,
+        "--image",
+        "127.0.0.1:1/none/app",
+        "release",
+        "--tag",
+        tag,
+        "--skip-verify",
+        "--poll",
+        poll,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// A name no earlier run used.
 pub fn unique(prefix: &str) -> String {
     let nanos = SystemTime::now()
