@@ -8,9 +8,9 @@ mod common;
 
 use std::process::Command;
 
-use common::unique;
+use common::{push_empty_manifest, unique};
 use skiff_ctl::registry::{CheckError, DigestResolver, HttpRegistry};
-use skiff_signature::{FileKey, MANIFEST_MEDIA_TYPE, SignatureError, TrustedKey, blob_digest};
+use skiff_signature::{FileKey, SignatureError, TrustedKey};
 
 const EMULATOR: &str = "http://127.0.0.1:5055";
 
@@ -56,20 +56,7 @@ async fn sign_by_tag_with_a_key_file() {
 
     let r = HttpRegistry::new(None).expect("client");
     let repo = format!("127.0.0.1:5000/{}/app", unique("skiff-sign-cli"));
-    let config = b"{}";
-    r.put_blob(&repo, &blob_digest(config), config)
-        .await
-        .expect("blob");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
-                   "digest": blob_digest(config)},
-        "layers": [],
-    }))
-    .expect("json");
-    r.put_manifest(&repo, "v1", MANIFEST_MEDIA_TYPE, &manifest)
-        .await
-        .expect("image");
+    push_empty_manifest(&r, &repo, "v1").await;
     let digest = r
         .resolve(&repo, &"v1".parse().expect("tag"))
         .await

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use common::token_service::TokenService;
-use common::unique;
+use common::{push_empty_manifest, unique};
 use skiff_ctl::registry::{CheckError, Credentials, DigestResolver, HttpRegistry};
 use skiff_release::{Digest, Tag};
 use skiff_signature::{
@@ -139,20 +139,7 @@ async fn signed_unsigned_and_every_refusal_on_the_anonymous_registry() {
 
     // Malformed and huge signature manifests.
     let v4 = store_image(&r, &repo, "v4", "four").await;
-    let config = b"{}";
-    r.put_blob(&repo, &blob_digest(config), config)
-        .await
-        .expect("blob");
-    let no_layers = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
-                   "digest": blob_digest(config)},
-        "layers": [],
-    }))
-    .expect("json");
-    r.put_manifest(&repo, &signature_tag(&v4), MANIFEST_MEDIA_TYPE, &no_layers)
-        .await
-        .expect("push");
+    push_empty_manifest(&r, &repo, &signature_tag(&v4)).await;
     let e = refused(r.check_signature(&repo, &v4, &trusted).await);
     assert!(matches!(e, SignatureError::Malformed { .. }), "{e}");
 
@@ -160,7 +147,7 @@ async fn signed_unsigned_and_every_refusal_on_the_anonymous_registry() {
     let huge = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
-                   "digest": blob_digest(config)},
+                   "digest": blob_digest(b"{}")},
         "layers": [],
         "annotations": {"padding": "x".repeat(skiff_signature::MANIFEST_MAX)},
     }))

@@ -40,6 +40,30 @@ pub fn release_args<'a>(
     args
 }
 
+/// Push an image manifest with an empty config (`{}`) and no layers to `repo` under
+/// `reference` (a tag, or a signature's tag to hold a manifest without a signature layer).
+pub async fn push_empty_manifest(
+    r: &skiff_ctl::registry::HttpRegistry,
+    repo: &str,
+    reference: &str,
+) {
+    use skiff_signature::{MANIFEST_MEDIA_TYPE, blob_digest};
+    let config = b"{}";
+    r.put_blob(repo, &blob_digest(config), config)
+        .await
+        .expect("config blob");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
+                   "digest": blob_digest(config)},
+        "layers": [],
+    }))
+    .expect("json");
+    r.put_manifest(repo, reference, MANIFEST_MEDIA_TYPE, &manifest)
+        .await
+        .expect("manifest");
+}
+
 /// A name no earlier run used.
 pub fn unique(prefix: &str) -> String {
     let nanos = SystemTime::now()
