@@ -83,20 +83,28 @@ def migrate(
     if db.dialect == "sqlite":
         # sqlite's busy timeout is the wait for the lock.
         with db.connect(timeout=max(0.1, deadline - time.monotonic())) as conn:
-            return _migrate_sqlite(conn, migrations, after_read)
+            return _migrate_sqlite(conn, migrations, after_read, deadline)
     with db.connect() as conn:
         return _migrate_mysql(conn, migrations, after_read, deadline)
 
 
-def _migrate_sqlite(conn: Connection, migrations, after_read) -> list[int]:
-    try:
-        # WAL lets readers go on while a writer writes; the mode is stored in the database file.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("BEGIN EXCLUSIVE")
-    except DatabaseErrors as err:
-        if "locked" in str(err) or "busy" in str(err):
-            raise MigrationLockTimeout("timed out waiting for the sqlite migration lock") from err
-        raise
+def _migrate_sqlite(conn: Connection, migrations, after_read, deadline: float) -> list[int]:
+    while True:
+        try:
+            # WAL lets readers go on while a writer writes; the mode is stored in the database
+            # file.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN EXCLUSIVE")
+            break
+        except DatabaseErrors as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            # sqlite answers "locked" at once, without waiting out the busy timeout, where
+            # waiting could deadlock (another connection switching the journal mode, or
+            # holding a lock this one would need): try again until the deadline.
+            if time.monotonic() >= deadline:
+                raise MigrationLockTimeout("timed out waiting for the sqlite migration lock") from err
+            time.sleep(0.05)
     try:
         applied = _apply_pending(conn, migrations, after_read)
         conn.execute("COMMIT")
