@@ -227,6 +227,10 @@ def _ec2(resp, action: str) -> list[policy.Check] | None:
         else:
             arn = _arn(resp, "ec2", f"{kind or 'unknown'}/{rid}")
         ctx = {f"aws:ResourceTag/{k}": [v] for k, v in backend.tags.get(rid, {}).items()}
+        if kind == "instance":
+            # The instance resource's own key (list_amazonec2.html, resource type instance):
+            # what `${ec2:InstanceId}` in a policy names.
+            ctx["ec2:InstanceID"] = [rid]
         ctx.update(_request_tags(tags))
         checks.append(policy.Check(a, arn, ctx))
     return checks
@@ -367,6 +371,10 @@ def _authorize(self, resource: str = "*") -> None:
     )
     request.check_signature()
     key = request._access_key
+    source = _source_instance(key)
+    if source:
+        for c in checks:
+            c.context = {**c.context, **source}
     docs = [_document(p) for p in key.collect_policies()]
     decision = policy.evaluate(policy.statements(docs), checks)
     AUTH_LOG.append({
@@ -403,9 +411,28 @@ def bootstrap_admin(account_id: str, user: str = "skiff-ci-admin") -> dict:
             "secret_access_key": key.secret_access_key, "account": account_id}
 
 
+# Requests signed with an instance's profile credentials carry the instance's ARN as
+# ec2:SourceInstanceARN ("the ARN of the instance from which the request originated"; present
+# only for the role credentials EC2 delivers to an instance), and ec2:RoleDelivery, the version of
+# the metadata service that delivered them: AWS's own policies use it to let an instance act only
+# on itself (ArnLike ec2:SourceInstanceARN arn:...:instance/${ec2:InstanceId}, the managed policy
+# AWSEC2VssSnapshotPolicy). Keyed by the access key id of the credentials instance_credentials
+# handed out; credentials from a plain AssumeRole carry neither key.
+# https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonec2.html
+# https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/iam-roles-for-amazon-ec2.html
+# https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AWSEC2VssSnapshotPolicy.html
+INSTANCE_KEYS: dict[str, dict[str, list[str]]] = {}
+
+
+def _source_instance(key: Any) -> dict[str, list[str]]:
+    access_key = getattr(key, "_access_key_id", None) or getattr(key, "access_key_id", None)
+    return INSTANCE_KEYS.get(access_key or "", {})
+
+
 def instance_credentials(account_id: str, region: str, role_arn: str, instance_id: str) -> dict:
     """What EC2 hands an instance through its instance profile: temporary credentials of the
-    role. The role's trust policy must name ec2.amazonaws.com, as AWS requires.
+    role. The role's trust policy must name ec2.amazonaws.com, as AWS requires. Requests signed
+    with them carry the instance's ARN (INSTANCE_KEYS).
     https://docs.aws.amazon.com/IAM/latest/UserGuide/id_roles_use_switch-role-ec2.html"""
     import json as _json
 
@@ -422,6 +449,11 @@ def instance_credentials(account_id: str, region: str, role_arn: str, instance_i
     sts = sts_backends[account_id][get_partition(region)]
     assumed = sts.assume_role(region_name=region, role_session_name=instance_id, role_arn=role_arn,
                               policy=None, duration=3600, external_id=None)
+    INSTANCE_KEYS[assumed.access_key_id] = {
+        "ec2:SourceInstanceARN": [f"arn:{get_partition(region)}:ec2:{region}:{account_id}:instance/{instance_id}"],
+        # IMDSv2 (the launch template requires tokens): 2.0.
+        "ec2:RoleDelivery": ["2.0"],
+    }
     return {"AccessKeyId": assumed.access_key_id, "SecretAccessKey": assumed.secret_access_key,
             "Token": assumed.session_token,
             "Expiration": assumed.expiration.strftime("%Y-%m-%dT%H:%M:%SZ")}

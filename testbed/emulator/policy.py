@@ -13,6 +13,12 @@ request is allowed only when every check is allowed. One check:
 (moto 5 returns DENIED for it, which makes a least-privilege policy with a condition deny
 everything). Resource-based policies, permission boundaries, SCPs and session policies are not
 modelled: skiff uses none of them.
+
+Policy variables (`${ec2:SourceInstanceARN}`, `${aws:username}`, with a default
+`${key, 'value'}` and the literals `${*}`, `${?}`, `${$}`) are replaced from the check's context
+in Resource and in the values of string and ARN conditions; a variable whose key the request
+lacks (or has with several values) matches nothing, so that element does not apply.
+  https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_variables.html
 """
 
 from __future__ import annotations
@@ -72,10 +78,51 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _wildcard(pattern: str, value: str, ignore_case: bool) -> bool:
-    """IAM's wildcards: * any run of characters (also across ':' and '/'), ? one character.
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+_LITERALS = {"*": "*", "?": "?", "$": "$"}
+
+
+def _segments(pattern: str, context: dict[str, list[str]] | None) -> list[tuple[bool, str]] | None:
+    """The pattern cut at its policy variables: (literal, text) pairs, where a variable's value
+    and ${*} ${?} ${$} are literal (no wildcard) and the rest is the policy's own text. None when
+    a variable names a key the request lacks and gives no default."""
+    out: list[tuple[bool, str]] = []
+    at = 0
+    for m in _VARIABLE.finditer(pattern):
+        out.append((False, pattern[at:m.start()]))
+        at = m.end()
+        inner = m.group(1).strip()
+        if inner in _LITERALS:
+            out.append((True, _LITERALS[inner]))
+            continue
+        key, _, default = inner.partition(",")
+        values = _lookup(context or {}, key.strip())
+        if values is not None and len(values) == 1:
+            out.append((True, values[0]))
+        elif default.strip().startswith("'") and default.strip().endswith("'") and len(default.strip()) >= 2:
+            out.append((True, default.strip()[1:-1]))
+        else:
+            return None
+    out.append((False, pattern[at:]))
+    return out
+
+
+def _substitute(pattern: str, context: dict[str, list[str]] | None) -> str | None:
+    """The pattern with its policy variables replaced, for exact comparisons."""
+    segments = _segments(pattern, context)
+    return None if segments is None else "".join(text for _, text in segments)
+
+
+def _wildcard(pattern: str, value: str, ignore_case: bool, context: dict[str, list[str]] | None = None) -> bool:
+    """IAM's wildcards: * any run of characters (also across ':' and '/'), ? one character;
+    policy variables replaced from the context (their values match literally).
     https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_resource.html"""
-    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    segments = _segments(pattern, context) if context is not None else [(False, pattern)]
+    if segments is None:
+        return False
+    rx = "".join(re.escape(text) if literal else
+                 "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text)
+                 for literal, text in segments)
     return re.fullmatch(rx, value, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL) is not None
 
 
@@ -87,40 +134,45 @@ def action_matches(stmt: dict, action: str) -> bool:
     return any(_wildcard(p, action, True) for p in _as_list(stmt.get("Action")))
 
 
-def resource_matches(stmt: dict, resource: str) -> bool:
+def resource_matches(stmt: dict, resource: str, context: dict[str, list[str]] | None = None) -> bool:
     # ARNs are case-sensitive; "*" in a statement matches any resource, including "*".
+    context = context or {}
     if "NotResource" in stmt:
-        return not any(_wildcard(p, resource, False) for p in _as_list(stmt["NotResource"]))
+        return not any(_wildcard(p, resource, False, context) for p in _as_list(stmt["NotResource"]))
     patterns = _as_list(stmt.get("Resource"))
     if resource == "*":
         # An action without resource-level permissions is only allowed by Resource "*".
         # https://docs.aws.amazon.com/service-authorization/latest/reference/reference_policies_actions-resources-contextkeys.html
         return "*" in patterns
-    return any(_wildcard(p, resource, False) for p in patterns)
+    return any(_wildcard(p, resource, False, context) for p in patterns)
 
 
 # --- conditions ------------------------------------------------------------------------------
 # https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_condition_operators.html
 # https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_condition-single-vs-multi-valued-context-keys.html
 
-def _str_eq(v, p):
-    return v == p
+# Each matcher takes the request's value, the policy's value and the context its variables come
+# from.
+def _str_eq(v, p, ctx):
+    p = _substitute(p, ctx)
+    return p is not None and v == p
 
 
-def _str_eq_ic(v, p):
-    return v.lower() == p.lower()
+def _str_eq_ic(v, p, ctx):
+    p = _substitute(p, ctx)
+    return p is not None and v.lower() == p.lower()
 
 
-def _str_like(v, p):
-    return _wildcard(p, v, False)
+def _str_like(v, p, ctx):
+    return _wildcard(p, v, False, ctx)
 
 
-def _bool(v, p):
+def _bool(v, p, _ctx):
     return v.lower() == str(p).lower()
 
 
 def _num(op):
-    def f(v, p):
+    def f(v, p, _ctx):
         try:
             return op(float(v), float(p))
         except ValueError:
@@ -187,7 +239,7 @@ def condition_holds(operator: str, key: str, wanted: Any, context: dict[str, lis
     values = present or []
 
     def ok(v: str) -> bool:
-        hit = any(match(v, p) for p in policy_values)
+        hit = any(match(v, p, context) for p in policy_values)
         return not hit if negated else hit
 
     if qualifier == "ForAllValues":
@@ -215,7 +267,7 @@ def conditions_hold(stmt: dict, context: dict[str, list[str]]) -> bool:
 def applies(stmt: dict, check: Check) -> bool:
     return (
         action_matches(stmt, check.action)
-        and resource_matches(stmt, check.resource)
+        and resource_matches(stmt, check.resource, check.context)
         and conditions_hold(stmt, check.context)
     )
 

@@ -79,6 +79,47 @@ for name, stmts, checks, want in [
 ]:
     case(name, policy.evaluate(stmts, checks).allowed, want)
 
+# --- policy variables: an instance tags only itself (issue 18, finding 6) ----------------------
+# AWS's own pattern (managed policy AWSEC2VssSnapshotPolicy): ArnLike ec2:SourceInstanceARN
+# against the acted-on instance's ARN built from ${ec2:InstanceId}. Requests signed with instance
+# profile credentials carry ec2:SourceInstanceARN; the resource carries ec2:InstanceID.
+SELF = {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "arn:aws:ec2:us-east-1:123456789012:instance/*",
+        "Condition": {"ArnLike": {"ec2:SourceInstanceARN": "arn:aws:ec2:us-east-1:123456789012:instance/${ec2:InstanceId}"}}}
+SRC = "arn:aws:ec2:us-east-1:123456789012:instance/"
+
+
+def on(iid, source=None):
+    ctx = {"ec2:InstanceID": [iid]}
+    if source:
+        ctx["ec2:SourceInstanceARN"] = [SRC + source]
+    return Check("ec2:CreateTags", SRC + iid, ctx)
+
+
+for name, stmts, checks, want in [
+    ("variables: an instance tags itself", [SELF], [on("i-1", "i-1")], True),
+    ("variables: an instance may not tag a peer", [SELF], [on("i-2", "i-1")], False),
+    ("variables: a caller that is no instance (no ec2:SourceInstanceARN) may not", [SELF], [on("i-1")], False),
+    ("variables: itself and a peer in one request: denied (every resource must be allowed)", [SELF],
+     [on("i-1", "i-1"), on("i-2", "i-1")], False),
+    ("variables: a prefix is no match (i-1 is not i-12)", [SELF], [on("i-12", "i-1")], False),
+    ("variables: in Resource, replaced from the request",
+     [{"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "${ec2:SourceInstanceARN}"}], [on("i-1", "i-1")], True),
+    ("variables: in Resource, a key the request lacks matches nothing",
+     [{"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "${ec2:SourceInstanceARN}"}], [on("i-1")], False),
+    ("variables: a value replaced is literal (a * in it is no wildcard)",
+     [{"Effect": "Allow", "Action": "s:A", "Resource": "arn:x:${k}"}],
+     [Check("s:A", "arn:x:abc", {"k": ["*"]})], False),
+    ("variables: ${*} is a literal *, not a wildcard",
+     [{"Effect": "Allow", "Action": "s:A", "Resource": "arn:x:a${*}"}], [Check("s:A", "arn:x:abc")], False),
+    ("variables: the default when the key is absent",
+     [{"Effect": "Allow", "Action": "s:A", "Resource": "*", "Condition": {"StringEquals": {"k": "${absent, 'v'}"}}}],
+     [Check("s:A", "*", {"k": ["v"]})], True),
+    ("variables: StringEquals against another key's value",
+     [{"Effect": "Allow", "Action": "s:A", "Resource": "*", "Condition": {"StringEquals": {"k": "${j}"}}}],
+     [Check("s:A", "*", {"k": ["v"], "j": ["w"]})], False),
+]:
+    case(name, policy.evaluate(stmts, checks).allowed, want)
+
 case("documents: moto's Python-repr inline policy parses",
      policy.statements(["{'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': 'a:b', 'Resource': '*'}, None]}"]),
      [{"Effect": "Allow", "Action": "a:b", "Resource": "*"}])

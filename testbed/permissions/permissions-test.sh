@@ -14,5 +14,6 @@ rc=0
 "$py" testbed/emulator/emulator_test.py || rc=1
 "$py" testbed/emulator/kms_test.py || rc=1
 "$py" testbed/emulator/limits_test.py || rc=1
+"$py" testbed/emulator/identity_test.py || rc=1
 "$py" testbed/permissions/permissions_test.py || rc=1
 exit $rc
