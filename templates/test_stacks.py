@@ -654,11 +654,13 @@ def app_secret_scope_checks(text, t):
 
 
 def _render(value, names):
-    """A policy value with Fn::Sub resolved from names (no other intrinsic is expected here)."""
+    """A policy value with Fn::Sub resolved from names (no other intrinsic is expected here);
+    `${!x}` is Fn::Sub's escape for the literal `${x}` (an IAM policy variable)."""
     if isinstance(value, list):
         return [_render(v, names) for v in value]
     if isinstance(value, dict) and set(value) == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):
-        return re.sub(r"\$\{([^}]+)\}", lambda m: names[m.group(1)], value["Fn::Sub"])
+        return re.sub(r"\$\{(!?)([^}]+)\}",
+                      lambda m: "${" + m.group(2) + "}" if m.group(1) else names[m.group(2)], value["Fn::Sub"])
     if isinstance(value, dict):
         return {k: _render(v, names) for k, v in value.items()}
     return value
@@ -730,6 +732,75 @@ def app_narrow_grants_checks(text, t):
               if allowed(role, a, repo)]
     equal("app: the instance role has no ECR push action", pushes, [])
 
+    # Finding 6: an instance tags only itself. A request signed with the credentials EC2 gives
+    # an instance carries ec2:SourceInstanceARN; the instance tagged has ec2:InstanceID.
+    # https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonec2.html
+    def tagging(target, source, keys=("skiff:release",), group=f"skiff-{env}"):
+        ctx = {"ec2:InstanceID": [target], "aws:ResourceTag/aws:autoscaling:groupName": [group],
+               "aws:TagKeys": list(keys)}
+        if source:
+            ctx["ec2:SourceInstanceARN"] = [f"arn:aws:ec2:{region}:{account}:instance/{source}"]
+        return ctx
+
+    me, peer = "i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2"
+    instance = f"arn:aws:ec2:{region}:{account}:instance/"
+    for keys in (["skiff:release"], ["skiff:pulled"], ["skiff:failed"]):
+        check(f"app: an instance tags itself {keys}",
+              allowed(role, "ec2:CreateTags", instance + me, tagging(me, me, keys)))
+    for what, target, ctx in [
+        ("a peer of its group", peer, tagging(peer, me)),
+        ("a peer, with a prefix of its own id", me + "0", tagging(me + "0", me)),
+        ("itself without instance credentials (no ec2:SourceInstanceARN)", me, tagging(me, None)),
+        ("itself outside its group", me, tagging(me, me, group="skiff-other")),
+        ("itself with ctl's instruction skiff:target", me, tagging(me, me, ("skiff:target",))),
+    ]:
+        check(f"app: an instance may not tag {what}",
+              not allowed(role, "ec2:CreateTags", instance + target, ctx))
+
+    # Issue 20: the trusted keys. The deployer reads them and nothing else; the instance role
+    # reads them.
+    keys = f"arn:aws:ssm:{region}:{account}:parameter/skiff/{env}/trusted-keys"
+    stack = f"arn:aws:cloudformation:{region}:{account}:stack/app-{env}/0f0e0d0c-0000-4000-8000-000000000000"
+    check("app: the deployer reads the trusted keys (ssm:GetParameter)", allowed(deployer, "ssm:GetParameter", keys))
+    for action, resource in [("ssm:PutParameter", keys), ("ssm:DeleteParameter", keys),
+                             ("ssm:DeleteParameters", keys), ("ssm:LabelParameterVersion", keys),
+                             ("ssm:AddTagsToResource", keys), ("cloudformation:UpdateStack", stack),
+                             ("cloudformation:CreateChangeSet", stack), ("cloudformation:ExecuteChangeSet", stack)]:
+        check(f"app: the deployer may not {action} (the keys the hosts trust)",
+              not allowed(deployer, action, resource))
+    check("app: the instance role reads the trusted keys", allowed(role, "ssm:GetParameter", keys))
+    check("app: the instance role may not write them",
+          not allowed(role, "ssm:PutParameter", keys) and not allowed(role, "ssm:DeleteParameter", keys))
+    check("app: no other environment's trusted keys",
+          not allowed(role, "ssm:GetParameter", keys.replace(f"/{env}/", "/other/"))
+          and not allowed(deployer, "ssm:GetParameter", keys.replace(f"/{env}/", "/other/")))
+
+
+def public_key_pem():
+    """A fresh ECDSA P-256 public key, PEM (what TrustedKeys takes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def trusted_keys_pattern_checks(t):
+    """TrustedKeys' AllowedPattern (Java's regex; the same here for these classes) on a table."""
+    p = t["Parameters"]["TrustedKeys"]
+    rx = re.compile(p["AllowedPattern"])
+    one, two = public_key_pem(), public_key_pem()
+    private = one.replace("PUBLIC KEY", "PRIVATE KEY")
+    cert = one.replace("PUBLIC KEY", "CERTIFICATE")
+    for what, value, want in [("empty (off)", "", True), ("one key", one, True), ("two keys (rotation)", one + two, True),
+                              ("one key without its last newline", one.rstrip(), True),
+                              ("a private key", private, False), ("a certificate", cert, False),
+                              ("a key and garbage", one + "x", False), ("garbage", "not a key", False),
+                              ("a header only", "-----BEGIN PUBLIC KEY-----\n", False)]:
+        check(f"app: TrustedKeys {'accepts' if want else 'refuses'} {what}",
+              (rx.fullmatch(value) is not None) == want and (len(value) <= p["MaxLength"] or not want))
+
 
 def finding_12_checks(app_t, db_t):
     """Issue 18, finding 12: MySQL 8.4 with its lifecycle support stated; no Graviton type for
@@ -789,9 +860,9 @@ def app_release_checks(text, t):
     """Finding 5: the stack does not own the release value."""
     p, r, o = t["Parameters"], t["Resources"], t["Outputs"]
     # --- finding 5: the stack does not own the release value
-    ssm_params = [k for k, v in r.items() if v["Type"] == "AWS::SSM::Parameter"]
-    equal("app: no AWS::SSM::Parameter resource (the release value is ctl's, not the stack's)",
-          ssm_params, [])
+    ssm_params = {k: v["Properties"]["Name"] for k, v in r.items() if v["Type"] == "AWS::SSM::Parameter"}
+    equal("app: no AWS::SSM::Parameter resource but the trusted keys (the release value is ctl's, not the stack's)",
+          ssm_params, {"TrustedKeysParameter": {"Fn::Sub": "/skiff/${Environment}/trusted-keys"}})
     check("app: no InitialTag parameter", "InitialTag" not in p)
     equal("app: ReleaseParameter output is the name /skiff/<Environment>/release",
           o["ReleaseParameter"]["Value"], {"Fn::Sub": "/skiff/${Environment}/release"})
@@ -901,7 +972,7 @@ def moto_app_body(app_text):
     return app_text.replace(SECRET_GETATT, SECRET_STAND_IN), app_text.count(SECRET_GETATT)
 
 
-def expected_agent_config(env, account, database, **over):
+def expected_agent_config(env, account, database, trust=None, **over):
     v = {"AppPort": 8080, "AgentPort": 8081, "StartTimeoutSeconds": 60,
          "StopTimeoutSeconds": 30, "DrainSeconds": 15, "SwapMode": "handover",
          "SlotPortA": 8090, "SlotPortB": 8091}
@@ -933,6 +1004,8 @@ def expected_agent_config(env, account, database, **over):
         # The instance id from IMDSv2 on EC2; here, without instance metadata, the host name.
         "logs": {"driver": "awslogs", "group": f"/skiff/{env}/app", "region": REGION,
                  "instance": subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()},
+        # Only when the stack names keys (TrustedKeys).
+        **({"trust": {"keys_parameter": trust}} if trust else {}),
     }
 
 
@@ -942,6 +1015,8 @@ RELEASE_ALARMS = {"ReleaseErrorRateAlarm", "ReleaseUnhealthyHostsAlarm"}
 # listener's rule, built only then.
 OWN_LB = {"LoadBalancer", "LoadBalancerSecurityGroup", "HttpsListener", "HttpListener"}
 SHARED_LB = {"SiteListenerRule"}
+# The trusted keys' parameter, built only when the stack names keys (TrustedKeys).
+NO_KEYS = {"TrustedKeysParameter"}
 
 
 def shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup):
@@ -980,7 +1055,7 @@ def shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup)
     equal("shared lb create: no load balancer, listeners or load balancer group of its own; the rule",
           not_built(stack_c, app_t),
           {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase", "DatabaseMonitoringRole",
-           "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | OWN_LB)
+           "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | OWN_LB | NO_KEYS)
     equal("shared lb create: LoadBalancerDNS output is the site's host name", out.get("LoadBalancerDNS"), host)
     ids = physical_ids(stack_c)
     rules = [r for r in elb.describe_rules(ListenerArn=listener["ListenerArn"])["Rules"] if not r.get("IsDefault")]
@@ -1087,11 +1162,19 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
           "the release alarms (no CloudWatch alarms in moto's CloudFormation)",
           not_built(app_stack, app_t),
           {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
-          | RELEASE_ALARMS | SHARED_LB)
+          | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     equal("app create: ReleaseAlarmNames output names both alarms of this environment",
           out.get("ReleaseAlarmNames"),
           f"skiff-{env}-target-5xx-rate,skiff-{env}-unhealthy-hosts")
     equal("app create: the stack did not touch the release value", release_value(release), f"init{RUN}")
+    check("app create: no TrustedKeys, no TrustedKeysParameter output (signature checks off)",
+          "TrustedKeysParameter" not in out, str(sorted(out)))
+    missing = None
+    try:
+        ssm.get_parameter(Name=f"/skiff/{env}/trusted-keys")
+    except ssm.exceptions.ParameterNotFound:
+        missing = True
+    check("app create: no TrustedKeys, no /skiff/<env>/trusted-keys parameter", missing)
     ids = physical_ids(app_stack)
 
     lb = elb.describe_load_balancers(LoadBalancerArns=[ids["LoadBalancer"]])["LoadBalancers"][0]
@@ -1223,7 +1306,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
           {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
-          | RELEASE_ALARMS | SHARED_LB)
+          | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
     toml_text, config, _, _ = run_user_data(latest_user_data(ids2["LaunchTemplate"]))
@@ -1280,7 +1363,9 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     shared = {"DatabaseHost": dout["Endpoint"], "DatabasePort": dout["Port"],
               "DatabaseName": dout["DatabaseName"], "DatabaseSecretArn": secret,
               "DatabaseSecurityGroupId": db_sg["id"]}
-    b_params = dict(app_params, Environment=env_b, MaxSize=4, StopTimeoutSeconds=30, **shared)
+    # This one names two keys (issue 20): its hosts check signatures.
+    trusted = public_key_pem() + public_key_pem()
+    b_params = dict(app_params, Environment=env_b, MaxSize=4, StopTimeoutSeconds=30, TrustedKeys=trusted, **shared)
     equal("shared create: the Rules accept an existing database", rules_refuse(app_t, b_params), [])
     stack = create(stack_b, body, b_params, cleanup)
     if equal("shared create: status", stack["StackStatus"], "CREATE_COMPLETE"):
@@ -1289,6 +1374,12 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
               not_built(stack_b, app_t),
               {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
                "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | SHARED_LB)
+        keys_name = f"/skiff/{env_b}/trusted-keys"
+        equal("shared create (TrustedKeys): output TrustedKeysParameter names /skiff/<env>/trusted-keys",
+              bout.get("TrustedKeysParameter"), keys_name)
+        kept = ssm.get_parameter(Name=keys_name)["Parameter"]
+        equal("shared create (TrustedKeys): the parameter holds both keys, a String",
+              (kept["Value"].strip(), kept["Type"]), (trusted.strip(), "String"))
         equal("shared create: DatabaseEndpoint output is the shared database",
               bout.get("DatabaseEndpoint"), dout["Endpoint"])
         equal("shared create: the shared database now admits this stack's instances too",
@@ -1298,8 +1389,8 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared create: agent config has the shared database",
               config, expected_agent_config(env_b, account, {
                   "DATABASE_HOST": dout["Endpoint"], "DATABASE_PORT": dout["Port"],
-                  "DATABASE_NAME": f"shared_{RUN}", "DATABASE_SECRET_ARN": secret}))
-        check_agent_accepts("shared create", toml_text)
+                  "DATABASE_NAME": f"shared_{RUN}", "DATABASE_SECRET_ARN": secret}, trust=keys_name))
+        check_agent_accepts("shared create (with [trust])", toml_text)
         stmts = role_statements(bids["InstanceRole"])
         check("shared create: role may read exactly the shared database's secret",
               [s.get("Resource") for s in stmts if s.get("Action") == "secretsmanager:GetSecretValue"]
@@ -1423,6 +1514,7 @@ def main():
                  lambda: app_instance_checks(app_text, app_t),
                  lambda: app_secret_scope_checks(app_text, app_t),
                  lambda: app_narrow_grants_checks(app_text, app_t),
+                 lambda: trusted_keys_pattern_checks(app_t),
                  lambda: app_network_checks(app_text, app_t),
                  lambda: app_release_checks(app_text, app_t),
                  lambda: app_alarm_checks(app_text, app_t),
