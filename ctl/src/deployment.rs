@@ -32,6 +32,10 @@ pub struct Deployment {
     /// drain), when it names one; an older stack without it: drain.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap: Option<String>,
+    /// The SSM parameter holding the keys releases must be signed by (output
+    /// TrustedKeysParameter, see [`crate::trust`]); `None`: the stack names no keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_keys: Option<String>,
 }
 
 /// What the command line gave: a stack, direct values, or both (direct values win).
@@ -77,6 +81,7 @@ pub fn combine(
         .or_else(|| from_stack(OUTPUT_TARGET_GROUP));
     let strategy = from_stack(crate::inplace::OUTPUT_STRATEGY);
     let swap = from_stack(crate::inplace::OUTPUT_SWAP_MODE);
+    let trusted_keys = from_stack(crate::trust::OUTPUT_TRUSTED_KEYS);
     let alarms = from_stack(OUTPUT_ALARMS)
         .map(|v| crate::alarms::parse_list(&v))
         .unwrap_or_default();
@@ -105,6 +110,7 @@ pub fn combine(
                 alarms,
                 strategy,
                 swap,
+                trusted_keys,
             })
         }
         _ => Err(DeploymentError::Missing {
@@ -167,6 +173,10 @@ mod tests {
             (OUTPUT_ALARMS.into(), "a-5xx, a-hosts,".into()),
             (crate::inplace::OUTPUT_STRATEGY.into(), "in-place".into()),
             (crate::inplace::OUTPUT_SWAP_MODE.into(), "handover".into()),
+            (
+                crate::trust::OUTPUT_TRUSTED_KEYS.into(),
+                "/skiff/master/trusted-keys".into(),
+            ),
             ("Other".into(), "x".into()),
         ]
     }
@@ -243,6 +253,10 @@ mod tests {
         assert_eq!(d.alarms, vec!["a-5xx".to_owned(), "a-hosts".to_owned()]);
         assert_eq!(d.strategy.as_deref(), Some("in-place"));
         assert_eq!(d.swap.as_deref(), Some("handover"));
+        assert_eq!(
+            d.trusted_keys.as_deref(),
+            Some("/skiff/master/trusted-keys")
+        );
         let given = Locator {
             target_group: Some("arn:mine".into()),
             ..only_stack
@@ -261,6 +275,7 @@ mod tests {
                     && k != OUTPUT_ALARMS
                     && k != crate::inplace::OUTPUT_STRATEGY
                     && k != crate::inplace::OUTPUT_SWAP_MODE
+                    && k != crate::trust::OUTPUT_TRUSTED_KEYS
             })
             .collect();
         let d = combine(&given, Some(&older)).expect("a stack without them still works");
@@ -272,6 +287,7 @@ mod tests {
             d.swap, None,
             "an older stack: drain (SwapMode::from_output)"
         );
+        assert_eq!(d.trusted_keys, None, "no keys: the signature check is off");
         assert_eq!(
             (d.target_group.as_deref(), d.alarms.len()),
             (Some("arn:mine"), 0)

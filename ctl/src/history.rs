@@ -11,6 +11,7 @@ use serde_json::Value;
 use skiff_release::{Release, Tag};
 
 use crate::store::Stored;
+use crate::trust::Signer;
 
 pub const KIND: &str = "kind";
 pub const COMPENSATES: &str = "compensates";
@@ -107,17 +108,29 @@ pub fn rollback_target(history: &[Stored], to: Option<&Tag>) -> Result<Release, 
 }
 
 /// The table `ctl history` prints, newest first as given: version, tag, when and by whom (the
-/// record's own stamp, else the parameter history's), what kind of write it was, the digest.
-/// Pure.
-pub fn render(history: &[Stored]) -> String {
+/// record's own stamp, else the parameter history's), what kind of write it was, who signed it
+/// when `signers` (one per record, see [`crate::trust::signers`]) says, the digest; then why
+/// a signature is unknown or refused, once per reason. Pure.
+pub fn render(history: &[Stored], signers: &[Option<Signer>]) -> String {
     use std::fmt::Write;
+    let signed = signers.iter().any(Option::is_some);
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  DIGEST",
-        "VERSION", "TAG", "RELEASED AT", "BY", "KIND"
+        "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  {}DIGEST",
+        "VERSION",
+        "TAG",
+        "RELEASED AT",
+        "BY",
+        "KIND",
+        if signed {
+            format!("{:<24}  ", "SIGNED BY")
+        } else {
+            String::new()
+        }
     );
-    for h in history {
+    let mut notes: Vec<String> = Vec::new();
+    for (i, h) in history.iter().enumerate() {
         let (tag, digest, at, by, kind) = match &h.release {
             Some(r) => (
                 r.tag.to_string(),
@@ -142,15 +155,30 @@ pub fn render(history: &[Stored]) -> String {
                 "-".into(),
             ),
         };
+        let signer = signers.get(i).and_then(Option::as_ref);
+        if let Some(note @ (Signer::Unknown { .. } | Signer::Refused { .. })) = signer {
+            let note = format!("signature {note}");
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
         let _ = writeln!(
             s,
-            "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  {digest}",
+            "{:>7}  {:<20}  {:<25}  {:<12}  {:<14}  {}{digest}",
             h.version,
             tag,
             at.unwrap_or_else(|| "-".into()),
             by.unwrap_or_else(|| "-".into()),
-            kind
+            kind,
+            if signed {
+                format!("{:<24}  ", signer.map_or("-", Signer::cell))
+            } else {
+                String::new()
+            }
         );
+    }
+    for n in notes {
+        let _ = writeln!(s, "note: {n}");
     }
     s
 }
@@ -307,10 +335,14 @@ mod tests {
         if let Some(r) = released.release.as_mut() {
             Kind::Release.mark(r);
         }
-        let text = render(&[rec(3, "v1", Some(2)), released, junk(1)]);
+        let text = render(&[rec(3, "v1", Some(2)), released, junk(1)], &[]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].contains("KIND"), "{text}");
+        assert!(
+            !lines[0].contains("SIGNED BY"),
+            "no keys, no column: {text}"
+        );
         assert!(
             lines[1].contains("v1") && lines[1].contains("compensation of v2"),
             "{text}"
@@ -320,5 +352,66 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("(not a release)"), "{text}");
+    }
+
+    #[test]
+    fn render_shows_the_signer_of_each_record_and_each_reason_once() {
+        let history = [
+            rec(4, "v4", None),
+            rec(3, "v3", None),
+            rec(2, "v2", None),
+            junk(1),
+        ];
+        let down = || Signer::Unknown {
+            why: "cannot reach the registry".into(),
+        };
+        // (name, signers, per data line: the SIGNED BY cell, the notes after the table)
+        type Row = (
+            &'static str,
+            Vec<Option<Signer>>,
+            [&'static str; 4],
+            Vec<&'static str>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "signed, refused, unknown",
+                vec![
+                    Some(Signer::Signed {
+                        key_id: "SHA256:00112233aabbccdd".into(),
+                    }),
+                    Some(Signer::Refused {
+                        reason: "no signature for sha256:..".into(),
+                    }),
+                    Some(down()),
+                    None,
+                ],
+                ["SHA256:00112233aabbccdd", "UNTRUSTED", "unknown", "-"],
+                vec![
+                    "note: signature NOT signed by a trusted key: no signature for",
+                    "note: signature unknown: cannot reach the registry",
+                ],
+            ),
+            (
+                "the registry down for all: one note",
+                vec![Some(down()), Some(down()), Some(down()), None],
+                ["unknown", "unknown", "unknown", "-"],
+                vec!["note: signature unknown: cannot reach the registry"],
+            ),
+        ];
+        for (name, signers, cells, notes) in table {
+            let text = render(&history, &signers);
+            let lines: Vec<&str> = text.lines().collect();
+            assert!(lines[0].contains("SIGNED BY"), "{name}: {text}");
+            for (line, cell) in lines[1..5].iter().zip(cells) {
+                assert!(
+                    line.contains(&format!("  {cell} ")),
+                    "{name}: {cell} in {line}"
+                );
+            }
+            assert_eq!(lines.len(), 5 + notes.len(), "{name}: {text}");
+            for (line, note) in lines[5..].iter().zip(notes) {
+                assert!(line.starts_with(note), "{name}: {note} in {line}");
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`inplace`]: the in-place strategy: batches, verdicts, the instance-tag channel (pure),
 //!   and the AWS adapter of the instances it switches.
 //! - [`ship`]: the release procedure (verify, lock, write, refresh, roll back).
+//! - [`trust`]: the keys a release's signature is checked against, and the verdict.
 //! - [`signal`]: SIGINT/SIGTERM as a stop request; a second one exits at once.
 //! - [`progress`]: the events printed, and the journal a second signal reports from.
 //! - [`exit`]: the exit codes.
@@ -36,3 +37,4 @@ pub mod sign;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub mod trust;

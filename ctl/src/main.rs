@@ -26,6 +26,11 @@
 //! printing the state and the commands that finish the job. Logs (`warn!`) go to stderr,
 //! filtered by `RUST_LOG` (default `warn`).
 //!
+//! Signed releases: when the stack names trusted keys (output TrustedKeysParameter, read with
+//! ssm:GetParameter) or `--trusted-keys FILE` does, `release` and `rollback` refuse (exit 2),
+//! before writing anything, a digest no trusted key signed (`skiff_ctl::trust`); `status` and
+//! `history` show who signed what.
+//!
 //! Exit codes: see [`skiff_ctl::exit::ExitCode`], printed by `--help`.
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -46,6 +51,7 @@ use skiff_ctl::registry::{Credentials, HttpRegistry};
 use skiff_ctl::ship::{self, Fleet, Request, Target};
 use skiff_ctl::status;
 use skiff_ctl::store::{ReleaseStore, SsmStore};
+use skiff_ctl::trust::{Gate, Trust};
 use skiff_release::Tag;
 
 const EXAMPLES: &str = "Examples:
@@ -95,6 +101,10 @@ struct Global {
     /// Machine-readable output: JSON lines for events, one JSON document for results.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM public keys (P-256) a release must be signed by, for a run without a stack (the
+    /// stack's keys come from its output TrustedKeysParameter). Neither: no signature check.
+    #[arg(long, env = "SKIFF_TRUSTED_KEYS", global = true, value_name = "PEM")]
+    trusted_keys: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -476,21 +486,81 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::History { limit } => {
-            let c = connect(g).await?;
-            let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
-            let history = store
-                .history(limit)
-                .await
-                .map_err(|e| exit(ExitCode::Refused, e))?;
-            if g.json {
-                println!("{}", serde_json::to_string_pretty(&history)?);
-            } else {
-                print!("{}", skiff_ctl::history::render(&history));
-            }
-            Ok(ExitCode::Success)
-        }
+        Command::History { limit } => history_cmd(g, &connect(g).await?, limit).await,
     }
+}
+
+/// The trusted keys of this deployment (`--trusted-keys`, else the stack's); an error when
+/// they are named and cannot be used.
+async fn trust(g: &Global, c: &Clients) -> anyhow::Result<Trust> {
+    let source = skiff_ctl::trust::choose(
+        g.trusted_keys.as_deref(),
+        c.deployment.trusted_keys.as_deref(),
+    )
+    .map_err(|e| exit(ExitCode::Refused, e))?;
+    skiff_ctl::trust::load(source, &c.ssm)
+        .await
+        .map_err(|e| exit(ExitCode::Refused, e))
+}
+
+/// The registry client of `status` and `history` (the same credentials a release uses, from
+/// the environment: SKIFF_REGISTRY_USER, SKIFF_REGISTRY_PASSWORD, SKIFF_REGISTRY_CA).
+fn reading_registry(c: &Clients) -> anyhow::Result<HttpRegistry> {
+    let creds = std::env::var("SKIFF_REGISTRY_USER")
+        .ok()
+        .map(|user| Credentials {
+            user,
+            password: std::env::var("SKIFF_REGISTRY_PASSWORD").unwrap_or_default(),
+        });
+    let registry = match std::env::var_os("SKIFF_REGISTRY_CA") {
+        Some(ca) => HttpRegistry::with_ca(creds, std::path::Path::new(&ca))
+            .map_err(|e| exit(ExitCode::Refused, e))?,
+        None => HttpRegistry::new(creds).context("cannot set up the HTTP client")?,
+    };
+    Ok(registry.with_ecr_tokens(c.sdk.clone()))
+}
+
+/// `ctl history`: the records, and who signed each one shown (one registry read per digest).
+async fn history_cmd(g: &Global, c: &Clients, limit: usize) -> anyhow::Result<ExitCode> {
+    use skiff_ctl::trust::Signer;
+    let trust = trust(g, c).await?;
+    let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
+    let history = store
+        .history(limit)
+        .await
+        .map_err(|e| exit(ExitCode::Refused, e))?;
+    let releases: Vec<_> = history.iter().map(|h| h.release.as_ref()).collect();
+    let signers = skiff_ctl::trust::signers(
+        &trust,
+        &reading_registry(c)?,
+        &c.deployment.image,
+        &releases,
+    )
+    .await;
+    if g.json {
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            #[serde(flatten)]
+            stored: &'a skiff_ctl::store::Stored,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            signature: Option<&'a Signer>,
+        }
+        let entries: Vec<Entry<'_>> = history
+            .iter()
+            .zip(&signers)
+            .map(|(stored, s)| Entry {
+                stored,
+                signature: s.as_ref(),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        if matches!(trust, Trust::Off) {
+            eprintln!("{}", skiff_ctl::trust::OFF);
+        }
+        print!("{}", skiff_ctl::history::render(&history, &signers));
+    }
+    Ok(ExitCode::Success)
 }
 
 /// `ctl sign`: the repository from --image, else the stack; see skiff_ctl::sign.
@@ -658,6 +728,8 @@ async fn release(
         None => HttpRegistry::new(creds).context("cannot set up the HTTP client")?,
     }
     .with_ecr_tokens(c.sdk.clone());
+    let trust = trust(g, c).await?;
+    let gate = Gate::new(&trust, &resolver);
     let fleet = Fleet {
         parameter: &c.deployment.parameter,
         image: &c.deployment.image,
@@ -740,7 +812,7 @@ async fn release(
     let mut stop =
         skiff_ctl::signal::listen(on_second).context("cannot listen for SIGINT/SIGTERM")?;
     let mut printer = Printer::new(g.json);
-    let result = ship::ship_with(&fleet, &hosts, &req, &mut stop, &mut |e| {
+    let result = ship::ship_checked(&fleet, &hosts, &gate, &req, &mut stop, &mut |e| {
         if let Ok(mut j) = journal.lock() {
             j.record(&e);
         }
@@ -809,6 +881,7 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
 }
 
 async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
+    let trust = trust(g, c).await?;
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
@@ -823,6 +896,21 @@ async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
     )
     .await
     .map_err(|e| exit(ExitCode::Refused, e))?;
+    let mut report = report;
+    let desired = store.read().await.ok().flatten().and_then(|s| s.release);
+    report.signature = match (&trust, &desired) {
+        (Trust::Off, _) => Some(skiff_ctl::trust::Signer::Off),
+        (Trust::On(_), None) => None,
+        (Trust::On(_), Some(r)) => skiff_ctl::trust::signers(
+            &trust,
+            &reading_registry(c)?,
+            &c.deployment.image,
+            &[Some(r)],
+        )
+        .await
+        .pop()
+        .flatten(),
+    };
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

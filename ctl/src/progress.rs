@@ -118,6 +118,7 @@ impl Printer {
                 eprintln!("failed: {reason}\nrolling back to {to}")
             }
             Event::Rollout(step) => eprintln!("{}", rollout_line(step)),
+            Event::Signature(verdict) => eprintln!("{verdict}"),
             Event::Progress { .. } => {}
         }
     }

@@ -1,4 +1,4 @@
-//! The release procedure: verify the image, take the release lock (and check no refresh runs),
+//! The release procedure: verify the image and its signature, take the release lock (and check no refresh runs),
 //! read and show old -> new, write and read back, roll the fleet, and on failure, timeout or a
 //! stop request put the previous release back (only if the parameter still holds what this
 //! run wrote) and roll the fleet to it. Every step reports an [`Event`]; the end is an
@@ -18,6 +18,7 @@ use crate::refresh::{InstanceRefresher, RefreshError, RefreshPlan};
 use crate::registry::{DigestResolver, RegistryError};
 use crate::signal::Stop;
 use crate::store::{ReleaseStore, StoreError};
+use crate::trust::{self, Gate, SignatureChecker, TrustError, Unchecked, Verdict};
 
 use compensation::Run;
 pub use events::{Event, Outcome};
@@ -102,6 +103,8 @@ pub enum ShipError {
     Read(StoreError),
     #[error("{0}")]
     Target(#[from] TargetError),
+    #[error("{0}")]
+    Trust(#[from] TrustError),
     #[error("stopped by {signal} before anything was written")]
     Interrupted { signal: String },
     #[error("{0}; the parameter may or may not hold the new release, check `ctl status`")]
@@ -121,6 +124,7 @@ impl ShipError {
             | ShipError::InPlace(_)
             | ShipError::Read(_)
             | ShipError::Target(_)
+            | ShipError::Trust(_)
             | ShipError::Interrupted { .. } => ExitCode::Refused,
         }
     }
@@ -154,6 +158,8 @@ fn stamp(release: &Release, req: &Request, kind: Kind) -> Release {
     r
 }
 
+/// [`ship_checked`] for the refresh strategy, without a signature check (a deployment that
+/// names no trusted keys).
 pub async fn ship<S, R, D, L>(
     fleet: &Fleet<'_, S, R, D, L>,
     req: &Request,
@@ -169,7 +175,7 @@ where
     ship_with(fleet, &NoInPlace, req, stop, emit).await
 }
 
-/// [`ship`], with the instances an in-place rollout (`req.rollout`) switches.
+/// [`ship_checked`] without a signature check (a deployment that names no trusted keys).
 pub async fn ship_with<S, R, D, L, H>(
     fleet: &Fleet<'_, S, R, D, L>,
     hosts: &H,
@@ -183,6 +189,27 @@ where
     D: DigestResolver,
     L: ReleaseLock,
     H: InPlaceFleet,
+{
+    ship_checked(fleet, hosts, &Gate::<Unchecked>::Off, req, stop, emit).await
+}
+
+/// Release: with the instances an in-place rollout (`req.rollout`) switches, and the signature
+/// check `gate` the pinned digest passes before anything is written.
+pub async fn ship_checked<S, R, D, L, H, C>(
+    fleet: &Fleet<'_, S, R, D, L>,
+    hosts: &H,
+    gate: &Gate<'_, C>,
+    req: &Request,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Result<Outcome, ShipError>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    D: DigestResolver,
+    L: ReleaseLock,
+    H: InPlaceFleet,
+    C: SignatureChecker,
 {
     let new = match &req.target {
         Target::Tag { tag, verify: true } => {
@@ -202,20 +229,81 @@ where
         }
         Target::Rollback { .. } => None,
     };
+    let signed = signature(fleet, gate, req, new.as_ref(), emit).await;
     if req.dry_run {
-        return dry_run::dry_run(fleet, hosts, req, new, emit).await;
+        // The plan is shown either way; a refused signature still fails the dry run.
+        let outcome = dry_run::dry_run(fleet, hosts, req, new, emit).await?;
+        signed?;
+        return Ok(outcome);
     }
+    let signed = signed?;
     let what = match (&new, &req.target) {
         (Some(r), _) => r.to_string(),
         (None, Target::Rollback { to: Some(t) }) => format!("rollback to {t}"),
         (None, _) => "rollback".into(),
     };
     let ours = lock::acquire(fleet, req, &what, stop, emit).await?;
-    let result = locked(fleet, hosts, req, new, stop, emit).await;
+    let result = locked(fleet, hosts, (gate, signed), req, new, stop, emit).await;
     lock::let_go(fleet, &ours, emit).await;
     result
 }
 
+/// The signature check of the release this run would write, before the lock is taken: the
+/// digest just resolved, or the rollback target as the history names it now. Returns the
+/// digest that passed (`None`: the check is off).
+async fn signature<S, R, D, L, C>(
+    fleet: &Fleet<'_, S, R, D, L>,
+    gate: &Gate<'_, C>,
+    req: &Request,
+    new: Option<&Release>,
+    emit: &mut dyn FnMut(Event),
+) -> Result<Option<skiff_release::Digest>, ShipError>
+where
+    S: ReleaseStore,
+    C: SignatureChecker,
+{
+    let Gate::On { keys, checker } = gate else {
+        emit(Event::Signature(Verdict::Off));
+        return Ok(None);
+    };
+    let release = match new {
+        Some(r) => r.clone(),
+        None => target_release(fleet, req, None).await?,
+    };
+    verify_signature(fleet.image, keys, *checker, &release, req.dry_run, emit).await
+}
+
+/// Check `release` against `keys` and report the verdict (a refusal only in a dry run: the
+/// error says it otherwise).
+async fn verify_signature<C: SignatureChecker>(
+    image: &str,
+    keys: &trust::Keys,
+    checker: &C,
+    release: &Release,
+    dry_run: bool,
+    emit: &mut dyn FnMut(Event),
+) -> Result<Option<skiff_release::Digest>, ShipError> {
+    let digest = release.digest.as_ref().map(ToString::to_string);
+    match trust::check(keys, checker, image, release).await {
+        Ok(signed) => {
+            emit(Event::Signature(Verdict::Signed {
+                digest: digest.unwrap_or_default(),
+                key_id: signed.key_id,
+                source: keys.source.to_string(),
+            }));
+            Ok(release.digest.clone())
+        }
+        Err(e) => {
+            if dry_run {
+                emit(Event::Signature(Verdict::Refused {
+                    digest,
+                    reason: e.to_string(),
+                }));
+            }
+            Err(e.into())
+        }
+    }
+}
 /// The release to write: the one built from the tag, or the rollback target, read from the
 /// history (under the lock, except for a dry run).
 async fn target_release<S, R, D, L>(
@@ -249,10 +337,12 @@ struct Mine {
     value: String,
 }
 
-/// The lock is held: read, write, roll.
-async fn locked<S, R, D, L, H>(
+/// The lock is held: read, write, roll. `checked`: the signature gate and the digest that
+/// passed it before the lock was taken.
+async fn locked<S, R, D, L, H, C>(
     fleet: &Fleet<'_, S, R, D, L>,
     hosts: &H,
+    (gate, checked): (&Gate<'_, C>, Option<skiff_release::Digest>),
     req: &Request,
     new: Option<Release>,
     stop: &mut Stop,
@@ -262,8 +352,16 @@ where
     S: ReleaseStore,
     R: InstanceRefresher,
     H: InPlaceFleet,
+    C: SignatureChecker,
 {
     let new = target_release(fleet, req, new).await?;
+    // A rollback target is chosen again under the lock; if the history changed meanwhile and
+    // it names another digest, that one is checked too, still before anything is written.
+    if let Gate::On { keys, checker } = gate
+        && new.digest != checked
+    {
+        verify_signature(fleet.image, keys, *checker, &new, false, emit).await?;
+    }
     let previous = fleet.store.read().await.map_err(ShipError::Read)?;
     emit(Event::Plan {
         parameter: fleet.parameter.to_owned(),

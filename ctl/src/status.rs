@@ -252,6 +252,10 @@ pub struct Report {
     /// The group's suspended processes (an in-place rollout holds HealthCheck and
     /// ReplaceUnhealthy while it runs).
     pub processes: Processes,
+    /// Who signed the release in the parameter (see [`crate::trust::signers`]); `None`: not
+    /// asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::trust::Signer>,
 }
 
 /// Read the release, the refresh, the lock, the instances and their target health. Only the
@@ -313,6 +317,7 @@ where
         drift,
         rollout,
         processes,
+        signature: None,
     })
 }
 
@@ -336,6 +341,9 @@ pub fn render(r: &Report) -> String {
         _ => {
             let _ = writeln!(s, "release    (parameter not written yet)");
         }
+    }
+    if let Some(signer) = &r.signature {
+        let _ = writeln!(s, "signature  {signer}");
     }
     let _ = match (&r.refresh, &r.refresh_error) {
         (Some(f), _) => writeln!(

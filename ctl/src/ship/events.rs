@@ -4,6 +4,7 @@ use crate::exit::ExitCode;
 use crate::inplace::RolloutStep;
 use crate::lock::Holder;
 use crate::refresh::RefreshInfo;
+use crate::trust::Verdict;
 
 use super::Purpose;
 
@@ -69,6 +70,8 @@ pub enum Event {
     },
     /// A step of an in-place rollout.
     Rollout(RolloutStep),
+    /// The signature check of the pinned digest, before anything is written.
+    Signature(Verdict),
 }
 
 /// How a release ended, when it got as far as acting.

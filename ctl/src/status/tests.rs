@@ -81,6 +81,7 @@ fn report(instances: Vec<InstanceView>, err: Option<TargetHealthError>) -> Repor
             alarms: vec!["a-5xx".into()],
             strategy: None,
             swap: None,
+            trusted_keys: None,
         },
         release: Some("v1".into()),
         desired_tag: Some("v1".into()),
@@ -96,6 +97,7 @@ fn report(instances: Vec<InstanceView>, err: Option<TargetHealthError>) -> Repor
         target_health_error: err,
         rollout: None,
         processes: Processes::default(),
+        signature: None,
     }
 }
 
@@ -133,6 +135,34 @@ fn render_table() {
                 "note: target health unknown: elasticloadbalancing:DescribeTargetHealth was denied",
             ],
             vec!["drift"],
+        ),
+        (
+            "the signer of the running release",
+            Report {
+                signature: Some(crate::trust::Signer::Signed {
+                    key_id: "SHA256:0123456789abcdef".into(),
+                }),
+                ..report(vec![healthy.clone()], None)
+            },
+            vec!["signature  signed by SHA256:0123456789abcdef"],
+            vec!["unknown"],
+        ),
+        (
+            "the registry cannot say: status still shows the rest",
+            Report {
+                signature: Some(crate::trust::Signer::Unknown {
+                    why: "cannot reach the registry".into(),
+                }),
+                ..report(vec![healthy.clone()], None)
+            },
+            vec!["signature  unknown: cannot reach the registry", "i-a"],
+            vec!["signed by"],
+        ),
+        (
+            "no keys named: no signature line",
+            report(vec![healthy.clone()], None),
+            vec!["release    v1"],
+            vec!["signature "],
         ),
     ];
     for (name, r, has, lacks) in table {

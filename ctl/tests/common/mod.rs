@@ -187,3 +187,72 @@ pub fn form_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Push a one-layer image `repo:tag` whose layer holds `content` (another content, another
+/// digest); returns its digest as the registry resolves it.
+pub async fn push_image(
+    r: &skiff_ctl::registry::HttpRegistry,
+    repo: &str,
+    tag: &str,
+    content: &str,
+) -> skiff_release::Digest {
+    use skiff_ctl::registry::DigestResolver;
+    use skiff_signature::{MANIFEST_MEDIA_TYPE, blob_digest};
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = content.as_bytes();
+    r.put_blob(repo, &blob_digest(config), config)
+        .await
+        .expect("config blob");
+    r.put_blob(repo, &blob_digest(layer), layer)
+        .await
+        .expect("layer blob");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "size": config.len(), "digest": blob_digest(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "size": layer.len(), "digest": blob_digest(layer)}],
+    }))
+    .expect("manifest");
+    r.put_manifest(repo, tag, MANIFEST_MEDIA_TYPE, &manifest)
+        .await
+        .expect("manifest");
+    r.resolve(repo, &tag.parse().expect("tag"))
+        .await
+        .expect("resolve")
+}
+
+/// A fresh P-256 signing key from `openssl genpkey`, as Jenkins keeps one.
+pub fn openssl_key() -> skiff_signature::FileKey {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl genpkey");
+    skiff_signature::FileKey::from_pem(&String::from_utf8_lossy(&out.stdout))
+        .expect("PKCS#8 P-256 key")
+}
+
+/// Sign `repo@digest` with `key` (cosign's payload naming `signed`, normally `digest` itself)
+/// and push the signature under `digest`'s signature tag, as `ctl sign` does.
+pub async fn push_signature(
+    r: &skiff_ctl::registry::HttpRegistry,
+    repo: &str,
+    digest: &skiff_release::Digest,
+    signed: &skiff_release::Digest,
+    key: &skiff_signature::FileKey,
+) {
+    let p = skiff_signature::payload(repo, signed);
+    let sig = key.sign(&p);
+    r.push_signature(repo, digest, p, &sig)
+        .await
+        .expect("push signature");
+}
