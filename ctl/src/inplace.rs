@@ -108,6 +108,8 @@ pub enum InPlaceError {
         "--batch {0:?} is not a batch size: give a number of instances (e.g. 2) or a percentage of the group from 1% to 100% (e.g. 25%)"
     )]
     Batch(String),
+    #[error(transparent)]
+    Alarms(#[from] crate::alarms::AlarmsError),
     #[error("cannot describe Auto Scaling Group {asg} ({detail})")]
     DescribeGroup { asg: String, detail: String },
     #[error("Auto Scaling Group {asg} does not exist; check --asg or the stack")]
@@ -336,6 +338,19 @@ pub trait InPlaceFleet {
         processes: &[String],
         suspend: bool,
     ) -> impl Future<Output = Result<(), InPlaceError>> + Send;
+    /// Of the release alarms `names`, those in ALARM. A fleet that cannot read alarms says
+    /// so (an error): the watch after the last batch then fails rather than pass unwatched.
+    fn firing(
+        &self,
+        names: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, InPlaceError>> + Send {
+        let n = names.len();
+        async move {
+            Err(InPlaceError::Alarms(crate::alarms::AlarmsError::Describe(
+                format!("this fleet reads no CloudWatch alarm ({n} named)"),
+            )))
+        }
+    }
 }
 
 /// The Auto Scaling processes held while instances swap in place: a swapping instance drains
@@ -548,6 +563,11 @@ pub enum RolloutStep {
     /// Handover: every switched instance watched after the last batch for the agents' hold
     /// (a flip back answers `skiff:failed`).
     Settled {
+        secs: f64,
+    },
+    /// The release alarms watched for one window after the last batch; none fired.
+    AlarmsQuiet {
+        alarms: Vec<String>,
         secs: f64,
     },
     /// Auto Scaling processes suspended for the swaps (`already`: suspended before, by someone

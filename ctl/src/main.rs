@@ -315,6 +315,11 @@ struct ReleaseOpts {
     /// Watch no alarm, not even the stack's.
     #[arg(long)]
     no_alarms: bool,
+    /// How long the release alarms need to be able to fire (two one-minute datapoints and the
+    /// load balancer's delay): a refresh watching alarms bakes at least this long, and an
+    /// in-place release watches them this long after its last batch. 0s: neither.
+    #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
+    alarm_window: Duration,
     /// Registry user (basic auth or token service).
     #[arg(long, env = "SKIFF_REGISTRY_USER")]
     registry_user: Option<String>,
@@ -771,6 +776,7 @@ async fn release(
         autoscaling: c.autoscaling.clone(),
         ec2: c.ec2.clone(),
         elb: c.elb.clone(),
+        cloudwatch: aws_sdk_cloudwatch::Client::new(&c.sdk),
     };
     let req = Request {
         target,
@@ -790,6 +796,7 @@ async fn release(
             checkpoints: opts.checkpoints.clone(),
             checkpoint_delay: opts.checkpoint_delay,
             alarms: alarms.alarms,
+            alarm_window: opts.alarm_window,
         },
         rollout,
         ctl: ctl.clone(),

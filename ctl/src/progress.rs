@@ -193,6 +193,10 @@ pub fn rollout_line(step: &RolloutStep) -> String {
         RolloutStep::Settled { secs } => format!(
             "in-place: no agent flipped back within its handover hold: watched {secs}s after the last batch"
         ),
+        RolloutStep::AlarmsQuiet { alarms, secs } => format!(
+            "in-place: no release alarm fired within {secs}s after the last batch: {}",
+            alarms.join(", ")
+        ),
         RolloutStep::Held { processes, already } => format!(
             "in-place: the group's {} held while instances swap{}",
             if processes.is_empty() {

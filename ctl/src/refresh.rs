@@ -99,6 +99,9 @@ pub struct RefreshPlan {
     pub checkpoints: Vec<i32>,
     pub checkpoint_delay: Option<Duration>,
     pub alarms: Vec<String>,
+    /// How long the alarms need to be able to fire ([`crate::alarms::window`] by default): a
+    /// refresh watching them bakes at least this long.
+    pub alarm_window: Duration,
 }
 
 impl RefreshPlan {
@@ -123,6 +126,7 @@ impl Default for RefreshPlan {
             checkpoints: Vec::new(),
             checkpoint_delay: None,
             alarms: Vec::new(),
+            alarm_window: crate::alarms::window(),
         }
     }
 }
@@ -328,7 +332,15 @@ impl InstanceRefresher for AsgRefresher {
         if let Some(d) = plan.checkpoint_delay {
             prefs = prefs.checkpoint_delay(secs(d));
         }
-        if let Some(b) = plan.bake_time {
+        // Watching alarms, the refresh bakes long enough for them to fire (crate::alarms).
+        let bake = crate::alarms::refresh_bake(plan.bake_time, &plan.alarms, plan.alarm_window);
+        if bake != plan.bake_time {
+            tracing::info!(
+                "the refresh bakes {}s after its last replacement so that its alarms can fire",
+                bake.map_or(0, |b| b.as_secs())
+            );
+        }
+        if let Some(b) = bake {
             prefs = prefs.bake_time(secs(b));
         }
         // AutoRollback stays off (the default): ctl owns the rollback, see crate::alarms.

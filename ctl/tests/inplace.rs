@@ -858,3 +858,190 @@ async fn drain_refuses_to_take_every_healthy_target_out_unless_the_downtime_is_a
     drop(agent);
     g.delete().await;
 }
+
+/// A CloudWatch alarm in the emulator named `name`, in OK.
+async fn alarm(name: &str) -> aws_sdk_cloudwatch::Client {
+    let cw = aws_sdk_cloudwatch::Client::new(&moto_sdk().await);
+    cw.put_metric_alarm()
+        .alarm_name(name)
+        .namespace("AWS/ApplicationELB")
+        .metric_name("HTTPCode_Target_5XX_Count")
+        .statistic(aws_sdk_cloudwatch::types::Statistic::Sum)
+        .period(60)
+        .evaluation_periods(2)
+        .threshold(5.0)
+        .comparison_operator(aws_sdk_cloudwatch::types::ComparisonOperator::GreaterThanThreshold)
+        .send()
+        .await
+        .expect("alarm");
+    cw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_alarms_are_watched_for_a_window_after_the_last_batch() {
+    // Issue 18, finding 10: the alarms' datapoints arrive minutes after the last swap; a
+    // release that counts as done at once would never be failed by them.
+    let g = group("skiff-ctl-ipal", 2).await;
+    let ids = g.instances().await;
+    let agent = FakeAgent::start(&g, ids.clone(), vec![], vec![], Duration::from_millis(200));
+    let name = unique("skiff-ctl-alarm");
+    let cw = alarm(&name).await;
+
+    // No alarm fires within the window: done, after the whole window.
+    let t = std::time::Instant::now();
+    let out = run_ctl(release_in_place(
+        &g,
+        "v2",
+        &["--alarm", &name, "--alarm-window", "3s"],
+    ))
+    .await;
+    let text_ok = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text_ok}");
+    assert!(
+        text_ok.contains("in-place: no release alarm fired within")
+            && text_ok.contains(&format!("after the last batch: {name}")),
+        "{text_ok}"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // The alarm goes to ALARM once every instance runs v3, within the window: the release
+    // fails, every instance is told v2 again and the parameter holds v2.
+    let watcher = {
+        let g2 = Group {
+            group: g.group.clone(),
+            elb: g.elb.clone(),
+            ssm: g.ssm.clone(),
+            tg: g.tg.clone(),
+            param: g.param.clone(),
+        };
+        let ids = ids.clone();
+        let cw = cw.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                let tags = g2.tags().await;
+                if ids
+                    .iter()
+                    .all(|id| tags[id].get("skiff:release").map(String::as_str) == Some("v3"))
+                {
+                    cw.set_alarm_state()
+                        .alarm_name(&name)
+                        .state_value(aws_sdk_cloudwatch::types::StateValue::Alarm)
+                        .state_reason("test: the release broke the app")
+                        .send()
+                        .await
+                        .expect("set alarm state");
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        })
+    };
+    let out = run_ctl(release_in_place(
+        &g,
+        "v3",
+        &["--alarm", &name, "--alarm-window", "60s"],
+    ))
+    .await;
+    let t = text(&out);
+    assert!(
+        watcher.await.expect("watcher"),
+        "every instance ran v3: {t}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains(&format!("in ALARM: {name}")), "{t}");
+    let tags = g.tags().await;
+    for id in &ids {
+        assert_eq!(tags[id]["skiff:target"], "v2", "reverted: {tags:?}");
+    }
+    let value = read_param(&g.ssm, &g.param).await.expect("parameter");
+    assert!(value.contains(r#""tag":"v2""#), "{value}");
+    assert_eq!(processes(&g).await, (vec![], None), "resumed, unmarked");
+    cw.delete_alarms()
+        .alarm_names(&name)
+        .send()
+        .await
+        .expect("delete alarm");
+    drop(agent);
+    g.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_watching_alarms_bakes_for_the_alarm_window() {
+    let g = group("skiff-ctl-bake", 1).await;
+    let name = unique("skiff-ctl-bake-alarm");
+    let cw = alarm(&name).await;
+    for (extra, want) in [
+        (vec![], None),
+        (vec!["--alarm", name.as_str()], Some(240)),
+        (
+            vec!["--alarm", name.as_str(), "--bake-time", "10m"],
+            Some(600),
+        ),
+        (
+            vec!["--alarm", name.as_str(), "--alarm-window", "5s"],
+            Some(5),
+        ),
+        (vec!["--alarm", name.as_str(), "--alarm-window", "0s"], None),
+    ] {
+        let mut a = args(
+            &g,
+            &[
+                "release",
+                "--tag",
+                "v2",
+                "--skip-verify",
+                "--strategy",
+                "refresh",
+                "--no-wait",
+            ],
+        );
+        a.extend(extra.iter().map(|s| (*s).to_owned()));
+        let out = run_ctl(a).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let r = g
+            .asg
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&g.name)
+            .max_records(1)
+            .send()
+            .await
+            .expect("refreshes");
+        let latest = &r.instance_refreshes()[0];
+        assert_eq!(
+            latest.preferences().and_then(|p| p.bake_time()),
+            want,
+            "{extra:?}: {latest:?}"
+        );
+        g.asg
+            .cancel_instance_refresh()
+            .auto_scaling_group_name(&g.name)
+            .send()
+            .await
+            .expect("cancel");
+        // The next release waits for the group: let the cancel land.
+        for _ in 0..100 {
+            let r = g
+                .asg
+                .describe_instance_refreshes()
+                .auto_scaling_group_name(&g.name)
+                .max_records(1)
+                .send()
+                .await
+                .expect("refreshes");
+            if r.instance_refreshes()[0].status()
+                != Some(&aws_sdk_autoscaling::types::InstanceRefreshStatus::Cancelling)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cw.delete_alarms()
+        .alarm_names(&name)
+        .send()
+        .await
+        .expect("delete alarm");
+    g.delete().await;
+}

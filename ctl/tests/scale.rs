@@ -94,6 +94,7 @@ async fn status_and_the_in_place_read_of_250_instances_stay_within_the_filter_li
         autoscaling: aws_sdk_autoscaling::Client::new(&sdk),
         ec2: aws_sdk_ec2::Client::new(&sdk),
         elb: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
+        cloudwatch: aws_sdk_cloudwatch::Client::new(&sdk),
     };
     let read = hosts.hosts().await.expect("hosts");
     assert_eq!(read.len(), N);

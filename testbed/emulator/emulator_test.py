@@ -160,6 +160,42 @@ def main():
         r = ga()
         check("the alarm in ALARM fails it, naming the alarm",
               r["Status"] == "Failed" and "ga-5xx" in r.get("StatusReason", ""), str(r))
+        # BakeTime (issue 18, finding 10): after the last replacement the refresh bakes, still
+        # watching its alarms; an alarm in ALARM then fails it, else it succeeds once baked.
+        cw.set_alarm_state(AlarmName="ga-5xx", StateValue="OK", StateReason="test")
+        err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={
+            "BakeTime": 172801}))
+        check("a BakeTime above 172800 s is a ValidationError",
+              err is not None and err[0] == "ValidationError" and "BakeTime" in err[1], str(err))
+
+        def baked(bake, alarm_during_bake):
+            rid = asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={
+                "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "InstanceWarmup": 0,
+                "BakeTime": bake, "AlarmSpecification": {"Alarms": ["ga-5xx"]}})["InstanceRefreshId"]
+            seen, deadline, r = [], time.monotonic() + 30, {}
+            while time.monotonic() < deadline:
+                r = asg.describe_instance_refreshes(AutoScalingGroupName="ga", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+                if not seen or seen[-1] != r["Status"]:
+                    seen.append(r["Status"])
+                if r["Status"] in ("Successful", "Failed", "Cancelled"):
+                    break
+                if r["Status"] == "Baking" and alarm_during_bake:
+                    cw.set_alarm_state(AlarmName="ga-5xx", StateValue="ALARM", StateReason="test")
+                for i, st in states("ga").items():
+                    if st == "Pending:Wait":
+                        asg.complete_lifecycle_action(AutoScalingGroupName="ga", LifecycleHookName="launch",
+                                                      InstanceId=i, LifecycleActionResult="CONTINUE")
+                time.sleep(0.2)
+            return seen, r
+
+        t = time.monotonic()
+        seen, r = baked(2, False)
+        check("with BakeTime the refresh bakes after the last replacement, then succeeds",
+              seen[-2:] == ["Baking", "Successful"], f"{seen} {r}")
+        check("... not before the bake time has passed", time.monotonic() - t >= 2, f"{time.monotonic() - t:.1f} s")
+        seen, r = baked(600, True)
+        check("an alarm going to ALARM during the bake fails the refresh, naming it",
+              seen[-2:] == ["Baking", "Failed"] and "ga-5xx" in r.get("StatusReason", ""), f"{seen} {r}")
         err = error_of(lambda: asg.start_instance_refresh(AutoScalingGroupName="ga", Preferences={
             "AutoRollback": True, "AlarmSpecification": {"Alarms": ["ga-5xx"]}}))
         check("AutoRollback without a DesiredConfiguration is a ValidationError",

@@ -7,7 +7,16 @@ https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_InstanceRefresh.htm
 Modelled (Rolling strategy only):
   * one active refresh per group; Start while one is Pending/InProgress/Cancelling is
     InstanceRefreshInProgress;
-  * Pending -> InProgress -> Successful, or -> Cancelling -> Cancelled, or -> Failed;
+  * Pending -> InProgress -> [Baking ->] Successful, or -> Cancelling -> Cancelled, or -> Failed;
+  * Preferences.BakeTime (0-172800 s, default 0): once every instance is replaced the refresh
+    is Baking, "waiting the specified bake time after an instance refresh has finished updating
+    instances", and Successful only when it has passed; it still holds the group (a Start is
+    InstanceRefreshInProgress), can be cancelled, and the alarms below still fail it, as "the
+    amount of time ... to wait at the end of an instance refresh before the instance refresh
+    is considered complete" is the time the alarms are watched after the last replacement.
+    https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_RefreshPreferences.html
+    https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_InstanceRefresh.html (Status)
+    A BakeTime outside 0-172800 is refused (ValidationError);
   * MaxHealthyPercentage > 100 launches a batch of replacements before terminating (the
     instance maintenance policy skiff uses, 100/200); otherwise a batch is terminated first and
     MinHealthyPercentage sets the batch size;
@@ -15,7 +24,7 @@ Modelled (Rolling strategy only):
     InstanceWarmup has passed; an old instance counts as replaced once it has left the group
     (its terminate hook completed);
   * a replacement whose launch was abandoned (ABANDON) fails the refresh;
-  * Preferences.AlarmSpecification.Alarms: while the refresh runs, any of them in ALARM state
+  * Preferences.AlarmSpecification.Alarms: while the refresh runs or bakes, any of them in ALARM state
     (CloudWatch, e.g. after SetAlarmState) fails it, as "the instance refresh fails ... if any
     CloudWatch alarms you specify go into the ALARM state"; names CloudWatch does not know are
     not in ALARM. https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-rollback.html
@@ -23,7 +32,7 @@ Modelled (Rolling strategy only):
   * AutoRollback without a DesiredConfiguration is refused (ValidationError): "a rollback is not
     supported ... [when] there is no desired configuration specified".
     https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_RefreshPreferences.html
-Not modelled: checkpoints (stored and echoed only), BakeTime, SkipMatching, rollback, standby,
+Not modelled: checkpoints (stored and echoed only), SkipMatching, rollback, standby,
 scale-in protection, warm pools. Issue 10 deepens this.
 """
 
@@ -33,7 +42,8 @@ import math
 import uuid
 from dataclasses import dataclass, field
 
-ACTIVE = ("Pending", "InProgress", "Cancelling")
+ACTIVE = ("Pending", "InProgress", "Baking", "Cancelling")
+MAX_BAKE_TIME = 172800
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Refresh:
     launched: list[str] = field(default_factory=list)  # replacements launched so far
     ended: float | None = None
     cancel_requested: bool = False
+    baking_since: float | None = None
 
     @property
     def active(self) -> bool:
@@ -77,8 +88,19 @@ def alarm_names(preferences: dict) -> list[str]:
     return [alarms] if isinstance(alarms, str) else list(alarms)
 
 
+def bake_time(preferences: dict) -> float:
+    """Preferences.BakeTime in seconds (0 when absent)."""
+    return float((preferences or {}).get("BakeTime", 0) or 0)
+
+
 def refuse(preferences: dict, desired_configuration) -> str | None:
     """Why StartInstanceRefresh refuses these preferences (a ValidationError), if it does."""
+    try:
+        bake = bake_time(preferences)
+    except (TypeError, ValueError):
+        return "BakeTime must be a whole number of seconds"
+    if not 0 <= bake <= MAX_BAKE_TIME:
+        return f"BakeTime {bake:g} is outside 0-{MAX_BAKE_TIME} seconds"
     auto = str((preferences or {}).get("AutoRollback", "false")).lower() == "true"
     if auto and not desired_configuration:
         return "AutoRollback requires a DesiredConfiguration to roll back to"
@@ -128,8 +150,16 @@ def step(refresh: Refresh, view: View, now: float) -> list[tuple[str, object]]:
         if view.instances[i][0] != "InService"
         or (view.instances[i][1] or now) + warmup > now
     ]
+    if refresh.status == "Baking":
+        if now - (refresh.baking_since or now) >= bake_time(refresh.preferences):
+            refresh.status, refresh.ended = "Successful", now
+            refresh.status_reason = ""
+        return []
     if not old:
         if new_pending:
+            return []
+        if bake_time(refresh.preferences) > 0:
+            refresh.status, refresh.baking_since = "Baking", now
             return []
         refresh.status, refresh.ended = "Successful", now
         refresh.status_reason = ""

@@ -14,6 +14,8 @@ pub struct AwsHosts {
     pub autoscaling: aws_sdk_autoscaling::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    /// The release alarms' reader (CloudWatch DescribeAlarms).
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
 }
 
 impl AwsHosts {
@@ -173,5 +175,13 @@ impl InPlaceFleet for AwsHosts {
                 .map_err(|e| fail("unmark", aws::describe(&e)))?;
         }
         Ok(())
+    }
+
+    async fn firing(&self, names: &[String]) -> Result<Vec<String>, InPlaceError> {
+        use crate::alarms::{AlarmStates, CloudWatchAlarms};
+        let reader = CloudWatchAlarms {
+            client: self.cloudwatch.clone(),
+        };
+        Ok(reader.firing(names).await?)
     }
 }

@@ -10,6 +10,7 @@ use skiff_release::{Release, instance_tags};
 use tokio::time::Instant;
 
 use super::{Event, Outcome, Run};
+use crate::alarms;
 use crate::inplace::{
     self, BatchWatch, Host, InPlaceError, InPlaceFleet, RolloutPlan, RolloutStep, SwapMode,
     Verdict, Waited, describe_pending, secs, wait_for,
@@ -296,6 +297,9 @@ where
             if let Some(f) = settle(run, fleet, plan, &switched, stop, emit).await {
                 return fail(run, fleet, plan, &switched, f, emit).await;
             }
+            if let Some(f) = watch_alarms(run, fleet, stop, emit).await {
+                return fail(run, fleet, plan, &switched, f, emit).await;
+            }
             let instances: Vec<String> = now.iter().map(|h| h.id.clone()).collect();
             return confirm(run, instances, switched.len(), n, took(started)).await;
         }
@@ -362,6 +366,74 @@ where
         emit(Event::Rollout(RolloutStep::Settled { secs: took(t) }));
     }
     f
+}
+
+/// Between two reads of the release alarms: their state changes at most once a period.
+const ALARM_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Failed reads of the alarms in a row before the watch gives up.
+const ALARM_READ_FAILURES: u32 = 3;
+
+/// With release alarms: watch them for `--alarm-window` after the last batch (their
+/// datapoints arrive minutes late, see [`crate::alarms`]); one in ALARM fails the release.
+async fn watch_alarms<S, R, D, L, H>(
+    run: &Run<'_, '_, S, R, D, L>,
+    fleet: &H,
+    stop: &mut Stop,
+    emit: &mut dyn FnMut(Event),
+) -> Option<Failure>
+where
+    S: ReleaseStore,
+    R: InstanceRefresher,
+    H: InPlaceFleet,
+{
+    let names = &run.req.plan.alarms;
+    let window = run.req.plan.alarm_window;
+    if names.is_empty() || window.is_zero() {
+        return None;
+    }
+    let new = run.new;
+    let what = format!("release alarms after the last batch ({new})");
+    emit(Event::Rollout(RolloutStep::Waiting {
+        what: what.clone(),
+        pending: format!("{}s without ALARM: {}", secs(window), names.join(", ")),
+    }));
+    let t = Instant::now();
+    let mut failures = 0;
+    loop {
+        match fleet.firing(names).await {
+            Ok(firing) => {
+                failures = 0;
+                match alarms::watch(&firing, t.elapsed(), window) {
+                    alarms::Watch::Fired(fired) => {
+                        return Some(Failure::Reason(format!(
+                            "{what}: in ALARM: {}",
+                            fired.join(", ")
+                        )));
+                    }
+                    alarms::Watch::Passed => {
+                        emit(Event::Rollout(RolloutStep::AlarmsQuiet {
+                            alarms: names.clone(),
+                            secs: took(t),
+                        }));
+                        return None;
+                    }
+                    alarms::Watch::Continue => {}
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= ALARM_READ_FAILURES {
+                    return Some(Failure::Reason(format!("{what}: {e}")));
+                }
+                tracing::warn!("{e}; trying again");
+            }
+        }
+        let left = window.saturating_sub(t.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(ALARM_POLL.min(left)) => {}
+            signal = stop.wait() => return Some(Failure::Stopped(signal)),
+        }
+    }
 }
 
 /// A pull phase: `skiff:pull=release` on `ids`, then wait (at most `--pull-timeout`) until
