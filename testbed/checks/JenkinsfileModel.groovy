@@ -318,6 +318,8 @@ Map<String, List<Map>> scenarioSets() {
     def commit = '0123456789abcdef0123456789abcdef01234567'
     def base = { Map extra -> [GIT_COMMIT: commit, BUILD_URL: 'https://jenkins/job/1/'] + extra }
     def built = ['env-name', 'build', 'test', 'push']
+    // every branch that is not a pull request signs what it pushed before anything is released
+    def signed = built + ['sign']
     // issue 18, finding 5: a branch folding onto a protected environment stops at make env-name
     def refused = { String branch ->
         [name: "branch ${branch}: refused by make env-name, nothing built, pushed or deployed".toString(),
@@ -330,41 +332,48 @@ Map<String, List<Map>> scenarioSets() {
                 CHANGE_AUTHOR: 'skiff-maintainer'), targets: built, result: 'SUCCESS'],
             [name: 'branch feature/login, no stack yet: created, then tested', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'NONE\n']],
-                targets: built + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-branch', wait: '900'],
             [name: 'branch feature/login, stack exists: released, then tested', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
-                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-branch', wait: '120'],
             [name: 'master, stack exists: released, then tested', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
-                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-master', wait: '120'],
             [name: 'master, no stack yet: created, then tested', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'NONE\n']],
-                targets: built + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'create-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-master', wait: '900'],
             [name: 'master, the release fails its health checks (ctl 1): FAILURE, not tested', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/update-stack/, 2, '']], files: ['.ctl-exit': '1\n'],
-                targets: built + ['stack-status', 'update-stack'], result: 'FAILURE'],
+                targets: signed + ['stack-status', 'update-stack'], result: 'FAILURE'],
             [name: 'master, another release holds the lock (ctl 4): UNSTABLE, not tested', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/update-stack/, 2, '']], files: ['.ctl-exit': '4\n'],
-                targets: built + ['stack-status', 'update-stack'], result: 'UNSTABLE'],
+                targets: signed + ['stack-status', 'update-stack'], result: 'UNSTABLE'],
             refused('Master'), refused('MASTER'), refused('master_'), refused('-master'), refused('Production'),
             [name: 'branch feature/login: its own environment, not feature-login\'s', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
-                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-branch', env_name: 'feature-login--df7c7a'],
             [name: 'branch master: the environment master', env: base(BRANCH_NAME: 'master'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
-                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
                 credential: 'skiff-stack-master', env_name: 'master'],
             [name: 'branch whose stack is being updated: FAILURE, nothing deployed', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'UPDATE_IN_PROGRESS\n']],
-                targets: built + ['stack-status'], result: 'FAILURE'],
+                targets: signed + ['stack-status'], result: 'FAILURE'],
+            [name: 'the sign step fails: FAILURE, nothing released', env: base(BRANCH_NAME: 'feature/login'),
+                answers: [[/make sign/, 2, ''], [/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: signed, result: 'FAILURE'],
+            [name: 'master with SIGNING_KMS_KEY: signed with the KMS key, then released', env: base(BRANCH_NAME: 'master',
+                SIGNING_KMS_KEY: 'alias/skiff-signing'), answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n']],
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'SUCCESS',
+                credential: 'skiff-stack-master', kms: true],
             [name: 'the integration checks fail: FAILURE', env: base(BRANCH_NAME: 'feature/login'),
                 answers: [[/stack-status/, 0, 'UPDATE_COMPLETE\n'], [/integration/, 2, '']],
-                targets: built + ['stack-status', 'update-stack', 'integration'], result: 'FAILURE'],
+                targets: signed + ['stack-status', 'update-stack', 'integration'], result: 'FAILURE'],
         ],
         teardown: [
             [name: 'teardown of feature/login', env: base([:]), params: [BRANCH: 'feature/login'],
@@ -396,6 +405,23 @@ List<String> judge(Map want, Scenario sc) {
             if (!(want.credential in c.credentials) || !(c.script.contains('STACK_CONFIG'))) {
                 problems << "${t} does not run with the stack config ${want.credential}: ${c.script}".toString()
             }
+        }
+    }
+    // issue 20: nothing is released unsigned. The sign step runs after the push and before any
+    // release (create-stack writes the first one), with the signing credential.
+    def releases = got.findIndexOf { it in ['create-stack', 'update-stack'] }
+    if (releases >= 0 && !('sign' in got[0..<releases])) {
+        problems << "releases (${got[releases]}) without signing first: ${got}".toString()
+    }
+    if ('sign' in got) {
+        if (!('push' in got) || got.indexOf('sign') < got.indexOf('push')) {
+            problems << "signs before the push: ${got}".toString()
+        }
+        def c = sc.command('sign')
+        def (credential, variable) = want.kms ? ['skiff-signing-public-key', 'SIGNING_KMS_KEY="$SIGNING_KMS_KEY"'] :
+            ['skiff-signing-key', 'SIGNING_KEY="$SIGNING_KEY"']
+        if (!(credential in c.credentials) || !c.script.contains(variable)) {
+            problems << "sign does not run with ${credential} and ${variable}: ${c.script}".toString()
         }
     }
     if (want.containsKey('env_name') && sc.env.SKIFF_ENV != want.env_name) {

@@ -8,10 +8,13 @@
 #      one of steps/stages/parallel. Step bodies are compiled (pass 1) but never run.
 #   3. the paths: the pipeline is run against a model of Jenkins for each scenario (a pull request,
 #      a branch and master with and without a stack, a failed, a refused, a locked release, the
-#      teardown job with a good, an empty and a hostile branch name): `when` conditions evaluated,
+#      teardown job with a good, an empty and a hostile branch name, a failed sign, a KMS key):
+#      `when` conditions evaluated,
 #      step bodies and the Jenkinsfile's functions run with recording stand-ins for sh,
 #      withCredentials, error, unstable, readFile...; the make targets each path calls, in order,
-#      and the build's result must be the expected ones, and no path calls ctl or aws directly.
+#      and the build's result must be the expected ones, and no path calls ctl or aws directly;
+#      every path that releases signs first, after the push, with the signing credential
+#      (issue 20), and a failed sign ends the build before any release.
 #      `make -s env-name` is answered by the real Makefile: a branch folding onto a protected
 #      environment (Master, master_, Production...) must stop there (issue 18, finding 5).
 # It is no substitute for Jenkins' own linter (which needs a Jenkins server and its plugins):
@@ -102,6 +105,15 @@ write("paths-main/env-in-groovy", main, "sh(script: 'make -s env-name', returnSt
       "env.BRANCH_NAME.toLowerCase().replaceAll(/[^a-z0-9]+/, '-')")
 # any branch name goes through to the shell
 write("paths-teardown/no-validation", teardown, "if (!(branch ==~", "if (false && !(branch ==~")
+# issue 20: the image released unsigned (no sign step), and a failed sign that does not stop the
+# release
+write("paths-main/no-sign", main, "sh 'make sign SIGNING_KEY=", "echo 'make sign SIGNING_KEY=")
+write("paths-main/sign-failure-ignored", main, "sh 'make sign SIGNING_KEY=\"$SIGNING_KEY\"'",
+      "sh(script: 'make sign SIGNING_KEY=\"$SIGNING_KEY\"', returnStatus: true)")
+# the sign step after the release
+write("paths-main/sign-after-deploy", main.replace("stage('Sign')", "stage('Signx')", 1)
+      .replace("stage('Integration')", "stage('Sign') {\n when { not { changeRequest() } }\n steps { withCredentials([file(credentialsId: 'skiff-signing-key', variable: 'SIGNING_KEY')]) { sh 'make sign SIGNING_KEY=\"$SIGNING_KEY\"' } }\n }\n        stage('Integration')", 1),
+      "stage('Signx') {\n            when {\n                not {\n                    changeRequest()", "stage('Signx') {\n            when {\n                not {\n                    not { changeRequest() }")
 PY
 
 start=$SECONDS
