@@ -18,6 +18,11 @@ it creates two app stacks from templates/app.yaml (environments A and B), then:
   * ctl in place (issue 13): `ctl release --strategy in-place` under the same policy tags
     skiff:pull/skiff:target on the group's instance (a stand-in agent answers as administrator);
     the deployer may tag no other key, and no instance outside the group.
+  * trusted keys (issue 20): stack B names two keys (TrustedKeys); B's instance role reads
+    /skiff/<B>/trusted-keys, A's does not; a user with B's DeployerPolicy reads it but can
+    neither PutParameter nor DeleteParameter it, nor UpdateStack B to change TrustedKeys.
+  * only itself (issue 18, finding 6): with two instances in A's group, each instance's
+    credentials tag that instance, and are denied tagging its peer.
 
 Prints one line per check and 'N passed, N failed'; exits 1 on any failure. Everything it
 creates carries a fresh run id and is removed at the end (containers and images skiff-it-*).
@@ -25,7 +30,7 @@ Environment: EMULATOR_IAM_ENDPOINT (default http://127.0.0.1:5056), SKIFF_CI_HOM
 AGENT_BIN / CTL_BIN (default $CARGO_TARGET_DIR/debug/{agent,ctl}), ECR_REGISTRY (default
 123456789012.dkr.ecr.us-east-1.amazonaws.com).
 
-Why one file of about 750 lines: it is one story, told in the order above, on one World (two
+Why one file of about 900 lines: it is one story, told in the order above, on one World (two
 stacks, their users, keys and a cleanup list) that main builds once; every part reads the World
 and the parts before it left behind (the stacks' outputs, the pushed image, the instance's
 tags). What other tests share lives in testbed/kit (checks, waits, the IMDSv2 stand-in, the
@@ -128,7 +133,7 @@ class World:
         ami = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
         return vpc, subnets[:2], subnets[2:], cert, ami
 
-    def stack(self, env, text, t, net, tag, app_port, agent_port):
+    def stack(self, env, text, t, net, tag, app_port, agent_port, **extra):
         vpc, public, private, cert, ami = net
         declared = t["Parameters"]
         p = {"Environment": env, "VpcId": vpc, "PublicSubnetIds": ",".join(public),
@@ -137,7 +142,7 @@ class World:
              "MinSize": 1, "MaxSize": 2, "StopTimeoutSeconds": 5,
              # The agent runs here in the machine's own network namespace: a handover would
              # redirect its port there. IAM is what this test checks; the box tests handover.
-             "SwapMode": "drain"}
+             "SwapMode": "drain", **extra}
         if "DatabaseHost" in declared:
             # An existing database (no RDS instance in the emulator); its secret is real.
             secret = self.sm.create_secret(Name=f"skiff-it-{env}-db",
@@ -300,6 +305,116 @@ def scope_checks(world, role_session, env_a, env_b):
     code = denied(lambda: kms.decrypt(CiphertextBlob=blob))
     check("scope: A's role cannot call kms:Decrypt directly (only through SSM)",
           code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
+
+
+def public_key_pem():
+    """A fresh ECDSA P-256 public key, PEM (what TrustedKeys takes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def trusted_keys_checks(world, name_b, stack_b, env_b, keys, role_session_a):
+    """Issue 20: what the hosts trust is the stack's to change, not the deployer's."""
+    out = outputs(stack_b)
+    name = out.get("TrustedKeysParameter")
+    if not check("keys: stack B outputs TrustedKeysParameter /skiff/<B>/trusted-keys",
+                 name == f"/skiff/{env_b}/trusted-keys", str(sorted(out))):
+        return
+    role_b = world.physical_ids(name_b)["InstanceRole"]
+    c = emulator_credentials(world.iam.get_role(RoleName=role_b)["Role"]["Arn"],
+                             next(iter(world.group_instances(out["AutoScalingGroup"])), "i-keys"))
+    ssm_b = session(c["AccessKeyId"], c["SecretAccessKey"], c["Token"]).client(
+        "ssm", endpoint_url=ENDPOINT, config=NO_RETRY)
+    got = None
+    try:
+        got = ssm_b.get_parameter(Name=name)["Parameter"]["Value"]
+    except botocore.exceptions.ClientError as e:
+        got = e.response["Error"]["Code"]
+    check("keys: B's instance role reads B's trusted keys", got is not None and got.strip() == keys.strip(),
+          str(got)[:200])
+    ssm_a = role_session_a.client("ssm", endpoint_url=ENDPOINT, config=NO_RETRY)
+    code = denied(lambda: ssm_a.get_parameter(Name=name))
+    check("keys: A's instance role cannot read B's trusted keys",
+          code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
+    code = denied(lambda: ssm_b.put_parameter(Name=name, Value=public_key_pem(), Type="String", Overwrite=True))
+    check("keys: B's instance role cannot write them", code in ("AccessDenied", "AccessDeniedException"),
+          f"got {code or 'success'}")
+
+    arn = out["DeployerPolicyArn"]
+    user = f"skiff-it-deployer-b-{RUN}"
+    world.iam.create_user(UserName=user)
+    world.iam.attach_user_policy(UserName=user, PolicyArn=arn)
+    key = world.iam.create_access_key(UserName=user)["AccessKey"]
+
+    def cleanup_user():
+        world.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
+        world.iam.detach_user_policy(UserName=user, PolicyArn=arn)
+        world.iam.delete_user(UserName=user)
+    world.cleanup.append(cleanup_user)
+    deployer = session(key["AccessKeyId"], key["SecretAccessKey"])
+    ssm, cfn = (deployer.client(x, endpoint_url=ENDPOINT, config=NO_RETRY) for x in ("ssm", "cloudformation"))
+    code = denied(lambda: ssm.get_parameter(Name=name))
+    check("keys: B's deployer reads the trusted keys (ctl checks signatures with them)", code is None,
+          f"got {code}")
+    mine = public_key_pem()
+    for what, call in [
+        ("PutParameter (overwrite with its own key)",
+         lambda: ssm.put_parameter(Name=name, Value=mine, Type="String", Overwrite=True)),
+        ("DeleteParameter", lambda: ssm.delete_parameter(Name=name)),
+        ("DeleteParameters", lambda: ssm.delete_parameters(Names=[name])),
+        ("UpdateStack with its own TrustedKeys", lambda: cfn.update_stack(
+            StackName=name_b, UsePreviousTemplate=True, Capabilities=["CAPABILITY_IAM"],
+            Parameters=[{"ParameterKey": "TrustedKeys", "ParameterValue": mine}]
+            + [{"ParameterKey": p["ParameterKey"], "UsePreviousValue": True}
+               for p in stack_b.get("Parameters", []) if p["ParameterKey"] != "TrustedKeys"])),
+        ("CreateChangeSet with its own TrustedKeys", lambda: cfn.create_change_set(
+            StackName=name_b, ChangeSetName=f"keys{RUN}", UsePreviousTemplate=True,
+            Parameters=[{"ParameterKey": "TrustedKeys", "ParameterValue": mine}])),
+    ]:
+        code = denied(call)
+        check(f"keys: B's deployer cannot {what}", code in ("AccessDenied", "AccessDeniedException"),
+              f"got {code or 'success'}")
+    kept = world.ssm.get_parameter(Name=name)["Parameter"]["Value"]
+    check("keys: the trusted keys are unchanged", kept.strip() == keys.strip(), kept[:200])
+
+
+def self_tagging_checks(world, group, role_arn):
+    """Issue 18, finding 6: with two instances in the group, each one's profile credentials tag
+    that instance (TagOwnInstanceWithRelease) and are denied tagging its peer. What AWS cannot
+    limit (CompleteLifecycleAction is authorized against the group) is printed, not checked."""
+    world.asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=2)
+    if not check("self: the group has two instances",
+                 wait_until(lambda: len(world.group_instances(group)) == 2, 30), str(world.group_instances(group))):
+        return
+    ids = sorted(world.group_instances(group))
+    clients = {}
+    for iid in ids:
+        c = emulator_credentials(role_arn, iid)
+        clients[iid] = session(c["AccessKeyId"], c["SecretAccessKey"], c["Token"]).client(
+            "ec2", endpoint_url=ENDPOINT, config=NO_RETRY)
+    me, peer = ids
+
+    def tag(client, targets, key="skiff:release"):
+        return denied(lambda: client.create_tags(Resources=targets, Tags=[{"Key": key, "Value": f"self{RUN}"}]))
+
+    for who, target in ((me, me), (peer, peer)):
+        for key in ("skiff:release", "skiff:pulled", "skiff:failed"):
+            code = tag(clients[who], [target], key)
+            check(f"self: an instance tags itself {key}", code is None, f"{who}: got {code}")
+    for what, client, targets in [("its peer", clients[me], [peer]), ("its peer (the other way)", clients[peer], [me]),
+                                  ("itself and its peer in one request", clients[me], [me, peer])]:
+        code = tag(client, targets)
+        check(f"self: an instance is denied tagging {what}", code == "UnauthorizedOperation",
+              f"got {code or 'success'}")
+    seen = {t["ResourceId"]: t["Value"] for t in world.ec2.describe_tags(
+        Filters=[{"Name": "resource-id", "Values": ids}, {"Name": "key", "Values": ["skiff:failed"]}])["Tags"]}
+    check("self: each instance's skiff:failed is its own answer", sorted(seen) == ids, str(seen))
+    print("info instance role: autoscaling:CompleteLifecycleAction is authorized against the group, with no "
+          "condition key naming the instance: any instance of the group can complete a peer's hook (documented "
+          "in templates/app.yaml, AnswerOwnLifecycleHooks)")
 
 
 def agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp):
@@ -715,7 +830,8 @@ def main():
         world.key()
         stack_a = stack_b = None
         name_a, stack_a = world.stack(env_a, text, t, net, tag, free_port(), free_port())
-        name_b, stack_b = world.stack(env_b, text, t, net, tag, free_port(), free_port())
+        keys = public_key_pem() + public_key_pem()
+        name_b, stack_b = world.stack(env_b, text, t, net, tag, free_port(), free_port(), TrustedKeys=keys)
         for env, s in ((env_a, stack_a), (env_b, stack_b)):
             check(f"stack {env} created as administrator", s["StackStatus"] == "CREATE_COMPLETE",
                   f"{s['StackStatus']}: {s.get('StackStatusReason')}")
@@ -728,8 +844,10 @@ def main():
         c = emulator_credentials(role_arn, first)
         role_session = session(c["AccessKeyId"], c["SecretAccessKey"], c["Token"])
         scope_checks(world, role_session, env_a, env_b)
+        trusted_keys_checks(world, name_b, stack_b, env_b, keys, role_session)
         agent_checks(world, stack_a, env_a, role_name, role_arn, tag, tmp)
         ctl_checks(world, stack_a, [tag, f"next{RUN}"], tmp)
+        self_tagging_checks(world, group, role_arn)
     except Exception:
         check("permission checks ran to the end", False, traceback.format_exc())
     finally:
