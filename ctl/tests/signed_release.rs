@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use common::token_service::TokenService;
 use common::*;
 use skiff_ctl::registry::HttpRegistry;
 use skiff_release::Digest;
@@ -252,6 +253,335 @@ async fn a_refresh_release_goes_out_only_when_a_trusted_key_signed_its_digest() 
         read_param(&w.ssm, &w.param)
             .await
             .is_some_and(|v| v.contains(by_new.as_str()))
+    );
+    w.delete().await;
+}
+
+/// A release record of `tag` pinning `digest`, as ctl writes one.
+fn record(tag: &str, digest: &Digest) -> String {
+    format!(r#"{{"tag":"{tag}","digest":"{digest}","released_by":"ci","kind":"release"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_checks_the_recorded_digest_before_writing() {
+    let w = World::new("skiff-signed-rollback").await;
+    let key = openssl_key();
+    let keys = w.trusted("keys.pem", &[&key]);
+    let good = w.image("good", "1", &[&key]).await;
+    let bad = w.image("bad", "2", &[]).await;
+    let rollback = |image: &str| {
+        w.ctl(
+            &keys,
+            image,
+            &[
+                "rollback",
+                "--poll",
+                "200ms",
+                "--timeout",
+                "120s",
+                "--warmup",
+                "0s",
+            ],
+        )
+    };
+
+    // The previous release was never signed: refused, nothing written.
+    put_parameter(&w.ssm, &w.param, &record("bad", &bad)).await;
+    put_parameter(&w.ssm, &w.param, &record("good", &good)).await;
+    let before = w.state().await;
+    w.refused(
+        "rollback to an unsigned release",
+        &rollback(&w.repo),
+        &before,
+        &[&format!("{}@{bad} refused", w.repo), "no signature for"],
+    )
+    .await;
+    // The registry cannot be asked while keys are named: refused too, never a silent pass.
+    w.refused(
+        "registry unreachable",
+        &rollback("127.0.0.1:1/none/app"),
+        &before,
+        &["cannot serve its signatures", &key.public().id()],
+    )
+    .await;
+
+    // The previous release is signed: it goes out.
+    put_parameter(&w.ssm, &w.param, &record("bad", &bad)).await;
+    let t = released("rollback to a signed release", &rollback(&w.repo));
+    assert!(
+        t.contains(&format!("{good} is signed by trusted key")),
+        "{t}"
+    );
+    assert!(
+        read_param(&w.ssm, &w.param)
+            .await
+            .is_some_and(|v| v.contains(good.as_str()) && v.contains("rollback")),
+        "{t}"
+    );
+    w.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_refuses_an_unsigned_digest_before_touching_the_instances() {
+    let w = World::new("skiff-signed-inplace").await;
+    let key = openssl_key();
+    let keys = w.trusted("keys.pem", &[&key]);
+    w.image("unsigned", "1", &[]).await;
+    let before = w.state().await;
+    let out = w.release(
+        &keys,
+        "unsigned",
+        &["--strategy", "in-place", "--accept-downtime"],
+    );
+    w.refused("in place, unsigned", &out, &before, &["no signature for"])
+        .await;
+    let ids = w.group.instances().await;
+    let tags = w
+        .group
+        .ec2
+        .describe_tags()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-id")
+                .set_values(Some(ids.clone()))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe tags");
+    let skiff: Vec<&str> = tags
+        .tags()
+        .iter()
+        .filter_map(|t| t.key())
+        .filter(|k| k.starts_with("skiff:"))
+        .collect();
+    assert!(skiff.is_empty(), "instance tags written: {skiff:?}");
+    let suspended = w
+        .group
+        .asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(&w.group.name)
+        .send()
+        .await
+        .expect("group")
+        .auto_scaling_groups()[0]
+        .suspended_processes()
+        .len();
+    assert_eq!(suspended, 0, "processes suspended");
+    w.delete().await;
+}
+
+/// A stack naming this world's parameter, group and repository, and `keys` as its trusted
+/// keys: `Some(text)`: a parameter of the stack holding it; `None`: no keys.
+async fn stack(w: &World, keys: Option<&str>) -> String {
+    let cfn = aws_sdk_cloudformation::Client::new(&moto_sdk().await);
+    let name = unique("skiff-signed-stack");
+    let mut template = serde_json::json!({
+        "Resources": {
+            "Unused": {"Type": "AWS::SSM::Parameter",
+                       "Properties": {"Name": format!("/{name}/unused"), "Type": "String", "Value": "x"}}
+        },
+        "Outputs": {
+            "ReleaseParameter": {"Value": w.param},
+            "AutoScalingGroup": {"Value": w.group.name},
+            "ImageRepository": {"Value": w.repo},
+        }
+    });
+    if let Some(text) = keys {
+        template["Resources"]["Keys"] = serde_json::json!({
+            "Type": "AWS::SSM::Parameter",
+            "Properties": {"Name": format!("/{name}/trusted-keys"), "Type": "String", "Value": text}
+        });
+        template["Outputs"]["TrustedKeysParameter"] = serde_json::json!({"Value": {"Ref": "Keys"}});
+    }
+    cfn.create_stack()
+        .stack_name(&name)
+        .template_body(template.to_string())
+        .send()
+        .await
+        .expect("create stack");
+    name
+}
+
+async fn delete_stack(name: &str) {
+    let cfn = aws_sdk_cloudformation::Client::new(&moto_sdk().await);
+    let _ = cfn.delete_stack().stack_name(name).send().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_names_the_keys_and_a_bad_keys_parameter_refuses() {
+    let w = World::new("skiff-signed-stack").await;
+    let key = openssl_key();
+    let signed = w.image("signed", "1", &[&key]).await;
+    w.image("unsigned", "2", &[]).await;
+    let pem = key.public().to_pem();
+    let with_keys = stack(&w, Some(&pem)).await;
+    let dry = |stack: &str, tag: &str, extra: &[&str]| {
+        let mut args = vec!["--stack", stack];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["release", "--tag", tag, "--dry-run"]);
+        ctl(&args)
+    };
+    let before = w.state().await;
+
+    let t = released("stack keys, signed", &dry(&with_keys, "signed", &[]));
+    assert!(
+        t.contains(&format!(
+            "{signed} is signed by trusted key {}",
+            key.public().id()
+        )) && t.contains(&format!("keys from parameter /{with_keys}/trusted-keys")),
+        "{t}"
+    );
+    w.refused(
+        "stack keys, unsigned",
+        &dry(&with_keys, "unsigned", &[]),
+        &before,
+        &["no signature for", &key.public().id()],
+    )
+    .await;
+    let file = w.trusted("mine.pem", &[&openssl_key()]);
+    w.refused(
+        "--trusted-keys beside the stack's",
+        &dry(
+            &with_keys,
+            "signed",
+            &["--trusted-keys", file.to_str().expect("path")],
+        ),
+        &before,
+        &["leave out --trusted-keys"],
+    )
+    .await;
+
+    let malformed = stack(&w, Some("not a key")).await;
+    w.refused(
+        "malformed keys",
+        &dry(&malformed, "signed", &[]),
+        &before,
+        &[
+            &format!("/{malformed}/trusted-keys cannot be used"),
+            "BEGIN PUBLIC KEY",
+        ],
+    )
+    .await;
+    // The stack names a parameter that is gone.
+    let missing = stack(&w, Some(&pem)).await;
+    delete_param(&w.ssm, &format!("/{missing}/trusted-keys")).await;
+    w.refused(
+        "keys parameter missing",
+        &dry(&missing, "signed", &[]),
+        &before,
+        &["cannot read the trusted keys", "does not exist"],
+    )
+    .await;
+
+    let without = stack(&w, None).await;
+    let t = released("no keys", &dry(&without, "unsigned", &[]));
+    assert_eq!(
+        t.matches("signature check off: the stack names no trusted keys")
+            .count(),
+        1,
+        "{t}"
+    );
+    for s in [&with_keys, &malformed, &missing, &without] {
+        delete_stack(s).await;
+    }
+    w.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_history_show_who_signed_each_release() {
+    let w = World::new("skiff-signed-views").await;
+    let key = openssl_key();
+    let keys = w.trusted("keys.pem", &[&key]);
+    let id = key.public().id();
+    let signed = w.image("signed", "1", &[&key]).await;
+    let unsigned = w.image("unsigned", "2", &[]).await;
+    put_parameter(&w.ssm, &w.param, &record("unsigned", &unsigned)).await;
+    put_parameter(&w.ssm, &w.param, &record("signed", &signed)).await;
+
+    let status = w.ctl(&keys, &w.repo, &["status"]);
+    let t = released("status", &status);
+    assert!(t.contains(&format!("signature  signed by {id}")), "{t}");
+
+    let history = w.ctl(&keys, &w.repo, &["history", "--limit", "2"]);
+    let t = released("history", &history);
+    let lines: Vec<&str> = t.lines().collect();
+    let row = |tag: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!(" {tag} ")))
+            .copied()
+            .unwrap_or_default()
+    };
+    assert!(t.contains("SIGNED BY"), "{t}");
+    assert!(row("signed").contains(&id), "{t}");
+    assert!(row("unsigned").contains("UNTRUSTED"), "{t}");
+    assert!(!t.contains(" v0 "), "only the entries asked for: {t}");
+
+    let json = w.ctl(&keys, &w.repo, &["history", "--limit", "1", "--json"]);
+    released("history --json", &json);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(v[0]["signature"]["signature"], "signed", "{v}");
+    assert_eq!(v[0]["signature"]["key_id"], id.as_str(), "{v}");
+
+    // The registry cannot be reached: history still answers, saying why it cannot tell.
+    let down = w.ctl(&keys, "127.0.0.1:1/none/app", &["history", "--limit", "3"]);
+    let t = released("history, registry down", &down);
+    assert!(
+        t.contains("note: signature unknown: cannot reach the registry"),
+        "{t}"
+    );
+    w.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_registry_serves_signatures_to_a_release() {
+    // :5002 serves :5000's storage behind bearer tokens that grant pull only (ECR-shaped).
+    let tokens = TokenService::start();
+    let w = World::new("skiff-signed-token").await;
+    let key = openssl_key();
+    let keys = w.trusted("keys.pem", &[&key]);
+    let signed = w.image("signed", "1", &[&key]).await;
+    w.image("unsigned", "2", &[]).await;
+    let via_tokens = w.repo.replacen(":5000/", ":5002/", 1);
+    let run = |tag: &str| {
+        ctl_env(
+            &[
+                "--parameter",
+                &w.param,
+                "--asg",
+                &w.group.name,
+                "--image",
+                &via_tokens,
+                "--trusted-keys",
+                keys.to_str().expect("path"),
+                "release",
+                "--tag",
+                tag,
+                "--dry-run",
+                "--registry-user",
+                "skiff",
+            ],
+            &[("SKIFF_REGISTRY_PASSWORD", "skiff-secret")],
+        )
+    };
+    let t = released("signed, via tokens", &run("signed"));
+    assert!(
+        t.contains(&format!("{signed} is signed by trusted key")),
+        "{t}"
+    );
+    let before = w.state().await;
+    w.refused(
+        "unsigned, via tokens",
+        &run("unsigned"),
+        &before,
+        &["no signature for"],
+    )
+    .await;
+    assert!(
+        tokens.seen().iter().all(|t| t.granted),
+        "{:?}",
+        tokens.seen()
     );
     w.delete().await;
 }
