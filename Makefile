@@ -41,6 +41,17 @@
 #                an existing database instead (templates/README.md, "Sharing a database")
 #   DATABASE_MULTI_AZ DATABASE_DELETION_PROTECTION ("true"/"false") the own database's settings
 #   CTL_EXIT_FILE update-stack writes ctl's exit code there (make itself exits 2 on any failure)
+#   TRUSTED_KEYS a file of PEM public keys (-----BEGIN PUBLIC KEY----- blocks, P-256; several while
+#                a key is rotated). create-stack: the stack's TrustedKeys (kept in
+#                /skiff/$(ENV)/trusted-keys; the hosts then run only images signed by one of them);
+#                empty: the stack keeps the keys it has (none for a new stack: checks off).
+#                update-stack: ctl --trusted-keys (ctl checks the release against them instead of
+#                the stack's). A file holding no public key, or a private key, is refused
+#   sign only (after push; Jenkins' Sign stage): one of
+#   SIGNING_KEY  a PEM PKCS#8 P-256 private key file (Jenkins: the skiff-signing-key file credential)
+#   SIGNING_KMS_KEY an asymmetric KMS key (ECC_NIST_P256, SIGN_VERIFY; ctl calls kms:Sign only), with
+#   SIGNING_PUBLIC_KEY its public key (PEM) to check the signature read back
+#                the image signed: $$SKIFF_IMAGE, else $(REGISTRY)/$(REPOSITORY) as push names it
 #   integration only (app/integration.py; README "Branch environments"):
 #   URL          the deployment to check           empty: https://<the stack's LoadBalancerDNS>
 #   EXPECT_TAG   the release it must run           $(HASH)
@@ -125,6 +136,10 @@ DATABASE_SECRET_ARN ?=
 DATABASE_SECURITY_GROUP ?=
 DATABASE_MULTI_AZ ?=
 DATABASE_DELETION_PROTECTION ?=
+TRUSTED_KEYS ?=
+SIGNING_KEY ?=
+SIGNING_KMS_KEY ?=
+SIGNING_PUBLIC_KEY ?=
 
 export AWS_REGION := $(REGION)
 export AWS_DEFAULT_REGION := $(REGION)
@@ -174,6 +189,41 @@ define need_deployable_branch
 	done
 endef
 
+# Fails the recipe unless TRUSTED_KEYS (when given) is a file of PEM public keys and nothing
+# else: what the template's TrustedKeys pattern takes (at most 4,096 bytes), checked here so that
+# a wrong file is refused before any AWS call, saying what it holds.
+define need_trusted_keys
+	f=$(call quote,$(TRUSTED_KEYS)); \
+	if [ -n "$$f" ]; then \
+	  if [ ! -f "$$f" ] || [ ! -r "$$f" ]; then \
+	    $(say) "TRUSTED_KEYS=$$f: no such readable file (a file of PEM public keys, -----BEGIN PUBLIC KEY-----)" >&2; exit 1; fi; \
+	  if grep -q -- 'PRIVATE KEY-----' "$$f"; then \
+	    $(say) "TRUSTED_KEYS=$$f holds a private key: pass the public key only (openssl pkey -in <key> -pubout)" >&2; exit 1; fi; \
+	  if ! problem=$$(LC_ALL=C awk ' \
+	      function bad(why) { print why; failed = 1; exit 1 } \
+	      /^[[:space:]]*$$/ { next } \
+	      $$0 == "-----BEGIN PUBLIC KEY-----" { if (open) bad("line " NR ": a BEGIN inside a key"); open = 1; body = 0; next } \
+	      $$0 == "-----END PUBLIC KEY-----" { if (!open || !body) bad("line " NR ": an END without a key"); open = 0; keys++; next } \
+	      open && /^[A-Za-z0-9+\/=]+$$/ { body = 1; next } \
+	      { bad("line " NR ": not part of a PEM public key: " substr($$0, 1, 40)) } \
+	      END { if (failed) exit 1; if (open) bad("a key without its END line"); \
+	            if (!keys) bad("no PEM public key (-----BEGIN PUBLIC KEY-----)") }' "$$f"); then \
+	    $(say) "TRUSTED_KEYS=$$f: $$problem; expected one or more PEM public keys (openssl pkey -in <key> -pubout), nothing else" >&2; exit 1; fi; \
+	  if [ "$$(wc -c <"$$f")" -gt 4096 ]; then \
+	    $(say) "TRUSTED_KEYS=$$f is over 4,096 bytes, the most the stack's parameter holds: trust fewer keys" >&2; exit 1; fi; \
+	fi
+endef
+
+# Sets `registry` to REGISTRY, else this account's ECR in REGION (asked of STS).
+define find_registry
+	registry='$(REGISTRY)'; \
+	if [ -z "$$registry" ]; then \
+	  $(need_aws); \
+	  account=$$($(AWS) sts get-caller-identity --query Account --output text); \
+	  registry="$$account.dkr.ecr.$(REGION).amazonaws.com"; \
+	fi
+endef
+
 .PHONY: help
 help: ## list the targets (default)
 	@printf 'skiff make targets (variables and defaults: see the top of the Makefile):\n\n'
@@ -207,12 +257,7 @@ push: ## push $(IMAGE):$(HASH) and :$(ENV) (to this account's ECR unless REGISTR
 	@$(need_branch)
 	@docker image inspect $(IMAGE):$(HASH) >/dev/null 2>&1 || { \
 	  $(say) "no image $(IMAGE):$(HASH) here: run 'make build' first" >&2; exit 1; }
-	@registry='$(REGISTRY)'; \
-	if [ -z "$$registry" ]; then \
-	  $(need_aws); \
-	  account=$$($(AWS) sts get-caller-identity --query Account --output text); \
-	  registry="$$account.dkr.ecr.$(REGION).amazonaws.com"; \
-	fi; \
+	@$(find_registry); \
 	case "$$registry" in *.dkr.ecr.*.amazonaws.com) \
 	  $(say) "logging in to $$registry"; \
 	  $(AWS) ecr get-login-password --region $(REGION) | docker login --username AWS --password-stdin "$$registry" >/dev/null ;; \
@@ -224,16 +269,31 @@ push: ## push $(IMAGE):$(HASH) and :$(ENV) (to this account's ECR unless REGISTR
 	  docker push -q "$$remote:$$tag"; \
 	done
 
+# The image is the one push pushed (SKIFF_IMAGE, else $(REGISTRY)/$(REPOSITORY)), not a stack's
+# output: Jenkins signs before a new branch's stack exists. ctl asks ECR for its own token
+# (ecr:GetAuthorizationToken and push rights on the repository: the signature is pushed beside
+# the image).
 .PHONY: sign
-sign: ## sign $(HASH)'s digest with SIGNING_KEY (PEM P-256 key file): ctl --stack $(STACK) sign (cosign's format)
+sign: ## sign $(HASH)'s digest (cosign's format) with SIGNING_KEY, or SIGNING_KMS_KEY + SIGNING_PUBLIC_KEY
 	@$(need_branch)
-	@if [ -z "$(SIGNING_KEY)" ]; then \
-	  $(say) "no signing key: pass SIGNING_KEY=<PEM PKCS#8 P-256 key file> (Jenkins: the skiff-signing-key file credential)" >&2; exit 1; fi
+	@if [ -n "$(SIGNING_KMS_KEY)" ] && [ -n "$(SIGNING_KEY)" ]; then \
+	  $(say) "SIGNING_KEY and SIGNING_KMS_KEY are both set: pass one" >&2; exit 1; fi
+	@if [ -n "$(SIGNING_KMS_KEY)" ]; then \
+	  if [ -z "$(SIGNING_PUBLIC_KEY)" ] || [ ! -r "$(SIGNING_PUBLIC_KEY)" ]; then \
+	    $(say) "SIGNING_KMS_KEY needs SIGNING_PUBLIC_KEY=<the KMS key's public key, PEM> (aws kms get-public-key), to check the signature" >&2; exit 1; fi; \
+	elif [ -z "$(SIGNING_KEY)" ]; then \
+	  $(say) "no signing key: pass SIGNING_KEY=<PEM PKCS#8 P-256 key file> (Jenkins: the skiff-signing-key file credential) or SIGNING_KMS_KEY=<KMS key> with SIGNING_PUBLIC_KEY=<its PEM>" >&2; exit 1; \
+	elif [ ! -r "$(SIGNING_KEY)" ]; then \
+	  $(say) "SIGNING_KEY=$(SIGNING_KEY): no such readable file" >&2; exit 1; fi
+	@if [ -z "$(HASH)" ]; then $(say) "no git commit to sign the image of" >&2; exit 1; fi
 	@if [ ! -x "$(CTL)" ] && ! command -v "$(CTL)" >/dev/null 2>&1; then \
 	  $(say) "no ctl at $(CTL): build it (cargo build --release -p skiff-ctl) or pass CTL=<path>" >&2; exit 1; fi
-	@# The repository comes from SKIFF_IMAGE when set, else the stack's ImageRepository output;
-	@# ctl asks ECR for its own token (ecr:GetAuthorizationToken, push rights on the repository).
-	$(CTL) --stack $(STACK) sign --tag $(HASH) --key-file "$(SIGNING_KEY)"
+	@image=$${SKIFF_IMAGE:-}; \
+	if [ -z "$$image" ]; then $(find_registry); image="$$registry/$(REPOSITORY)"; fi; \
+	if [ -n "$(SIGNING_KMS_KEY)" ]; then key=(--kms-key "$(SIGNING_KMS_KEY)" --public-key "$(SIGNING_PUBLIC_KEY)"); \
+	else key=(--key-file "$(SIGNING_KEY)"); fi; \
+	$(say) "$(CTL) --image $$image sign --tag $(HASH) $${key[*]}"; \
+	$(CTL) --image "$$image" sign --tag $(HASH) "$${key[@]}"
 
 .PHONY: test
 test: ## run the whole test suite (.ci/test.sh)
@@ -300,6 +360,7 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Python, Jenkin
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
 	@$(need_deployable_branch)
+	@$(need_trusted_keys)
 	@$(need_aws)
 	@overrides=(Environment=$(ENV)); owned=; \
 	if $(AWS) cloudformation describe-stacks --stack-name $(STACK) --region $(REGION) >/dev/null 2>&1; then \
@@ -342,7 +403,13 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	         SharedListenerArn=$(SHARED_LISTENER_ARN) SharedLoadBalancerSecurityGroupId=$(SHARED_LB_SECURITY_GROUP) \
 	         SiteHostName=$(SITE_HOST_NAME) ListenerRulePriority=$(LISTENER_RULE_PRIORITY); do \
 	  [ -z "$${v#*=}" ] || overrides+=("$$v"); done; \
-	$(say) "aws cloudformation deploy --stack-name $(STACK) --parameter-overrides $${overrides[*]}"; \
+	shown=("$${overrides[@]}"); \
+	if [ -n $(call quote,$(TRUSTED_KEYS)) ]; then \
+	  overrides+=("TrustedKeys=$$(cat $(call quote,$(TRUSTED_KEYS)))"); \
+	  shown+=("TrustedKeys=<$$(grep -c -- '-----BEGIN PUBLIC KEY-----' $(call quote,$(TRUSTED_KEYS))) key(s) of $(TRUSTED_KEYS)>"); \
+	  $(say) "the hosts will run only images signed by a key of $(TRUSTED_KEYS) (stack parameter TrustedKeys)"; \
+	fi; \
+	$(say) "aws cloudformation deploy --stack-name $(STACK) --parameter-overrides $${shown[*]}"; \
 	$(AWS) cloudformation deploy --region $(REGION) --stack-name $(STACK) \
 	  --template-file templates/app.yaml --capabilities CAPABILITY_IAM \
 	  $(if $(TEMPLATE_BUCKET),--s3-bucket $(TEMPLATE_BUCKET) --s3-prefix skiff-templates/$(ENV)) \
@@ -359,6 +426,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 .PHONY: update-stack
 update-stack: ## release TAG to this branch's fleet: ctl --stack $(STACK) release --tag $(TAG) $(CTL_FLAGS)
 	@$(need_deployable_branch)
+	@$(need_trusted_keys)
 	@if [ -z "$(TAG)" ]; then \
 	  $(say) "which release? pass TAG=<image tag>, e.g. TAG=$(HASH) make update-stack" >&2; exit 1; fi
 	@if [ ! -x "$(CTL)" ] && ! command -v "$(CTL)" >/dev/null 2>&1; then \
@@ -374,6 +442,7 @@ update-stack: ## release TAG to this branch's fleet: ctl --stack $(STACK) releas
 	stack=(--stack $(STACK)); \
 	if [ -n "$${SKIFF_PARAMETER:-}" ] && [ -n "$${SKIFF_ASG:-}" ] && [ -n "$${SKIFF_IMAGE:-}" ]; then \
 	  stack=(); $(say) "SKIFF_PARAMETER, SKIFF_ASG and SKIFF_IMAGE are set: not reading stack $(STACK)"; fi; \
+	if [ -n $(call quote,$(TRUSTED_KEYS)) ]; then stack+=(--trusted-keys $(call quote,$(TRUSTED_KEYS))); fi; \
 	$(say) "$(CTL) $${stack[*]} release --tag $(TAG) $(CTL_FLAGS)"; \
 	rc=0; $(CTL) "$${stack[@]}" release --tag $(TAG) $(CTL_FLAGS) || rc=$$?; \
 	if [ -n "$(CTL_EXIT_FILE)" ]; then echo "$$rc" >"$(CTL_EXIT_FILE)"; fi; \

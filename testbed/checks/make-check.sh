@@ -14,6 +14,10 @@
 #      the release parameter created first and not by the stack, the stack and what it built;
 #      deleted, the parameter stays; a value written like ctl does survives a second
 #      create-stack, which says it kept it. Not the stack's outputs: see below.
+#      With TRUSTED_KEYS (two keys) the stack keeps them in /skiff/<env>/trusted-keys; a file
+#      that is no set of PEM public keys (text, a private key, a cut key, none) is refused by
+#      create-stack and update-stack before any AWS call (section 4), where `make sign` with a
+#      key file also signs the pushed image in the local registry.
 #   7. a stack from before (its template owned the release parameter) updated by create-stack:
 #      the update deletes the parameter, create-stack puts the live value back.
 #   8. delete-stack: without FORCE=1 and no terminal it refuses and deletes nothing; master is
@@ -235,6 +239,34 @@ done
 mk -- update-stack AWS="$aws_cli" CTL="$ctl"; rc=$?
 check "update-stack without TAG fails (exit $rc)" [ "$rc" != 0 ]
 check "update-stack without TAG says TAG is required" has "pass TAG=<image tag>"
+# TRUSTED_KEYS (issue 20): a file that is not a set of PEM public keys is refused before any AWS
+# call, saying what it holds.
+openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkey -out "$work/signing.pem" 2>/dev/null
+openssl pkey -in "$work/signing.pem" -pubout -out "$work/trusted.pem" 2>/dev/null
+openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkey -pubout 2>/dev/null >>"$work/trusted2.pem"
+cat "$work/trusted.pem" "$work/trusted2.pem" >"$work/trusted-both.pem"
+echo "not a key" >"$work/not-a-key.pem"
+head -n 2 "$work/trusted.pem" >"$work/cut.pem"
+for bad in "not-a-key.pem:not part of a PEM public key" "signing.pem:holds a private key" \
+           "cut.pem:a key without its END line" "missing.pem:no such readable file"; do
+  file=${bad%%:*} want=${bad#*:}
+  for target in create-stack "update-stack TAG=abc1234"; do
+    # shellcheck disable=SC2086 # the target and its variable
+    mk -- $target AWS="$aws_cli" CTL="$ctl" TRUSTED_KEYS="$work/$file"; rc=$?
+    check "${target%% *} TRUSTED_KEYS=$file is refused (exit $rc), saying: $want" eval '[ "$rc" != 0 ] && has "$want"'
+    check "... before any AWS call" bash -c '! grep -q "AWS identity\|no usable AWS credentials" "$1"' _ "$work/out"
+  done
+done
+# make sign (issue 20): the pushed image (named as push names it: no stack needed), signed with
+# the key file in cosign's format beside it in the registry.
+mk -- sign CTL="$ctl"; rc=$?
+check "make sign without a key is refused (exit $rc), saying what to pass" \
+  eval '[ "$rc" != 0 ] && has "pass SIGNING_KEY=" && has "SIGNING_KMS_KEY="'
+mk -- sign CTL="$ctl" SIGNING_KEY="$work/signing.pem"; rc=$?
+check "make sign SIGNING_KEY=<key file> signs $hash2 (exit $rc)" eval '[ "$rc" = 0 ] && has "signed "'
+check "... the pushed image, not a stack's output" has "--image $registry/$repo_name sign --tag $hash2 --key-file"
+check "... and the registry holds the signature (sha256-<digest>.sig)" \
+  bash -c 'grep -q "sha256-${1#sha256:}.sig" <<<"$2"' _ "$pushed_digest" "$(registry_tags)"
 
 # --- 5. update-stack through the real ctl, against moto and the local registry ----------------------
 release_env=("${moto_env[@]}" SKIFF_PARAMETER="/skiff/$env_name/release" SKIFF_ASG="skiff-$env_name"
@@ -273,10 +305,10 @@ cleanup_moto+=("maws s3 rb s3://$template_bucket --force")
 parameter=/skiff/$env_name/release
 cleanup_moto+=("maws ssm delete-parameter --name $parameter")
 cleanup_moto+=("maws cloudformation delete-stack --stack-name $stack")
-create_stack() {
+create_stack() { # more variables...
   mk "${moto_env[@]}" -- create-stack AWS="$aws_cli" VPC_ID="$vpc" PUBLIC_SUBNETS="${subnets[0]},${subnets[1]}" \
     PRIVATE_SUBNETS="${subnets[2]},${subnets[3]}" CERTIFICATE_ARN="$cert" AMI_ID="$ami" \
-    DATABASE_HOST=db.make-check.internal DATABASE_SECRET_ARN="$db_secret" TEMPLATE_BUCKET="$template_bucket"
+    DATABASE_HOST=db.make-check.internal DATABASE_SECRET_ARN="$db_secret" TEMPLATE_BUCKET="$template_bucket" "$@"
 }
 release_value() { maws ssm get-parameter --name "$parameter" --query Parameter.Value 2>&1; }
 stack_status() { maws cloudformation describe-stacks --stack-name "$stack" --query 'Stacks[0].StackStatus' 2>&1; }
@@ -316,6 +348,18 @@ check "create-stack says it kept the release value" has "exists: kept its value 
 release=$(release_value)
 check "the release ctl wrote survives create-stack ($release)" [ "$release" = "rel$run" ]
 delete_stack
+
+# TRUSTED_KEYS (issue 20): the stack keeps both keys in /skiff/<env>/trusted-keys.
+create_stack TRUSTED_KEYS="$work/trusted-both.pem"; rc=$?
+check "make create-stack TRUSTED_KEYS=<two keys> (exit $rc)" [ "$rc" = 0 ]
+check "... says the hosts will run only signed images, and shows no key in the command" \
+  eval 'has "run only images signed by a key of" && has "TrustedKeys=<2 key(s) of" && ! has "BEGIN PUBLIC KEY-----"'
+keys=$(maws ssm get-parameter --name "/skiff/$env_name/trusted-keys" --query Parameter.Value 2>&1)
+check "the stack's /skiff/$env_name/trusted-keys holds both keys" \
+  bash -c '[ "$(grep -c "BEGIN PUBLIC KEY" <<<"$1")" = 2 ] && grep -qF -- "$2" <<<"$1"' _ "$keys" "$(sed -n 2p "$work/trusted2.pem")"
+delete_stack
+gone=$(maws ssm get-parameter --name "/skiff/$env_name/trusted-keys" 2>&1)
+check "deleting the stack deletes its trusted keys ($gone)" bash -c '[[ $1 == *ParameterNotFound* ]]' _ "$gone"
 
 # --- 7. a stack from before, which owned the release parameter ------------------------------------
 # Its update to today's template deletes the ReleaseParameter resource and with it the parameter
