@@ -32,7 +32,9 @@ fn whole_seconds_up(d: Duration) -> Duration {
 use toml::Table;
 
 pub use self::read::valid_env_name;
-use self::read::{read_app, read_aws, read_health, read_logs, read_registry, read_release};
+use self::read::{
+    read_app, read_aws, read_health, read_logs, read_registry, read_release, read_trust,
+};
 use self::section::Section;
 
 /// Where the config lives when `--config` is not given.
@@ -61,6 +63,9 @@ pub struct Config {
     pub health: HealthConfig,
     pub registry: Option<RegistryConfig>,
     pub aws: AwsConfig,
+    /// `[trust]`: where the keys trusted to sign releases come from; `None` = signature checks
+    /// off (logged once at start).
+    pub trust: Option<TrustConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +224,16 @@ pub struct RegistryConfig {
     pub password_file: Option<PathBuf>,
 }
 
+/// `[trust]`: exactly one place holding PEM `PUBLIC KEY` blocks (ECDSA P-256), re-read before
+/// each verification so a rotation needs no restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustConfig {
+    /// `keys_parameter`: an SSM String parameter (the stack's `TrustedKeysParameter`).
+    Parameter(String),
+    /// `keys_file`: a PEM bundle on the host (local development, the fleet box).
+    File(PathBuf),
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AwsConfig {
     /// Region; default from the environment, the profile, or the instance metadata.
@@ -252,6 +267,7 @@ impl Config {
         let registry = root.table("registry", false);
         let aws = root.table("aws", false);
         let logs = root.table("logs", false);
+        let trust = root.table("trust", false);
         root.finish();
 
         let app = app.map(|t| read_app(Section::new("app", t, &mut problems)));
@@ -265,6 +281,7 @@ impl Config {
         let aws = read_aws(Section::new("aws", aws.unwrap_or_default(), &mut problems));
         let default_region = aws.as_ref().and_then(|a| a.region.clone());
         let logs = logs.map(|t| read_logs(Section::new("logs", t, &mut problems), default_region));
+        let trust = trust.map(|t| read_trust(Section::new("trust", t, &mut problems)));
 
         let (Some(Some(mut app)), Some(Some(release)), Some(health), Some(aws)) =
             (app, release, health, aws)
@@ -281,12 +298,18 @@ impl Config {
             Some(Some(r)) => Some(r),
             None => None,
         };
+        let trust = match trust {
+            Some(None) => return Err(problems),
+            Some(Some(t)) => Some(t),
+            None => None,
+        };
         let config = Config {
             app,
             release,
             health,
             registry,
             aws,
+            trust,
         };
         config.cross_check(&mut problems);
         if problems.is_empty() {
@@ -325,6 +348,12 @@ impl Config {
         {
             problems.push(
                 "registry.password_parameter reads SSM, but release.source is \"file\": use registry.password_file"
+                    .into(),
+            );
+        }
+        if file_source && matches!(self.trust, Some(TrustConfig::Parameter(_))) {
+            problems.push(
+                "trust.keys_parameter reads SSM, but release.source is \"file\": use trust.keys_file (a PEM bundle on the host)"
                     .into(),
             );
         }

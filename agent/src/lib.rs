@@ -23,3 +23,4 @@ pub mod source;
 pub mod ssm;
 pub mod state;
 pub mod supervise;
+pub mod trust;

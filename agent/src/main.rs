@@ -8,6 +8,9 @@
 //! group the parameter applies at boot, and running hosts swap when `ctl release --strategy
 //! in-place` targets them through their instance tags (read from the instance metadata).
 //!
+//! With `[trust]` (keys from an SSM parameter or a PEM file), a container is created only from
+//! a digest a trusted key signed; a refused release is reported and the host keeps what it runs.
+//!
 //! Configuration: one TOML file, `--config` (default `/etc/skiff/agent.toml`); see README.md.
 //! Logs: JSON lines when stderr is not a terminal, text when it is; `RUST_LOG` filters.
 //!
@@ -23,7 +26,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use skiff_agent::config::{self, Config, ConfigError, SourceConfig};
+use skiff_agent::config::{self, Config, ConfigError, SourceConfig, TrustConfig};
 use skiff_agent::credentials::PullTokens;
 use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
@@ -31,8 +34,10 @@ use skiff_agent::fleet::NoFleet;
 use skiff_agent::metrics::Metrics;
 use skiff_agent::redirect::{NftRedirect, PortRedirect};
 use skiff_agent::source::FileSource;
-use skiff_agent::ssm::SsmSource;
+use skiff_agent::ssm::{SsmKeys, SsmSource};
 use skiff_agent::supervise::Supervisor;
+use skiff_agent::trust::registry::RegistrySignatures;
+use skiff_agent::trust::{FileKeys, KeySource, Trust};
 use skiff_agent::{health, probe, shiplog};
 use tokio_util::sync::CancellationToken;
 
@@ -304,12 +309,18 @@ async fn serve_app(
         SourceConfig::File { path } => {
             tracing::info!(source = %path.display(), "local mode: file source, no AWS except ECR pull tokens");
             let source = FileSource::new(path.clone());
+            // keys_parameter with the file source is refused by the config's checks.
+            let trust = match &cfg.trust {
+                Some(TrustConfig::File(keys)) => Some(trust(&cfg, FileKeys(keys.clone()))),
+                _ => None,
+            };
             supervise(
                 cfg.clone(),
                 runtime,
                 source,
                 NoFleet,
                 pull_tokens,
+                trust,
                 redirect,
                 metrics,
                 listener,
@@ -322,7 +333,15 @@ async fn serve_app(
                 Some(sdk) => sdk,
                 None => skiff_agent::aws::sdk_config(cfg.aws.region.as_deref()).await,
             };
-            let source = SsmSource::new(aws_sdk_ssm::Client::new(&sdk), parameter.clone());
+            let ssm = aws_sdk_ssm::Client::new(&sdk);
+            let trust = match &cfg.trust {
+                Some(TrustConfig::File(keys)) => Some(trust(&cfg, FileKeys(keys.clone()))),
+                Some(TrustConfig::Parameter(name)) => {
+                    Some(trust(&cfg, SsmKeys::new(ssm.clone(), name.clone())))
+                }
+                None => None,
+            };
+            let source = SsmSource::new(ssm, parameter.clone());
             let fleet = skiff_agent::autoscaling::AwsFleet::discover(
                 &skiff_agent::autoscaling::imds_client(),
                 &sdk,
@@ -337,6 +356,7 @@ async fn serve_app(
                 source,
                 fleet,
                 pull_tokens,
+                trust,
                 redirect,
                 metrics,
                 listener,
@@ -357,6 +377,7 @@ async fn supervise<S, F>(
     source: S,
     fleet: F,
     pull_tokens: Option<PullTokens>,
+    trust: Option<Arc<Trust>>,
     redirect: Option<Arc<dyn PortRedirect>>,
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
@@ -378,6 +399,13 @@ where
     }
     if let Some(r) = redirect {
         supervisor = supervisor.with_redirect(r);
+    }
+    match trust {
+        Some(t) => {
+            tracing::info!(keys = %t.describe(), "signature checks on: a container is created only from a digest a trusted key signed");
+            supervisor = supervisor.with_trust(t);
+        }
+        None => tracing::info!("signature checks off (no [trust] in the config)"),
     }
     // Adopt before answering health checks, so a running app is healthy from the first answer.
     supervisor.adopt().await;
@@ -416,6 +444,17 @@ where
         .context("health server task")?
         .context("health server")?;
     Ok(())
+}
+
+/// Signature checks with keys from `keys`, against the app's registry; verified digests are
+/// recorded in the agent's state directory, beside the swap journal.
+fn trust(cfg: &Config, keys: impl KeySource) -> Arc<Trust> {
+    let record = Trust::record_path(&skiff_agent::journal::Journal::default_dir(), &cfg.app.name);
+    Arc::new(Trust::new(
+        keys,
+        RegistrySignatures::default(),
+        Some(record),
+    ))
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) {

@@ -241,6 +241,11 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -262,6 +267,7 @@ pub struct Metrics {
     source_errors: Family<KindLabels, Counter>,
     fleet_errors: Family<KindLabels, Counter>,
     instructions: Family<KindLabels, Counter>,
+    signature_checks: Family<ResultLabels, Counter>,
     last_poll: Gauge<f64, AtomicU64>,
     /// The scrape buffer (kept between scrapes) and the release the info metric names now;
     /// one lock, so two scrapes never interleave their updates.
@@ -375,6 +381,12 @@ impl Metrics {
             "Instructions of a coordinated rollout carried out, by kind (target: a swap started; pull: pulled and answered)",
             instructions.clone(),
         );
+        let signature_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "signature_checks",
+            "Signature verifications of a digest before a container is created or adopted, by result (verified, refused, unreachable: asked the registry; verified_recalled, refused_recalled: answered from what this host remembers, no registry read; keys_unreadable: the key source is empty, unreadable or malformed, every new release is refused)",
+            signature_checks.clone(),
+        );
         let last_poll = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "last_poll_success_timestamp_seconds",
@@ -409,6 +421,9 @@ impl Metrics {
         for k in InstructionKind::ALL {
             instructions.get_or_create_owned(&KindLabels { kind: k.as_str() });
         }
+        for result in crate::trust::RESULTS {
+            signature_checks.get_or_create_owned(&ResultLabels { result });
+        }
         Metrics {
             registry,
             release,
@@ -424,6 +439,7 @@ impl Metrics {
             source_errors,
             fleet_errors,
             instructions,
+            signature_checks,
             last_poll,
             scrape: Mutex::new(Scrape {
                 buffer: String::with_capacity(8 * 1024),
@@ -494,6 +510,13 @@ impl Metrics {
             .get_or_create(&KindLabels {
                 kind: kind.as_str(),
             })
+            .inc();
+    }
+
+    /// A signature verification ended with `result` (one of [`crate::trust::RESULTS`]).
+    pub fn signature_check(&self, result: &'static str) {
+        self.signature_checks
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -82,6 +82,40 @@ impl ReleaseSource for SsmSource {
     }
 }
 
+/// `[trust] keys_parameter`: the trusted keys from an SSM String parameter (the stack's
+/// `TrustedKeysParameter`, which the instance role may read and the deployer may not write).
+#[derive(Debug, Clone)]
+pub struct SsmKeys {
+    client: Client,
+    parameter: String,
+}
+
+impl SsmKeys {
+    pub fn new(client: Client, parameter: String) -> Self {
+        SsmKeys { client, parameter }
+    }
+}
+
+impl crate::trust::KeySource for SsmKeys {
+    fn describe(&self) -> String {
+        format!("ssm:{}", self.parameter)
+    }
+
+    fn read(&self) -> crate::trust::KeysFuture<'_> {
+        Box::pin(async move {
+            let what = format!("trusted keys parameter {}", self.parameter);
+            let out = self
+                .client
+                .get_parameter()
+                .name(&self.parameter)
+                .send()
+                .await
+                .map_err(|e| classify(e, what, &self.parameter).to_string())?;
+            Ok(out.parameter.and_then(|p| p.value).unwrap_or_default())
+        })
+    }
+}
+
 fn classify<E, R>(err: SdkError<E, R>, what: String, name: &str) -> SourceError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,

@@ -22,6 +22,8 @@ mod steps;
 mod swap;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +83,9 @@ pub struct Supervisor<R, S, F> {
     instructions: Instructions,
     /// The pull instruction answered last.
     pulled: Option<Release>,
+    /// The failed release whose signature check refused it: checked again when the trusted
+    /// keys change (see [`Supervisor::recheck_refusal`]).
+    refused: Option<Release>,
     /// The failed release last reported to the fleet.
     failed_reported: Option<Release>,
     /// The failure report is to be withdrawn (an instruction moved on; see
@@ -114,6 +119,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 journal: None,
                 redirect: None,
                 metrics: Arc::new(Metrics::new()),
+                trust: None,
             },
             fleet,
             state,
@@ -122,6 +128,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             current: None,
             previous: None,
             failed: None,
+            refused: None,
             at_start: true,
             adopted: false,
             restart: Backoff::new(RETRY_FIRST, RETRY_CAP),
@@ -156,6 +163,12 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     /// Pull with these tokens instead of the [registry] section's credentials.
     pub fn with_pull_tokens(mut self, tokens: PullTokens) -> Self {
         self.steps.pull_tokens = Some(tokens);
+        self
+    }
+
+    /// Verify the signature of every digest before a container is created from it (`[trust]`).
+    pub fn with_trust(mut self, trust: Arc<crate::trust::Trust>) -> Self {
+        self.steps.trust = Some(trust);
         self
     }
 
@@ -381,6 +394,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 }
                 Err(e) if !e.is_retryable() => {
                     tracing::error!(error = %e, "the release cannot be pulled here; reporting it failed");
+                    self.note_refusal(&release, &e);
                     let (r, msg) = (release.clone(), format!("release {release}: {e}"));
                     self.publish(|s| {
                         s.failed_release = Some(r);
@@ -414,6 +428,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                     self.desired = Some(release);
                 }
                 self.last_bad_value = None;
+                self.recheck_refusal().await;
             }
             // A value that is not a release is read fine: polled at the interval, logged once.
             Err(e @ SourceError::Rejected { .. }) => {
@@ -441,6 +456,52 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 let msg = e.to_string();
                 self.publish(|s| s.last_error = Some(msg));
             }
+        }
+    }
+
+    /// A release refused for its signature is not asked about again while the release and the
+    /// keys stay the same (no retry loop); once per poll the keys are re-read, and when they
+    /// changed (a key added for a rotation, an unreadable source fixed) the failure is
+    /// forgotten so the release is checked again.
+    async fn recheck_refusal(&mut self) {
+        let Some(trust) = self.steps.trust.clone() else {
+            return;
+        };
+        let Some(refused) = self.refused.clone() else {
+            return;
+        };
+        if self.failed.as_ref() != Some(&refused) {
+            self.refused = None;
+            return;
+        }
+        if trust.refusal_outdated().await {
+            tracing::info!(release = %refused, keys = %trust.describe(), "the trusted keys changed: checking the refused release again");
+            self.refused = None;
+            self.failed = None;
+            self.failed_reported = None;
+            self.withdraw_failed = true;
+            self.deploy.reset();
+            self.answers.reset();
+            self.publish(|s| s.failed_release = None);
+        }
+    }
+
+    /// Whether the agent may start `c` again: always without `[trust]`; with it, only a
+    /// container whose digest was verified here (an adopted one refused, or never verified,
+    /// is not restarted nor rolled back to).
+    fn may_start(&self, c: &ContainerState) -> bool {
+        self.steps.trust.as_ref().is_none_or(|t| {
+            c.release
+                .digest
+                .as_ref()
+                .is_some_and(|d| t.is_recorded(d.as_str()))
+        })
+    }
+
+    /// Remember that `release` failed for its signature, when `e` is that refusal.
+    fn note_refusal(&mut self, release: &Release, e: &steps::DeployError) {
+        if e.is_refusal() {
+            self.refused = Some(release.clone());
         }
     }
 
@@ -539,6 +600,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         let Some(cur) = self.current.clone() else {
             return;
         };
+        if !self.may_start(&cur) {
+            // Adopted without a verified signature: kept serving while it ran, never started
+            // again; the loop deploys the desired release instead, verified.
+            tracing::warn!(tag = %cur.release.tag, container = %cur.id, "the exited container's digest was never verified here: not restarted");
+            self.current = None;
+            self.publish(|s| s.running = None);
+            return;
+        }
         self.restart.fail();
         match self.steps.runtime.start(&cur.id).await {
             Ok(()) => {

@@ -245,6 +245,50 @@ pub(super) fn read_registry(mut s: Section<'_>) -> Option<RegistryConfig> {
     })
 }
 
+/// `[trust]`: exactly one of `keys_parameter` (an SSM parameter name) or `keys_file`.
+pub(super) fn read_trust(mut s: Section<'_>) -> Option<TrustConfig> {
+    let parameter: Option<String> = s.optional("keys_parameter");
+    let file: Option<PathBuf> = s.optional("keys_file");
+    let trust = match (parameter, file) {
+        (Some(p), None) if valid_parameter_name(&p) => Some(TrustConfig::Parameter(p)),
+        (Some(p), None) => {
+            s.problem(format!(
+                "trust.keys_parameter {} is not an SSM parameter name: write the stack output TrustedKeysParameter, like \"/skiff/prod/trusted-keys\"",
+                skiff_release::quote(&p)
+            ));
+            None
+        }
+        (None, Some(f)) if !f.as_os_str().is_empty() => Some(TrustConfig::File(f)),
+        (None, Some(_)) => {
+            s.problem(
+                "trust.keys_file is empty: give the path of a PEM bundle of public keys".into(),
+            );
+            None
+        }
+        _ => {
+            s.problem(
+                "trust needs exactly one of keys_parameter (SSM) or keys_file (a PEM bundle); remove [trust] to turn signature checks off"
+                    .into(),
+            );
+            None
+        }
+    };
+    s.finish_with(|| trust)
+}
+
+/// An SSM parameter name: letters, digits and `_ . - /`, at most 2048 characters, and a
+/// hierarchy that starts with `/` when it has one
+/// (https://docs.aws.amazon.com/systems-manager/latest/userguide/sysman-parameter-name-constraints.html).
+fn valid_parameter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 2048
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+        && (!name.contains('/') || name.starts_with('/'))
+        && !name.contains("//")
+}
+
 pub(super) fn read_aws(mut s: Section<'_>) -> Option<AwsConfig> {
     let region = s.optional("region");
     let lifecycle_hook = s.optional("lifecycle_hook");

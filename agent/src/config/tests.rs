@@ -394,3 +394,69 @@ fn durations_are_bounded_and_stop_timeout_rounded_up() {
         .expect("the bounds themselves are allowed");
     assert_eq!(c.release.poll_interval, Duration::from_secs(86_400));
 }
+
+/// `[trust]`: off without it; exactly one key source; a bad value names what to write.
+#[test]
+fn trust_section() {
+    let file = "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='file'\n";
+    let ssm = "[app]\nname='a'\nimage='r/a'\nport=80\n[release]\nsource='ssm'\nparameter='/skiff/p/release'\n";
+    assert_eq!(Config::parse(file).expect("valid").trust, None);
+    let table: &[(&str, &str, Result<TrustConfig, &str>)] = &[
+        (
+            ssm,
+            "keys_parameter = '/skiff/prod/trusted-keys'",
+            Ok(TrustConfig::Parameter("/skiff/prod/trusted-keys".into())),
+        ),
+        (
+            ssm,
+            "keys_parameter = 'trusted-keys'",
+            Ok(TrustConfig::Parameter("trusted-keys".into())),
+        ),
+        (
+            file,
+            "keys_file = '/etc/skiff/trusted.pem'",
+            Ok(TrustConfig::File("/etc/skiff/trusted.pem".into())),
+        ),
+        (
+            ssm,
+            "keys_file = 'dev/trusted.pem'",
+            Ok(TrustConfig::File("dev/trusted.pem".into())),
+        ),
+        (ssm, "", Err("exactly one of keys_parameter")),
+        (
+            ssm,
+            "keys_parameter = '/a'\nkeys_file = '/b'",
+            Err("exactly one of keys_parameter"),
+        ),
+        (
+            ssm,
+            "keys_parameter = 'skiff/prod'",
+            Err("not an SSM parameter name"),
+        ),
+        (
+            ssm,
+            "keys_parameter = '/a b'",
+            Err("not an SSM parameter name"),
+        ),
+        (ssm, "keys_parameter = ''", Err("not an SSM parameter name")),
+        (ssm, "keys_file = ''", Err("trust.keys_file is empty")),
+        (ssm, "keys_file = 3", Err("trust.keys_file")),
+        (ssm, "keys = '/a'", Err("unknown key trust.keys")),
+        (
+            file,
+            "keys_parameter = '/skiff/prod/trusted-keys'",
+            Err("use trust.keys_file"),
+        ),
+    ];
+    for (base, trust, want) in table {
+        let text = format!("{base}[trust]\n{trust}\n");
+        match (Config::parse(&text), want) {
+            (Ok(c), Ok(want)) => assert_eq!(c.trust.as_ref(), Some(want), "{trust}"),
+            (Err(problems), Err(want)) => {
+                let all = problems.join("\n");
+                assert!(all.contains(want), "{trust}: {all}");
+            }
+            (got, want) => panic!("{trust}: got {got:?}, want {want:?}"),
+        }
+    }
+}

@@ -52,6 +52,9 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                 tracing::warn!(container = %c.id, error = %e, "could not remove a never-started container");
             }
         }
+        if self.steps.trust.is_some() {
+            found = self.vet_adopted(found).await;
+        }
         if let Some(intent) = intent {
             let from = found.iter().find(|c| c.id == intent.from).cloned();
             let to = found.iter().find(|c| c.id == intent.to).cloned();
@@ -123,6 +126,44 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.publish(|s| s.previous = Some(release));
         }
         true
+    }
+
+    /// `[trust]`: a container taken over must carry a digest verified here (recorded by an
+    /// earlier verification, or verified now). A refused one that runs keeps serving (the host
+    /// keeps what it runs) but is never started again; a refused stopped one is not adopted,
+    /// neither current nor rollback target. An unreachable registry changes nothing now.
+    async fn vet_adopted(&mut self, found: Vec<ContainerState>) -> Vec<ContainerState> {
+        let mut kept = Vec::with_capacity(found.len());
+        for c in found {
+            let outcome = match &c.release.digest {
+                Some(d) => self.steps.verify(d).await,
+                None => Err(crate::trust::TrustError::NoDigest {
+                    release: c.release.to_string(),
+                }
+                .into()),
+            };
+            match outcome {
+                Ok(()) => kept.push(c),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(container = %c.id, tag = %c.release.tag, error = %e, "cannot verify the adopted container's signature now; adopted as it is");
+                    kept.push(c);
+                }
+                Err(e) => {
+                    let fate = if c.running {
+                        "it keeps serving and is never started again"
+                    } else {
+                        "not adopted"
+                    };
+                    tracing::error!(container = %c.id, tag = %c.release.tag, digest = c.release.digest_str(), error = %e, "adopted container refused by the signature check: {fate}");
+                    let msg = format!("adopted container {} ({}): {e}", c.id, c.release);
+                    self.publish(|s| s.last_error = Some(msg));
+                    if c.running {
+                        kept.push(c);
+                    }
+                }
+            }
+        }
+        kept
     }
 
     /// After: finish it with the same health gate and rollback as an uninterrupted swap.

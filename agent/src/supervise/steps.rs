@@ -24,6 +24,7 @@ use crate::runtime::{
 };
 use crate::source::{ReleaseSource, SourceError};
 use crate::state::Snapshot;
+use crate::trust::{Trust, TrustError};
 
 /// Probe period while waiting for a new container to become healthy.
 const START_PROBE_EVERY: Duration = Duration::from_millis(10);
@@ -38,6 +39,8 @@ pub(crate) enum DeployError {
     PasswordFile { path: String, detail: String },
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
 }
 
 impl From<PullError> for DeployError {
@@ -59,7 +62,16 @@ impl DeployError {
             // The operator may write the file any time: retried with the capped backoff.
             DeployError::PasswordFile { .. } => true,
             DeployError::Credentials(c) => c.is_retryable(),
+            DeployError::Trust(t) => t.is_retryable(),
         }
+    }
+
+    /// A verdict of the signature check (not a registry that could not be reached).
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            DeployError::Trust(TrustError::Refused { .. } | TrustError::NoDigest { .. })
+        )
     }
 }
 
@@ -78,6 +90,8 @@ pub(crate) struct Steps<R, S> {
     /// Handover hosts: the kernel redirect of the app's port to a slot.
     pub(crate) redirect: Option<Arc<dyn PortRedirect>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// `[trust]`: signature checks before a container is created (`None`: off).
+    pub(crate) trust: Option<Arc<Trust>>,
 }
 
 impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
@@ -121,7 +135,55 @@ impl<R: ContainerRuntime, S: ReleaseSource> Steps<R, S> {
 
     /// Make the release's image present on the host (pulled, or checked against the registry);
     /// nothing is created. Also what a rollout's pull instruction runs ahead of its switch.
+    /// With `[trust]`, the digest is verified first: a pinned one before anything is pulled,
+    /// a tag's after the pull resolved it (and before any container exists).
     pub(crate) async fn pull(&self, release: &Release) -> Result<LocalImage, DeployError> {
+        if let Some(d) = &release.digest {
+            self.verify(d).await?;
+        }
+        let image = self.pull_unverified(release).await?;
+        if release.digest.is_none() && self.trust.is_some() {
+            match &image.digest {
+                Some(d) => self.verify(d).await?,
+                None => {
+                    return Err(TrustError::NoDigest {
+                        release: release.to_string(),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(image)
+    }
+
+    /// Check the signature of `digest` in the app's repository (nothing when trust is off);
+    /// counted by result, logged when the registry was asked.
+    pub(crate) async fn verify(&self, digest: &skiff_release::Digest) -> Result<(), DeployError> {
+        let Some(trust) = &self.trust else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let auth = match &self.pull_tokens {
+            Some(tokens) => Some(tokens.get().await?),
+            None => self.registry_auth().await?,
+        };
+        let v = trust
+            .verify(&self.cfg.app.image, digest, auth.as_ref())
+            .await;
+        self.metrics.signature_check(v.result);
+        let verify_ms = started.elapsed().as_millis() as u64;
+        match v.outcome {
+            Ok(key) => {
+                if v.result == crate::trust::VERIFIED {
+                    tracing::info!(%digest, key = %key, verify_ms, "signature verified");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn pull_unverified(&self, release: &Release) -> Result<LocalImage, DeployError> {
         let started = Instant::now();
         let image = match &self.pull_tokens {
             // An ECR image without a [registry] section: a token, renewed once when refused.

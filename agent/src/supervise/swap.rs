@@ -161,6 +161,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         tracing::error!(tag = %release.tag, digest = release.digest_str(), error = %e, retryable, retry_in_ms = wait.as_millis() as u64, "cannot prepare the release; the current container keeps running");
         if !retryable {
             // A digest mismatch or denied access will not heal by itself: do not hammer.
+            self.note_refusal(release, &e);
             self.failed = Some(release.clone());
             let r = release.clone();
             self.publish(|s| s.failed_release = Some(r));
@@ -236,6 +237,13 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     ) -> SwapOutcome {
         tracing::error!(tag = %release.tag, digest = release.digest_str(), container = %new.id, reason = %why, "release failed to become healthy");
         let gone = self.steps.remove_failed(&new.id).await;
+        let fallback = match fallback {
+            Some(f) if !self.may_start(&f) => {
+                tracing::warn!(container = %f.id, tag = %f.release.tag, "the previous container's digest was never verified here: not rolled back to");
+                None
+            }
+            other => other,
+        };
         self.failed = Some(release.clone());
         let failed_release = release.clone();
         if !gone {
