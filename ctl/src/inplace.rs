@@ -398,6 +398,29 @@ pub fn to_hold(now: &Held) -> Vec<String> {
         .collect()
 }
 
+/// The processes a killed in-place run left suspended: those of [`HELD`] both suspended and
+/// under ctl's mark. Only for when no ctl run holds the group (the lock is free or ours): a
+/// live run's hold is its own. Pure.
+pub fn stale_hold(now: &Held) -> Vec<String> {
+    HELD.iter()
+        .filter(|p| now.suspended.iter().any(|a| a == *p) && now.marked.iter().any(|a| a == *p))
+        .map(|p| (*p).to_owned())
+        .collect()
+}
+
+/// Resume what a killed in-place run held ([`stale_hold`]) and remove its mark; the
+/// processes resumed (none: nothing was left, and nothing is changed). Call it only while no
+/// other ctl run can hold the group: by `ctl unlock` once the lock is cleared, by a release
+/// once it holds the lock.
+pub async fn resume_stale<F: InPlaceFleet>(fleet: &F) -> Result<Vec<String>, InPlaceError> {
+    let stale = stale_hold(&fleet.held().await?);
+    if !stale.is_empty() {
+        // Never with an empty list: ResumeProcesses without processes resumes every one.
+        fleet.hold(&stale, false).await?;
+    }
+    Ok(stale)
+}
+
 /// A fleet for the refresh strategy, which never rolls in place.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoInPlace;
@@ -575,6 +598,12 @@ pub enum RolloutStep {
     Held {
         processes: Vec<String>,
         already: Vec<String>,
+    },
+    /// Before anything else: the processes a killed in-place run left suspended, resumed
+    /// (`error`: they could not be).
+    StaleHoldResumed {
+        processes: Vec<String>,
+        error: Option<String>,
     },
     /// The processes suspended for the swaps, resumed (`error`: they could not be).
     Resumed {

@@ -867,22 +867,45 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
             Err(e) => Err(format!("not cleared: cannot read the answer ({e})")),
         }
     };
-    match lock::unlock(&lock, time::OffsetDateTime::now_utc(), confirm)
+    let done = match lock::unlock(&lock, time::OffsetDateTime::now_utc(), confirm)
         .await
         .map_err(|e| exit(ExitCode::Refused, e))?
     {
-        lock::Unlock::Free => {
-            println!("nobody holds the lock {}", lock.name());
+        lock::Unlock::Free => format!("nobody holds the lock {}", lock.name()),
+        lock::Unlock::Cleared(_) => format!("cleared the lock {}", lock.name()),
+        lock::Unlock::Declined { why, .. } => return Err(exit(ExitCode::Refused, why)),
+        lock::Unlock::Changed(now) => {
+            return Err(exit(
+                ExitCode::Busy,
+                format!("not cleared: the lock changed meanwhile and is now held by {now}"),
+            ));
+        }
+    };
+    println!("{done}");
+    // No run holds the group now: what a killed in-place run left suspended is resumed.
+    let hosts = AwsHosts {
+        asg: c.deployment.asg.clone(),
+        target_group: c.deployment.target_group.clone(),
+        autoscaling: c.autoscaling.clone(),
+        ec2: c.ec2.clone(),
+        elb: c.elb.clone(),
+        cloudwatch: aws_sdk_cloudwatch::Client::new(&c.sdk),
+    };
+    match inplace::resume_stale(&hosts).await {
+        Ok(resumed) if resumed.is_empty() => Ok(ExitCode::Success),
+        Ok(resumed) => {
+            println!(
+                "resumed {} on group {}, left suspended by an in-place run that was killed",
+                resumed.join(" "),
+                c.deployment.asg
+            );
             Ok(ExitCode::Success)
         }
-        lock::Unlock::Cleared(_) => {
-            println!("cleared the lock {}", lock.name());
-            Ok(ExitCode::Success)
-        }
-        lock::Unlock::Declined { why, .. } => Err(exit(ExitCode::Refused, why)),
-        lock::Unlock::Changed(now) => Err(exit(
-            ExitCode::Busy,
-            format!("not cleared: the lock changed meanwhile and is now held by {now}"),
+        Err(e) => Err(exit(
+            ExitCode::NotRolledBack,
+            format!(
+                "the lock is clear, but what a killed in-place run left suspended could not be resumed: {e}"
+            ),
         )),
     }
 }

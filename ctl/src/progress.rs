@@ -221,6 +221,20 @@ pub fn rollout_line(step: &RolloutStep) -> String {
             "warning: in-place: {e}; resume them: aws autoscaling resume-processes --auto-scaling-group-name <group> --scaling-processes {}",
             processes.join(" ")
         ),
+        RolloutStep::StaleHoldResumed {
+            processes,
+            error: None,
+        } => format!(
+            "resumed {}, left suspended by an in-place run that was killed",
+            processes.join(" ")
+        ),
+        RolloutStep::StaleHoldResumed {
+            processes,
+            error: Some(e),
+        } => format!(
+            "warning: cannot check or resume what an in-place run that was killed may have left suspended ({e}); see `ctl status`, and if the group shows them held: aws autoscaling resume-processes --auto-scaling-group-name <group> --scaling-processes {}",
+            processes.join(" ")
+        ),
         RolloutStep::LateJoiners { instances } => format!(
             "in-place: joined during the rollout, switched last: {}",
             list(instances)

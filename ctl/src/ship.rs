@@ -368,6 +368,7 @@ where
         old: previous.as_ref().map(|p| p.value.clone()),
         new: new.to_value(),
     });
+    rollout::resume_stale(hosts, emit).await;
     // In place: the group can be read and tagged before anything is written.
     let before = match &req.rollout {
         Some(plan) => {

@@ -605,10 +605,19 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
         "{t}"
     );
 
-    // The lock of the killed run is cleared, then the same release converges.
+    // Clearing the killed run's lock also resumes what it held (issue 18, finding 11): the
+    // group replaces unhealthy instances again without waiting for the next release.
     let mut u = g.base();
     u.extend(["unlock".to_owned(), "--force".to_owned()]);
-    assert_eq!(run_ctl(u).await.status.code(), Some(0));
+    let out = run_ctl(u).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("resumed HealthCheck ReplaceUnhealthy on group")
+            && t.contains("left suspended by an in-place run that was killed"),
+        "{t}"
+    );
+    assert_eq!(processes(&g).await, (vec![], None), "resumed, unmarked");
     let before = agent.log().len();
     let a = release_in_place(&g, "v2", &[]);
     let out = run_ctl(a).await;
@@ -624,7 +633,7 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     assert_eq!(
         processes(&g).await,
         (vec![], None),
-        "the re-run resumed the killed run's hold: {t}"
+        "the re-run held and resumed again: {t}"
     );
     let tags = g.tags().await;
     for id in &ids {
@@ -1043,5 +1052,93 @@ async fn a_refresh_watching_alarms_bakes_for_the_alarm_window() {
         .send()
         .await
         .expect("delete alarm");
+    g.delete().await;
+}
+
+/// Leave the group as a SIGKILLed in-place run does: HealthCheck and ReplaceUnhealthy
+/// suspended under ctl's mark.
+async fn killed_run_hold(g: &Group) {
+    g.asg
+        .suspend_processes()
+        .auto_scaling_group_name(&g.name)
+        .set_scaling_processes(Some(HELD.map(String::from).to_vec()))
+        .send()
+        .await
+        .expect("suspend");
+    g.asg
+        .create_or_update_tags()
+        .tags(
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&g.name)
+                .resource_type("auto-scaling-group")
+                .key("skiff:held-processes")
+                .value("HealthCheck:ReplaceUnhealthy")
+                .propagate_at_launch(false)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("mark");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_of_either_strategy_resumes_a_killed_runs_hold_first() {
+    let g = group("skiff-ctl-iph", 1).await;
+    let held = HELD.map(String::from).to_vec();
+    // Someone else's suspension (no mark) is theirs: neither unlock nor a release resumes it.
+    g.asg
+        .suspend_processes()
+        .auto_scaling_group_name(&g.name)
+        .set_scaling_processes(Some(held.clone()))
+        .send()
+        .await
+        .expect("suspend");
+    let mut u = g.base();
+    u.extend(["unlock".to_owned(), "--force".to_owned()]);
+    let out = run_ctl(u.clone()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!text(&out).contains("resumed"), "{}", text(&out));
+    assert_eq!(processes(&g).await, (held.clone(), None), "not ctl's: kept");
+    g.asg
+        .resume_processes()
+        .auto_scaling_group_name(&g.name)
+        .send()
+        .await
+        .expect("resume");
+
+    // A refresh release: the killed run's hold is resumed once the lock is held, before the
+    // refresh starts.
+    killed_run_hold(&g).await;
+    let mut a = args(
+        &g,
+        &[
+            "release",
+            "--tag",
+            "v2",
+            "--skip-verify",
+            "--strategy",
+            "refresh",
+            "--no-wait",
+        ],
+    );
+    a.extend(["--no-alarms".to_owned()]);
+    let out = run_ctl(a).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("resumed HealthCheck ReplaceUnhealthy, left suspended by an in-place run that was killed"),
+        "{t}"
+    );
+    assert_eq!(
+        processes(&g).await,
+        (vec![], None),
+        "resumed, unmarked: {t}"
+    );
+    g.asg
+        .cancel_instance_refresh()
+        .auto_scaling_group_name(&g.name)
+        .send()
+        .await
+        .expect("cancel");
     g.delete().await;
 }

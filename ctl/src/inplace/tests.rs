@@ -933,6 +933,38 @@ fn to_hold_table() {
     }
 }
 
+#[test]
+fn stale_hold_table() {
+    // suspended, marked as ctl's, what a killed run left (resumed by unlock or the next release)
+    let table: Vec<(Vec<&str>, Vec<&str>, Vec<&str>)> = vec![
+        (vec![], vec![], vec![]),
+        (
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+        ),
+        // someone else's suspension, no mark: theirs
+        (vec!["HealthCheck", "ReplaceUnhealthy"], vec![], vec![]),
+        // resumed by someone meanwhile: only what is still suspended
+        (
+            vec!["ReplaceUnhealthy", "AZRebalance"],
+            vec!["HealthCheck", "ReplaceUnhealthy"],
+            vec!["ReplaceUnhealthy"],
+        ),
+        // killed between mark and suspend: nothing to resume
+        (vec![], vec!["HealthCheck"], vec![]),
+        // a mark naming a process ctl never holds is not trusted for it
+        (vec!["Launch"], vec!["Launch"], vec![]),
+    ];
+    for (suspended, marked, want) in table {
+        let now = Held {
+            suspended: ids(&suspended),
+            marked: ids(&marked),
+        };
+        assert_eq!(stale_hold(&now), ids(&want), "{now:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn waits_are_bounded_and_stoppable() {
     let t = rel("v2");

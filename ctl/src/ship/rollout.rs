@@ -52,6 +52,24 @@ pub(super) async fn check_downtime<H: InPlaceFleet>(
     inplace::check_drain_all(&first_plan(hosts, new, plan).batches, hosts, &health)
 }
 
+/// Once the lock is held, before anything is written (either strategy): resume what a killed
+/// in-place run left suspended ([`inplace::resume_stale`]), so that the group replaces
+/// unhealthy instances again; a failure only warns (an in-place run holds and resumes the
+/// same processes itself).
+pub(super) async fn resume_stale<H: InPlaceFleet>(fleet: &H, emit: &mut dyn FnMut(Event)) {
+    match inplace::resume_stale(fleet).await {
+        Ok(processes) if processes.is_empty() => {}
+        Ok(processes) => emit(Event::Rollout(RolloutStep::StaleHoldResumed {
+            processes,
+            error: None,
+        })),
+        Err(e) => emit(Event::Rollout(RolloutStep::StaleHoldResumed {
+            processes: inplace::HELD.map(String::from).to_vec(),
+            error: Some(e.to_string()),
+        })),
+    }
+}
+
 /// `judge`, reporting what it still waits for each time that changes.
 fn noting<'a>(
     what: String,
