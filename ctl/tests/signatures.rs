@@ -5,57 +5,13 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::token_service::TokenService;
-use common::{push_empty_manifest, unique};
-use skiff_ctl::registry::{CheckError, Credentials, DigestResolver, HttpRegistry};
-use skiff_release::{Digest, Tag};
+use common::{openssl_key, push_empty_manifest, push_image as store_image, unique};
+use skiff_ctl::registry::{CheckError, Credentials, HttpRegistry};
+use skiff_release::Digest;
 use skiff_signature::{
     FileKey, MANIFEST_MEDIA_TYPE, SignatureError, blob_digest, payload, signature_tag,
 };
-
-fn openssl_key() -> FileKey {
-    let out = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "openssl genpkey");
-    FileKey::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("PKCS#8 P-256 key")
-}
-
-/// Store a one-layer image `repo:tag` whose layer holds `content`; its digest.
-async fn store_image(r: &HttpRegistry, repo: &str, tag: &str, content: &str) -> Digest {
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let layer = content.as_bytes();
-    r.put_blob(repo, &blob_digest(config), config)
-        .await
-        .expect("config blob");
-    r.put_blob(repo, &blob_digest(layer), layer)
-        .await
-        .expect("layer blob");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "size": config.len(), "digest": blob_digest(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "size": layer.len(), "digest": blob_digest(layer)}],
-    }))
-    .expect("manifest");
-    r.put_manifest(repo, tag, MANIFEST_MEDIA_TYPE, &manifest)
-        .await
-        .expect("manifest");
-    let tag: Tag = tag.parse().expect("tag");
-    r.resolve(repo, &tag).await.expect("resolve")
-}
 
 async fn sign(r: &HttpRegistry, repo: &str, digest: &Digest, key: &FileKey) {
     let p = payload(repo, digest);
