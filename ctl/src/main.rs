@@ -722,7 +722,8 @@ async fn release(
     opts: &ReleaseOpts,
 ) -> anyhow::Result<ExitCode> {
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
-    let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
+    let refresher =
+        AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg).with_elb(c.elb.clone());
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
     let creds = opts.registry_user.clone().map(|user| Credentials {
         user,

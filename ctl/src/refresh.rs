@@ -218,25 +218,44 @@ pub enum RefreshError {
 pub const TARGETS_PER_TARGET_GROUP: i32 = 1000;
 
 /// The MaxHealthyPercentage a refresh of a group of `desired` instances in a target group may
-/// use so that the instances it keeps and those it launches fit [`TARGETS_PER_TARGET_GROUP`]:
+/// use so that the instances it keeps and those it launches fit [`TARGETS_PER_TARGET_GROUP`] in
+/// the target group, and, beside the `others` targets the load balancer's other target groups
+/// hold (other branches on a shared load balancer), the same quota of the load balancer:
 /// `max` when it fits, lower when not, an error saying what to pass when nothing is left above
 /// `min` (a 1,000-instance group at 100 % / 200 % would register 2,000 targets and every launch
-/// past the quota fails). Targets other groups put in the same target group or load balancer are
-/// not counted: the quota is the group's alone here. Pure.
-pub fn max_healthy_within_targets(desired: i32, min: i32, max: i32) -> Result<i32, String> {
+/// past the quota fails). Pure.
+pub fn max_healthy_within_targets(
+    desired: i32,
+    min: i32,
+    max: i32,
+    others: i32,
+) -> Result<i32, String> {
     if desired <= 0 {
         return Ok(max);
     }
-    if desired > TARGETS_PER_TARGET_GROUP {
+    let room = (TARGETS_PER_TARGET_GROUP - others.max(0)).max(0);
+    let shared = if others > 0 {
+        format!(
+            " (the load balancer's other target groups hold {others} of its {TARGETS_PER_TARGET_GROUP})"
+        )
+    } else {
+        String::new()
+    };
+    if desired > room {
         return Err(format!(
-            "its {desired} instances are more than the {TARGETS_PER_TARGET_GROUP} targets one target group takes; split the group"
+            "its {desired} instances are more than the {room} targets left{shared}; split the group{}",
+            if others > 0 {
+                ", or move it or the other target groups to another load balancer"
+            } else {
+                ""
+            }
         ));
     }
-    let fit = (TARGETS_PER_TARGET_GROUP * 100 / desired).min(200);
+    let fit = (room * 100 / desired).min(200);
     let allowed = max.min(fit);
     if allowed <= min {
         return Err(format!(
-            "{desired} instances may be at most {allowed} % of the group at once ({TARGETS_PER_TARGET_GROUP} targets), which leaves no room above --min-healthy {min}: pass --min-healthy {} or lower (terminate-first batches), or release with --strategy in-place",
+            "{desired} instances may be at most {allowed} % of the group at once ({room} targets{shared}), which leaves no room above --min-healthy {min}: pass --min-healthy {} or lower (terminate-first batches), or release with --strategy in-place",
             allowed.saturating_sub(10).max(0)
         ));
     }
@@ -248,6 +267,9 @@ pub fn max_healthy_within_targets(desired: i32, min: i32, max: i32) -> Result<i3
 pub struct AsgRefresher {
     client: Client,
     asg: String,
+    /// Reads the load balancers' other target groups for the target quota; without it only
+    /// the group's own targets count.
+    elb: Option<aws_sdk_elasticloadbalancingv2::Client>,
 }
 
 impl AsgRefresher {
@@ -255,7 +277,72 @@ impl AsgRefresher {
         AsgRefresher {
             client,
             asg: asg.into(),
+            elb: None,
         }
+    }
+
+    /// Count the targets of the other target groups on the group's load balancers too.
+    pub fn with_elb(mut self, elb: aws_sdk_elasticloadbalancingv2::Client) -> Self {
+        self.elb = Some(elb);
+        self
+    }
+
+    /// The most targets that other target groups hold on any load balancer the group's target
+    /// groups belong to (ELBv2 DescribeTargetGroups, DescribeTargetHealth): a shared load
+    /// balancer counts every branch's targets against its quota.
+    async fn others_on_balancers(&self, own: &[String]) -> Result<i32, String> {
+        let Some(elb) = &self.elb else {
+            return Ok(0);
+        };
+        let mine = aws::write(|| {
+            elb.describe_target_groups()
+                .set_target_group_arns(Some(own.to_vec()))
+                .send()
+        })
+        .await
+        .map_err(|e| aws::describe(&e))?;
+        let mut balancers: Vec<String> = mine
+            .target_groups()
+            .iter()
+            .flat_map(|t| t.load_balancer_arns().iter().cloned())
+            .collect();
+        balancers.sort();
+        balancers.dedup();
+        let mut most = 0;
+        for lb in balancers {
+            let mut others = 0;
+            let mut marker: Option<String> = None;
+            loop {
+                let page = aws::write(|| {
+                    elb.describe_target_groups()
+                        .load_balancer_arn(&lb)
+                        .set_marker(marker.clone())
+                        .send()
+                })
+                .await
+                .map_err(|e| aws::describe(&e))?;
+                for tg in page.target_groups() {
+                    let Some(arn) = tg.target_group_arn() else {
+                        continue;
+                    };
+                    if own.iter().any(|o| o == arn) {
+                        continue;
+                    }
+                    let health =
+                        aws::write(|| elb.describe_target_health().target_group_arn(arn).send())
+                            .await
+                            .map_err(|e| aws::describe(&e))?;
+                    others += i32::try_from(health.target_health_descriptions().len())
+                        .unwrap_or(i32::MAX);
+                }
+                marker = page.next_marker().map(str::to_owned);
+                if marker.is_none() {
+                    break;
+                }
+            }
+            most = most.max(others);
+        }
+        Ok(most)
     }
 }
 
@@ -287,11 +374,22 @@ impl AsgRefresher {
             return Ok(plan.max_healthy);
         };
         let desired = g.desired_capacity().unwrap_or(0);
-        let allowed = max_healthy_within_targets(desired, plan.min_healthy, plan.max_healthy)
-            .map_err(|detail| RefreshError::TargetQuota {
-                asg: self.asg.clone(),
-                detail,
-            })?;
+        let others = match self.others_on_balancers(g.target_group_arns()).await {
+            Ok(n) => n,
+            Err(detail) => {
+                tracing::warn!(
+                    "cannot count the other target groups' targets on group {}'s load balancer ({detail}); sizing the refresh to its own target group only (grant elasticloadbalancing:DescribeTargetGroups)",
+                    self.asg
+                );
+                0
+            }
+        };
+        let allowed =
+            max_healthy_within_targets(desired, plan.min_healthy, plan.max_healthy, others)
+                .map_err(|detail| RefreshError::TargetQuota {
+                    asg: self.asg.clone(),
+                    detail,
+                })?;
         if allowed < plan.max_healthy {
             tracing::warn!(
                 "group {}: {desired} instances at --max-healthy {} would pass the {TARGETS_PER_TARGET_GROUP}-target quota; refreshing with {allowed} %",
@@ -571,23 +669,30 @@ mod tests {
     #[test]
     fn max_healthy_fits_the_target_quota() {
         let tooth = |r: Result<i32, String>| r.map_err(|e| e.split(':').next().map(str::to_owned));
-        for (desired, min, max, want) in [
-            (0, 100, 200, Ok(200)),
-            (6, 100, 200, Ok(200)),
-            (500, 100, 200, Ok(200)),
-            (600, 100, 200, Ok(166)),
-            (600, 100, 150, Ok(150)),
-            (1000, 90, 200, Ok(100)),
-            (1000, 100, 200, Err(Some("1000 instances may be at most 100 % of the group at once (1000 targets), which leaves no room above --min-healthy 100".to_owned()))),
-            (1001, 90, 200, Err(Some("its 1001 instances are more than the 1000 targets one target group takes; split the group".to_owned()))),
+        for (desired, min, max, others, want) in [
+            (0, 100, 200, 0, Ok(200)),
+            (6, 100, 200, 0, Ok(200)),
+            (500, 100, 200, 0, Ok(200)),
+            (600, 100, 200, 0, Ok(166)),
+            (600, 100, 150, 0, Ok(150)),
+            (1000, 90, 200, 0, Ok(100)),
+            (1000, 100, 200, 0, Err(Some("1000 instances may be at most 100 % of the group at once (1000 targets), which leaves no room above --min-healthy 100".to_owned()))),
+            (1001, 90, 200, 0, Err(Some("its 1001 instances are more than the 1000 targets left; split the group".to_owned()))),
+            // a shared load balancer: other branches' targets count against its quota
+            (6, 100, 200, 600, Ok(200)),
+            (300, 100, 200, 600, Ok(133)),
+            (400, 100, 200, 600, Err(Some("400 instances may be at most 100 % of the group at once (400 targets (the load balancer's other target groups hold 600 of its 1000)), which leaves no room above --min-healthy 100".to_owned()))),
+            (400, 90, 200, 600, Ok(100)),
+            (500, 90, 200, 600, Err(Some("its 500 instances are more than the 400 targets left (the load balancer's other target groups hold 600 of its 1000); split the group, or move it or the other target groups to another load balancer".to_owned()))),
+            (1, 100, 200, 1200, Err(Some("its 1 instances are more than the 0 targets left (the load balancer's other target groups hold 1200 of its 1000); split the group, or move it or the other target groups to another load balancer".to_owned()))),
         ] {
             assert_eq!(
-                tooth(max_healthy_within_targets(desired, min, max)),
+                tooth(max_healthy_within_targets(desired, min, max, others)),
                 want,
-                "{desired} instances, {min}/{max}"
+                "{desired} instances, {min}/{max}, {others} others"
             );
         }
-        let advice = max_healthy_within_targets(1000, 100, 200).expect_err("no room");
+        let advice = max_healthy_within_targets(1000, 100, 200, 0).expect_err("no room");
         assert!(advice.contains("--min-healthy 90 or lower"), "{advice}");
     }
 
