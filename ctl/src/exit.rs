@@ -13,8 +13,9 @@ pub enum ExitCode {
     /// parameter; the fleet was rolled back to it (after an interruption: is being rolled
     /// back by the refresh the output names).
     RolledBack,
-    /// Refused, nothing changed: bad input or flags, unknown image, registry or AWS
-    /// unreachable, interrupted before anything was written.
+    /// Refused, nothing changed: bad input or flags, unknown image, an image no trusted key
+    /// signed (or whose signature cannot be checked), registry or AWS unreachable,
+    /// interrupted before anything was written.
     Refused,
     /// Failed and not rolled back, the rollback failed, someone else changed the parameter
     /// meanwhile, or the state is unknown: look now.
@@ -50,7 +51,7 @@ impl ExitCode {
                 "the release failed or was interrupted; the previous release is back in the parameter and the fleet rolled (or, after a signal, rolling) back to it"
             }
             ExitCode::Refused => {
-                "refused, nothing changed: bad input or flags, unknown image, registry or AWS unreachable"
+                "refused, nothing changed: bad input or flags, unknown image, not signed by a trusted key, registry or AWS unreachable"
             }
             ExitCode::NotRolledBack => {
                 "failed and NOT rolled back (rollback failed, parameter changed by someone else, state unknown, second signal): run `ctl status` now"

@@ -326,17 +326,26 @@ impl Signer {
     }
 }
 
-/// Who signed each of `releases` (`None`: not a release record), asking the registry once per
-/// distinct digest and not at all once it could not answer (the rest are unknown for the same
-/// reason): at most one signature read per release shown.
+/// Who signed each of `releases` (`None`: not a release record, or no keys named), asking the
+/// registry once per distinct digest and not at all once it could not answer (the rest are
+/// unknown for the same reason): at most one signature read per release shown. Keys that
+/// cannot be read make every release unknown, for that reason: status and history still show
+/// the rest.
 pub async fn signers<C: SignatureChecker>(
-    trust: &Trust,
+    trust: &Result<Trust, TrustError>,
     checker: &C,
     image: &str,
     releases: &[Option<&Release>],
 ) -> Vec<Option<Signer>> {
-    let Trust::On(keys) = trust else {
-        return releases.iter().map(|_| None).collect();
+    let keys = match trust {
+        Ok(Trust::On(keys)) => keys,
+        Ok(Trust::Off) => return releases.iter().map(|_| None).collect(),
+        Err(e) => {
+            return releases
+                .iter()
+                .map(|r| r.map(|_| Signer::Unknown { why: e.to_string() }))
+                .collect();
+        }
     };
     let mut known: Vec<(Digest, Signer)> = Vec::new();
     let mut down: Option<String> = None;
@@ -377,6 +386,15 @@ pub async fn signers<C: SignatureChecker>(
         out.push(Some(s));
     }
     out
+}
+
+/// The trusted keys of a deployment: `--trusted-keys` (`file`) or the stack's output, read.
+pub async fn resolve(
+    file: Option<&Path>,
+    output: Option<&str>,
+    ssm: &aws_sdk_ssm::Client,
+) -> Result<Trust, TrustError> {
+    load(choose(file, output)?, ssm).await
 }
 
 /// Read the trusted keys named by `source`; `None`: off.

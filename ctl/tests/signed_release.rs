@@ -125,6 +125,7 @@ impl World {
         for n in needles {
             assert!(t.contains(n), "{what}: {n:?} not in {t}");
         }
+        assert!(!t.contains("locked /"), "{what}: the lock was taken: {t}");
         let after = self.state().await;
         assert_eq!(&after, before, "{what} wrote something: {t}");
         assert_eq!(after.2, None, "{what}: a lock is left: {t}");
@@ -208,6 +209,7 @@ async fn a_refresh_release_goes_out_only_when_a_trusted_key_signed_its_digest() 
         t.contains(&format!("signed by trusted key {old_id}")),
         "{t}"
     );
+    assert!(t.contains("locked /"), "the lock line refusals lack: {t}");
     let (value, versions, lock, refreshes) = w.state().await;
     assert!(
         value
@@ -463,6 +465,18 @@ async fn the_stack_names_the_keys_and_a_bad_keys_parameter_refuses() {
         ],
     )
     .await;
+    // status and history still answer, saying why the signer is unknown.
+    for view in [&["status"][..], &["history", "--limit", "1"]] {
+        let mut args = vec!["--stack", malformed.as_str()];
+        args.extend_from_slice(view);
+        let t = released("a view, keys malformed", &ctl(&args));
+        assert!(
+            t.contains(&format!(
+                "unknown: the trusted keys in parameter /{malformed}/trusted-keys cannot be used"
+            )),
+            "{t}"
+        );
+    }
     // The stack names a parameter that is gone.
     let missing = stack(&w, Some(&pem)).await;
     delete_param(&w.ssm, &format!("/{missing}/trusted-keys")).await;

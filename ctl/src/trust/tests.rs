@@ -278,7 +278,7 @@ fn verdict_lines() {
 #[tokio::test]
 async fn signers_ask_once_per_digest_and_stop_asking_once_the_registry_is_down() {
     let k = keys(OLD);
-    let trust = Trust::On(k);
+    let trust = Ok(Trust::On(k));
     // Digest 1 signed, 2 unsigned, 3: the registry is down; 4 is not asked.
     let fake = FakeChecker {
         answer: |d| match d.as_str().get(d.as_str().len() - 2..) {
@@ -343,6 +343,25 @@ async fn signers_ask_once_per_digest_and_stop_asking_once_the_registry_is_down()
         ],
         "one read per distinct digest, none after the registry failed"
     );
-    let off = signers(&Trust::Off, &fake, IMAGE, &refs).await;
+    let asked = fake.asked.lock().expect("lock").len();
+    let off = signers(&Ok(Trust::Off), &fake, IMAGE, &refs).await;
     assert!(off.iter().all(Option::is_none));
+    // Keys named but unusable: every release unknown for that reason, the registry not asked.
+    let broken = Err(TrustError::Empty {
+        origin: format!("parameter {PARAM}"),
+    });
+    let got = signers(&broken, &fake, IMAGE, &refs).await;
+    assert_eq!(got.len(), refs.len());
+    assert!(
+        got[..6]
+            .iter()
+            .all(|s| matches!(s, Some(Signer::Unknown { why }) if why.contains("are empty"))),
+        "{got:?}"
+    );
+    assert_eq!(got[6], None, "not a release record");
+    assert_eq!(
+        fake.asked.lock().expect("lock").len(),
+        asked,
+        "no registry read"
+    );
 }
