@@ -31,6 +31,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
 use aws_sdk_cloudwatch::types::StateValue;
 
 use crate::aws;
@@ -119,7 +120,14 @@ impl AlarmStates for CloudWatchAlarms {
                         .send()
                 })
                 .await
-                .map_err(|e| AlarmsError::Describe(aws::describe(&e)))?;
+                .map_err(|e| {
+                    let detail = aws::describe(&e);
+                    if aws::is_denied(e.code()) {
+                        AlarmsError::Denied(detail)
+                    } else {
+                        AlarmsError::Describe(detail)
+                    }
+                })?;
                 let metric = page
                     .metric_alarms()
                     .iter()
@@ -181,6 +189,10 @@ pub enum AlarmsError {
         "cannot read the release alarms ({0}); the deployer needs cloudwatch:DescribeAlarms on them (the stack's DeployerPolicy), or release with --no-alarms"
     )]
     Describe(String),
+    #[error(
+        "not allowed to read the release alarms ({0}): grant the deployer cloudwatch:DescribeAlarms on them (update the stack: its DeployerPolicy has it), or release with --no-alarms"
+    )]
+    Denied(String),
 }
 
 /// The names of a comma-separated list (the stack output), blanks dropped. Pure.

@@ -116,9 +116,31 @@ where
     }
 }
 
+/// Whether an error code says the caller lacks a permission (IAM's words differ by service:
+/// AccessDenied, AccessDeniedException, UnauthorizedOperation for EC2).
+pub fn is_denied(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn denied_codes() {
+        for (code, want) in [
+            (Some("AccessDenied"), true),
+            (Some("AccessDeniedException"), true),
+            (Some("UnauthorizedOperation"), true),
+            (Some("Throttling"), false),
+            (None, false),
+        ] {
+            assert_eq!(is_denied(code), want, "{code:?}");
+        }
+    }
 
     #[test]
     fn throttling_codes() {

@@ -588,6 +588,12 @@ pub enum RolloutStep {
     Settled {
         secs: f64,
     },
+    /// The release alarms could not be watched after the last batch: the deployer may not
+    /// read them (a stack from before the permission).
+    AlarmsUnwatched {
+        alarms: Vec<String>,
+        why: String,
+    },
     /// The release alarms watched for one window after the last batch; none fired.
     AlarmsQuiet {
         alarms: Vec<String>,

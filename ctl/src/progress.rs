@@ -193,6 +193,10 @@ pub fn rollout_line(step: &RolloutStep) -> String {
         RolloutStep::Settled { secs } => format!(
             "in-place: no agent flipped back within its handover hold: watched {secs}s after the last batch"
         ),
+        RolloutStep::AlarmsUnwatched { alarms, why } => format!(
+            "warning: in-place: the release alarms were not watched after the last batch ({}): {why}",
+            alarms.join(", ")
+        ),
         RolloutStep::AlarmsQuiet { alarms, secs } => format!(
             "in-place: no release alarm fired within {secs}s after the last batch: {}",
             alarms.join(", ")

@@ -265,6 +265,9 @@ def ctl_env(box):
             "AWS_ACCESS_KEY_ID": box["deployer"]["access_key_id"],
             "AWS_SECRET_ACCESS_KEY": box["deployer"]["secret_access_key"],
             "AWS_EC2_METADATA_DISABLED": "true", "SKIFF_STACK": box.get("stack", STACK),
+            # The stack names release alarms nobody feeds here: no 4-minute bake or watch for
+            # them (ctl/tests/inplace.rs tests the window).
+            "SKIFF_ALARM_WINDOW": "0s",
             "SKIFF_REGISTRY_CA": REGISTRY_CA}
 
 

@@ -247,7 +247,13 @@ class Fleet:
 
 
 def run_ctl(ctl: str, emu: Emulator, key: str, args: list[str]) -> dict:
-    """The real ctl under access key `key`: exit code, output, wall time, peak RSS."""
+    """The real ctl under access key `key`: exit code, output, wall time, peak RSS.
+
+    The peak RSS is ctl's own: its VmHWM (/proc/<pid>/status), read every 20 ms until it
+    exits. Not the child's ru_maxrss from wait4: Linux carries the high-water mark of the
+    memory the child started in across exec, and a child this process spawns (vfork) starts
+    in the simulation's own memory, so ru_maxrss reports the simulation's RSS (170 MiB and
+    more at 1,000 hosts) whenever it is larger than ctl's."""
     env = dict(os.environ, AWS_ENDPOINT_URL=emu.url, AWS_ACCESS_KEY_ID=key,
                AWS_SECRET_ACCESS_KEY="testing", AWS_REGION=REGION)
     for k in ("SKIFF_STACK", "SKIFF_PARAMETER", "SKIFF_ASG", "SKIFF_IMAGE", "SKIFF_TARGET_GROUP",
@@ -256,12 +262,26 @@ def run_ctl(ctl: str, emu: Emulator, key: str, args: list[str]) -> dict:
     out = tempfile.TemporaryFile()
     began = time.monotonic()
     proc = subprocess.Popen([ctl, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_kib = 0
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+        time.sleep(0.02)
     wall = time.monotonic() - began
     out.seek(0)
     return {"code": proc.returncode, "output": out.read().decode(errors="replace"),
-            "wall": wall, "rss_mib": usage.ru_maxrss / 1024}
+            "wall": wall, "rss_mib": peak_kib / 1024}
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """The peak RSS of process `pid` so far (VmHWM, KiB); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def tail(output: str, lines: int = 6, width: int = 300) -> str:

@@ -438,6 +438,15 @@ where
                     alarms::Watch::Continue => {}
                 }
             }
+            // Not allowed (a stack from before the permission): the release passed its
+            // health gates; say loudly that the alarms went unwatched rather than revert it.
+            Err(e @ InPlaceError::Alarms(alarms::AlarmsError::Denied(_))) => {
+                emit(Event::Rollout(RolloutStep::AlarmsUnwatched {
+                    alarms: names.clone(),
+                    why: e.to_string(),
+                }));
+                return None;
+            }
             Err(e) => {
                 failures += 1;
                 if failures >= ALARM_READ_FAILURES {
