@@ -204,6 +204,16 @@ async fn a_refresh_release_goes_out_only_when_a_trusted_key_signed_its_digest() 
         w.refused(what, &out, &before, &needles).await;
     }
 
+    // By tag only, nothing pins the digest a signature could be checked for.
+    let out = w.release(&only_old, "signed", &["--skip-verify"]);
+    w.refused(
+        "--skip-verify",
+        &out,
+        &before,
+        &["names no digest", "leave out --skip-verify"],
+    )
+    .await;
+
     let t = released("signed", &w.release(&only_old, "signed", &[]));
     assert!(
         t.contains(&format!("signed by trusted key {old_id}")),

@@ -270,9 +270,15 @@ fn verdict_lines() {
             .to_string()
             .contains("signed by trusted key SHA256:abcd")
     );
-    let json = serde_json::to_value(&signed).expect("json");
-    assert_eq!(json["verdict"], "signed");
-    assert_eq!(json["key_id"], "SHA256:abcd");
+    let json = serde_json::to_value(crate::ship::Event::Signature(signed)).expect("json");
+    assert_eq!(json["event"], "signature", "{json}");
+    assert_eq!(json["verdict"], "signed", "{json}");
+    assert_eq!(json["key_id"], "SHA256:abcd", "{json}");
+    let off = serde_json::to_value(crate::ship::Event::Signature(Verdict::Off)).expect("json");
+    assert_eq!(
+        off,
+        serde_json::json!({"event": "signature", "verdict": "off"})
+    );
 }
 
 #[tokio::test]
