@@ -293,6 +293,9 @@ OWN_ARNS = [
     re.compile(_ARN % "ecr" + r"repository/\$\{ImageRepositoryName\}$"),
     re.compile(_ARN % "cloudformation" + r"stack/\$\{AWS::StackName\}/\*$"),
     re.compile(_ARN % "logs" + r"log-group:/skiff/\$\{Environment\}/app$"),
+    # The release alarms, named skiff-<Environment>-... (AlarmName of ReleaseErrorRateAlarm and
+    # ReleaseUnhealthyHostsAlarm).
+    re.compile(_ARN % "cloudwatch" + r"alarm:skiff-\$\{Environment\}-[a-z0-9-]+$"),
 ]
 OWN_REFS = [{"Ref": "DatabaseSecretArn"},
             {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}]
@@ -761,6 +764,13 @@ def app_narrow_grants_checks(text, t):
     # reads them.
     keys = f"arn:aws:ssm:{region}:{account}:parameter/skiff/{env}/trusted-keys"
     stack = f"arn:aws:cloudformation:{region}:{account}:stack/app-{env}/0f0e0d0c-0000-4000-8000-000000000000"
+    alarm = f"arn:aws:cloudwatch:{region}:{account}:alarm:skiff-{env}-"
+    check("app: the deployer reads its two release alarms (an in-place release watches them)",
+          allowed(deployer, "cloudwatch:DescribeAlarms", alarm + "target-5xx-rate")
+          and allowed(deployer, "cloudwatch:DescribeAlarms", alarm + "unhealthy-hosts"))
+    check("app: the deployer reads no other alarm",
+          not allowed(deployer, "cloudwatch:DescribeAlarms", alarm.replace(env, "other") + "target-5xx-rate")
+          and not allowed(deployer, "cloudwatch:DescribeAlarms", f"arn:aws:cloudwatch:{region}:{account}:alarm:*"))
     check("app: the deployer reads the trusted keys (ssm:GetParameter)", allowed(deployer, "ssm:GetParameter", keys))
     for action, resource in [("ssm:PutParameter", keys), ("ssm:DeleteParameter", keys),
                              ("ssm:DeleteParameters", keys), ("ssm:LabelParameterVersion", keys),
@@ -1272,10 +1282,10 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     except botocore.exceptions.ClientError as e:
         check("app create: DeployerPolicyArn names a policy", False, str(e))
     resources = {str(s["Resource"]) for s in doc.get("Statement", [])}
-    equal("app create: deployer may read target health (resource * only) and nothing else of ELB",
+    equal("app create: deployer may read target health and target groups (resource * only) and nothing else of ELB",
           sorted(a for st in doc.get("Statement", []) for a in actions_of([st])
                  if a.startswith("elasticloadbalancing:")),
-          ["elasticloadbalancing:DescribeTargetHealth"])
+          ["elasticloadbalancing:DescribeTargetGroups", "elasticloadbalancing:DescribeTargetHealth"])
     check("app create: deployer policy names this stack, its release, its lock and its group",
           any(r.endswith(f":stack/{app_stack}/*") for r in resources)
           and any(r.endswith(f":parameter/skiff/{env}/release") for r in resources)

@@ -335,10 +335,22 @@ def _elbv2(resp, action: str) -> list[policy.Check] | None:
     return None
 
 
+# CloudWatch: IAM's prefix is cloudwatch: (moto's own check names the endpoint, monitoring:).
+# DescribeAlarms is authorized against each alarm's ARN (resource type alarm,
+# arn:...:cloudwatch:<region>:<account>:alarm:<name>); without AlarmNames, against every alarm.
+# https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazoncloudwatch.html
+def _cloudwatch(resp, action: str) -> list[policy.Check] | None:
+    if action != "DescribeAlarms":
+        return None
+    names = _param(resp, "AlarmNames", []) or []
+    return [policy.Check("cloudwatch:DescribeAlarms", _arn(resp, "cloudwatch", f"alarm:{n}"))
+            for n in names] or [policy.Check("cloudwatch:DescribeAlarms", _arn(resp, "cloudwatch", "alarm:*"))]
+
+
 RESOLVERS: dict[str, Callable] = {
     "ssm": _ssm, "ecr": _ecr, "autoscaling": _autoscaling, "ec2": _ec2,
     "cloudformation": _cloudformation, "secretsmanager": _secretsmanager, "kms": _kms,
-    "logs": _logs, "elbv2": _elbv2,
+    "logs": _logs, "elbv2": _elbv2, "cloudwatch": _cloudwatch,
 }
 
 

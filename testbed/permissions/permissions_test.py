@@ -170,6 +170,20 @@ class World:
                 self.cfn.describe_stack_resources(StackName=stack_name)["StackResources"]
                 if "LogicalResourceId" in r}
 
+    def user_with(self, user, policy_arn):
+        """An IAM user holding one managed policy (a stack's DeployerPolicy), removed at the end;
+        returns its access key."""
+        self.iam.create_user(UserName=user)
+        self.iam.attach_user_policy(UserName=user, PolicyArn=policy_arn)
+        key = self.iam.create_access_key(UserName=user)["AccessKey"]
+
+        def cleanup_user():
+            self.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
+            self.iam.detach_user_policy(UserName=user, PolicyArn=policy_arn)
+            self.iam.delete_user(UserName=user)
+        self.cleanup.append(cleanup_user)
+        return key
+
     def group_instances(self, group):
         g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
         return {i["InstanceId"]: i["LifecycleState"] for i in (g[0]["Instances"] if g else [])}
@@ -343,17 +357,7 @@ def trusted_keys_checks(world, name_b, stack_b, env_b, keys, role_session_a):
     check("keys: B's instance role cannot write them", code in ("AccessDenied", "AccessDeniedException"),
           f"got {code or 'success'}")
 
-    arn = out["DeployerPolicyArn"]
-    user = f"skiff-it-deployer-b-{RUN}"
-    world.iam.create_user(UserName=user)
-    world.iam.attach_user_policy(UserName=user, PolicyArn=arn)
-    key = world.iam.create_access_key(UserName=user)["AccessKey"]
-
-    def cleanup_user():
-        world.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
-        world.iam.detach_user_policy(UserName=user, PolicyArn=arn)
-        world.iam.delete_user(UserName=user)
-    world.cleanup.append(cleanup_user)
+    key = world.user_with(f"skiff-it-deployer-b-{RUN}", out["DeployerPolicyArn"])
     deployer = session(key["AccessKeyId"], key["SecretAccessKey"])
     ssm, cfn = (deployer.client(x, endpoint_url=ENDPOINT, config=NO_RETRY) for x in ("ssm", "cloudformation"))
     code = denied(lambda: ssm.get_parameter(Name=name))
@@ -612,15 +616,7 @@ def ctl_checks(world, stack_a, tags, tmp):
     if not check("ctl: the stack outputs DeployerPolicyArn", bool(arn), f"outputs: {sorted(out)}"):
         return
     user = f"skiff-it-deployer-{RUN}"
-    world.iam.create_user(UserName=user)
-    world.iam.attach_user_policy(UserName=user, PolicyArn=arn)
-    key = world.iam.create_access_key(UserName=user)["AccessKey"]
-
-    def cleanup_user():
-        world.iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
-        world.iam.detach_user_policy(UserName=user, PolicyArn=arn)
-        world.iam.delete_user(UserName=user)
-    world.cleanup.append(cleanup_user)
+    key = world.user_with(user, arn)
     env = {"PATH": os.environ["PATH"], "HOME": tmp, "AWS_ENDPOINT_URL": ENDPOINT,
            "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
            "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "BUILD_USER": "permissions-test",
@@ -646,13 +642,15 @@ def ctl_checks(world, stack_a, tags, tmp):
         for name, args in [
             # No --skip-verify: the digest is pinned through the ECR-shaped registry with a token
             # from GetAuthorizationToken, under the deployer policy.
-            ("release", ["release", "--tag", tags[1], "--warmup", "1s", "--timeout", "90s"]),
+            # --alarm-window 5s: the stack's alarms get the time they need in production (4m
+            # bake, ctl's default); here IAM is checked, not alarm timing.
+            ("release", ["release", "--tag", tags[1], "--warmup", "1s", "--timeout", "90s", "--alarm-window", "5s"]),
             ("status", ["status"]),
             ("history", ["history"]),
             # FilterLogEvents on the stack's group; with --instance also DescribeLogStreams.
             ("logs", ["logs", "--since", "1h"]),
             ("logs --instance", ["logs", "--instance", f"i-perm{RUN}"]),
-            ("rollback", ["rollback", "--warmup", "1s", "--timeout", "90s"]),
+            ("rollback", ["rollback", "--warmup", "1s", "--timeout", "90s", "--alarm-window", "5s"]),
         ]:
             p = subprocess.run([CTL, "--stack", stack, *args], env=env, capture_output=True, text=True,
                                timeout=180)
@@ -681,7 +679,7 @@ def ctl_checks(world, stack_a, tags, tmp):
         # timeout and rolls back (exit 1), also under the deployer policy.
         answerer.silence_next_refresh()
         p = subprocess.run([CTL, "--stack", stack, "release", "--tag", bad,
-                            "--warmup", "1s", "--timeout", "8s"], env=env, capture_output=True,
+                            "--warmup", "1s", "--timeout", "8s", "--alarm-window", "5s"], env=env, capture_output=True,
                            text=True, timeout=180)
         text = p.stdout + p.stderr
         denials = access_denials(text)
@@ -733,7 +731,7 @@ def inplace_checks(world, stack, group, env, key, tags):
     thread.start()
     try:
         p = subprocess.run([CTL, "--stack", stack, "release", "--tag", tags[1], "--strategy", "in-place",
-                            "--pull-timeout", "60s", "--batch-timeout", "60s",
+                            "--pull-timeout", "60s", "--batch-timeout", "60s", "--alarm-window", "5s",
                             # One instance swapped by drain: ctl refuses that unless told.
                             "--accept-downtime"], env=env,
                            capture_output=True, text=True, timeout=180)
