@@ -118,6 +118,11 @@ enum Command {
   ctl --stack app-master release --tag 3f2c1ab --no-wait --json
   ctl --stack app-master release --tag 3f2c1ab --strategy in-place --batch 25% --bake 30s
   ctl --stack app-one release --tag 3f2c1ab --strategy in-place --accept-downtime
+  ctl --parameter /dev/release --asg dev --image 127.0.0.1:5000/skiff/app --trusted-keys keys.pub release --tag 3f2c1ab
+
+Signatures: when the stack names trusted keys (output TrustedKeysParameter) or --trusted-keys
+does, the digest must carry a cosign signature by one of them (`ctl sign`, `make sign`);
+otherwise ctl refuses before writing anything (exit 2). --dry-run shows the verdict.
 
 Signals: the first SIGINT/SIGTERM cancels the refresh, waits for it to stop, puts the previous
 release back (only if the parameter still holds this release) and starts the refresh that rolls
@@ -495,17 +500,15 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The trusted keys of this deployment (`--trusted-keys`, else the stack's); an error when
-/// they are named and cannot be used.
-async fn trust(g: &Global, c: &Clients) -> anyhow::Result<Trust> {
-    let source = skiff_ctl::trust::choose(
+/// The trusted keys of this deployment (`--trusted-keys`, else the stack's), unless they are
+/// named and cannot be used.
+async fn trust(g: &Global, c: &Clients) -> Result<Trust, skiff_ctl::trust::TrustError> {
+    skiff_ctl::trust::resolve(
         g.trusted_keys.as_deref(),
         c.deployment.trusted_keys.as_deref(),
+        &c.ssm,
     )
-    .map_err(|e| exit(ExitCode::Refused, e))?;
-    skiff_ctl::trust::load(source, &c.ssm)
-        .await
-        .map_err(|e| exit(ExitCode::Refused, e))
+    .await
 }
 
 /// The registry client of `status` and `history` (the same credentials a release uses, from
@@ -528,7 +531,7 @@ fn reading_registry(c: &Clients) -> anyhow::Result<HttpRegistry> {
 /// `ctl history`: the records, and who signed each one shown (one registry read per digest).
 async fn history_cmd(g: &Global, c: &Clients, limit: usize) -> anyhow::Result<ExitCode> {
     use skiff_ctl::trust::Signer;
-    let trust = trust(g, c).await?;
+    let trust = trust(g, c).await;
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let history = store
         .history(limit)
@@ -560,7 +563,7 @@ async fn history_cmd(g: &Global, c: &Clients, limit: usize) -> anyhow::Result<Ex
             .collect();
         println!("{}", serde_json::to_string_pretty(&entries)?);
     } else {
-        if matches!(trust, Trust::Off) {
+        if matches!(trust, Ok(Trust::Off)) {
             eprintln!("{}", skiff_ctl::trust::OFF);
         }
         print!("{}", skiff_ctl::history::render(&history, &signers));
@@ -734,7 +737,7 @@ async fn release(
         None => HttpRegistry::new(creds).context("cannot set up the HTTP client")?,
     }
     .with_ecr_tokens(c.sdk.clone());
-    let trust = trust(g, c).await?;
+    let trust = trust(g, c).await.map_err(|e| exit(ExitCode::Refused, e))?;
     let gate = Gate::new(&trust, &resolver);
     let fleet = Fleet {
         parameter: &c.deployment.parameter,
@@ -912,7 +915,7 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
 }
 
 async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
-    let trust = trust(g, c).await?;
+    let trust = trust(g, c).await;
     let store = SsmStore::new(c.ssm.clone(), &c.deployment.parameter);
     let refresher = AsgRefresher::new(c.autoscaling.clone(), &c.deployment.asg);
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
@@ -928,11 +931,14 @@ async fn status_cmd(g: &Global, c: &Clients) -> anyhow::Result<ExitCode> {
     .await
     .map_err(|e| exit(ExitCode::Refused, e))?;
     let mut report = report;
-    let desired = store.read().await.ok().flatten().and_then(|s| s.release);
+    let desired = report
+        .release
+        .as_deref()
+        .and_then(|v| skiff_release::Release::parse(v).ok());
     report.signature = match (&trust, &desired) {
-        (Trust::Off, _) => Some(skiff_ctl::trust::Signer::Off),
-        (Trust::On(_), None) => None,
-        (Trust::On(_), Some(r)) => skiff_ctl::trust::signers(
+        (Ok(Trust::Off), _) => Some(skiff_ctl::trust::Signer::Off),
+        (_, None) => None,
+        (_, Some(r)) => skiff_ctl::trust::signers(
             &trust,
             &reading_registry(c)?,
             &c.deployment.image,
