@@ -535,6 +535,8 @@ pub const fn late_rounds() -> usize {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod fake;
 
 /// One step of an in-place rollout, for the person, the pipeline or the fleet box's bench
 /// (`--json`: `{"event":"rollout","step":...}`).

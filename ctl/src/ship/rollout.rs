@@ -779,3 +779,6 @@ mod verdicts {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,731 @@
+//! Over 600 lines: one scenario per test, each spelling out the steps and the instructions it
+//! expects in full, so that a failure reads as a diff of the rollout.
+//!
+//! The in-place rollout end to end with fakes and paused time: `ship_with` over the shared
+//! fakes of the parameter and the lock (`ship/tests/fakes.rs`) and a fleet of simulated hosts
+//! whose agents follow the instance-tag protocol by the contract's rules
+//! (`inplace/fake.rs`). Each test checks the outcome, the steps reported and the instructions
+//! ctl wrote, in order and when.
+
+use std::time::Duration;
+
+use skiff_release::instance_tags::{self, FAILED, PULL, TARGET};
+use tokio::time::sleep;
+
+use super::super::tests::fakes::{World, request};
+use super::*;
+use crate::exit::ExitCode;
+use crate::history;
+use crate::inplace::fake::{self, Call, FakeFleet};
+use crate::inplace::{BatchSize, HELD};
+use crate::ship::{Request, ShipError};
+
+/// What the fake resolver resolves `v2` to, and the seeded previous release, as tag values.
+const NEW: &str = "v2@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+const PREV: &str = "v1@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+fn plan(swap: SwapMode, batch: Option<usize>, bake_secs: u64) -> RolloutPlan {
+    RolloutPlan {
+        batch: batch.map(BatchSize::Count),
+        swap,
+        bake: Duration::from_secs(bake_secs),
+        batch_timeout: Duration::from_secs(120),
+        pull_timeout: Duration::from_secs(60),
+        ..RolloutPlan::default()
+    }
+}
+
+fn in_place(plan: RolloutPlan) -> Request {
+    let mut req = request();
+    req.poll = Duration::from_secs(1);
+    req.rollout = Some(plan);
+    req
+}
+
+fn ids(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn roll(w: &World, fleet: &FakeFleet, req: &Request) -> (Outcome, Vec<Event>) {
+    let (_handle, mut stop) = Stop::new();
+    let (r, events) = w.ship_with(fleet, req, &mut stop).await;
+    (r.expect("an outcome"), events)
+}
+
+/// The tag of a release in its tag-value form.
+fn tag_of(value: &str) -> String {
+    instance_tags::decode(value)
+        .expect("a release")
+        .tag
+        .to_string()
+}
+
+/// The steps of a run in short, without the waits' progress lines.
+fn outline(events: &[Event]) -> Vec<String> {
+    let join = |v: &[String]| v.join(" ");
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Written { purpose, value, .. } => Some(format!(
+                "write {purpose:?} {}",
+                skiff_release::Release::parse(value).expect("a release").tag
+            )),
+            Event::Stopping { signal } => Some(format!("stopping {signal}")),
+            Event::RollingBack { to, .. } => Some(format!("rolling back to {}", tag_of(to))),
+            Event::Rollout(step) => match step {
+                RolloutStep::Waiting { .. } => None,
+                RolloutStep::Plan { batches, .. } => Some(format!(
+                    "plan {}",
+                    batches
+                        .iter()
+                        .map(|b| format!("[{}]", join(b)))
+                        .collect::<String>()
+                )),
+                RolloutStep::Pulling { release, instances } => {
+                    Some(format!("pull {} {}", tag_of(release), join(instances)))
+                }
+                RolloutStep::Pulled { .. } => Some("pulled".into()),
+                RolloutStep::Held { processes, .. } => Some(format!("hold {}", join(processes))),
+                RolloutStep::Switching {
+                    batch,
+                    batches,
+                    instances,
+                    ..
+                } => Some(format!("switch {batch}/{batches} {}", join(instances))),
+                RolloutStep::Healthy { batch, batches, .. } => {
+                    Some(format!("healthy {batch}/{batches}"))
+                }
+                RolloutStep::Baked { batch, .. } => Some(format!("baked {batch}")),
+                RolloutStep::Settled { .. } => Some("settled".into()),
+                RolloutStep::LateJoiners { instances } => {
+                    Some(format!("late joiners {}", join(instances)))
+                }
+                RolloutStep::Reverting { instances, to, .. } => {
+                    Some(format!("revert {} to {}", join(instances), tag_of(to)))
+                }
+                RolloutStep::Reverted { .. } => Some("reverted".into()),
+                RolloutStep::Resumed { processes, error } => Some(format!(
+                    "resume {}{}",
+                    join(processes),
+                    error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                )),
+                other => Some(format!("{other:?}")),
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// The writes of `key`, as (instances, tag of the value).
+fn instructions(fleet: &FakeFleet, key: &str) -> Vec<(Vec<String>, String)> {
+    fleet
+        .writes(key)
+        .into_iter()
+        .map(|(_, ids, v)| (ids, tag_of(&v)))
+        .collect()
+}
+
+/// The group's health checks were held for the swaps and resumed at the end.
+fn held_and_resumed(fleet: &FakeFleet) {
+    let holds: Vec<(Vec<String>, bool)> = fleet
+        .calls()
+        .into_iter()
+        .filter_map(|(_, c)| match c {
+            Call::Hold { processes, suspend } => Some((processes, suspend)),
+            Call::Tag { .. } => None,
+        })
+        .collect();
+    let held: Vec<String> = HELD.iter().map(|p| (*p).to_owned()).collect();
+    assert_eq!(holds, vec![(held.clone(), true), (held, false)]);
+    assert!(
+        fleet.suspended().suspended.is_empty(),
+        "{:?}",
+        fleet.suspended()
+    );
+}
+
+/// The previous record is the parameter's last value, marked as compensating this run's write.
+fn written_back(w: &World) {
+    let values = w.store.all();
+    assert_eq!(values.len(), 3, "seed, release, previous: {values:?}");
+    let last = w.store.last();
+    assert_eq!(last.to_string(), PREV);
+    assert_eq!(
+        history::compensates(&last),
+        Some(2),
+        "names the failed version"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_handover_rollout_pulls_everywhere_then_switches_a_canary_and_bakes_each_batch() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(5, "v1", SwapMode::Handover);
+    let req = in_place(plan(SwapMode::Handover, Some(2), 30));
+    let (outcome, events) = roll(&w, &fleet, &req).await;
+
+    let Outcome::RolledOut {
+        release,
+        instances,
+        switched,
+        batches,
+        ..
+    } = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(release, NEW);
+    assert_eq!(instances, &ids(&["i-1", "i-2", "i-3", "i-4", "i-5"]));
+    assert_eq!((*switched, *batches), (5, 3));
+    assert_eq!(
+        outline(&events),
+        vec![
+            "write Release v2",
+            "plan [i-1][i-2 i-3][i-4 i-5]",
+            "pull v2 i-1 i-2 i-3 i-4 i-5",
+            "pulled",
+            "hold HealthCheck ReplaceUnhealthy",
+            "switch 1/3 i-1",
+            "healthy 1/3",
+            "baked 1",
+            "switch 2/3 i-2 i-3",
+            "healthy 2/3",
+            "baked 2",
+            "switch 3/3 i-4 i-5",
+            "healthy 3/3",
+            "baked 3",
+            "resume HealthCheck ReplaceUnhealthy",
+        ],
+        "a bake of 30 s covers the agents' hold: no separate settle"
+    );
+    // The instructions: one pull everywhere, then each batch's target only after the batch
+    // before ran healthy (a swap) and baked (30 s).
+    let pulls = fleet.writes(PULL);
+    assert_eq!(pulls.len(), 1);
+    assert_eq!((pulls[0].1.len(), pulls[0].2.as_str()), (5, NEW));
+    let targets = fleet.writes(TARGET);
+    assert_eq!(
+        targets
+            .iter()
+            .map(|(_, ids, v)| (ids.clone(), v.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (ids(&["i-1"]), NEW.to_owned()),
+            (ids(&["i-2", "i-3"]), NEW.to_owned()),
+            (ids(&["i-4", "i-5"]), NEW.to_owned()),
+        ]
+    );
+    assert!(targets[0].0 >= fake::PULL, "targets after the pull");
+    for pair in targets.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= fake::SWAP + Duration::from_secs(30),
+            "the next batch {:?} only {gap:?} after the one before",
+            pair[1].1
+        );
+    }
+    for step in &events {
+        if let Event::Rollout(RolloutStep::Baked { secs, .. }) = step {
+            assert!(*secs >= 30.0, "baked {secs} s");
+        }
+    }
+    held_and_resumed(&fleet);
+    assert!(
+        fleet.running().values().all(|t| t == "v2"),
+        "{:?}",
+        fleet.running()
+    );
+    assert_eq!(w.store.all().len(), 2, "nothing written back");
+    assert_eq!(w.refresher.starts(), 0, "no instance refresh in place");
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_drain_rollout_waits_for_the_load_balancer_and_a_handover_for_the_hold() {
+    // Drain: batches of one, no canary; each batch is healthy only once the load balancer
+    // passed its checks again after the swap.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Drain);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Drain, None, 0))).await;
+    assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    assert_eq!(
+        outline(&events)[1..],
+        [
+            "plan [i-1][i-2][i-3]",
+            "pull v2 i-1 i-2 i-3",
+            "pulled",
+            "hold HealthCheck ReplaceUnhealthy",
+            "switch 1/3 i-1",
+            "healthy 1/3",
+            "switch 2/3 i-2",
+            "healthy 2/3",
+            "switch 3/3 i-3",
+            "healthy 3/3",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    let detect = fake::CHECK_INTERVAL * fake::HEALTHY_THRESHOLD;
+    let targets = fleet.writes(TARGET);
+    for pair in targets.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= fake::SWAP + detect, "{targets:?}");
+    }
+
+    // Handover without a bake: after the last batch every switched instance is watched for the
+    // agents' hold, in which a flip back would still answer skiff:failed.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+    assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    let steps = outline(&events);
+    assert_eq!(
+        steps[steps.len() - 3..],
+        [
+            "healthy 2/2",
+            "settled",
+            "resume HealthCheck ReplaceUnhealthy"
+        ]
+    );
+    let settled = events.iter().find_map(|e| match e {
+        Event::Rollout(RolloutStep::Settled { secs }) => Some(*secs),
+        _ => None,
+    });
+    assert!(
+        settled >= Some(crate::inplace::HANDOVER_HOLD.as_secs_f64()),
+        "{settled:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_fails_its_swap_reverts_every_switched_host_and_writes_the_previous_record_back()
+ {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(4, "v1", SwapMode::Drain);
+    fleet.agent("i-3", |a| a.fails_gate = vec!["v2".into()]);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Drain, None, 0))).await;
+
+    let Outcome::RolledBack { reason, to } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(to, PREV);
+    assert!(
+        reason.starts_with("batch 3 of 4 (v2@") && reason.contains("i-3: v2@"),
+        "{reason}"
+    );
+    assert!(reason.contains("failed its health gate"), "{reason}");
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/4 i-1",
+            "healthy 1/4",
+            "switch 2/4 i-2",
+            "healthy 2/4",
+            "switch 3/4 i-3",
+            "rolling back to v1",
+            "revert i-1 i-2 i-3 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1"]), "v2".into()),
+            (ids(&["i-2"]), "v2".into()),
+            (ids(&["i-3"]), "v2".into()),
+            (ids(&["i-1", "i-2", "i-3"]), "v1".into()),
+        ],
+        "i-4 is never switched; the revert names every switched host"
+    );
+    assert_eq!(
+        fleet.writes(TARGET)[3].2,
+        PREV,
+        "the previous release, pinned"
+    );
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "{:?}",
+        fleet.running()
+    );
+    // The revert moved i-3's target to another release: its agent forgot the failure (the
+    // contract's rule) and withdrew the answer, so a later rollout of v2 is tried afresh.
+    assert_eq!(fleet.tag_of("i-3", FAILED).as_deref(), Some(""));
+    written_back(&w);
+    held_and_resumed(&fleet);
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_never_answers_times_out_and_reverts() {
+    // It answers the pull but never carries out its target: the batch times out.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
+    fleet.agent("i-2", |a| a.ignores_target = true);
+    let req = in_place(plan(SwapMode::Handover, None, 0));
+    let (outcome, events) = roll(&w, &fleet, &req).await;
+    let Outcome::RolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.starts_with("batch 2 of 3 (v2@")
+            && reason.ends_with("not done within 2m: i-2 (runs v1)"),
+        "{reason}"
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1"]), "v2".into()),
+            (ids(&["i-2"]), "v2".into()),
+            (ids(&["i-1", "i-2"]), "v1".into()),
+        ]
+    );
+    let targets = fleet.writes(TARGET);
+    assert!(
+        targets[2].0 - targets[1].0 >= Duration::from_secs(120),
+        "the batch was given its whole timeout: {targets:?}"
+    );
+    assert!(outline(&events).contains(&"reverted".to_owned()));
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "{:?}",
+        fleet.running()
+    );
+    written_back(&w);
+    held_and_resumed(&fleet);
+
+    // Silent from the start: the pull times out, nothing is switched, the record is put back.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
+    fleet.agent("i-3", |a| a.alive = false);
+    let (outcome, events) = roll(&w, &fleet, &req).await;
+    let Outcome::RolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.contains("not done within 1m: i-3 (pulled nothing yet); no instance was switched"),
+        "{reason}"
+    );
+    assert!(fleet.writes(TARGET).is_empty(), "{:?}", fleet.calls());
+    assert!(
+        !fleet
+            .calls()
+            .iter()
+            .any(|(_, c)| matches!(c, Call::Hold { .. })),
+        "nothing held"
+    );
+    assert_eq!(
+        outline(&events).last().map(String::as_str),
+        Some("write Rollback v1")
+    );
+    written_back(&w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_joiner_gets_the_new_release_last() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Drain);
+    // During batch 1: i-4 joins running v1 (it read the parameter before the write), i-5
+    // booted from the parameter and runs v2 already.
+    fleet.joins(Duration::from_secs(5), "i-4", "v1", SwapMode::Drain);
+    fleet.joins(Duration::from_secs(5), "i-5", NEW, SwapMode::Drain);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Drain, None, 0))).await;
+
+    let Outcome::RolledOut {
+        instances,
+        switched,
+        batches,
+        ..
+    } = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(instances, &ids(&["i-1", "i-2", "i-3", "i-4", "i-5"]));
+    assert_eq!((*switched, *batches), (4, 4));
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/3 i-1",
+            "healthy 1/3",
+            "switch 2/3 i-2",
+            "healthy 2/3",
+            "switch 3/3 i-3",
+            "healthy 3/3",
+            "late joiners i-4",
+            "switch 4/4 i-4",
+            "healthy 4/4",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1"]), "v2".into()),
+            (ids(&["i-2"]), "v2".into()),
+            (ids(&["i-3"]), "v2".into()),
+            (ids(&["i-4"]), "v2".into()),
+        ],
+        "the joiner last; the one booted on v2 never"
+    );
+    assert_eq!(
+        instructions(&fleet, PULL),
+        vec![(ids(&["i-1", "i-2", "i-3"]), "v2".into())],
+        "the pull went to the group as it was at the start"
+    );
+    assert!(
+        fleet.running().values().all(|t| t == "v2"),
+        "{:?}",
+        fleet.running()
+    );
+    assert_eq!(w.store.all().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_mid_batch_reverts() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(4, "v1", SwapMode::Drain);
+    let (handle, mut stop) = Stop::new();
+    // The signal comes right after batch 2's target is written.
+    fleet.stop_on(TARGET, 2, handle);
+    let req = in_place(plan(SwapMode::Drain, Some(2), 0));
+    let (r, events) = w.ship_with(&fleet, &req, &mut stop).await;
+    let outcome = r.expect("an outcome");
+
+    let Outcome::RolledBack { reason, to } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!((reason.as_str(), to.as_str()), ("stopped by SIGTERM", PREV));
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/2 i-1 i-2",
+            "healthy 1/2",
+            "switch 2/2 i-3 i-4",
+            "stopping SIGTERM",
+            "rolling back to v1",
+            "revert i-1 i-2 i-3 i-4 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1", "i-2"]), "v2".into()),
+            (ids(&["i-3", "i-4"]), "v2".into()),
+            (ids(&["i-1", "i-2", "i-3", "i-4"]), "v1".into()),
+        ]
+    );
+    let targets = fleet.writes(TARGET);
+    assert_eq!(targets[2].0, targets[1].0, "the revert starts at once");
+    // Every host runs the previous release when ctl returns (the batch caught mid-swap drains,
+    // so the revert waits for it to come back) and keeps running it.
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "{:?}",
+        fleet.running()
+    );
+    sleep(fake::SWAP * 4).await;
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "stays: {:?}",
+        fleet.running()
+    );
+    written_back(&w);
+    held_and_resumed(&fleet);
+    assert!(w.unlocked());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_that_leaves_healthy_during_a_handover_fails_the_batch_at_once() {
+    // i-2's agent swaps by drain (launched before the stack's SwapMode changed): the load
+    // balancer takes it out, which a handover never does.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
+    fleet.agent("i-2", |a| a.swap = SwapMode::Drain);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+
+    let Outcome::RolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.contains("i-2: the load balancer calls it draining during a handover"),
+        "{reason}"
+    );
+    let targets = fleet.writes(TARGET);
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1"]), "v2".into()),
+            (ids(&["i-2"]), "v2".into()),
+            (ids(&["i-1", "i-2"]), "v1".into()),
+        ]
+    );
+    assert!(
+        targets[2].0 - targets[1].0 < fake::SWAP,
+        "failed at once, before its swap could even end: {targets:?}"
+    );
+    assert!(outline(&events).contains(&"reverted".to_owned()));
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "{:?}",
+        fleet.running()
+    );
+    written_back(&w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_refuses_a_batch_of_every_healthy_target_unless_the_downtime_is_accepted() {
+    for (n, batch) in [(2, Some(2)), (1, None)] {
+        let w = World::new(vec![]);
+        let fleet = FakeFleet::new(n, "v1", SwapMode::Drain);
+        let (_h, mut stop) = Stop::new();
+        let req = in_place(plan(SwapMode::Drain, batch, 0));
+        let (r, _) = w.ship_with(&fleet, &req, &mut stop).await;
+        let err = r.expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                ShipError::InPlace(InPlaceError::DrainAll { batch: 1, .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), ExitCode::Refused);
+        assert!(err.to_string().contains("--accept-downtime"), "{err}");
+        assert_eq!(w.store.all().len(), 1, "nothing written");
+        assert!(
+            fleet.calls().is_empty(),
+            "nothing tagged or held: {:?}",
+            fleet.calls()
+        );
+        assert!(w.unlocked());
+
+        // Accepted: the same batch is swapped.
+        let mut accepted = plan(SwapMode::Drain, batch, 0);
+        accepted.accept_downtime = true;
+        let (outcome, _) = roll(&w, &fleet, &in_place(accepted)).await;
+        assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+        let every: Vec<String> = (1..=n).map(|i| format!("i-{i}")).collect();
+        assert_eq!(instructions(&fleet, TARGET), vec![(every, "v2".into())]);
+
+        // A handover takes nothing out: not refused.
+        let w = World::new(vec![]);
+        let fleet = FakeFleet::new(n, "v1", SwapMode::Handover);
+        let (outcome, _) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, batch, 0))).await;
+        assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    }
+    // Without a target group every instance counts as healthy.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Drain);
+    fleet.without_target_group();
+    let (_h, mut stop) = Stop::new();
+    let (r, _) = w
+        .ship_with(
+            &fleet,
+            &in_place(plan(SwapMode::Drain, Some(2), 0)),
+            &mut stop,
+        )
+        .await;
+    assert!(matches!(
+        r,
+        Err(ShipError::InPlace(InPlaceError::DrainAll { .. }))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_left_by_an_earlier_run_is_withdrawn_before_the_pull() {
+    // An earlier run's pull of v2 failed on i-2 and was not moved on: its agent still reports
+    // v2 failed under unchanged instructions, and would not try it again.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.preset("i-2", PULL, NEW);
+    fleet.preset("i-2", FAILED, NEW);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+    assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    assert_eq!(
+        outline(&events)[1..4],
+        ["plan [i-1][i-2]", "pull v1 i-2", "pulled"],
+        "the pull pointed elsewhere first"
+    );
+    assert_eq!(
+        instructions(&fleet, PULL),
+        vec![
+            (ids(&["i-2"]), "v1".into()),
+            (ids(&["i-1", "i-2"]), "v2".into()),
+        ]
+    );
+    assert_eq!(
+        fleet.tag_of("i-2", FAILED).as_deref(),
+        Some(""),
+        "withdrawn"
+    );
+    assert!(
+        fleet.running().values().all(|t| t == "v2"),
+        "{:?}",
+        fleet.running()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handover_that_flips_back_within_the_agents_hold_reverts() {
+    // The last batch's agent flips back after the batch was healthy: the watch of the agents'
+    // hold after the last batch catches it.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.agent("i-2", |a| a.flips_back = vec!["v2".into()]);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+    let Outcome::RolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.starts_with("the agents' hold after the last batch (v2@")
+            && reason.contains("i-2: its agent reports v2@"),
+        "{reason}"
+    );
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/2 i-1",
+            "healthy 1/2",
+            "switch 2/2 i-2",
+            "healthy 2/2",
+            "rolling back to v1",
+            "revert i-1 i-2 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    assert!(
+        fleet.running().values().all(|t| t == "v1"),
+        "{:?}",
+        fleet.running()
+    );
+    written_back(&w);
+
+    // An earlier batch's agent flips back while the next batch swaps: that batch fails.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
+    fleet.agent("i-1", |a| a.flips_back = vec!["v2".into()]);
+    let (outcome, _) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+    let Outcome::RolledBack { reason, .. } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.starts_with("batch 2 of 3 (v2@") && reason.contains("i-1: its agent reports"),
+        "{reason}"
+    );
+    assert!(reason.contains("after its batch was done"), "{reason}");
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec![
+            (ids(&["i-1"]), "v2".into()),
+            (ids(&["i-2"]), "v2".into()),
+            (ids(&["i-1", "i-2"]), "v1".into()),
+        ]
+    );
+    written_back(&w);
+}
