@@ -17,6 +17,8 @@
 //!   [`HEALTHY_THRESHOLD`] times at [`CHECK_INTERVAL`] (the stack's target group,
 //!   `templates/app.yaml`; <https://docs.aws.amazon.com/elasticloadbalancing/latest/application/target-group-health-checks.html>).
 //! - Suspended Auto Scaling processes and ctl's mark on the group, as `hold` sets them.
+//! - DescribeAlarms answers only the alarms the account has: an unknown name is not in ALARM
+//!   (<https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_DescribeAlarms.html>).
 //!
 //! Not modelled: the delay before new tags show in the instance metadata, throttling,
 //! instances leaving the group, the agent's backoffs.
@@ -273,6 +275,8 @@ struct State {
     target_group: bool,
     suspended: Vec<String>,
     marked: Vec<String>,
+    /// The account's CloudWatch alarms: when each goes to ALARM (`None`: stays OK).
+    alarms: BTreeMap<String, Option<Instant>>,
     calls: Vec<(Duration, Call)>,
     /// A stop requested once `key` was written this many times.
     stop_on: Option<(String, usize, StopHandle)>,
@@ -319,6 +323,7 @@ impl FakeFleet {
                 target_group: true,
                 suspended: Vec::new(),
                 marked: Vec::new(),
+                alarms: BTreeMap::new(),
                 calls: Vec::new(),
                 stop_on: None,
             }),
@@ -339,16 +344,10 @@ impl FakeFleet {
         change(&mut self.state().hosts.get_mut(id).expect("a host").agent);
     }
 
-    /// Set a tag on `id` as someone else did before the run (e.g. an earlier run's answer).
-    pub(crate) fn preset(&self, id: &str, key: &str, value: &str) {
-        let mut s = self.state();
-        let h = s.hosts.get_mut(id).expect("a host");
-        h.tags.insert(key.to_owned(), value.to_owned());
-        // The agent has read what it answered before its restart.
-        h.seen = Instructions {
-            target: h.instruction(instance_tags::TARGET),
-            pull: h.instruction(instance_tags::PULL),
-        };
+    /// A CloudWatch alarm `name` that goes to ALARM `after` from now (`None`: stays OK).
+    pub(crate) fn alarm(&self, name: &str, after: Option<Duration>) {
+        let at = after.map(|d| Instant::now() + d);
+        self.state().alarms.insert(name.to_owned(), at);
     }
 
     /// Instance `id` joins the group `after` from now, running `running`.
@@ -486,6 +485,22 @@ impl InPlaceFleet for FakeFleet {
 
     async fn held(&self) -> Result<Held, InPlaceError> {
         Ok(self.suspended())
+    }
+
+    /// DescribeAlarms: of `names`, those in ALARM now; a name the account does not have is
+    /// not (DescribeAlarms leaves it out of its answer).
+    async fn firing(&self, names: &[String]) -> Result<Vec<String>, InPlaceError> {
+        let now = Instant::now();
+        let s = self.state();
+        Ok(names
+            .iter()
+            .filter(|n| {
+                s.alarms
+                    .get(*n)
+                    .is_some_and(|at| at.is_some_and(|at| at <= now))
+            })
+            .cloned()
+            .collect())
     }
 
     async fn hold(&self, processes: &[String], suspend: bool) -> Result<(), InPlaceError> {

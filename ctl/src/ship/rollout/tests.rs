@@ -104,6 +104,9 @@ fn outline(events: &[Event]) -> Vec<String> {
                     Some(format!("revert {} to {}", join(instances), tag_of(to)))
                 }
                 RolloutStep::Reverted { .. } => Some("reverted".into()),
+                RolloutStep::AlarmsQuiet { alarms, .. } => {
+                    Some(format!("alarms quiet {}", join(alarms)))
+                }
                 RolloutStep::Resumed { processes, error } => Some(format!(
                     "resume {}{}",
                     join(processes),
@@ -613,21 +616,45 @@ async fn drain_refuses_a_batch_of_every_healthy_target_unless_the_downtime_is_ac
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failure_left_by_an_earlier_run_is_withdrawn_before_the_pull() {
-    // An earlier run's pull of v2 failed on i-2 and was not moved on: its agent still reports
-    // v2 failed under unchanged instructions, and would not try it again.
+async fn a_failed_pull_switches_nothing_and_the_next_run_withdraws_it_first() {
+    // i-2 cannot pull v2 (e.g. its registry route is broken): nothing is switched, the
+    // previous record is put back.
     let w = World::new(vec![]);
     let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
-    fleet.preset("i-2", PULL, NEW);
-    fleet.preset("i-2", FAILED, NEW);
-    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Handover, None, 0))).await;
+    fleet.agent("i-2", |a| a.fails_pull = vec!["v2".into()]);
+    let req = in_place(plan(SwapMode::Handover, None, 0));
+    let (outcome, _) = roll(&w, &fleet, &req).await;
+    let reason = rolled_back(&outcome);
+    assert!(
+        reason.contains("i-2: its agent could not pull v2@")
+            && reason.ends_with("; no instance was switched"),
+        "{reason}"
+    );
+    assert!(fleet.writes(TARGET).is_empty(), "{:?}", fleet.calls());
+    written_back(&w);
+    assert_eq!(fleet.tag_of("i-2", FAILED).as_deref(), Some(NEW));
+
+    // Fixed, the next run: the failure stands under unchanged instructions (the agent would not
+    // try v2 again), so ctl points i-2's pull elsewhere first, the agent forgets the failure
+    // by the contract's rule and withdraws it, and v2 goes out.
+    fleet.agent("i-2", |a| a.fails_pull.clear());
+    let (outcome, events) = roll(&w, &fleet, &req).await;
     assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
     assert_eq!(
-        outline(&events)[1..4],
-        ["plan [i-1][i-2]", "pull v1 i-2", "pulled"],
+        outline(&events)[1..6],
+        [
+            "plan [i-1][i-2]",
+            "pull v1 i-2",
+            "pulled",
+            "pull v2 i-1 i-2",
+            "pulled"
+        ],
         "the pull pointed elsewhere first"
     );
-    assert_eq!(instructions(&fleet, PULL), vec!["i-2 v1", "i-1 i-2 v2"]);
+    assert_eq!(
+        instructions(&fleet, PULL),
+        vec!["i-1 i-2 v2", "i-2 v1", "i-1 i-2 v2"]
+    );
     assert_eq!(
         fleet.tag_of("i-2", FAILED).as_deref(),
         Some(""),
@@ -689,6 +716,73 @@ async fn a_handover_that_flips_back_within_the_agents_hold_reverts() {
     assert_eq!(
         instructions(&fleet, TARGET),
         vec!["i-1 v2", "i-2 v2", "i-1 i-2 v1"]
+    );
+    written_back(&w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_alarm_in_the_window_after_the_last_batch_reverts() {
+    // Two hosts, handover, no bake: every batch is healthy well within the first minute.
+    let window = Duration::from_secs(240);
+    let with_alarms = |names: &[&str]| {
+        let mut req = in_place(plan(SwapMode::Handover, None, 0));
+        req.plan.alarms = ids(names);
+        req.plan.alarm_window = window;
+        req
+    };
+    // Quiet for the whole window: released, after the window.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.alarm("app-5xx", None);
+    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-5xx"])).await;
+    assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    let steps = outline(&events);
+    assert_eq!(
+        steps[steps.len() - 3..],
+        [
+            "settled",
+            "alarms quiet app-5xx",
+            "resume HealthCheck ReplaceUnhealthy"
+        ]
+    );
+    let quiet = events.iter().find_map(|e| match e {
+        Event::Rollout(RolloutStep::AlarmsQuiet { secs, .. }) => Some(*secs),
+        _ => None,
+    });
+    assert!(quiet >= Some(window.as_secs_f64()), "{quiet:?}");
+
+    // In ALARM two minutes in (its datapoints arrive late): every host is reverted.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.alarm("app-5xx", Some(Duration::from_secs(120)));
+    fleet.alarm("app-hosts", None);
+    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-hosts", "app-5xx"])).await;
+    let reason = rolled_back(&outcome);
+    assert!(
+        reason.starts_with("release alarms after the last batch (v2@")
+            && reason.ends_with("in ALARM: app-5xx"),
+        "{reason}"
+    );
+    let steps = outline(&events);
+    assert_eq!(
+        steps[steps.len() - 6..],
+        [
+            "settled",
+            "rolling back to v1",
+            "revert i-1 i-2 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy"
+        ]
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec!["i-1 v2", "i-2 v2", "i-1 i-2 v1"]
+    );
+    let revert = fleet.writes(TARGET)[2].0;
+    assert!(
+        revert >= Duration::from_secs(120) && revert <= Duration::from_secs(120) + ALARM_POLL,
+        "reverted at the first read of the alarm after it fired: {revert:?}"
     );
     written_back(&w);
 }
