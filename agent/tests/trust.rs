@@ -345,3 +345,97 @@ fn remove_images(repo: &str) {
         let _ = Command::new("docker").args(["rmi", "-f", id]).output();
     }
 }
+
+/// The real agent on a fleet host (SSM and EC2 in moto, the metadata stand-in serving the live
+/// tags): a `skiff:pull` and a `skiff:target` of an unsigned digest are answered `skiff:failed`
+/// with nothing pulled or created, and the host stays on its release; a signed target goes out.
+#[test]
+fn in_place_instructions_of_an_unsigned_digest_are_answered_failed() {
+    use skiff_release::instance_tags::{FAILED, PULL, RELEASE, TARGET};
+    use skiff_testkit::imds::{Imds, Tags};
+    let moto = Moto::connect();
+    let mut fx = Fixture::new("trust-fleet");
+    let key = openssl_key();
+    let repo = fx.repo.clone();
+    let d1 = fx.image("v1", true);
+    let d2 = fx.image("v2", true);
+    let d3 = fx.image("v3", true);
+    sign(&repo, &d1, &key);
+    sign(&repo, &d3, &key);
+    let keys = fx.dir.path().join("trusted.pem");
+    write_keys(&keys, &[&key.public()]);
+    let instance = moto.run_instance();
+    let parameter = format!("/{}/release", fx.id);
+    moto.put(&parameter, &pinned("v1", &d1), false);
+    let imds = Imds::on_thread(&instance, Some("skiff-it-group"), Tags::Ec2(MOTO.into()));
+    let config = fx.write_config(&format!(
+        r#"[app]
+name = "{id}"
+image = "{repo}"
+port = {app_port}
+health_path = "/health"
+start_timeout = "4s"
+stop_timeout = "2s"
+[release]
+source = "ssm"
+parameter = "{parameter}"
+poll_interval = "300ms"
+drain = "300ms"
+[health]
+listen = "127.0.0.1:{health_port}"
+interval = "200ms"
+[aws]
+region = "us-east-1"
+[trust]
+keys_file = "{keys}"
+"#,
+        id = fx.id,
+        app_port = fx.app_port,
+        health_port = fx.health_port,
+        keys = keys.display(),
+    ));
+    let state = fx.dir.path().join("state");
+    let state_env = state.display().to_string();
+    let mut env = AWS_ENV.to_vec();
+    env.push(("AWS_ENDPOINT_URL", MOTO));
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url.as_str()));
+    env.push(("STATE_DIRECTORY", &state_env));
+    let agent = Agent::start(&config, &env);
+    let tag_is =
+        |key: &str, value: &str| moto.tags(&instance).get(key).map(String::as_str) == Some(value);
+    let context = || {
+        format!(
+            "{:#}\ntags {:?}\n{}",
+            fx.status_or_null(),
+            moto.tags(&instance),
+            agent.logs()
+        )
+    };
+    let unsigned = format!("v2@{d2}");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fx.wait_healthy("v1", LONG);
+        wait_for(LONG, "skiff:release=v1", || tag_is(RELEASE, "v1"), context);
+        moto.tag(&instance, PULL, &unsigned);
+        wait_for(
+            LONG,
+            "skiff:failed for the pull",
+            || tag_is(FAILED, &unsigned),
+            context,
+        );
+        moto.tag(&instance, TARGET, &unsigned);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(fx.containers().len(), 1, "{}", context());
+        assert_eq!(serving(&fx), "v1");
+        assert_eq!(registry_reads(&fx), 2, "v1 and v2 once each: {}", context());
+        // A signed target: pulled, switched, answered.
+        moto.tag(&instance, TARGET, &format!("v3@{d3}"));
+        fx.wait_healthy("v3", LONG);
+        wait_for(LONG, "skiff:release=v3", || tag_is(RELEASE, "v3"), context);
+    }));
+    drop(agent);
+    moto.terminate(&instance);
+    moto.delete_path(&format!("/{}", fx.id));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
