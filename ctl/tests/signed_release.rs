@@ -609,3 +609,81 @@ async fn the_token_registry_serves_signatures_to_a_release() {
     );
     w.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_target_that_changes_while_waiting_for_the_lock_is_checked_again() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let w = World::new("skiff-signed-recheck").await;
+    let key = openssl_key();
+    let keys = w.trusted("keys.pem", &[&key]);
+    let a = w.image("a", "1", &[&key]).await;
+    let c = w.image("c", "2", &[]).await;
+    put_parameter(&w.ssm, &w.param, &record("a", &a)).await;
+    put_parameter(&w.ssm, &w.param, &record("c", &c)).await;
+    // Someone else holds the lock: the rollback checks its target (a, signed), then waits.
+    let lock = format!("{}-lock", w.param);
+    let held = skiff_ctl::lock::LockRecord::new(
+        "other@host/1",
+        "x",
+        time::OffsetDateTime::now_utc(),
+        std::time::Duration::from_secs(600),
+    );
+    put_parameter(&w.ssm, &lock, &held.to_value()).await;
+    let args = [
+        "--parameter",
+        w.param.as_str(),
+        "--asg",
+        &w.group.name,
+        "--image",
+        &w.repo,
+        "--trusted-keys",
+        keys.to_str().expect("path"),
+        "rollback",
+        "--wait-lock",
+        "60s",
+        "--poll",
+        "200ms",
+    ];
+    let mut child = ctl_command(&args, &[])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ctl");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let checked = format!("signature ok: {a}");
+    while !seen.iter().any(|l: &String| l.contains(&checked)) {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+            .await
+            .expect("ctl checks the first target within 30 s")
+            .unwrap_or_else(|| panic!("ctl ended early: {seen:?}"));
+        seen.push(line);
+    }
+    // Meanwhile a release of b: the newest other tag is now c, which nobody signed.
+    let b = record("b", &a);
+    put_parameter(&w.ssm, &w.param, &b).await;
+    let before = w.state().await;
+    delete_param(&w.ssm, &lock).await;
+    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
+    while let Ok(Some(line)) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await
+    {
+        seen.push(line);
+    }
+    let t = seen.join("\n");
+    assert_eq!(status.code(), Some(2), "{t}");
+    assert!(t.contains(&format!("{}@{c} refused", w.repo)), "{t}");
+    assert!(t.contains("locked /"), "refused under the lock: {t}");
+    let after = w.state().await;
+    assert_eq!(after.0.as_deref(), Some(b.as_str()), "{t}");
+    assert_eq!((after.1, after.2, after.3), (before.1, None, 0), "{t}");
+    w.delete().await;
+}
