@@ -139,6 +139,15 @@ fn rolled_back(outcome: &Outcome) -> &str {
     }
 }
 
+/// Every host's agent reports `tag` running.
+fn all_run(fleet: &FakeFleet, tag: &str) {
+    let running = fleet.running();
+    assert!(
+        running.values().all(|t| t == tag),
+        "not all on {tag}: {running:?}"
+    );
+}
+
 /// The group's health checks were held for the swaps and resumed at the end.
 fn held_and_resumed(fleet: &FakeFleet) {
     let holds: Vec<(Vec<String>, bool)> = fleet
@@ -244,11 +253,7 @@ async fn a_clean_handover_rollout_pulls_everywhere_then_switches_a_canary_and_ba
         }
     }
     held_and_resumed(&fleet);
-    assert!(
-        fleet.running().values().all(|t| t == "v2"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v2");
     assert_eq!(w.store.all().len(), 2, "nothing written back");
     assert_eq!(w.refresher.starts(), 0, "no instance refresh in place");
     assert!(w.unlocked());
@@ -348,11 +353,7 @@ async fn a_host_that_fails_its_swap_reverts_every_switched_host_and_writes_the_p
         PREV,
         "the previous release, pinned"
     );
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     // The revert moved i-3's target to another release: its agent forgot the failure (the
     // contract's rule) and withdrew the answer, so a later rollout of v2 is tried afresh.
     assert_eq!(fleet.tag_of("i-3", FAILED).as_deref(), Some(""));
@@ -385,11 +386,7 @@ async fn a_host_that_never_answers_times_out_and_reverts() {
         "the batch was given its whole timeout: {targets:?}"
     );
     assert!(outline(&events).contains(&"reverted".to_owned()));
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     written_back(&w);
     held_and_resumed(&fleet);
 
@@ -464,11 +461,7 @@ async fn a_late_joiner_gets_the_new_release_last() {
         vec!["i-1 i-2 i-3 v2"],
         "the pull went to the group as it was at the start"
     );
-    assert!(
-        fleet.running().values().all(|t| t == "v2"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v2");
     assert_eq!(w.store.all().len(), 2);
 }
 
@@ -506,17 +499,9 @@ async fn a_stop_mid_batch_reverts() {
     assert_eq!(targets[2].0, targets[1].0, "the revert starts at once");
     // Every host runs the previous release when ctl returns (the batch caught mid-swap drains,
     // so the revert waits for it to come back) and keeps running it.
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     sleep(fake::SWAP * 4).await;
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "stays: {:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     written_back(&w);
     held_and_resumed(&fleet);
     assert!(w.unlocked());
@@ -546,11 +531,7 @@ async fn a_target_that_leaves_healthy_during_a_handover_fails_the_batch_at_once(
         "failed at once, before its swap could even end: {targets:?}"
     );
     assert!(outline(&events).contains(&"reverted".to_owned()));
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     written_back(&w);
 }
 
@@ -660,11 +641,7 @@ async fn a_failed_pull_switches_nothing_and_the_next_run_withdraws_it_first() {
         Some(""),
         "withdrawn"
     );
-    assert!(
-        fleet.running().values().all(|t| t == "v2"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v2");
 }
 
 #[tokio::test(start_paused = true)]
@@ -695,11 +672,7 @@ async fn a_handover_that_flips_back_within_the_agents_hold_reverts() {
             "resume HealthCheck ReplaceUnhealthy",
         ]
     );
-    assert!(
-        fleet.running().values().all(|t| t == "v1"),
-        "{:?}",
-        fleet.running()
-    );
+    all_run(&fleet, "v1");
     written_back(&w);
 
     // An earlier batch's agent flips back while the next batch swaps: that batch fails.
