@@ -9,6 +9,7 @@ use fakes::{FOREIGN, Step, World, request};
 use tokio::time::{Instant, sleep};
 
 pub(super) mod fakes;
+mod gate;
 
 use RefreshState::*;
 

@@ -273,17 +273,21 @@ impl World {
         req: &Request,
         stop: &mut Stop,
     ) -> (Result<Outcome, ShipError>, Vec<Event>) {
-        let fleet = Fleet {
+        let mut events = Vec::new();
+        let r = ship_with(&self.fleet(), hosts, req, stop, &mut |e| events.push(e)).await;
+        (r, events)
+    }
+
+    /// What a release acts on: these fakes, the image `reg.example/app`.
+    pub(crate) fn fleet(&self) -> Fleet<'_, Arc<FakeStore>, FakeRefresher, FakeResolver, FakeLock> {
+        Fleet {
             parameter: "/p",
             image: "reg.example/app",
             store: &self.store,
             refresher: &self.refresher,
             resolver: &FakeResolver,
             lock: &self.lock,
-        };
-        let mut events = Vec::new();
-        let r = ship_with(&fleet, hosts, req, stop, &mut |e| events.push(e)).await;
-        (r, events)
+        }
     }
 
     pub(crate) async fn run(&self, req: &Request) -> (Result<Outcome, ShipError>, Vec<Event>) {
