@@ -49,6 +49,14 @@ impl World {
         }
     }
 
+    /// A world, a signing key and a keys file trusting it.
+    async fn keyed(prefix: &str) -> (World, FileKey, PathBuf) {
+        let w = World::new(prefix).await;
+        let key = openssl_key();
+        let keys = w.trusted("keys.pem", &[&key]);
+        (w, key, keys)
+    }
+
     /// Push image `tag` (its content: the tag and `salt`), signed by `keys`.
     async fn image(&self, tag: &str, salt: &str, keys: &[&FileKey]) -> Digest {
         let d = push_image(&self.registry, &self.repo, tag, &format!("{tag} {salt}")).await;
@@ -276,9 +284,7 @@ fn record(tag: &str, digest: &Digest) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_checks_the_recorded_digest_before_writing() {
-    let w = World::new("skiff-signed-rollback").await;
-    let key = openssl_key();
-    let keys = w.trusted("keys.pem", &[&key]);
+    let (w, key, keys) = World::keyed("skiff-signed-rollback").await;
     let good = w.image("good", "1", &[&key]).await;
     let bad = w.image("bad", "2", &[]).await;
     let rollback = |image: &str| {
@@ -335,9 +341,7 @@ async fn rollback_checks_the_recorded_digest_before_writing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_refuses_an_unsigned_digest_before_touching_the_instances() {
-    let w = World::new("skiff-signed-inplace").await;
-    let key = openssl_key();
-    let keys = w.trusted("keys.pem", &[&key]);
+    let (w, _key, keys) = World::keyed("skiff-signed-inplace").await;
     w.image("unsigned", "1", &[]).await;
     let before = w.state().await;
     let out = w.release(
@@ -514,9 +518,7 @@ async fn the_stack_names_the_keys_and_a_bad_keys_parameter_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_history_show_who_signed_each_release() {
-    let w = World::new("skiff-signed-views").await;
-    let key = openssl_key();
-    let keys = w.trusted("keys.pem", &[&key]);
+    let (w, key, keys) = World::keyed("skiff-signed-views").await;
     let id = key.public().id();
     let signed = w.image("signed", "1", &[&key]).await;
     let unsigned = w.image("unsigned", "2", &[]).await;
@@ -562,9 +564,7 @@ async fn status_and_history_show_who_signed_each_release() {
 async fn the_token_registry_serves_signatures_to_a_release() {
     // :5002 serves :5000's storage behind bearer tokens that grant pull only (ECR-shaped).
     let tokens = TokenService::start();
-    let w = World::new("skiff-signed-token").await;
-    let key = openssl_key();
-    let keys = w.trusted("keys.pem", &[&key]);
+    let (w, key, keys) = World::keyed("skiff-signed-token").await;
     let signed = w.image("signed", "1", &[&key]).await;
     w.image("unsigned", "2", &[]).await;
     let via_tokens = w.repo.replacen(":5000/", ":5002/", 1);
@@ -614,9 +614,7 @@ async fn the_token_registry_serves_signatures_to_a_release() {
 async fn a_rollback_target_that_changes_while_waiting_for_the_lock_is_checked_again() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let w = World::new("skiff-signed-recheck").await;
-    let key = openssl_key();
-    let keys = w.trusted("keys.pem", &[&key]);
+    let (w, key, keys) = World::keyed("skiff-signed-recheck").await;
     let a = w.image("a", "1", &[&key]).await;
     let c = w.image("c", "2", &[]).await;
     put_parameter(&w.ssm, &w.param, &record("a", &a)).await;
