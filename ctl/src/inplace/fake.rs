@@ -41,6 +41,8 @@ pub(crate) const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) const HEALTHY_THRESHOLD: u32 = 2;
 /// When a handover's new container fails after the flip, within the agent's hold.
 pub(crate) const FLIP_BACK_AFTER: Duration = Duration::from_secs(3);
+/// When a release that passed its gate starts failing the load balancer's checks.
+pub(crate) const SICKENS_AFTER: Duration = Duration::from_secs(20);
 
 /// How one host's agent behaves.
 #[derive(Debug, Clone)]
@@ -56,6 +58,9 @@ pub(crate) struct AgentSim {
     pub(crate) flips_back: Vec<String>,
     /// Tags of releases whose pull fails here for good.
     pub(crate) fails_pull: Vec<String>,
+    /// Tags of releases that pass the agent's gate and then fail the load balancer's checks
+    /// ([`SICKENS_AFTER`] the swap, e.g. under real traffic): the agent notices nothing.
+    pub(crate) sickens_on: Vec<String>,
     /// Pulls and answers, but never carries out a target (its swap is wedged): ctl hears
     /// nothing more from it.
     pub(crate) ignores_target: bool,
@@ -69,6 +74,7 @@ impl AgentSim {
             fails_gate: Vec::new(),
             flips_back: Vec::new(),
             fails_pull: Vec::new(),
+            sickens_on: Vec::new(),
             ignores_target: false,
         }
     }
@@ -103,6 +109,8 @@ struct SimHost {
     /// A handover that will flip back: (when, to what).
     flip_back: Option<(Instant, Release)>,
     lb: Lb,
+    /// From when the load balancer calls the running release unhealthy.
+    sick_from: Option<Instant>,
 }
 
 fn release(value: &str) -> Release {
@@ -122,6 +130,7 @@ impl SimHost {
             work: None,
             flip_back: None,
             lb: Lb::Healthy,
+            sick_from: None,
         }
     }
 
@@ -149,6 +158,11 @@ impl SimHost {
 
     fn switched_to(&mut self, r: Release, at: Instant) {
         self.answer(instance_tags::RELEASE, r.tag.to_string());
+        self.sick_from = self
+            .agent
+            .sickens_on
+            .contains(&r.tag.to_string())
+            .then_some(at + SICKENS_AFTER);
         self.running = r;
         if self.agent.swap == SwapMode::Drain {
             self.lb = Lb::Initial { since: at };
@@ -233,6 +247,9 @@ impl SimHost {
     }
 
     fn lb_state(&self, now: Instant) -> &'static str {
+        if self.sick_from.is_some_and(|at| now >= at) {
+            return "unhealthy";
+        }
         match self.lb {
             Lb::Healthy => "healthy",
             Lb::Draining => "draining",

@@ -17,7 +17,7 @@ use super::*;
 use crate::exit::ExitCode;
 use crate::history;
 use crate::inplace::fake::{self, Call, FakeFleet};
-use crate::inplace::{BatchSize, HELD};
+use crate::inplace::{BatchSize, HELD, MAX_POLL};
 use crate::ship::{Request, ShipError};
 
 /// What the fake resolver resolves `v2` to, and the seeded previous release, as tag values.
@@ -757,5 +757,41 @@ async fn a_release_alarm_in_the_window_after_the_last_batch_reverts() {
         revert >= Duration::from_secs(120) && revert <= Duration::from_secs(120) + ALARM_POLL,
         "reverted at the first read of the alarm after it fired: {revert:?}"
     );
+    written_back(&w);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_the_load_balancer_fails_during_the_bake_reverts_at_once() {
+    // i-1 passes its agent's gate, then fails the load balancer's checks 20 s later, well
+    // inside a bake of 5 minutes.
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Drain);
+    fleet.agent("i-1", |a| a.sickens_on = vec!["v2".into()]);
+    let (outcome, events) = roll(&w, &fleet, &in_place(plan(SwapMode::Drain, None, 300))).await;
+    let reason = rolled_back(&outcome);
+    assert!(
+        reason.starts_with("bake of batch 1 (v2@")
+            && reason.ends_with("i-1: the load balancer marks it unhealthy during the bake"),
+        "{reason}"
+    );
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/3 i-1",
+            "healthy 1/3",
+            "rolling back to v1",
+            "revert i-1 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    let targets = fleet.writes(TARGET);
+    assert_eq!(instructions(&fleet, TARGET), vec!["i-1 v2", "i-1 v1"]);
+    assert!(
+        targets[1].0 - targets[0].0 <= fake::SWAP + fake::SICKENS_AFTER + MAX_POLL,
+        "at the first read after it went unhealthy, not at the end of the bake: {targets:?}"
+    );
+    all_run(&fleet, "v1");
     written_back(&w);
 }
