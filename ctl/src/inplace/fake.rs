@@ -21,7 +21,10 @@
 //!   (<https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_DescribeAlarms.html>).
 //!
 //! Not modelled: the delay before new tags show in the instance metadata, throttling,
-//! instances leaving the group, the agent's backoffs.
+//! instances leaving the group, the agent's backoffs. The agents take their turns when ctl
+//! calls the fleet (work finishes at its due time, the next starts at that call): ctl reads
+//! at least once a second while it waits, so no answer comes later than a real agent's would
+//! by more than that.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
