@@ -534,9 +534,9 @@ pub const fn late_rounds() -> usize {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 pub(crate) mod fake;
+#[cfg(test)]
+mod tests;
 
 /// One step of an in-place rollout, for the person, the pipeline or the fleet box's bench
 /// (`--json`: `{"event":"rollout","step":...}`).
