@@ -17,7 +17,7 @@ use skiff_agent::docker::DockerRuntime;
 use skiff_agent::ecr::EcrIssuer;
 use skiff_agent::runtime::{ContainerRuntime, RuntimeError};
 use skiff_release::{EcrRegistry, Release};
-use support::{AWS_ENV, Agent, Fixture, MOTO, Moto, docker, wait_for};
+use support::{AWS_ENV, Agent, Fixture, MOTO, Moto, docker, remove_images, wait_for};
 
 const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
 const LONG: Duration = Duration::from_secs(40);
@@ -39,17 +39,6 @@ struct Pulled(String);
 impl Drop for Pulled {
     fn drop(&mut self) {
         remove_images(&self.0);
-    }
-}
-
-fn remove_images(repo: &str) {
-    let ids = Command::new("docker")
-        .args(["images", "-q", "--no-trunc", repo])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    for id in ids.split_whitespace() {
-        let _ = Command::new("docker").args(["rmi", "-f", id]).output();
     }
 }
 

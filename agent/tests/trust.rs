@@ -16,7 +16,7 @@ use skiff_agent::trust::{CheckFailure, SignatureCheck};
 use skiff_registry::HttpRegistry;
 use skiff_release::{Digest, Release};
 use skiff_signature::{FileKey, TrustedKey, payload};
-use support::{AWS_ENV, Agent, Fixture, MOTO, Moto, REGISTRY, http_get, wait_for};
+use support::{AWS_ENV, Agent, Fixture, MOTO, Moto, REGISTRY, http_get, remove_images, wait_for};
 
 const LONG: Duration = Duration::from_secs(40);
 const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
@@ -333,17 +333,6 @@ fn the_registry_check_on_the_ecr_shaped_registry() {
         "{away:?}"
     );
     assert!(REGISTRY.starts_with("127.0.0.1"));
-}
-
-fn remove_images(repo: &str) {
-    let ids = Command::new("docker")
-        .args(["images", "-q", "--no-trunc", repo])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    for id in ids.split_whitespace() {
-        let _ = Command::new("docker").args(["rmi", "-f", id]).output();
-    }
 }
 
 /// The real agent on a fleet host (SSM and EC2 in moto, the metadata stand-in serving the live

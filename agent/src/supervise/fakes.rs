@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_release::Release;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep};
 
 use crate::config::Config;
 use crate::fleet::{Answers, Fleet, Instructions};
@@ -489,5 +489,14 @@ pub(super) fn on_slot(id: &str, tag: &str, slot: u16, running: bool) -> Containe
         running,
         slot: Some(slot),
         ..stopped(id, tag, 1)
+    }
+}
+
+/// Wait (real time) until `check` holds; panic with `what` after `within`.
+pub(super) async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50)).await;
     }
 }

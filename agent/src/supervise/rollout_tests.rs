@@ -6,24 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::Supervisor;
 use crate::fleet::Answers;
 use crate::metrics::Metrics;
 use crate::supervise::fakes::{
-    FakeRuntime, RecordingFleet, config, config_at, rel, running, serve_app, source,
+    FakeRuntime, RecordingFleet, config, config_at, rel, running, serve_app, source, until,
 };
-
-/// Wait (real time) until `check` holds; panic with `what` after `within`.
-async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A fleet host's loop, running.
 struct Host {

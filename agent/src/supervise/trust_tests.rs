@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_release::Release;
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::Supervisor;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::runtime::ContainerState;
-use crate::supervise::fakes::{FakeRuntime, RecordingFleet, running, serve_app, source};
+use crate::supervise::fakes::{FakeRuntime, RecordingFleet, running, serve_app, source, until};
 use crate::trust::Trust;
 use crate::trust::fakes::{FakeKeys, FakeSignatures, openssl_key};
 
@@ -39,14 +39,6 @@ fn config(port: u16) -> Arc<Config> {
         ))
         .expect("config"),
     )
-}
-
-async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn serving(state: &tokio::sync::watch::Sender<crate::state::Snapshot>) -> Option<String> {

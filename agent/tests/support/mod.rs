@@ -651,3 +651,15 @@ impl Moto {
         }
     }
 }
+
+/// Remove every image of `repo` from the host (what a test pulled from there).
+pub fn remove_images(repo: &str) {
+    let ids = Command::new("docker")
+        .args(["images", "-q", "--no-trunc", repo])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for id in ids.split_whitespace() {
+        let _ = Command::new("docker").args(["rmi", "-f", id]).output();
+    }
+}
