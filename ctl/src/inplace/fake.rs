@@ -114,6 +114,8 @@ struct SimHost {
     lb: Lb,
     /// From when the load balancer calls the running release unhealthy.
     sick_from: Option<Instant>,
+    /// Every `skiff:release` the agent reported after boot: (when, tag).
+    reported: Vec<(Instant, String)>,
 }
 
 fn release(value: &str) -> Release {
@@ -134,6 +136,7 @@ impl SimHost {
             flip_back: None,
             lb: Lb::Healthy,
             sick_from: None,
+            reported: Vec::new(),
         }
     }
 
@@ -161,6 +164,7 @@ impl SimHost {
 
     fn switched_to(&mut self, r: Release, at: Instant) {
         self.answer(instance_tags::RELEASE, r.tag.to_string());
+        self.reported.push((at, r.tag.to_string()));
         self.sick_from = self
             .agent
             .sickens_on
@@ -408,6 +412,20 @@ impl FakeFleet {
             .iter()
             .map(|(id, h)| (id.clone(), h.running.tag.to_string()))
             .collect()
+    }
+
+    /// What `id`'s agent reported running (`skiff:release`) since boot: (when, tag), the time
+    /// as in [`FakeFleet::calls`].
+    pub(crate) fn reports(&self, id: &str) -> Vec<(Duration, String)> {
+        let now = Instant::now();
+        let mut s = self.state();
+        s.advance(now);
+        s.hosts.get(id).map_or_else(Vec::new, |h| {
+            h.reported
+                .iter()
+                .map(|(at, tag)| (*at - self.started, tag.clone()))
+                .collect()
+        })
     }
 
     /// A tag of `id` as it stands.

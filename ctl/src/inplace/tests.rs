@@ -835,6 +835,105 @@ fn revert_verdict_table() {
 }
 
 #[test]
+fn revert_after_swaps_verdict_table() {
+    let (v1, v2) = (rel("v1"), rel("v2"));
+    let window = Duration::from_secs(300);
+    let told = |ago: u64, over: bool| Told {
+        id: "a".into(),
+        ago: Duration::from_secs(ago),
+        over,
+    };
+    let on_v1 = vec![host("a", &[("skiff:release", "v1")])];
+    let lb = healthy(&[("a", "healthy")]);
+    let maybe = Verdict::Pending(vec![(
+        "a".into(),
+        "never reported v2, may still be in the swap to it: waited for until 300s after it was told"
+            .into(),
+    )]);
+    type Row = (&'static str, Vec<Host>, Health, Vec<Told>, Verdict);
+    let table: Vec<Row> = vec![
+        (
+            "not told v2 by this run: as revert_verdict",
+            on_v1.clone(),
+            lb.clone(),
+            vec![],
+            Verdict::Done,
+        ),
+        (
+            "told, never reported v2, within the window: its v1 may predate the swap",
+            on_v1.clone(),
+            lb.clone(),
+            vec![told(2, false)],
+            maybe,
+        ),
+        (
+            "the window passed: any swap it was in is over",
+            on_v1.clone(),
+            lb.clone(),
+            vec![told(300, false)],
+            Verdict::Done,
+        ),
+        (
+            "seen on v2 earlier, back on v1 and healthy",
+            on_v1.clone(),
+            lb.clone(),
+            vec![told(9, true)],
+            Verdict::Done,
+        ),
+        (
+            "reports v2 now: waits for v1 as any revert",
+            vec![host("a", &[("skiff:release", "v2")])],
+            lb.clone(),
+            vec![told(6, false)],
+            Verdict::Pending(vec![("a".into(), "runs v2".into())]),
+        ),
+        (
+            "reports v2 failed: it went back by itself, its swap is over",
+            vec![host(
+                "a",
+                &[("skiff:release", "v1"), ("skiff:failed", "v2")],
+            )],
+            lb.clone(),
+            vec![told(6, false)],
+            Verdict::Done,
+        ),
+        (
+            "within the window and the load balancer not yet: one line for it",
+            on_v1.clone(),
+            healthy(&[("a", "initial")]),
+            vec![told(2, false)],
+            Verdict::Pending(vec![("a".into(), "target initial".into())]),
+        ),
+        (
+            "v1 failed there: fails whatever the window",
+            vec![host(
+                "a",
+                &[("skiff:release", "v1"), ("skiff:failed", "v1")],
+            )],
+            lb.clone(),
+            vec![told(2, false)],
+            Verdict::Failed("a".into(), "its agent reports v1 failed".into()),
+        ),
+        (
+            "left the group: nothing to wait for",
+            vec![],
+            None,
+            vec![told(2, false)],
+            Verdict::Done,
+        ),
+    ];
+    for (name, hosts, health, told, want) in table {
+        assert_eq!(
+            revert_after_swaps_verdict(&hosts, &health, &ids(&["a"]), (&v1, &v2), &told, window),
+            want,
+            "{name}"
+        );
+    }
+    assert!(swap_over(&host("a", &[("skiff:release", "v2")]), &v2));
+    assert!(!swap_over(&on_v1[0], &v2));
+}
+
+#[test]
 fn pending_in_words() {
     assert_eq!(describe_pending(&[]), "none");
     assert_eq!(

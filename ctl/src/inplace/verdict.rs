@@ -322,3 +322,63 @@ pub fn revert_verdict(hosts: &[Host], health: &Health, ids: &[String], prev: &Re
     // An instance that left the group has nothing left to revert.
     runs_healthy_verdict(hosts, health, ids, prev)
 }
+
+/// A host this run told `new` (`skiff:target`) before the revert: its agent finishes a swap
+/// before it reads the next instruction, so until that swap is over it may still report the
+/// release before while it is about to run `new`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Told {
+    pub id: String,
+    /// Since its `skiff:target` named `new`.
+    pub ago: Duration,
+    /// Seen since then reporting `new` running or failed: its swap to `new` is over.
+    pub over: bool,
+}
+
+/// Whether `host`'s own answers show its swap to `new` over: it runs `new`, or reports it
+/// failed (it went back). Pure.
+pub fn swap_over(host: &Host, new: &Release) -> bool {
+    runs(host, new) || names(host.failed.as_deref(), new)
+}
+
+/// The revert of hosts that may be caught in a swap to `new`: [`revert_verdict`], and each of
+/// `told` still in the group whose swap to `new` is not seen over (earlier or in this read) is
+/// waited for until `window` (the longest a swap may take, `--batch-timeout`) has passed since
+/// its target was written; until then its report of `prev` may be from before that swap.
+/// Pure.
+pub fn revert_after_swaps_verdict(
+    hosts: &[Host],
+    health: &Health,
+    ids: &[String],
+    (prev, new): (&Release, &Release),
+    told: &[Told],
+    window: Duration,
+) -> Verdict {
+    let mut pending = match revert_verdict(hosts, health, ids, prev) {
+        Verdict::Done => Vec::new(),
+        Verdict::Pending(p) => p,
+        failed @ Verdict::Failed(..) => return failed,
+    };
+    for t in told {
+        let Some(h) = hosts.iter().find(|h| h.id == t.id) else {
+            continue;
+        };
+        if !ids.contains(&t.id) || t.over || swap_over(h, new) || t.ago >= window {
+            continue;
+        }
+        if !pending.iter().any(|(id, _)| id == &t.id) {
+            pending.push((
+                t.id.clone(),
+                format!(
+                    "never reported {new}, may still be in the swap to it: waited for until {}s after it was told",
+                    secs(window)
+                ),
+            ));
+        }
+    }
+    if pending.is_empty() {
+        Verdict::Done
+    } else {
+        Verdict::Pending(pending)
+    }
+}

@@ -222,6 +222,8 @@ where
     let value = instance_tags::encode(new);
     let poll = run.req.poll.min(inplace::MAX_POLL);
     let mut switched: Vec<String> = Vec::new();
+    // When each switched instance was told `new`: a revert waits for those caught mid-swap.
+    let mut told: Vec<(String, Instant)> = Vec::new();
     let mut batches = batches;
     let mut total = batches.len();
     let mut n = 0;
@@ -247,8 +249,14 @@ where
             };
             let earlier = switched.clone();
             switched.extend(batch.iter().cloned());
+            // Before the write: a write that failed may still have landed.
+            told.extend(batch.iter().map(|id| (id.clone(), Instant::now())));
+            let so_far = Switched {
+                switched: &switched,
+                told: &told,
+            };
             if let Err(e) = fleet.tag(&batch, instance_tags::TARGET, &value).await {
-                return revert(run, fleet, plan, &switched, format!("batch {n}: {e}"), emit).await;
+                return revert(run, fleet, plan, so_far, format!("batch {n}: {e}"), emit).await;
             }
             let watch = BatchWatch {
                 swap: plan.swap,
@@ -270,7 +278,7 @@ where
                     instances: batch.clone(),
                     secs: took(t),
                 })),
-                Some(f) => return fail(run, fleet, plan, &switched, f, emit).await,
+                Some(f) => return fail(run, fleet, plan, so_far, f, emit).await,
             }
             if !plan.bake.is_zero() {
                 let t = Instant::now();
@@ -284,7 +292,7 @@ where
                         batches: total,
                         secs: took(t),
                     })),
-                    Some(f) => return fail(run, fleet, plan, &switched, f, emit).await,
+                    Some(f) => return fail(run, fleet, plan, so_far, f, emit).await,
                 }
             }
         }
@@ -312,11 +320,15 @@ where
             .filter(|b: &Vec<String>| !b.is_empty())
             .collect();
         if late.is_empty() {
+            let so_far = Switched {
+                switched: &switched,
+                told: &told,
+            };
             if let Some(f) = settle(run, fleet, plan, &switched, stop, emit).await {
-                return fail(run, fleet, plan, &switched, f, emit).await;
+                return fail(run, fleet, plan, so_far, f, emit).await;
             }
             if let Some(f) = watch_alarms(run, fleet, stop, emit).await {
-                return fail(run, fleet, plan, &switched, f, emit).await;
+                return fail(run, fleet, plan, so_far, f, emit).await;
             }
             let instances: Vec<String> = now.iter().map(|h| h.id.clone()).collect();
             return confirm(run, instances, switched.len(), n, took(started)).await;
@@ -540,11 +552,19 @@ async fn read_hosts<H: InPlaceFleet>(fleet: &H) -> Result<Vec<Host>, inplace::In
     }
 }
 
+/// What a run did before it fails: the instances it switched, and when each was told the new
+/// release.
+#[derive(Clone, Copy)]
+struct Switched<'a> {
+    switched: &'a [String],
+    told: &'a [(String, Instant)],
+}
+
 async fn fail<S, R, D, L, H>(
     run: &Run<'_, '_, S, R, D, L>,
     fleet: &H,
     plan: &RolloutPlan,
-    switched: &[String],
+    so_far: Switched<'_>,
     f: Failure,
     emit: &mut dyn FnMut(Event),
 ) -> Outcome
@@ -562,17 +582,20 @@ where
             format!("stopped by {signal}")
         }
     };
-    revert(run, fleet, plan, switched, reason, emit).await
+    revert(run, fleet, plan, so_far, reason, emit).await
 }
 
 /// Tag the previous release back on every switched instance (and any other that runs the new
 /// one), wait until they run it, and write the previous record back (only over this run's own
-/// write). A signal during the revert does not stop it; a second one exits at once.
+/// write). An agent reads the revert only once a swap it is in is over, so an instance told the
+/// new release that never reported it is waited for until that swap could be over (at most
+/// `--batch-timeout` after it was told, [`inplace::revert_after_swaps_verdict`]); the wait gets
+/// that much longer. A signal during the revert does not stop it; a second one exits at once.
 async fn revert<S, R, D, L, H>(
     run: &Run<'_, '_, S, R, D, L>,
     fleet: &H,
     plan: &RolloutPlan,
-    switched: &[String],
+    so_far: Switched<'_>,
     reason: String,
     emit: &mut dyn FnMut(Event),
 ) -> Outcome
@@ -582,6 +605,7 @@ where
     H: InPlaceFleet,
 {
     let new = run.new;
+    let switched = so_far.switched;
     let Some(prev) = run.previous.as_ref().filter(|_| run.req.rollback) else {
         return Outcome::NotRolledBack {
             reason: format!(
@@ -614,6 +638,29 @@ where
         to: prev.to_string(),
         instances: ids.clone(),
     }));
+    // The swap window: the longest ctl lets a batch's swap take.
+    let window = plan.batch_timeout;
+    let mut caught: Vec<(inplace::Told, Instant)> = so_far
+        .told
+        .iter()
+        .filter(|(id, _)| ids.contains(id))
+        .map(|(id, at)| {
+            let told = inplace::Told {
+                id: id.clone(),
+                ago: at.elapsed(),
+                over: hosts
+                    .iter()
+                    .any(|h| &h.id == id && inplace::swap_over(h, new)),
+            };
+            (told, *at)
+        })
+        .collect();
+    let timeout = plan.batch_timeout
+        + caught
+            .iter()
+            .map(|(t, _)| window.saturating_sub(t.ago))
+            .max()
+            .unwrap_or_default();
     let t = Instant::now();
     let tagged = fleet
         .tag(&ids, instance_tags::TARGET, &instance_tags::encode(prev))
@@ -624,12 +671,20 @@ where
         Ok(()) => {
             wait_for(
                 fleet,
-                plan.batch_timeout,
+                timeout,
                 run.req.poll.min(inplace::MAX_POLL),
                 false,
                 &mut unstoppable,
                 noting("revert".into(), emit, |hosts, h| {
-                    inplace::revert_verdict(hosts, h, &ids, prev)
+                    for (told, at) in &mut caught {
+                        told.ago = at.elapsed();
+                        told.over |= hosts
+                            .iter()
+                            .any(|x| x.id == told.id && inplace::swap_over(x, new));
+                    }
+                    let told: Vec<inplace::Told> =
+                        caught.iter().map(|(told, _)| told.clone()).collect();
+                    inplace::revert_after_swaps_verdict(hosts, h, &ids, (prev, new), &told, window)
                 }),
             )
             .await
@@ -644,7 +699,7 @@ where
             }));
             None
         }
-        other => Some(match failure("revert", other.clone(), plan.batch_timeout) {
+        other => Some(match failure("revert", other.clone(), timeout) {
             Some(Failure::Reason(r)) => r,
             _ => "revert: interrupted".into(),
         }),

@@ -465,16 +465,38 @@ async fn a_late_joiner_gets_the_new_release_last() {
     assert_eq!(w.store.all().len(), 2);
 }
 
+/// A rollout in batches of 2 by `swap` that a signal stops right after the `nth` write of
+/// `skiff:target`.
+async fn stopped_after_target(
+    w: &World,
+    fleet: &FakeFleet,
+    swap: SwapMode,
+    nth: usize,
+) -> (Outcome, Vec<Event>) {
+    let (handle, mut stop) = Stop::new();
+    fleet.stop_on(TARGET, nth, handle);
+    let req = in_place(plan(swap, Some(2), 0));
+    let (r, events) = w.ship_with(fleet, &req, &mut stop).await;
+    (r.expect("an outcome"), events)
+}
+
+/// After a revert: every host runs v1 and keeps it, the previous record is back, the health
+/// checks were resumed and the lock released.
+async fn back_for_good(w: &World, fleet: &FakeFleet) {
+    all_run(fleet, "v1");
+    sleep(fake::SWAP * 4).await;
+    all_run(fleet, "v1");
+    written_back(w);
+    held_and_resumed(fleet);
+    assert!(w.unlocked());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stop_mid_batch_reverts() {
     let w = World::new(vec![]);
     let fleet = FakeFleet::new(4, "v1", SwapMode::Drain);
-    let (handle, mut stop) = Stop::new();
     // The signal comes right after batch 2's target is written.
-    fleet.stop_on(TARGET, 2, handle);
-    let req = in_place(plan(SwapMode::Drain, Some(2), 0));
-    let (r, events) = w.ship_with(&fleet, &req, &mut stop).await;
-    let outcome = r.expect("an outcome");
+    let (outcome, events) = stopped_after_target(&w, &fleet, SwapMode::Drain, 2).await;
 
     assert_eq!(rolled_back(&outcome), "stopped by SIGTERM");
     assert_eq!(
@@ -499,12 +521,60 @@ async fn a_stop_mid_batch_reverts() {
     assert_eq!(targets[2].0, targets[1].0, "the revert starts at once");
     // Every host runs the previous release when ctl returns (the batch caught mid-swap drains,
     // so the revert waits for it to come back) and keeps running it.
-    all_run(&fleet, "v1");
-    sleep(fake::SWAP * 4).await;
-    all_run(&fleet, "v1");
-    written_back(&w);
-    held_and_resumed(&fleet);
-    assert!(w.unlocked());
+    back_for_good(&w, &fleet).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revert_waits_for_a_host_caught_mid_handover_until_it_is_back() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(4, "v1", SwapMode::Handover);
+    let t0 = tokio::time::Instant::now();
+    // The signal comes right after the canary's target is written: its agent is in the swap to
+    // v2 and reads the revert only after it; meanwhile it reports v1 and the load balancer
+    // calls it healthy (a handover), which alone must not count as reverted.
+    let (outcome, events) = stopped_after_target(&w, &fleet, SwapMode::Handover, 1).await;
+    let returned = t0.elapsed();
+
+    assert_eq!(rolled_back(&outcome), "stopped by SIGTERM");
+    assert_eq!(
+        outline(&events)[5..],
+        [
+            "switch 1/3 i-1",
+            "stopping SIGTERM",
+            "rolling back to v1",
+            "revert i-1 to v1",
+            "reverted",
+            "write Rollback v1",
+            "resume HealthCheck ReplaceUnhealthy",
+        ]
+    );
+    assert_eq!(instructions(&fleet, TARGET), vec!["i-1 v2", "i-1 v1"]);
+    // i-1 finished its swap to v2, then swapped back; ctl returned, and resumed the group's
+    // health checks, only after it reported v1 again.
+    let reports = fleet.reports("i-1");
+    assert_eq!(
+        reports.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+        vec!["v2", "v1"],
+        "{reports:?}"
+    );
+    let back = reports[1].0;
+    let resumed = fleet
+        .calls()
+        .into_iter()
+        .find_map(|(at, c)| matches!(c, Call::Hold { suspend: false, .. }).then_some(at))
+        .expect("the health checks resumed");
+    assert!(
+        resumed >= back,
+        "resumed at {resumed:?}, i-1 back on v1 at {back:?}"
+    );
+    assert!(
+        returned >= back,
+        "returned at {returned:?}, i-1 back on v1 at {back:?}"
+    );
+    for id in ["i-2", "i-3", "i-4"] {
+        assert!(fleet.reports(id).is_empty(), "{id} was never switched");
+    }
+    back_for_good(&w, &fleet).await;
 }
 
 #[tokio::test(start_paused = true)]
