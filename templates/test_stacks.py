@@ -734,6 +734,11 @@ def app_narrow_grants_checks(text, t):
                           "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage")
               if allowed(role, a, repo)]
     equal("app: the instance role has no ECR push action", pushes, [])
+    check("app: the deployer reads manifests and signature blobs (BatchGetImage, GetDownloadUrlForLayer)",
+          allowed(deployer, "ecr:BatchGetImage", repo) and allowed(deployer, "ecr:GetDownloadUrlForLayer", repo))
+    equal("app: the deployer has no ECR push action",
+          [a for a in ("ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart",
+                       "ecr:CompleteLayerUpload", "ecr:PutImage") if allowed(deployer, a, repo)], [])
 
     # Finding 6: an instance tags only itself. A request signed with the credentials EC2 gives
     # an instance carries ec2:SourceInstanceARN; the instance tagged has ec2:InstanceID.
