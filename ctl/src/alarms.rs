@@ -110,7 +110,7 @@ impl AlarmStates for CloudWatchAlarms {
         for chunk in names.chunks(100) {
             let mut token: Option<String> = None;
             loop {
-                let page = aws::write(|| {
+                let page = aws::outlast_throttling(|| {
                     self.client
                         .describe_alarms()
                         .set_alarm_names(Some(chunk.to_vec()))

@@ -64,21 +64,21 @@ pub fn is_throttling(code: Option<&str>) -> bool {
     )
 }
 
-/// How long ctl keeps retrying one throttled write (on top of the SDK's own attempts): long
+/// How long ctl keeps retrying one throttled call (a write, or a read of the group) (on top of the SDK's own attempts): long
 /// enough for a bucket drained by a thousand agents answering at once (CreateTags refills 10
 /// tokens a second) to take ctl's write, short of any wait's timeout.
-pub const WRITE_RETRY_FOR: Duration = Duration::from_secs(180);
-const WRITE_RETRY_FIRST: Duration = Duration::from_secs(1);
-const WRITE_RETRY_CAP: Duration = Duration::from_secs(20);
+pub const THROTTLED_RETRY_FOR: Duration = Duration::from_secs(180);
+const THROTTLED_RETRY_FIRST: Duration = Duration::from_secs(1);
+const THROTTLED_RETRY_CAP: Duration = Duration::from_secs(20);
 
 /// The wait before retry number `attempt` (1-based): "full jitter", a random share (`random`,
 /// any u64) of `first * 2^(attempt-1)` capped, so writers throttled together spread out.
 /// https://aws.amazon.com/builders-library/timeouts-retries-and-backoff-with-jitter/ Pure.
 pub fn retry_delay(attempt: u32, random: u64) -> Duration {
     let exp = attempt.saturating_sub(1).min(16);
-    let ceiling = WRITE_RETRY_FIRST
+    let ceiling = THROTTLED_RETRY_FIRST
         .saturating_mul(1u32 << exp)
-        .min(WRITE_RETRY_CAP);
+        .min(THROTTLED_RETRY_CAP);
     let share = (random % 1_000) as u32;
     ceiling * share / 1_000 + Duration::from_millis(50)
 }
@@ -90,15 +90,15 @@ fn random() -> u64 {
         .finish()
 }
 
-/// Run a write until it is not throttled, or [`WRITE_RETRY_FOR`] has passed (the last error is
+/// Run a call (a write, or a read that must not fail a release) until it is not throttled, or [`THROTTLED_RETRY_FOR`] has passed (the last error is
 /// then returned). Other errors return at once (the SDK already retried transient ones).
-pub async fn write<T, E, F, Fut>(mut op: F) -> Result<T, E>
+pub async fn outlast_throttling<T, E, F, Fut>(mut op: F) -> Result<T, E>
 where
     E: ProvideErrorMetadata,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let deadline = tokio::time::Instant::now() + WRITE_RETRY_FOR;
+    let deadline = tokio::time::Instant::now() + THROTTLED_RETRY_FOR;
     let mut attempt = 0;
     loop {
         match op().await {
@@ -181,7 +181,7 @@ mod tests {
     async fn a_throttled_write_is_retried_until_it_passes_and_other_errors_are_not() {
         use aws_smithy_types::error::ErrorMetadata;
         let mut calls = 0;
-        let got: Result<u32, ErrorMetadata> = write(|| {
+        let got: Result<u32, ErrorMetadata> = outlast_throttling(|| {
             calls += 1;
             let n = calls;
             async move {
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(got.ok(), Some(4));
 
         let mut calls = 0;
-        let got: Result<(), ErrorMetadata> = write(|| {
+        let got: Result<(), ErrorMetadata> = outlast_throttling(|| {
             calls += 1;
             async { Err(ErrorMetadata::builder().code("AccessDenied").build()) }
         })
@@ -212,9 +212,15 @@ mod tests {
         assert_eq!(calls, 1);
 
         let start = tokio::time::Instant::now();
-        let got: Result<(), ErrorMetadata> =
-            write(|| async { Err(ErrorMetadata::builder().code("Throttling").build()) }).await;
+        let got: Result<(), ErrorMetadata> = outlast_throttling(|| async {
+            Err(ErrorMetadata::builder().code("Throttling").build())
+        })
+        .await;
         assert!(got.is_err());
-        assert!(start.elapsed() <= WRITE_RETRY_FOR, "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= THROTTLED_RETRY_FOR,
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -100,9 +100,9 @@ pub async fn read(
     ec2: &aws_sdk_ec2::Client,
     asg: &str,
 ) -> Result<Group, GroupError> {
-    // Throttled like a write, retried like one (aws::write): many ctl runs and agents share
+    // Retried while throttled (aws::outlast_throttling): many ctl runs and agents share
     // the account's Auto Scaling bucket, and one throttled read must not fail a release.
-    let out = aws::write(|| {
+    let out = aws::outlast_throttling(|| {
         autoscaling
             .describe_auto_scaling_groups()
             .auto_scaling_group_names(asg)

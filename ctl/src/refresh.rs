@@ -294,7 +294,7 @@ impl AsgRefresher {
         let Some(elb) = &self.elb else {
             return Ok(0);
         };
-        let mine = aws::write(|| {
+        let mine = aws::outlast_throttling(|| {
             elb.describe_target_groups()
                 .set_target_group_arns(Some(own.to_vec()))
                 .send()
@@ -313,7 +313,7 @@ impl AsgRefresher {
             let mut others = 0;
             let mut marker: Option<String> = None;
             loop {
-                let page = aws::write(|| {
+                let page = aws::outlast_throttling(|| {
                     elb.describe_target_groups()
                         .load_balancer_arn(&lb)
                         .set_marker(marker.clone())
@@ -328,10 +328,11 @@ impl AsgRefresher {
                     if own.iter().any(|o| o == arn) {
                         continue;
                     }
-                    let health =
-                        aws::write(|| elb.describe_target_health().target_group_arn(arn).send())
-                            .await
-                            .map_err(|e| aws::describe(&e))?;
+                    let health = aws::outlast_throttling(|| {
+                        elb.describe_target_health().target_group_arn(arn).send()
+                    })
+                    .await
+                    .map_err(|e| aws::describe(&e))?;
                     others += i32::try_from(health.target_health_descriptions().len())
                         .unwrap_or(i32::MAX);
                 }

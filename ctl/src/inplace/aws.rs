@@ -21,8 +21,8 @@ pub struct AwsHosts {
 impl AwsHosts {
     /// The group, as DescribeAutoScalingGroups tells it (instances, suspended processes, tags).
     async fn group(&self) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, InPlaceError> {
-        // A throttled read is retried as a write is (aws::write): the account's bucket is shared.
-        let out = aws::write(|| {
+        // A throttled read is retried (aws::outlast_throttling): the account's bucket is shared.
+        let out = aws::outlast_throttling(|| {
             self.autoscaling
                 .describe_auto_scaling_groups()
                 .auto_scaling_group_names(&self.asg)
@@ -66,11 +66,11 @@ impl InPlaceFleet for AwsHosts {
     async fn tag(&self, ids: &[String], key: &str, value: &str) -> Result<(), InPlaceError> {
         // CreateTags takes many resources in one call and overwrites an existing value.
         // https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CreateTags.html
-        // A throttled write is retried with backoff and jitter (aws::write): a thousand agents
+        // A throttled write is retried with backoff and jitter (aws::outlast_throttling): a thousand agents
         // answering at once drain the account's CreateTags bucket, and a lost revert is worse
         // than a late one.
         for chunk in ids.chunks(500) {
-            aws::write(|| {
+            aws::outlast_throttling(|| {
                 self.ec2
                     .create_tags()
                     .set_resources(Some(chunk.to_vec()))
@@ -136,7 +136,7 @@ impl InPlaceFleet for AwsHosts {
                 .build()
         };
         if suspend {
-            aws::write(|| {
+            aws::outlast_throttling(|| {
                 self.autoscaling
                     .create_or_update_tags()
                     .tags(tag(Some(processes.join(MARK_SEPARATOR))))
@@ -146,7 +146,7 @@ impl InPlaceFleet for AwsHosts {
             .map_err(|e| fail("mark as ctl's", aws::describe(&e)))?;
         }
         let done = if suspend {
-            aws::write(|| {
+            aws::outlast_throttling(|| {
                 self.autoscaling
                     .suspend_processes()
                     .auto_scaling_group_name(&self.asg)
@@ -157,7 +157,7 @@ impl InPlaceFleet for AwsHosts {
             .map(|_| ())
             .map_err(|e| aws::describe(&e))
         } else {
-            aws::write(|| {
+            aws::outlast_throttling(|| {
                 self.autoscaling
                     .resume_processes()
                     .auto_scaling_group_name(&self.asg)
@@ -170,7 +170,7 @@ impl InPlaceFleet for AwsHosts {
         };
         done.map_err(|detail| fail(if suspend { "suspend" } else { "resume" }, detail))?;
         if !suspend {
-            aws::write(|| self.autoscaling.delete_tags().tags(tag(None)).send())
+            aws::outlast_throttling(|| self.autoscaling.delete_tags().tags(tag(None)).send())
                 .await
                 .map_err(|e| fail("unmark", aws::describe(&e)))?;
         }
