@@ -14,7 +14,9 @@ What `up` builds (all state under /var/lib/skiff-fleet and /run/skiff-fleet):
     administrator), its release parameter created first as `make create-stack` does, and an
     IAM user holding the stack's DeployerPolicy (the credentials ctl runs with, as Jenkins');
   * the test image (busybox httpd; see README) pushed as <repo>:<tag> to the registry that the
-    ECR-shaped host name 123456789012.dkr.ecr.us-east-1.amazonaws.com serves;
+    ECR-shaped host name 123456789012.dkr.ecr.us-east-1.amazonaws.com serves, and signed
+    (`ctl sign --key-file`) with a P-256 key made for this box (openssl); the stack trusts its
+    public key (TrustedKeys), so ctl and every agent check each release's signature;
   * a controller process (`box.py controller`) that follows the group's instances in the
     emulator: for each one it boots a host (after --boot-delay): a network namespace with its own
     address, its own dockerd, a per-instance IMDSv2 and the real agent with the config the
@@ -39,7 +41,7 @@ import urllib.error
 import urllib.request
 
 from controller import Controller, controller, controller_alive, group_states, imds_tag_delay
-from images import APPS, forget_images, push_image
+from images import APPS, digest_of, forget_images, new_signing_key, push_image, SIGNING_KEY
 from loadbalancer import lb_up, write_haproxy_config
 from network import bridge_up, teardown_host
 from settings import admin_clients, binary, BOX_FILE, BoxError, BRIDGE, CI_HOME, ECR_HOST, ENDPOINT, HERE, kill_pidfile, LB_PORT, load_box, LOCAL_REGISTRY, PY, REGION, REGISTRY_CA, REPO, ROOT, run, RUN_DIR, save_box, say, STACK, STATE, TAGS_MAX_AGE, TEMPLATE
@@ -200,19 +202,22 @@ def up(args):
     os.makedirs(RUN_DIR, exist_ok=True)
     tag = args.tag
     app = os.environ.get("FLEET_APP", "busybox")
-    say(f"pushing the test image {ECR_HOST}/{REPO}:{tag} ({app} app)")
+    # Signed releases (issue 20): a new key per box; the stack trusts its public key, so ctl and
+    # every agent check that each release is signed by it; every image the box pushes is.
+    trusted_keys = new_signing_key()
+    say(f"pushing and signing the test image {ECR_HOST}/{REPO}:{tag} ({app} app; key {SIGNING_KEY})")
     push_image(tag, app=app)
     bridge_up()
     say(f"starting the emulator (IAM enforced) on {ENDPOINT}")
     admin = start_emulator()
     box = {"admin": admin, "agent": agent, "ctl": ctl, "boot_delay": args.boot_delay, "initial_tag": tag,
-           "app": app}
-    extra = {}
+           "app": app, "signing_key": SIGNING_KEY}
+    extra = {"TrustedKeys": trusted_keys}
     if os.environ.get("FLEET_SWAP_MODE"):
         # the stack parameter SwapMode (handover | drain), when the template has it
         extra["SwapMode"] = os.environ["FLEET_SWAP_MODE"]
     say(f"creating stack {STACK} from templates/app.yaml ({args.instances} instances)")
-    box.update(create_stack(admin_clients(box), tag, args.instances, extra))
+    box.update(create_stack(admin_clients(box), tag, args.instances, extra, digest=digest_of(tag)))
     box["swap_mode"] = swap_mode(box["params"])
     say(f"swap mode: {box['swap_mode'] or 'none (the template has no SwapMode parameter)'}")
     check_type = os.environ.get("FLEET_ASG_HEALTH_CHECK")
@@ -395,6 +400,8 @@ def main():
     pu.add_argument("--app", choices=APPS, default=None, help="the test app (default: the box's, FLEET_APP)")
     pu.add_argument("--fail-after", type=float, default=None,
                     help="graceful app: /health fails this many seconds after its first pass")
+    pu.add_argument("--unsigned", action="store_true",
+                    help="not signed with the box's key (its hosts and ctl refuse it)")
     args = ap.parse_args()
     if args.cmd == "up" and not 1 <= args.instances <= 6:
         print("fleet: --instances must be 1..6 (2 cores)", file=sys.stderr)
@@ -404,7 +411,8 @@ def main():
         return 1
     try:
         if args.cmd == "push":
-            print(push_image(args.tag, healthy=not args.unhealthy, app=args.app, fail_after=args.fail_after))
+            print(push_image(args.tag, healthy=not args.unhealthy, app=args.app, fail_after=args.fail_after,
+                             signed=not args.unsigned))
             return 0
         if args.cmd == "imds-delay":
             box = load_box()

@@ -1,5 +1,6 @@
-"""The test app's images: built from testbed/images and pushed as <repo>:<tag> to the registry the
-ECR-shaped host serves; forgotten again when the box goes down."""
+"""The test app's images: built from testbed/images, pushed as <repo>:<tag> to the registry the
+ECR-shaped host serves and signed (cosign's format, `ctl sign --key-file`) with the box's signing
+key, whose public key the box's stack trusts (TrustedKeys); forgotten again when the box goes down."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-from settings import BoxError, ECR_HOST, load_box, LOCAL_REGISTRY, REPO, ROOT, run, STATE
+from settings import binary, BoxError, ECR_HOST, load_box, LOCAL_REGISTRY, REGION, REPO, ROOT, run, STATE
 
 
 # --- images --------------------------------------------------------------------------------
@@ -15,6 +16,27 @@ from settings import BoxError, ECR_HOST, load_box, LOCAL_REGISTRY, REPO, ROOT, r
 APPS = ("busybox", "graceful")
 GRACEFUL_BASE = "skiff-ci/graceful-app:1"
 _graceful_base_checked = []
+# The box's signing key (P-256, PKCS#8 PEM), new at every `up`: Jenkins' key file in the box.
+SIGNING_KEY = os.path.join(STATE, "signing", "key.pem")
+
+
+def new_signing_key():
+    """A new P-256 signing key for this box run (openssl, as the README tells Jenkins to make
+    one); returns its public key (PEM), the stack's TrustedKeys."""
+    os.makedirs(os.path.dirname(SIGNING_KEY), mode=0o700, exist_ok=True)
+    run("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", SIGNING_KEY)
+    os.chmod(SIGNING_KEY, 0o600)
+    return run("openssl", "pkey", "-in", SIGNING_KEY, "-pubout").stdout
+
+
+def sign_image(tag):
+    """Sign REPO:tag's digest with the box's key (`ctl sign --key-file`, what `make sign` runs in
+    Jenkins), in the registry the ECR-shaped host serves. Returns ctl's line (digest, key id)."""
+    if not os.path.exists(SIGNING_KEY):
+        raise BoxError(f"no signing key ({SIGNING_KEY}): `box.py up` creates it")
+    env = dict(os.environ, AWS_REGION=REGION, AWS_EC2_METADATA_DISABLED="true")
+    return run(binary("ctl"), "--image", f"{LOCAL_REGISTRY}/{REPO}", "sign", "--tag", tag,
+               "--key-file", SIGNING_KEY, env=env).stdout.strip()
 
 
 def default_app():
@@ -24,7 +46,7 @@ def default_app():
     return box.get("app") or os.environ.get("FLEET_APP", "busybox")
 
 
-def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
+def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None, signed=True):
     """The test app as REPO:tag, whose page names the release and the host's address, on $PORT:
       * busybox: busybox httpd; no keep-alive (every response closes its connection), and as
         PID 1 without a handler it ignores SIGTERM (the engine kills it after the stop timeout);
@@ -32,7 +54,8 @@ def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
         flight, closes each kept-alive connection after its next response, and exits.
     healthy=False: /health never passes (busybox: 404, graceful: 500); fail_after=S (graceful
     only): /health fails from S seconds after its first pass on (a release that fails after the
-    agent's gate); slow_start=S (graceful only): /health 503 for its first S seconds."""
+    agent's gate); slow_start=S (graceful only): /health 503 for its first S seconds.
+    signed=False: pushed without a signature (a release the stack's hosts must refuse)."""
     app = app or default_app()
     if app not in APPS:
         raise BoxError(f"app {app!r}: one of {', '.join(APPS)}")
@@ -69,7 +92,17 @@ def push_image(tag, healthy=True, app=None, fail_after=None, slow_start=None):
         run("docker", "push", ref)
     finally:
         run("docker", "rmi", ref, check=False)  # only the registry keeps it: the hosts pull
+    if signed:
+        sign_image(tag)
     return f"{ECR_HOST}/{REPO}:{tag}"
+
+
+def digest_of(tag):
+    """REPO:tag's manifest digest, as the registry the ECR-shaped host serves answers it."""
+    req = urllib.request.Request(f"http://{LOCAL_REGISTRY}/v2/{REPO}/manifests/{tag}", method="HEAD",
+                                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.headers["Docker-Content-Digest"]
 
 
 def forget_images():
@@ -81,7 +114,8 @@ def forget_images():
             tags = json.load(r).get("tags") or []
     except (OSError, ValueError):
         return
-    accept = "application/vnd.docker.distribution.manifest.v2+json"
+    # the images' (Docker) and their signatures' (OCI) manifests
+    accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
     for tag in tags:
         try:
             req = urllib.request.Request(f"{base}/manifests/{tag}", method="HEAD", headers={"Accept": accept})

@@ -11,8 +11,9 @@ import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 from load import Load  # noqa: E402
 
-from scenario import agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
+from scenario import agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, RUN, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
 from kit.waits import wait_until  # noqa: E402
+from unsigned import inplace_unsigned
 INPLACE_BENCH = []  # (what, instances, wall s, floor s or None, failed requests, terms)
 
 
@@ -305,4 +306,5 @@ def uncoordinated(box, rate, tag, n, poll=2):
     sc.check(parameter(box)[0] == old, f"parameter not restored: {parameter(box)[1]}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
     sc.figures += [f"{3 * poll + 2} s after the write (poll {poll} s): all {n} on {old}, stale", counts.line()]
+    inplace_unsigned(box, sc, rate, f"r{RUN}iun", n)
     sc.done()

@@ -10,8 +10,9 @@ import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 from load import Load  # noqa: E402
 
-from scenario import agent_interval, ctl, group, model, namespace_of, parameter, REFRESH_BENCH, refresh_seconds, Scenario, served, settle, URL, with_load
+from scenario import agent_interval, ctl, group, model, namespace_of, parameter, REFRESH_BENCH, refresh_seconds, RUN, Scenario, served, settle, URL, with_load
 from kit.waits import wait_until  # noqa: E402
+from unsigned import refresh_unsigned
 
 
 def release(box, rate, tag, n, warmup, number=1):
@@ -274,4 +275,5 @@ def scale_out(box, rate, tag, n, warmup):
                    f"{sorted(added)} on {[tags.get(i) for i in added]}"]
     asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=n, HonorCooldown=False)
     sc.check(settle(box, n, 120), f"group not back to {n} after scaling in: {group(box)}")
+    refresh_unsigned(box, sc, rate, f"r{RUN}un", n)
     sc.done()

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Release scenarios against the box (testbed/fleet/box.py) with the real ctl binary, under the
-stack's deployer policy, while load.py sends a steady rate through the load balancer.
+stack's deployer policy, while load.py sends a steady rate through the load balancer. The box's
+stack trusts a key made at `box.py up` (TrustedKeys) and every image the box pushes is signed
+with it (ctl sign --key-file): each release below is a signed one, checked by ctl and by every
+agent before it creates a container.
 
     scenarios.py [--rate 20] [--keep]     # brings the box up when it is not; --keep leaves it up
 
@@ -23,7 +26,11 @@ stack's deployer policy, while load.py sends a steady rate through the load bala
                 counted and bounded by the detection window
   3  scale-out: ctl release while the group's desired capacity goes n -> n+1 mid-refresh: the
                 new instance boots on the release the parameter names, the release completes,
-                0 failed requests; then back to n
+                0 failed requests; then back to n. Then an unsigned image (issue 20): ctl release
+                exits 2, parameter unchanged; the parameter written to its digest with the
+                deployer's keys (past ctl) and a scale-out: the new instance's agent refuses it
+                (metric, skiff:failed), never in the load balancer; the n keep their release,
+                0 failed; the instance terminated, the parameter written back
 
 In place (issue 13; ctl release --strategy in-place; a watch follows every instance's skiff:*
 tags, its agent's /status, the load balancer and Auto Scaling every 0.5 s; Auto Scaling acting
@@ -41,7 +48,11 @@ on any instance during a rollout fails the scenario):
                 the same release again converges without switching the first instance again
   13 the parameter written without ctl while every agent runs update = "follow" with a 2 s
                 poll: within 3 polls nothing swaps (all stale on the old release), each agent
-                warned at start; then the template's config back
+                warned at start; then the template's config back. Then an unsigned image (issue
+                20): ctl release --strategy in-place exits 2, no parameter or instance tag
+                written; the parameter and every skiff:target written to its digest with the
+                deployer's keys: each agent refuses it (skiff:failed, metric), keeps serving its
+                release in the load balancer, 0 failed; then both written back
   9  in-place release after scaling the group to 2n (6 with the default 3): as 8
   14 refresh release on the 2n instances (bench only): the side by side at 2n
 

@@ -95,7 +95,7 @@ def swap_mode(stack_params):
     return stack_params.get("SwapMode") or t["Parameters"]["SwapMode"].get("Default")
 
 
-def create_stack(c, tag, instances, params_extra):
+def create_stack(c, tag, instances, params_extra, digest=None):
     from test_stacks import load_template, outputs, params
 
     text, t = load_template(TEMPLATE)
@@ -119,7 +119,11 @@ def create_stack(c, tag, instances, params_extra):
     p.update(params_extra)
     p = {k: v for k, v in p.items() if k in t["Parameters"]}
     # Created once before the stack, as `make create-stack` does; only ctl writes it afterwards.
-    ssm.put_parameter(Name=f"/skiff/{ENV_NAME}/release", Value=tag, Type="String",
+    # With a digest, pinned (the record ctl writes): `make create-stack` writes the bare tag, and
+    # with trusted keys ctl refuses to roll back to a record that names no digest (exit 2,
+    # "release a tag resolved to its digest"), which scenario 7's rollback to it would meet.
+    value = json.dumps({"tag": tag, "digest": digest}) if digest else tag
+    ssm.put_parameter(Name=f"/skiff/{ENV_NAME}/release", Value=value, Type="String",
                       Description="skiff release of fleet, written by ctl release")
     cfn.create_stack(StackName=STACK, TemplateBody=text, Parameters=params(p),
                      Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"])
