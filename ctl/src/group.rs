@@ -94,12 +94,12 @@ pub fn calls(instances: usize) -> usize {
     1 + instances.div_ceil(FILTER_VALUES_MAX)
 }
 
-/// Read the group and its instances' skiff tags.
-pub async fn read(
+/// The group as DescribeAutoScalingGroups tells it (instances, suspended processes, tags):
+/// the one call of every read of the group.
+pub async fn describe(
     autoscaling: &aws_sdk_autoscaling::Client,
-    ec2: &aws_sdk_ec2::Client,
     asg: &str,
-) -> Result<Group, GroupError> {
+) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, GroupError> {
     // Retried while throttled (aws::outlast_throttling): many ctl runs and agents share
     // the account's Auto Scaling bucket, and one throttled read must not fail a release.
     let out = aws::outlast_throttling(|| {
@@ -113,12 +113,21 @@ pub async fn read(
         asg: asg.to_owned(),
         detail: aws::describe(&e),
     })?;
-    let group = out
-        .auto_scaling_groups()
+    out.auto_scaling_groups()
         .first()
+        .cloned()
         .ok_or_else(|| GroupError::NoGroup {
             asg: asg.to_owned(),
-        })?;
+        })
+}
+
+/// Read the group and its instances' skiff tags.
+pub async fn read(
+    autoscaling: &aws_sdk_autoscaling::Client,
+    ec2: &aws_sdk_ec2::Client,
+    asg: &str,
+) -> Result<Group, GroupError> {
+    let group = &describe(autoscaling, asg).await?;
     let mut members: Vec<Member> = group
         .instances()
         .iter()

@@ -37,4 +37,5 @@ pub mod sign;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub mod targets;
 pub mod trust;

@@ -6,7 +6,8 @@ use super::*;
 use crate::{aws, group};
 
 /// The AWS adapter: the group and its instances' tags through [`group::read`] (Auto Scaling
-/// DescribeAutoScalingGroups, EC2 DescribeTags), EC2 CreateTags, ELBv2 DescribeTargetHealth.
+/// DescribeAutoScalingGroups, EC2 DescribeTags), EC2 CreateTags, ELBv2 DescribeTargetHealth
+/// ([`crate::targets`]).
 #[derive(Debug, Clone)]
 pub struct AwsHosts {
     pub asg: String,
@@ -16,30 +17,6 @@ pub struct AwsHosts {
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
     /// The release alarms' reader (CloudWatch DescribeAlarms).
     pub cloudwatch: aws_sdk_cloudwatch::Client,
-}
-
-impl AwsHosts {
-    /// The group, as DescribeAutoScalingGroups tells it (instances, suspended processes, tags).
-    async fn group(&self) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, InPlaceError> {
-        // A throttled read is retried (aws::outlast_throttling): the account's bucket is shared.
-        let out = aws::outlast_throttling(|| {
-            self.autoscaling
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(&self.asg)
-                .send()
-        })
-        .await
-        .map_err(|e| InPlaceError::DescribeGroup {
-            asg: self.asg.clone(),
-            detail: aws::describe(&e),
-        })?;
-        out.auto_scaling_groups()
-            .first()
-            .cloned()
-            .ok_or_else(|| InPlaceError::NoGroup {
-                asg: self.asg.clone(),
-            })
-    }
 }
 
 impl InPlaceFleet for AwsHosts {
@@ -91,14 +68,14 @@ impl InPlaceFleet for AwsHosts {
         let Some(tg) = &self.target_group else {
             return Ok(None);
         };
-        let targets = crate::status::target_health(&self.elb, tg)
+        let targets = crate::targets::target_health(&self.elb, tg)
             .await
             .map_err(|e| InPlaceError::TargetHealth(e.to_string()))?;
         Ok(Some(targets.into_iter().map(|t| (t.id, t.state)).collect()))
     }
 
     async fn held(&self) -> Result<Held, InPlaceError> {
-        let group = self.group().await?;
+        let group = group::describe(&self.autoscaling, &self.asg).await?;
         Ok(Held {
             suspended: group
                 .suspended_processes()
