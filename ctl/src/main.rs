@@ -45,10 +45,10 @@ use skiff_ctl::inplace::{
     self, AwsHosts, BatchSize, InPlaceError, RolloutPlan, Strategy, SwapMode,
 };
 use skiff_ctl::lock::{self, ReleaseLock, SsmLock};
-use skiff_ctl::progress::{Journal, Printer, Stream};
+use skiff_ctl::progress::{Printer, Standing, Stream};
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
 use skiff_ctl::registry::{Credentials, HttpRegistry};
-use skiff_ctl::ship::{self, Fleet, Request, Target};
+use skiff_ctl::ship::{self, Adapters, Request, Target};
 use skiff_ctl::status;
 use skiff_ctl::store::{ReleaseStore, SsmStore};
 use skiff_ctl::trust::{Gate, Trust};
@@ -739,7 +739,7 @@ async fn release(
     .with_ecr_tokens(c.sdk.clone());
     let trust = trust(g, c).await.map_err(|e| exit(ExitCode::Refused, e))?;
     let gate = Gate::new(&trust, &resolver);
-    let fleet = Fleet {
+    let fleet = Adapters {
         parameter: &c.deployment.parameter,
         image: &c.deployment.image,
         store: &store,
@@ -805,12 +805,12 @@ async fn release(
         rollout,
         ctl: ctl.clone(),
     };
-    // The journal is what a second signal reports from; it sees every event the printer does.
-    let journal = Arc::new(Mutex::new(Journal::default()));
+    // The standing is what a second signal reports from; it sees every event the printer does.
+    let standing = Arc::new(Mutex::new(Standing::default()));
     let on_second = {
-        let journal = journal.clone();
+        let standing = standing.clone();
         move |signal: &'static str| {
-            let report = journal
+            let report = standing
                 .lock()
                 .map(|j| j.report(&ctl))
                 .unwrap_or_else(|_| format!("state unknown; run `{ctl} status`"));
@@ -824,7 +824,7 @@ async fn release(
         skiff_ctl::signal::listen(on_second).context("cannot listen for SIGINT/SIGTERM")?;
     let mut printer = Printer::new(g.json);
     let result = ship::ship_checked(&fleet, &hosts, &gate, &req, &mut stop, &mut |e| {
-        if let Ok(mut j) = journal.lock() {
+        if let Ok(mut j) = standing.lock() {
             j.record(&e);
         }
         printer.event(&e);

@@ -1,5 +1,5 @@
 //! What the person or pipeline watching sees: the events of a release printed as JSON lines,
-//! a progress bar on a terminal, or plain lines; and the [`Journal`], the state folded from the
+//! a progress bar on a terminal, or plain lines; and the [`Standing`], the state folded from the
 //! same events, which says where a release stands and how to finish it when a second signal
 //! ends ctl at once.
 
@@ -322,7 +322,7 @@ pub fn outcome_text(outcome: &Outcome) -> (Stream, String) {
 
 /// Where a release stands, folded from its events.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Journal {
+pub struct Standing {
     parameter: Option<String>,
     lock: Option<String>,
     previous: Option<Release>,
@@ -337,7 +337,7 @@ pub struct Journal {
     held: Vec<String>,
 }
 
-impl Journal {
+impl Standing {
     pub fn record(&mut self, e: &Event) {
         match e {
             Event::Locked { lock, .. } => self.lock = Some(lock.clone()),
@@ -595,7 +595,7 @@ mod tests {
             ),
         ];
         for (name, events, needles) in table {
-            let mut j = Journal::default();
+            let mut j = Standing::default();
             for e in &events {
                 j.record(e);
             }

@@ -132,7 +132,7 @@ impl ShipError {
 
 /// The things a release acts on.
 #[derive(Debug)]
-pub struct Fleet<'a, S, R, D, L> {
+pub struct Adapters<'a, S, R, D, L> {
     pub parameter: &'a str,
     pub image: &'a str,
     pub store: &'a S,
@@ -161,7 +161,7 @@ fn stamp(release: &Release, req: &Request, kind: Kind) -> Release {
 /// [`ship_checked`] for the refresh strategy, without a signature check (a deployment that
 /// names no trusted keys).
 pub async fn ship<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     req: &Request,
     stop: &mut Stop,
     emit: &mut dyn FnMut(Event),
@@ -172,12 +172,12 @@ where
     D: DigestResolver,
     L: ReleaseLock,
 {
-    ship_with(fleet, &NoInPlace, req, stop, emit).await
+    ship_with(adapters, &NoInPlace, req, stop, emit).await
 }
 
 /// [`ship_checked`] without a signature check (a deployment that names no trusted keys).
 pub async fn ship_with<S, R, D, L, H>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     hosts: &H,
     req: &Request,
     stop: &mut Stop,
@@ -190,13 +190,13 @@ where
     L: ReleaseLock,
     H: InPlaceFleet,
 {
-    ship_checked(fleet, hosts, &Gate::<Unchecked>::Off, req, stop, emit).await
+    ship_checked(adapters, hosts, &Gate::<Unchecked>::Off, req, stop, emit).await
 }
 
 /// Release: with the instances an in-place rollout (`req.rollout`) switches, and the signature
 /// check `gate` the pinned digest passes before anything is written.
 pub async fn ship_checked<S, R, D, L, H, C>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     hosts: &H,
     gate: &Gate<'_, C>,
     req: &Request,
@@ -213,9 +213,9 @@ where
 {
     let new = match &req.target {
         Target::Tag { tag, verify: true } => {
-            let digest = fleet.resolver.resolve(fleet.image, tag).await?;
+            let digest = adapters.resolver.resolve(adapters.image, tag).await?;
             emit(Event::Resolved {
-                image: format!("{}:{tag}", fleet.image),
+                image: format!("{}:{tag}", adapters.image),
                 digest: digest.to_string(),
             });
             Some(stamp(
@@ -229,10 +229,10 @@ where
         }
         Target::Rollback { .. } => None,
     };
-    let signed = signature(fleet, gate, req, new.as_ref(), emit).await;
+    let signed = signature(adapters, gate, req, new.as_ref(), emit).await;
     if req.dry_run {
         // The plan is shown either way; a refused signature still fails the dry run.
-        let outcome = dry_run::dry_run(fleet, hosts, req, new, emit).await?;
+        let outcome = dry_run::dry_run(adapters, hosts, req, new, emit).await?;
         signed?;
         return Ok(outcome);
     }
@@ -242,9 +242,9 @@ where
         (None, Target::Rollback { to: Some(t) }) => format!("rollback to {t}"),
         (None, _) => "rollback".into(),
     };
-    let ours = lock::acquire(fleet, req, &what, stop, emit).await?;
-    let result = locked(fleet, hosts, (gate, signed), req, new, stop, emit).await;
-    lock::let_go(fleet, &ours, emit).await;
+    let ours = lock::acquire(adapters, req, &what, stop, emit).await?;
+    let result = locked(adapters, hosts, (gate, signed), req, new, stop, emit).await;
+    lock::let_go(adapters, &ours, emit).await;
     result
 }
 
@@ -252,7 +252,7 @@ where
 /// digest just resolved, or the rollback target as the history names it now. Returns the
 /// digest that passed (`None`: the check is off).
 async fn signature<S, R, D, L, C>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     gate: &Gate<'_, C>,
     req: &Request,
     new: Option<&Release>,
@@ -268,9 +268,9 @@ where
     };
     let release = match new {
         Some(r) => r.clone(),
-        None => target_release(fleet, req, None).await?,
+        None => target_release(adapters, req, None).await?,
     };
-    verify_signature(fleet.image, keys, *checker, &release, req.dry_run, emit).await
+    verify_signature(adapters.image, keys, *checker, &release, req.dry_run, emit).await
 }
 
 /// Check `release` against `keys` and report the verdict (a refusal only in a dry run: the
@@ -307,7 +307,7 @@ async fn verify_signature<C: SignatureChecker>(
 /// The release to write: the one built from the tag, or the rollback target, read from the
 /// history (under the lock, except for a dry run).
 async fn target_release<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     req: &Request,
     new: Option<Release>,
 ) -> Result<Release, ShipError>
@@ -321,7 +321,7 @@ where
         Target::Rollback { to } => to.as_ref(),
         Target::Tag { .. } => None,
     };
-    let history = fleet
+    let history = adapters
         .store
         .history(usize::MAX)
         .await
@@ -340,7 +340,7 @@ struct Mine {
 /// The lock is held: read, write, roll. `checked`: the signature gate and the digest that
 /// passed it before the lock was taken.
 async fn locked<S, R, D, L, H, C>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     hosts: &H,
     (gate, checked): (&Gate<'_, C>, Option<skiff_release::Digest>),
     req: &Request,
@@ -354,17 +354,17 @@ where
     H: InPlaceFleet,
     C: SignatureChecker,
 {
-    let new = target_release(fleet, req, new).await?;
+    let new = target_release(adapters, req, new).await?;
     // A rollback target is chosen again under the lock; if the history changed meanwhile and
     // it names another digest, that one is checked too, still before anything is written.
     if let Gate::On { keys, checker } = gate
         && new.digest != checked
     {
-        verify_signature(fleet.image, keys, *checker, &new, false, emit).await?;
+        verify_signature(adapters.image, keys, *checker, &new, false, emit).await?;
     }
-    let previous = fleet.store.read().await.map_err(ShipError::Read)?;
+    let previous = adapters.store.read().await.map_err(ShipError::Read)?;
     emit(Event::Plan {
-        parameter: fleet.parameter.to_owned(),
+        parameter: adapters.parameter.to_owned(),
         old: previous.as_ref().map(|p| p.value.clone()),
         new: new.to_value(),
     });
@@ -388,19 +388,19 @@ where
             signal: signal.into(),
         });
     }
-    let version = fleet.store.write(&new).await.map_err(ShipError::Write)?;
+    let version = adapters.store.write(&new).await.map_err(ShipError::Write)?;
     let mine = Mine {
         version,
         value: new.to_value(),
     };
     emit(Event::Written {
         purpose: Purpose::Release,
-        parameter: fleet.parameter.to_owned(),
+        parameter: adapters.parameter.to_owned(),
         version,
         value: mine.value.clone(),
     });
     let run = Run {
-        fleet,
+        adapters,
         req,
         new: &new,
         mine,

@@ -22,7 +22,7 @@ use skiff_ctl::exit::ExitCode;
 use skiff_ctl::lock::SsmLock;
 use skiff_ctl::refresh::{AsgRefresher, RefreshPlan};
 use skiff_ctl::registry::{DigestResolver, RegistryError};
-use skiff_ctl::ship::{self, Fleet, Outcome, Request, ShipError, Target};
+use skiff_ctl::ship::{self, Adapters, Outcome, Request, ShipError, Target};
 use skiff_ctl::signal::Stop;
 use skiff_ctl::store::SsmStore;
 use skiff_release::{Digest, Release, Tag};
@@ -179,7 +179,7 @@ async fn release(
     let store = SsmStore::new(ssm.clone(), &param);
     let refresher = AsgRefresher::new(client, "app-asg");
     let lock = SsmLock::for_parameter(ssm.clone(), &param);
-    let fleet = Fleet {
+    let fleet = Adapters {
         parameter: &param,
         image: "127.0.0.1:5000/skiff/app",
         store: &store,

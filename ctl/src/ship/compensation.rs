@@ -5,7 +5,7 @@
 use skiff_release::Release;
 
 use super::refresh::{Watched, watch};
-use super::{Event, Fleet, Mine, Outcome, Purpose, Request, stamp};
+use super::{Adapters, Event, Mine, Outcome, Purpose, Request, stamp};
 use crate::history::Kind;
 use crate::refresh::{FollowEnd, InstanceRefresher};
 use crate::signal::Stop;
@@ -20,7 +20,7 @@ pub(super) enum Guard {
 
 /// One release in flight, after its write.
 pub(super) struct Run<'r, 'f, S, R, D, L> {
-    pub(super) fleet: &'r Fleet<'f, S, R, D, L>,
+    pub(super) adapters: &'r Adapters<'f, S, R, D, L>,
     pub(super) req: &'r Request,
     pub(super) new: &'r Release,
     pub(super) mine: Mine,
@@ -78,7 +78,7 @@ where
 
     /// After the refresh succeeded: the parameter must still hold this release.
     pub(super) async fn confirm(&self, id: &str) -> Outcome {
-        match self.fleet.store.read().await {
+        match self.adapters.store.read().await {
             Ok(Some(s)) if s.version == self.mine.version && s.value == self.mine.value => {
                 Outcome::Released {
                     refresh_id: id.to_owned(),
@@ -114,10 +114,10 @@ where
         let Some(now) = now else {
             return format!(
                 "someone deleted the parameter {} meanwhile",
-                self.fleet.parameter
+                self.adapters.parameter
             );
         };
-        let last = self.fleet.store.history(1).await.ok();
+        let last = self.adapters.store.history(1).await.ok();
         let last = last.as_ref().and_then(|h| h.first());
         let by = last
             .and_then(|s| s.modified_by.clone())
@@ -133,7 +133,7 @@ where
             .unwrap_or_else(|| "unknown".into());
         format!(
             "someone else changed the parameter {} meanwhile: it holds {} (version {}, written by {by} at {at}, after this run's version {})",
-            self.fleet.parameter,
+            self.adapters.parameter,
             skiff_release::quote(&now.value),
             now.version,
             self.mine.version
@@ -147,7 +147,7 @@ where
         emit: &mut dyn FnMut(Event),
     ) -> Result<(), Guard> {
         let now = self
-            .fleet
+            .adapters
             .store
             .read()
             .await
@@ -164,14 +164,14 @@ where
             },
         );
         let version = self
-            .fleet
+            .adapters
             .store
             .write(&record)
             .await
             .map_err(|e| Guard::Failed(e.to_string()))?;
         emit(Event::Written {
             purpose: Purpose::Rollback,
-            parameter: self.fleet.parameter.to_owned(),
+            parameter: self.adapters.parameter.to_owned(),
             version,
             value: record.to_value(),
         });
@@ -255,7 +255,7 @@ where
             advice: again.clone(),
         };
         let plan = self.req.plan.for_rollback();
-        let id = match self.fleet.refresher.start(&plan).await {
+        let id = match self.adapters.refresher.start(&plan).await {
             Ok(id) => id,
             Err(e) => return failed(e.to_string()),
         };
@@ -266,7 +266,7 @@ where
         });
         // Launches are watched for the release only: a rollback returns to a release that ran.
         match watch(
-            self.fleet,
+            self.adapters,
             self.req,
             &id,
             Purpose::Rollback,
@@ -337,7 +337,7 @@ where
             return self.not_put_back(reason, prev, g);
         }
         let plan = self.req.plan.for_rollback();
-        match self.fleet.refresher.start(&plan).await {
+        match self.adapters.refresher.start(&plan).await {
             Ok(id) => {
                 emit(Event::RefreshStarted {
                     purpose: Purpose::Rollback,

@@ -3,7 +3,7 @@
 use skiff_release::Release;
 use time::OffsetDateTime;
 
-use super::{Event, Fleet, Outcome, Request, ShipError, rollout, target_release};
+use super::{Adapters, Event, Outcome, Request, ShipError, rollout, target_release};
 use crate::inplace::InPlaceFleet;
 use crate::lock::{self, ReleaseLock};
 use crate::refresh::InstanceRefresher;
@@ -11,7 +11,7 @@ use crate::store::ReleaseStore;
 
 /// Show the plan without taking the lock or writing; say when the lock is held.
 pub(super) async fn dry_run<S, R, D, L, H>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     hosts: &H,
     req: &Request,
     new: Option<Release>,
@@ -23,9 +23,9 @@ where
     L: ReleaseLock,
     H: InPlaceFleet,
 {
-    match fleet.lock.read().await {
+    match adapters.lock.read().await {
         Ok(Some(v)) => emit(Event::LockHeld {
-            lock: fleet.lock.name().to_owned(),
+            lock: adapters.lock.name().to_owned(),
             holder: lock::assess(&v, OffsetDateTime::now_utc()),
         }),
         Ok(None) => {}
@@ -33,7 +33,7 @@ where
             detail: e.to_string(),
         }),
     }
-    match fleet.refresher.latest().await {
+    match adapters.refresher.latest().await {
         Ok(Some(r)) if r.state.is_active() => {
             return Err(ShipError::Busy {
                 id: r.id,
@@ -45,10 +45,10 @@ where
             detail: e.to_string(),
         }),
     }
-    let new = target_release(fleet, req, new).await?;
-    let previous = fleet.store.read().await.map_err(ShipError::Read)?;
+    let new = target_release(adapters, req, new).await?;
+    let previous = adapters.store.read().await.map_err(ShipError::Read)?;
     emit(Event::Plan {
-        parameter: fleet.parameter.to_owned(),
+        parameter: adapters.parameter.to_owned(),
         old: previous.map(|p| p.value),
         new: new.to_value(),
     });

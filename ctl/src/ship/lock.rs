@@ -6,7 +6,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::time::{Instant, sleep};
 
-use super::{CANCEL_WAIT, Event, Fleet, Request, ShipError};
+use super::{Adapters, CANCEL_WAIT, Event, Request, ShipError};
 use crate::lock::{self, Holder, LockRecord, ReleaseLock, Released};
 use crate::refresh::InstanceRefresher;
 use crate::signal::Stop;
@@ -28,7 +28,7 @@ pub fn lock_hold(req: &Request) -> Duration {
 /// Take the lock, then check that no refresh runs on the group; with `wait_lock`, poll until
 /// both are free or the wait is over. Returns the lock value written (ours).
 pub(super) async fn acquire<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     req: &Request,
     what: &str,
     stop: &mut Stop,
@@ -46,10 +46,10 @@ where
     loop {
         let ours =
             LockRecord::new(&req.owner, what, OffsetDateTime::now_utc(), lock_hold(req)).to_value();
-        let busy = if fleet.lock.create(&ours).await? {
-            match fleet.refresher.latest().await {
+        let busy = if adapters.lock.create(&ours).await? {
+            match adapters.refresher.latest().await {
                 Ok(Some(r)) if r.state.is_active() => {
-                    lock::release(fleet.lock, &ours).await?;
+                    lock::release(adapters.lock, &ours).await?;
                     ShipError::Busy {
                         id: r.id,
                         state: format!("{:?}", r.state),
@@ -57,24 +57,24 @@ where
                 }
                 Ok(_) => {
                     emit(Event::Locked {
-                        lock: fleet.lock.name().to_owned(),
+                        lock: adapters.lock.name().to_owned(),
                         owner: req.owner.clone(),
                     });
                     return Ok(ours);
                 }
                 Err(e) => {
-                    lock::release(fleet.lock, &ours).await?;
+                    lock::release(adapters.lock, &ours).await?;
                     return Err(ShipError::Refresh(e));
                 }
             }
         } else {
-            match fleet.lock.read().await? {
+            match adapters.lock.read().await? {
                 None if gone < 3 => {
                     gone += 1;
                     continue;
                 }
                 None => ShipError::Locked {
-                    lock: fleet.lock.name().to_owned(),
+                    lock: adapters.lock.name().to_owned(),
                     holder: Holder {
                         owner: "another release that keeps taking and letting go of it".into(),
                         release: "unknown".into(),
@@ -88,13 +88,13 @@ where
                     let holder = lock::assess(&v, OffsetDateTime::now_utc());
                     if holder.stale {
                         return Err(ShipError::StaleLock {
-                            lock: fleet.lock.name().to_owned(),
+                            lock: adapters.lock.name().to_owned(),
                             holder,
                             ctl: req.ctl.clone(),
                         });
                     }
                     ShipError::Locked {
-                        lock: fleet.lock.name().to_owned(),
+                        lock: adapters.lock.name().to_owned(),
                         holder,
                     }
                 }
@@ -122,14 +122,14 @@ where
 /// Let go of the lock taken by [`acquire`] (`ours`), and say so; a lock that is gone or held by
 /// someone else now is reported, never deleted.
 pub(super) async fn let_go<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     ours: &str,
     emit: &mut dyn FnMut(Event),
 ) where
     L: ReleaseLock,
 {
-    let name = fleet.lock.name().to_owned();
-    match lock::release(fleet.lock, ours).await {
+    let name = adapters.lock.name().to_owned();
+    match lock::release(adapters.lock, ours).await {
         Ok(Released::Deleted) => emit(Event::Unlocked { lock: name }),
         Ok(Released::AlreadyGone) => emit(Event::LockLost {
             lock: name,

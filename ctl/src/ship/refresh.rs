@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{CANCEL_WAIT, Event, Fleet, Outcome, Purpose, Request, Run, ShipError};
+use super::{Adapters, CANCEL_WAIT, Event, Outcome, Purpose, Request, Run, ShipError};
 use crate::exit::ExitCode;
 use crate::refresh::{self, FollowEnd, InstanceRefresher, RefreshError, RefreshInfo};
 use crate::signal::Stop;
@@ -20,7 +20,7 @@ where
     S: ReleaseStore,
     R: InstanceRefresher,
 {
-    let (fleet, req) = (run.fleet, run.req);
+    let (adapters, req) = (run.adapters, run.req);
     if let Some(signal) = stop.requested() {
         return Ok(run
             .restore_only(
@@ -31,7 +31,7 @@ where
     }
     // A little before the start, so that no launch of this refresh is missed.
     let started_at = SystemTime::now() - Duration::from_secs(1);
-    let id = match fleet.refresher.start(&req.plan).await {
+    let id = match adapters.refresher.start(&req.plan).await {
         Ok(id) => id,
         Err(e) => {
             // Nothing was replaced: putting the previous record back restores the fleet.
@@ -56,7 +56,7 @@ where
     }
     Ok(
         match watch(
-            fleet,
+            adapters,
             req,
             &id,
             Purpose::Release,
@@ -85,7 +85,7 @@ where
                         humantime::format_duration(req.timeout)
                     ),
                 };
-                match cancel_and_wait(fleet, req, &id, emit).await {
+                match cancel_and_wait(adapters, req, &id, emit).await {
                     Ok(FollowEnd::Succeeded(_)) => run.confirm(&id).await,
                     Ok(_) => run.roll_back(reason, stop, emit).await,
                     Err(why) => run.unknown(&id, format!("{reason}, and {why}")),
@@ -96,7 +96,7 @@ where
                 emit(Event::Stopping {
                     signal: signal.into(),
                 });
-                match cancel_and_wait(fleet, req, &id, emit).await {
+                match cancel_and_wait(adapters, req, &id, emit).await {
                     Ok(FollowEnd::Succeeded(_)) => run.confirm(&id).await,
                     Ok(_) => run.after_stop(signal, emit).await,
                     Err(why) => run.unknown(&id, format!("stopped by {signal}, and {why}")),
@@ -116,7 +116,7 @@ pub(super) enum Watched {
 /// Follow refresh `id` until it ends, the state becomes unknown, or a stop is requested; with
 /// `launches`, a failed launch since then ends it too.
 pub(super) async fn watch<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     req: &Request,
     id: &str,
     purpose: Purpose,
@@ -134,7 +134,7 @@ where
         })
     };
     tokio::select! {
-        end = refresh::follow(fleet.refresher, id, req.timeout, req.poll, launches, &mut progress) => match end {
+        end = refresh::follow(adapters.refresher, id, req.timeout, req.poll, launches, &mut progress) => match end {
             Ok(end) => Watched::Ended(end),
             Err(e) => Watched::Unknown(format!("the state of instance refresh {id} is unknown: {e}")),
         },
@@ -145,7 +145,7 @@ where
 /// Cancel refresh `id` and wait (bounded) until it lets go of the group; returns how it
 /// ended, or why that is unknown.
 pub(super) async fn cancel_and_wait<S, R, D, L>(
-    fleet: &Fleet<'_, S, R, D, L>,
+    adapters: &Adapters<'_, S, R, D, L>,
     req: &Request,
     id: &str,
     emit: &mut dyn FnMut(Event),
@@ -154,12 +154,12 @@ where
     R: InstanceRefresher,
 {
     emit(Event::Cancelling { id: id.to_owned() });
-    fleet
+    adapters
         .refresher
         .cancel()
         .await
         .map_err(|e| format!("it may still be running: {e}"))?;
-    match refresh::follow(fleet.refresher, id, CANCEL_WAIT, req.poll, None, |_| {}).await {
+    match refresh::follow(adapters.refresher, id, CANCEL_WAIT, req.poll, None, |_| {}).await {
         Ok(FollowEnd::TimedOut(_)) => Err(format!(
             "refresh {id} was still cancelling after {}",
             humantime::format_duration(CANCEL_WAIT)

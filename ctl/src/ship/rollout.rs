@@ -741,7 +741,7 @@ where
     S: ReleaseStore,
     R: InstanceRefresher,
 {
-    match run.fleet.store.read().await {
+    match run.adapters.store.read().await {
         Ok(Some(s)) if s.version == run.mine.version && s.value == run.mine.value => {
             Outcome::RolledOut {
                 release: run.new.to_string(),

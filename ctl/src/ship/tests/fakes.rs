@@ -279,8 +279,10 @@ impl World {
     }
 
     /// What a release acts on: these fakes, the image `reg.example/app`.
-    pub(crate) fn fleet(&self) -> Fleet<'_, Arc<FakeStore>, FakeRefresher, FakeResolver, FakeLock> {
-        Fleet {
+    pub(crate) fn fleet(
+        &self,
+    ) -> Adapters<'_, Arc<FakeStore>, FakeRefresher, FakeResolver, FakeLock> {
+        Adapters {
             parameter: "/p",
             image: "reg.example/app",
             store: &self.store,
