@@ -29,7 +29,15 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         });
         let new = match self.steps.prepare(&release, slot).await {
             Ok(c) => c,
-            Err(e) => return self.deploy_failed_to_prepare(SwapKind::Start, &release, e),
+            Err(e) => {
+                // Nothing to run here and retrying cannot help (a refused signature, a digest
+                // mismatch, denied access): give the launch up now, as a failed start does,
+                // rather than hold it until its lifecycle hook times out.
+                if !e.is_retryable() && self.current.is_none() && self.previous.is_none() {
+                    self.fleet.release_failed(&release).await;
+                }
+                return self.deploy_failed_to_prepare(SwapKind::Start, &release, e);
+            }
         };
         self.deploy.reset();
         let old = self.current.take();

@@ -213,3 +213,37 @@ async fn adoption_verifies_what_it_takes_over() {
         Some(v1.image_ref("r/app").as_str())
     );
 }
+
+/// A new instance whose release is refused has nothing to run: it gives up its launch at
+/// once (as a failed start does) instead of holding it until the lifecycle hook times out,
+/// and does so once.
+#[tokio::test(start_paused = true)]
+async fn a_boot_release_refused_for_its_signature_gives_up_the_launch_once() {
+    let k1 = openssl_key().public();
+    let v2 = pinned("v2", '2');
+    let sigs = FakeSignatures::default();
+    let runtime = FakeRuntime::default();
+    let fleet = RecordingFleet::coordinated();
+    let trust = Arc::new(Trust::new(FakeKeys::of(&[&k1]), sigs.clone(), None));
+    let sup = Supervisor::new(
+        config(1),
+        runtime.clone(),
+        source(&v2.to_value(), &v2.to_value()),
+        fleet.clone(),
+    )
+    .with_trust(trust);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sup.run(cancel.clone()));
+    sleep(Duration::from_secs(20)).await;
+    cancel.cancel();
+    task.await.expect("join");
+    assert_eq!(
+        *fleet.failed.lock().expect("lock"),
+        ["v2"],
+        "launch given up once"
+    );
+    assert!(fleet.healthy_tags().is_empty());
+    let w = runtime.world();
+    assert!(w.pulls.is_empty() && w.containers.is_empty(), "{w:?}");
+    assert_eq!(sigs.checks(), 1, "checked once, not in a loop");
+}
