@@ -20,6 +20,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/skiff-target}
 export CARGO_TERM_COLOR=never
+# No incremental caches: every fresh clone is a new path whose caches the shared target dir
+# keeps (33 GB of them filled this machine's disk once); a clean build gains nothing from them.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
 bash .ci/setup.sh || { echo "tests: 0 passed, 1 failed (setup)"; exit 1; }
 
