@@ -148,9 +148,9 @@ pub struct LogRotation {
     pub max_size: String,
     /// Files kept, the current one included.
     pub max_files: u32,
-    /// `[logs]`: the app's output shipped to CloudWatch Logs by Docker's `awslogs` driver; the
+    /// `[logs]`: the app's output sent to CloudWatch Logs by Docker's `awslogs` driver; the
     /// rotation above then bounds the local copy `docker logs` reads.
-    pub ship: Option<AwsLogs>,
+    pub cloudwatch: Option<AwsLogs>,
 }
 
 /// `[logs]`: where Docker's `awslogs` driver sends the app's output.
@@ -178,7 +178,7 @@ impl Default for LogRotation {
             driver: LogDriver::Local,
             max_size: "20m".into(),
             max_files: 5,
-            ship: None,
+            cloudwatch: None,
         }
     }
 }
@@ -290,7 +290,7 @@ impl Config {
         };
         match logs {
             Some(None) => return Err(problems),
-            Some(ship) => app.logs.ship = ship,
+            Some(cloudwatch) => app.logs.cloudwatch = cloudwatch,
             None => {}
         }
         let registry = match registry {

@@ -4,6 +4,7 @@
 pub mod autoscaling;
 pub mod aws;
 pub mod backoff;
+pub mod cloudlog;
 pub mod config;
 pub mod credentials;
 pub mod docker;
@@ -18,7 +19,6 @@ pub mod probe;
 pub mod reconcile;
 pub mod redirect;
 pub mod runtime;
-pub mod shiplog;
 pub mod source;
 pub mod ssm;
 pub mod state;

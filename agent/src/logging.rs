@@ -24,7 +24,7 @@ pub fn log_config(logs: &LogRotation, tag: &str) -> LogConfig {
         ("max-size", logs.max_size.clone()),
         ("max-file", logs.max_files.to_string()),
     ];
-    let Some(ship) = &logs.ship else {
+    let Some(aws) = &logs.cloudwatch else {
         // Rotated on the host: https://docs.docker.com/engine/logging/drivers/local/
         return LogConfig {
             driver: logs.driver.as_str().to_owned(),
@@ -36,23 +36,23 @@ pub fn log_config(logs: &LogRotation, tag: &str) -> LogConfig {
     };
     // https://docs.docker.com/engine/logging/drivers/awslogs/
     let mut options: HashMap<String, String> = [
-        ("awslogs-group", ship.group.clone()),
-        ("awslogs-stream", stream_name(&ship.instance, tag)),
+        ("awslogs-group", aws.group.clone()),
+        ("awslogs-stream", stream_name(&aws.instance, tag)),
         // The stack creates the group with its retention and key; the role may not create one.
         ("awslogs-create-group", "false".to_owned()),
         // Blocking mode would stop the app's writes (and a container's start, while the stream
         // is created) whenever CloudWatch is slow or away; non-blocking drops lines beyond the
         // buffer instead. https://docs.docker.com/engine/logging/configure/#configure-the-delivery-mode-of-log-messages-from-container-to-log-driver
         ("mode", "non-blocking".to_owned()),
-        ("max-buffer-size", ship.buffer.clone()),
+        ("max-buffer-size", aws.buffer.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    if let Some(region) = &ship.region {
+    if let Some(region) = &aws.region {
         options.insert("awslogs-region".into(), region.clone());
     }
-    if let Some(endpoint) = &ship.endpoint {
+    if let Some(endpoint) = &aws.endpoint {
         options.insert("awslogs-endpoint".into(), endpoint.clone());
     }
     // Dual logging keeps `docker logs` working from a local cache, bounded like the files
@@ -71,7 +71,7 @@ mod tests {
     use super::*;
     use crate::config::{AwsLogs, LogDriver};
 
-    fn ship(region: Option<&str>, endpoint: Option<&str>) -> AwsLogs {
+    fn aws(region: Option<&str>, endpoint: Option<&str>) -> AwsLogs {
         AwsLogs {
             group: "/skiff/prod/app".into(),
             region: region.map(Into::into),
@@ -83,11 +83,11 @@ mod tests {
 
     #[test]
     fn driver_and_options() {
-        let rotation = |ship| LogRotation {
+        let rotation = |cloudwatch| LogRotation {
             driver: LogDriver::JsonFile,
             max_size: "10m".into(),
             max_files: 3,
-            ship,
+            cloudwatch,
         };
         /// Config, driver, options.
         type Case<'a> = (LogRotation, &'a str, &'a [(&'a str, &'a str)]);
@@ -103,7 +103,7 @@ mod tests {
                 &[("max-size", "20m"), ("max-file", "5")],
             ),
             (
-                rotation(Some(ship(Some("eu-west-1"), None))),
+                rotation(Some(aws(Some("eu-west-1"), None))),
                 "awslogs",
                 &[
                     ("awslogs-group", "/skiff/prod/app"),
@@ -117,7 +117,7 @@ mod tests {
                 ],
             ),
             (
-                rotation(Some(ship(None, Some("http://127.0.0.1:5055")))),
+                rotation(Some(aws(None, Some("http://127.0.0.1:5055")))),
                 "awslogs",
                 &[
                     ("awslogs-group", "/skiff/prod/app"),

@@ -38,7 +38,7 @@ use skiff_agent::ssm::{SsmKeys, SsmSource};
 use skiff_agent::supervise::Supervisor;
 use skiff_agent::trust::registry::RegistrySignatures;
 use skiff_agent::trust::{FileKeys, KeySource, Trust};
-use skiff_agent::{health, probe, shiplog};
+use skiff_agent::{cloudlog, health, probe};
 use tokio_util::sync::CancellationToken;
 
 const EX_CONFIG: u8 = 64;
@@ -191,8 +191,8 @@ async fn slots_taken(slots: [u16; 2], held: &[u16]) -> Vec<u16> {
 }
 
 /// Logs go to stderr (journald under systemd) and, with a queue, also to CloudWatch Logs
-/// through `shiplog`.
-fn init_logging(queue: Option<skiff_agent::shiplog::SharedQueue>) {
+/// through `cloudlog`.
+fn init_logging(queue: Option<skiff_agent::cloudlog::SharedQueue>) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     // `target=level` directives (`info`, `skiff_agent=debug,aws=warn`): a Targets filter, not
@@ -204,7 +204,7 @@ fn init_logging(queue: Option<skiff_agent::shiplog::SharedQueue>) {
             tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
         });
     let builder =
-        tracing_subscriber::fmt().with_writer(skiff_agent::shiplog::Tee::new(queue.clone()));
+        tracing_subscriber::fmt().with_writer(skiff_agent::cloudlog::Tee::new(queue.clone()));
     if std::io::stderr().is_terminal() {
         builder.finish().with(filter).init();
     } else {
@@ -221,8 +221,13 @@ fn init_logging(queue: Option<skiff_agent::shiplog::SharedQueue>) {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     // All configuration is read and checked before anything is bound or started.
     let cfg = Arc::new(Config::load(path)?);
-    // With [logs], the agent's own lines are queued from the first one on, for `shiplog`.
-    let queue = cfg.app.logs.ship.as_ref().map(|_| shiplog::shared_queue());
+    // With [logs], the agent's own lines are queued from the first one on, for `cloudlog`.
+    let queue = cfg
+        .app
+        .logs
+        .cloudwatch
+        .as_ref()
+        .map(|_| cloudlog::shared_queue());
     init_logging(queue.clone());
     // One thread is plenty for one container and a health endpoint, and keeps memory small.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -232,7 +237,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     rt.block_on(serve(cfg, queue))
 }
 
-async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow::Result<()> {
+async fn serve(cfg: Arc<Config>, queue: Option<cloudlog::SharedQueue>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.health.listen)
         .await
         .map_err(|e| {
@@ -253,7 +258,7 @@ async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow:
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
     // The agent's own lines to its stream in the app's group; sends on its own task and never
-    // holds up the agent (see shiplog.rs). Stopped after the loop, with one last send.
+    // holds up the agent (see cloudlog.rs). Stopped after the loop, with one last send.
     // An ECR image without a [registry] section pulls with tokens from
     // ecr:GetAuthorizationToken, through the standard AWS chain, with either source.
     let ecr = match &cfg.registry {
@@ -261,30 +266,32 @@ async fn serve(cfg: Arc<Config>, queue: Option<shiplog::SharedQueue>) -> anyhow:
         None => skiff_release::EcrRegistry::of_image(&cfg.app.image),
     };
     // One SDK configuration (one HTTP client and credentials cache) for every AWS use.
-    let sdk = match (&cfg.release.source, &ecr, &cfg.app.logs.ship) {
+    let sdk = match (&cfg.release.source, &ecr, &cfg.app.logs.cloudwatch) {
         (SourceConfig::File { .. }, None, None) => None,
         _ => {
             // Without aws.region, the logs' region spares a lookup in the instance metadata.
-            let region = cfg
-                .aws
-                .region
-                .as_deref()
-                .or_else(|| cfg.app.logs.ship.as_ref().and_then(|s| s.region.as_deref()));
+            let region = cfg.aws.region.as_deref().or_else(|| {
+                cfg.app
+                    .logs
+                    .cloudwatch
+                    .as_ref()
+                    .and_then(|s| s.region.as_deref())
+            });
             Some(skiff_agent::aws::sdk_config(region).await)
         }
     };
-    let ship_cancel = CancellationToken::new();
-    let shipper = match (&cfg.app.logs.ship, queue, &sdk) {
-        (Some(ship), Some(queue), Some(sdk)) => {
-            let client = shiplog::Shipper::client(sdk, ship);
-            let shipper = shiplog::Shipper::new(client, ship, queue);
-            Some(tokio::spawn(shipper.run(ship_cancel.clone())))
+    let send_cancel = CancellationToken::new();
+    let sender = match (&cfg.app.logs.cloudwatch, queue, &sdk) {
+        (Some(aws), Some(queue), Some(sdk)) => {
+            let client = cloudlog::Sender::client(sdk, aws);
+            let sender = cloudlog::Sender::new(client, aws, queue);
+            Some(tokio::spawn(sender.run(send_cancel.clone())))
         }
         _ => None,
     };
     let result = serve_app(cfg, runtime, listener, redirect, ecr, sdk, cancel).await;
-    ship_cancel.cancel();
-    if let Some(s) = shipper {
+    send_cancel.cancel();
+    if let Some(s) = sender {
         let _ = s.await;
     }
     result

@@ -83,7 +83,7 @@ fn config(f: &Fixture, group: &str, endpoint: &str, instance: &str) -> String {
     )
 }
 
-/// The JSON message (`fields.message` flattened) of a shipped line.
+/// The JSON message (`fields.message` flattened) of a sent line.
 fn msg(line: &str) -> String {
     serde_json::from_str::<serde_json::Value>(line)
         .ok()
@@ -133,13 +133,10 @@ fn the_agents_lines_reach_its_own_stream_in_order() {
         events.windows(2).all(|w| w[0].0 <= w[1].0),
         "not in order: {events:#?}"
     );
-    // Every shipped line is a line the agent wrote to stderr (journald), unchanged.
+    // Every sent line is a line the agent wrote to stderr (journald), unchanged.
     let stderr = agent.logs();
     for (_, m) in &events {
-        assert!(
-            stderr.contains(m.as_str()),
-            "shipped but not on stderr: {m}"
-        );
+        assert!(stderr.contains(m.as_str()), "sent but not on stderr: {m}");
     }
     agent.sigterm();
 }
@@ -174,7 +171,7 @@ fn keeps_running_and_reports_once(group: &str, endpoint: &str, says: &str) {
     let logs = agent.logs();
     let reports = logs
         .lines()
-        .filter(|l| l.contains("shiplog:") && l.contains(says))
+        .filter(|l| l.contains("cloudlog:") && l.contains(says))
         .count();
     assert_eq!(reports, 1, "want one report saying {says:?}:\n{logs}");
     agent.sigterm();

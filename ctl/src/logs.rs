@@ -67,7 +67,7 @@ pub struct Event {
 
 /// A stream name split into the instance and the release that wrote it. Streams not written
 /// by a skiff agent (no `/`) keep their whole name as the instance and `-` as the release.
-/// The agent's own lines are in `<instance>/~agent` (the agent's `shiplog::AGENT_MARKER`, never
+/// The agent's own lines are in `<instance>/~agent` (the agent's `cloudlog::AGENT_MARKER`, never
 /// a release tag): their release reads `~agent`, they are shown by default, and
 /// `--release '~agent'` selects them alone.
 pub fn parse_stream(name: &str) -> (&str, &str) {

@@ -319,7 +319,7 @@ fn bad_input_is_explained() {
     );
 }
 
-/// An agent's own stream, `<instance>/~agent` (written by the agent's shiplog; here by the
+/// An agent's own stream, `<instance>/~agent` (written by the agent's cloudlog; here by the
 /// test, as the agent writes it: agent/tests/agentlogs.rs checks the agent's side), is shown
 /// by default, interleaved with the app's lines, with release `~agent`; `--release` picks it
 /// alone or leaves it out.

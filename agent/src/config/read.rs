@@ -138,7 +138,7 @@ pub(super) fn read_app(mut s: Section<'_>) -> Option<AppConfig> {
                 driver: driver?,
                 max_size: log_max_size,
                 max_files: log_max_files,
-                ship: None,
+                cloudwatch: None,
             },
         })
     })

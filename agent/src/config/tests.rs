@@ -3,7 +3,7 @@
 use super::read::*;
 use super::*;
 
-/// `[logs]` ships to CloudWatch through awslogs; the region falls back to `[aws]`; every bad
+/// `[logs]` sends to CloudWatch through awslogs; the region falls back to `[aws]`; every bad
 /// value is named with what to write instead.
 #[test]
 fn logs_section() {
@@ -13,7 +13,7 @@ fn logs_section() {
     ))
     .expect("valid");
     assert_eq!(
-        c.app.logs.ship,
+        c.app.logs.cloudwatch,
         Some(AwsLogs {
             group: "/skiff/prod/app".into(),
             region: Some("eu-west-1".into()),
@@ -26,11 +26,14 @@ fn logs_section() {
         "{base}[aws]\nregion='eu-west-1'\n[logs]\ndriver='awslogs'\ngroup='g'\ninstance='h'\nregion='us-east-1'\nendpoint='http://127.0.0.1:5055'\nbuffer='1M'\n"
     ))
     .expect("valid");
-    let ship = c.app.logs.ship.expect("shipped");
-    assert_eq!(ship.region.as_deref(), Some("us-east-1"));
-    assert_eq!(ship.endpoint.as_deref(), Some("http://127.0.0.1:5055"));
-    assert_eq!(ship.buffer, "1m");
-    assert_eq!(Config::parse(base).expect("valid").app.logs.ship, None);
+    let aws = c.app.logs.cloudwatch.expect("sent");
+    assert_eq!(aws.region.as_deref(), Some("us-east-1"));
+    assert_eq!(aws.endpoint.as_deref(), Some("http://127.0.0.1:5055"));
+    assert_eq!(aws.buffer, "1m");
+    assert_eq!(
+        Config::parse(base).expect("valid").app.logs.cloudwatch,
+        None
+    );
 
     let ok = "driver='awslogs'\ngroup='g'\ninstance='h'\n";
     let refused: &[(&str, &str)] = &[
@@ -124,7 +127,7 @@ fn minimal_config_takes_defaults() {
             driver: LogDriver::Local,
             max_size: "20m".into(),
             max_files: 5,
-            ship: None
+            cloudwatch: None
         }
     );
     assert!(c.is_local());
@@ -162,7 +165,7 @@ fn detail_path_and_log_rotation() {
             driver: LogDriver::JsonFile,
             max_size: "10m".into(),
             max_files: 3,
-            ship: None
+            cloudwatch: None
         }
     );
     let sizes = [

@@ -116,7 +116,7 @@ fn the_senders_own_stack_is_not_shipped() {
         ("aws_config::imds", false),
         ("hyper_util::client", false),
     ] {
-        assert_eq!(shipped(target), want, "{target}");
+        assert_eq!(sent(target), want, "{target}");
     }
 }
 

@@ -11,7 +11,7 @@
 //! only `:` and `*`.
 //! https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_CreateLogStream.html
 //!
-//! Shipping never blocks or slows the agent: a line is copied under a short lock, the queue
+//! Sending never blocks or slows the agent: a line is copied under a short lock, the queue
 //! drops its oldest lines beyond [`QUEUE_BYTES`] and counts them, and the sender's failures
 //! (denied, unknown group, endpoint down) are written once per kind straight to stderr (never
 //! through `tracing`, so they cannot feed the queue) and retried on the agent's [`Backoff`].
@@ -249,9 +249,9 @@ impl Drop for TeeWriter {
     }
 }
 
-/// Events of the SDK and HTTP stack the sender uses are not shipped: sending them would make
+/// Events of the SDK and HTTP stack the sender uses are not sent: sending them would make
 /// each send produce the next one's lines.
-fn shipped(target: &str) -> bool {
+fn sent(target: &str) -> bool {
     ![
         "aws_smithy",
         "aws_sdk_cloudwatchlogs",
@@ -276,7 +276,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> TeeWriter {
         TeeWriter {
-            queue: self.queue.clone().filter(|_| shipped(meta.target())),
+            queue: self.queue.clone().filter(|_| sent(meta.target())),
             copy: Vec::new(),
         }
     }
@@ -292,7 +292,7 @@ pub enum FailureKind {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ShipError {
+pub enum SendError {
     #[error(
         "not allowed to write stream {stream} in log group {group} ({detail}); the instance role needs logs:CreateLogStream and logs:PutLogEvents on the group's streams (templates/app.yaml grants them)"
     )]
@@ -313,20 +313,20 @@ pub enum ShipError {
     Other { group: String, detail: String },
 }
 
-impl ShipError {
+impl SendError {
     pub fn kind(&self) -> FailureKind {
         match self {
-            ShipError::Denied { .. } => FailureKind::Denied,
-            ShipError::NoGroup { .. } => FailureKind::NoGroup,
-            ShipError::Unreachable { .. } => FailureKind::Unreachable,
-            ShipError::Other { .. } => FailureKind::Other,
+            SendError::Denied { .. } => FailureKind::Denied,
+            SendError::NoGroup { .. } => FailureKind::NoGroup,
+            SendError::Unreachable { .. } => FailureKind::Unreachable,
+            SendError::Other { .. } => FailureKind::Other,
         }
     }
 }
 
 /// The sender: creates the stream once, then sends the queue every [`SEND_EVERY`].
 #[derive(Debug)]
-pub struct Shipper {
+pub struct Sender {
     client: Client,
     group: String,
     stream: String,
@@ -336,12 +336,12 @@ pub struct Shipper {
     reported: HashSet<FailureKind>,
 }
 
-impl Shipper {
-    pub fn new(client: Client, ship: &AwsLogs, queue: SharedQueue) -> Self {
-        Shipper {
+impl Sender {
+    pub fn new(client: Client, aws: &AwsLogs, queue: SharedQueue) -> Self {
+        Sender {
             client,
-            group: ship.group.clone(),
-            stream: stream_name(&ship.instance),
+            group: aws.group.clone(),
+            stream: stream_name(&aws.instance),
             queue,
             created: false,
             backoff: Backoff::new(SEND_EVERY, Duration::from_secs(300)),
@@ -351,12 +351,12 @@ impl Shipper {
 
     /// A client for the group's region and endpoint, from the agent's one SDK configuration
     /// (sharing its HTTP client and credentials: a second one would cost idle memory).
-    pub fn client(sdk: &aws_config::SdkConfig, ship: &AwsLogs) -> Client {
+    pub fn client(sdk: &aws_config::SdkConfig, aws: &AwsLogs) -> Client {
         let mut b = aws_sdk_cloudwatchlogs::config::Builder::from(sdk);
-        if let Some(r) = &ship.region {
+        if let Some(r) = &aws.region {
             b = b.region(aws_config::Region::new(r.clone()));
         }
-        if let Some(e) = &ship.endpoint {
+        if let Some(e) = &aws.endpoint {
             b = b.endpoint_url(e);
         }
         Client::from_conf(b.build())
@@ -385,7 +385,7 @@ impl Shipper {
         };
         if dropped > 0 {
             eprintln!(
-                "agent: shiplog: {dropped} agent log lines dropped (more than {QUEUE_BYTES} bytes queued while CloudWatch Logs was away or slow)"
+                "agent: cloudlog: {dropped} agent log lines dropped (more than {QUEUE_BYTES} bytes queued while CloudWatch Logs was away or slow)"
             );
         }
         if lines.is_empty() {
@@ -394,7 +394,7 @@ impl Shipper {
         let plan = plan(lines, now_ms());
         if plan.too_old > 0 {
             eprintln!(
-                "agent: shiplog: {} agent log lines older than 14 days not sent",
+                "agent: cloudlog: {} agent log lines older than 14 days not sent",
                 plan.too_old
             );
         }
@@ -403,7 +403,7 @@ impl Shipper {
             if let Err(e) = self.send(&batch).await {
                 let kind = e.kind();
                 if self.reported.insert(kind) {
-                    eprintln!("agent: shiplog: {e}; retrying with backoff");
+                    eprintln!("agent: cloudlog: {e}; retrying with backoff");
                 }
                 self.backoff.fail();
                 let mut unsent = batch;
@@ -415,13 +415,13 @@ impl Shipper {
             }
         }
         if !self.reported.is_empty() {
-            eprintln!("agent: shiplog: writing to {} again", self.stream);
+            eprintln!("agent: cloudlog: writing to {} again", self.stream);
             self.reported.clear();
         }
         self.backoff.reset();
     }
 
-    async fn send(&mut self, batch: &[Line]) -> Result<(), ShipError> {
+    async fn send(&mut self, batch: &[Line]) -> Result<(), SendError> {
         if !self.created {
             match self
                 .client
@@ -453,7 +453,7 @@ impl Shipper {
                     .build()
             })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ShipError::Other {
+            .map_err(|e| SendError::Other {
                 group: self.group.clone(),
                 detail: e.to_string(),
             })?;
@@ -486,7 +486,7 @@ impl Shipper {
         &self,
         e: &aws_sdk_cloudwatchlogs::error::SdkError<E, R>,
         no_group: bool,
-    ) -> ShipError
+    ) -> SendError
     where
         E: aws_sdk_cloudwatchlogs::error::ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
@@ -505,22 +505,22 @@ impl Shipper {
             other => aws_sdk_cloudwatchlogs::error::DisplayErrorContext(other).to_string(),
         };
         if no_group {
-            return ShipError::NoGroup { group, detail };
+            return SendError::NoGroup { group, detail };
         }
         match e {
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-                ShipError::Unreachable { group, detail }
+                SendError::Unreachable { group, detail }
             }
             SdkError::ServiceError(s)
                 if s.err().code().is_some_and(skiff_release::access::is_denied) =>
             {
-                ShipError::Denied {
+                SendError::Denied {
                     group,
                     stream: self.stream.clone(),
                     detail,
                 }
             }
-            _ => ShipError::Other { group, detail },
+            _ => SendError::Other { group, detail },
         }
     }
 }
