@@ -8,7 +8,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use skiff_agent::trust::registry::RegistrySignatures;
@@ -16,20 +15,11 @@ use skiff_agent::trust::{CheckFailure, SignatureCheck};
 use skiff_registry::HttpRegistry;
 use skiff_release::{Digest, Release};
 use skiff_signature::{FileKey, TrustedKey, payload};
+use skiff_testkit::keys::openssl_key;
 use support::{AWS_ENV, Agent, Fixture, MOTO, Moto, REGISTRY, http_get, remove_images, wait_for};
 
 const LONG: Duration = Duration::from_secs(40);
 const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
-
-fn openssl_key() -> FileKey {
-    let out = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "EC"])
-        .args(["-pkeyopt", "ec_paramgen_curve:P-256"])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "openssl genpkey");
-    FileKey::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("PKCS#8 P-256 key")
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

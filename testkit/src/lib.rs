@@ -5,6 +5,7 @@
 //! - [`emulator`]: SDK configs for the AWS emulator (testbed/emulator, moto with skiff's
 //!   extensions) and its fixtures: a launch template, an Auto Scaling group;
 //! - [`imds`]: an IMDSv2 stand-in on loopback;
+//! - [`keys`]: signing keys made by OpenSSL;
 //! - [`wait`]: polling with a bound.
 //!
 //! A dev-dependency only (`publish = false`); the services it talks to are started by
@@ -13,4 +14,5 @@
 pub mod emulator;
 pub mod engine;
 pub mod imds;
+pub mod keys;
 pub mod wait;

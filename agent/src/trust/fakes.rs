@@ -7,26 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use skiff_release::Digest;
-use skiff_signature::{FileKey, TrustedKey};
+use skiff_signature::TrustedKey;
 
 use super::{CheckFailure, CheckFuture, KeySource, KeysFuture, SignatureCheck};
 use crate::runtime::RegistryAuth;
 
-/// A P-256 key pair made by OpenSSL (not by us).
-pub(crate) fn openssl_key() -> FileKey {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "openssl genpkey");
-    FileKey::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("PKCS#8 P-256 key")
-}
+pub(crate) use skiff_testkit::keys::openssl_key;
 
 /// Keys text a test changes at will (`Err`: unreadable).
 #[derive(Debug, Clone)]

@@ -224,22 +224,7 @@ pub async fn push_image(
         .expect("resolve")
 }
 
-/// A fresh P-256 signing key from `openssl genpkey`, as Jenkins keeps one.
-pub fn openssl_key() -> skiff_signature::FileKey {
-    let out = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "openssl genpkey");
-    skiff_signature::FileKey::from_pem(&String::from_utf8_lossy(&out.stdout))
-        .expect("PKCS#8 P-256 key")
-}
+pub use skiff_testkit::keys::openssl_key;
 
 /// Sign `repo@digest` with `key` (cosign's payload naming `signed`, normally `digest` itself)
 /// and push the signature under `digest`'s signature tag, as `ctl sign` does.
