@@ -368,7 +368,13 @@ where
         old: previous.as_ref().map(|p| p.value.clone()),
         new: new.to_value(),
     });
-    rollout::resume_stale(hosts, emit).await;
+    // A refresh needs the group to replace unhealthy instances again: resume what a killed
+    // in-place run held. An in-place run takes that hold over instead (inplace::to_hold) and
+    // resumes it at its end: resuming it first would let Auto Scaling replace an instance the
+    // killed run left mid-swap (fleet scenario 12).
+    if req.rollout.is_none() {
+        rollout::resume_stale(hosts, emit).await;
+    }
     // In place: the group can be read and tagged before anything is written.
     let before = match &req.rollout {
         Some(plan) => {

@@ -1082,7 +1082,7 @@ async fn killed_run_hold(g: &Group) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_release_of_either_strategy_resumes_a_killed_runs_hold_first() {
+async fn a_refresh_release_resumes_a_killed_runs_hold_first() {
     let g = group("skiff-ctl-iph", 1).await;
     let held = HELD.map(String::from).to_vec();
     // Someone else's suspension (no mark) is theirs: neither unlock nor a release resumes it.

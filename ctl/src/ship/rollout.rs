@@ -52,7 +52,7 @@ pub(super) async fn check_downtime<H: InPlaceFleet>(
     inplace::check_drain_all(&first_plan(hosts, new, plan).batches, hosts, &health)
 }
 
-/// Once the lock is held, before anything is written (either strategy): resume what a killed
+/// Once the lock is held, before anything is written (a refresh): resume what a killed
 /// in-place run left suspended ([`inplace::resume_stale`]), so that the group replaces
 /// unhealthy instances again; a failure only warns (an in-place run holds and resumes the
 /// same processes itself).

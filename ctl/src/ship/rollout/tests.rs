@@ -865,3 +865,46 @@ async fn a_target_the_load_balancer_fails_during_the_bake_reverts_at_once() {
     all_run(&fleet, "v1");
     written_back(&w);
 }
+
+/// A killed run left the health checks suspended under ctl's mark: an in-place release takes
+/// that hold over and resumes it only at its end. Resuming first would let Auto Scaling
+/// replace an instance the killed run left mid-swap (fleet scenario 12 saw it).
+#[tokio::test(start_paused = true)]
+async fn an_in_place_release_takes_a_killed_runs_hold_over_and_resumes_it_at_its_end() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Drain);
+    let held: Vec<String> = HELD.iter().map(|p| (*p).to_owned()).collect();
+    fleet
+        .hold(&held, true)
+        .await
+        .expect("the killed run's hold");
+    let before = fleet.calls().len();
+    let req = in_place(plan(SwapMode::Drain, Some(1), 0));
+    let (outcome, _) = roll(&w, &fleet, &req).await;
+    assert!(matches!(outcome, Outcome::RolledOut { .. }), "{outcome:?}");
+    let calls: Vec<Call> = fleet
+        .calls()
+        .into_iter()
+        .skip(before)
+        .map(|(_, c)| c)
+        .collect();
+    let first_tag = calls
+        .iter()
+        .position(|c| matches!(c, Call::Tag { .. }))
+        .expect("tags written");
+    assert!(
+        !calls[..first_tag]
+            .iter()
+            .any(|c| matches!(c, Call::Hold { suspend: false, .. })),
+        "resumed before the first instance was told anything: {calls:?}"
+    );
+    assert!(
+        matches!(calls.last(), Some(Call::Hold { suspend: false, .. })),
+        "resumed at the end: {calls:?}"
+    );
+    assert!(
+        fleet.suspended().suspended.is_empty(),
+        "{:?}",
+        fleet.suspended()
+    );
+}
