@@ -170,6 +170,11 @@ at once (exit 3), printing the state and the commands that finish the job."))]
         /// Clear it without asking (needed when stdin is not a terminal).
         #[arg(long)]
         force: bool,
+        /// Also resume the HealthCheck and ReplaceUnhealthy processes a killed in-place run
+        /// left suspended (Auto Scaling may then replace an instance it left mid-swap; a release
+        /// run again takes the hold over and resumes it at its end instead).
+        #[arg(long)]
+        resume: bool,
     },
     /// Print the app's output across the fleet from CloudWatch Logs, interleaved by time, with
     /// the instance and the release on each line.
@@ -466,7 +471,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = connect(g).await?;
             release(g, &c, Target::Rollback { to }, &opts).await
         }
-        Command::Unlock { force } => unlock(g, &connect(g).await?, force).await,
+        Command::Unlock { force, resume } => unlock(g, &connect(g).await?, force, resume).await,
         Command::Logs {
             follow,
             since,
@@ -847,7 +852,7 @@ async fn release(
 }
 
 /// `ctl unlock`: show who holds the lock and clear it, after a yes on a terminal or --force.
-async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode> {
+async fn unlock(g: &Global, c: &Clients, force: bool, resume: bool) -> anyhow::Result<ExitCode> {
     let lock = SsmLock::for_parameter(c.ssm.clone(), &c.deployment.parameter);
     let name = lock.name().to_owned();
     let ctl = ctl_prefix(g, &c.deployment);
@@ -886,7 +891,9 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
         }
     };
     println!("{done}");
-    // No run holds the group now: what a killed in-place run left suspended is resumed.
+    // No run holds the group now. What a killed in-place run left suspended is resumed only
+    // when asked: resuming while an instance it left mid-swap is out of the load balancer lets
+    // Auto Scaling replace that instance; the release run again takes the hold over instead.
     let hosts = AwsHosts {
         asg: c.deployment.asg.clone(),
         target_group: c.deployment.target_group.clone(),
@@ -895,6 +902,23 @@ async fn unlock(g: &Global, c: &Clients, force: bool) -> anyhow::Result<ExitCode
         elb: c.elb.clone(),
         cloudwatch: aws_sdk_cloudwatch::Client::new(&c.sdk),
     };
+    if !resume {
+        let stale = match inplace::InPlaceFleet::held(&hosts).await {
+            Ok(now) => inplace::stale_hold(&now),
+            Err(e) => {
+                println!("note: cannot read the group's suspended processes: {e}");
+                Vec::new()
+            }
+        };
+        if !stale.is_empty() {
+            println!(
+                "{} stay suspended on group {}, held by an in-place run that was killed: run that release again (an in-place run takes the hold over and resumes it at its end; a refresh resumes it first), or `ctl unlock --resume` to resume them now",
+                stale.join(" "),
+                c.deployment.asg
+            );
+        }
+        return Ok(ExitCode::Success);
+    }
     match inplace::resume_stale(&hosts).await {
         Ok(resumed) if resumed.is_empty() => Ok(ExitCode::Success),
         Ok(resumed) => {

@@ -587,7 +587,10 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
     let held = HELD.map(String::from).to_vec();
     assert_eq!(
         processes(&g).await,
-        (held, Some("HealthCheck:ReplaceUnhealthy".to_owned())),
+        (
+            held.clone(),
+            Some("HealthCheck:ReplaceUnhealthy".to_owned())
+        ),
         "the killed run's hold stays, marked as ctl's"
     );
 
@@ -605,19 +608,27 @@ async fn a_rerun_after_ctl_was_killed_skips_the_instances_already_on_the_release
         "{t}"
     );
 
-    // Clearing the killed run's lock also resumes what it held (issue 18, finding 11): the
-    // group replaces unhealthy instances again without waiting for the next release.
+    // Clearing the killed run's lock says what it left suspended and keeps it (issue 18,
+    // finding 11): resuming now would let Auto Scaling replace an instance the killed run left
+    // mid-swap. The release run again takes the hold over and resumes it at its end.
     let mut u = g.base();
     u.extend(["unlock".to_owned(), "--force".to_owned()]);
     let out = run_ctl(u).await;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
-        t.contains("resumed HealthCheck ReplaceUnhealthy on group")
-            && t.contains("left suspended by an in-place run that was killed"),
+        t.contains("HealthCheck ReplaceUnhealthy stay suspended on group")
+            && t.contains("`ctl unlock --resume`"),
         "{t}"
     );
-    assert_eq!(processes(&g).await, (vec![], None), "resumed, unmarked");
+    assert_eq!(
+        processes(&g).await,
+        (
+            held.clone(),
+            Some("HealthCheck:ReplaceUnhealthy".to_owned())
+        ),
+        "kept for the re-run to take over"
+    );
     let before = agent.log().len();
     let a = release_in_place(&g, "v2", &[]);
     let out = run_ctl(a).await;
@@ -1105,6 +1116,28 @@ async fn a_refresh_release_resumes_a_killed_runs_hold_first() {
         .send()
         .await
         .expect("resume");
+
+    // `ctl unlock --resume`: the killed run's hold is resumed and unmarked at once.
+    killed_run_hold(&g).await;
+    let mut u = g.base();
+    u.extend([
+        "unlock".to_owned(),
+        "--force".to_owned(),
+        "--resume".to_owned(),
+    ]);
+    let out = run_ctl(u).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("resumed HealthCheck ReplaceUnhealthy on group")
+            && t.contains("left suspended by an in-place run that was killed"),
+        "{t}"
+    );
+    assert_eq!(
+        processes(&g).await,
+        (vec![], None),
+        "resumed, unmarked: {t}"
+    );
 
     // A refresh release: the killed run's hold is resumed once the lock is held, before the
     // refresh starts.
