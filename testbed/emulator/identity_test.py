@@ -17,12 +17,11 @@ import sys
 import tempfile
 
 import boto3
-import botocore.exceptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from kit.checks import check, summary  # noqa: E402
-from kit.emulator import instance_credentials, own_server  # noqa: E402
+from kit.emulator import error_code, instance_credentials, own_server  # noqa: E402
 
 REGION = "us-east-1"
 # AWS's pattern, as in the managed policy AWSEC2VssSnapshotPolicy:
@@ -32,14 +31,6 @@ SELF_ONLY = {"Version": "2012-10-17", "Statement": [{
     "Condition": {"ArnLike": {"ec2:SourceInstanceARN": "arn:aws:ec2:*:*:instance/${ec2:InstanceId}"}}}]}
 TRUST_EC2 = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
-
-
-def code_of(call):
-    try:
-        call()
-        return None
-    except botocore.exceptions.ClientError as e:
-        return e.response["Error"]["Code"]
 
 
 def session(key, secret, token=None):
@@ -70,21 +61,21 @@ def main():
                 clients.append(session(c["AccessKeyId"], c["SecretAccessKey"], c["Token"]).client(
                     "ec2", endpoint_url=url))
             mine, peer = ids
-            got = code_of(tag(clients[0], [mine]))
+            got = error_code(tag(clients[0], [mine]))
             check(f"an instance tags itself (got {got or 'success'})", got is None)
-            got = code_of(tag(clients[0], [peer]))
+            got = error_code(tag(clients[0], [peer]))
             check(f"an instance is denied tagging a peer (got {got or 'success'})",
                   got == "UnauthorizedOperation")
-            got = code_of(tag(clients[0], [mine, peer]))
+            got = error_code(tag(clients[0], [mine, peer]))
             check(f"itself and a peer in one request: denied (got {got or 'success'})",
                   got == "UnauthorizedOperation")
-            got = code_of(tag(clients[1], [peer]))
+            got = error_code(tag(clients[1], [peer]))
             check(f"the peer, same role, tags itself (got {got or 'success'})", got is None)
             user = iam.create_user(UserName=f"skiff-{name}-user")["User"]["UserName"]
             iam.put_user_policy(UserName=user, PolicyName="tags", PolicyDocument=json.dumps(document))
             k = iam.create_access_key(UserName=user)["AccessKey"]
             plain = session(k["AccessKeyId"], k["SecretAccessKey"]).client("ec2", endpoint_url=url)
-            got = code_of(tag(plain, [mine]))
+            got = error_code(tag(plain, [mine]))
             check(f"a user with the same policy (no instance behind it) is denied (got {got or 'success'})",
                   got == "UnauthorizedOperation")
             tags = {t["ResourceId"] for t in ec2.describe_tags(

@@ -13,10 +13,12 @@ import os
 import sys
 
 import boto3
-import botocore.exceptions
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kit.emulator import error_code  # noqa: E402
 
 passed = failed = 0
 
@@ -29,14 +31,6 @@ def check(name, ok, detail=""):
     else:
         failed += 1
         print(f"FAIL {name}" + (f": {detail}" if detail else ""))
-
-
-def error_code(call):
-    try:
-        call()
-        return None
-    except botocore.exceptions.ClientError as e:
-        return e.response["Error"]["Code"]
 
 
 def verifies(public, signature, data, *scheme):

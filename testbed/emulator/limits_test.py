@@ -13,25 +13,17 @@ import time
 import urllib.request
 
 import boto3
-import botocore.exceptions
 from botocore.config import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from kit.checks import check as _check, summary  # noqa: E402
+from kit.emulator import error_code  # noqa: E402
 from kit.net import free_port  # noqa: E402
 
 
 def check(name, got, want):
     _check(name, got == want, f"got {got!r}, want {want!r}")
-
-
-def code_of(call):
-    try:
-        call()
-        return None
-    except botocore.exceptions.ClientError as e:
-        return e.response["Error"]["Code"]
 
 
 def main():
@@ -62,7 +54,7 @@ def main():
             t0 = time.monotonic()
             start = size if rested is None else 1 + refill * (t0 - rested)
             with futures.ThreadPoolExecutor(max_workers=24) as pool:
-                got = list(pool.map(lambda n: code_of(calls[n % len(calls)]), range(total)))
+                got = list(pool.map(lambda n: error_code(calls[n % len(calls)]), range(total)))
             elapsed = time.monotonic() - t0
             passed = got.count(None)
             check(f"{name}: {size} at once (+{refill:g}/s for {elapsed:.1f} s), then {code}",
@@ -74,7 +66,7 @@ def main():
         tag = lambda: ec2.create_tags(Resources=[vpc], Tags=[{"Key": "k", "Value": "v"}])  # noqa: E731
         emptied = bucket("EC2 CreateTags", [tag], 100, 10, "RequestLimitExceeded")
         check("EC2 DescribeTags draws from its own bucket meanwhile",
-              code_of(lambda: ec2.describe_tags(Filters=[{"Name": "key", "Values": ["k"]}])), None)
+              error_code(lambda: ec2.describe_tags(Filters=[{"Name": "key", "Values": ["k"]}])), None)
         time.sleep(2.0)
         bucket("EC2 CreateTags two seconds later", [tag], 20, 10, "RequestLimitExceeded",
                rested=emptied)
@@ -84,7 +76,7 @@ def main():
             lambda: ssm.get_parameter(Name="/limits/p"),
             lambda: ssm.get_parameters(Names=["/limits/p"]),
             lambda: ssm.get_parameters_by_path(Path="/limits")], 40, 40, "ThrottlingException")
-        check("SSM PutParameter is not in the family", code_of(
+        check("SSM PutParameter is not in the family", error_code(
             lambda: ssm.put_parameter(Name="/limits/q", Type="String", Value="y")), None)
 
         tg = elb.create_target_group(Name="limits", Protocol="HTTP", Port=80, VpcId=vpc,
@@ -118,9 +110,9 @@ def main():
         slow.register_targets(TargetGroupArn=tg, Targets=[{"Id": i} for i in ids[:1000]])
         check("targets: 1,000 in one target group pass", len(slow.describe_target_health(
             TargetGroupArn=tg)["TargetHealthDescriptions"]), 1000)
-        check("targets: the 1,001st is TooManyTargets", code_of(lambda: slow.register_targets(
+        check("targets: the 1,001st is TooManyTargets", error_code(lambda: slow.register_targets(
             TargetGroupArn=tg, Targets=[{"Id": ids[1000]}])), "TooManyTargets")
-        check("targets: registering one already there again passes", code_of(lambda: slow.register_targets(
+        check("targets: registering one already there again passes", error_code(lambda: slow.register_targets(
             TargetGroupArn=tg, Targets=[{"Id": ids[0]}])), None)
         # A group's launch its full target group cannot take fails (terminated, abandoned).
         slow_asg = session.client("autoscaling", endpoint_url=url)

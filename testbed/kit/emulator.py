@@ -17,6 +17,17 @@ from kit.waits import wait_until
 REGION = "us-east-1"
 
 
+def error_code(call) -> str | None:
+    """The AWS error code `call` raised (botocore's ClientError), or None when it succeeded."""
+    import botocore.exceptions
+
+    try:
+        call()
+        return None
+    except botocore.exceptions.ClientError as e:
+        return e.response["Error"]["Code"]
+
+
 def session(key: str, secret: str, token: str | None = None, region: str = REGION):
     import boto3
 

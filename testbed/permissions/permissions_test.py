@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(ROOT, "testbed"))
 from kit import imds as kit_imds  # noqa: E402
 from kit import userdata  # noqa: E402
 from kit.checks import TALLY, check  # noqa: E402
-from kit.emulator import instance_credentials, session  # noqa: E402
+from kit.emulator import error_code, instance_credentials, session  # noqa: E402
 from kit.net import free_port  # noqa: E402
 from kit.waits import wait_until  # noqa: E402
 from test_stacks import load_template, outputs, params  # noqa: E402  (pure helpers)
@@ -76,15 +76,6 @@ REGION = "us-east-1"
 ECR = os.environ.get("ECR_REGISTRY", f"123456789012.dkr.ecr.{REGION}.amazonaws.com")
 RUN = uuid.uuid4().hex[:8]
 NO_RETRY = botocore.config.Config(retries={"max_attempts": 1})
-
-def denied(call):
-    """The AWS error code of `call`, or None when it succeeded."""
-    try:
-        call()
-        return None
-    except botocore.exceptions.ClientError as e:
-        return e.response["Error"]["Code"]
-
 
 def access_denials(text):
     """(action, resource) of every AccessDenied the emulator reported in a log."""
@@ -271,7 +262,7 @@ def scope_checks(world, role_session, env_a, env_b):
     put(Name=f"/skiff-it/{RUN}/outside", Value="x", Type="String")
     world.cleanup.append(lambda: world.ssm.delete_parameter(Name=f"/skiff-it/{RUN}/outside"))
     check("scope: A's role reads A's release",
-          denied(lambda: ssm.get_parameter(Name=f"/skiff/{env_a}/release")) is None)
+          error_code(lambda: ssm.get_parameter(Name=f"/skiff/{env_a}/release")) is None)
     for what, call in [
         ("B's release", lambda: ssm.get_parameter(Name=f"/skiff/{env_b}/release")),
         ("B's env parameter", lambda: ssm.get_parameter(Name=f"/skiff/{env_b}/env/SECRET", WithDecryption=True)),
@@ -281,24 +272,24 @@ def scope_checks(world, role_session, env_a, env_b):
         ("a parameter outside /skiff/<env>/", lambda: ssm.get_parameter(Name=f"/skiff-it/{RUN}/outside")),
         ("the whole /skiff/ tree", lambda: ssm.get_parameters_by_path(Path="/skiff/", Recursive=True)),
     ]:
-        code = denied(call)
+        code = error_code(call)
         check(f"scope: A's role cannot read {what}", code in ("AccessDenied", "AccessDeniedException"),
               f"got {code or 'success'}")
     if env_a in world.secrets and env_b in world.secrets:
         # The app reads its database secret with the instance role (host networking).
         sm = role_session.client("secretsmanager", endpoint_url=ENDPOINT, config=NO_RETRY)
-        code = denied(lambda: sm.get_secret_value(SecretId=world.secrets[env_a]))
+        code = error_code(lambda: sm.get_secret_value(SecretId=world.secrets[env_a]))
         check("scope: A's role reads A's database secret", code is None, f"got {code}")
-        code = denied(lambda: sm.get_secret_value(SecretId=world.secrets[env_b]))
+        code = error_code(lambda: sm.get_secret_value(SecretId=world.secrets[env_b]))
         check("scope: A's role cannot read B's database secret",
               code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
     # What Docker's awslogs driver does with the instance role: a stream in its own group and
     # events into it; never in another environment's group, never reading logs back.
     logs = role_session.client("logs", endpoint_url=ENDPOINT, config=NO_RETRY)
     stream = f"i-perm{RUN}/v1"
-    code = denied(lambda: logs.create_log_stream(logGroupName=f"/skiff/{env_a}/app", logStreamName=stream))
+    code = error_code(lambda: logs.create_log_stream(logGroupName=f"/skiff/{env_a}/app", logStreamName=stream))
     check("scope: A's role creates a stream in A's log group", code is None, f"got {code}")
-    code = denied(lambda: logs.put_log_events(
+    code = error_code(lambda: logs.put_log_events(
         logGroupName=f"/skiff/{env_a}/app", logStreamName=stream,
         logEvents=[{"timestamp": int(time.time() * 1000), "message": "hello"}]))
     check("scope: A's role puts events into its stream", code is None, f"got {code}")
@@ -311,12 +302,12 @@ def scope_checks(world, role_session, env_a, env_b):
         ("read its own log group back (FilterLogEvents)",
          lambda: logs.filter_log_events(logGroupName=f"/skiff/{env_a}/app")),
     ]:
-        code = denied(call)
+        code = error_code(call)
         check(f"scope: A's role cannot {what}", code in ("AccessDenied", "AccessDeniedException"),
               f"got {code or 'success'}")
     kms = role_session.client("kms", endpoint_url=ENDPOINT, config=NO_RETRY)
     blob = world.s.client("kms", endpoint_url=ENDPOINT).encrypt(KeyId=world.kms_key, Plaintext=b"x")["CiphertextBlob"]
-    code = denied(lambda: kms.decrypt(CiphertextBlob=blob))
+    code = error_code(lambda: kms.decrypt(CiphertextBlob=blob))
     check("scope: A's role cannot call kms:Decrypt directly (only through SSM)",
           code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
 
@@ -350,17 +341,17 @@ def trusted_keys_checks(world, name_b, stack_b, env_b, keys, role_session_a):
     check("keys: B's instance role reads B's trusted keys", got is not None and got.strip() == keys.strip(),
           str(got)[:200])
     ssm_a = role_session_a.client("ssm", endpoint_url=ENDPOINT, config=NO_RETRY)
-    code = denied(lambda: ssm_a.get_parameter(Name=name))
+    code = error_code(lambda: ssm_a.get_parameter(Name=name))
     check("keys: A's instance role cannot read B's trusted keys",
           code in ("AccessDenied", "AccessDeniedException"), f"got {code or 'success'}")
-    code = denied(lambda: ssm_b.put_parameter(Name=name, Value=public_key_pem(), Type="String", Overwrite=True))
+    code = error_code(lambda: ssm_b.put_parameter(Name=name, Value=public_key_pem(), Type="String", Overwrite=True))
     check("keys: B's instance role cannot write them", code in ("AccessDenied", "AccessDeniedException"),
           f"got {code or 'success'}")
 
     key = world.user_with(f"skiff-it-deployer-b-{RUN}", out["DeployerPolicyArn"])
     deployer = session(key["AccessKeyId"], key["SecretAccessKey"])
     ssm, cfn = (deployer.client(x, endpoint_url=ENDPOINT, config=NO_RETRY) for x in ("ssm", "cloudformation"))
-    code = denied(lambda: ssm.get_parameter(Name=name))
+    code = error_code(lambda: ssm.get_parameter(Name=name))
     check("keys: B's deployer reads the trusted keys (ctl checks signatures with them)", code is None,
           f"got {code}")
     mine = public_key_pem()
@@ -378,7 +369,7 @@ def trusted_keys_checks(world, name_b, stack_b, env_b, keys, role_session_a):
             StackName=name_b, ChangeSetName=f"keys{RUN}", UsePreviousTemplate=True,
             Parameters=[{"ParameterKey": "TrustedKeys", "ParameterValue": mine}])),
     ]:
-        code = denied(call)
+        code = error_code(call)
         check(f"keys: B's deployer cannot {what}", code in ("AccessDenied", "AccessDeniedException"),
               f"got {code or 'success'}")
     kept = world.ssm.get_parameter(Name=name)["Parameter"]["Value"]
@@ -402,7 +393,7 @@ def self_tagging_checks(world, group, role_arn):
     me, peer = ids
 
     def tag(client, targets, key="skiff:release"):
-        return denied(lambda: client.create_tags(Resources=targets, Tags=[{"Key": key, "Value": f"self{RUN}"}]))
+        return error_code(lambda: client.create_tags(Resources=targets, Tags=[{"Key": key, "Value": f"self{RUN}"}]))
 
     for who, target in ((me, me), (peer, peer)):
         for key in ("skiff:release", "skiff:pulled", "skiff:failed"):
@@ -753,12 +744,12 @@ def inplace_checks(world, stack, group, env, key, tags):
     ids = list(world.group_instances(group))
     if ids:
         check("deployer: may not tag another key on the group's instances",
-              denied(lambda: ec2.create_tags(Resources=ids[:1], Tags=[{"Key": "Name", "Value": "x"}])) is not None)
+              error_code(lambda: ec2.create_tags(Resources=ids[:1], Tags=[{"Key": "Name", "Value": "x"}])) is not None)
     ami = world.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     outside = world.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     try:
         check("deployer: may not tag skiff:target on an instance outside the group",
-              denied(lambda: ec2.create_tags(Resources=[outside],
+              error_code(lambda: ec2.create_tags(Resources=[outside],
                                              Tags=[{"Key": "skiff:target", "Value": tags[1]}])) is not None)
     finally:
         world.ec2.terminate_instances(InstanceIds=[outside])
