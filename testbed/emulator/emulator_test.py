@@ -327,6 +327,28 @@ def main():
         check("the refresh completes with the new capacity, every old instance replaced",
               r["Status"] == "Successful" and len(final) == 3 and not old & set(final)
               and set(final.values()) == {"InService"}, f"{r['Status']} {final}")
+
+        # Terminate first (the default MinHealthyPercentage 90) on a group of one: the instance
+        # goes, its replacement is launched, and the refresh runs until the replacement serves.
+        # It once ended Successful with the group empty, two requests after the start.
+        group("g8", [])
+        (g8_old, _), = states("g8").items()
+        asg.put_lifecycle_hook(AutoScalingGroupName="g8", LifecycleHookName="launch",
+                               LifecycleTransition=launching, HeartbeatTimeout=60, DefaultResult="ABANDON")
+        rid = asg.start_instance_refresh(AutoScalingGroupName="g8")["InstanceRefreshId"]
+        for _ in range(10):  # each request lets the refresh take a step
+            r = asg.describe_instance_refreshes(AutoScalingGroupName="g8", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+        during = states("g8")
+        check("a terminate-first refresh of one instance launches its replacement and waits for it",
+              r["Status"] == "InProgress" and g8_old not in during
+              and list(during.values()) == ["Pending:Wait"], f"{r['Status']} {during}")
+        g8_new = next(iter(during), "none")
+        asg.complete_lifecycle_action(AutoScalingGroupName="g8", LifecycleHookName="launch",
+                                      InstanceId=g8_new, LifecycleActionResult="CONTINUE")
+        for _ in range(5):
+            r = asg.describe_instance_refreshes(AutoScalingGroupName="g8", InstanceRefreshIds=[rid])["InstanceRefreshes"][0]
+        check("it succeeds once the replacement is InService", r["Status"] == "Successful"
+              and states("g8") == {g8_new: "InService"}, f"{r['Status']} {states('g8')}")
     return summary()
 
 

@@ -155,9 +155,15 @@ def step(refresh: Refresh, view: View, now: float) -> list[tuple[str, object]]:
             refresh.status, refresh.ended = "Successful", now
             refresh.status_reason = ""
         return []
+    launch_first = int(refresh.preferences.get("MaxHealthyPercentage", 100)) > 100
+    live = [i for i, (state, _) in view.instances.items() if not state.startswith("Terminating")]
     if not old:
         if new_pending:
             return []
+        if not launch_first and len(live) < refresh.desired:
+            # Terminate first: the last batch's replacements are launched once it has gone,
+            # and the refresh ends only when they serve (a group of one is never left empty).
+            return [("launch", refresh.desired - len(live))]
         if bake_time(refresh.preferences) > 0:
             refresh.status, refresh.baking_since = "Baking", now
             return []
@@ -167,7 +173,6 @@ def step(refresh: Refresh, view: View, now: float) -> list[tuple[str, object]]:
     if old_waiting or new_pending:
         return []  # wait for hooks and warm-up
     n = min(batch_size(refresh), len(old_live))
-    launch_first = int(refresh.preferences.get("MaxHealthyPercentage", 100)) > 100
     # Launch before terminate: a batch of replacements first, their old ones once they serve.
     ready_new = [i for i in new_live if i not in refresh.to_replace]
     replaced_already = len(refresh.to_replace) - len(old)
@@ -176,7 +181,6 @@ def step(refresh: Refresh, view: View, now: float) -> list[tuple[str, object]]:
         if unmatched_new > 0:
             return [("terminate", old_live[:unmatched_new])]
         return [("launch", n)]
-    live = [i for i, (state, _) in view.instances.items() if not state.startswith("Terminating")]
     if len(live) < refresh.desired:
         return [("launch", refresh.desired - len(live))]
     return [("terminate", old_live[:n])]
