@@ -15,6 +15,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_SQLITE_PATH = "/tmp/skiff-app.db"
 
+# Threads per gunicorn worker (WEB_THREADS): gunicorn.conf.py runs this many, and the app keeps
+# one of them free of database work (web.py).
+DEFAULT_WEB_THREADS = 4
+MAX_WEB_THREADS = 256
+
 # The RDS CA bundle (all regions) that the Dockerfile copies from certs/rds-global-bundle.pem.
 # RDS server certificates chain to these roots; see
 # https://docs.aws.amazon.com/AmazonRDS/latest/UserGuide/UsingWithRDS.SSL.html
@@ -115,6 +120,7 @@ class Config:
     release: Release
     migrate_timeout: float  # seconds to wait for the database and the migration lock at start
     db_timeout: float  # seconds for a connection or a query
+    web_threads: int = DEFAULT_WEB_THREADS  # gunicorn threads per worker (WEB_THREADS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -161,6 +167,13 @@ class Config:
         port = env.get("PORT", "")
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             problems.append(f"PORT={port!r}: expected a TCP port number")
+        web_threads = DEFAULT_WEB_THREADS
+        raw_threads = env.get("WEB_THREADS", "")
+        if raw_threads:
+            if raw_threads.isdigit() and 1 <= int(raw_threads) <= MAX_WEB_THREADS:
+                web_threads = int(raw_threads)
+            else:
+                problems.append(f"WEB_THREADS={raw_threads!r}: expected a whole number from 1 to {MAX_WEB_THREADS}")
         release = Release(
             tag=env.get("SKIFF_RELEASE_TAG") or env.get("APP_RELEASE") or "unknown",
             digest=env.get("SKIFF_RELEASE_DIGEST", ""),
@@ -170,6 +183,7 @@ class Config:
             release=release,
             migrate_timeout=seconds("MIGRATE_TIMEOUT", 60.0),
             db_timeout=seconds("DB_TIMEOUT", 5.0),
+            web_threads=web_threads,
         )
         if problems:
             raise ConfigError(problems)

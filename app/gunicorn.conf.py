@@ -3,11 +3,15 @@
 # redirect sends the load balancer's port to the healthy one.
 import os
 
+from config import DEFAULT_WEB_THREADS
+
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT') or '8080'}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threads per worker: a request stuck on a database that does not answer (for up to DB_TIMEOUT)
-# holds one thread, not a whole worker, so /health still answers the agent.
-threads = int(os.environ.get("WEB_THREADS", "4"))
+# holds one thread, not a whole worker, and the app keeps one thread of each worker free of
+# database work (web.py), so /health still answers the agent. Checked by config.py at start.
+_threads = os.environ.get("WEB_THREADS", "")
+threads = int(_threads) if _threads.isdigit() and int(_threads) > 0 else DEFAULT_WEB_THREADS
 # gthread, named rather than implied by threads > 1: with WEB_THREADS=1 gunicorn would fall back
 # to the sync worker, which closes the connection after every response (no keep-alive). Ours
 # also closes idle kept-alive connections at once on SIGTERM (worker.py).

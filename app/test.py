@@ -529,6 +529,74 @@ class HungDatabaseTests(unittest.TestCase):
         self.assertEqual(attempt()[0], "OperationalError")
 
 
+class DatabaseSlotsTests(unittest.TestCase):
+    """At most WEB_THREADS - 1 requests of a process use the database at once; the others wait
+    SLOT_WAIT at most, then answer 503, so one gunicorn thread stays free for /health."""
+
+    def test_a_hung_database_holds_all_threads_but_one(self):
+        listener = socket.socket()  # takes connections, never answers: a database that hangs
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(32)
+        self.addCleanup(listener.close)
+        app = create_app(Config.from_env({
+            "DATABASE_URL": f"mysql://u:p@127.0.0.1:{listener.getsockname()[1]}/db",
+            "DB_TIMEOUT": "1", "WEB_THREADS": "4"}), run_migrations=False)
+        barrier, results = threading.Barrier(5), []
+
+        def ask():
+            client = app.test_client()
+            barrier.wait()
+            started = time.monotonic()
+            resp = client.get("/notes")
+            results.append((resp.status_code, time.monotonic() - started))
+
+        askers = [threading.Thread(target=ask) for _ in range(5)]
+        for t in askers:
+            t.start()
+        time.sleep(0.5)  # the slots are taken, their attempts still waiting
+        started = time.monotonic()
+        ready = app.test_client().get("/ready")
+        self.assertEqual(ready.status_code, 503)
+        self.assertIn("database slot", ready.get_json()["database"])
+        self.assertLess(time.monotonic() - started, 0.6)
+        for t in askers:
+            t.join(30)
+        results.sort(key=lambda r: r[1])
+        self.assertEqual([code for code, _ in results], [503] * 5, results)
+        # Two found no slot and answered within SLOT_WAIT; three waited on the database.
+        self.assertLess(results[1][1], 0.6, results)
+        self.assertGreaterEqual(results[2][1], 0.9, results)
+
+    def test_a_database_that_answers_serves_every_thread_of_a_busy_worker(self):
+        # As gunicorn runs it: WEB_THREADS threads, all asking at once, one slot fewer.
+        root = tempfile.mkdtemp(prefix="skiff-app-slots-")
+        self.addCleanup(shutil.rmtree, root, True)
+        app = create_app(Config.from_env({"DATABASE_URL": f"sqlite:///{root}/app.db", "WEB_THREADS": "4"}))
+        self.assertEqual(app.test_client().post("/notes", json={"body": "one"}).status_code, 201)
+        barrier, codes = threading.Barrier(4), []
+
+        def ask():
+            client = app.test_client()
+            barrier.wait()
+            for _ in range(25):
+                codes.append(client.get("/notes").status_code)
+
+        askers = [threading.Thread(target=ask) for _ in range(4)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(60)
+        self.assertEqual(codes, [200] * 100)
+
+    def test_web_threads_is_checked(self):
+        for raw in ("0", "x", "-1", "257"):
+            with self.subTest(raw=raw), self.assertRaises(ConfigError) as caught:
+                Config.from_env({"WEB_THREADS": raw})
+            self.assertIn("WEB_THREADS", str(caught.exception))
+        self.assertEqual(Config.from_env({"WEB_THREADS": "8"}).web_threads, 8)
+        self.assertEqual(Config.from_env({}).web_threads, 4)
+
+
 class FakeSecretsManager:
     """Stands in for the boto3 client: hands out `value` and counts the reads."""
 

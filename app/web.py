@@ -15,12 +15,16 @@ Routes:
 Every response carries `X-Served-By: <host name>`: which instance behind the load balancer answered.
 While the database is away, pages answer 503 with a readable page and the API 503 with JSON;
 each request opens its own connection, so the first request after it is back succeeds.
+At most WEB_THREADS - 1 requests of a process use the database at once (DatabaseSlots): the
+last thread stays free for /health even when every other one waits on a database that hangs.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask, g, jsonify, redirect, render_template, request
@@ -28,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from config import Config
 from migrations import LATEST, migrate, schema_version
-from store import Connection, Database, DatabaseErrors, add_note, get_note, list_notes
+from store import Connection, Database, DatabaseBusy, DatabaseErrors, add_note, get_note, list_notes
 
 log = logging.getLogger("app.web")
 
@@ -38,6 +42,42 @@ MAX_LIMIT = 500
 READY_TIMEOUT = 2.0
 # What a 503 while the database is away suggests to clients and browsers.
 RETRY_AFTER_SECONDS = 5
+# Seconds a request waits for a database slot before it answers 503. Short: while the database
+# hangs, a request waiting here holds the one thread kept for /health, and the agent's probe
+# gives up after 1 s. With a database that answers, slots free within milliseconds.
+SLOT_WAIT = 0.25
+
+
+class DatabaseSlots:
+    """How many requests of this process may use the database at once: one fewer than the
+    threads of a gunicorn worker (at least one). When the database hangs (a failover, a dropped
+    route), every request that reaches it waits up to DB_TIMEOUT; without this bound the first
+    requests of an outage could take every thread, and /health, which never asks the database,
+    would queue behind them until the agent's probe timed out and the load balancer took the
+    instance out (CI saw it: 4 clients on a paused MariaDB, /healthz 503 for a second).
+    A request that finds no slot within SLOT_WAIT fails with DatabaseBusy (a 503)."""
+
+    def __init__(self, threads: int, wait: float = SLOT_WAIT):
+        self.size = max(1, threads - 1)
+        self.wait = wait
+        self._free = threading.BoundedSemaphore(self.size)
+
+    def acquire(self) -> None:
+        if not self._free.acquire(timeout=self.wait):
+            raise DatabaseBusy(
+                f"all {self.size} database slot(s) of this process are in use (each thread but one"
+                f" may use the database) and none freed within {self.wait:g} s")
+
+    def release(self) -> None:
+        self._free.release()
+
+    @contextmanager
+    def held(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
 
 class BadRequest(Exception):
@@ -49,6 +89,7 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
     database at most `config.migrate_timeout` seconds; raises if that fails."""
     config = config or Config.from_env()
     db = Database(config.database, timeout=config.db_timeout)
+    slots = DatabaseSlots(config.web_threads)
     if run_migrations:
         applied = migrate(db, timeout=config.migrate_timeout)
         log.info(
@@ -61,6 +102,9 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
 
     def conn() -> Connection:
         if "db" not in g:
+            if not g.get("db_slot"):
+                slots.acquire()
+                g.db_slot = True  # released at the end of the request, whatever happens
             g.db = db.connect()
         return g.db
 
@@ -69,6 +113,8 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
         c = g.pop("db", None)
         if c is not None:
             c.close()
+        if g.pop("db_slot", False):
+            slots.release()
 
     @app.get("/")
     def index() -> Any:
@@ -116,7 +162,7 @@ def create_app(config: Config | None = None, *, run_migrations: bool = True) -> 
         # Its own short-lived connection: the check must not depend on a request's state.
         status = {"release": release.as_dict(), "hostname": hostname, "schema_needed": LATEST}
         try:
-            with db.connect(timeout=min(READY_TIMEOUT, config.db_timeout)) as c:
+            with slots.held(), db.connect(timeout=min(READY_TIMEOUT, config.db_timeout)) as c:
                 version = schema_version(c)
         except DatabaseErrors as err:
             return jsonify(status="unavailable", database=f"error: {err}", **status), 503
