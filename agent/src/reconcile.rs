@@ -6,7 +6,8 @@
 //! On a fleet (an instance of an Auto Scaling group) releases are coordinated by `ctl`: the
 //! parameter is followed only while nothing of the app runs (boot), and a running container
 //! swaps only for the instance's `skiff:target`. `update = "follow"` is not honoured there:
-//! every host swapping on its own poll would drain the whole fleet at once.
+//! every host swapping on its own poll would drain the whole fleet at once. Nor is a fleet
+//! host ever "stale": it does not re-read the parameter once it runs something.
 //!
 //! The decisions' tables are in `reconcile/tests.rs`.
 
@@ -56,7 +57,8 @@ pub enum Action {
     Replace(Release),
     /// The current container exited: start it again (after the restart backoff).
     Restart,
-    /// `boot` mode and the desired release differs from the running one: report, do not act.
+    /// Off a fleet, `boot` mode and the desired release differs from the running one: report,
+    /// do not act.
     Stale,
 }
 
@@ -93,20 +95,14 @@ fn followed<'a>(s: &Situation<'a>) -> (Option<&'a Release>, UpdateMode) {
 }
 
 /// What the release and the container ask for, before backoff and termination hold it back.
+/// On a fleet nothing is reported stale: the host reads the parameter at boot only (see
+/// `Supervisor::poll_due`), so what it last read says nothing about what it should run now;
+/// ctl's instructions do, and `ctl status` compares the hosts with the parameter.
 fn wanted(s: &Situation<'_>) -> Action {
     let (followed, mode) = followed(s);
-    let action = wanted_of(s, followed, mode);
-    // A target reached while the parameter names another release: reported, not acted on.
-    match (action, s.desired, s.current) {
-        (Action::Keep, Some(d), Some(c))
-            if s.fleet
-                && s.target.is_some()
-                && !c.release.same_version(d)
-                && !s.failed.is_some_and(|f| f.same_version(d)) =>
-        {
-            Action::Stale
-        }
-        (action, _, _) => action,
+    match wanted_of(s, followed, mode) {
+        Action::Stale if s.fleet => Action::Keep,
+        action => action,
     }
 }
 

@@ -29,7 +29,8 @@ pub struct Snapshot {
     pub previous: Option<Release>,
     /// The last release that failed to become healthy here.
     pub failed_release: Option<Release>,
-    /// `boot` mode: the desired release differs from the running one.
+    /// `boot` mode off a fleet: the desired release differs from the running one (a fleet host
+    /// reads the parameter at boot only and is never stale).
     pub stale: bool,
     pub draining: bool,
     /// A deploy is in progress with nothing serving before it.

@@ -84,8 +84,9 @@ pub struct Supervisor<R, S, F> {
     /// The pull instruction answered last.
     pulled: Option<Release>,
     /// The failed release whose signature check refused it: checked again when the trusted
-    /// keys change (see [`Supervisor::recheck_refusal`]).
+    /// keys change (see [`Supervisor::recheck_refusal`]), looked at every `poll_interval`.
     refused: Option<Release>,
+    next_recheck: Instant,
     /// The failed release last reported to the fleet.
     failed_reported: Option<Release>,
     /// The failure report is to be withdrawn (an instruction moved on; see
@@ -129,6 +130,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             previous: None,
             failed: None,
             refused: None,
+            next_recheck: now,
             at_start: true,
             adopted: false,
             restart: Backoff::new(RETRY_FIRST, RETRY_CAP),
@@ -209,10 +211,14 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             self.join_fleet().await;
         }
         loop {
-            if Instant::now() >= self.next_poll {
+            self.observe().await;
+            if self.poll_due() {
                 self.poll().instrument(tracing::info_span!("poll")).await;
             }
-            self.observe().await;
+            if self.refused.is_some() && Instant::now() >= self.next_recheck {
+                self.next_recheck = Instant::now() + jitter(self.steps.cfg.release.poll_interval);
+                self.recheck_refusal().await;
+            }
             if !self.terminating && Instant::now() >= self.next_termination_check {
                 self.next_termination_check = Instant::now() + TERMINATION_CHECK_EVERY;
                 if self.fleet.termination_pending().await {
@@ -414,6 +420,22 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
         .await
     }
 
+    /// Whether the release source is read this turn. Off a fleet: every `poll_interval`
+    /// (jittered; failed reads sooner, with backoff). On a fleet, ctl's instructions say what a
+    /// running host runs, so the parameter is read at start until a read succeeds, and after
+    /// that only while the host has nothing to run and no instruction (its container removed,
+    /// say), at most every `poll_interval`: 1,000 hosts reading it every 60 s took 42 % of
+    /// Parameter Store's default 40 transactions per second, shared with the whole account
+    /// (issue 18, finding 3; README, "At scale").
+    fn poll_due(&self) -> bool {
+        if Instant::now() < self.next_poll {
+            return false;
+        }
+        !self.fleet.coordinated()
+            || self.desired.is_none()
+            || (self.current.is_none() && self.instructions.target.is_none())
+    }
+
     async fn poll(&mut self) {
         let interval = self.steps.cfg.release.poll_interval;
         match self.steps.source.read_release().await {
@@ -428,7 +450,6 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
                     self.desired = Some(release);
                 }
                 self.last_bad_value = None;
-                self.recheck_refusal().await;
             }
             // A value that is not a release is read fine: polled at the interval, logged once.
             Err(e @ SourceError::Rejected { .. }) => {
@@ -460,9 +481,11 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
     }
 
     /// A release refused for its signature is not asked about again while the release and the
-    /// keys stay the same (no retry loop); once per poll the keys are re-read, and when they
-    /// changed (a key added for a rotation, an unreadable source fixed) the failure is
-    /// forgotten so the release is checked again.
+    /// keys stay the same (no retry loop); every `poll_interval` while the refusal stands the
+    /// keys are re-read (one read of the keys' source, on a fleet host too, which otherwise
+    /// reads no parameter once it runs something), and when they changed (a key added for a
+    /// rotation, an unreadable source fixed) the failure is forgotten so the release is
+    /// checked again.
     async fn recheck_refusal(&mut self) {
         let Some(trust) = self.steps.trust.clone() else {
             return;
@@ -533,6 +556,8 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             Ok(None) => {
                 tracing::warn!(container = %id, "managed container was removed from outside");
                 self.current = None;
+                // What to run instead is read now (a fleet host last read it at boot).
+                self.next_poll = Instant::now();
                 self.healthy_since = None;
                 self.publish(|s| {
                     s.running = None;
@@ -605,6 +630,7 @@ impl<R: ContainerRuntime, S: ReleaseSource, F: Fleet> Supervisor<R, S, F> {
             // again; the loop deploys the desired release instead, verified.
             tracing::warn!(tag = %cur.release.tag, container = %cur.id, "the exited container's digest was never verified here: not restarted");
             self.current = None;
+            self.next_poll = Instant::now();
             self.publish(|s| s.running = None);
             return;
         }

@@ -735,9 +735,33 @@ region = "us-east-1"
         app_port = fx.app_port,
         health_port = fx.health_port,
     ));
-    let mut env = AWS_ENV.to_vec();
+    // An access key of its own: the emulator counts the calls signed with it.
+    let key = format!("AKIA{}", fx.id.replace('-', "").to_uppercase());
+    let mut env: Vec<(&str, &str)> = AWS_ENV
+        .iter()
+        .map(|&(k, v)| {
+            (
+                k,
+                if k == "AWS_ACCESS_KEY_ID" {
+                    key.as_str()
+                } else {
+                    v
+                },
+            )
+        })
+        .collect();
     env.push(("AWS_ENDPOINT_URL", support::MOTO));
     env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url.as_str()));
+    let parameter_reads = |key: &str| -> u64 {
+        let (code, body) = support::http_get(
+            "127.0.0.1:5055",
+            &format!("/skiff-emulator/calls?key={key}"),
+        )
+        .expect("the emulator answers");
+        assert_eq!(code, 200, "{body}");
+        let calls: serde_json::Value = serde_json::from_str(&body).expect("json");
+        calls["ssm:GetParameter"].as_u64().unwrap_or(0)
+    };
     // Behind a lock: the agent is restarted mid-rollout.
     let agent = Mutex::new(Agent::start(&config, &env));
     let long = Duration::from_secs(60);
@@ -765,15 +789,15 @@ region = "us-east-1"
             "update = follow is not honoured on a fleet, and the log says what to do"
         );
 
-        // A parameter written without ctl: no running host swaps.
+        // A parameter written without ctl: no running host swaps, nor reads it (the parameter
+        // is read at boot only: issue 18, finding 3), over ten poll intervals.
+        let reads = parameter_reads(&key);
+        assert!(reads >= 1, "read at start: {reads}");
         moto.put(&parameter, "v2", false);
-        wait_for(
-            long,
-            "stale reported",
-            || fx.status()["stale"] == true,
-            context,
-        );
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(parameter_reads(&key), reads, "read again: {}", context());
+        assert_eq!(fx.status()["stale"], false, "{}", context());
+        assert_eq!(fx.status()["desired"]["tag"], "v1", "{}", context());
         assert_eq!(fx.running_container(), v1_container, "{}", context());
         assert_eq!(fx.containers().len(), 1, "{}", context());
 
@@ -818,6 +842,7 @@ region = "us-east-1"
         }
         fx.wait_healthy("v2", long);
         std::thread::sleep(Duration::from_secs(3));
+        let reads = parameter_reads(&key);
         assert_eq!(
             fx.containers().len(),
             after_failure,
@@ -848,13 +873,8 @@ region = "us-east-1"
         moto.tag(&instance, TARGET, "v1");
         fx.wait_healthy("v1", long);
         wait_for(long, "skiff:release=v1", || tag_is(RELEASE, "v1"), context);
-        // The parameter still names v2: reported, not applied.
-        wait_for(
-            long,
-            "stale reported",
-            || fx.status()["stale"] == true,
-            context,
-        );
+        // The parameter still names v2: neither applied nor read.
+        assert_eq!(parameter_reads(&key), reads, "read again: {}", context());
         assert_eq!(
             fx.healthz().map(|(c, b)| (c, b["tag"].clone())),
             Some((200, "v1".into()))

@@ -11,10 +11,13 @@ import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 from load import Load  # noqa: E402
 
-from scenario import agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, RUN, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
+from scenario import agent_metric, agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, RUN, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
 from kit.waits import wait_until  # noqa: E402
 from unsigned import inplace_unsigned
 INPLACE_BENCH = []  # (what, instances, wall s, floor s or None, failed requests, terms)
+
+# When the agent's release source last answered (its /metrics): unchanged while it reads nothing.
+POLLED = "skiff_agent_last_poll_success_timestamp_seconds"
 
 
 def inplace_floor(box, watch, tag, bake, after):
@@ -254,8 +257,10 @@ def inplace_killed(box, rate, tag, n):
 def uncoordinated(box, rate, tag, n, poll=2):
     """Scenario 13: the parameter written without ctl on the fleet stack (as the emulator's
     administrator), every agent configured `update = "follow"` with a `poll_interval` of
-    `poll` s: within 3 poll intervals no instance swaps (all still on the old release, the agent
-    reports it stale), and each agent said at start that uncoordinated swaps are disabled."""
+    `poll` s: within 3 poll intervals no instance swaps (all still on the old release) nor reads
+    the parameter (a fleet host reads it at boot only: its last successful poll is unchanged,
+    and it is not reported stale), and each agent said at start that uncoordinated swaps are
+    disabled."""
     sc = Scenario(13, f"parameter -> {tag} without ctl, agents on update = follow")
     images.push_image(tag)
     ids = stack_instances(box)
@@ -275,10 +280,12 @@ def uncoordinated(box, rate, tag, n, poll=2):
         sc.check(ok, "agents not healthy again after the restart with update = follow")
         wait_until(lambda: len(loadbalancer.lb_up()) == n, 30, 0.5)
         watch = Watch(box, ids).start()
+        last_poll = {i: agent_metric(box, i, POLLED) for i in ids}
         t0 = time.monotonic()
         ssm.put_parameter(Name=name, Value=tag, Type="String", Overwrite=True)
         time.sleep(3 * poll + 2)
         statuses = {i: agent_status(box, host_ip(i)) or {} for i in ids}
+        polled_since = {i: agent_metric(box, i, POLLED) for i in ids}
         watch.stop()
     finally:
         ssm.put_parameter(Name=name, Value=old_value, Type="String", Overwrite=True)
@@ -290,8 +297,10 @@ def uncoordinated(box, rate, tag, n, poll=2):
     auto_scaling_quiet(sc, watch, t0)
     for i in ids:
         st = statuses.get(i, {})
-        sc.check(release_of(st) == old and st.get("stale") is True,
-                 f"{i}: runs {release_of(st)}, stale {st.get('stale')} (want {old}, stale)")
+        sc.check(release_of(st) == old and st.get("stale") is False,
+                 f"{i}: runs {release_of(st)}, stale {st.get('stale')} (want {old}, not stale)")
+        sc.check(last_poll[i] is not None and polled_since[i] == last_poll[i],
+                 f"{i}: read the parameter after boot (last poll {last_poll[i]} -> {polled_since[i]})")
         sc.check(not watch.changes(i, "serving", t0) and not [v for _, v in watch.changes(i, "lb", t0) if not v],
                  f"{i} swapped or left the LB: serving {watch.changes(i, 'serving', t0)}, LB {watch.changes(i, 'lb', t0)}")
         try:
@@ -305,6 +314,6 @@ def uncoordinated(box, rate, tag, n, poll=2):
     sc.check(tag not in counts.releases, f"{tag} served {counts.releases[tag]} responses")
     sc.check(parameter(box)[0] == old, f"parameter not restored: {parameter(box)[1]}")
     sc.check(counts.failed == 0, f"failed requests: {counts.failed} (first {counts.first_failure})")
-    sc.figures += [f"{3 * poll + 2} s after the write (poll {poll} s): all {n} on {old}, stale", counts.line()]
+    sc.figures += [f"{3 * poll + 2} s after the write (poll {poll} s): all {n} on {old}, parameter not read", counts.line()]
     inplace_unsigned(box, sc, rate, f"r{RUN}iun", n)
     sc.done()

@@ -177,6 +177,19 @@ def agent_status(box, ip, timeout=1.0):
         return None
 
 
+def agent_metric(box, iid, series):
+    """The value of one series of the instance's agent's /metrics (`series` as printed, with
+    its labels), or None when the agent does not answer or has no such series."""
+    try:
+        with urllib.request.urlopen(f"http://{host_ip(iid)}:{box['settings']['health_port']}/metrics",
+                                    timeout=2) as r:
+            text = r.read().decode()
+    except (OSError, TypeError):
+        return None
+    m = re.search(r"(?m)^" + re.escape(series) + r" (\S+)$", text)
+    return float(m.group(1)) if m else None
+
+
 def release_of(status, field="running"):
     """The tag of a /status release field (`running` holds {"release": {...}}, `pulled` a release)."""
     v = (status or {}).get(field)

@@ -47,7 +47,7 @@ on any instance during a rollout fails the scenario):
   12 ctl SIGKILLed once the first batch switched: ctl status shows "1 of n"; ctl unlock --force;
                 the same release again converges without switching the first instance again
   13 the parameter written without ctl while every agent runs update = "follow" with a 2 s
-                poll: within 3 polls nothing swaps (all stale on the old release), each agent
+                poll: within 3 polls nothing swaps nor reads the parameter (boot only), each agent
                 warned at start; then the template's config back. Then an unsigned image (issue
                 20): ctl release --strategy in-place exits 2, no parameter or instance tag
                 written; the parameter and every skiff:target written to its digest with the

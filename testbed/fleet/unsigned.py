@@ -9,27 +9,19 @@ names another), so neither sits before a rollback scenario (7, 11)."""
 
 import json
 import os
-import re
 import time
-import urllib.request
 import images  # noqa: E402
 import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 
-from scenario import agent_answers, ctl, group, host_ip, parameter, settle, skiff_tags, stack_instances, tag_part, Watch, with_load
+from scenario import agent_answers, agent_metric, ctl, group, host_ip, parameter, settle, skiff_tags, stack_instances, tag_part, Watch, with_load
 from kit.waits import wait_until  # noqa: E402
 
 
 def refusals(box, iid):
     """The agent's count of signature refusals (its /metrics), or None when it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://{host_ip(iid)}:{box['settings']['health_port']}/metrics",
-                                    timeout=2) as r:
-            text = r.read().decode()
-    except (OSError, TypeError):
-        return None
-    m = re.search(r'(?m)^skiff_agent_signature_checks_total\{result="refused"\} (\d+)', text)
-    return int(m.group(1)) if m else None
+    n = agent_metric(box, iid, 'skiff_agent_signature_checks_total{result="refused"}')
+    return None if n is None else int(n)
 
 
 def said(iid, fragment):

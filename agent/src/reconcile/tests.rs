@@ -245,10 +245,11 @@ fn fleet_decisions() {
             // nothing runs and a target is set (e.g. the container was removed): the target
             (FLEET, Boot, Some(&v2), Some(&v3), None, true, None, Deploy(v3.clone())),
             (FLEET, Boot, Some(&v2), Some(&v3), None, false, None, Deploy(v3.clone())),
-            // a running container: a parameter change alone never swaps, in either mode
-            (FLEET, Boot, Some(&v2), None, Some(&v1_up), false, None, Stale),
-            (FLEET, Follow, Some(&v2), None, Some(&v1_up), false, None, Stale),
-            (FLEET, Follow, Some(&v2), None, Some(&v1_up), true, None, Stale),
+            // a running container: a parameter change alone never swaps, in either mode, and is
+            // not reported (the host would not have read it)
+            (FLEET, Boot, Some(&v2), None, Some(&v1_up), false, None, Keep),
+            (FLEET, Follow, Some(&v2), None, Some(&v1_up), false, None, Keep),
+            (FLEET, Follow, Some(&v2), None, Some(&v1_up), true, None, Keep),
             // ... an exited one is restarted, not replaced by the parameter's release
             (FLEET, Follow, Some(&v2), None, Some(&v1_down), false, None, Restart),
             // off a fleet: `follow` follows the parameter, targets mean nothing
@@ -262,9 +263,9 @@ fn fleet_decisions() {
             (FLEET, Boot, Some(&v1), Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
             (FLEET, Boot, None, Some(&v2), Some(&v1_up), false, None, Replace(v2.clone())),
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_down), false, None, Deploy(v2.clone())),
-            // target reached: kept; a parameter naming something else is reported stale
+            // target reached: kept, whatever the parameter read at boot named
             (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_up), false, None, Keep),
-            (FLEET, Follow, Some(&v2), Some(&v1), Some(&v1_up), false, None, Stale),
+            (FLEET, Follow, Some(&v2), Some(&v1), Some(&v1_up), false, None, Keep),
             (FLEET, Boot, Some(&v1), Some(&v1), Some(&v1_down), false, None, Restart),
             // a target that failed here is not retried (nor is the parameter naming it)
             (FLEET, Boot, Some(&v2), Some(&v2), Some(&v1_up), false, Some(&v2), Keep),

@@ -263,7 +263,9 @@ async fn a_pull_that_cannot_succeed_is_reported_failed_and_its_target_never_swap
 }
 
 /// The old uncoordinated behaviour cannot happen on a fleet: a parameter change alone never
-/// swaps a running container, with `update = "follow"` too.
+/// swaps a running container, with `update = "follow"` too. Nor is the parameter read again
+/// once the host runs something (issue 18, finding 3): over 60 s of 10 s polls the source
+/// named v2 after its first read, and the host never saw it.
 #[tokio::test(start_paused = true)]
 async fn a_parameter_change_on_a_fleet_never_swaps_a_running_container() {
     for update in ["boot", "follow"] {
@@ -292,10 +294,10 @@ async fn a_parameter_change_on_a_fleet_never_swaps_a_running_container() {
         let snap = state.borrow();
         assert_eq!(
             snap.desired.as_ref().map(|d| d.tag.as_str()),
-            Some("v2"),
-            "{update}"
+            Some("v1"),
+            "{update}: read at start only"
         );
-        assert!(snap.stale, "{update}: reported stale");
+        assert!(!snap.stale, "{update}: not reported stale");
         assert!(
             *fleet.reads.lock().expect("lock") >= 50,
             "instructions read every turn"
@@ -372,4 +374,38 @@ async fn after_the_revert_the_failure_is_withdrawn_and_a_later_rollout_of_it_is_
     task.await.expect("join");
     assert_eq!(fleet.healthy_tags(), ["v1", "v2"]);
     assert_eq!(fleet.failed_values(), ["v2", ""], "not reported again");
+}
+
+/// A fleet host whose container is gone (removed from outside) with no instruction reads the
+/// parameter again, and deploys what it names now rather than what it read at start.
+#[tokio::test]
+async fn a_fleet_host_left_with_nothing_reads_the_parameter_again() {
+    let runtime = FakeRuntime::default();
+    runtime.world().containers.push(running("v1"));
+    let port = serve_app(runtime.clone()).await;
+    let fleet = RecordingFleet::coordinated();
+    let sup = Supervisor::new(
+        config_at("boot", port),
+        runtime.clone(),
+        source("v1", "v2"),
+        fleet.clone(),
+    );
+    let state = sup.state();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sup.run(cancel.clone()));
+    until(Duration::from_secs(5), "v1 reported healthy", || {
+        fleet.healthy_tags() == ["v1"]
+    })
+    .await;
+    runtime.world().containers.clear();
+    until(Duration::from_secs(5), "v2 serving", || {
+        running_tag(&state).as_deref() == Some("v2")
+    })
+    .await;
+    cancel.cancel();
+    task.await.expect("join");
+    assert_eq!(
+        state.borrow().desired.as_ref().map(|d| d.tag.to_string()),
+        Some("v2".into())
+    );
 }
