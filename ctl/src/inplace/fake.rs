@@ -301,6 +301,10 @@ struct State {
     marked: Vec<String>,
     /// The account's CloudWatch alarms: when each goes to ALARM (`None`: stays OK).
     alarms: BTreeMap<String, Option<Instant>>,
+    /// What every DescribeAlarms answers instead, when set (denied, or failing).
+    alarms_error: Option<crate::alarms::AlarmsError>,
+    /// DescribeAlarms calls answered.
+    alarm_reads: usize,
     calls: Vec<(Duration, Call)>,
     /// A stop requested once `key` was written this many times.
     stop_on: Option<(String, usize, StopHandle)>,
@@ -348,6 +352,8 @@ impl FakeFleet {
                 suspended: Vec::new(),
                 marked: Vec::new(),
                 alarms: BTreeMap::new(),
+                alarms_error: None,
+                alarm_reads: 0,
                 calls: Vec::new(),
                 stop_on: None,
             }),
@@ -372,6 +378,16 @@ impl FakeFleet {
     pub(crate) fn alarm(&self, name: &str, after: Option<Duration>) {
         let at = after.map(|d| Instant::now() + d);
         self.state().alarms.insert(name.to_owned(), at);
+    }
+
+    /// Every DescribeAlarms from now answers `error` (a denial, or a failure).
+    pub(crate) fn alarms_fail(&self, error: crate::alarms::AlarmsError) {
+        self.state().alarms_error = Some(error);
+    }
+
+    /// DescribeAlarms calls so far.
+    pub(crate) fn alarm_reads(&self) -> usize {
+        self.state().alarm_reads
     }
 
     /// Instance `id` joins the group `after` from now, running `running`.
@@ -529,7 +545,11 @@ impl InPlaceFleet for FakeFleet {
     /// not (DescribeAlarms leaves it out of its answer).
     async fn firing(&self, names: &[String]) -> Result<Vec<String>, InPlaceError> {
         let now = Instant::now();
-        let s = self.state();
+        let mut s = self.state();
+        s.alarm_reads += 1;
+        if let Some(e) = &s.alarms_error {
+            return Err(e.clone().into());
+        }
         Ok(names
             .iter()
             .filter(|n| {

@@ -107,6 +107,9 @@ fn outline(events: &[Event]) -> Vec<String> {
                 RolloutStep::AlarmsQuiet { alarms, .. } => {
                     Some(format!("alarms quiet {}", join(alarms)))
                 }
+                RolloutStep::AlarmsUnwatched { alarms, .. } => {
+                    Some(format!("alarms unwatched {}", join(alarms)))
+                }
                 RolloutStep::Resumed { processes, error } => Some(format!(
                     "resume {}{}",
                     join(processes),
@@ -907,4 +910,58 @@ async fn an_in_place_release_takes_a_killed_runs_hold_over_and_resumes_it_at_its
         "{:?}",
         fleet.suspended()
     );
+}
+
+/// DescribeAlarms denied (a stack from before the permission): the release passed its health
+/// gates and stands, said loudly, after one read; failing reads instead (CloudWatch away) fail
+/// the release after ALARM_READ_FAILURES reads, and every host is reverted.
+#[tokio::test(start_paused = true)]
+async fn alarms_that_cannot_be_read_leave_a_denied_release_standing_and_fail_an_unreadable_one() {
+    let with_alarms = || {
+        let mut req = in_place(plan(SwapMode::Handover, None, 0));
+        req.plan.alarms = ids(&["app-5xx"]);
+        req.plan.alarm_window = Duration::from_secs(240);
+        req
+    };
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.alarms_fail(crate::alarms::AlarmsError::Denied(
+        "AccessDenied: not authorized to perform cloudwatch:DescribeAlarms".into(),
+    ));
+    let (outcome, events) = roll(&w, &fleet, &with_alarms()).await;
+    assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
+    let steps = outline(&events);
+    assert_eq!(
+        steps[steps.len() - 3..],
+        [
+            "settled",
+            "alarms unwatched app-5xx",
+            "resume HealthCheck ReplaceUnhealthy"
+        ]
+    );
+    assert_eq!(fleet.alarm_reads(), 1, "no retry of a denial");
+    assert_eq!(instructions(&fleet, TARGET), vec!["i-1 v2", "i-2 v2"]);
+
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
+    fleet.alarms_fail(crate::alarms::AlarmsError::Describe(
+        "dispatch failure: connection refused".into(),
+    ));
+    let (outcome, events) = roll(&w, &fleet, &with_alarms()).await;
+    let reason = rolled_back(&outcome);
+    assert!(
+        reason.starts_with("release alarms after the last batch (v2@")
+            && reason.contains("connection refused"),
+        "{reason}"
+    );
+    assert_eq!(fleet.alarm_reads(), ALARM_READ_FAILURES as usize);
+    assert!(
+        outline(&events).contains(&"revert i-1 i-2 to v1".to_string()),
+        "{events:?}"
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec!["i-1 v2", "i-2 v2", "i-1 i-2 v1"]
+    );
+    written_back(&w);
 }
