@@ -28,6 +28,11 @@ struct Host {
 
 /// v1 runs healthy on a fleet host, adopted and reported.
 async fn serving_v1(unhealthy: &[&str]) -> Host {
+    serving_v1_then(unhealthy, "v1").await
+}
+
+/// As [`serving_v1`], the parameter naming `later` from its second read on.
+async fn serving_v1_then(unhealthy: &[&str], later: &str) -> Host {
     let runtime = FakeRuntime::default();
     {
         let mut w = runtime.world();
@@ -40,7 +45,7 @@ async fn serving_v1(unhealthy: &[&str]) -> Host {
     let sup = Supervisor::new(
         config_at("boot", port),
         runtime.clone(),
-        source("v1", "v1"),
+        source("v1", later),
         fleet.clone(),
     )
     .with_metrics(metrics.clone());
@@ -380,23 +385,13 @@ async fn after_the_revert_the_failure_is_withdrawn_and_a_later_rollout_of_it_is_
 /// parameter again, and deploys what it names now rather than what it read at start.
 #[tokio::test]
 async fn a_fleet_host_left_with_nothing_reads_the_parameter_again() {
-    let runtime = FakeRuntime::default();
-    runtime.world().containers.push(running("v1"));
-    let port = serve_app(runtime.clone()).await;
-    let fleet = RecordingFleet::coordinated();
-    let sup = Supervisor::new(
-        config_at("boot", port),
-        runtime.clone(),
-        source("v1", "v2"),
-        fleet.clone(),
-    );
-    let state = sup.state();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(sup.run(cancel.clone()));
-    until(Duration::from_secs(5), "v1 reported healthy", || {
-        fleet.healthy_tags() == ["v1"]
-    })
-    .await;
+    let Host {
+        runtime,
+        state,
+        cancel,
+        task,
+        ..
+    } = serving_v1_then(&[], "v2").await;
     runtime.world().containers.clear();
     until(Duration::from_secs(5), "v2 serving", || {
         running_tag(&state).as_deref() == Some("v2")
