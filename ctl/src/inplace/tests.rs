@@ -1140,3 +1140,26 @@ async fn waits_are_bounded_and_stoppable() {
         Waited::Stopped("SIGTERM")
     );
 }
+
+#[test]
+fn swap_window_table() {
+    let s = Duration::from_secs;
+    let batch_timeout = s(300);
+    // slowest finished batch => window
+    let table = [
+        (None, s(300)),
+        (Some(Duration::from_millis(1100)), SWAP_WINDOW_FLOOR),
+        (Some(s(10)), s(30)),
+        (Some(s(20)), s(60)),
+        (Some(s(99)), s(297)),
+        (Some(s(150)), s(300)),
+    ];
+    for (slowest, want) in table {
+        assert_eq!(swap_window(slowest, batch_timeout), want, "{slowest:?}");
+    }
+    assert_eq!(
+        swap_window(Some(s(20)), s(45)),
+        s(45),
+        "never past --batch-timeout"
+    );
+}

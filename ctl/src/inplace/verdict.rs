@@ -341,9 +341,27 @@ pub fn swap_over(host: &Host, new: &Release) -> bool {
     runs(host, new) || names(host.failed.as_deref(), new)
 }
 
+/// The least [`swap_window`] allows a host caught mid-swap: its agent's hold after a handover's
+/// flip (5 s by default), a loop turn to read the revert, and the tag's way to ctl.
+pub const SWAP_WINDOW_FLOOR: Duration = Duration::from_secs(30);
+
+/// How long a host told `new` that never reported it may still be in its swap to `new`: three
+/// times the slowest swap of this run's batches (told -> healthy on `new`), at least
+/// [`SWAP_WINDOW_FLOOR`], at most `batch_timeout`; before any batch finished, `batch_timeout`.
+/// A host that saw the revert's target before it read `new` never reports `new` at all, so
+/// without a measure the revert waited the whole `--batch-timeout` (fleet scenario 20: 300 s
+/// for a SIGTERM right after batch 2's target). A host slower than this is declared back while
+/// it may still swap to `new`; it then reads the revert and swaps back by itself. Pure.
+pub fn swap_window(slowest: Option<Duration>, batch_timeout: Duration) -> Duration {
+    match slowest {
+        Some(s) => (s * 3).max(SWAP_WINDOW_FLOOR).min(batch_timeout),
+        None => batch_timeout,
+    }
+}
+
 /// The revert of hosts that may be caught in a swap to `new`: [`revert_verdict`], and each of
 /// `told` still in the group whose swap to `new` is not seen over (earlier or in this read) is
-/// waited for until `window` (the longest a swap may take, `--batch-timeout`) has passed since
+/// waited for until `window` (the longest a swap may take, [`swap_window`]) has passed since
 /// its target was written; until then its report of `prev` may be from before that swap.
 /// Pure.
 pub fn revert_after_swaps_verdict(

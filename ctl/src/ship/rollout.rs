@@ -6,6 +6,8 @@
 //! joiners last. A failure or the first signal reverts every switched instance and writes the
 //! previous record back under the same rules as the refresh path ([`Run::put_back`]).
 
+use std::time::Duration;
+
 use skiff_release::{Release, instance_tags};
 use tokio::time::Instant;
 
@@ -224,6 +226,7 @@ where
     let mut switched: Vec<String> = Vec::new();
     // When each switched instance was told `new`: a revert waits for those caught mid-swap.
     let mut told: Vec<(String, Instant)> = Vec::new();
+    let mut slowest: Option<Duration> = None;
     let mut batches = batches;
     let mut total = batches.len();
     let mut n = 0;
@@ -254,6 +257,7 @@ where
             let so_far = Switched {
                 switched: &switched,
                 told: &told,
+                slowest,
             };
             if let Err(e) = fleet.tag(&batch, instance_tags::TARGET, &value).await {
                 return revert(run, fleet, plan, so_far, format!("batch {n}: {e}"), emit).await;
@@ -272,12 +276,15 @@ where
                 waited,
                 plan.batch_timeout,
             ) {
-                None => emit(Event::Rollout(RolloutStep::Healthy {
-                    batch: n,
-                    batches: total,
-                    instances: batch.clone(),
-                    secs: took(t),
-                })),
+                None => {
+                    slowest = slowest.max(Some(t.elapsed()));
+                    emit(Event::Rollout(RolloutStep::Healthy {
+                        batch: n,
+                        batches: total,
+                        instances: batch.clone(),
+                        secs: took(t),
+                    }))
+                }
                 Some(f) => return fail(run, fleet, plan, so_far, f, emit).await,
             }
             if !plan.bake.is_zero() {
@@ -323,6 +330,7 @@ where
             let so_far = Switched {
                 switched: &switched,
                 told: &told,
+                slowest,
             };
             if let Some(f) = settle(run, fleet, plan, &switched, stop, emit).await {
                 return fail(run, fleet, plan, so_far, f, emit).await;
@@ -558,6 +566,9 @@ async fn read_hosts<H: InPlaceFleet>(fleet: &H) -> Result<Vec<Host>, inplace::In
 struct Switched<'a> {
     switched: &'a [String],
     told: &'a [(String, Instant)],
+    /// The longest a finished batch took from its target to healthy (see
+    /// [`inplace::swap_window`]).
+    slowest: Option<Duration>,
 }
 
 async fn fail<S, R, D, L, H>(
@@ -588,9 +599,10 @@ where
 /// Tag the previous release back on every switched instance (and any other that runs the new
 /// one), wait until they run it, and write the previous record back (only over this run's own
 /// write). An agent reads the revert only once a swap it is in is over, so an instance told the
-/// new release that never reported it is waited for until that swap could be over (at most
-/// `--batch-timeout` after it was told, [`inplace::revert_after_swaps_verdict`]); the wait gets
-/// that much longer. A signal during the revert does not stop it; a second one exits at once.
+/// new release that never reported it is waited for until that swap could be over (three times
+/// this run's slowest batch, at least 30 s, at most `--batch-timeout` after it was told:
+/// [`inplace::swap_window`], [`inplace::revert_after_swaps_verdict`]); the wait gets that much
+/// longer. A signal during the revert does not stop it; a second one exits at once.
 async fn revert<S, R, D, L, H>(
     run: &Run<'_, '_, S, R, D, L>,
     fleet: &H,
@@ -638,8 +650,8 @@ where
         to: prev.to_string(),
         instances: ids.clone(),
     }));
-    // The swap window: the longest ctl lets a batch's swap take.
-    let window = plan.batch_timeout;
+    // The swap window: how long a host told `new` may still be swapping to it.
+    let window = inplace::swap_window(so_far.slowest, plan.batch_timeout);
     let mut caught: Vec<(inplace::Told, Instant)> = so_far
         .told
         .iter()

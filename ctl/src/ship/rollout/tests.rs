@@ -965,3 +965,49 @@ async fn alarms_that_cannot_be_read_leave_a_denied_release_standing_and_fail_an_
     );
     written_back(&w);
 }
+
+/// A stop right after batch 2's target, which batch 2's agent has not read when the revert's
+/// target replaces it: it never reports v2. The revert waits for it only as long as a swap
+/// took in this run (three times the canary's, at least 30 s), not the whole --batch-timeout
+/// (fleet scenario 20 waited 300 s).
+#[tokio::test(start_paused = true)]
+async fn a_revert_waits_for_a_host_that_never_saw_the_new_release_only_a_swap_window() {
+    let w = World::new(vec![]);
+    let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
+    fleet.agent("i-2", |a| a.ignores_target = true);
+    let t0 = tokio::time::Instant::now();
+    let (handle, mut stop) = Stop::new();
+    fleet.stop_on(TARGET, 2, handle);
+    let req = in_place(plan(SwapMode::Handover, None, 0));
+    let (r, events) = w.ship_with(&fleet, &req, &mut stop).await;
+    let returned = t0.elapsed();
+    let outcome = r.expect("an outcome");
+
+    assert_eq!(rolled_back(&outcome), "stopped by SIGTERM");
+    let canary = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Rollout(RolloutStep::Healthy { batch: 1, secs, .. }) => Some(*secs),
+            _ => None,
+        })
+        .expect("the canary was healthy");
+    let window = crate::inplace::swap_window(
+        Some(Duration::from_secs_f64(canary)),
+        Duration::from_secs(120),
+    );
+    assert!(window < Duration::from_secs(120), "{window:?}");
+    assert!(
+        returned >= window && returned <= window + Duration::from_secs(30),
+        "returned at {returned:?}, window {window:?} after the canary's {canary} s"
+    );
+    assert_eq!(
+        instructions(&fleet, TARGET),
+        vec!["i-1 v2", "i-2 v2", "i-1 i-2 v1"]
+    );
+    assert!(
+        fleet.reports("i-2").is_empty(),
+        "{:?}",
+        fleet.reports("i-2")
+    );
+    written_back(&w);
+}
