@@ -11,7 +11,7 @@ import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 from load import Load  # noqa: E402
 
-from scenario import agent_metric, agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, RUN, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
+from scenario import agent_log, agent_metric, agent_status, auto_scaling_quiet, ctl, ctl_stream, drain_seconds, host_ip, parameter, release_of, RUN, Scenario, served, set_agent_config, skiff_tags, stack_instances, tag_part, URL, Watch, with_load
 from kit.waits import wait_until  # noqa: E402
 from unsigned import inplace_unsigned
 INPLACE_BENCH = []  # (what, instances, wall s, floor s or None, failed requests, terms)
@@ -303,11 +303,7 @@ def uncoordinated(box, rate, tag, n, poll=2):
                  f"{i}: read the parameter after boot (last poll {last_poll[i]} -> {polled_since[i]})")
         sc.check(not watch.changes(i, "serving", t0) and not [v for _, v in watch.changes(i, "lb", t0) if not v],
                  f"{i} swapped or left the LB: serving {watch.changes(i, 'serving', t0)}, LB {watch.changes(i, 'lb', t0)}")
-        try:
-            with open(os.path.join(settings.STATE, "hosts", i, "agent.log")) as f:
-                said = "uncoordinated in-place swaps are disabled" in f.read()
-        except OSError:
-            said = False  # the instance is gone (replaced): its log is in logs/ after down
+        said = any("uncoordinated in-place swaps are disabled" in line for line in agent_log(i))
         sc.check(said, f"{i}: the agent did not warn that update = follow is not honoured")
     tags = skiff_tags(box, ids)
     sc.check(all(tags[i].get("skiff:release") == old for i in ids), f"skiff:release: {tags}")

@@ -139,18 +139,25 @@ def tag_part(value):
     return value.split("@")[0] if value else None
 
 
+def agent_log(iid):
+    """The lines of the instance's agent log: in its host folder while it runs, in logs/ once
+    the instance is gone (network.py copies it there before removing the folder)."""
+    for folder in (os.path.join(settings.STATE, "hosts", iid), os.path.join(settings.STATE, "logs", iid)):
+        try:
+            with open(os.path.join(folder, "agent.log")) as f:
+                return f.readlines()
+        except OSError:
+            continue
+    return []
+
+
 def agent_answers(iid, key):
     """The values the instance's agent says it wrote to tag `key` ("answered on the instance
     tags" in its JSON log), in order. The watch samples tags every 0.5 s and can miss an answer
     the agent withdraws within a second (a failure forgotten once ctl reverted the target); the
     agent's own log cannot."""
-    try:
-        with open(os.path.join(settings.STATE, "hosts", iid, "agent.log")) as f:
-            lines = f.readlines()
-    except OSError:
-        return []
     said = []
-    for line in lines:
+    for line in agent_log(iid):
         try:
             e = json.loads(line)
         except ValueError:

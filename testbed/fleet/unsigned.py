@@ -8,13 +8,12 @@ in the history, where a plain `ctl rollback` would pick it and refuse it (exit 2
 names another), so neither sits before a rollback scenario (7, 11)."""
 
 import json
-import os
 import time
 import images  # noqa: E402
 import loadbalancer  # noqa: E402
 import settings  # noqa: E402
 
-from scenario import agent_answers, agent_metric, ctl, group, host_ip, parameter, settle, skiff_tags, stack_instances, tag_part, Watch, with_load
+from scenario import agent_answers, agent_log, agent_metric, ctl, group, host_ip, parameter, settle, skiff_tags, stack_instances, tag_part, Watch, with_load
 from kit.waits import wait_until  # noqa: E402
 
 
@@ -26,12 +25,9 @@ def refusals(box, iid):
 
 def said(iid, fragment):
     """Whether the instance's agent log has a line whose message holds `fragment` (the log
-    stays after the instance is gone)."""
-    try:
-        with open(os.path.join(settings.STATE, "hosts", iid, "agent.log")) as f:
-            return any(fragment in line for line in f)
-    except OSError:
-        return False
+    stays after the instance is gone: scenario 3's refusing instance gives its launch up and is
+    gone by the time it is read)."""
+    return any(fragment in line for line in agent_log(iid))
 
 
 def deployer(box):
