@@ -37,7 +37,7 @@
 #   SHARED_LISTENER_ARN SHARED_LB_SECURITY_GROUP LISTENER_RULE_PRIORITY, and SITE_HOST_NAME
 #                (default $(ENV).$(SITE_DOMAIN) when SITE_DOMAIN is set)
 #   Database (optional; default: the stack creates its own RDS MySQL instance):
-#   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_SECURITY_GROUP
+#   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_CLIENTS_SECURITY_GROUP
 #                an existing database instead (templates/README.md, "Sharing a database")
 #   DATABASE_MULTI_AZ DATABASE_DELETION_PROTECTION ("true"/"false") the own database's settings
 #   CTL_EXIT_FILE update-stack writes ctl's exit code there (make itself exits 2 on any failure)
@@ -133,7 +133,7 @@ DATABASE_HOST ?=
 DATABASE_PORT ?=
 DATABASE_NAME ?=
 DATABASE_SECRET_ARN ?=
-DATABASE_SECURITY_GROUP ?=
+DATABASE_CLIENTS_SECURITY_GROUP ?=
 DATABASE_MULTI_AZ ?=
 DATABASE_DELETION_PROTECTION ?=
 TRUSTED_KEYS ?=
@@ -359,6 +359,8 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Python, Jenkin
 # https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
+	@if [ -n "$(DATABASE_SECURITY_GROUP)" ]; then \
+	  $(say) "DATABASE_SECURITY_GROUP is gone: pass DATABASE_CLIENTS_SECURITY_GROUP=<the database stack's output ClientsSecurityGroup> (the instances join it; no rule is added to the database's group)" >&2; exit 1; fi
 	@$(need_deployable_branch)
 	@$(need_trusted_keys)
 	@$(need_aws)
@@ -398,7 +400,7 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	         CertificateArn=$(CERTIFICATE_ARN) AmiId=$(AMI_ID) MinSize=$(MIN_SIZE) MaxSize=$(MAX_SIZE) \
 	         InstanceType=$(INSTANCE_TYPE) ImageRepositoryName=$(REPOSITORY) \
 	         DatabaseHost=$(DATABASE_HOST) DatabasePort=$(DATABASE_PORT) DatabaseName=$(DATABASE_NAME) \
-	         DatabaseSecretArn=$(DATABASE_SECRET_ARN) DatabaseSecurityGroupId=$(DATABASE_SECURITY_GROUP) \
+	         DatabaseSecretArn=$(DATABASE_SECRET_ARN) DatabaseClientsSecurityGroupId=$(DATABASE_CLIENTS_SECURITY_GROUP) \
 	         DatabaseMultiAZ=$(DATABASE_MULTI_AZ) DatabaseDeletionProtection=$(DATABASE_DELETION_PROTECTION) \
 	         SharedListenerArn=$(SHARED_LISTENER_ARN) SharedLoadBalancerSecurityGroupId=$(SHARED_LB_SECURITY_GROUP) \
 	         SiteHostName=$(SITE_HOST_NAME) ListenerRulePriority=$(LISTENER_RULE_PRIORITY); do \

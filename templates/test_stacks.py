@@ -42,8 +42,8 @@ What moto (5.2) does not do, and how each is handled here:
   * Rules are ignored: the test evaluates the template's Rules itself (Fn::Equals/Not/And/Or
     over the parameters, as CloudFormation does) for the parameter sets it deploys and for the
     ones the Rules must refuse.
-  * AWS::EC2::SecurityGroupIngress has no delete: a deleted stack's rule in another stack's
-    group (SharedDatabaseIngress) stays in moto, so its removal is not checked.
+  * AWS::EC2::SecurityGroupIngress has no delete (app stacks no longer make one in another
+    stack's group: they join the shared database's clients group).
   * Fn::And over a !Condition is evaluated wrongly (always false); app.yaml avoids the form.
   * AWS::ElasticLoadBalancingV2::ListenerRule is not deleted with its stack: a QA stack's rule on
     the shared listener stays in moto (the test removes it), so its removal is not checked.
@@ -566,9 +566,12 @@ def app_bounds_checks(text, t):
           (8090, 8091, "handover", ["handover", "drain"]))
     check("app: Rules refuse DatabaseHost without DatabaseSecretArn",
           bool(rules_refuse(t, {"DatabaseHost": "db.example.com"})))
-    check("app: Rules refuse DatabaseSecretArn or DatabaseSecurityGroupId without DatabaseHost",
+    check("app: Rules refuse DatabaseSecretArn or DatabaseClientsSecurityGroupId without DatabaseHost",
           bool(rules_refuse(t, {"DatabaseSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:x"}))
-          and bool(rules_refuse(t, {"DatabaseSecurityGroupId": "sg-0123456789abcdef0"})))
+          and bool(rules_refuse(t, {"DatabaseClientsSecurityGroupId": "sg-0123456789abcdef0"})))
+    check("app: no rule into another stack's security group (a group holds at most 60 inbound rules)",
+          not [k for k, v in t["Resources"].items() if v["Type"] == "AWS::EC2::SecurityGroupIngress"
+               and "DatabaseClientsSecurityGroupId" in json.dumps(v["Properties"])])
 
 
 
@@ -953,9 +956,11 @@ def db_template_checks(text, t):
     r = t["Resources"]
     database_settings_checks("db", t, "Database")
     ingress = r["DatabaseSecurityGroup"]["Properties"]["SecurityGroupIngress"]
-    equal("db: reachable only from the client security group on 3306",
+    equal("db: reachable on 3306 only from its clients group",
           [(i["FromPort"], i.get("SourceSecurityGroupId"), i.get("CidrIp")) for i in ingress],
-          [(3306, {"Ref": "ClientSecurityGroupId"}, None)])
+          [(3306, {"Fn::GetAtt": ["ClientsSecurityGroup", "GroupId"]}, None)])
+    check("db: no ingress resources of its own (a rule per client would be the quota again)",
+          not [k for k, v in r.items() if v["Type"] == "AWS::EC2::SecurityGroupIngress"])
     equal("db: SecretArn output reads the managed secret",
           t["Outputs"]["SecretArn"]["Value"], {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]})
     policy_checks("db", text, t)
@@ -1070,7 +1075,7 @@ def shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup)
     equal("shared lb create: no load balancer, listeners or load balancer group of its own; the rule",
           not_built(stack_c, app_t),
           {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase", "DatabaseMonitoringRole",
-           "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | OWN_LB | NO_KEYS)
+           "Database"} | RELEASE_ALARMS | OWN_LB | NO_KEYS)
     equal("shared lb create: LoadBalancerDNS output is the site's host name", out.get("LoadBalancerDNS"), host)
     ids = physical_ids(stack_c)
     rules = [r for r in elb.describe_rules(ListenerArn=listener["ListenerArn"])["Rules"] if not r.get("IsDefault")]
@@ -1176,7 +1181,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition), "
           "the release alarms (no CloudWatch alarms in moto's CloudFormation)",
           not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
+          {"InstanceEgressToDatabase"}
           | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     equal("app create: ReleaseAlarmNames output names both alarms of this environment",
           out.get("ReleaseAlarmNames"),
@@ -1320,7 +1325,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
+          {"InstanceEgressToDatabase"}
           | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
@@ -1332,14 +1337,13 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     # --- database stack: create (a database to share)
     db_body = strip_output(db_text, "SecretArn")
     db_params = {"Environment": f"{env}-shared", "VpcId": vpc, "SubnetIds": ",".join(private),
-                 "ClientSecurityGroupId": inst_sg,
                  "MultiAZ": "false", "DeletionProtection": "false", "DatabaseName": f"shared_{RUN}"}
     dstack = create(db_stack, db_body, db_params, cleanup)
     if not equal("db create: status", dstack["StackStatus"], "CREATE_COMPLETE"):
         return
     dout = outputs(dstack)
-    equal("db create: moto skipped only the egress rule it does not implement",
-          not_built(db_stack, db_t), {"ClientEgressToDatabase"})
+    equal("db create: moto skipped only the egress rules it does not implement",
+          not_built(db_stack, db_t), {"ClientsEgressToDatabase"})
     dids = physical_ids(db_stack)
     dinst = rds.describe_db_instances(DBInstanceIdentifier=dids["Database"])["DBInstances"][0]
     equal("db create: Endpoint and Port outputs", (dout.get("Endpoint"), dout.get("Port")),
@@ -1350,26 +1354,15 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
           (dinst["Engine"], dinst["StorageEncrypted"], dinst["BackupRetentionPeriod"], dinst["PubliclyAccessible"]),
           ("mysql", True, 7, False))
     db_sg = {"id": dout["SecurityGroup"]}
+    clients_sg = dout.get("ClientsSecurityGroup")
 
     def db_ingress():
         sg = ec2.describe_security_groups(GroupIds=[db_sg["id"]])["SecurityGroups"][0]
         return sorted(g["GroupId"] for p in sg["IpPermissions"] for g in p["UserIdGroupPairs"])
 
-    equal("db create: database ingress only from the client group", db_ingress(), [inst_sg])
-
-    # --- database stack: update (a new client group, as after replacing the app's instances)
-    other_sg = ec2.create_security_group(GroupName=f"skiff-test-client-{RUN}", Description="test client",
-                                         VpcId=vpc)["GroupId"]
-    cleanup.append(lambda: ec2.delete_security_group(GroupId=other_sg))
-    db_params["ClientSecurityGroupId"] = other_sg
-    cfn.update_stack(StackName=db_stack, TemplateBody=db_body, Parameters=params(db_params),
-                     Capabilities=["CAPABILITY_IAM"])
-    dstack = wait_stack(db_stack, "UPDATE_COMPLETE")
-    equal("db update: status", dstack["StackStatus"], "UPDATE_COMPLETE")
-    dout2 = outputs(dstack)
-    db_sg["id"] = dout2["SecurityGroup"]
-    equal("db update: database ingress follows the new client group", db_ingress(), [other_sg])
-    equal("db update: same database endpoint", dout2.get("Endpoint"), dout["Endpoint"])
+    check("db create: a clients group of its own (output ClientsSecurityGroup)",
+          bool(clients_sg) and clients_sg not in (inst_sg, db_sg["id"]), str(dout))
+    equal("db create: database ingress only from its clients group", db_ingress(), [clients_sg])
 
     # --- a second branch's stack sharing that database
     secret = sm.create_secret(Name=f"rds!skiff-test-{RUN}", SecretString='{"username":"skiff"}')["ARN"]
@@ -1377,7 +1370,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     env_b, stack_b = f"{env}-b", f"skiff-test-app-{RUN}-b"
     shared = {"DatabaseHost": dout["Endpoint"], "DatabasePort": dout["Port"],
               "DatabaseName": dout["DatabaseName"], "DatabaseSecretArn": secret,
-              "DatabaseSecurityGroupId": db_sg["id"]}
+              "DatabaseClientsSecurityGroupId": clients_sg}
     # This one names two keys (issue 20): its hosts check signatures.
     trusted = public_key_pem() + public_key_pem()
     b_params = dict(app_params, Environment=env_b, MaxSize=4, StopTimeoutSeconds=30, TrustedKeys=trusted, **shared)
@@ -1388,7 +1381,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared create: no database of its own; rules into the shared one (egress: moto lacks it)",
               not_built(stack_b, app_t),
               {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
-               "DatabaseMonitoringRole", "Database", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | SHARED_LB)
+               "DatabaseMonitoringRole", "Database"} | RELEASE_ALARMS | SHARED_LB)
         keys_name = f"/skiff/{env_b}/trusted-keys"
         equal("shared create (TrustedKeys): output TrustedKeysParameter names /skiff/<env>/trusted-keys",
               bout.get("TrustedKeysParameter"), keys_name)
@@ -1397,9 +1390,13 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
               (kept["Value"].strip(), kept["Type"]), (trusted.strip(), "String"))
         equal("shared create: DatabaseEndpoint output is the shared database",
               bout.get("DatabaseEndpoint"), dout["Endpoint"])
-        equal("shared create: the shared database now admits this stack's instances too",
-              db_ingress(), sorted([other_sg, bout["InstanceSecurityGroup"]]))
+        equal("shared create: no rule added to the shared database's group (its instances join its clients)",
+              db_ingress(), [clients_sg])
         bids = physical_ids(stack_b)
+        lt = ec2.describe_launch_template_versions(LaunchTemplateId=bids["LaunchTemplate"], Versions=["$Latest"])
+        equal("shared create: the instances are in their own group and the database's clients group",
+              sorted(lt["LaunchTemplateVersions"][0]["LaunchTemplateData"].get("SecurityGroupIds", [])),
+              sorted([bout["InstanceSecurityGroup"], clients_sg]))
         toml_text, config, _, _ = run_user_data(latest_user_data(bids["LaunchTemplate"]))
         equal("shared create: agent config has the shared database",
               config, expected_agent_config(env_b, account, {
