@@ -38,7 +38,8 @@
 #                (default $(ENV).$(SITE_DOMAIN) when SITE_DOMAIN is set)
 #   Database (optional; default: the stack creates its own RDS MySQL instance):
 #   DATABASE_HOST DATABASE_PORT DATABASE_NAME DATABASE_SECRET_ARN DATABASE_CLIENTS_SECURITY_GROUP
-#                an existing database instead (templates/README.md, "Sharing a database")
+#                an existing database instead (templates/README.md, "Sharing a database");
+#                DATABASE_SECURITY_GROUP is deprecated (the move from it: same section), none clears it
 #   DATABASE_MULTI_AZ DATABASE_DELETION_PROTECTION ("true"/"false") the own database's settings
 #   CTL_EXIT_FILE update-stack writes ctl's exit code there (make itself exits 2 on any failure)
 #   TRUSTED_KEYS a file of PEM public keys (-----BEGIN PUBLIC KEY----- blocks, P-256; several while
@@ -134,6 +135,7 @@ DATABASE_PORT ?=
 DATABASE_NAME ?=
 DATABASE_SECRET_ARN ?=
 DATABASE_CLIENTS_SECURITY_GROUP ?=
+DATABASE_SECURITY_GROUP ?=
 DATABASE_MULTI_AZ ?=
 DATABASE_DELETION_PROTECTION ?=
 TRUSTED_KEYS ?=
@@ -359,8 +361,8 @@ lint: ## lint what is not Rust: templates, packer, shell scripts, Python, Jenkin
 # https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
 .PHONY: create-stack
 create-stack: ## create or update this branch's stack $(STACK) from templates/app.yaml (and its release parameter)
-	@if [ -n "$(DATABASE_SECURITY_GROUP)" ]; then \
-	  $(say) "DATABASE_SECURITY_GROUP is gone: pass DATABASE_CLIENTS_SECURITY_GROUP=<the database stack's output ClientsSecurityGroup> (the instances join it; no rule is added to the database's group)" >&2; exit 1; fi
+	@if [ -n "$(filter-out none,$(DATABASE_SECURITY_GROUP))" ]; then \
+	  $(say) "DATABASE_SECURITY_GROUP is deprecated: it adds a rule per stack to the shared database's group (60 rules at most). Pass DATABASE_CLIENTS_SECURITY_GROUP=<the database stack's output ClientsSecurityGroup> with it, replace the instances (ctl release --strategy refresh), then update with DATABASE_SECURITY_GROUP=none" >&2; fi
 	@$(need_deployable_branch)
 	@$(need_trusted_keys)
 	@$(need_aws)
@@ -401,10 +403,12 @@ create-stack: ## create or update this branch's stack $(STACK) from templates/ap
 	         InstanceType=$(INSTANCE_TYPE) ImageRepositoryName=$(REPOSITORY) \
 	         DatabaseHost=$(DATABASE_HOST) DatabasePort=$(DATABASE_PORT) DatabaseName=$(DATABASE_NAME) \
 	         DatabaseSecretArn=$(DATABASE_SECRET_ARN) DatabaseClientsSecurityGroupId=$(DATABASE_CLIENTS_SECURITY_GROUP) \
+	         DatabaseSecurityGroupId=$(filter-out none,$(DATABASE_SECURITY_GROUP)) \
 	         DatabaseMultiAZ=$(DATABASE_MULTI_AZ) DatabaseDeletionProtection=$(DATABASE_DELETION_PROTECTION) \
 	         SharedListenerArn=$(SHARED_LISTENER_ARN) SharedLoadBalancerSecurityGroupId=$(SHARED_LB_SECURITY_GROUP) \
 	         SiteHostName=$(SITE_HOST_NAME) ListenerRulePriority=$(LISTENER_RULE_PRIORITY); do \
 	  [ -z "$${v#*=}" ] || overrides+=("$$v"); done; \
+	if [ "$(DATABASE_SECURITY_GROUP)" = none ]; then overrides+=("DatabaseSecurityGroupId="); fi; \
 	shown=("$${overrides[@]}"); \
 	if [ -n $(call quote,$(TRUSTED_KEYS)) ]; then \
 	  overrides+=("TrustedKeys=$$(cat $(call quote,$(TRUSTED_KEYS)))"); \

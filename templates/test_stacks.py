@@ -568,10 +568,12 @@ def app_bounds_checks(text, t):
           bool(rules_refuse(t, {"DatabaseHost": "db.example.com"})))
     check("app: Rules refuse DatabaseSecretArn or DatabaseClientsSecurityGroupId without DatabaseHost",
           bool(rules_refuse(t, {"DatabaseSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:x"}))
-          and bool(rules_refuse(t, {"DatabaseClientsSecurityGroupId": "sg-0123456789abcdef0"})))
-    check("app: no rule into another stack's security group (a group holds at most 60 inbound rules)",
-          not [k for k, v in t["Resources"].items() if v["Type"] == "AWS::EC2::SecurityGroupIngress"
-               and "DatabaseClientsSecurityGroupId" in json.dumps(v["Properties"])])
+          and bool(rules_refuse(t, {"DatabaseClientsSecurityGroupId": "sg-0123456789abcdef0"}))
+          and bool(rules_refuse(t, {"DatabaseSecurityGroupId": "sg-0123456789abcdef0"})))
+    equal("app: no rule into another stack's security group but the deprecated DatabaseSecurityGroupId's",
+          [(k, v.get("Condition")) for k, v in t["Resources"].items()
+           if v["Type"] == "AWS::EC2::SecurityGroupIngress" and "Database" in json.dumps(v["Properties"].get("GroupId"))],
+          [("SharedDatabaseIngress", "OpenSharedDatabase")])
 
 
 
@@ -959,8 +961,9 @@ def db_template_checks(text, t):
     equal("db: reachable on 3306 only from its clients group",
           [(i["FromPort"], i.get("SourceSecurityGroupId"), i.get("CidrIp")) for i in ingress],
           [(3306, {"Fn::GetAtt": ["ClientsSecurityGroup", "GroupId"]}, None)])
-    check("db: no ingress resources of its own (a rule per client would be the quota again)",
-          not [k for k, v in r.items() if v["Type"] == "AWS::EC2::SecurityGroupIngress"])
+    equal("db: no other ingress but the deprecated ClientSecurityGroupId's (a rule per client would be the quota again)",
+          [(k, v.get("Condition")) for k, v in r.items() if v["Type"] == "AWS::EC2::SecurityGroupIngress"],
+          [("IngressFromClient", "OneClient")])
     equal("db: SecretArn output reads the managed secret",
           t["Outputs"]["SecretArn"]["Value"], {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]})
     policy_checks("db", text, t)
@@ -1075,7 +1078,7 @@ def shared_lb_tests(app_t, body, app_params, shared, public, vpc, cert, cleanup)
     equal("shared lb create: no load balancer, listeners or load balancer group of its own; the rule",
           not_built(stack_c, app_t),
           {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase", "DatabaseMonitoringRole",
-           "Database"} | RELEASE_ALARMS | OWN_LB | NO_KEYS)
+           "Database", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | OWN_LB | NO_KEYS)
     equal("shared lb create: LoadBalancerDNS output is the site's host name", out.get("LoadBalancerDNS"), host)
     ids = physical_ids(stack_c)
     rules = [r for r in elb.describe_rules(ListenerArn=listener["ListenerArn"])["Rules"] if not r.get("IsDefault")]
@@ -1181,7 +1184,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     equal("app create: not built: the egress rule moto lacks, the shared-database rules (condition), "
           "the release alarms (no CloudWatch alarms in moto's CloudFormation)",
           not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase"}
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
           | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     equal("app create: ReleaseAlarmNames output names both alarms of this environment",
           out.get("ReleaseAlarmNames"),
@@ -1325,7 +1328,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[out["AutoScalingGroup"]])["AutoScalingGroups"][0]
     equal("app update: group max size", group["MaxSize"], 6)
     equal("app update: the same resources (the database kept)", not_built(app_stack, app_t),
-          {"InstanceEgressToDatabase"}
+          {"InstanceEgressToDatabase", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"}
           | RELEASE_ALARMS | SHARED_LB | NO_KEYS)
     ids2 = physical_ids(app_stack)
     equal("app update: same database", ids2.get("Database"), ids["Database"])
@@ -1343,7 +1346,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         return
     dout = outputs(dstack)
     equal("db create: moto skipped only the egress rules it does not implement",
-          not_built(db_stack, db_t), {"ClientsEgressToDatabase"})
+          not_built(db_stack, db_t), {"ClientsEgressToDatabase", "IngressFromClient", "ClientEgressToDatabase"})
     dids = physical_ids(db_stack)
     dinst = rds.describe_db_instances(DBInstanceIdentifier=dids["Database"])["DBInstances"][0]
     equal("db create: Endpoint and Port outputs", (dout.get("Endpoint"), dout.get("Port")),
@@ -1381,7 +1384,7 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         equal("shared create: no database of its own; rules into the shared one (egress: moto lacks it)",
               not_built(stack_b, app_t),
               {"DatabaseSubnetGroup", "DatabaseSecurityGroup", "InstanceEgressToDatabase",
-               "DatabaseMonitoringRole", "Database"} | RELEASE_ALARMS | SHARED_LB)
+               "DatabaseMonitoringRole", "Database", "SharedDatabaseIngress", "InstanceEgressToSharedDatabase"} | RELEASE_ALARMS | SHARED_LB)
         keys_name = f"/skiff/{env_b}/trusted-keys"
         equal("shared create (TrustedKeys): output TrustedKeysParameter names /skiff/<env>/trusted-keys",
               bout.get("TrustedKeysParameter"), keys_name)
@@ -1407,6 +1410,14 @@ def stack_tests(app_text, app_t, db_text, db_t, cleanup):
         check("shared create: role may read exactly the shared database's secret",
               [s.get("Resource") for s in stmts if s.get("Action") == "secretsmanager:GetSecretValue"]
               == [secret], str(stmts))
+        # The move from the deprecated DatabaseSecurityGroupId: with both, the per-stack rule is
+        # there too (the instances launched before the clients group keep their way).
+        cfn.update_stack(StackName=stack_b, TemplateBody=body, Capabilities=["CAPABILITY_IAM"],
+                         Parameters=params(dict(b_params, DatabaseSecurityGroupId=db_sg["id"])))
+        equal("shared update (deprecated DatabaseSecurityGroupId too): status",
+              wait_stack(stack_b, "UPDATE_COMPLETE")["StackStatus"], "UPDATE_COMPLETE")
+        equal("shared update (deprecated DatabaseSecurityGroupId too): its per-stack rule beside the clients group",
+              db_ingress(), sorted([clients_sg, bout["InstanceSecurityGroup"]]))
         cfn.delete_stack(StackName=stack_b)
         stack = wait_stack(stack["StackId"], "DELETE_COMPLETE")
         equal("shared delete: status", stack["StackStatus"], "DELETE_COMPLETE")

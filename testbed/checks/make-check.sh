@@ -157,9 +157,6 @@ check "make -n update-stack BRANCH=Master does not name app-master" bash -c '! g
 mk "${moto_env[@]}" -- update-stack BRANCH=Master TAG=abc1234 AWS="$aws_cli" CTL="$ctl"; rc=$?
 check "update-stack BRANCH=Master is refused (exit $rc) before any AWS call" \
   eval '[ "$rc" != 0 ] && has "protected environment master" && ! has "AWS identity" && ! has "release --tag"'
-mk "${moto_env[@]}" -- create-stack BRANCH=feature/x DATABASE_SECURITY_GROUP=sg-0123456789abcdef0 AWS="$aws_cli"; rc=$?
-check "create-stack refuses the old DATABASE_SECURITY_GROUP, naming DATABASE_CLIENTS_SECURITY_GROUP, before any AWS call (exit $rc)" \
-  eval '[ "$rc" != 0 ] && has "DATABASE_CLIENTS_SECURITY_GROUP" && ! has "AWS identity"'
 mk -- build BRANCH=MASTER; rc=$?
 check "build BRANCH=MASTER is refused (it would move the :master tag) (exit $rc)" \
   eval '[ "$rc" != 0 ] && has "protected environment master" && ! has "docker build"'
