@@ -476,10 +476,19 @@ async fn stopped_after_target(
     swap: SwapMode,
     nth: usize,
 ) -> (Outcome, Vec<Event>) {
+    stopped_after(w, fleet, &in_place(plan(swap, Some(2), 0)), nth).await
+}
+
+/// `req` on `fleet`, stopped (SIGTERM) right after the `nth` write of `skiff:target`.
+async fn stopped_after(
+    w: &World,
+    fleet: &FakeFleet,
+    req: &Request,
+    nth: usize,
+) -> (Outcome, Vec<Event>) {
     let (handle, mut stop) = Stop::new();
     fleet.stop_on(TARGET, nth, handle);
-    let req = in_place(plan(swap, Some(2), 0));
-    let (r, events) = w.ship_with(fleet, &req, &mut stop).await;
+    let (r, events) = w.ship_with(fleet, req, &mut stop).await;
     (r.expect("an outcome"), events)
 }
 
@@ -766,21 +775,24 @@ async fn a_handover_that_flips_back_within_the_agents_hold_reverts() {
     written_back(&w);
 }
 
+/// An in-place release by handover in batches of one, no bake, watching `names` for `window`
+/// after the last batch.
+fn with_alarms(names: &[&str], window: Duration) -> Request {
+    let mut req = in_place(plan(SwapMode::Handover, None, 0));
+    req.plan.alarms = ids(names);
+    req.plan.alarm_window = window;
+    req
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_release_alarm_in_the_window_after_the_last_batch_reverts() {
     // Two hosts, handover, no bake: every batch is healthy well within the first minute.
     let window = Duration::from_secs(240);
-    let with_alarms = |names: &[&str]| {
-        let mut req = in_place(plan(SwapMode::Handover, None, 0));
-        req.plan.alarms = ids(names);
-        req.plan.alarm_window = window;
-        req
-    };
     // Quiet for the whole window: released, after the window.
     let w = World::new(vec![]);
     let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
     fleet.alarm("app-5xx", None);
-    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-5xx"])).await;
+    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-5xx"], window)).await;
     assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
     let steps = outline(&events);
     assert_eq!(
@@ -802,7 +814,7 @@ async fn a_release_alarm_in_the_window_after_the_last_batch_reverts() {
     let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
     fleet.alarm("app-5xx", Some(Duration::from_secs(120)));
     fleet.alarm("app-hosts", None);
-    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-hosts", "app-5xx"])).await;
+    let (outcome, events) = roll(&w, &fleet, &with_alarms(&["app-hosts", "app-5xx"], window)).await;
     let reason = rolled_back(&outcome);
     assert!(
         reason.starts_with("release alarms after the last batch (v2@")
@@ -917,18 +929,13 @@ async fn an_in_place_release_takes_a_killed_runs_hold_over_and_resumes_it_at_its
 /// the release after ALARM_READ_FAILURES reads, and every host is reverted.
 #[tokio::test(start_paused = true)]
 async fn alarms_that_cannot_be_read_leave_a_denied_release_standing_and_fail_an_unreadable_one() {
-    let with_alarms = || {
-        let mut req = in_place(plan(SwapMode::Handover, None, 0));
-        req.plan.alarms = ids(&["app-5xx"]);
-        req.plan.alarm_window = Duration::from_secs(240);
-        req
-    };
+    let req = with_alarms(&["app-5xx"], Duration::from_secs(240));
     let w = World::new(vec![]);
     let fleet = FakeFleet::new(2, "v1", SwapMode::Handover);
     fleet.alarms_fail(crate::alarms::AlarmsError::Denied(
         "AccessDenied: not authorized to perform cloudwatch:DescribeAlarms".into(),
     ));
-    let (outcome, events) = roll(&w, &fleet, &with_alarms()).await;
+    let (outcome, events) = roll(&w, &fleet, &req).await;
     assert_eq!(outcome.exit_code(), ExitCode::Success, "{outcome:?}");
     let steps = outline(&events);
     assert_eq!(
@@ -947,7 +954,7 @@ async fn alarms_that_cannot_be_read_leave_a_denied_release_standing_and_fail_an_
     fleet.alarms_fail(crate::alarms::AlarmsError::Describe(
         "dispatch failure: connection refused".into(),
     ));
-    let (outcome, events) = roll(&w, &fleet, &with_alarms()).await;
+    let (outcome, events) = roll(&w, &fleet, &req).await;
     let reason = rolled_back(&outcome);
     assert!(
         reason.starts_with("release alarms after the last batch (v2@")
@@ -976,12 +983,9 @@ async fn a_revert_waits_for_a_host_that_never_saw_the_new_release_only_a_swap_wi
     let fleet = FakeFleet::new(3, "v1", SwapMode::Handover);
     fleet.agent("i-2", |a| a.ignores_target = true);
     let t0 = tokio::time::Instant::now();
-    let (handle, mut stop) = Stop::new();
-    fleet.stop_on(TARGET, 2, handle);
     let req = in_place(plan(SwapMode::Handover, None, 0));
-    let (r, events) = w.ship_with(&fleet, &req, &mut stop).await;
+    let (outcome, events) = stopped_after(&w, &fleet, &req, 2).await;
     let returned = t0.elapsed();
-    let outcome = r.expect("an outcome");
 
     assert_eq!(rolled_back(&outcome), "stopped by SIGTERM");
     let canary = events
